@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from predistill.artifacts import read_manifest
+from predistill.kd import KDConfig
 from predistill.logits import LogitsConfig, LogitsStoreWriter
 from predistill.models import load_model
 from predistill.prepare import PrepareConfig
@@ -43,7 +44,7 @@ from predistill.train import TrainConfig
 from predistill.train import run as train
 
 TEACHER = "smollm2-135m"
-DEFAULT = LogitsConfig()  # top-0.95-5, 8-bit log-probs
+DEFAULT = LogitsConfig(mode="topk")  # top-0.95-5, 8-bit log-probs
 SETTINGS = [
     *(LogitsConfig(mode="topk", top_p=0.95, top_k=k) for k in (1, 2, 5, 16, 50)),
     LogitsConfig(mode="topk", top_p=0.5, top_k=50),
@@ -55,7 +56,7 @@ CORPUS = dict(sources=["builtin:shakespeare", "builtin:python"], tokenizer=TEACH
 # recipes/demo.toml, stage "pd" (eval_every left out: only the final val loss is used)
 STUDENT = dict(model="preset:tiny", flops_budget=1.2e12, batch_size=16, seq_len=128, lr=3e-3, lr_schedule="wsd",
                eval_instances=256)
-PD = dict(kd_loss="kld", temperature="2.0", alpha=0.9, alpha_schedule="wsd")
+PD = dict(kd=KDConfig(loss="kld", temperature=2.0), alpha=0.9, alpha_schedule="wsd")
 
 
 def log(msg: str) -> None:

@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from predistill.models import load_model
-from predistill.score import ForwardBatch, mean_logprobs, model_body
+from predistill.forward import ForwardBatch, mean_logprobs
+from predistill.models import load_model, model_body
 
 
 def naive_scores(model, tokens, lengths):

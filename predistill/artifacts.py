@@ -1,9 +1,16 @@
-"""Artifact directories: manifests, hashes, atomic writes.
+"""Artifact directories: manifests, hashes, atomic writes, and the output-directory protocol.
 
 Every stage writes one directory holding `manifest.json` with the format name and version, the
 config that made it, the hashes of its inputs, counts, and `complete: true` written last. Nothing
 is written in place: a stage builds `OUT.partial/` and renames it to `OUT` only when it is whole,
 so a killed run never leaves a directory that claims to be complete.
+
+The protocol every stage follows for its `--out` (`check_output`): a complete artifact with the
+same identity → nothing to do; another identity → refuse, naming what differs; a partial one →
+resume. Long stages work in shards: each shard's data file is written atomically, then its
+marker (`write_shard`), which records the data's sha256; `read_marker` is the one check of a
+marker, and a shard whose data does not match is redone. `check_plan` pins what a resumable
+directory is being made from, so a rerun with other settings cannot mix shards.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 MANIFEST = "manifest.json"
 
@@ -51,16 +58,81 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def read_marker(marker: Path, data: Path) -> dict | None:
-    """A shard's completion marker, if both files exist and the marker's sha256 vouches for `data`
-    as it is on disk; None otherwise (the shard is redone)."""
+def write_shard(data_path: Path, marker_path: Path, data: bytes, **fields: Any) -> dict:
+    """Write a shard's data atomically, then its completion marker (`fields` + the data's sha256)."""
+    write_bytes_atomic(data_path, data)
+    marker = {**fields, "sha256": hashlib.sha256(data).hexdigest()}
+    write_bytes_atomic(marker_path, json_bytes(marker))  # last: it vouches for the data
+    for path in (data_path, marker_path):  # temporaries a killed writer of this shard left behind
+        for debris in path.parent.glob(path.name + ".*tmp"):
+            debris.unlink(missing_ok=True)
+    return marker
+
+
+def read_marker(marker: Path, data: Path, **expect: Any) -> dict | None:
+    """A shard's completion marker, if both files exist, the marker's sha256 vouches for `data` as
+    it is on disk, and every `expect` field equals the marker's; None otherwise (redo the shard)."""
     if not marker.is_file() or not data.is_file():
         return None
     try:
         content = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(content, dict) or any(content.get(k) != v for k, v in expect.items()):
         return None
     return content if content.get("sha256") == sha256_file(data) else None
+
+
+def _differences(old: dict, new: dict, limit: int = 4) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = [f"{k}: {_short(old.get(k))} → {_short(new.get(k))}" for k in keys[:limit]]
+    return "; ".join(shown) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def check_plan(directory: Path, plan: dict, what: str, name: str = "plan.json") -> None:
+    """Pin what a resumable directory is being made from: write `plan` the first time, and refuse
+    a rerun whose plan differs (naming what differs) instead of mixing shards of two plans."""
+    path = Path(directory) / name
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PredistillError(f"{path}: unreadable; remove {directory} and rerun") from None
+        if old != plan:
+            raise PredistillError(f"{directory} holds an unfinished {what}: an interrupted {what} with other settings "
+                                  f"(another plan — {_differences(old, plan)}); remove it or rerun with the same "
+                                  "settings to resume")
+    else:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, json_bytes(plan))
+
+
+def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Callable[[dict], dict],
+                 resumable: Callable[[Path], bool] = lambda out: False) -> bool:
+    """The output-directory protocol. True: `out` holds a complete `fmt` artifact whose identity
+    (`identity_of(manifest)`) is `identity` — nothing to do. False: `out` is absent or empty, or
+    `resumable(out)` says it holds this stage's unfinished work — go on (resume). Anything else is
+    refused: another identity (naming what differs), or a directory that is not this artifact."""
+    out = Path(out)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise PredistillError(f"{out} exists and is not a directory; refusing to overwrite it")
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out, fmt, what)
+        old = identity_of(manifest)
+        if old == identity:
+            return True
+        raise PredistillError(f"{out} already holds a {what} made with other settings (another config or inputs: "
+                              f"{_differences(old, identity)}); remove it or choose another --out")
+    if any(out.iterdir()) and not resumable(out):
+        raise PredistillError(f"{out} exists and is not a {what}; refusing to overwrite it")
+    return False
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

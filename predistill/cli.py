@@ -9,6 +9,7 @@ import sys
 
 from predistill import __version__
 from predistill.artifacts import PredistillError
+from predistill.config import UsageError
 
 # subcommand → (module, one-line help). A stage appears here only once it is built.
 COMMANDS = {
@@ -42,11 +43,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
     args.command_line = "predistill " + shlex.join(argv)  # recorded by stages that save their command
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         module.main(args)
+    except UsageError as e:
+        parser.error(f"{args.command}: {e}")  # exit 2 with the usage line, like argparse's own checks
     except PredistillError as e:
         print(f"predistill {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)

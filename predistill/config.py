@@ -1,8 +1,12 @@
-"""Typed configs: one dataclass per command, settable from a TOML file and from CLI flags.
+"""Typed configs: one dataclass per command, which *is* its CLI, its TOML file and its record.
 
-Every field of the dataclass is a `--flag` (underscores become dashes); precedence is
-dataclass default < `--config FILE.toml` (or a run's `config.json`) < flags given on the command line. `to_toml` prints the
-resolved config so that `--print-config > run.toml` reproduces a run.
+Every field is a `--flag` (underscores become dashes, or the field's `flag`); a field whose type
+is itself a config dataclass nests (`TrainConfig.kd: KDConfig`) and its fields are flattened into
+the same flat namespace (`--kd-loss`, `--normkd-t`), so nesting organises the code without
+changing the command line. The flat names (`key`) are also the keys of `--config FILE.toml`, of a
+run's `config.json` and of `--print-config`'s output. Precedence: dataclass default < `--config`
+< flags given on the command line. Declare a field with `option(...)`: its help text, choices and
+flag live beside its default, so each default has exactly one home.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 from predistill.artifacts import PredistillError
 
@@ -24,6 +28,23 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 C = TypeVar("C")
+
+
+class UsageError(PredistillError):
+    """A command line that cannot run (a required setting missing): the CLI exits 2, as argparse does."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           flag: str | None = None, key: str | None = None, choices: typing.Iterable | None = None,
+           required: bool = False, cli: bool = True, positional: bool = False, **argparse_kwargs: Any) -> Any:
+    """A config field. `flag`/`key` rename it on the command line / in files (default: the field
+    name); `cli=False` keeps it out of both (a value another field derives); `required` fields
+    must be set by a flag or the config file; extra keyword arguments go to `add_argument`."""
+    metadata = {"help": help, "flag": flag, "key": key, "choices": tuple(choices) if choices is not None else None,
+                "required": required, "cli": cli, "positional": positional, "argparse": argparse_kwargs}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _base_type(tp) -> type:
@@ -42,50 +63,150 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, help_texts: dict[str, str],
-                         choices: dict[str, tuple[str, ...]] | None = None) -> None:
-    """Add `--config`, `--print-config` and one flag per dataclass field (default None = unset)."""
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One flat setting: where it lives in the nested config (`path`) and how the CLI names it."""
+    path: tuple[str, ...]
+    key: str
+    field: dataclasses.Field
+    type: type
+
+    @property
+    def flag(self) -> str:
+        return self.field.metadata.get("flag") or "--" + self.key.replace("_", "-")
+
+    def default(self) -> Any:
+        f = self.field
+        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def leaves(cls: type) -> Iterator[Leaf]:
+    """Every CLI setting of config class `cls`, nested configs flattened, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        tp = _base_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            for leaf in leaves(tp):
+                yield Leaf((f.name, *leaf.path), leaf.key, leaf.field, leaf.type)
+        else:
+            yield Leaf((f.name,), f.metadata.get("key") or f.name, f, tp)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """`--config`, `--print-config` and one flag per leaf (default None = unset, so that only the
+    flags actually given override the config file)."""
     parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file, or a run's config.json "
                         "(flags override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = help_texts.get(f.name, "")
-        help_text = f"{help_text} (default: {default})" if default not in (None, "") else help_text
-        flag = "--" + f.name.replace("_", "-")
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, type=_parse_bool, nargs="?", const=True, default=None,
-                                metavar="BOOL", help=help_text)
-        elif tp is list:
-            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text + " (repeatable)")
+    seen: dict[str, Leaf] = {}
+    for leaf in leaves(cls):
+        if leaf.key in seen:
+            raise TypeError(f"{cls.__name__}: setting {leaf.key!r} is declared twice ({seen[leaf.key].path}, {leaf.path})")
+        seen[leaf.key] = leaf
+        meta = leaf.field.metadata
+        default = leaf.default()
+        help_text = meta.get("help", "")
+        if meta.get("required"):
+            help_text += " (required)"
+        elif default not in (None, "", []) and "%(default)" not in help_text:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = dict(dest=leaf.key, default=None, help=help_text)
+        extra = dict(meta.get("argparse") or {})
+        if meta.get("positional"):  # e.g. report's RUN...: still settable from --config
+            parser.add_argument(leaf.key, nargs="*", default=None, help=help_text, **extra)
+            continue
+        if "action" in extra:  # e.g. store_false for --no-progress
+            kwargs.update(extra)
+        elif leaf.type is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL", **extra)
+        elif leaf.type is list:
+            kwargs.update(action="append", **extra)
+            kwargs["help"] += " (repeatable)"
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_text,
-                                choices=(choices or {}).get(f.name))
+            kwargs.update(type=leaf.type, choices=meta.get("choices"))
+            kwargs.update(extra)
+        parser.add_argument(leaf.flag, **kwargs)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        if path.suffix == ".json":  # a run's own config.json: reruns exactly that run
+            loaded = {k: v for k, v in json.loads(path.read_text()).items() if k != "command" and v is not None}
+        else:
+            loaded = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise PredistillError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PredistillError(f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'} ({e})") from None
+    if not isinstance(loaded, dict):
+        raise PredistillError(f"{path}: expected a table of settings")
+    return loaded
+
+
+def from_flat(cls: type[C], values: dict[str, Any]) -> C:
+    """Build config `cls` from flat settings (keys as `leaves` names them); the rest keep defaults."""
+    nested: dict[str, Any] = {}
+    for leaf in leaves(cls):
+        if leaf.key in values:
+            node = nested
+            for name in leaf.path[:-1]:
+                node = node.setdefault(name, {})
+            node[leaf.path[-1]] = values[leaf.key]
+    return _build(cls, nested)
+
+
+def _build(cls: type, nested: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in nested:
+            continue
+        tp = _base_type(hints[f.name])
+        kwargs[f.name] = _build(tp, nested[f.name]) if dataclasses.is_dataclass(tp) else nested[f.name]
+    return cls(**kwargs)
+
+
+def to_flat(config: Any) -> dict[str, Any]:
+    """The config's settings under their flat keys (what config.json and TOML files hold)."""
+    out = {}
+    for leaf in leaves(type(config)):
+        value = config
+        for name in leaf.path:
+            value = getattr(value, name)
+        out[leaf.key] = value
+    return out
 
 
 def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
-    """Defaults, then the TOML file, then the flags that were given."""
+    """Defaults, then the `--config` file, then the flags that were given; required settings checked."""
     values: dict[str, Any] = {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    keys = {leaf.key: leaf for leaf in leaves(cls)}
     if getattr(args, "config", None):
         path = Path(args.config)
-        try:
-            if path.suffix == ".json":  # a run's own config.json: reruns exactly that run
-                loaded = {k: v for k, v in json.loads(path.read_text()).items() if k != "command" and v is not None}
-            else:
-                loaded = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise PredistillError(f"{path}: no such config file") from None
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise PredistillError(f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'} ({e})") from None
-        unknown = sorted(set(loaded) - names)
+        loaded = _read_file(path)
+        unknown = sorted(set(loaded) - set(keys))
         if unknown:
             raise PredistillError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         values.update(loaded)
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    return cls(**values)
+    values.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    for key, leaf in keys.items():
+        if leaf.field.metadata.get("required") and values.get(key) in (None, "", []):
+            raise UsageError(f"the following arguments are required: {leaf.flag} (on the command line or in --config)")
+    try:
+        return from_flat(cls, values)
+    except TypeError as e:
+        raise PredistillError(f"invalid settings: {e}") from None
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C | None:
+    """The resolved config, or None after printing it for `--print-config`."""
+    cfg = resolve_config(cls, args)
+    if getattr(args, "print_config", False):
+        print(to_toml(cfg), end="")
+        return None
+    return cfg
 
 
 def _toml_value(value: Any) -> str:
@@ -101,8 +222,8 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(config: Any) -> str:
-    """Flat dataclass → TOML. Unset (None) settings are written as comments: TOML has no null."""
+    """Config → flat TOML. Unset (None) settings are written as comments: TOML has no null."""
     lines = []
-    for key, value in dataclasses.asdict(config).items():
+    for key, value in to_flat(config).items():
         lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"

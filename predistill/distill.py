@@ -23,13 +23,13 @@ import torch
 from predistill.artifacts import PredistillError
 from predistill.kd import KDConfig, lm_kd_loss, online_kd_loss
 from predistill.losses import lm_loss
-from predistill.models import count_params, load_model, tokenizer_hash
+from predistill.models import forward_params, load_model, model_body, tokenizer_hash
 from predistill.store import TokenStore
 
 
 def forward_flops_per_token(model) -> int:
-    """2·N per token, N = non-embedding params + the output projection (as train's 6·N)."""
-    return 2 * (count_params(model)["non_embedding"] + model.get_output_embeddings().weight.numel())
+    """A forward costs 2·N per token (N: `models.forward_params`)."""
+    return 2 * forward_params(model)
 
 
 class OfflineLogits:
@@ -59,7 +59,7 @@ class OnlineTeacher:
             raise PredistillError(f"online teacher {spec} has tokenizer {tokenizer_hash(tokenizer)[:12]}, but the store "
                                   f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary")
         self.teacher.to(device).eval().requires_grad_(False)
-        self.body = getattr(self.teacher, self.teacher.base_model_prefix)
+        self.body = model_body(self.teacher)
         self.weight = self.teacher.get_output_embeddings().weight
         self.kd_cfg = kd_cfg
         self.chunk_size = chunk_size
@@ -125,7 +125,7 @@ class MiniLLM(OnlineTeacher):
         _, lm_pp = lm_loss(hidden, weight, targets, mask, self.chunk_size)
         if kd_batch is None:
             return lm_pp, lm_pp.new_zeros(())
-        body = getattr(self.student, self.student.base_model_prefix)
+        body = model_body(self.student)
         sample_hidden = body(input_ids=kd_batch[:, :-1]).last_hidden_state
         with torch.no_grad():
             teacher_hidden = self.body(input_ids=kd_batch[:, :-1]).last_hidden_state

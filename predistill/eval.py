@@ -3,8 +3,10 @@
     predistill eval --model RUN_OR_MODEL --store VAL --out RUN/eval.json [--tasks [LIST]]
 
 Held-out loss follows MiniPLM: the mean over instances of each instance's mean next-token NLL
-(the first token has no prediction), in fp32. Log-probs come from the body's final hidden states
-through `losses.token_logprobs`, so the [tokens × vocab] logits are never materialised. A model
+(the first token has no prediction), in fp32. It is the forward pass `score` runs
+(`predistill.forward`): log-probs from the body's final hidden states through the chunked head,
+so the [tokens × vocab] logits are never materialised (models whose head is not a plain
+projection are run whole). A model
 whose tokenizer is not the store's (a cross-family student) gets every instance decoded and
 re-tokenised with its own tokenizer, document by document (EOS → its EOS); the output says so.
 
@@ -20,7 +22,6 @@ import argparse
 import contextlib
 import gc
 import importlib
-import json
 import logging
 import math
 import os
@@ -29,12 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from predistill.artifacts import MANIFEST, PredistillError, read_manifest, write_json_atomic
-from predistill.losses import token_logprobs
-from predistill.models import SMOLLM2, count_params, load_model, smollm2_dir, tokenizer_hash
+from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
+from predistill.config import add_config_arguments, config_from_args, option
+from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
+from predistill.models import count_params, load_model, resolve_model, tokenizer_hash
+from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 from predistill.tasks import LOCAL_TASKS, LocalTaskConfig
 from predistill.tasks import build as build_local_tasks
@@ -54,53 +55,32 @@ PAPER_TASKS = {
 TASK_ALIASES = {"default": [*PAPER_TASKS, *LOCAL_TASKS], "paper": list(PAPER_TASKS), "local": list(LOCAL_TASKS)}
 
 
+def _task_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 @dataclass
 class EvalConfig:
-    model: str = ""  # model spec or `predistill train` run directory
-    store: str = ""  # held-out token store
-    out: str = ""  # JSON file to write
-    tasks: list[str] | None = None  # None: held-out loss only
-    tasks_dir: str | None = None  # local tasks directory (default: OUT's folder/tasks)
-    batch_size: int = 8
-    limit: int | None = None  # at most this many held-out instances and items per task
-    local_items: int = 200
-    seed: int = 1234
-    allow_download: bool = False  # let lm-eval fetch task data from the hub (off: fully offline)
+    model: str = option("", "a `predistill train` run directory (its hf/ export is used), an HF model directory, "
+                        "smollm2-135m, or a hub id", required=True)
+    store: str = option("", "held-out token store (a training store with a val/ split means that split)", required=True)
+    out: str = option("", "JSON file to write (recipes use RUN/eval.json)", required=True)
+    tasks: list[str] | None = option(None, "run lm-eval on these comma-separated tasks; alone: `default` = the MiniPLM "
+                                     "paper's nine (skipped with a note when their data is not in the local HF cache) "
+                                     f"+ the local tasks. Aliases: paper, local ({', '.join(LOCAL_TASKS)}); any lm-eval "
+                                     "task name", nargs="?", const=["default"], type=_task_list, action=None,
+                                     metavar="LIST")
+    tasks_dir: str | None = option(None, "where the local tasks are built (and reused); default: the --out file's "
+                                   "folder/tasks")
+    batch_size: int = option(8, "sequences per forward pass")
+    limit: int | None = option(None, "evaluate at most N held-out instances and N items per task (default: all)")
+    local_items: int = option(200, "items per local task")
+    seed: int = option(1234, "seed of the local tasks' passage order and distractors")
+    allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)")
 
 
 # ---------------------------------------------------------------------------------------------
 # model and store resolution
-
-
-@dataclass
-class ModelRef:
-    spec: str
-    hf: str  # what from_pretrained / lm-eval's `pretrained=` gets: a directory or a hub id
-    run: str | None = None
-    run_manifest: dict | None = None
-
-
-def resolve_model(spec: str) -> ModelRef:
-    """A run directory → its `hf/` export; `smollm2-135m` → its converted directory; else the spec."""
-    path = Path(spec)
-    if (path / MANIFEST).is_file():
-        fmt = json.loads((path / MANIFEST).read_text()).get("format")
-        if fmt == "run":
-            manifest = read_manifest(path, "run")
-            if not (path / "hf" / "config.json").is_file():
-                raise PredistillError(f"{path}: run directory has no HF export (hf/config.json)")
-            return ModelRef(spec, str(path / "hf"), str(path), manifest)
-    if spec == SMOLLM2:
-        return ModelRef(spec, str(smollm2_dir()))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise PredistillError(f"{spec}: neither a run directory nor an HF model directory (no config.json)")
-        return ModelRef(spec, str(path))
-    if path.exists():
-        raise PredistillError(f"{spec}: not a model directory")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise PredistillError(f"{spec}: no such model or run directory")
-    return ModelRef(spec, spec)
 
 
 def open_store(path: str) -> tuple[TokenStore, str | None]:
@@ -163,67 +143,28 @@ def heldout_sequences(store: TokenStore, tokenizer, limit: int | None = None,
     (sequences, retokenized, n_truncated at `max_len`)."""
     n = len(store) if limit is None else min(limit, len(store))
     if tokenizer_hash(tokenizer) == store.tokenizer_hash:
-        return [np.asarray(store[i], dtype=np.int64) for i in range(n)], False, 0
-    source = store.tokenizer()
-    sequences, truncated = [], 0
-    for i in range(n):
-        ids: list[int] = []
-        for piece in _split_docs(np.asarray(store[i], dtype=np.int64), store.eos_id):
-            ends_doc = piece[-1] == store.eos_id
-            text = source.decode((piece[:-1] if ends_doc else piece).tolist())
-            ids += tokenizer.encode(text, add_special_tokens=False) + ([tokenizer.eos_token_id] if ends_doc else [])
-        if max_len is not None and len(ids) > max_len:
-            ids, truncated = ids[:max_len], truncated + 1
-        sequences.append(np.asarray(ids, dtype=np.int64))
-    return sequences, True, truncated
+        sequences = [np.asarray(store[i], dtype=np.int64) for i in range(n)]
+        retokenized = False
+    else:
+        sequences = [retokenize(store[i], store.tokenizer(), store.eos_id, tokenizer) for i in range(n)]
+        retokenized = True
+    truncated = sum(max_len is not None and len(s) > max_len for s in sequences)
+    return [s[:max_len] for s in sequences], retokenized, truncated
 
 
-def _plain_head(model) -> bool:
-    """True when logits are exactly hidden @ lm_head.weightᵀ (no bias, no soft-capping, no scale)."""
-    head = model.get_output_embeddings()
-    cfg = model.config
-    return (head is not None and getattr(head, "bias", None) is None
-            and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) in (None, 1.0))
-
-
-@torch.no_grad()
-def instance_nll(model, sequences: list[np.ndarray], batch_size: int = 8, pad_id: int = 0,
+def instance_nll(model, store: TokenStore, tokenizer, sequences: list[np.ndarray], batch_size: int = 8,
                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per-instance (sum of next-token NLL, number of predicted tokens), fp32 log-probs, float64 sums."""
+    """Per-instance (mean next-token NLL, number of predicted tokens) of `sequences` (rows of the
+    store's first instances) through the shared forward pass."""
     model.eval()
-    n = len(sequences)
-    sums, counts = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
-    order = sorted(range(n), key=lambda i: -len(sequences[i]))  # similar lengths share a batch: less padding
-    plain = _plain_head(model)
-    body = model.base_model
-    weight = model.get_output_embeddings().weight if plain else None
-    bar = tqdm(total=int(sum(max(len(s) - 1, 0) for s in sequences)), unit="tok", desc="held-out loss",
-               disable=not progress, dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        rows = [i for i in order[start:start + batch_size] if len(sequences[i]) >= 2]
-        if not rows:
-            continue
-        lengths = torch.tensor([len(sequences[i]) for i in rows])
-        ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, :lengths[r]] = torch.from_numpy(sequences[i])
-        positions = torch.arange(ids.shape[1])
-        attention = (positions[None, :] < lengths[:, None]).long()
-        predicted = positions[None, :-1] < (lengths[:, None] - 1)  # [B, L-1]: positions with a next token
-        targets = ids[:, 1:][predicted]
-        if plain:
-            hidden = body(input_ids=ids, attention_mask=attention).last_hidden_state
-            logprobs = token_logprobs(hidden[:, :-1][predicted], weight, targets)
-        else:  # a head the chunked kernel does not model: full logits, one batch at a time
-            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1][predicted].float()
-            logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-        row_of = torch.arange(len(rows))[:, None].expand_as(predicted)[predicted]
-        per_row = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_of, -logprobs.double())
-        for r, i in enumerate(rows):
-            sums[i], counts[i] = float(per_row[r]), int(lengths[r]) - 1
-        bar.update(int(predicted.sum()))
-    bar.close()
-    return sums, counts
+    inputs = ModelInputs(store, tokenizer, rows=sequences)
+    collector = ScoreCollector()
+    shards = plan_shards(len(sequences), 512)
+    run_forward_pass(model, inputs, shards, [collector], batch_size=batch_size, progress=progress,
+                     desc="held-out loss")
+    ids = np.arange(len(sequences))
+    mean_logprob, counts = collector.arrays(ids, dtype=np.float64)
+    return -mean_logprob, counts.astype(np.int64)
 
 
 def heldout_metrics(model, tokenizer, store: TokenStore, batch_size: int = 8, limit: int | None = None,
@@ -231,17 +172,17 @@ def heldout_metrics(model, tokenizer, store: TokenStore, batch_size: int = 8, li
     """`heldout_loss` (MiniPLM: mean of per-instance mean NLL) and its companions."""
     max_len = getattr(model.config, "max_position_embeddings", None)
     sequences, retokenized, truncated = heldout_sequences(store, tokenizer, limit, max_len)
-    sums, counts = instance_nll(model, sequences, batch_size, tokenizer.pad_token_id or 0, progress)
+    per_instance_all, counts = instance_nll(model, store, tokenizer, sequences, batch_size, progress)
     scored = counts > 0
     if not scored.any():
         raise PredistillError(f"{store.dir}: no held-out instance has 2 or more tokens; nothing to evaluate")
-    per_instance = sums[scored] / counts[scored]
+    per_instance = per_instance_all[scored]
     domains = store.domain_ids[:len(sequences)][scored]
     by_domain = {name: float(per_instance[domains == d].mean())
                  for d, name in enumerate(store.domain_names) if (domains == d).any()}
     return {
         "heldout_loss": float(per_instance.mean()),
-        "heldout_token_loss": float(sums[scored].sum() / counts[scored].sum()),
+        "heldout_token_loss": float((per_instance * counts[scored]).sum() / counts[scored].sum()),
         "heldout_loss_by_domain": by_domain,
         "n_instances": int(scored.sum()),
         "n_tokens": int(counts.sum()),
@@ -420,32 +361,13 @@ def _lm_eval_version() -> str | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="a `predistill train` run directory (its hf/ export is used), an HF model directory, "
-                        "smollm2-135m, or a hub id")
-    p.add_argument("--store", required=True,
-                   help="held-out token store (a training store with a val/ split means that split)")
-    p.add_argument("--out", required=True, help="JSON file to write (recipes use RUN/eval.json)")
-    p.add_argument("--tasks", nargs="?", const="default", default=None, metavar="LIST",
-                   help="run lm-eval on these comma-separated tasks; alone: `default` = the MiniPLM paper's nine "
-                        "(skipped with a note when their data is not in the local HF cache) + the local tasks. "
-                        f"Aliases: paper, local ({', '.join(LOCAL_TASKS)}); any lm-eval task name")
-    p.add_argument("--tasks-dir", default=None,
-                   help="where the local tasks are built (and reused); default: the --out file's folder/tasks")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="evaluate at most N held-out instances and N items per task (default: all)")
-    p.add_argument("--local-items", type=int, default=200, help="items per local task (default 200)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the local tasks' passage order and distractors")
-    p.add_argument("--allow-download", action="store_true",
-                   help="let lm-eval fetch task data from the HF hub (default: fully offline)")
+    add_config_arguments(p, EvalConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    cfg = EvalConfig(model=args.model, store=args.store, out=args.out, tasks=tasks, tasks_dir=args.tasks_dir,
-                     batch_size=args.batch_size, limit=args.limit, local_items=args.local_items, seed=args.seed,
-                     allow_download=args.allow_download)
+    cfg = config_from_args(EvalConfig, args)
+    if cfg is None:
+        return
     r = run(cfg)
     line = f"predistill: wrote {cfg.out}: heldout_loss {r['heldout_loss']:.4f} over {r['n_instances']} instances"
     for task, m in r["results"].items():

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import shutil
 import sys
 import time
@@ -51,36 +50,44 @@ from pathlib import Path
 
 import numpy as np
 
-from predistill.artifacts import (PredistillError, is_complete, json_bytes, read_manifest, read_marker, sha256_file,
-                                  staged_dir,
-                                  write_bytes_atomic)
+from predistill import artifacts
+from predistill.artifacts import PredistillError, check_output, check_plan, read_manifest, read_marker, staged_dir
+from predistill.config import add_config_arguments, config_from_args, option
+from predistill.models import DTYPES, forward_params, load_model, model_hash, resolve_device, resolve_dtype, \
+    tokenizer_hash
+from predistill.retokenize import retokenize, write_retokenized
+from predistill.selection import load_selection, read_selection_manifest
 from predistill.store import FORMAT as STORE_FORMAT
-from predistill.store import TokenStore, TokenStoreWriter, check_same_store, token_dtype
+from predistill.store import TokenStore, TokenStoreWriter, token_dtype
 
 PLAN = "plan.json"
 PLAN_FORMAT = "generate_plan"
-SELECTION_FORMAT = "selection"
 
 
 @dataclass
 class GenerateConfig:
-    model: str = ""
-    store: str = ""
-    out: str = ""
-    prefix_len: int = 32
-    max_new_tokens: int | None = None  # None: fill each instance up to the store's instance length
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    greedy: bool = False
-    seed: int = 0
-    batch_size: int = 8
-    shard_size: int = 64
-    max_instances: int | None = None
-    selection: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
+    model: str = option("", "teacher spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME "
+                        "(random weights)", required=True)
+    store: str = option("", "source token store whose instances' prefixes are the prompts", required=True)
+    out: str = option("", "token store to write (work in OUT.shards/ is resumed)", required=True)
+    prefix_len: int = option(32, "store tokens of each instance used as the prompt (shorter instances: all of it)")
+    max_new_tokens: int | None = option(None, "tokens the teacher writes at most per instance (default: fill up to "
+                                        "the store's instance length, max_len + 1 − prefix-len)")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling mass (1.0: off)")
+    top_k: int = option(0, "sample among the k likeliest tokens (0: off)")
+    greedy: bool = option(False, "argmax decoding (ignores temperature/top-p/top-k)")
+    seed: int = option(0, "sampling seed (each batch is seeded from it and its first instance id) and the weight seed "
+                       "of preset: teachers")
+    batch_size: int = option(8, "prompts generated together")
+    shard_size: int = option(64, "instances per shard, the unit of resume")
+    max_instances: int | None = option(None, "continue only N instances, evenly spaced over the store (or the "
+                                       "selection) (default: all)", metavar="N")
+    selection: str | None = option(None, "continue only the instances of a `predistill sample` selection of this store",
+                                   metavar="DIR")
+    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N")
+    dtype: str = option("auto", "teacher weights/activations; auto = float32 on CPU, bfloat16 on GPU", choices=DTYPES)
+    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false")
 
     def identity(self) -> dict:
         """The settings that change the output (recorded as the store's `config`; a finished store
@@ -126,26 +133,6 @@ def validate(cfg: GenerateConfig) -> None:
         raise PredistillError("--out must not be the source --store")
 
 
-def load_selection(directory: str | Path, store: TokenStore) -> np.ndarray:
-    """The kept instance ids of a complete `predistill sample` selection made from `store`."""
-    directory = Path(directory)
-    manifest = read_manifest(directory, SELECTION_FORMAT, "selection")
-    path = directory / "selection.npy"
-    if not path.is_file():
-        raise PredistillError(f"{path}: missing; rerun sample")
-    if "selection_sha256" in manifest and sha256_file(path) != manifest["selection_sha256"]:
-        raise PredistillError(f"{path}: changed since the selection was made; rerun sample")
-    check_same_store(manifest.get("store_hash", ""), store, f"selection {directory}")
-    ids = np.load(path, allow_pickle=False)
-    if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise PredistillError(f"{path}: expected a 1-D integer array, got {ids.dtype}{list(ids.shape)}")
-    if len(ids) == 0:
-        raise PredistillError(f"selection {directory} keeps no instance")
-    if ids.min() < 0 or ids.max() >= len(store):
-        raise PredistillError(f"selection {directory} has ids outside the store's {len(store)} instances")
-    return np.unique(ids.astype(np.int64))
-
-
 def choose_instances(n_store: int, selection: np.ndarray | None, max_instances: int | None) -> np.ndarray:
     """The source instances to continue, ascending: the selection (default: all), thinned to
     `max_instances` evenly spaced ones (k·n // N for k < N), so every domain of the corpus keeps
@@ -184,8 +171,8 @@ def _shard_name(index: int) -> str:
 def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict | None:
     """A finished shard (marker + tokens) if its marker vouches for its .bin as it is on disk."""
     done, data = work / f"{_shard_name(index)}.done", work / f"{_shard_name(index)}.bin"
-    marker = read_marker(done, data)
-    if marker is None or marker.get("ids") != ids.tolist():
+    marker = read_marker(done, data, ids=ids.tolist())
+    if marker is None:
         return None
     tokens = np.fromfile(data, dtype=dtype)
     if len(tokens) != sum(marker["lengths"]):
@@ -197,10 +184,8 @@ def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict
 def write_shard(work: Path, index: int, ids: np.ndarray, rows: list[np.ndarray], prompt_lengths: list[int],
                 dtype: np.dtype, flops: int) -> None:
     data = np.concatenate(rows).astype(dtype).tobytes() if rows else b""
-    write_bytes_atomic(work / f"{_shard_name(index)}.bin", data)
-    marker = {"ids": ids.tolist(), "lengths": [len(r) for r in rows], "prompt_lengths": prompt_lengths,
-              "sha256": hashlib.sha256(data).hexdigest(), "flops": flops}
-    write_bytes_atomic(work / f"{_shard_name(index)}.done", json_bytes(marker))  # last: vouches for the .bin
+    artifacts.write_shard(work / f"{_shard_name(index)}.bin", work / f"{_shard_name(index)}.done", data, ids=ids.tolist(),
+                lengths=[len(r) for r in rows], prompt_lengths=prompt_lengths, flops=flops)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,8 +202,6 @@ class Prompter:
     def __call__(self, i: int) -> np.ndarray:
         ids = np.asarray(self.store[int(i)][:self.prefix_len], dtype=np.int64)
         if self.retokenized:
-            from predistill.score import retokenize
-
             ids = retokenize(ids, self.store.tokenizer(), self.store.eos_id, self.tokenizer)
             if len(ids) == 0:  # the prefix spelled nothing in the teacher's vocabulary
                 ids = np.asarray([self.tokenizer.eos_token_id], dtype=np.int64)
@@ -276,17 +259,11 @@ def run(cfg: GenerateConfig) -> Path:
     store = TokenStore(cfg.store)  # one-line error when missing or incomplete
     config = cfg.identity()
 
-    if out.exists():
-        if is_complete(out, STORE_FORMAT):
-            old = read_manifest(out, STORE_FORMAT)
-            if old.get("config") == config and old.get("source_store_hash") == store.hash:
-                shutil.rmtree(work, ignore_errors=True)  # left behind by a run killed after its rename
-                print(f"predistill: {out} is already complete; nothing to do")
-                return out
-            raise PredistillError(f"{out} already holds a token store made with other settings or from another "
-                                  "store; remove it or choose another --out")
-        if any(out.iterdir()):
-            raise PredistillError(f"{out} exists and is not a token store; refusing to overwrite it")
+    if check_output(out, STORE_FORMAT, "token store", {"config": config, "source_store_hash": store.hash},
+                    lambda m: {"config": m.get("config"), "source_store_hash": m.get("source_store_hash")}):
+        shutil.rmtree(work, ignore_errors=True)  # left behind by a run killed after its rename
+        print(f"predistill: {out} is already complete; nothing to do")
+        return out
 
     selection = load_selection(cfg.selection, store) if cfg.selection else None
     ids = choose_instances(len(store), selection, cfg.max_instances)
@@ -298,13 +275,9 @@ def run(cfg: GenerateConfig) -> Path:
         raise PredistillError(f"--prefix-len {cfg.prefix_len} leaves nothing to generate: the store's instances hold "
                               f"≤ {instance_len} tokens; lower --prefix-len or set --max-new-tokens")
 
-    from predistill.models import load_model, tokenizer_hash
-    from predistill.score import forward_params, model_hash, resolve_device, resolve_dtype
-
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tok_arg = str(store.dir / "tokenizer") if cfg.model.startswith("preset:") else None
-    model, tokenizer = load_model(cfg.model, tokenizer=tok_arg, seed=cfg.seed, dtype=dtype)
+    model, tokenizer = load_model(cfg.model, preset_tokenizer=store.tokenizer(), seed=cfg.seed, dtype=dtype)
     model.to(device).eval()
     teacher_tok_hash = tokenizer_hash(tokenizer)
     retokenized = teacher_tok_hash != store.tokenizer_hash
@@ -332,17 +305,7 @@ def run(cfg: GenerateConfig) -> Path:
     plan = {"format": PLAN_FORMAT, "version": 1, "config": config, "max_new_tokens": max_new,
             "store_hash": store.hash, "teacher_hash": model_hash(model), "tokenizer_hash": tok_info["hash"],
             "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "n_instances": len(ids)}
-    if work.exists():
-        old_plan = None
-        try:
-            old_plan = json.loads((work / PLAN).read_text())
-        except (OSError, json.JSONDecodeError):
-            pass
-        if old_plan is not None and old_plan != plan:
-            raise PredistillError(f"{work} holds an unfinished generation with other settings, teacher or store; "
-                                  f"remove it or rerun with the same settings")
-    work.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(work / PLAN, json_bytes(plan))
+    check_plan(work, plan, "generation")
 
     shards = [ids[s:s + cfg.shard_size] for s in range(0, len(ids), cfg.shard_size)]
     pending = [k for k, shard_ids in enumerate(shards) if read_shard(work, k, shard_ids, dtype_out) is None]
@@ -411,7 +374,7 @@ def run(cfg: GenerateConfig) -> Path:
             shutil.copytree(store.dir / "tokenizer", tmp / "tokenizer")
         source_val = store.dir / "val"
         if source_val.is_dir():  # before the top-level manifest: that one is written last
-            _write_val(TokenStore(source_val), tmp / "val", retokenized, tokenizer, tok_info, vocab_size)
+            _write_val(TokenStore(source_val), tmp / "val", retokenized, tokenizer, tok_info)
         meta = store.manifest["domains"]
         domains = [{"name": name, "kind": "generated", "location": (meta[d] or {}).get("location"), **counts[d]}
                    for d, name in enumerate(names)]
@@ -425,7 +388,7 @@ def run(cfg: GenerateConfig) -> Path:
             "source_store_hash": store.hash,
             "source": {"store_hash": store.hash, "store_dir": str(store.dir.resolve()),
                        "selection": cfg.selection,
-                       "selection_hash": (read_manifest(cfg.selection, SELECTION_FORMAT).get("selection_sha256")
+                       "selection_hash": (read_selection_manifest(cfg.selection).get("selection_sha256")
                                           if cfg.selection else None),
                        "n_instances": len(store), "retokenized": retokenized},
             "generation": generation,
@@ -438,70 +401,24 @@ def run(cfg: GenerateConfig) -> Path:
     return out
 
 
-def _write_val(val: TokenStore, directory: Path, retokenized: bool, tokenizer, tok_info: dict,
-               vocab_size: int) -> None:
+def _write_val(val: TokenStore, directory: Path, retokenized: bool, tokenizer, tok_info: dict) -> None:
     """The source's held-out split beside the generated store: copied as is, or re-tokenised with
     the teacher's tokenizer, so that `train --store OUT` evaluates students on real text."""
     if not retokenized:
         shutil.copytree(val.dir, directory)
         return
-    from predistill.score import retokenize
-
-    writer = TokenStoreWriter(directory, vocab_size)
-    counts = [{"n_documents": 0, "n_instances": 0, "n_tokens": 0} for _ in val.domain_names]
-    for i in range(len(val)):
-        row = retokenize(val[i], val.tokenizer(), val.eos_id, tokenizer)
-        if len(row) == 0:
-            continue
-        d = int(val.domain_ids[i])
-        writer.append(row, d)
-        counts[d]["n_instances"] += 1
-        counts[d]["n_tokens"] += len(row)
-        counts[d]["n_documents"] += int((row == tokenizer.eos_token_id).sum())
-    tokenizer.save_pretrained(directory / "tokenizer")
-    meta = val.manifest["domains"]
-    writer.finish({"split": "val", "config": val.manifest.get("config"), "tokenizer": tok_info,
-                   "eos_id": tokenizer.eos_token_id,
-                   "domains": [{"name": n, "kind": (meta[d] or {}).get("kind"), "location": (meta[d] or {}).get("location"),
-                                **counts[d]} for d, n in enumerate(val.domain_names)],
-                   "n_documents": sum(c["n_documents"] for c in counts), "source_store_hash": val.hash})
+    write_retokenized(val, np.arange(len(val)), directory, tokenizer, tok_info, split="val",
+                      config=val.manifest.get("config"), extra={"source_store_hash": val.hash})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="teacher spec: smollm2-135m, an HF directory or hub id, or preset:NAME (random weights)")
-    p.add_argument("--store", required=True, help="source token store whose instances' prefixes are the prompts")
-    p.add_argument("--out", required=True, help="token store to write (work in OUT.shards/ is resumed)")
-    p.add_argument("--prefix-len", type=int, default=32,
-                   help="store tokens of each instance used as the prompt (default 32; shorter instances: all of it)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens the teacher writes at most per instance (default: fill up to the store's instance "
-                        "length, max_len + 1 − prefix-len)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: off)")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-p/top-k)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="sampling seed (each batch is seeded from it and its first instance id) and the weight "
-                        "seed of preset: teachers (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    p.add_argument("--shard-size", type=int, default=64, help="instances per shard, the unit of resume (default 64)")
-    p.add_argument("--max-instances", type=int, default=None, metavar="N",
-                   help="continue only N instances, evenly spaced over the store (or the selection) (default: all)")
-    p.add_argument("--selection", default=None, metavar="DIR",
-                   help="continue only the instances of a `predistill sample` selection of this store")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                   help="teacher weights/activations; auto = float32 on CPU, bfloat16 on GPU")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_config_arguments(p, GenerateConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = GenerateConfig(model=args.model, store=args.store, out=args.out, prefix_len=args.prefix_len,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         top_k=args.top_k, greedy=args.greedy, seed=args.seed, batch_size=args.batch_size,
-                         shard_size=args.shard_size, max_instances=args.max_instances, selection=args.selection,
-                         device=args.device, dtype=args.dtype, progress=args.progress)
+    cfg = config_from_args(GenerateConfig, args)
+    if cfg is None:
+        return
     out = run(cfg)
     m = read_manifest(out, STORE_FORMAT)
     print(f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens']} tokens "

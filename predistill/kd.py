@@ -75,39 +75,67 @@ costs about an LM-only step); `kd_loss` alone gives the same KD value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from predistill.artifacts import PredistillError
+from predistill.config import option
 from predistill.logits import TeacherTargets
 from predistill.losses import DEFAULT_CHUNK, gather_logprobs
 
-LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd")
+LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd")  # the names of KD_LOSSES, in CLI order
 TEMPERATURE_MODES = ("static", "normkd", "wttm", "adakd-sd", "adakd-h")
 TAILS = ("drop", "bucket")
 TAU_FLOOR = 1e-4  # adaptive temperatures never go below this (one entry: std 0)
 TAIL_FLOOR = 1e-8  # tail-bucket mass floor (keeps log of an empty tail finite)
 
 
+def _temperature_arg(text: str) -> float | str:
+    """`--temperature`: a number (static τ) or the name of an adaptive mode."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 @dataclass
 class KDConfig:
-    """The distillation loss and its temperature (saved in a run's config)."""
+    """The distillation loss and its temperature (saved in a run's config; `train`'s KD flags)."""
 
-    loss: str = "kld"
-    temperature: float = 1.0  # static τ
-    temperature_mode: str = "static"
-    tail: str = "drop"
-    jsd_beta: float = 0.5
-    normkd_t: float = 1.0
-    wttm_gamma: float = 0.1
-    wttm_beta: float = 1.0
-    adakd_tau_max: float = 2.0
-    adakd_tau_min: float = 0.1
-    adakd_h_max: float = 4.8
-    chunk_size: int = DEFAULT_CHUNK  # rows per vocabulary pass, offline (≈2 [rows × V] fp32 temporaries)
-    online_chunk_size: int = 256  # online: ≈6 [rows × V] temporaries (both models' logits, F, log F, …)
+    loss: str = option("kld", "KD loss", key="kd_loss", choices=LOSSES)
+    # `--temperature normkd` is shorthand for `--temperature-mode normkd` (see __post_init__)
+    temperature: float = option(1.0, "teacher temperature τ: a number (static), or normkd, wttm, adakd-sd, adakd-h "
+                                "(adaptive)", type=_temperature_arg)
+    temperature_mode: str = option("static", "static τ or an adaptive mode", choices=TEMPERATURE_MODES)
+    tail: str = option("drop", "mass a truncated teacher dropped: drop (renormalise) or bucket (one extra class)",
+                       key="kd_tail", choices=TAILS)
+    jsd_beta: float = option(0.5, "β of the generalised JSD loss")
+    normkd_t: float = option(1.0, "NormKD: τ = normkd-t × the std of the teacher logits")
+    wttm_gamma: float = option(0.1, "WTTM: power γ of the transformed teacher p^γ")
+    wttm_beta: float = option(1.0, "WTTM: weight β of the per-position loss weight")
+    adakd_tau_max: float = option(2.0, "AdaKD: largest τ (hardest positions)")
+    adakd_tau_min: float = option(0.1, "AdaKD: smallest τ")
+    adakd_h_max: float = option(4.8, "AdaKD-H: teacher entropy that maps to τ_max")
+    # rows per vocabulary pass offline (≈2 [rows × V] fp32 temporaries); train sets it from --loss-chunk
+    chunk_size: int = option(DEFAULT_CHUNK, cli=False)
+    online_chunk_size: int = option(256, "online KD: rows per vocabulary pass (≈6 [rows × V] temporaries)",
+                                    key="kd_online_chunk")
+
+    def __post_init__(self):
+        if isinstance(self.temperature, str):  # the CLI's and recipes' form: a number or a mode name
+            value = _temperature_arg(self.temperature)
+            if isinstance(value, float):
+                self.temperature = value
+            else:
+                self.temperature_mode, self.temperature = value, 1.0
+
+    @classmethod
+    def from_temperature(cls, temperature: str | float, **kwargs) -> "KDConfig":
+        """A validated config from `--temperature` as the CLI takes it (a number or a mode name)."""
+        return cls(temperature=temperature, **kwargs).validate()
 
     def validate(self) -> "KDConfig":
         if self.loss not in LOSSES:
@@ -127,14 +155,6 @@ class KDConfig:
         if self.chunk_size < 1 or self.online_chunk_size < 1:
             raise PredistillError(f"chunk sizes must be ≥ 1, got {self.chunk_size} and {self.online_chunk_size}")
         return self
-
-    @classmethod
-    def from_temperature(cls, temperature: str | float, **kwargs) -> "KDConfig":
-        """`--temperature` as the CLI takes it: a number (static τ) or an adaptive mode's name."""
-        try:
-            return cls(temperature=float(temperature), temperature_mode="static", **kwargs).validate()
-        except ValueError:
-            return cls(temperature_mode=str(temperature), **kwargs).validate()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +211,40 @@ def loss_weight(t_logits: torch.Tensor, mask: torch.Tensor | None, tau: torch.Te
 # ------------------------------------------------------------------------------------------------
 # the losses on [rows, entries]
 # ------------------------------------------------------------------------------------------------
+# The registry: name → per-row loss from the teacher distribution F (f = F, log_f = log F), the
+# student's log-probs s at the same entries, and the entry mask m (1.0 when all entries count).
+# A new loss is one function here, one name in KD_LOSSES, and its test (`--kd-loss` choices
+# come from this table).
+
+def _nll(f, log_f, s, m, cfg):
+    return -(f * s).sum(-1)
+
+
+def _kld(f, log_f, s, m, cfg):
+    return (f * (log_f - s)).sum(-1)
+
+
+def _rkl(f, log_f, s, m, cfg):
+    return (m * s.exp() * (s - log_f)).sum(-1)
+
+
+def _jsd(f, log_f, s, m, cfg):
+    beta = cfg.jsd_beta
+    log_mix = torch.logaddexp(log_f + math.log(beta), s + math.log(1 - beta))
+    return beta * (f * (log_f - log_mix)).sum(-1) + (1 - beta) * (m * s.exp() * (s - log_mix)).sum(-1)
+
+
+def _tvd(f, log_f, s, m, cfg):
+    return 0.5 * (m * (f - s.exp()).abs()).sum(-1)
+
+
+def _mse(f, log_f, s, m, cfg):
+    return (m * (f - s.exp()) ** 2).sum(-1)
+
+
+KD_LOSSES = {"nll": _nll, "kld": _kld, "mse": _mse, "rkl": _rkl, "jsd": _jsd, "tvd": _tvd}
+
+
 def kd_terms(s_logq: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | None, tau: torch.Tensor,
              cfg: KDConfig, bucket: bool = False) -> torch.Tensor:
     """Per-row loss [N] from student log-probs at the entries [N, K] (full-vocabulary normalised)
@@ -216,25 +270,9 @@ def kd_terms(s_logq: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | 
         log_f = _masked_log_softmax(t / tau[:, None].to(acc), mask)
         f = log_f.exp() if mask is None else log_f.exp() * mask
     m = 1.0 if mask is None else mask.to(acc)
-    loss = cfg.loss
-    if loss == "nll":
-        per_row = -(f * s).sum(-1)
-    elif loss == "kld":
-        per_row = (f * (log_f - s)).sum(-1)
-    elif loss == "rkl":
-        per_row = (m * s.exp() * (s - log_f)).sum(-1)
-    elif loss == "jsd":
-        beta = cfg.jsd_beta
-        log_mix = torch.logaddexp(log_f + torch.log(torch.tensor(beta, dtype=acc)),
-                                  s + torch.log(torch.tensor(1 - beta, dtype=acc)))
-        per_row = beta * (f * (log_f - log_mix)).sum(-1) + (1 - beta) * (m * s.exp() * (s - log_mix)).sum(-1)
-    elif loss == "tvd":
-        per_row = 0.5 * (m * (f - s.exp()).abs()).sum(-1)
-    elif loss == "mse":
-        per_row = (m * (f - s.exp()) ** 2).sum(-1)
-    else:
-        raise PredistillError(f"unknown kd loss {loss!r}; known: {', '.join(LOSSES)}")
-    return per_row
+    if cfg.loss not in KD_LOSSES:
+        raise PredistillError(f"unknown kd loss {cfg.loss!r}; known: {', '.join(LOSSES)}")
+    return KD_LOSSES[cfg.loss](f, log_f, s, m, cfg)
 
 
 def _flat_rows(position_mask: torch.Tensor | None, lead: torch.Size, device) -> torch.Tensor:

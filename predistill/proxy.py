@@ -27,25 +27,30 @@ import torch
 from tqdm import tqdm
 
 from predistill.artifacts import PredistillError
-from predistill.models import load_model
-from predistill.score import ModelInputs, check_scorable, forward_params, model_body, resolve_device, score_ids
+from predistill.config import option
+from predistill.forward import ModelInputs, score_ids
+from predistill.models import check_plain_head, forward_params, load_model, model_body, resolve_device
+from predistill.selection import top_fraction
 from predistill.store import TokenStore
 
 
 @dataclass
 class ProxyConfig:
-    teacher_model: str = ""
-    reference_model: str = ""
-    fraction: float = 0.05  # of the instances scored by teacher and reference to train the proxy
-    check_fraction: float = 0.05  # second subset to measure agreement when no full tables are given
-    epochs: int = 3
-    lr: float = 3e-4
-    batch_size: int = 8
-    max_len: int | None = None
-    chunk_size: int = 256
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
+    """`sample --method proxy`'s settings (flattened into sample's flags)."""
+
+    teacher_model: str = option("", "proxy: teacher model spec (scores the proxy subset)")
+    reference_model: str = option("", "proxy: reference model spec (scores the subset; its body is the proxy)")
+    fraction: float = option(0.05, "proxy: fraction of instances scored by teacher and reference", key="proxy_fraction")
+    check_fraction: float = option(0.05, "proxy: disjoint fraction scored to measure agreement when --teacher/"
+                                   "--reference tables are not given")
+    epochs: int = option(3, "proxy: training epochs over the subset", key="proxy_epochs")
+    lr: float = option(3e-4, "proxy: AdamW learning rate", key="proxy_lr")
+    batch_size: int = option(8, "proxy: instances per forward")
+    max_len: int | None = option(None, "proxy: truncate instances to this many model tokens")
+    chunk_size: int = option(256, cli=False)
+    seed: int = option(0, cli=False)  # sample's --seed
+    device: str = option("auto", "proxy: auto (cuda if available), cpu, cuda")
+    progress: bool = option(True, cli=False)  # sample's --no-progress
 
 
 @dataclass
@@ -111,9 +116,9 @@ def _batches(inputs: ModelInputs, ids: np.ndarray, rows: dict[int, np.ndarray], 
         yield np.asarray(sel), tokens, lengths
 
 
-def _proxy_params(regressor: DifferenceRegressor) -> int:
-    body = sum(p.numel() for p in regressor.body.parameters())
-    return body - regressor.body.get_input_embeddings().weight.numel() + sum(p.numel() for p in regressor.head.parameters())
+def _proxy_params(regressor: DifferenceRegressor, lm) -> int:
+    """N of the proxy: the LM's (`models.forward_params`) with its vocabulary head swapped for the scalar one."""
+    return forward_params(lm) - lm.get_output_embeddings().weight.numel() + sum(p.numel() for p in regressor.head.parameters())
 
 
 def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
@@ -139,11 +144,9 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     check_ids = np.sort(perm[n_train:n_train + n_check]).astype(np.int64)
     scored_ids = np.sort(np.concatenate([train_ids, check_ids]))
     device = resolve_device(cfg.device)
-    store_tokenizer = store.tokenizer()
-
     def load(spec):
-        model, tok = load_model(spec, store_tokenizer if spec.startswith("preset:") else None, seed=cfg.seed)
-        check_scorable(model, spec)
+        model, tok = load_model(spec, preset_tokenizer=store.tokenizer(), seed=cfg.seed)
+        check_plain_head(model, spec)
         return model.to(device).eval(), tok
 
     # 1. the teacher and the reference score the subset (one model in memory at a time)
@@ -208,7 +211,7 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
         epoch_losses.append(total / count)
     bar.close()
     train_seconds = time.perf_counter() - start
-    proxy_params = _proxy_params(regressor)
+    proxy_params = _proxy_params(regressor, reference_model)
     train_tokens = sum(len(rows[int(i)]) for i in fit_ids)
     flops["proxy_train"] = 6.0 * proxy_params * train_tokens * cfg.epochs
 
@@ -239,8 +242,6 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     else:
         check_difference = np.array([difference[int(i)] for i in check_ids], dtype=np.float32)
         check_on = f"random check subset of {len(check_ids)} instances"
-    from predistill.sample import top_fraction
-
     k_true = top_fraction(check_difference, ratio)
     k_proxy = top_fraction(predicted[check_ids], ratio)
     overlap = len(np.intersect1d(k_true, k_proxy)) / max(len(k_true), 1)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
+from predistill.config import add_config_arguments, config_from_args, option
 
 DASH = "–"
 # MiniPLM's scaling figures fit the loss-vs-compute curve and read it past the trained range.
@@ -46,11 +47,13 @@ NOT_TEACHER_FORMATS = {"run", "token_store", "tokenizer", "converted_model", "lo
 
 @dataclass
 class ReportConfig:
-    runs: list[str] = field(default_factory=list)
-    out: str = ""
-    title: str = "predistill report"
-    extrapolate: float = DEFAULT_EXTRAPOLATE  # draw the fits up to this × the largest compute
-    irreducible: str = "auto"  # power law + constant: "auto" (with ≥ 4 points), "on", "off"
+    runs: list[str] = option(default_factory=list, help="run directories written by `predistill train`",
+                             positional=True, required=True, metavar="RUN")
+    out: str = option("", "directory for report.md, report.html, report.json and plots/", required=True)
+    title: str = option("predistill report", "page title")
+    extrapolate: float = option(DEFAULT_EXTRAPOLATE, "extend the power-law fits to this × the largest fitted compute")
+    irreducible: str = option("auto", "fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points",
+                              choices=("auto", "on", "off"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,16 +669,12 @@ def run(cfg: ReportConfig) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by `predistill train`")
-    p.add_argument("--out", required=True, help="directory for report.md, report.html, report.json and plots/")
-    p.add_argument("--title", default="predistill report", help="page title")
-    p.add_argument("--extrapolate", type=float, default=DEFAULT_EXTRAPOLATE,
-                   help=f"extend the power-law fits to this × the largest fitted compute (default {DEFAULT_EXTRAPOLATE:g})")
-    p.add_argument("--irreducible", choices=("auto", "on", "off"), default="auto",
-                   help="fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points (default)")
+    add_config_arguments(p, ReportConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    out = run(ReportConfig(runs=args.runs, out=args.out, title=args.title, extrapolate=args.extrapolate,
-                           irreducible=args.irreducible))
+    cfg = config_from_args(ReportConfig, args)
+    if cfg is None:
+        return
+    out = run(cfg)
     print(f"predistill: wrote {out / 'report.md'} and {out / 'report.html'}")

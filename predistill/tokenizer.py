@@ -4,10 +4,11 @@ tokenizer directory (loadable by `AutoTokenizer.from_pretrained` and by every `-
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from predistill.artifacts import PredistillError, is_complete, read_manifest, staged_dir, write_manifest
+from predistill.artifacts import PredistillError, check_output, staged_dir, write_manifest
+from predistill.config import add_config_arguments, config_from_args, option
 from predistill.sources import parse_sources
 
 EOS = "<|endoftext|>"
@@ -16,11 +17,12 @@ FORMAT = "tokenizer"
 
 @dataclass
 class TokenizerConfig:
-    sources: list[str] = field(default_factory=list)
-    out: str = ""
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    skip_bad: bool = False
+    sources: list[str] = option(default_factory=list, help="text to train on (same specs as `prepare`)",
+                                flag="--source", required=True, metavar="SPEC")
+    out: str = option("", "directory for the HF tokenizer", required=True)
+    vocab_size: int = option(8192, "target vocabulary size, EOS included")
+    min_frequency: int = option(2, "minimum pair count for a merge")
+    skip_bad: bool = option(False, "skip (and count) malformed or empty documents")
 
 
 def run(cfg: TokenizerConfig) -> Path:
@@ -33,15 +35,9 @@ def run(cfg: TokenizerConfig) -> Path:
         raise PredistillError(f"--vocab-size {cfg.vocab_size} is too small: a byte-level BPE needs > 256")
     out = Path(cfg.out)
     config = asdict(cfg) | {"out": None}
-    if out.exists():
-        if is_complete(out, FORMAT):
-            if read_manifest(out, FORMAT)["config"] == config:
-                print(f"predistill: {out} is already complete; nothing to do")
-                return out
-            raise PredistillError(f"{out} already holds a tokenizer trained with another config; "
-                                  f"remove it or choose another --out")
-        if not out.is_dir() or any(out.iterdir()):
-            raise PredistillError(f"{out} exists and is not a tokenizer directory; refusing to overwrite it")
+    if check_output(out, FORMAT, "tokenizer directory", {"config": config}, lambda m: {"config": m.get("config")}):
+        print(f"predistill: {out} is already complete; nothing to do")
+        return out
     sources = parse_sources(cfg.sources, cfg.skip_bad)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,16 +63,12 @@ def run(cfg: TokenizerConfig) -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", dest="sources", action="append", required=True, metavar="SPEC",
-                   help="text to train on (repeatable; same specs as `prepare`)")
-    p.add_argument("--out", required=True, help="directory for the HF tokenizer")
-    p.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size, EOS included (default 8192)")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed or empty documents")
+    add_config_arguments(p, TokenizerConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = TokenizerConfig(sources=args.sources, out=args.out, vocab_size=args.vocab_size,
-                          min_frequency=args.min_frequency, skip_bad=args.skip_bad)
+    cfg = config_from_args(TokenizerConfig, args)
+    if cfg is None:
+        return
     out = run(cfg)
     print(f"predistill: wrote tokenizer {out}")

@@ -34,15 +34,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from predistill.artifacts import PredistillError, read_manifest, write_json_atomic, write_manifest
-from predistill.config import add_config_arguments, resolve_config, to_toml
+from predistill.artifacts import PredistillError, check_output, write_json_atomic, write_manifest
+from predistill.config import add_config_arguments, config_from_args, from_flat, option, to_flat
 from predistill.losses import DEFAULT_CHUNK, gather_logprobs
-from predistill.models import count_params, load_model, load_tokenizer, tokenizer_hash
+from predistill.kd import KDConfig
+from predistill.models import Dist, count_params, forward_params, init_distributed, load_model, load_tokenizer, \
+    model_body, resolve_device, tokenizer_hash
+from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
-from predistill.store import TokenStore, check_same_store
+from predistill.store import TokenStore
 
 FORMAT = "run"
 CHECKPOINT_PREFIX = "step-"
@@ -53,129 +55,49 @@ NON_RESULT_KEYS = {"out", "save_every", "keep_checkpoints", "eval_every", "log_e
 
 @dataclass
 class TrainConfig:
-    model: str = "preset:tiny"
-    tokenizer: str | None = None
-    store: str = ""
-    val_store: str | None = None
-    selection: str | None = None
-    out: str = ""
-    name: str | None = None
-    steps: int = 100
-    flops_budget: float | None = None
-    batch_size: int = 8
-    micro_batch_size: int | None = None
-    seq_len: int = 1024
-    lr: float = 6e-4
-    lr_schedule: str = "cosine"
-    warmup: int = 0
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.1
-    decay_ratio: float = 0.01
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    eval_every: int = 0
-    eval_instances: int = 256
-    log_every: int = 1
-    alpha: float = 0.0
-    alpha_schedule: str = "constant"
-    kd_logits: str | None = None
-    kd_teacher: str | None = None
-    kd_loss: str = "kld"
-    temperature: str = "1.0"
-    kd_tail: str = "drop"
-    jsd_beta: float = 0.5
-    save_logits: str | None = None
-    minillm: bool = False
-    minillm_prefix: int = 32
-    loss_chunk: int = DEFAULT_CHUNK
-    fsdp: bool = False
-    tensorboard: bool = False
-    device: str = "auto"
+    model: str = option("preset:tiny", 'model spec: preset:NAME (from scratch), an HF directory or hub id, smollm2-135m')
+    tokenizer: str | None = option(None, "tokenizer spec (default: the token store's own tokenizer)")
+    store: str = option("", 'token store to train on')
+    val_store: str | None = option(None, 'held-out token store for val loss (default: STORE/val when it exists)')
+    selection: str | None = option(None, 'selection directory from `predistill sample`: train only on those instances')
+    out: str = option("", 'run directory')
+    name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
+    steps: int = option(100, 'optimizer steps')
+    flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D online)')
+    batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)')
+    micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank batch)')
+    seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens')
+    lr: float = option(6e-4, 'peak learning rate')
+    lr_schedule: str = option("cosine", 'cosine (MiniPLM: warmup, cosine to lr·min-lr-ratio), wsd (PD) or constant', choices=LR_SCHEDULES)
+    warmup: int = option(0, 'warmup steps for cosine and constant schedules')
+    min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr')
+    warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)')
+    decay_ratio: float = option(0.01, 'WSD decay fraction (LR and alpha)')
+    weight_decay: float = option(0.01, 'AdamW weight decay (on matrices only)')
+    beta1: float = option(0.9, 'AdamW beta1')
+    beta2: float = option(0.98, 'AdamW beta2')
+    eps: float = option(1e-6, 'AdamW epsilon')
+    grad_clip: float = option(1.0, 'gradient-norm clip (0 disables)')
+    seed: int = option(0, 'seed for initialisation and data order')
+    save_every: int = option(0, 'checkpoint every N steps (0: only the final export)')
+    keep_checkpoints: int = option(2, 'checkpoints to keep')
+    eval_every: int = option(0, 'val loss every N steps (0: only at the end)')
+    eval_instances: int = option(256, 'val instances used for the val loss')
+    log_every: int = option(1, 'metrics.jsonl line every N steps')
+    alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)')
+    alpha_schedule: str = option("constant", 'constant, linear-inc, linear-dec, period, wsd, wsd-beta', choices=ALPHA_SCHEDULES)
+    kd_logits: str | None = option(None, 'offline teacher logits store (from `predistill score --logits-out`): PD')
+    kd_teacher: str | None = option(None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are counted')
+    kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
+    save_logits: str | None = option(None, "write this model's own top-p-k logits store while it trains (PD's online logits)")
+    minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
+    minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue")
+    loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection')
+    fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun)')
+    tensorboard: bool = option(False, 'also log to OUT/tensorboard (needs the tensorboard package)')
+    device: str = option("auto", 'auto (cuda if available), cpu or cuda')
 
 
-HELP = {
-    "model": "model spec: preset:NAME (from scratch), an HF directory or hub id, smollm2-135m",
-    "tokenizer": "tokenizer spec (default: the token store's own tokenizer)",
-    "store": "token store to train on",
-    "val_store": "held-out token store for val loss (default: STORE/val when it exists)",
-    "selection": "selection directory from `predistill sample`: train only on those instances",
-    "out": "run directory",
-    "name": "method label shown in reports (default: derived from the KD settings)",
-    "steps": "optimizer steps",
-    "flops_budget": "training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D online)",
-    "batch_size": "global batch size in sequences (all ranks, all micro-batches)",
-    "micro_batch_size": "sequences per forward pass on one rank (default: the whole per-rank batch)",
-    "seq_len": "training context; longer instances are truncated to seq-len+1 tokens",
-    "lr": "peak learning rate",
-    "lr_schedule": "cosine (MiniPLM: warmup, cosine to lr·min-lr-ratio), wsd (PD) or constant",
-    "warmup": "warmup steps for cosine and constant schedules",
-    "min_lr_ratio": "final lr as a fraction of --lr",
-    "warmup_ratio": "WSD warmup fraction (LR and alpha)",
-    "decay_ratio": "WSD decay fraction (LR and alpha)",
-    "weight_decay": "AdamW weight decay (on matrices only)",
-    "beta1": "AdamW beta1", "beta2": "AdamW beta2", "eps": "AdamW epsilon",
-    "grad_clip": "gradient-norm clip (0 disables)",
-    "seed": "seed for initialisation and data order",
-    "save_every": "checkpoint every N steps (0: only the final export)",
-    "keep_checkpoints": "checkpoints to keep",
-    "eval_every": "val loss every N steps (0: only at the end)",
-    "eval_instances": "val instances used for the val loss",
-    "log_every": "metrics.jsonl line every N steps",
-    "alpha": "KD weight α (the maximum for scheduled α)",
-    "alpha_schedule": "constant, linear-inc, linear-dec, period, wsd, wsd-beta",
-    "kd_logits": "offline teacher logits store (from `predistill score --logits-out`): PD",
-    "kd_teacher": "online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are counted",
-    "kd_loss": "KD loss: nll, kld, mse, rkl, jsd, tvd",
-    "temperature": "teacher temperature τ: a number, or normkd, wttm, adakd-sd, adakd-h (adaptive)",
-    "kd_tail": "mass a truncated teacher dropped: drop (renormalise) or bucket (one extra class)",
-    "jsd_beta": "β of the generalised JSD loss",
-    "minillm": "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples",
-    "minillm_prefix": "MiniLLM: corpus tokens the student's samples continue",
-    "save_logits": "write this model's own top-p-k logits store while it trains (PD's online logits)",
-    "loss_chunk": "rows per chunk of the vocabulary projection",
-    "fsdp": "shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun)",
-    "tensorboard": "also log to OUT/tensorboard (needs the tensorboard package)",
-    "device": "auto (cuda if available), cpu or cuda",
-}
-
-
-# --- distributed ------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float], device) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device_kind: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -201,17 +123,6 @@ class DataOrder:
             sel = positions // n == e
             out[sel] = self.epoch(int(e))[positions[sel] % n]
         return out
-
-
-def load_selection(path: str, store: TokenStore) -> np.ndarray:
-    manifest = read_manifest(path, "selection")
-    check_same_store(manifest["store_hash"], store, f"selection {path}")
-    ids = np.load(Path(path) / "selection.npy")
-    if len(ids) == 0:
-        raise PredistillError(f"selection {path} keeps no instance")
-    if ids.min() < 0 or ids.max() >= len(store):
-        raise PredistillError(f"selection {path} has ids outside the store's {len(store)} instances")
-    return ids
 
 
 def make_batch(store: TokenStore, ids, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,8 +153,7 @@ class LossModel(torch.nn.Module):
 
     def forward(self, inputs, targets, mask, kd_batch=None, kd=None):
         """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions."""
-        body = getattr(self.lm, self.lm.base_model_prefix)
-        hidden = body(input_ids=inputs).last_hidden_state
+        hidden = model_body(self.lm)(input_ids=inputs).last_hidden_state
         weight = self.lm.get_output_embeddings().weight
         if kd is not None:
             nll, kd_per_position = kd.losses(hidden, weight, inputs, targets, mask, kd_batch)
@@ -254,14 +164,9 @@ class LossModel(torch.nn.Module):
         return nll.sum(), nll.new_zeros(()), nll, hidden
 
 
-def head_params(model) -> int:
-    """Parameters of the output projection: real compute even when tied to the embedding."""
-    return model.get_output_embeddings().weight.numel()
-
-
 def flops_per_token(model) -> int:
-    """6·N per trained token with N = non-embedding params + the output projection."""
-    return 6 * (count_params(model)["non_embedding"] + head_params(model))
+    """A training step costs 6·N per trained token (N: `models.forward_params`)."""
+    return 6 * forward_params(model)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -329,13 +234,12 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 def result_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_RESULT_KEYS}
+    return {k: v for k, v in to_flat(cfg).items() if k not in NON_RESULT_KEYS}
 
 
 def same_result(saved: dict, cfg: TrainConfig) -> bool:
     """Does a saved config (a run's config.json) train the same weights as `cfg`?"""
-    known = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
-    return result_config(TrainConfig(**known)) == result_config(cfg)
+    return result_config(from_flat(TrainConfig, saved)) == result_config(cfg)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -367,10 +271,8 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
     if not (cfg.kd_logits or cfg.kd_teacher):
         return None
     from predistill import distill
-    from predistill.kd import KDConfig
 
-    kd_cfg = KDConfig.from_temperature(cfg.temperature, loss=cfg.kd_loss, tail=cfg.kd_tail, jsd_beta=cfg.jsd_beta,
-                                       chunk_size=cfg.loss_chunk)
+    kd_cfg = dataclasses.replace(cfg.kd, chunk_size=cfg.loss_chunk).validate()
     if cfg.kd_logits:
         return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg, model.get_output_embeddings().weight.shape[0])
     if cfg.minillm:
@@ -391,9 +293,8 @@ def method_label(cfg: TrainConfig) -> str:
 
 def run(cfg: TrainConfig, command: str | None = None) -> Path:
     validate(cfg)
-    device_kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    d = init_distributed(device_kind)
-    device = torch.device(f"cuda:{d.local_rank}" if device_kind == "cuda" else "cpu")
+    device = resolve_device(cfg.device)
+    d = init_distributed(device)
     out = Path(cfg.out)
 
     store = TokenStore(cfg.store)
@@ -407,9 +308,9 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     if val_store is not None and val_store.tokenizer_hash != store.tokenizer_hash:
         raise PredistillError(f"val store {val_path} was made with another tokenizer than {cfg.store}")
 
-    if out.exists() and (out / "manifest.json").is_file():
-        if not same_result(read_manifest(out, FORMAT, "run")["config"], cfg):
-            raise PredistillError(f"{out} holds a finished run with another config; choose another --out")
+    # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
+    if check_output(out, FORMAT, "run", result_config(cfg), lambda m: result_config(from_flat(TrainConfig, m["config"])),
+                    resumable=lambda o: (o / "config.json").is_file()):
         if d.main:
             print(f"predistill: {out} is already complete; nothing to do")
         return out
@@ -441,7 +342,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for layer in getattr(model, model.base_model_prefix).layers:
+        for layer in model_body(model).layers:
             fully_shard(layer)
         fully_shard(loss_model)
     elif d.world > 1:
@@ -453,7 +354,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
-    config_json = dataclasses.asdict(cfg) | {"command": command}
+    config_json = to_flat(cfg) | {"command": command}
     start_step, tokens_seen, flops = 0, 0, 0.0
     ckpts = checkpoint_dirs(out)
     if ckpts:
@@ -590,7 +491,8 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
         raise PredistillError("--save-logits runs on one rank")
     if int(store.lengths.max()) > cfg.seq_len + 1:
         raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
-    return LogitsStoreWriter(cfg.save_logits, store, LogitsConfig(), vocab_size=model.get_output_embeddings().weight.shape[0],
+    # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
+    return LogitsStoreWriter(cfg.save_logits, store, LogitsConfig(mode="topk"), vocab_size=model.get_output_embeddings().weight.shape[0],
                              teacher=f"online:{cfg.model}")
 
 
@@ -603,7 +505,7 @@ def _save_logits(saver, store: TokenStore, ids, hidden, lm) -> None:
 @torch.no_grad()
 def _finish_logits(saver, store: TokenStore, loss_model: LossModel, cfg: TrainConfig, device) -> None:
     loss_model.eval()
-    body = getattr(loss_model.lm, loss_model.lm.base_model_prefix)
+    body = model_body(loss_model.lm)
     todo = saver.todo_instances()
     batch = cfg.micro_batch_size or cfg.batch_size
     for start in range(0, len(todo), batch):
@@ -664,13 +566,9 @@ def _tensorboard(out: Path):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, TrainConfig, HELP, choices={"lr_schedule": LR_SCHEDULES,
-                                                        "alpha_schedule": ALPHA_SCHEDULES})
+    add_config_arguments(p, TrainConfig)
 
 
 def main(args: argparse.Namespace) -> None:
-    cfg = resolve_config(TrainConfig, args)
-    if args.print_config:
-        print(to_toml(cfg), end="")
-        return
-    run(cfg, command=getattr(args, "command_line", None))
+    if cfg := config_from_args(TrainConfig, args):
+        run(cfg, command=getattr(args, "command_line", None))

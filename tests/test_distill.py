@@ -11,6 +11,7 @@ import torch
 
 from predistill.artifacts import PredistillError
 from predistill.distill import forward_flops_per_token
+from predistill.kd import KDConfig
 from predistill.logits import LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries
 from predistill.models import load_model
 from predistill.store import TokenStore
@@ -34,7 +35,7 @@ def logits_dir(tiny_store, teacher_dir, tmp_path_factory) -> Path:
     store = TokenStore(tiny_store)
     teacher, _ = load_model(str(teacher_dir))
     out = tmp_path_factory.mktemp("logits") / "logits"
-    writer = LogitsStoreWriter(out, store, LogitsConfig(top_k=8, shard_instances=64),
+    writer = LogitsStoreWriter(out, store, LogitsConfig(mode="topk", top_k=8, shard_instances=64),
                                vocab_size=teacher.get_output_embeddings().weight.shape[0], teacher=str(teacher_dir))
     with torch.no_grad():
         for ids, tokens, lengths in store.iter_batches(16):
@@ -54,7 +55,7 @@ def manifest(out: Path) -> dict:
 
 def test_offline_kd_composes_lm_and_kd_losses_and_costs_no_teacher_flops(tiny_store, logits_dir, tmp_path):
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "pd"), kd_logits=str(logits_dir), alpha=0.9,
-                          alpha_schedule="constant", temperature="2.0", **FAST))
+                          alpha_schedule="constant", kd=KDConfig(temperature=2.0), **FAST))
     rows = metrics(out)
     for r in rows:
         assert r["kd_loss"] is not None and r["kd_loss"] > 0
@@ -67,13 +68,13 @@ def test_offline_kd_composes_lm_and_kd_losses_and_costs_no_teacher_flops(tiny_st
 def test_offline_kd_moves_the_student_towards_the_teacher(tiny_store, logits_dir, tmp_path):
     """Same seed, same data: with α = 1 the student's KD loss falls far more than without KD."""
     kd = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "kd"), kd_logits=str(logits_dir), alpha=1.0,
-                         kd_loss="kld", **{**FAST, "steps": 12}))
+                         kd=KDConfig(loss="kld"), **{**FAST, "steps": 12}))
     assert metrics(kd)[-1]["kd_loss"] < 0.6 * metrics(kd)[0]["kd_loss"]
 
 
 def test_period_schedule_runs_kd_on_every_fourth_step_only(tiny_store, teacher_dir, tmp_path):
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "vkd"), kd_teacher=str(teacher_dir), alpha=0.9,
-                          alpha_schedule="period", kd_loss="nll", **{**FAST, "steps": 8}))
+                          alpha_schedule="period", kd=KDConfig(loss="nll"), **{**FAST, "steps": 8}))
     rows = metrics(out)
     assert [r["alpha"] for r in rows] == [0, 0, 0, 0.9] * 2
     assert [r["kd_loss"] is not None for r in rows] == [False, False, False, True] * 2
@@ -91,7 +92,7 @@ def test_online_teacher_nll_is_full_vocabulary_soft_cross_entropy(tiny_store, te
     from predistill.train import DataOrder, make_batch
 
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "vkd"), kd_teacher=str(teacher_dir), alpha=1.0,
-                          kd_loss="nll", **{**FAST, "steps": 1}))
+                          kd=KDConfig(loss="nll"), **{**FAST, "steps": 1}))
     store = TokenStore(tiny_store)
     student, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
     teacher, _ = load_model(str(teacher_dir))
@@ -157,7 +158,7 @@ def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_stor
     final, _ = load_model(str(teacher_run / "hf"))
     with torch.no_grad():
         logits_full = final(input_ids=torch.from_numpy(store[unseen].astype(np.int64))[None]).logits[0, :-1]
-    direct = compute_entries(logits_full, LogitsConfig())
+    direct = compute_entries(logits_full, LogitsConfig(mode="topk"))
     stored = logits.instance_entries(unseen)
     np.testing.assert_array_equal(stored.ids, direct.ids)
     np.testing.assert_allclose(stored.logprobs, direct.logprobs, atol=logits.manifest["encoding"]["logprob_max_abs_error"])
@@ -174,7 +175,7 @@ def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_d
 
     prefix = 16
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "minillm"), kd_teacher=str(teacher_dir),
-                          kd_loss="rkl", minillm=True, minillm_prefix=prefix, alpha=0.5, **{**FAST, "steps": 1}))
+                          kd=KDConfig(loss="rkl"), minillm=True, minillm_prefix=prefix, alpha=0.5, **{**FAST, "steps": 1}))
     m = manifest(out)
     assert m["method"] == "MiniLLM"
 
@@ -203,7 +204,7 @@ def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_d
 
 def test_minillm_needs_reverse_kl_and_a_teacher(tiny_store, teacher_dir, tmp_path):
     with pytest.raises(PredistillError, match="reverse KL"):
-        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "a"), kd_teacher=str(teacher_dir), kd_loss="kld",
+        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "a"), kd_teacher=str(teacher_dir), kd=KDConfig(loss="kld"),
                         minillm=True, alpha=0.5, **FAST))
     with pytest.raises(PredistillError, match="needs an online teacher"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "b"), minillm=True, **FAST))

@@ -13,8 +13,8 @@ import torch
 
 from predistill import cli
 from predistill.artifacts import PredistillError, write_manifest
-from predistill.eval import (PAPER_TASKS, EvalConfig, heldout_metrics, heldout_sequences, resolve_model, run)
-from predistill.models import load_model
+from predistill.eval import PAPER_TASKS, EvalConfig, heldout_metrics, heldout_sequences, run
+from predistill.models import load_model, resolve_model
 from predistill.store import TokenStore
 from predistill.tasks import CONTINUATION, LASTWORD
 from predistill.tokenizer import TokenizerConfig

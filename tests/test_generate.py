@@ -17,8 +17,7 @@ from predistill import generate as gen
 from predistill.artifacts import PredistillError, is_complete, sha256_file, write_manifest
 from predistill.cli import main as cli_main
 from predistill.generate import GenerateConfig, run
-from predistill.models import load_model, load_tokenizer, tokenizer_hash
-from predistill.score import forward_params
+from predistill.models import forward_params, load_model, load_tokenizer, tokenizer_hash
 from predistill.store import TokenStore
 from predistill.tokenizer import TokenizerConfig
 from predistill.tokenizer import run as train_tokenizer
@@ -34,7 +33,7 @@ def save_teacher(tokenizer_dir: Path, out: Path, store: Path, seed: int = 0, ste
     """A tiny teacher as a plain HF directory, briefly trained on `store` (re-tokenised when its
     tokenizer differs) so that its predictions depend on the context like a real LM's: a random
     model's near-uniform, context-blind argmaxes would make the batching tests vacuous."""
-    from predistill.score import ModelInputs
+    from predistill.forward import ModelInputs
 
     model, tokenizer = load_model("preset:tiny", tokenizer=str(tokenizer_dir), seed=seed)
     inputs = ModelInputs(TokenStore(store), tokenizer, max_len=48)

@@ -194,7 +194,7 @@ def test_logprob_quantisation_within_stated_error(bits, lo):
     decoded = dequantize_logprobs(quantize_logprobs(lp, bits, lo), bits, lo)
     step = -lo / ((1 << bits) - 1)
     inside = lp >= lo
-    bound = Encoding.of(LogitsConfig(logprob_bits=bits, logprob_min=lo), VOCAB).describe()["logprob_max_abs_error"]
+    bound = Encoding.of(LogitsConfig(mode="topk", logprob_bits=bits, logprob_min=lo), VOCAB).describe()["logprob_max_abs_error"]
     assert step / 2 <= bound < step / 2 + 1e-5
     assert np.abs(decoded[inside] - np.minimum(lp[inside], 0)).max() <= bound
     assert decoded[~inside].tolist() == [lo]  # clipped, and counted by the writer
@@ -343,7 +343,7 @@ def test_writer_refuses_bad_input(tmp_path, store):
     with pytest.raises(PredistillError, match="not a logits store"):
         LogitsStoreWriter(tmp_path / "junk", store, TOPK, vocab_size=VOCAB)
     with pytest.raises(PredistillError, match="top-k"):
-        LogitsConfig(top_k=0).validate()
+        LogitsConfig(mode="topk", top_k=0).validate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def test_online_logits_saving_first_sighting_wins(tmp_path, store):
 def test_teacher_targets_for_an_online_truncated_teacher():
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(13, HID, generator=g) * 2
-    cfg = LogitsConfig(top_p=0.8, top_k=6)
+    cfg = LogitsConfig(mode="topk", top_p=0.8, top_k=6)
     targets = teacher_targets(hidden, LM_HEAD, cfg, chunk_rows=4)
     expected = entries_to_targets(truncate_top_p_k(hidden @ LM_HEAD.t(), 0.8, 6), cfg, 6)
     assert torch.equal(targets.ids, expected.ids) and torch.equal(targets.mask, expected.mask)
@@ -390,7 +390,7 @@ def test_stored_entries_equal_smollm2_top_p_k(tmp_path, smollm2_tiny_store):
     store = TokenStore(smollm2_tiny_store)
     model, _ = load_model("smollm2-135m")
     model.eval()
-    cfg = LogitsConfig(top_p=0.95, top_k=8, shard_instances=2)
+    cfg = LogitsConfig(mode="topk", top_p=0.95, top_k=8, shard_instances=2)
     writer = LogitsStoreWriter(tmp_path / "logits", store, cfg, vocab_size=model.lm_head.weight.shape[0],
                                teacher="smollm2-135m")
     with torch.no_grad():
@@ -427,3 +427,15 @@ def test_stored_entries_equal_smollm2_top_p_k(tmp_path, smollm2_tiny_store):
                 n_exact += same
     assert n_checked == manifest["n_positions"] > 40
     assert n_exact >= 0.97 * n_checked
+
+
+def test_a_shard_changed_after_writing_is_refused_when_read(tmp_path, store):
+    write_store(tmp_path / "logits", store, TOPK)
+    shard = tmp_path / "logits" / "shards" / "00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[:16] = bytes(b ^ 0xFF for b in data[:16])  # changed in place: same size
+    shard.write_bytes(bytes(data))
+    reader = LogitsStore(tmp_path / "logits", store)
+    reader.instance_entries(0)  # shard 0 is intact
+    with pytest.raises(PredistillError, match="changed since the logits store was written"):
+        reader.instance_entries(5)

@@ -19,7 +19,8 @@ from conftest import make_code, make_prose, write_jsonl
 from predistill import cli
 from predistill.artifacts import PredistillError
 from predistill.models import load_tokenizer, tokenizer_hash
-from predistill.prepare import Chunker, PrepareConfig, _is_val, boundary_table, run
+from predistill.chunking import Chunker, boundary_table
+from predistill.prepare import PrepareConfig, _is_val, run
 from predistill.store import TokenStore
 
 MAX_LEN = 64

@@ -11,8 +11,9 @@ import pytest
 from predistill.cli import main as cli_main
 from predistill.models import load_model
 from predistill.proxy import ProxyConfig, rankdata, run_proxy, spearman
-from predistill.sample import load_selection, top_fraction
-from predistill.score import ScoreConfig, ScoreTable
+from predistill.score import ScoreConfig
+from predistill.scores import ScoreTable
+from predistill.selection import load_selection, top_fraction
 from predistill.score import run as score
 from predistill.store import TokenStore
 

@@ -16,8 +16,10 @@ from predistill.cli import main as cli_main
 from predistill.models import load_model, load_tokenizer
 from predistill.prepare import PrepareConfig
 from predistill.prepare import run as prepare
-from predistill.sample import SampleConfig, load_selection, run, top_fraction
-from predistill.score import ScoreConfig, ScoreTable
+from predistill.sample import SampleConfig, run
+from predistill.score import ScoreConfig
+from predistill.scores import ScoreTable
+from predistill.selection import load_selection, top_fraction
 from predistill.score import run as score
 from predistill.store import TokenStore
 from predistill.tokenizer import TokenizerConfig

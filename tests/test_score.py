@@ -15,8 +15,10 @@ import torch
 from predistill.artifacts import PredistillError
 from predistill.cli import main as cli_main
 from predistill.models import load_model, load_tokenizer
-from predistill.score import (FORMAT, ForwardBatch, ForwardConsumer, ModelInputs, ScoreConfig, ScoreTable,
-                              ShardScoreWriter, plan_shards, retokenize, run, run_forward_pass)
+from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, plan_shards, run_forward_pass
+from predistill.retokenize import retokenize
+from predistill.score import ScoreConfig, ShardScoreWriter, run
+from predistill.scores import FORMAT, ScoreTable
 from predistill.store import TokenStore
 from predistill.tokenizer import TokenizerConfig
 from predistill.tokenizer import run as train_tokenizer
@@ -81,6 +83,7 @@ def test_rerun_skips_finished_shards_and_redoes_a_corrupt_one(tiny_store, tmp_pa
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
+    import predistill.artifacts as artifacts
     import predistill.score as score
     mode, store, out = sys.argv[1:4]
     calls = {"n": 0}
@@ -93,13 +96,14 @@ KILL_SCRIPT = textwrap.dedent("""
             original(self, batch)
         score.ShardScoreWriter.consume = consume
     else:  # after a shard's data is renamed into place but before its completion marker
-        original = score._write_done_marker
-        def marker(path, m):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            original(path, m)
-        score._write_done_marker = marker
+        original = artifacts.write_bytes_atomic
+        def write(path, data):
+            if path.name.endswith(".done"):
+                calls["n"] += 1
+                if calls["n"] == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            original(path, data)
+        artifacts.write_bytes_atomic = write
     score.run(score.ScoreConfig(model="preset:tiny", store=store, out=out, shard_size=24, batch_size=8,
                                 progress=False))
 """)

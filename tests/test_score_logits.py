@@ -18,7 +18,8 @@ import torch
 from predistill.cli import main as cli_main
 from predistill.logits import P_SLACK, LogitsConfig, LogitsStore
 from predistill.models import load_model, load_tokenizer
-from predistill.score import ScoreConfig, ScoreTable, run
+from predistill.score import ScoreConfig, run
+from predistill.scores import ScoreTable
 from predistill.store import TokenStore
 from predistill.tokenizer import TokenizerConfig
 from predistill.tokenizer import run as train_tokenizer
@@ -74,13 +75,13 @@ def check_top_p_k(reader: LogitsStore, store: TokenStore, model, cfg: LogitsConf
 # ---------------------------------------------------------------------------------------------
 def test_one_pass_writes_scores_and_logits(tiny_store, tmp_path):
     out, ldir = tmp_path / "scores", tmp_path / "logits"
-    score(tiny_store, out, ldir, shard_size=32, batch_size=5)
+    score(tiny_store, out, ldir, shard_size=32, batch_size=5, logits=LogitsConfig(mode="topk", shard_instances=32))
     store = TokenStore(tiny_store)
     table = ScoreTable(out)
     reader = LogitsStore(ldir, store)  # refuses another store / tokenizer
     m = reader.manifest
-    # LogitsConfig's defaults (top-0.95-5, 8-bit log-probs), logits shards = score shards by default
-    assert m["config"] == {**LogitsConfig(shard_instances=32).__dict__}
+    # top-p-k's defaults (top-0.95-5, 8-bit log-probs)
+    assert m["config"] == {**LogitsConfig(mode="topk", shard_instances=32).__dict__}
     assert m["config"]["top_p"] == 0.95 and m["config"]["top_k"] == 5 and m["config"]["logprob_bits"] == 8
     assert m["n_positions"] == table.manifest["n_tokens_scored"] == int((store.lengths - 1).sum())
     assert m["teacher"] == "preset:tiny" and m["store_hash"] == store.hash
@@ -89,7 +90,7 @@ def test_one_pass_writes_scores_and_logits(tiny_store, tmp_path):
     assert m["scored_with"] == {"score_table": str(out.resolve()), "table_hash": table.hash, "teacher_pass": "shared"}
     model, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
     model.eval()
-    check_top_p_k(reader, store, model, LogitsConfig(), m["encoding"]["logprob_max_abs_error"],
+    check_top_p_k(reader, store, model, LogitsConfig(mode="topk"), m["encoding"]["logprob_max_abs_error"],
                   [0, 1, 31, 32, len(store) // 2, len(store) - 1])
 
 
@@ -163,7 +164,7 @@ def test_logits_out_added_to_a_finished_table_recomputes_for_the_logits(tiny_sto
 def test_sigkill_after_first_score_shard_then_rerun_gives_identical_files(tiny_store, tmp_path):
     # logits shards span two score shards: a kill leaves logits entries of a shard half-fed
     out, ldir = tmp_path / "scores", tmp_path / "logits"
-    flags = dict(shard_size=8, batch_size=3, logits=LogitsConfig(shard_instances=16))
+    flags = dict(shard_size=8, batch_size=3, logits=LogitsConfig(mode="topk", shard_instances=16))
     score(tiny_store, out, ldir, **flags)
     reference = {"scores": files_of(out), "logits": files_of(ldir)}
     shutil.rmtree(out)
@@ -237,7 +238,8 @@ def test_other_refusals(tiny_store, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_logits_equal_its_own_top_p_k(tmp_path, smollm2_tiny_store):
     store = TokenStore(smollm2_tiny_store)
-    score(store.dir, tmp_path / "scores", tmp_path / "logits", model="smollm2-135m", shard_size=2, batch_size=2)
+    score(store.dir, tmp_path / "scores", tmp_path / "logits", model="smollm2-135m", shard_size=2, batch_size=2,
+          logits=LogitsConfig(mode="topk"))
     reader = LogitsStore(tmp_path / "logits", store)
     m = reader.manifest
     assert m["config"]["top_p"] == 0.95 and m["config"]["top_k"] == 5 and m["n_positions"] > 40

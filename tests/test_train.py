@@ -191,13 +191,14 @@ def test_bad_input_is_one_line_error(tiny_store, tmp_path, capsys, args, message
 
 
 def test_selection_trains_only_on_the_selected_instances(tiny_store, tmp_path):
-    from predistill.artifacts import write_manifest
+    from predistill.artifacts import sha256_file, write_manifest
 
     store = TokenStore(tiny_store)
     sel = tmp_path / "sel"
     sel.mkdir()
     np.save(sel / "selection.npy", np.arange(0, len(store), 3, dtype=np.int64))
-    write_manifest(sel, {"format": "selection", "store_hash": store.hash})
+    write_manifest(sel, {"format": "selection", "store_hash": store.hash,
+                         "selection_sha256": sha256_file(sel / "selection.npy")})
     order_ids = DataOrder(np.load(sel / "selection.npy"), 0)
     seen = np.concatenate([order_ids.global_batch(s, 4) for s in range(8)])
     assert set(seen) <= set(range(0, len(store), 3))
@@ -207,7 +208,8 @@ def test_selection_trains_only_on_the_selected_instances(tiny_store, tmp_path):
     assert manifest["tokens"] == sum(int((np.minimum(store.lengths[DataOrder(np.load(sel / "selection.npy"), 0)
                                                                    .global_batch(s, 4)], 33) - 1).sum()) for s in range(8))
 
-    write_manifest(sel, {"format": "selection", "store_hash": "0" * 64})
+    write_manifest(sel, {"format": "selection", "store_hash": "0" * 64,
+                         "selection_sha256": sha256_file(sel / "selection.npy")})
     with pytest.raises(PredistillError, match="made from token store 000000000000"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run2"), selection=str(sel), **FAST))
 

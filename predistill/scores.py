@@ -1,0 +1,135 @@
+"""The score table: one mean token log-prob per instance of a token store, under one model.
+Defined here and nowhere else (written by `predistill score`, read by `sample` and `report`).
+
+    SCORES/
+      plan.json                  what this table is being made from (model, hashes, sharding);
+                                 a rerun with another plan is refused
+      shards/shard-00000.npy     structured array, one row per instance of the shard, in id order:
+                                   id        int64    instance id in the token store
+                                   logprob   float32  mean log p over the predicted tokens (NaN if none)
+                                   n_tokens  int32    number of predicted tokens (length − 1)
+      shards/shard-00000.done    completion marker: JSON with the .npy's sha256 and row count
+      manifest.json              format "score_table", config, model/tokenizer/store hashes, shard list,
+                                 counts, FLOPs; `complete: true` written last
+
+Shard s holds instances [s·shard_size, (s+1)·shard_size) (`forward.plan_shards`). Each shard is
+written atomically and then its marker; a shard counts as done only when its marker's sha256
+matches the data on disk (`artifacts.read_marker`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from predistill.artifacts import MANIFEST, PredistillError, json_bytes, read_manifest, read_marker, sha256_file, \
+    write_bytes_atomic, write_shard
+from predistill.forward import Shard
+from predistill.store import TokenStore, check_same_store
+
+FORMAT = "score_table"
+VERSION = 1
+PLAN = "plan.json"
+SHARD_DIR = "shards"
+SHARD_DTYPE = np.dtype([("id", "<i8"), ("logprob", "<f4"), ("n_tokens", "<i4")])
+
+
+def _paths(shard_dir: Path, shard: Shard) -> tuple[Path, Path]:
+    return shard_dir / f"{shard.name}.npy", shard_dir / f"{shard.name}.done"
+
+
+def write_score_shard(shard_dir: Path, shard: Shard, logprob: np.ndarray, n_tokens: np.ndarray) -> None:
+    """One shard's rows, then the marker that vouches for them."""
+    rows = np.zeros(len(shard.ids), dtype=SHARD_DTYPE)
+    rows["id"], rows["logprob"], rows["n_tokens"] = shard.ids, logprob, n_tokens
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    write_shard(*_paths(shard_dir, shard), buf.getvalue(), n=len(shard.ids), n_tokens=int(n_tokens.sum()))
+
+
+def shard_marker(shard_dir: Path, shard: Shard) -> dict | None:
+    """The shard's marker if it exists and vouches for the shard file as it is on disk."""
+    npy, done = _paths(shard_dir, shard)
+    return read_marker(done, npy, n=len(shard.ids))
+
+
+def table_hash(shard_hashes: list[str]) -> str:
+    return hashlib.sha256("".join(shard_hashes).encode()).hexdigest()
+
+
+def markers_hash(out: Path, shards: list[Shard]) -> str | None:
+    """The table's `table_hash` from its shard markers (None while a shard is missing)."""
+    markers = [shard_marker(Path(out) / SHARD_DIR, s) for s in shards]
+    if any(m is None for m in markers):
+        return None
+    return table_hash([m["sha256"] for m in markers])
+
+
+def finish_table(out: Path, plan: dict, shards: list[Shard]) -> dict | None:
+    """Write the manifest if every shard is done (else return None). Deterministic: no timings."""
+    shard_dir = Path(out) / SHARD_DIR
+    entries, n_tokens, n_unscored, logprob_sum = [], 0, 0, 0.0
+    for shard in shards:
+        marker = shard_marker(shard_dir, shard)
+        if marker is None:
+            return None
+        rows = np.load(shard_dir / f"{shard.name}.npy", allow_pickle=False)
+        if not np.array_equal(rows["id"], shard.ids):
+            raise PredistillError(f"{shard_dir / shard.name}.npy holds other instances than planned; remove {out}")
+        entries.append({"file": f"{shard.name}.npy", "sha256": marker["sha256"], "n": marker["n"]})
+        n_tokens += int(rows["n_tokens"].sum())
+        scored = rows["n_tokens"] > 0
+        n_unscored += int((~scored).sum())
+        logprob_sum += float((rows["logprob"][scored].astype(np.float64) * rows["n_tokens"][scored]).sum())
+    manifest = {
+        "format": FORMAT, "version": VERSION, **plan,
+        "n_shards": len(shards), "shards": entries,
+        "table_hash": table_hash([e["sha256"] for e in entries]),
+        "n_tokens_scored": n_tokens, "n_unscored": n_unscored,
+        "token_mean_logprob": logprob_sum / max(n_tokens, 1),
+        "flops": 2 * plan["model"]["forward_params"] * n_tokens,
+        "complete": True,
+    }
+    write_bytes_atomic(Path(out) / MANIFEST, json_bytes(manifest))
+    return manifest
+
+
+class ScoreTable:
+    """A complete score table: `logprob[i]` (float32, NaN for unscorable) and `n_tokens[i]` per instance."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        self.manifest = read_manifest(self.dir, FORMAT, "score table")
+        n = self.manifest["n_instances"]
+        self.logprob = np.full(n, np.nan, dtype=np.float32)
+        self.n_tokens = np.zeros(n, dtype=np.int32)
+        for entry in self.manifest["shards"]:
+            path = self.dir / SHARD_DIR / entry["file"]
+            if not path.is_file() or sha256_file(path) != entry["sha256"]:
+                raise PredistillError(f"{path}: missing or changed since the score table was finished; rescore")
+            rows = np.load(path, allow_pickle=False)
+            if rows.dtype != SHARD_DTYPE or len(rows) and (rows["id"].min() < 0 or rows["id"].max() >= n):
+                raise PredistillError(f"{path}: not a score shard of this table; rescore")
+            self.logprob[rows["id"]] = rows["logprob"]
+            self.n_tokens[rows["id"]] = rows["n_tokens"]
+
+    @property
+    def store_hash(self) -> str:
+        return self.manifest["store_hash"]
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["table_hash"]
+
+    @property
+    def model_spec(self) -> str:
+        return self.manifest["model"]["spec"]
+
+    def __len__(self) -> int:
+        return len(self.logprob)
+
+    def check_store(self, store: TokenStore) -> None:
+        check_same_store(self.store_hash, store, f"score table {self.dir}")

@@ -1,0 +1,43 @@
+"""The output-directory protocol and the shard markers every resumable stage shares."""
+
+import pytest
+
+from predistill.artifacts import (PredistillError, check_output, check_plan, read_marker, write_manifest,
+                                  write_shard)
+
+
+def test_a_marker_vouches_for_its_data_only_as_written(tmp_path):
+    data, marker = tmp_path / "s.bin", tmp_path / "s.done"
+    write_shard(data, marker, b"abc", n=3)
+    assert read_marker(marker, data, n=3)["n"] == 3
+    assert read_marker(marker, data, n=4) is None  # the caller's expectation differs
+    data.write_bytes(b"abd")  # same size, other bytes
+    assert read_marker(marker, data) is None
+    marker.write_text("{not json")
+    assert read_marker(marker, data) is None
+
+
+def test_check_plan_pins_a_directory_to_one_plan(tmp_path):
+    check_plan(tmp_path / "w", {"a": 1}, "thing")
+    check_plan(tmp_path / "w", {"a": 1}, "thing")  # same plan: resume
+    with pytest.raises(PredistillError, match=r"another plan — a: 1 → 2"):
+        check_plan(tmp_path / "w", {"a": 2}, "thing")
+
+
+def test_check_output_nothing_to_do_refuse_or_go_on(tmp_path):
+    out = tmp_path / "out"
+    identity_of = lambda m: {"config": m["config"]}  # noqa: E731
+    assert check_output(out, "fmt", "thing", {"config": 1}, identity_of) is False  # absent
+    out.mkdir()
+    assert check_output(out, "fmt", "thing", {"config": 1}, identity_of) is False  # empty
+    (out / "junk").write_text("x")
+    with pytest.raises(PredistillError, match="is not a thing"):
+        check_output(out, "fmt", "thing", {"config": 1}, identity_of)
+    assert check_output(out, "fmt", "thing", {"config": 1}, identity_of, resumable=lambda o: True) is False
+    write_manifest(out, {"format": "fmt", "config": 1})
+    assert check_output(out, "fmt", "thing", {"config": 1}, identity_of) is True
+    with pytest.raises(PredistillError, match="other settings .*config: 1 → 2"):
+        check_output(out, "fmt", "thing", {"config": 2}, identity_of)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PredistillError, match="not a directory"):
+        check_output(tmp_path / "file", "fmt", "thing", {}, identity_of)
