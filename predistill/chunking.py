@@ -76,10 +76,16 @@ def encode_document(tokenizer, text: str, is_boundary: np.ndarray) -> tuple[np.n
     words = np.array([-1 - j if w is None else w for j, w in enumerate(word_ids)], dtype=np.int64)
     between_words = np.ones(len(words), dtype=bool)
     between_words[:-1] = words[1:] != words[:-1]
+    # A word's characters from the token offsets: its first token's start, its last token's end.
+    # (`enc.word_to_chars` scans the whole encoding per call: quadratic on one long line.)
+    offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+    run_start = np.ones(len(words), dtype=bool)
+    run_start[1:] = words[1:] != words[:-1]
+    first_token = np.maximum.accumulate(np.where(run_start, np.arange(len(words)), 0))
     for j in np.flatnonzero(between_words[:-1]):  # the document's last token ends the text anyway
         if word_ids[j] is None:
             continue
-        start, end = enc.word_to_chars(word_ids[j])
+        start, end = int(offsets[first_token[j], 0]), int(offsets[j, 1])
         if start > 0 and text[start - 1].isspace() and text[start:end].isspace():
             between_words[j] = False
     return ids, between_words.astype(np.int8) * (1 + is_boundary[ids].astype(np.int8))

@@ -177,6 +177,9 @@ def heldout_metrics(model, tokenizer, store: TokenStore, batch_size: int = 8, li
     if not scored.any():
         raise PredistillError(f"{store.dir}: no held-out instance has 2 or more tokens; nothing to evaluate")
     per_instance = per_instance_all[scored]
+    if not np.isfinite(per_instance).all():
+        raise PredistillError(f"held-out loss is not finite on {int((~np.isfinite(per_instance)).sum())} of "
+                              f"{len(per_instance)} instances: the model's weights are broken (a diverged run?)")
     domains = store.domain_ids[:len(sequences)][scored]
     by_domain = {name: float(per_instance[domains == d].mean())
                  for d, name in enumerate(store.domain_names) if (domains == d).any()}

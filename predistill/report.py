@@ -29,6 +29,7 @@ import math
 import re
 import shlex
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def _resolve(ref, run_dir: Path) -> Path | None:
         if candidate.exists():
             return candidate.resolve()
     return None
+
+
+def _non_finite(value) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _number(value) -> float | None:
@@ -208,6 +213,9 @@ def summarize_run(run: str) -> RunSummary:
         s.heldout_loss, s.heldout_source = loss, "eval"
     elif (loss := _number(manifest.get("final_val_loss"))) is not None:
         s.heldout_loss, s.heldout_source = loss, "train"
+    elif any(_non_finite(v) for v in (evaluation.get("heldout_loss"), manifest.get("final_val_loss"))):
+        s.heldout_source = "non-finite"  # a diverged run: shown as such, never as a missing value
+        print(f"predistill report: warning: {run_dir}: held-out loss is not finite (a diverged run)", file=sys.stderr)
     results = evaluation.get("results") if isinstance(evaluation.get("results"), dict) else {}
     order = (evaluation.get("tasks") or {}).get("evaluated") if isinstance(evaluation.get("tasks"), dict) else None
     order = [t for t in order if t in results] if isinstance(order, list) else []
@@ -519,6 +527,8 @@ def fmt_count(value: float | None) -> str:
 
 
 def fmt_loss(r: RunSummary) -> str:
+    if r.heldout_source == "non-finite":
+        return "non-finite (diverged)"
     if r.heldout_loss is None:
         return DASH
     return f"{r.heldout_loss:.4f}" + ("" if r.heldout_source == "eval" else "†")

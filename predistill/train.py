@@ -242,6 +242,14 @@ def same_result(saved: dict, cfg: TrainConfig) -> bool:
     return result_config(from_flat(TrainConfig, saved)) == result_config(cfg)
 
 
+def _in_interval(value: float, interval: str) -> bool:
+    """Is `value` finite and inside an interval written like "(0, inf)" or "[0, 1]"?"""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
 def validate(cfg: TrainConfig) -> None:
     if not cfg.store:
         raise PredistillError("train needs --store")
@@ -264,6 +272,14 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("steps", "batch_size", "seq_len", "loss_chunk"):
         if getattr(cfg, key) < 1:
             raise PredistillError(f"--{key.replace('_', '-')} must be ≥ 1")
+    # numbers that would train silently into NaN weights are refused up front
+    for key, interval in (("lr", "(0, inf)"), ("eps", "(0, inf)"), ("beta1", "[0, 1)"), ("beta2", "[0, 1)"),
+                          ("weight_decay", "[0, inf)"), ("grad_clip", "[0, inf)"), ("min_lr_ratio", "[0, 1]"),
+                          ("warmup_ratio", "[0, 1]"), ("decay_ratio", "[0, 1]")):
+        if not _in_interval(getattr(cfg, key), interval):
+            raise PredistillError(f"--{key.replace('_', '-')} must be finite and in {interval}, got {getattr(cfg, key)}")
+    if cfg.flops_budget is not None and not (math.isfinite(cfg.flops_budget) and cfg.flops_budget > 0):
+        raise PredistillError(f"--flops-budget must be a finite number > 0 (omit it to train --steps), got {cfg.flops_budget}")
 
 
 def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
@@ -405,11 +421,17 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                 _save_logits(saver, store, ids, hidden, loss_model.lm)
             lm_total += lm_sum.item()
             kd_total += kd_sum.item()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(loss_model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else torch.tensor(0.0))
+        # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
+        if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
+            # every rank sees the same global sums and norm, so all stop here together
+            raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
+                                  f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
+                                  f"checkpoint in {out} is the last good state (lower --lr, check the data)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
         tokens_seen += global_targets
         flops += (fpt if step_kd is not None else student_fpt) * global_targets
         done = step + 1

@@ -194,3 +194,15 @@ def test_lm_eval_runs_local_tasks_offline_and_matches_a_hand_computation(tmp_pat
     assert r[CONTINUATION]["acc_norm"] == pytest.approx(np.mean(acc_norm))
     assert result["avg_acc"] == pytest.approx((np.mean(greedy) + np.mean(acc_norm)) / 2)
     assert result["local_tasks"]["n_items"] == {LASTWORD: 8, CONTINUATION: 8}
+
+
+def test_a_model_with_non_finite_weights_is_an_error_not_a_nan_result(tiny_model_dir, tiny_store, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model.get_output_embeddings().weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "broken", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "broken")
+    with pytest.raises(PredistillError, match="held-out loss is not finite"):
+        run(EvalConfig(model=str(tmp_path / "broken"), store=str(tiny_store / "val"), out=str(tmp_path / "e.json"),
+                       limit=4))
+    assert not (tmp_path / "e.json").exists()

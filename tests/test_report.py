@@ -242,3 +242,13 @@ def test_cli_report(tmp_path, runs, capsys):
     cli.main(["report", *map(str, runs), "--out", str(tmp_path / "cli"), "--title", "demo", "--irreducible", "off"])
     assert re.search(r"wrote .*report\.md and .*report\.html", capsys.readouterr().out)
     assert (tmp_path / "cli" / "report.md").read_text().startswith("# demo\n")
+
+
+def test_a_diverged_run_is_shown_as_such_not_as_missing(tmp_path, capsys):
+    diverged = fabricate_run(tmp_path, "nan", method="PD", flops=1e12, tokens=1e6, final_val_loss=float("nan"))
+    fine = fabricate_run(tmp_path, "ok", method="Pre-Train w/o KD", flops=1e12, tokens=1e6, final_val_loss=5.0)
+    from predistill.report import ReportConfig, run as report
+
+    out = report(ReportConfig(runs=[str(diverged), str(fine)], out=str(tmp_path / "report")))
+    assert "non-finite (diverged)" in table_row((out / "report.md").read_text(), "nan")
+    assert "not finite" in capsys.readouterr().err

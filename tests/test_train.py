@@ -179,6 +179,13 @@ def test_a_runs_config_json_reproduces_it(tiny_store, tmp_path, capsys):
     (["--store", "STORE", "--out", "OUT", "--batch-size", "6", "--micro-batch-size", "4"], "split evenly"),
     (["--store", "/nonexistent", "--out", "OUT"], "not a token store"),
     (["--store", "STORE", "--out", "OUT", "--selection", "/nonexistent"], "not a selection"),
+    (["--store", "STORE", "--out", "OUT", "--lr", "inf"], "--lr must be finite and in (0, inf)"),
+    (["--store", "STORE", "--out", "OUT", "--weight-decay", "nan"], "--weight-decay must be finite"),
+    (["--store", "STORE", "--out", "OUT", "--beta2", "1"], "--beta2 must be finite and in [0, 1)"),
+    (["--store", "STORE", "--out", "OUT", "--eps", "0"], "--eps must be finite and in (0, inf)"),
+    (["--store", "STORE", "--out", "OUT", "--grad-clip", "-1"], "--grad-clip must be finite"),
+    (["--store", "STORE", "--out", "OUT", "--flops-budget", "0"], "--flops-budget must be a finite number > 0"),
+    (["--store", "STORE", "--out", "OUT", "--warmup-ratio", "1.5"], "--warmup-ratio must be finite and in [0, 1]"),
 ])
 def test_bad_input_is_one_line_error(tiny_store, tmp_path, capsys, args, message):
     args = [a.replace("STORE", str(tiny_store)).replace("OUT", str(tmp_path / "o")) for a in args]
@@ -250,3 +257,16 @@ def test_fsdp_two_ranks_match_one_rank_and_resume_from_dcp(tiny_store, tmp_path)
     _torchrun(2, train_cmd(tiny_store, resumed, steps=6, save_every=3, fsdp=True))
     assert sha256(resumed / "hf" / "model.safetensors") == sha256(fsdp / "hf" / "model.safetensors")
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(fsdp)]
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_claims_nothing(tiny_store, tmp_path):
+    # a finite but absurd learning rate: the first update blows the weights up
+    cfg = TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "lr": 1e30, "warmup": 0,
+                                                                          "save_every": 1})
+    with pytest.raises(PredistillError, match=r"step \d+: non-finite loss or gradient norm"):
+        run(cfg)
+    assert not (tmp_path / "run" / "manifest.json").exists() and not (tmp_path / "run" / "hf").exists()
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):  # only states before the blow-up
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
