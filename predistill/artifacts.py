@@ -48,14 +48,42 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a per-process temporary name, fsync, rename: readers (and racing ranks) see all or nothing."""
+    """Write to a per-process temporary name, fsync, rename: readers (and racing ranks) see all or
+    nothing. A failed write (full disk) removes its temporary; those of killed writers are removed
+    when the directory is resumed (`check_plan`)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_debris(directory: Path) -> None:
+    """Remove the temporaries (`*.tmp`) that killed writers left anywhere under `directory`; a
+    temporary named after a live process is another writer's, and is left alone."""
+    for debris in Path(directory).rglob("*.tmp"):
+        pid = debris.name[:-len(".tmp")].rpartition(".")[2]
+        if not _pid_alive(pid):
+            debris.unlink(missing_ok=True)
+
+
+def _pid_alive(text: str) -> bool:
+    """Is `text` the pid of a live process (whose temporary must not be touched)?"""
+    if not text.isdigit():
+        return False
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def write_shard(data_path: Path, marker_path: Path, data: bytes, **fields: Any) -> dict:
@@ -63,9 +91,6 @@ def write_shard(data_path: Path, marker_path: Path, data: bytes, **fields: Any) 
     write_bytes_atomic(data_path, data)
     marker = {**fields, "sha256": hashlib.sha256(data).hexdigest()}
     write_bytes_atomic(marker_path, json_bytes(marker))  # last: it vouches for the data
-    for path in (data_path, marker_path):  # temporaries a killed writer of this shard left behind
-        for debris in path.parent.glob(path.name + ".*tmp"):
-            debris.unlink(missing_ok=True)
     return marker
 
 
@@ -110,6 +135,7 @@ def check_plan(directory: Path, plan: dict, what: str, name: str = "plan.json") 
     else:
         Path(directory).mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, json_bytes(plan))
+    remove_debris(Path(directory))
 
 
 def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Callable[[dict], dict],

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     except PredistillError as e:
         print(f"predistill {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # a read-only or full disk, a path that is a file: the system's reason, one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"predistill {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f"predistill {args.command}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -145,6 +145,26 @@ def _read_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
+def _typed(leaf: Leaf, value: Any, path: Path) -> Any:
+    """A file's value for `leaf`, checked against the field's type (ints are accepted as floats;
+    a `type=` converter, e.g. `--temperature normkd`, is applied to strings)."""
+    converter = (leaf.field.metadata.get("argparse") or {}).get("type")
+    if converter is not None and isinstance(value, str):
+        return converter(value)
+    if value is None or (leaf.type is float and isinstance(value, int) and not isinstance(value, bool)):
+        return float(value) if value is not None else None
+    ok = isinstance(value, leaf.type) and not (leaf.type is int and isinstance(value, bool))
+    if leaf.type is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        expected = {list: "a list of strings", int: "an integer", float: "a number", bool: "true or false",
+                    str: "a string"}.get(leaf.type, leaf.type.__name__)
+        raise PredistillError(f"{path}: {leaf.key} = {value!r} is not {expected}")
+    if leaf.field.metadata.get("choices") and value not in leaf.field.metadata["choices"]:
+        raise PredistillError(f"{path}: {leaf.key} = {value!r}; choose from {', '.join(map(str, leaf.field.metadata['choices']))}")
+    return value
+
+
 def from_flat(cls: type[C], values: dict[str, Any]) -> C:
     """Build config `cls` from flat settings (keys as `leaves` names them); the rest keep defaults."""
     nested: dict[str, Any] = {}
@@ -189,6 +209,8 @@ def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
         unknown = sorted(set(loaded) - set(keys))
         if unknown:
             raise PredistillError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        for key, value in loaded.items():
+            loaded[key] = _typed(keys[key], value, path)
         values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     for key, leaf in keys.items():

@@ -299,6 +299,8 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise PredistillError("--batch-size and --limit must be ≥ 1")
     out = Path(cfg.out)
+    if out.is_dir() or out.name in ("", ".", ".."):
+        raise PredistillError(f"--out {out} is a directory; give the JSON file to write (e.g. RUN/eval.json)")
     ref = resolve_model(cfg.model)
     store, store_note = open_store(cfg.store)
     notes = [store_note] if store_note else []

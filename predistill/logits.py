@@ -681,6 +681,14 @@ class LogitsStore:
         self.enc = Encoding(**{k: self.manifest["encoding"][k] for k in
                                ("id_bits", "n_bits", "count_bits", "logprob_bits", "logprob_min")})
         self._shards: dict[int, _Shard] = {}
+        # sizes at open (a stat per shard): a truncated or missing shard is refused here, not at
+        # the training step that first reads it; contents are verified per shard on first read
+        shard_dir = self.dir / "shards"
+        sizes = [(shard_dir / f"{_shard_name(s)}.bin").stat().st_size
+                 if (shard_dir / f"{_shard_name(s)}.bin").is_file() else -1 for s in range(self.manifest["n_shards"])]
+        if -1 in sizes or sum(sizes) != self.manifest["total_bytes"]:
+            raise PredistillError(f"{self.dir}: shard files are missing or truncated ({sum(max(n, 0) for n in sizes)} "
+                                  f"bytes, the manifest says {self.manifest['total_bytes']}); rewrite the store")
         if store is not None:
             self.check_store(store)
 

@@ -161,7 +161,9 @@ def _from_pretrained(cls, spec: str, path: str, what: str, **kwargs):
             raise PredistillError(
                 f"cannot load {what} '{spec}': not a local directory, not in the Hugging Face cache, and the hub "
                 f"is unreachable (offline); use {SMOLLM2}, a local HF directory, or a cached hub id") from None
-        raise PredistillError(f"cannot load {what} '{spec}': {str(e).strip().splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = reason if len(reason) <= 300 else reason[:300] + " …"  # transformers lists every model type
+        raise PredistillError(f"cannot load {what} '{spec}': {reason}") from None
 
 
 @dataclass(frozen=True)
@@ -173,10 +175,11 @@ class ModelRef:
     run_manifest: dict | None = None
 
 
-def resolve_model(spec: str) -> ModelRef:
+def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
     """The one resolution of a model or tokenizer spec (presets aside): a run directory → its
     `hf/` export; `smollm2-135m` → its converted directory; a local directory or a hub id as is.
-    Paths that do not exist are refused here, so a typo never becomes a hub lookup."""
+    Paths that do not exist are refused here, so a typo never becomes a hub lookup; with `model`,
+    so is a directory that holds no model (an unfinished run, a tokenizer)."""
     if spec.startswith("preset:"):
         raise PredistillError(f"'{spec}' is an architecture without a tokenizer; give a tokenizer spec")
     if spec == SMOLLM2:
@@ -194,6 +197,11 @@ def resolve_model(spec: str) -> ModelRef:
             return ModelRef(spec, str(path / RUN_EXPORT), str(path), manifest)
     if path.exists() and not path.is_dir():
         raise PredistillError(f"{spec}: not a model directory")
+    if path.is_dir() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir()):
+        raise PredistillError(f"{spec}: an unfinished run directory (no complete manifest.json); rerun its "
+                              "`predistill train` to finish it")
+    if model and path.is_dir() and not (path / "config.json").is_file():
+        raise PredistillError(f"{spec}: neither a run directory nor an HF model directory (no config.json)")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
         raise PredistillError(f"{spec}: no such model directory (nor run directory)")
     return ModelRef(spec, spec)
@@ -203,7 +211,7 @@ def load_tokenizer(spec: str):
     """A fast HF tokenizer from a tokenizer/model spec, with an EOS token (documents end with it)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model(spec).hf
+    path = resolve_model(spec, model=False).hf
     tokenizer = _from_pretrained(AutoTokenizer, spec, path, "tokenizer")
     if not getattr(tokenizer, "is_fast", False):
         raise PredistillError(f"tokenizer '{spec}' has no fast (Rust) implementation")

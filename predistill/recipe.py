@@ -45,7 +45,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STAGE_RECORD = ".stage.json"
+STAGE_RECORD = ".stage.json"  # where earlier versions kept a finished stage's record
+RECORDS_DIR = ".predistill-run"  # ROOT/.predistill-run/STAGE.json: each stage's hash and completion
 REFERENCE = re.compile(r"\{([A-Za-z_][\w-]*)\}")
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -111,6 +112,8 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
     ordered = _toposort(stages, path)
     # absolute: artifacts record each other's paths, which must stay valid from any working directory
     root = Path(root or meta.get("root") or f"{meta.get('name', path.stem)}-out").absolute()
+    if root.exists() and not root.is_dir():
+        raise PredistillError(f"--root {root} exists and is not a directory")
     recipe = Recipe(meta.get("name", path.stem), root, ordered)
     for stage in ordered:  # dependencies first, so their hashes exist
         payload = {"command": stage.command, "args": stage.args,
@@ -161,14 +164,27 @@ def stage_argv(recipe: Recipe, stage: Stage) -> list[str]:
     return argv
 
 
+def record_path(recipe: Recipe, stage: Stage) -> Path:
+    # beside the stage directories, not in them: a stage's --out must be free for the stage itself
+    return recipe.root / RECORDS_DIR / f"{stage.name}.json"
+
+
+def stage_record(recipe: Recipe, stage: Stage) -> dict:
+    """The stage's record: {} when it never started, else its hash and whether it finished
+    (records of earlier versions, `STAGE/.stage.json`, were written on completion only)."""
+    for record in (record_path(recipe, stage), recipe.stage_dir(stage.name) / STAGE_RECORD):
+        if record.is_file():
+            try:
+                content = json.loads(record.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return {}
+            return content if isinstance(content, dict) else {}
+    return {}
+
+
 def is_cached(recipe: Recipe, stage: Stage) -> bool:
-    record = recipe.stage_dir(stage.name) / STAGE_RECORD
-    if not record.is_file():
-        return False
-    try:
-        return json.loads(record.read_text()).get("hash") == stage.hash
-    except json.JSONDecodeError:
-        return False
+    record = stage_record(recipe, stage)
+    return record.get("hash") == stage.hash and record.get("complete", True)
 
 
 def plan(recipe: Recipe) -> list[tuple[Stage, bool]]:
@@ -198,9 +214,17 @@ def execute(recipe: Recipe, dry_run: bool = False) -> list[str]:
             print(f"predistill run: {stage.name}: cached")
             continue
         directory = recipe.stage_dir(stage.name)
-        if directory.exists():
-            shutil.rmtree(directory)  # its inputs changed: start clean, nothing stale survives
+        record = stage_record(recipe, stage)
+        if directory.exists() and record.get("hash") != stage.hash:
+            shutil.rmtree(directory)  # its inputs changed (or it is unknown): start clean, nothing stale survives
+        elif directory.exists():  # killed (or failed) with these inputs: the stage resumes its own work
+            print(f"predistill run: {stage.name}: resuming", flush=True)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        record = record_path(recipe, stage)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        (directory / STAGE_RECORD).unlink(missing_ok=True)
+        # recorded before it runs, so a killed stage is resumed (not wiped) by the next `predistill run`
+        write_json_atomic(record, {"hash": stage.hash, "command": line, "complete": False})
         print(f"predistill run: {stage.name}: {line}", flush=True)
         started = time.perf_counter()
         try:
@@ -209,9 +233,8 @@ def execute(recipe: Recipe, dry_run: bool = False) -> list[str]:
             if e.code not in (0, None):
                 raise PredistillError(f"stage '{stage.name}' failed (exit {e.code}); fix it and rerun: "
                                       "finished stages are kept") from None
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(directory / STAGE_RECORD, {"hash": stage.hash, "command": line,
-                                                     "seconds": round(time.perf_counter() - started, 1)})
+        write_json_atomic(record, {"hash": stage.hash, "command": line, "complete": True,
+                                   "seconds": round(time.perf_counter() - started, 1)})
         ran.append(stage.name)
     return ran
 

@@ -74,7 +74,7 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl as a list of objects; malformed lines (a run killed mid-write) are skipped."""
     rows = []
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()  # a corrupt byte spoils one line, not the report
     except OSError:
         return rows
     for line in lines:
@@ -614,6 +614,8 @@ def run(cfg: ReportConfig) -> Path:
         raise PredistillError(f"--irreducible must be auto, on or off, got {cfg.irreducible!r}")
     runs = [summarize_run(r) for r in cfg.runs]
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PredistillError(f"--out {out} exists and is not a directory")
     plots_dir = out / "plots"
     if plots_dir.exists():
         shutil.rmtree(plots_dir)  # a rerun must not show plots of runs that are no longer in it

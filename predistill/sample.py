@@ -111,6 +111,19 @@ class SampleConfig:
         return config
 
 
+def _looks_swapped(teacher: np.ndarray, reference: np.ndarray) -> str | None:
+    """A teacher that predicts most instances worse than the small reference is almost always a
+    swapped pair of tables (MiniPLM's teacher is the larger, better model)."""
+    ok = np.isfinite(teacher) & np.isfinite(reference)
+    if ok.sum() < 10:
+        return None
+    worse = float((teacher[ok] < reference[ok]).mean())
+    if worse <= 0.5:
+        return None
+    return (f"the reference scores higher than the teacher on {worse:.0%} of instances: are --teacher and "
+            "--reference swapped? (Difference Sampling keeps what the teacher predicts better)")
+
+
 def domain_keep_rates(store: TokenStore, selection: np.ndarray) -> dict[str, dict]:
     kept = np.zeros(len(store), dtype=bool)
     kept[selection] = True
@@ -279,6 +292,11 @@ def run(cfg: SampleConfig) -> Path:
         raise PredistillError(f"--keep must be one of {', '.join(KEEP_ENDS)}, got {cfg.keep!r}")
     if (cfg.materialize is None) != (cfg.tokenizer is None):
         raise PredistillError("--materialize DIR and --tokenizer T go together")
+    if cfg.materialize_max_len is not None and cfg.materialize_max_len < 8:
+        # checked before anything is written: a refused materialisation leaves no selection behind
+        raise PredistillError(f"--materialize-max-len {cfg.materialize_max_len} is too small (need ≥ 8)")
+    if cfg.n_examples < 0:
+        raise PredistillError(f"--examples must be ≥ 0, got {cfg.n_examples}")
     needs = NEEDS_TABLES[cfg.method]
     if needs and any(getattr(cfg, role) is None for role in needs):
         raise PredistillError(f"--method {cfg.method} needs " + " and ".join(f"--{r}" for r in needs)
@@ -343,6 +361,9 @@ def run(cfg: SampleConfig) -> Path:
                  "proxy training MSE by epoch (standardised)": ", ".join(f"{x:.3f}" for x in s["epoch_mse"])}
     else:
         score = SCORE_METHODS[cfg.method](n, teacher, reference, cfg.keep, cfg.seed)
+        if cfg.method == "difference" and (swapped := _looks_swapped(teacher, reference)):
+            print(f"predistill sample: warning: {swapped}", file=sys.stderr)
+            extra["warning"] = swapped
         if cfg.method in ("difference", "teacher-ppl"):
             unscored = int(np.isnan(score).sum())
             if unscored:

@@ -11,6 +11,10 @@
 
 `store_hash` identifies the content (sha256 over tokens.bin then offsets.npy's array bytes);
 downstream artifacts (scores, selections, logits) record it and refuse another store's.
+`chunk_sha256` holds the sha256 of each `chunk_bytes` (64 MiB) piece of tokens.bin: a reader
+verifies a chunk (and that its ids are inside the vocabulary) the first time it reads from it, so a
+store changed in place is refused at a cost of one pass over what is read, whatever the store's
+size. (Stores written before checksums existed get the vocabulary check only.)
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from predistill.artifacts import PredistillError, read_manifest, write_manifest
 FORMAT = "token_store"
 VERSION = 1
 UINT16_VOCAB_LIMIT = 1 << 16
+CHUNK_BYTES = 1 << 26  # the unit of integrity checks on read
+REQUIRED_KEYS = ("dtype", "n_tokens", "n_instances", "vocab_size", "eos_id", "store_hash", "tokenizer")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -41,8 +47,20 @@ class TokenStoreWriter:
         self.vocab_size = vocab_size
         self._tokens = open(self.dir / "tokens.bin", "wb")
         self._hash = hashlib.sha256()
+        self._chunk_hash, self._chunk_fill, self.chunk_sha256 = hashlib.sha256(), 0, []
         self.offsets = [0]
         self.domains: list[int] = []
+
+    def _hash_chunks(self, data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            take = min(len(view), CHUNK_BYTES - self._chunk_fill)
+            self._chunk_hash.update(view[:take])
+            self._chunk_fill += take
+            view = view[take:]
+            if self._chunk_fill == CHUNK_BYTES:
+                self.chunk_sha256.append(self._chunk_hash.hexdigest())
+                self._chunk_hash, self._chunk_fill = hashlib.sha256(), 0
 
     def append(self, ids: np.ndarray, domain: int) -> None:
         if len(ids) == 0:
@@ -54,6 +72,7 @@ class TokenStoreWriter:
         data = ids.astype(self.dtype, copy=False).tobytes()
         self._tokens.write(data)
         self._hash.update(data)
+        self._hash_chunks(data)
         self.offsets.append(self.offsets[-1] + len(ids))
         self.domains.append(domain)
 
@@ -63,6 +82,8 @@ class TokenStoreWriter:
 
     def finish(self, manifest: dict) -> dict:
         self._tokens.close()
+        if self._chunk_fill:
+            self.chunk_sha256.append(self._chunk_hash.hexdigest())
         offsets = np.asarray(self.offsets, dtype=np.int64)
         np.save(self.dir / "offsets.npy", offsets)
         np.save(self.dir / "domains.npy", np.asarray(self.domains, dtype=np.int16))
@@ -71,6 +92,7 @@ class TokenStoreWriter:
             "format": FORMAT, "version": VERSION, **manifest, "dtype": self.dtype.name,
             "vocab_size": self.vocab_size, "n_tokens": int(offsets[-1]),
             "n_instances": self.n_instances, "store_hash": self._hash.hexdigest(),
+            "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.chunk_sha256,
         }
         write_manifest(self.dir, manifest)
         return manifest
@@ -82,9 +104,15 @@ class TokenStore:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, FORMAT, "token store")
-        self.dtype = np.dtype(self.manifest["dtype"])
-        self.offsets = np.load(self.dir / "offsets.npy")
-        self.domain_ids = np.load(self.dir / "domains.npy")
+        missing = [k for k in REQUIRED_KEYS if k not in self.manifest]
+        if missing:
+            raise PredistillError(f"{self.dir}: the manifest lacks {', '.join(missing)} (corrupted store)")
+        try:
+            self.dtype = np.dtype(self.manifest["dtype"])
+            self.offsets = np.load(self.dir / "offsets.npy", allow_pickle=False)
+            self.domain_ids = np.load(self.dir / "domains.npy", allow_pickle=False)
+        except (OSError, ValueError, TypeError) as e:
+            raise PredistillError(f"{self.dir}: unreadable store index ({e})") from None
         n_tokens = self.manifest["n_tokens"]
         if self.offsets.dtype != np.int64 or self.offsets.ndim != 1:
             raise PredistillError(f"{self.dir}: offsets.npy is {self.offsets.dtype}{list(self.offsets.shape)}, expected int64[n+1]")
@@ -104,6 +132,31 @@ class TokenStore:
         self.tokens = (np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
                        if n_tokens else np.zeros(0, dtype=self.dtype))
         self._tokenizer = None
+        self._chunk_tokens = self.manifest.get("chunk_bytes", CHUNK_BYTES) // self.dtype.itemsize
+        n_chunks = -(-n_tokens // self._chunk_tokens)
+        self._chunk_sha256 = self.manifest.get("chunk_sha256")
+        if self._chunk_sha256 is not None and len(self._chunk_sha256) != n_chunks:
+            raise PredistillError(f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
+                                  f"{n_chunks} chunks of tokens.bin (corrupted store)")
+        self._verified = np.zeros(n_chunks, dtype=bool)
+
+    def _verify(self, start: int, end: int) -> None:
+        """Check the chunks holding tokens [start, end) the first time they are read: their sha256
+        against the manifest, and every id inside the vocabulary."""
+        first, last = start // self._chunk_tokens, max(end - 1, start) // self._chunk_tokens
+        if end <= start or self._verified[first:last + 1].all():
+            return
+        for c in range(first, last + 1):
+            if self._verified[c]:
+                continue
+            chunk = np.asarray(self.tokens[c * self._chunk_tokens:(c + 1) * self._chunk_tokens])
+            if self._chunk_sha256 is not None and hashlib.sha256(chunk.tobytes()).hexdigest() != self._chunk_sha256[c]:
+                raise PredistillError(f"{self.dir}/tokens.bin: chunk {c} changed since the store was written "
+                                      "(sha256 mismatch); rebuild the store")
+            if len(chunk) and int(chunk.max()) >= self.vocab_size:
+                raise PredistillError(f"{self.dir}/tokens.bin: token id {int(chunk.max())} in chunk {c} is outside "
+                                      f"the vocabulary of {self.vocab_size} ids (corrupted store)")
+            self._verified[c] = True
 
     # identity -------------------------------------------------------------------------------
     @property
@@ -138,7 +191,9 @@ class TokenStore:
         if not -len(self) <= i < len(self):
             raise IndexError(f"instance {i} out of range for a store of {len(self)}")
         i %= len(self)
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        self._verify(start, end)
+        return self.tokens[start:end]
 
     def batch(self, ids, max_len: int | None = None, pad_id: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Instances `ids` as a right-padded LongTensor [B, L] and their lengths [B].

@@ -215,9 +215,12 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from predistill.checkpoint import SafeFileSystemReader
+
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
+        # DCP's own reader would unpickle dcp/.metadata with plain pickle (code execution on a crafted file)
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path / "dcp")))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         from safetensors.torch import load_model as load_safetensors
@@ -311,6 +314,9 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     validate(cfg)
     device = resolve_device(cfg.device)
     d = init_distributed(device)
+    # nothing in a step draws from the global RNG (init and sampling fork their own), but it is saved
+    # in checkpoints: seeded, two identical runs write identical checkpoint directories
+    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
 
     store = TokenStore(cfg.store)
@@ -326,7 +332,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
 
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
     if check_output(out, FORMAT, "run", result_config(cfg), lambda m: result_config(from_flat(TrainConfig, m["config"])),
-                    resumable=lambda o: (o / "config.json").is_file()):
+                    resumable=_holds_unfinished_run):
         if d.main:
             print(f"predistill: {out} is already complete; nothing to do")
         return out
@@ -394,69 +400,71 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
     val_loss = None
     wrapped.train()
-    for step in range(start_step, steps):
-        t0 = time.perf_counter()
-        lr = lr_at(cfg.lr_schedule, step, steps, cfg.lr, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio,
-                   warmup_ratio=cfg.warmup_ratio, decay_ratio=cfg.decay_ratio)
-        alpha = alpha_at(cfg.alpha_schedule, step, steps, cfg.alpha, warmup_ratio=cfg.warmup_ratio,
-                         decay_ratio=cfg.decay_ratio) if kd is not None else 0.0
-        step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch_ids = order.global_batch(step, cfg.batch_size)
-        global_targets = max(n_targets(store, batch_ids, cfg.seq_len), 1)
-        local_ids = batch_ids[d.rank * local_batch:(d.rank + 1) * local_batch]
-        lm_total = kd_total = 0.0
-        n_micro = local_batch // micro
-        for m in range(n_micro):
-            ids = local_ids[m * micro:(m + 1) * micro]
-            inputs, targets, mask = make_batch(store, ids, cfg.seq_len, device)
-            kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
-            with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
-                lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd)
-                # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
-                loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
-            loss.backward()
-            if saver is not None:
-                _save_logits(saver, store, ids, hidden, loss_model.lm)
-            lm_total += lm_sum.item()
-            kd_total += kd_sum.item()
-        # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
-        if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
-            # every rank sees the same global sums and norm, so all stop here together
-            raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
-                                  f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
-                                  f"checkpoint in {out} is the last good state (lower --lr, check the data)")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_seen += global_targets
-        flops += (fpt if step_kd is not None else student_fpt) * global_targets
-        done = step + 1
-        elapsed = time.perf_counter() - t0
-        row = {"step": done, "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
-               "lm_loss": lm_total / global_targets, "kd_loss": kd_total / global_targets if step_kd else None,
-               "lr": lr, "alpha": alpha, "tokens": tokens_seen, "flops": flops,
-               "tokens_per_s": global_targets / elapsed, "grad_norm": float(grad_norm)}
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == steps:
-            val_loss = evaluate(wrapped, val_store, cfg, d, device, autocast) if val_store else None
-            row["val_loss"] = val_loss
-            wrapped.train()
-        if d.main and (done % cfg.log_every == 0 or done == steps or "val_loss" in row):
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if writer:
-                for k, v in row.items():
-                    if v is not None and k != "step":
-                        writer.add_scalar(k, v, done)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-            save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops},
-                            d, cfg.fsdp, cfg.keep_checkpoints)
-    bar.close()
+    try:  # the bar ends its line before an error is printed
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            lr = lr_at(cfg.lr_schedule, step, steps, cfg.lr, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio,
+                       warmup_ratio=cfg.warmup_ratio, decay_ratio=cfg.decay_ratio)
+            alpha = alpha_at(cfg.alpha_schedule, step, steps, cfg.alpha, warmup_ratio=cfg.warmup_ratio,
+                             decay_ratio=cfg.decay_ratio) if kd is not None else 0.0
+            step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch_ids = order.global_batch(step, cfg.batch_size)
+            global_targets = max(n_targets(store, batch_ids, cfg.seq_len), 1)
+            local_ids = batch_ids[d.rank * local_batch:(d.rank + 1) * local_batch]
+            lm_total = kd_total = 0.0
+            n_micro = local_batch // micro
+            for m in range(n_micro):
+                ids = local_ids[m * micro:(m + 1) * micro]
+                inputs, targets, mask = make_batch(store, ids, cfg.seq_len, device)
+                kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
+                with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
+                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd)
+                    # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
+                    loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
+                loss.backward()
+                if saver is not None:
+                    _save_logits(saver, store, ids, hidden, loss_model.lm)
+                lm_total += lm_sum.item()
+                kd_total += kd_sum.item()
+            # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
+            if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
+                # every rank sees the same global sums and norm, so all stop here together
+                raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
+                                      f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
+                                      f"checkpoint in {out} is the last good state (lower --lr, check the data)")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += global_targets
+            flops += (fpt if step_kd is not None else student_fpt) * global_targets
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            row = {"step": done, "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
+                   "lm_loss": lm_total / global_targets, "kd_loss": kd_total / global_targets if step_kd else None,
+                   "lr": lr, "alpha": alpha, "tokens": tokens_seen, "flops": flops,
+                   "tokens_per_s": global_targets / elapsed, "grad_norm": float(grad_norm)}
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == steps:
+                val_loss = evaluate(wrapped, val_store, cfg, d, device, autocast) if val_store else None
+                row["val_loss"] = val_loss
+                wrapped.train()
+            if d.main and (done % cfg.log_every == 0 or done == steps or "val_loss" in row):
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if writer:
+                    for k, v in row.items():
+                        if v is not None and k != "step":
+                            writer.add_scalar(k, v, done)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops},
+                                d, cfg.fsdp, cfg.keep_checkpoints)
+    finally:
+        bar.close()
     _export(out, model, loss_model, tokenizer, cfg, d)
     if saver is not None:
         _finish_logits(saver, store, loss_model, cfg, device)
@@ -572,10 +580,27 @@ def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist) 
     os.replace(tmp, target)
 
 
+def _holds_unfinished_run(out: Path) -> bool:
+    """Is `out` a run directory this command wrote and did not finish (not some other directory
+    that happens to hold a config.json, e.g. an HF model)?"""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"store", "lr_schedule", "seq_len"} <= set(saved)
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill, or a corrupt one: the resumed run rewrites those steps
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line)
     path.write_text("".join(r + "\n" for r in rows))
 
 

@@ -439,3 +439,11 @@ def test_a_shard_changed_after_writing_is_refused_when_read(tmp_path, store):
     reader.instance_entries(0)  # shard 0 is intact
     with pytest.raises(PredistillError, match="changed since the logits store was written"):
         reader.instance_entries(5)
+
+
+def test_a_truncated_shard_is_refused_at_open(tmp_path, store):
+    write_store(tmp_path / "logits", store, TOPK)
+    shard = tmp_path / "logits" / "shards" / "00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    with pytest.raises(PredistillError, match="missing or truncated"):
+        LogitsStore(tmp_path / "logits", store)

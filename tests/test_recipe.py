@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from predistill.artifacts import PredistillError
-from predistill.recipe import RECIPES_DIR, execute, load_recipe, plan, stage_argv
+from predistill.recipe import RECIPES_DIR, execute, load_recipe, plan, record_path, stage_argv
 
 
 def write_recipe(path: Path, corpus: dict, *, vocab: int = 300, steps: int = 2, code_max_len: int = 48) -> Path:
@@ -126,3 +126,32 @@ def test_shipped_recipes_parse_and_dry_run(name, tmp_path, capsys):
     recipe = load_recipe(RECIPES_DIR / name, tmp_path / "root")
     execute(recipe, dry_run=True)
     assert capsys.readouterr().out.count("[run   ]") == len(recipe.stages)
+
+
+def test_a_killed_stage_is_resumed_not_wiped_and_a_changed_one_starts_clean(corpus, bpe_tokenizer, tmp_path):
+    def recipe_with(max_len):
+        (tmp_path / "r.toml").write_text(f"""
+[[stage]]
+name = "corpus"
+command = "prepare"
+args = {{ source = ["jsonl:{corpus['prose']}"], tokenizer = "{bpe_tokenizer}", out = "{{self}}/store", max_len = {max_len} }}
+""")
+        return load_recipe(tmp_path / "r.toml", tmp_path / "root")
+
+    recipe = recipe_with(64)
+    stage = recipe.stages[0]
+    # what a SIGKILL mid-stage leaves: the record written at start, the stage's partial work
+    work = tmp_path / "root" / "corpus" / "partial-work"
+    work.parent.mkdir(parents=True)
+    work.write_text("finished shards")
+    record_path(recipe, stage).parent.mkdir(parents=True)
+    record_path(recipe, stage).write_text(json.dumps({"hash": stage.hash, "complete": False}))
+    assert plan(recipe) == [(stage, True)]
+    execute(recipe)
+    assert work.is_file()  # resumed in place
+    assert json.loads(record_path(recipe, stage).read_text())["complete"] is True
+    assert plan(recipe) == [(stage, False)]
+
+    changed = recipe_with(32)  # other inputs: the old directory is not this stage's work any more
+    execute(changed)
+    assert not work.exists()

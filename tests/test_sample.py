@@ -232,3 +232,12 @@ def test_selection_with_packaged_teacher_equals_plain_hf_recomputation(tmp_path)
     assert load_selection(tmp_path / "sel", store).tolist() == expected.tolist()
     # the packaged teacher knows English: its mean log-prob beats the tiny reference's on prose
     assert np.mean(t) > np.mean(r)
+
+
+def test_a_teacher_worse_than_its_reference_on_most_instances_looks_swapped():
+    from predistill.sample import _looks_swapped
+
+    reference = np.linspace(-8, -2, 50).astype(np.float32)
+    assert "swapped" in _looks_swapped(reference - 1.0, reference)
+    assert _looks_swapped(reference + 1.0, reference) is None
+    assert _looks_swapped(reference[:5] - 1.0, reference[:5]) is None  # too few to tell

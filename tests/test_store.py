@@ -86,12 +86,21 @@ def test_batch_pads_and_reports_lengths(tmp_path):
     (lambda d: _edit_manifest(d, n_tokens=12), "disagrees"),
     (lambda d: _edit_manifest(d, complete=False), "incomplete"),
     (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+    (lambda d: _drop_manifest_key(d, "dtype"), "lacks dtype"),
+    (lambda d: _edit_manifest(d, chunk_sha256=["0" * 64] * 2), "2 chunk checksums for 1 chunks"),
+    (lambda d: (d / "offsets.npy").write_bytes(b"garbage"), "unreadable store index"),
 ])
 def test_corrupted_store_is_refused(tmp_path, corrupt, match):
     directory = write_store(tmp_path / "s")
     corrupt(directory)
     with pytest.raises(PredistillError, match=match):
         TokenStore(directory)
+
+
+def _drop_manifest_key(directory, key):
+    m = json.loads((directory / "manifest.json").read_text())
+    del m[key]
+    (directory / "manifest.json").write_text(json.dumps(m))
 
 
 def _edit_manifest(directory, **changes):
@@ -105,3 +114,35 @@ def test_decode_is_exact(tiny_store):
     for i in (0, len(store) // 2, len(store) - 1):
         text = store.decode(i)
         assert tok.encode(text, add_special_tokens=False) == store[i].tolist()
+
+
+@pytest.mark.parametrize("new_bytes, match", [
+    (np.array([9], dtype=np.uint16), "chunk 0 changed since the store was written"),  # same size, other ids
+])
+def test_tokens_changed_in_place_are_refused_when_read(tmp_path, new_bytes, match):
+    directory = write_store(tmp_path / "s")
+    data = bytearray((directory / "tokens.bin").read_bytes())
+    data[:2] = new_bytes.tobytes()
+    (directory / "tokens.bin").write_bytes(bytes(data))
+    store = TokenStore(directory)  # opening stays cheap: chunks are checked when first read
+    with pytest.raises(PredistillError, match=match):
+        store[0]
+
+
+def test_an_id_outside_the_vocabulary_is_refused_when_read_even_without_checksums(tmp_path):
+    directory = write_store(tmp_path / "s")
+    data = bytearray((directory / "tokens.bin").read_bytes())
+    data[:2] = np.array([500], dtype=np.uint16).tobytes()  # vocabulary of 100
+    (directory / "tokens.bin").write_bytes(bytes(data))
+    _drop_manifest_key(directory, "chunk_sha256")  # a store written before checksums existed
+    with pytest.raises(PredistillError, match="token id 500 in chunk 0 is outside the vocabulary"):
+        TokenStore(directory).batch([1, 0])
+
+
+def test_chunk_checksums_cover_the_whole_file(tmp_path, monkeypatch):
+    import predistill.store as store_module
+
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 8)  # 4 uint16 ids per chunk: 11 ids → 3 chunks
+    store = TokenStore(write_store(tmp_path / "s"))
+    assert store.manifest["chunk_bytes"] == 8 and len(store.manifest["chunk_sha256"]) == 3
+    assert [store[i].tolist() for i in range(4)] == INSTANCES

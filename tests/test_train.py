@@ -270,3 +270,12 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_claims_nothing(t
         from safetensors.torch import load_file
 
         assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_two_identical_runs_write_identical_checkpoints(tiny_store, tmp_path):
+    # the RNG state saved in a checkpoint is seeded too, so a checkpoint is a function of the config
+    for name in ("a", "b"):
+        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / name), **{**FAST, "steps": 4, "save_every": 2}))
+    files = {name: {p.relative_to(tmp_path / name).as_posix(): sha256(p)
+                    for p in sorted((tmp_path / name / "checkpoints").rglob("*")) if p.is_file()} for name in ("a", "b")}
+    assert files["a"] == files["b"] and any(k.endswith("rng.pt") for k in files["a"])

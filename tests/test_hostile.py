@@ -1,0 +1,210 @@
+"""Hostile and broken input, table-driven: every case ends in one line on stderr naming the problem,
+a non-zero exit, no traceback, no artifact that claims completion, and foreign files untouched.
+
+Each row is (case id, the command line built from the shared assets, the words the error must
+contain). The assets are built once: a copy of the test token store, two score tables, a logits
+store and a finished run, each corrupted per case in a copy of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from predistill import cli
+from predistill.artifacts import sha256_file, write_manifest
+from predistill.logits import LogitsConfig
+from predistill.score import ScoreConfig
+from predistill.score import run as score
+from predistill.train import TrainConfig
+from predistill.train import run as train
+
+TRAIN = ["--model", "preset:tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-instances", "4"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, tiny_store):
+    root = tmp_path_factory.mktemp("hostile")
+    store = root / "store"
+    shutil.copytree(tiny_store, store)
+    tables = {}
+    for role, seed in (("teacher", 1), ("reference", 2)):
+        tables[role] = score(ScoreConfig(model="preset:tiny", seed=seed, store=str(store), out=str(root / role),
+                                         progress=False, shard_size=64,
+                                         logits_out=str(root / "logits") if role == "teacher" else None,
+                                         logits=LogitsConfig(mode="topk")))
+    run_dir = train(TrainConfig(store=str(store), out=str(root / "run"), model="preset:tiny", steps=2, batch_size=2,
+                                seq_len=32, eval_instances=4))
+    return {"root": root, "store": store, "teacher": tables["teacher"], "reference": tables["reference"],
+            "logits": root / "logits", "run": run_dir}
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def store_with(t: Path, a, corrupt) -> str:
+    store = copy(a["store"], t / "store")
+    corrupt(store)
+    return str(store)
+
+
+def overwrite_tokens(store: Path, first_id: int) -> None:
+    data = bytearray((store / "tokens.bin").read_bytes())
+    data[:2] = np.array([first_id], dtype=np.uint16).tobytes()  # same size, other content
+    (store / "tokens.bin").write_bytes(bytes(data))
+
+
+def edited_selection(t: Path, a) -> str:
+    sel = t / "sel"
+    sel.mkdir()
+    np.save(sel / "selection.npy", np.arange(0, 10, dtype=np.int64))
+    write_manifest(sel, {"format": "selection", "store_hash": json.loads((a["store"] / "manifest.json").read_text())
+                         ["store_hash"], "selection_sha256": sha256_file(sel / "selection.npy")})
+    np.save(sel / "selection.npy", np.arange(10, 20, dtype=np.int64))  # edited after "sampling"
+    return str(sel)
+
+
+def logits_with(t: Path, a, corrupt) -> str:
+    ldir = copy(a["logits"], t / "logits")
+    corrupt(ldir / "shards")
+    return str(ldir)
+
+
+def file_at(t: Path) -> str:
+    (t / "a-file").write_text("not a directory")
+    return str(t / "a-file")
+
+
+def foreign_dir(t: Path) -> str:
+    (t / "foreign").mkdir()
+    (t / "foreign" / "config.json").write_text('{"model_type": "llama"}')  # an HF model dir, say
+    (t / "foreign" / "notes.txt").write_text("mine")
+    return str(t / "foreign")
+
+
+def toml(t: Path, text: str) -> str:
+    (t / "c.toml").write_text(text)
+    return str(t / "c.toml")
+
+
+def incomplete_run(t: Path, a) -> str:
+    run = copy(a["run"], t / "run")
+    (run / "manifest.json").unlink()  # killed before it finished
+    return str(run)
+
+
+CASES = [
+    # --- outputs that cannot be written ---
+    ("prepare --out under a file", lambda t, a: ["prepare", "--source", "builtin:python", "--tokenizer",
+                                                 str(a["store"] / "tokenizer"), "--out", file_at(t) + "/x"],
+     "Not a directory"),
+    ("train --out FILE", lambda t, a: ["train", "--store", str(a["store"]), "--out", file_at(t), *TRAIN],
+     "not a directory"),
+    ("train --out a foreign directory", lambda t, a: ["train", "--store", str(a["store"]), "--out", foreign_dir(t),
+                                                       *TRAIN], "is not a run"),
+    ("eval --out DIR", lambda t, a: ["eval", "--model", str(a["run"]), "--store", str(a["store"]), "--out", str(t)],
+     "is a directory"),
+    ("report --out FILE", lambda t, a: ["report", str(a["run"]), "--out", file_at(t)], "not a directory"),
+    ("run --root FILE", lambda t, a: ["run", "recipes/demo.toml", "--root", file_at(t), "--dry-run"],
+     "not a directory"),
+    # --- numbers that would train into NaN ---
+    ("train --lr nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--lr", "nan"],
+     "--lr must be finite"),
+    ("train --lr inf", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--lr", "inf"],
+     "--lr must be finite"),
+    ("train --eps nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
+                                      "--eps", "nan"], "--eps must be finite"),
+    ("train --beta1 2", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
+                                      "--beta1", "2"], "--beta1 must be finite and in [0, 1)"),
+    ("train --weight-decay nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
+                                               "--weight-decay", "nan"], "--weight-decay must be finite"),
+    ("train --flops-budget nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
+                                               "--flops-budget", "nan"], "--flops-budget must be a finite number"),
+    ("train --flops-budget 0", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
+                                             "--flops-budget", "0"], "--flops-budget must be a finite number > 0"),
+    ("--config with a string for an integer", lambda t, a: ["train", "--config", toml(t, 'steps = "three"\n'),
+                                                             "--store", "S", "--out", "O"], "is not an integer"),
+    ("--config with an unknown choice", lambda t, a: ["score", "--config", toml(t, 'logits_mode = "all"\n'),
+                                                       "--model", "m", "--store", "s", "--out", "o"], "choose from"),
+    # --- artifacts changed or broken after they were written ---
+    ("tokens.bin changed in place", lambda t, a: ["train", "--store", store_with(t, a, lambda s: overwrite_tokens(s, 7)),
+                                                  "--out", str(t / "o"), *TRAIN], "changed since the store was written"),
+    ("store manifest without dtype", lambda t, a: ["train", "--store", store_with(
+        t, a, lambda s: edit_json(s / "manifest.json", dtype=None)), "--out", str(t / "o"), *TRAIN], "lacks dtype"),
+    ("selection.npy edited after sampling", lambda t, a: ["train", "--store", str(a["store"]), "--selection",
+                                                          edited_selection(t, a), "--out", str(t / "o"), *TRAIN],
+     "changed since the selection was made"),
+    ("logits shard with zeroed bytes", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
+        t, a, lambda d: (d / "00000.bin").write_bytes(bytes(300) + (d / "00000.bin").read_bytes()[300:])),
+        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "changed since the logits store was written"),
+    ("logits shard truncated", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
+        t, a, lambda d: (d / "00000.bin").write_bytes((d / "00000.bin").read_bytes()[:-50])),
+        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "missing or truncated"),
+    ("logits marker corrupt", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
+        t, a, lambda d: (d / "00000.json").write_text("{not json")),
+        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "changed since the logits store was written"),
+    ("an unfinished run given to eval", lambda t, a: ["eval", "--model", incomplete_run(t, a), "--store",
+                                                      str(a["store"]), "--out", str(t / "e.json")],
+     "unfinished run directory"),
+    ("a directory without a model given to eval", lambda t, a: ["eval", "--model", str(a["store"]), "--store",
+                                                                str(a["store"]), "--out", str(t / "e.json")],
+     "no config.json"),
+    # --- silent acceptances, now refused ---
+    ("sample --examples -1", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
+                                           str(a["reference"]), "--out", str(t / "sel"), "--examples", "-1"],
+     "--examples must be ≥ 0"),
+    ("sample --materialize-max-len 0", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
+                                                     str(a["reference"]), "--out", str(t / "sel"), "--materialize",
+                                                     str(t / "mat"), "--tokenizer", str(a["store"] / "tokenizer"),
+                                                     "--materialize-max-len", "0"], "too small"),
+]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, make, message", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_line_and_leaves_nothing_complete(case, make, message, assets, tmp_path, capsys):
+    argv = make(tmp_path, assets)
+    before = snapshot(tmp_path)
+    shared_before = {k: sha256_file(v / "manifest.json") for k, v in assets.items() if k != "root"}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("predistill")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    after = snapshot(tmp_path)
+    assert {k: after.get(k) for k in before} == before  # what was there is untouched
+    for name, data in after.items():  # nothing new claims to be complete
+        if name not in before and name.endswith("manifest.json"):
+            assert json.loads(data).get("complete") is not True, name
+    assert not any(name.endswith(".tmp") for name in after)
+    assert {k: sha256_file(v / "manifest.json") for k, v in assets.items() if k != "root"} == shared_before
+
+
+def test_a_corrupt_metrics_line_does_not_break_the_report(assets, tmp_path, capsys):
+    run = copy(assets["run"], tmp_path / "run")
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 3, "loss": \xff\xfe}\n')
+    cli.main(["report", str(run), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "report.md").is_file()
