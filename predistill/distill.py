@@ -23,26 +23,29 @@ import torch
 from predistill.artifacts import PredistillError
 from predistill.kd import KDConfig, lm_kd_loss, online_kd_loss
 from predistill.losses import lm_loss
-from predistill.models import forward_params, load_model, model_body, tokenizer_hash
+from predistill.models import forward_params, head_weight, load_model, model_body, tokenizer_hash
 from predistill.store import TokenStore
 
 
-def forward_flops_per_token(model) -> int:
+def forward_flops_per_token(model, vocab_size: int | None = None) -> int:
     """A forward costs 2·N per token (N: `models.forward_params`)."""
-    return 2 * forward_params(model)
+    return 2 * forward_params(model, vocab_size)
 
 
 class OfflineLogits:
     flops_per_token = 0  # the teacher pass was paid offline; its FLOPs are in the score table's manifest
 
-    def __init__(self, path: str, store: TokenStore, kd_cfg: KDConfig, vocab_size: int):
+    def __init__(self, path: str, store: TokenStore, kd_cfg: KDConfig):
         from predistill.logits import LogitsStore
 
         self.store = LogitsStore(path, store)  # refuses another token store or tokenizer, naming both hashes
         self.kd_cfg = kd_cfg
-        if self.store.manifest.get("vocab_size", vocab_size) > vocab_size:
+        # ids are the tokenizer's; stores written before padding was masked recorded the teacher's head
+        # rows instead, and an entry past the tokenizer would be a padding row: refuse those stores
+        if self.store.manifest.get("vocab_size", store.vocab_size) > store.vocab_size:
             raise PredistillError(f"logits store {path} has a vocabulary of {self.store.manifest['vocab_size']} ids, "
-                                  f"the student {vocab_size}")
+                                  f"the token store's tokenizer {store.vocab_size}: rewrite it with this predistill "
+                                  "(padded teacher rows are no longer stored)")
 
     def batch(self, ids, inputs: torch.Tensor):
         return self.store.read_batch(ids, inputs.shape[1])
@@ -60,10 +63,10 @@ class OnlineTeacher:
                                   f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary")
         self.teacher.to(device).eval().requires_grad_(False)
         self.body = model_body(self.teacher)
-        self.weight = self.teacher.get_output_embeddings().weight
+        self.weight = head_weight(self.teacher, store.vocab_size)  # padded rows are not tokens
         self.kd_cfg = kd_cfg
         self.chunk_size = chunk_size
-        self.flops_per_token = forward_flops_per_token(self.teacher)
+        self.flops_per_token = forward_flops_per_token(self.teacher, store.vocab_size)
         self.lengths = store.lengths
         self.eos_id = store.eos_id
 
@@ -96,7 +99,10 @@ class MiniLLM(OnlineTeacher):
         self.student = student
         self.seed = seed
         self.prefix_len = prefix_len
-        student_fpt = forward_flops_per_token(student)
+        student_fpt = forward_flops_per_token(student, store.vocab_size)
+        # ids the student's head has rows for but the tokenizer does not (padding): never sampled
+        rows = student.get_output_embeddings().weight.shape[0]
+        self.suppress = list(range(store.vocab_size, rows)) or None
         # per trained corpus token: the student samples the continuation (≈ 2·N_s per generated
         # token, upper bound: every token), then trains on the sample (6·N_s) which the teacher
         # scores (2·N_t). The corpus LM loss's 6·N_s is counted by train itself.
@@ -117,7 +123,7 @@ class MiniLLM(OnlineTeacher):
             samples = self.student.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
                                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                                             min_new_tokens=new_tokens, pad_token_id=self.eos_id,
-                                            use_model_defaults=False)
+                                            suppress_tokens=self.suppress, use_model_defaults=False)
         self.student.train(was_training)
         return samples
 

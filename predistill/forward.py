@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from predistill.artifacts import PredistillError
 from predistill.losses import token_logprobs
-from predistill.models import is_plain_head, model_body, tokenizer_hash
+from predistill.models import head_weight, is_plain_head, model_body, tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 
@@ -134,7 +134,8 @@ def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consum
     stats = PassStats(n_shards_skipped=len(shards) - len(pending))
     device = next(model.parameters()).device
     plain = is_plain_head(model)
-    body, weight = model_body(model), model.get_output_embeddings().weight
+    vocab = len(inputs.tokenizer)
+    body, weight = model_body(model), head_weight(model, vocab)  # padded rows are not tokens
     store_lengths = inputs.store.lengths
     total = int(sum(store_lengths[s.ids].sum() for s in pending))
     start = time.perf_counter()
@@ -156,7 +157,7 @@ def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consum
                 if plain:
                     hidden, logits = body(input_ids=tokens, use_cache=False).last_hidden_state, None
                 else:  # a head the chunked kernels do not model: the model's own logits, one batch at a time
-                    hidden, logits = None, model(input_ids=tokens, use_cache=False).logits.float()
+                    hidden, logits = None, model(input_ids=tokens, use_cache=False).logits[..., :vocab].float()
                 batch = ForwardBatch(ids=shard.ids[sel], tokens=tokens, lengths=lengths.to(device), hidden=hidden,
                                      lm_head_weight=weight, shard=shard, logits=logits)
                 for c in consumers:

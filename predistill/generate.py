@@ -298,7 +298,7 @@ def run(cfg: GenerateConfig) -> Path:
     suppress = list(range(vocab_size, n_embeddings))
     max_pos = getattr(model.config, "max_position_embeddings", None)
     dtype_out = token_dtype(vocab_size)
-    n_params = forward_params(model)
+    n_params = forward_params(model, vocab_size)  # suppressed padding rows are not tokens
     gen_config = make_generation_config(cfg, max_new, eos_id, pad_id, suppress)
     prompter = Prompter(store, tokenizer, cfg.prefix_len, retokenized)
 

@@ -297,11 +297,27 @@ def count_params(model) -> dict[str, int]:
 # facts about a loaded model
 # ------------------------------------------------------------------------------------------------
 
-def forward_params(model) -> int:
+def forward_params(model, vocab_size: int | None = None) -> int:
     """N of the FLOPs formulas: the parameters touched per token in a forward pass, i.e. the
     non-embedding parameters plus the output projection (real compute even when tied to the
-    embedding; the embedding lookup is free). A forward costs 2·N per token, a training step 6·N."""
-    return count_params(model)["non_embedding"] + model.get_output_embeddings().weight.numel()
+    embedding; the embedding lookup is free). A forward costs 2·N per token, a training step 6·N.
+    With `vocab_size`, the head counts the rows that are computed (`head_weight`), not padding."""
+    weight = model.get_output_embeddings().weight
+    rows = weight.shape[0] if vocab_size is None else min(vocab_size, weight.shape[0])
+    return count_params(model)["non_embedding"] + rows * weight.shape[1]
+
+
+def head_weight(model, vocab_size: int) -> torch.Tensor:
+    """The output projection restricted to the tokenizer's ids: rows [0, vocab_size).
+
+    Ids are the tokenizer's. Released LMs pad their output layer past the tokenizer (Qwen1.5-1.8B:
+    151 936 rows for 151 646 tokens) and those rows are not tokens: every softmax — teacher and
+    student, scoring, KD, logits stores, sampling — is over these rows only, so padding never
+    carries probability mass, is never stored and is never a target."""
+    weight = model.get_output_embeddings().weight
+    if weight.shape[0] < vocab_size:
+        raise PredistillError(f"the model predicts {weight.shape[0]} ids, fewer than the vocabulary's {vocab_size}")
+    return weight if weight.shape[0] == vocab_size else weight[:vocab_size]
 
 
 def model_body(model):

@@ -21,9 +21,15 @@ stage `other`'s (a path may follow: `{teacher}/logits`); these references are th
 A key `_` holds positional arguments; list values repeat the flag; `true` is a bare flag.
 
 A stage's hash covers its command, its arguments and the hashes of the stages it references;
-after it succeeds, ROOT/NAME/.stage.json records that hash. A later run skips every stage whose
-recorded hash matches, so editing one stage reruns that stage and what depends on it, nothing
-else. A stage whose hash changed is rerun from an empty directory.
+ROOT/.predistill-run/NAME.json records that hash when the stage starts and marks it complete when
+it succeeds. A later run skips every complete stage whose recorded hash matches, so editing one
+stage reruns that stage and what depends on it, nothing else; a stage that was killed or failed
+with the same hash is rerun in place and resumes its own work (checkpoints, finished shards). A
+stage whose hash changed is rerun from an empty directory.
+
+`nproc_per_node = N` in a [[stage]] (or `predistill run --nproc-per-node N` for every train and
+score stage) launches that stage with torchrun, one process per device; the artifacts are the
+same as with one process, so the key is not part of the stage's hash.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,6 +65,7 @@ class Stage:
     args: dict = field(default_factory=dict)
     deps: list[str] = field(default_factory=list)
     hash: str = ""
+    nproc_per_node: int | None = None  # None: one process (or `run --nproc-per-node` for train/score)
 
 
 @dataclass
@@ -102,7 +110,10 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
             raise PredistillError(f"{path}: stage '{name}' has unknown command '{command}'")
         args = raw.get("args", {})
         deps = sorted(_references(list(args.values())) - {"self"})
-        stages[name] = Stage(name, command, args, deps)
+        nproc = raw.get("nproc_per_node")
+        if nproc is not None and (not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1):
+            raise PredistillError(f"{path}: stage '{name}': nproc_per_node must be an integer ≥ 1, got {nproc!r}")
+        stages[name] = Stage(name, command, args, deps, nproc_per_node=nproc)
     if not stages:
         raise PredistillError(f"{path}: the recipe has no [[stage]]")
     for stage in stages.values():
@@ -199,14 +210,33 @@ def plan(recipe: Recipe) -> list[tuple[Stage, bool]]:
     return out
 
 
-def execute(recipe: Recipe, dry_run: bool = False) -> list[str]:
+# stages that run one process per device under torchrun (`run --nproc-per-node`); score with
+# --logits-out writes its logits store from one process
+DISTRIBUTED_COMMANDS = ("train", "score")
+
+
+def processes(stage: Stage, nproc_per_node: int) -> int:
+    if stage.nproc_per_node is not None:
+        return stage.nproc_per_node
+    if stage.command in DISTRIBUTED_COMMANDS and not (stage.command == "score" and stage.args.get("logits_out")):
+        return nproc_per_node
+    return 1
+
+
+def torchrun_argv(n: int, argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+            "-m", "predistill", *argv]
+
+
+def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> list[str]:
     """Run the stages that need it, in order; return the names of the stages that ran."""
     from predistill.cli import main as cli_main
 
     ran = []
     for stage, run_it in plan(recipe):
         argv = stage_argv(recipe, stage)
-        line = "predistill " + " ".join(argv)
+        n = processes(stage, nproc_per_node)
+        line = ("torchrun --standalone --nproc-per-node=%d -m " % n if n > 1 else "") + "predistill " + " ".join(argv)
         if dry_run:
             print(f"[{'run   ' if run_it else 'cached'}] {stage.name}: {line}")
             continue
@@ -228,7 +258,12 @@ def execute(recipe: Recipe, dry_run: bool = False) -> list[str]:
         print(f"predistill run: {stage.name}: {line}", flush=True)
         started = time.perf_counter()
         try:
-            cli_main(argv)
+            if n > 1:  # a process per device; the stage's ranks rendezvous on this machine
+                code = subprocess.run(torchrun_argv(n, argv)).returncode
+                if code:
+                    raise SystemExit(code)
+            else:
+                cli_main(argv)
         except SystemExit as e:
             if e.code not in (0, None):
                 raise PredistillError(f"stage '{stage.name}' failed (exit {e.code}); fix it and rerun: "
@@ -243,12 +278,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--root", help="directory for the stages' outputs (default: the recipe's `root`)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (cached / run) and the commands, run nothing")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="launch every train and score stage with torchrun, N processes (one per device); a stage's "
+                        "own nproc_per_node key wins (default 1: in-process)")
 
 
 def main(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.root)
     started = time.perf_counter()
-    ran = execute(recipe, args.dry_run)
+    if args.nproc_per_node < 1:
+        raise PredistillError(f"--nproc-per-node must be ≥ 1, got {args.nproc_per_node}")
+    ran = execute(recipe, args.dry_run, args.nproc_per_node)
     if not args.dry_run:
         print(f"predistill run: {recipe.name}: {len(ran)} stage(s) ran, {len(recipe.stages) - len(ran)} cached, "
               f"{time.perf_counter() - started:.0f} s; outputs in {recipe.root}")

@@ -192,7 +192,8 @@ def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs
     if lcfg.shard_instances % cfg.shard_size:
         raise PredistillError(f"--logits-shard-size ({lcfg.shard_instances}) must be a multiple of --shard-size "
                               f"({cfg.shard_size}), so that a resumed run feeds the logits store the same batches")
-    return LogitsStoreWriter(ldir, store, lcfg, vocab_size=model.get_output_embeddings().weight.shape[0],
+    # the store's ids are the tokenizer's: a padded head's extra rows never reach it
+    return LogitsStoreWriter(ldir, store, lcfg, vocab_size=store.vocab_size,
                              teacher=cfg.model, chunk_rows=cfg.chunk_size)
 
 
@@ -230,7 +231,8 @@ def run(cfg: ScoreConfig) -> Path:
     inputs = ModelInputs(store, tokenizer, cfg.max_len)
     plan = {
         "config": cfg.identity(),
-        "model": {"spec": cfg.model, "hash": model_hash(model), "forward_params": forward_params(model),
+        "model": {"spec": cfg.model, "hash": model_hash(model),
+                  "forward_params": forward_params(model, len(tokenizer)),
                   "dtype": str(dtype).removeprefix("torch.")},
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "store_hash": store.hash, "store_tokenizer_hash": store.tokenizer_hash,

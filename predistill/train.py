@@ -40,8 +40,8 @@ from predistill.artifacts import PredistillError, check_output, write_json_atomi
 from predistill.config import add_config_arguments, config_from_args, from_flat, option, to_flat
 from predistill.losses import DEFAULT_CHUNK, gather_logprobs
 from predistill.kd import KDConfig
-from predistill.models import Dist, count_params, forward_params, init_distributed, load_model, load_tokenizer, \
-    model_body, resolve_device, tokenizer_hash
+from predistill.models import Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
+    load_tokenizer, model_body, resolve_device, tokenizer_hash
 from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 from predistill.store import TokenStore
@@ -55,7 +55,8 @@ NON_RESULT_KEYS = {"out", "save_every", "keep_checkpoints", "eval_every", "log_e
 
 @dataclass
 class TrainConfig:
-    model: str = option("preset:tiny", 'model spec: preset:NAME (from scratch), an HF directory or hub id, smollm2-135m')
+    model: str = option("preset:tiny", 'model spec: preset:NAME (from scratch), an HF directory or hub id, '
+                                       'smollm2-135m')
     tokenizer: str | None = option(None, "tokenizer spec (default: the token store's own tokenizer)")
     store: str = option("", 'token store to train on')
     val_store: str | None = option(None, 'held-out token store for val loss (default: STORE/val when it exists)')
@@ -63,12 +64,15 @@ class TrainConfig:
     out: str = option("", 'run directory')
     name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
     steps: int = option(100, 'optimizer steps')
-    flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D online)')
+    flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D '
+                                              'online)')
     batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)')
-    micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank batch)')
+    micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank '
+                                                'batch)')
     seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens')
     lr: float = option(6e-4, 'peak learning rate')
-    lr_schedule: str = option("cosine", 'cosine (MiniPLM: warmup, cosine to lr·min-lr-ratio), wsd (PD) or constant', choices=LR_SCHEDULES)
+    lr_schedule: str = option("cosine", 'cosine (MiniPLM: warmup, cosine to lr·min-lr-ratio), wsd (PD) or '
+                                        'constant', choices=LR_SCHEDULES)
     warmup: int = option(0, 'warmup steps for cosine and constant schedules')
     min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr')
     warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)')
@@ -85,9 +89,11 @@ class TrainConfig:
     eval_instances: int = option(256, 'val instances used for the val loss')
     log_every: int = option(1, 'metrics.jsonl line every N steps')
     alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)')
-    alpha_schedule: str = option("constant", 'constant, linear-inc, linear-dec, period, wsd, wsd-beta', choices=ALPHA_SCHEDULES)
+    alpha_schedule: str = option("constant", 'constant, linear-inc, linear-dec, period, wsd, '
+                                             'wsd-beta', choices=ALPHA_SCHEDULES)
     kd_logits: str | None = option(None, 'offline teacher logits store (from `predistill score --logits-out`): PD')
-    kd_teacher: str | None = option(None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are counted')
+    kd_teacher: str | None = option(None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are '
+                                          'counted')
     kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
     save_logits: str | None = option(None, "write this model's own top-p-k logits store while it trains (PD's online logits)")
     minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
@@ -146,15 +152,17 @@ class LossModel(torch.nn.Module):
     pads that follow them.
     """
 
-    def __init__(self, lm: torch.nn.Module, chunk_size: int):
+    def __init__(self, lm: torch.nn.Module, chunk_size: int, vocab_size: int | None = None):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        # the tokenizer's ids (default: every row of the head); rows past them are padding
+        self.vocab_size = vocab_size or lm.get_output_embeddings().weight.shape[0]
 
     def forward(self, inputs, targets, mask, kd_batch=None, kd=None):
         """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions."""
         hidden = model_body(self.lm)(input_ids=inputs).last_hidden_state
-        weight = self.lm.get_output_embeddings().weight
+        weight = head_weight(self.lm, self.vocab_size)  # padded rows are not tokens
         if kd is not None:
             nll, kd_per_position = kd.losses(hidden, weight, inputs, targets, mask, kd_batch)
             return nll.sum(), kd_per_position.sum(), nll, hidden
@@ -164,9 +172,9 @@ class LossModel(torch.nn.Module):
         return nll.sum(), nll.new_zeros(()), nll, hidden
 
 
-def flops_per_token(model) -> int:
+def flops_per_token(model, vocab_size: int | None = None) -> int:
     """A training step costs 6·N per trained token (N: `models.forward_params`)."""
-    return 6 * forward_params(model)
+    return 6 * forward_params(model, vocab_size)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -293,7 +301,7 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
 
     kd_cfg = dataclasses.replace(cfg.kd, chunk_size=cfg.loss_chunk).validate()
     if cfg.kd_logits:
-        return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg, model.get_output_embeddings().weight.shape[0])
+        return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg)
     if cfg.minillm:
         return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
     return distill.OnlineTeacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk)
@@ -343,7 +351,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                               f"but the store's vocabulary has {store.vocab_size} ids")
     model.to(device)
     params = count_params(model)
-    student_fpt = flops_per_token(model)
+    student_fpt = flops_per_token(model, store.vocab_size)
     kd = build_kd_source(cfg, store, model, device)
     # FLOPs per token when KD runs (α > 0); steps with α = 0 skip the teacher and cost student_fpt
     fpt = student_fpt + (kd.flops_per_token if kd is not None else 0)
@@ -359,7 +367,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
         raise PredistillError(f"--batch-size {cfg.batch_size} must split evenly into {d.world} ranks × "
                               f"micro-batches of {micro}")
 
-    loss_model = LossModel(model, cfg.loss_chunk)
+    loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size)
     wrapped: torch.nn.Module = loss_model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -522,14 +530,14 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
     if int(store.lengths.max()) > cfg.seq_len + 1:
         raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
     # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
-    return LogitsStoreWriter(cfg.save_logits, store, LogitsConfig(mode="topk"), vocab_size=model.get_output_embeddings().weight.shape[0],
+    return LogitsStoreWriter(cfg.save_logits, store, LogitsConfig(mode="topk"), vocab_size=store.vocab_size,
                              teacher=f"online:{cfg.model}")
 
 
 @torch.no_grad()
 def _save_logits(saver, store: TokenStore, ids, hidden, lm) -> None:
     tokens, lengths = store.batch(ids)
-    saver.add_hidden(ids, hidden.detach(), lm.get_output_embeddings().weight.detach(), tokens, lengths)
+    saver.add_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
 
 
 @torch.no_grad()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from predistill.artifacts import PredistillError
 from predistill.recipe import RECIPES_DIR, execute, load_recipe, plan, record_path, stage_argv
@@ -155,3 +161,56 @@ args = {{ source = ["jsonl:{corpus['prose']}"], tokenizer = "{bpe_tokenizer}", o
     changed = recipe_with(32)  # other inputs: the old directory is not this stage's work any more
     execute(changed)
     assert not work.exists()
+
+
+def train_recipe(path: Path, corpus, bpe_tokenizer, nproc: int | None = None, steps: int = 120) -> Path:
+    path.write_text(f"""
+[[stage]]
+name = "corpus"
+command = "prepare"
+args = {{ source = ["jsonl:{corpus['prose']}"], tokenizer = "{bpe_tokenizer}", out = "{{self}}", max_len = 32 }}
+
+[[stage]]
+name = "lm"
+command = "train"
+args = {{ store = "{{corpus}}", out = "{{self}}", model = "preset:tiny", steps = {steps}, batch_size = 8, seq_len = 32, save_every = 3, eval_instances = 8 }}
+""" + (f"nproc_per_node = {nproc}\n" if nproc else ""))
+    return path
+
+
+@pytest.mark.slow  # subprocesses: imports and a 120-step run
+def test_a_recipe_killed_inside_training_resumes_and_ends_byte_identical(corpus, bpe_tokenizer, tmp_path):
+    recipe = train_recipe(tmp_path / "r.toml", corpus, bpe_tokenizer)
+    command = [sys.executable, "-m", "predistill", "run", str(recipe), "--root"]
+    subprocess.run([*command, str(tmp_path / "straight")], env=subprocess_env(), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*command, str(killed)], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (killed / "lm" / "checkpoints" / "step-00000003").is_dir():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (killed / "lm" / "manifest.json").exists()
+
+    rerun = subprocess.run([*command, str(killed)], env=subprocess_env(), check=True, capture_output=True, text=True)
+    assert "lm: resuming" in rerun.stdout and "corpus: cached" in rerun.stdout
+    assert "resuming" in rerun.stdout.split("lm: resuming", 1)[1]  # train itself resumed from a checkpoint
+    assert ((killed / "lm" / "hf" / "model.safetensors").read_bytes()
+            == (tmp_path / "straight" / "lm" / "hf" / "model.safetensors").read_bytes())
+
+
+@pytest.mark.slow  # torchrun with two gloo ranks
+def test_a_stage_with_nproc_per_node_runs_under_torchrun(corpus, bpe_tokenizer, tmp_path, capsys, monkeypatch):
+    recipe = load_recipe(train_recipe(tmp_path / "r.toml", corpus, bpe_tokenizer, nproc=2, steps=4), tmp_path / "root")
+    assert [s.nproc_per_node for s in recipe.stages] == [None, 2]
+    execute(recipe, dry_run=True)
+    assert "torchrun --standalone --nproc-per-node=2 -m predistill train" in capsys.readouterr().out
+    for key, value in subprocess_env().items():
+        monkeypatch.setenv(key, value)
+    assert execute(recipe) == ["corpus", "lm"]
+    manifest = json.loads((tmp_path / "root" / "lm" / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["steps"] == 4
