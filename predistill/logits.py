@@ -619,10 +619,14 @@ class LogitsStoreWriter:
                     logprob_clipped=clipped, bytes=len(data), sections=sections)
         self._done[s] = True
 
-    def finish(self) -> dict:
-        """Write the manifest (complete flag last) once every shard is in; return it."""
+    def finish(self, *, others_may_be_writing: bool = False) -> dict | None:
+        """Write the manifest (complete flag last) once every shard is in; return it. With
+        `others_may_be_writing` (ranks writing other shards of the same store), return None while
+        a shard of theirs is still missing: the last writer to finish completes the store."""
         if self.complete:
             return read_manifest(self.dir, FORMAT, "logits store")
+        for s in np.flatnonzero(~self._done):  # shards other writers finished since this one opened
+            self._done[s] = self._shard_done(int(s))
         # a store with no positions at all still gets its (empty) shards written here
         for s in np.flatnonzero(~self._done):
             a, b = self._shard_range(s)
@@ -631,6 +635,8 @@ class LogitsStoreWriter:
                     self._pending.setdefault(int(s), {})[i] = Entries.empty(self.cfg)
                 self._write_shard(int(s))
         if not self._done.all():
+            if others_may_be_writing:
+                return None
             missing = self.todo_instances()
             raise PredistillError(f"{self.dir}: {len(missing)} instances (from {missing[0]}) have no entries yet; "
                                   "feed todo_instances() before finish()")

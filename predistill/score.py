@@ -186,9 +186,6 @@ def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs
     if cfg.max_len is not None and cfg.max_len < longest:
         raise PredistillError(f"--logits-out needs every position, but --max-len {cfg.max_len} truncates instances "
                               f"of up to {longest} tokens; drop --max-len")
-    if world > 1:
-        raise PredistillError("--logits-out runs in one process (logits shards span ranks' score shards); "
-                              "run it without torchrun / RANK / WORLD_SIZE")
     if lcfg.shard_instances % cfg.shard_size:
         raise PredistillError(f"--logits-shard-size ({lcfg.shard_instances}) must be a multiple of --shard-size "
                               f"({cfg.shard_size}), so that a resumed run feeds the logits store the same batches")
@@ -256,6 +253,9 @@ def run(cfg: ScoreConfig) -> Path:
     if table_complete:
         # --logits-out added to a finished table: one more teacher pass, for the logits only, in the
         # table's own batching (so the logits equal those of a one-pass run); its FLOPs are its own.
+        if world > 1:
+            raise PredistillError(f"{out} is already complete: its logits-only pass runs in one process "
+                                  "(without torchrun / RANK / WORLD_SIZE)")
         scored_with = {"score_table": str(out.resolve()), "table_hash": manifest["table_hash"],
                        "teacher_pass": "separate"}
         current = read_manifest(logits.dir, LOGITS_FORMAT, "logits store") if logits.complete else {}
@@ -274,7 +274,10 @@ def run(cfg: ScoreConfig) -> Path:
     # Ranks started by hand without a rendezvous score their share; the last to finish (or a
     # rerun) completes the table.
     d = init_distributed(device, need_group=False)
-    mine = shards[rank::world]
+    # a rank owns whole logits shards (each the score shards [k·g, (k+1)·g)), so that no logits
+    # shard is fed by two processes; without --logits-out, g = 1 and shard s goes to rank s mod W
+    group = cfg.logits_config().shard_instances // cfg.shard_size if logits is not None else 1
+    mine = [s for s in shards if (s.index // group) % world == rank]
     writer = ShardScoreWriter(out, cfg.chunk_size)
     consumers: list[ForwardConsumer] = [writer]
     if logits is not None:
@@ -282,25 +285,35 @@ def run(cfg: ScoreConfig) -> Path:
     stats = run_forward_pass(model, inputs, mine, consumers, batch_size=cfg.batch_size,
                              progress=cfg.progress and rank == 0, desc=desc)
     _report_stats(stats, rank, "")
-    if logits is not None:
-        # the logits store is finished before the table, so a complete table with an incomplete
-        # logits store means the logits need a pass of their own (see the branch above)
-        logits.finish()
-        table_hash = markers_hash(out, shards)
-        if table_hash is None:
-            raise PredistillError(f"{out}: score shards missing after the pass")
-        _annotate_logits(logits.dir, {"score_table": str(out.resolve()), "table_hash": table_hash,
-                                      "teacher_pass": "shared"}, None)
     if d.group:
         d.barrier()
-        if rank == 0 and finish_table(out, plan, shards) is None:
+        if rank == 0 and not _complete(out, plan, shards, logits, others_may_be_writing=False):
             raise PredistillError(f"{out}: shards missing after every rank finished")
         d.barrier()
-    elif finish_table(out, plan, shards) is None:
+    elif not _complete(out, plan, shards, logits, others_may_be_writing=world > 1):
         remaining = sum(shard_marker(out / SHARD_DIR, s) is None for s in shards)
         print(f"predistill score: rank {rank} done; {remaining} shards remain for other ranks "
               "(the last one to finish, or a rerun, completes the table)", file=sys.stderr)
     return out
+
+
+def _complete(out: Path, plan: dict, shards: list[Shard], logits: LogitsStoreWriter | None, *,
+              others_may_be_writing: bool) -> bool:
+    """Finish the artifacts if every shard is in (else False: another rank, or a rerun, will).
+
+    The logits store is finished before the table, so a complete table with an incomplete logits
+    store means the logits need a pass of their own (the `table_complete` branch of `run`)."""
+    if logits is not None:
+        if logits.finish(others_may_be_writing=others_may_be_writing) is None:
+            return False
+        table_hash = markers_hash(out, shards)
+        if table_hash is None:
+            if others_may_be_writing:
+                return False
+            raise PredistillError(f"{out}: score shards missing after the pass")
+        _annotate_logits(logits.dir, {"score_table": str(out.resolve()), "table_hash": table_hash,
+                                      "teacher_pass": "shared"}, None)
+    return finish_table(out, plan, shards) is not None
 
 
 # ------------------------------------------------------------------------------------------------

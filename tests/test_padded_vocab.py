@@ -57,7 +57,8 @@ def test_the_twin_really_is_padded_and_would_dominate_unmasked(teachers, tiny_st
     model, tokenizer = load_model(str(teachers["padded"]))
     assert model.get_output_embeddings().weight.shape[0] == len(tokenizer) + PAD
     with torch.no_grad():
-        probs = torch.softmax(model(input_ids=torch.tensor([TokenStore(tiny_store)[0][:8].astype(np.int64)])).logits, -1)
+        ids = torch.from_numpy(TokenStore(tiny_store)[0][:16].astype(np.int64))[None]
+        probs = torch.softmax(model(input_ids=ids).logits, -1)
     assert probs[..., len(tokenizer):].sum(-1).min() > 0.5  # the unmasked softmax: padding takes the mass
     assert head_weight(model, len(tokenizer)).shape[0] == len(tokenizer)
     assert forward_params(model, len(tokenizer)) == forward_params(model) - PAD * model.config.hidden_size

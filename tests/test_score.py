@@ -223,3 +223,32 @@ def test_cli_errors_are_one_line(tiny_store, tmp_path, capsys):
         cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(tmp_path / "o"),
                   "--batch-size", "0"])
     assert e.value.code == 1 and "--batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # torchrun: two gloo ranks
+@pytest.mark.parametrize("launch", ["torchrun", "by hand"])
+def test_two_ranks_write_the_same_table_and_logits_store_as_one(tiny_store, tmp_path, launch):
+    flags = ["--shard-size", "16", "--logits-shard-size", "32", "--logits-mode", "topk", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(one / "scores"),
+              "--logits-out", str(one / "logits"), *flags])
+    args = ["-m", "predistill", "score", "--model", "preset:tiny", "--store", str(tiny_store),
+            "--out", str(two / "scores"), "--logits-out", str(two / "logits"), *flags]
+    if launch == "torchrun":
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc-per-node=2", *args], env=subprocess_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)]
+    else:  # ranks started without a rendezvous: the last one to finish completes both artifacts
+        procs = [subprocess.Popen([sys.executable, *args], env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert table_files(two / "scores") == table_files(one / "scores")
+    shards = lambda d: {p.name: p.read_bytes() for p in sorted((d / "logits" / "shards").iterdir())}  # noqa: E731
+    assert shards(two) == shards(one)
+    manifests = [json.loads((d / "logits" / "manifest.json").read_text()) for d in (one, two)]
+    for m, d in zip(manifests, (one, two)):
+        assert m["complete"] is True and m["scored_with"]["score_table"] == str((d / "scores").resolve())
+        m["scored_with"].pop("score_table")
+    assert manifests[0] == manifests[1]
