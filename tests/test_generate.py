@@ -324,3 +324,28 @@ def test_bad_inputs_are_refused(tiny_store, teacher, tmp_path, capsys):
     (generate_work / "plan.json").write_text(json.dumps({"format": "generate_plan", "config": {"seed": 99}}))
     fails(["--store", str(tiny_store), "--out", str(tmp_path / "o4"), "--max-instances", "2"], "unfinished generation")
     assert not (tmp_path / "o4").exists()
+
+
+@pytest.mark.slow  # subprocesses, torchrun with two gloo ranks
+@pytest.mark.parametrize("launch", ["torchrun", "by hand"])
+def test_two_ranks_generate_the_same_store_as_one(tiny_store, teacher, tmp_path, launch):
+    def args(out):
+        return ["-m", "predistill", "generate", "--model", str(teacher), "--store", str(tiny_store), "--out", str(out),
+                "--prefix-len", str(PREFIX), "--max-new-tokens", "12", "--max-instances", "12", "--batch-size", "2",
+                "--shard-size", "2", "--seed", "5", "--no-progress"]
+
+    subprocess.run([sys.executable, *args(tmp_path / "one")], cwd=REPO, env=subprocess_env(), check=True,
+                   capture_output=True)
+    if launch == "torchrun":
+        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                   *args(tmp_path / "two")], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)]
+    else:
+        procs = [subprocess.Popen([sys.executable, *args(tmp_path / "two")], cwd=REPO,
+                                  env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+    assert not (tmp_path / "two.shards").exists()
