@@ -10,8 +10,8 @@ projection are run whole). A model
 whose tokenizer is not the store's (a cross-family student) gets every instance decoded and
 re-tokenised with its own tokenizer, document by document (EOS → its EOS); the output says so.
 
-`--tasks` runs lm-eval 0.4.13 (`simple_evaluate`, model "hf" on the saved HF directory, CPU,
-fp32) fully offline: the paper's nine tasks are run when their data is in the local HF cache and
+`--tasks` runs lm-eval 0.4.13 (`simple_evaluate`, model "hf" on the saved HF directory, on
+`--device` in `--dtype`, `--num-fewshot` examples per prompt) fully offline: the paper's nine tasks are run when their data is in the local HF cache and
 listed as skipped (with the reason) when not, and the local tasks of `predistill.tasks` are built
 from the held-out store's text. See docs/eval.md for the output format.
 """
@@ -34,7 +34,8 @@ import numpy as np
 from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
-from predistill.models import count_params, load_model, resolve_model, tokenizer_hash
+from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
+    resolve_dtype, resolve_model, tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 from predistill.tasks import LOCAL_TASKS, LocalTaskConfig
@@ -77,6 +78,10 @@ class EvalConfig:
     local_items: int = option(200, "items per local task")
     seed: int = option(1234, "seed of the local tasks' passage order and distractors")
     allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)")
+    num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as the papers report)")
+    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N; held-out loss and lm-eval")
+    dtype: str = option("auto", "weights/activations; auto = float32 on CPU, bfloat16 on GPU (log-probs are fp32)",
+                        choices=DTYPES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,27 +157,38 @@ def heldout_sequences(store: TokenStore, tokenizer, limit: int | None = None,
     return [s[:max_len] for s in sequences], retokenized, truncated
 
 
+SHARD_SIZE = 16  # held-out instances per shard: the unit of work per rank, the same for any world size
+
+
 def instance_nll(model, store: TokenStore, tokenizer, sequences: list[np.ndarray], batch_size: int = 8,
-                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = True, ranks: Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-instance (mean next-token NLL, number of predicted tokens) of `sequences` (rows of the
-    store's first instances) through the shared forward pass."""
+    store's first instances) through the shared forward pass. Under torchrun rank r runs shards
+    r, r+W, … and every rank gets all results; batches form within a shard, so the numbers are the
+    same for any number of ranks."""
+    ranks = ranks or Dist()
     model.eval()
     inputs = ModelInputs(store, tokenizer, rows=sequences)
     collector = ScoreCollector()
-    shards = plan_shards(len(sequences), 512)
-    run_forward_pass(model, inputs, shards, [collector], batch_size=batch_size, progress=progress,
+    shards = plan_shards(len(sequences), SHARD_SIZE)[ranks.rank::ranks.world]
+    run_forward_pass(model, inputs, shards, [collector], batch_size=batch_size, progress=progress and ranks.main,
                      desc="held-out loss")
     ids = np.arange(len(sequences))
-    mean_logprob, counts = collector.arrays(ids, dtype=np.float64)
-    return -mean_logprob, counts.astype(np.int64)
+    logprob, n_tokens = {}, {}
+    for part_logprob, part_tokens in ranks.gather((collector.logprob, collector.n_tokens)):
+        logprob.update(part_logprob)
+        n_tokens.update(part_tokens)
+    mean_logprob = np.array([logprob[int(i)] for i in ids], dtype=np.float64)
+    counts = np.array([n_tokens[int(i)] for i in ids], dtype=np.int64)
+    return -mean_logprob, counts
 
 
 def heldout_metrics(model, tokenizer, store: TokenStore, batch_size: int = 8, limit: int | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, ranks: Dist | None = None) -> dict:
     """`heldout_loss` (MiniPLM: mean of per-instance mean NLL) and its companions."""
     max_len = getattr(model.config, "max_position_embeddings", None)
     sequences, retokenized, truncated = heldout_sequences(store, tokenizer, limit, max_len)
-    per_instance_all, counts = instance_nll(model, store, tokenizer, sequences, batch_size, progress)
+    per_instance_all, counts = instance_nll(model, store, tokenizer, sequences, batch_size, progress, ranks)
     scored = counts > 0
     if not scored.any():
         raise PredistillError(f"{store.dir}: no held-out instance has 2 or more tokens; nothing to evaluate")
@@ -259,14 +275,15 @@ def _metric(task_results: dict, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
 
 
-def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int | None) -> dict[str, dict]:
+def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int | None, *, device: str = "cpu",
+                dtype: str = "float32", num_fewshot: int = 0) -> dict[str, dict]:
     """lm-eval's zero-shot results per task: acc, acc_norm (multiple choice), perplexity
     (last-word tasks), their standard errors, and the number of items."""
     import lm_eval
 
     results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": hf, "dtype": "float32"}, tasks=tasks, device="cpu",
-        batch_size=batch_size, limit=limit, task_manager=manager, log_samples=False,
+        model="hf", model_args={"pretrained": hf, "dtype": dtype}, tasks=tasks, device=device,
+        batch_size=batch_size, limit=limit, task_manager=manager, log_samples=False, num_fewshot=num_fewshot,
         # 0: no bootstrap (it forks a process pool); acc's standard error is closed-form, below
         bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     out = {}
@@ -301,8 +318,13 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     if out.is_dir() or out.name in ("", ".", ".."):
         raise PredistillError(f"--out {out} is a directory; give the JSON file to write (e.g. RUN/eval.json)")
+    if cfg.num_fewshot < 0:
+        raise PredistillError(f"--num-fewshot must be ≥ 0, got {cfg.num_fewshot}")
     ref = resolve_model(cfg.model)
     store, store_note = open_store(cfg.store)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    ranks = init_distributed(device)  # under torchrun the held-out loss is sharded over the ranks
     notes = [store_note] if store_note else []
 
     # Tasks are resolved (and local ones built) before the model loads: a typo fails in a second.
@@ -312,7 +334,7 @@ def run(cfg: EvalConfig) -> dict:
     evaluated: list[str] = []
     skipped: dict[str, str] = {}
     with hub_offline(not cfg.allow_download):
-        if tasks:
+        if tasks and ranks.main:  # the local tasks are built and lm-eval run by rank 0
             if any(t in LOCAL_TASKS for t in tasks):
                 local_dir = build_local_tasks(LocalTaskConfig(
                     store=str(store.dir), out=cfg.tasks_dir or str(out.parent / "tasks"),
@@ -322,8 +344,8 @@ def run(cfg: EvalConfig) -> dict:
             for task, reason in skipped.items():
                 print(f"predistill: skipping task {task}: {reason}", flush=True)
 
-        model, tokenizer = load_model(ref.hf)
-        heldout = heldout_metrics(model, tokenizer, store, cfg.batch_size, cfg.limit)
+        model, tokenizer = load_model(ref.hf, dtype=dtype)
+        heldout = heldout_metrics(model.to(device), tokenizer, store, cfg.batch_size, cfg.limit, ranks=ranks)
         if heldout["retokenized"]:
             notes.append("the model's tokenizer differs from the store's: instances were decoded and "
                          "re-tokenised with the model's tokenizer (losses are per model token)")
@@ -332,7 +354,12 @@ def run(cfg: EvalConfig) -> dict:
         del model
         gc.collect()  # lm-eval loads its own copy
 
-        results = run_lm_eval(ref.hf, evaluated, manager, cfg.batch_size, cfg.limit) if evaluated else {}
+        results = (run_lm_eval(ref.hf, evaluated, manager, cfg.batch_size, cfg.limit, device=str(device),
+                               dtype=str(dtype).removeprefix("torch."), num_fewshot=cfg.num_fewshot)
+                   if evaluated else {})
+    ranks.barrier()  # the others wait for rank 0's lm-eval
+    if not ranks.main:
+        return {}
 
     result = {
         "format": FORMAT, "version": VERSION,
@@ -374,6 +401,8 @@ def main(args: argparse.Namespace) -> None:
     if cfg is None:
         return
     r = run(cfg)
+    if not r:  # not rank 0: rank 0 writes and reports
+        return
     line = f"predistill: wrote {cfg.out}: heldout_loss {r['heldout_loss']:.4f} over {r['n_instances']} instances"
     for task, m in r["results"].items():
         line += f"; {task} acc {m['acc']:.3f}" + (f" acc_norm {m['acc_norm']:.3f}" if m["acc_norm"] is not None else "")

@@ -428,6 +428,14 @@ class Dist:
         if self.group:
             dist.barrier()
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (pickled between the ranks of this run only)."""
+        if not self.group:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
     """Ranks from torchrun's environment; the process group (nccl on GPU, gloo on CPU) is started

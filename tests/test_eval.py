@@ -206,3 +206,22 @@ def test_a_model_with_non_finite_weights_is_an_error_not_a_nan_result(tiny_model
         run(EvalConfig(model=str(tmp_path / "broken"), store=str(tiny_store / "val"), out=str(tmp_path / "e.json"),
                        limit=4))
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.mark.slow  # torchrun: two gloo ranks
+def test_two_ranks_give_the_same_heldout_loss_as_one(tiny_model_dir, tiny_store, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    def evaluate(out, launcher):
+        args = ["-m", "predistill", "eval", "--model", str(tiny_model_dir), "--store", str(tiny_store / "val"),
+                "--out", str(out)]
+        subprocess.run([sys.executable, *launcher, *args], env=subprocess_env(), check=True, capture_output=True)
+        return json.loads(out.read_text())
+
+    one = evaluate(tmp_path / "one.json", [])
+    two = evaluate(tmp_path / "two.json", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
+    keys = ("heldout_loss", "heldout_token_loss", "heldout_loss_by_domain", "n_instances", "n_tokens")
+    assert {k: two[k] for k in keys} == {k: one[k] for k in keys}
