@@ -33,8 +33,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "logits-based pre-training distillation (PD). One subcommand per pipeline stage; see docs/<command>.md.")
     parser.add_argument("--version", action="version", version=f"predistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.command_parsers = {}
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        parser.command_parsers[name] = p
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         module.main(args)
     except UsageError as e:
-        parser.error(f"{args.command}: {e}")  # exit 2 with the usage line, like argparse's own checks
+        parser.command_parsers[args.command].error(str(e))  # exit 2 with the usage line, like argparse's own
     except PredistillError as e:
         print(f"predistill {args.command}: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -215,7 +215,9 @@ def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
     values.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     for key, leaf in keys.items():
         if leaf.field.metadata.get("required") and values.get(key) in (None, "", []):
-            raise UsageError(f"the following arguments are required: {leaf.flag} (on the command line or in --config)")
+            name = leaf.field.metadata.get("argparse", {}).get("metavar", leaf.key) if leaf.field.metadata.get(
+                "positional") else leaf.flag
+            raise UsageError(f"the following arguments are required: {name} (on the command line or in --config)")
     try:
         return from_flat(cls, values)
     except TypeError as e:

@@ -75,7 +75,6 @@ costs about an LM-only step); `kd_loss` alone gives the same KD value.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -93,8 +92,8 @@ TAU_FLOOR = 1e-4  # adaptive temperatures never go below this (one entry: std 0)
 TAIL_FLOOR = 1e-8  # tail-bucket mass floor (keeps log of an empty tail finite)
 
 
-def _temperature_arg(text: str) -> float | str:
-    """`--temperature`: a number (static τ) or the name of an adaptive mode."""
+def _parse_temperature(text: str) -> float | str:
+    """A number (static τ) or the name of an adaptive mode."""
     try:
         return float(text)
     except ValueError:
@@ -108,7 +107,7 @@ class KDConfig:
     loss: str = option("kld", "KD loss", key="kd_loss", choices=LOSSES)
     # `--temperature normkd` is shorthand for `--temperature-mode normkd` (see __post_init__)
     temperature: float = option(1.0, "teacher temperature τ: a number (static), or normkd, wttm, adakd-sd, adakd-h "
-                                "(adaptive)", type=_temperature_arg)
+                                "(adaptive); given as text it sets the mode too", type=str)
     temperature_mode: str = option("static", "static τ or an adaptive mode", choices=TEMPERATURE_MODES)
     tail: str = option("drop", "mass a truncated teacher dropped: drop (renormalise) or bucket (one extra class)",
                        key="kd_tail", choices=TAILS)
@@ -125,10 +124,12 @@ class KDConfig:
                                     key="kd_online_chunk")
 
     def __post_init__(self):
-        if isinstance(self.temperature, str):  # the CLI's and recipes' form: a number or a mode name
-            value = _temperature_arg(self.temperature)
+        # `--temperature` as text (the CLI's, recipes' and old configs' form) decides the mode: a
+        # number is a static τ — also over a config file's adaptive mode — a name an adaptive mode
+        if isinstance(self.temperature, str):
+            value = _parse_temperature(self.temperature)
             if isinstance(value, float):
-                self.temperature = value
+                self.temperature, self.temperature_mode = value, "static"
             else:
                 self.temperature_mode, self.temperature = value, 1.0
 
@@ -230,7 +231,8 @@ def _rkl(f, log_f, s, m, cfg):
 
 def _jsd(f, log_f, s, m, cfg):
     beta = cfg.jsd_beta
-    log_mix = torch.logaddexp(log_f + math.log(beta), s + math.log(1 - beta))
+    log_mix = torch.logaddexp(log_f + torch.log(torch.tensor(beta, dtype=s.dtype)),
+                              s + torch.log(torch.tensor(1 - beta, dtype=s.dtype)))
     return beta * (f * (log_f - log_mix)).sum(-1) + (1 - beta) * (m * s.exp() * (s - log_mix)).sum(-1)
 
 

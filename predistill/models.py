@@ -250,8 +250,11 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
     return LlamaConfig(**common, rope_theta=10000.0, attention_bias=False, mlp_bias=False)
 
 
+ATTN_IMPLS = ("auto", "sdpa", "flash_attention_2", "eager")
+
+
 def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 0,
-               dtype: torch.dtype = torch.float32, max_len: int = 2048):
+               dtype: torch.dtype = torch.float32, max_len: int = 2048, attn_impl: str = "auto"):
     """Return `(model, tokenizer)` for a model spec.
 
     `tokenizer` (a spec or a loaded tokenizer) is used whatever the spec (default: the model's
@@ -262,6 +265,9 @@ def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 
 
     if tokenizer is None and spec.startswith("preset:"):
         tokenizer = preset_tokenizer
+    if attn_impl not in ATTN_IMPLS:
+        raise PredistillError(f"--attn-impl must be one of {', '.join(ATTN_IMPLS)}, got {attn_impl!r}")
+    attn = {} if attn_impl == "auto" else {"attn_implementation": attn_impl}  # auto: transformers' choice (sdpa)
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
     if spec.startswith("preset:"):
@@ -270,12 +276,12 @@ def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 
         config = preset_config(spec.removeprefix("preset:"), tokenizer, max_len)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
         return model, tokenizer
     path = resolve_model(spec).hf
     if tokenizer is None:
         tokenizer = load_tokenizer(spec)
-    model = _from_pretrained(AutoModelForCausalLM, spec, path, "model", dtype=dtype)
+    model = _from_pretrained(AutoModelForCausalLM, spec, path, "model", dtype=dtype, **attn)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise PredistillError(
             f"model '{spec}' has {model.get_input_embeddings().num_embeddings} embeddings, "
@@ -448,6 +454,8 @@ def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
         if need_group:
             raise PredistillError(f"WORLD_SIZE={world} without a rendezvous (MASTER_ADDR): start the ranks with torchrun")
         return Dist(rank, world, local_rank())
+    if device.type == "cuda":  # NCCL's collectives run on the current device: this rank's own
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank(), group=True)

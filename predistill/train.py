@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from predistill.artifacts import PredistillError, check_output, write_json_atomi
 from predistill.config import add_config_arguments, config_from_args, from_flat, option, to_flat
 from predistill.losses import DEFAULT_CHUNK, gather_logprobs
 from predistill.kd import KDConfig
-from predistill.models import Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
+from predistill.models import ATTN_IMPLS, Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
     load_tokenizer, model_body, resolve_device, tokenizer_hash
 from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
@@ -99,7 +100,13 @@ class TrainConfig:
     minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
     minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue")
     loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection')
-    fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun)')
+    fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun); '
+                        'on GPU its parameters compute in bf16, gradients reduce in fp32')
+    attn_impl: str = option("auto", "attention kernel: auto (transformers' default, sdpa), sdpa, flash_attention_2, "
+                            "eager", choices=ATTN_IMPLS)
+    compile: bool = option(False, "torch.compile the decoder body (GPU speed; the first steps pay the compilation)")
+    activation_checkpointing: bool = option(False, "recompute each layer's activations in backward: less memory for "
+                                            "large students, ≈ 1/3 more compute")
     tensorboard: bool = option(False, 'also log to OUT/tensorboard (needs the tensorboard package)')
     device: str = option("auto", 'auto (cuda if available), cpu or cuda')
 
@@ -133,10 +140,43 @@ class DataOrder:
 
 def make_batch(store: TokenStore, ids, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, mask) for instances `ids`, right-padded; mask marks real targets."""
+    return tuple(t.to(device, non_blocking=True) for t in cpu_batch(store, ids, seq_len))
+
+
+def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[torch.Tensor, ...]:
     tokens, lengths = store.batch(ids, max_len=seq_len + 1)
     positions = torch.arange(tokens.shape[1] - 1)
     mask = positions[None, :] < (lengths - 1)[:, None]
-    return tokens[:, :-1].to(device), tokens[:, 1:].to(device), mask.to(device)
+    batch = (tokens[:, :-1], tokens[:, 1:], mask)
+    return tuple(t.pin_memory() for t in batch) if pin else batch
+
+
+class StepLoader:
+    """A step's micro-batches, built on the CPU one step ahead in a background thread, so the
+    device never waits on numpy. What a step gets is a function of the step alone (DataOrder)."""
+
+    def __init__(self, store: TokenStore, order: DataOrder, cfg, d, local_batch: int, micro: int, pin: bool):
+        self.store, self.order, self.cfg, self.d = store, order, cfg, d
+        self.local_batch, self.micro, self.pin = local_batch, micro, pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.pending: dict[int, Future] = {}
+
+    def _build(self, step: int):
+        batch_ids = self.order.global_batch(step, self.cfg.batch_size)
+        local = batch_ids[self.d.rank * self.local_batch:(self.d.rank + 1) * self.local_batch]
+        micro_ids = [local[m:m + self.micro] for m in range(0, self.local_batch, self.micro)]
+        return (max(n_targets(self.store, batch_ids, self.cfg.seq_len), 1), micro_ids,
+                [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin) for ids in micro_ids])
+
+    def get(self, step: int, steps: int):
+        """(global target count, micro-batch ids, CPU tensors) of `step`; starts building step + 1."""
+        future = self.pending.pop(step, None) or self.pool.submit(self._build, step)
+        if step + 1 < steps:
+            self.pending[step + 1] = self.pool.submit(self._build, step + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def n_targets(store: TokenStore, ids, seq_len: int) -> int:
@@ -345,7 +385,10 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             print(f"predistill: {out} is already complete; nothing to do")
         return out
 
-    model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048))
+    model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
+                          attn_impl=cfg.attn_impl)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model.get_input_embeddings().num_embeddings < store.vocab_size:
         raise PredistillError(f"model {cfg.model} has {model.get_input_embeddings().num_embeddings} embeddings "
                               f"but the store's vocabulary has {store.vocab_size} ids")
@@ -368,13 +411,19 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                               f"micro-batches of {micro}")
 
     loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size)
+    if cfg.compile:  # layer by layer (as torchtitan does): HF's body has Python-side logic between layers
+        for layer in model_body(model).layers:
+            layer.compile()
     wrapped: torch.nn.Module = loss_model
     if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16 compute, fp32 master weights and gradient reduction (fp32 on CPU, where bf16 is slower)
+        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                     if device.type == "cuda" else MixedPrecisionPolicy())
         for layer in model_body(model).layers:
-            fully_shard(layer)
-        fully_shard(loss_model)
+            fully_shard(layer, mp_policy=precision)
+        fully_shard(loss_model, mp_policy=precision)
     elif d.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(loss_model)
 
@@ -405,6 +454,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     writer = _tensorboard(out) if cfg.tensorboard and d.main else None
     order = DataOrder(train_ids, cfg.seed)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda")
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
     val_loss = None
     wrapped.train()
@@ -418,14 +468,11 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch_ids = order.global_batch(step, cfg.batch_size)
-            global_targets = max(n_targets(store, batch_ids, cfg.seq_len), 1)
-            local_ids = batch_ids[d.rank * local_batch:(d.rank + 1) * local_batch]
+            global_targets, micro_ids, cpu_batches = loader.get(step, steps)
             lm_total = kd_total = 0.0
-            n_micro = local_batch // micro
-            for m in range(n_micro):
-                ids = local_ids[m * micro:(m + 1) * micro]
-                inputs, targets, mask = make_batch(store, ids, cfg.seq_len, device)
+            n_micro = len(micro_ids)
+            for m, (ids, batch) in enumerate(zip(micro_ids, cpu_batches)):
+                inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch)
                 kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
                 with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
                     lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd)
@@ -473,6 +520,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                                 d, cfg.fsdp, cfg.keep_checkpoints)
     finally:
         bar.close()
+        loader.close()
     _export(out, model, loss_model, tokenizer, cfg, d)
     if saver is not None:
         _finish_logits(saver, store, loss_model, cfg, device)

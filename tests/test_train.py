@@ -279,3 +279,12 @@ def test_two_identical_runs_write_identical_checkpoints(tiny_store, tmp_path):
     files = {name: {p.relative_to(tmp_path / name).as_posix(): sha256(p)
                     for p in sorted((tmp_path / name / "checkpoints").rglob("*")) if p.is_file()} for name in ("a", "b")}
     assert files["a"] == files["b"] and any(k.endswith("rng.pt") for k in files["a"])
+
+
+def test_a_number_given_as_temperature_is_static_even_over_a_files_adaptive_mode(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text('temperature_mode = "normkd"\nnormkd_t = 2.0\n')
+    cli_main(["train", "--config", str(tmp_path / "c.toml"), "--temperature", "2.0", "--print-config"])
+    printed = capsys.readouterr().out
+    assert 'temperature_mode = "static"' in printed and "temperature = 2.0" in printed
+    cli_main(["train", "--temperature", "adakd-h", "--print-config"])
+    assert 'temperature_mode = "adakd-h"' in capsys.readouterr().out
