@@ -288,3 +288,20 @@ def test_a_number_given_as_temperature_is_static_even_over_a_files_adaptive_mode
     assert 'temperature_mode = "static"' in printed and "temperature = 2.0" in printed
     cli_main(["train", "--temperature", "adakd-h", "--print-config"])
     assert 'temperature_mode = "adakd-h"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [dict(activation_checkpointing=True), dict(attn_impl="eager")])
+def test_speed_paths_train_the_same_model(tiny_store, tmp_path, flags):
+    # recomputed activations and another attention kernel change speed and memory, not the numbers
+    base = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "base"), **{**FAST, "steps": 3}))
+    other = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "other"), **{**FAST, "steps": 3}, **flags))
+    losses = [[r["loss"] for r in metrics(d)] for d in (base, other)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+@pytest.mark.slow  # torch.compile on CPU compiles C++ kernels
+def test_compiled_layers_train_the_same_model(tiny_store, tmp_path):
+    base = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "base"), **{**FAST, "steps": 2}))
+    compiled = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "compiled"), **{**FAST, "steps": 2},
+                               compile=True))
+    np.testing.assert_allclose([r["loss"] for r in metrics(compiled)], [r["loss"] for r in metrics(base)], rtol=1e-4)
