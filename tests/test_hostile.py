@@ -208,3 +208,24 @@ def test_a_corrupt_metrics_line_does_not_break_the_report(assets, tmp_path, caps
         f.write(b'{"step": 3, "loss": \xff\xfe}\n')
     cli.main(["report", str(run), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporaries(assets, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import predistill.artifacts as artifacts
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(artifacts.os, "fsync", no_space)  # every atomic write fails as on a full disk
+    out = tmp_path / "scores"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", "--model", "preset:tiny", "--store", str(assets["store"]), "--out", str(out),
+                  "--no-progress"])
+    assert exit_info.value.code == 1
+    errors = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("predistill")]
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not (out / "manifest.json").exists()
