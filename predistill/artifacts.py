@@ -197,24 +197,29 @@ def is_complete(directory: str | Path, fmt: str) -> bool:
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | Path) -> Iterator[Path]:
-    """Yield an empty `OUT.partial` directory; on success replace `OUT` with it atomically.
+def staged_dir(out: str | Path, resume: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield an `OUT.partial` directory; on success replace `OUT` with it atomically.
 
-    A stale `.partial` from a killed run is discarded: the stages that use this are cheap enough
-    to redo whole, and redoing them from scratch is what makes reruns byte-identical. When the
-    body raises (bad input, Ctrl-C), the staging directory is removed, so a failed run leaves
-    nothing behind; only a killed process can leave a `.partial`, which never claims completion
-    (writers put `manifest.json` with `complete: true` last, and `OUT` appears only by rename).
+    A stale `.partial` from a killed run is discarded — unless `resume(staging)` says it holds
+    resumable progress of this very run (`prepare`'s checkpoints), which the body then continues.
+    Stages without `resume` are cheap enough to redo whole, and redoing them from scratch is what
+    makes reruns byte-identical. When the body raises (bad input, Ctrl-C), the staging directory
+    is removed — except a resumable one on Ctrl-C — so a failed run leaves nothing behind; a `.partial` never claims
+    completion (writers put `manifest.json` with `complete: true` last, and `OUT` appears only by
+    rename).
     """
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
-    if staging.exists():
+    if staging.exists() and not (resume and resume(staging)):
         shutil.rmtree(staging)
-    staging.mkdir(parents=True)
+    staging.mkdir(parents=True, exist_ok=True)
     try:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as e:
+        # an error (bad input, full disk) leaves nothing behind; an interruption of a resumable
+        # stage (Ctrl-C, like SIGKILL) keeps its progress for the rerun
+        if resume is None or not isinstance(e, KeyboardInterrupt):
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     if out.exists():
         shutil.rmtree(out)

@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
+import json
 import multiprocessing as mp
 import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from predistill.artifacts import PredistillError, check_output, read_manifest, staged_dir
+from predistill.artifacts import PredistillError, check_output, read_manifest, staged_dir, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.chunking import Chunker, boundary_table, encode_document
 from predistill.sources import Source, parse_sources
@@ -47,6 +50,8 @@ class PrepareConfig:
                             "documents")
     max_tokens_per_domain: int | None = option(None, "stop reading a domain once its train+val instances hold ≥ N "
                                                "tokens (default: read all)", metavar="N")
+    checkpoint_tokens: int = option(1 << 24, "make progress durable every N tokens read: a killed prepare resumes "
+                                    "there (the store is the same bytes)", metavar="N")
 
 
 # Tokenisation runs in worker processes; each builds its tokenizer once from the serialised form.
@@ -116,6 +121,8 @@ def run(cfg: PrepareConfig) -> Path:
         raise PredistillError(f"--workers must be ≥ 1, got {cfg.workers}")
     if cfg.max_tokens_per_domain is not None and cfg.max_tokens_per_domain < 1:
         raise PredistillError(f"--max-tokens-per-domain must be ≥ 1, got {cfg.max_tokens_per_domain}")
+    if cfg.checkpoint_tokens < 1:
+        raise PredistillError(f"--checkpoint-tokens must be ≥ 1, got {cfg.checkpoint_tokens}")
     if out.exists() and not out.is_dir():
         raise PredistillError(f"{out} exists and is not a directory; refusing to overwrite it")
     sources = parse_sources(cfg.sources, cfg.skip_bad)  # also checks that every source can be read
@@ -124,7 +131,7 @@ def run(cfg: PrepareConfig) -> Path:
                 "eos_id": tokenizer.eos_token_id}
     # neither the worker count nor the output path changes the content: a store is the same
     # bytes wherever it was written and however many processes tokenised it
-    config = asdict(cfg) | {"workers": None, "out": None}
+    config = asdict(cfg) | {"workers": None, "out": None, "checkpoint_tokens": None}
     if check_output(out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"]},
                     lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")}):
         print(f"predistill: {out} is already complete; nothing to do")
@@ -136,11 +143,18 @@ def run(cfg: PrepareConfig) -> Path:
     totals = [s.count() for s in sources]
     total = sum(totals) if all(t is not None for t in totals) and limit is None else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with staged_dir(out) as tmp:
-        splits = {"train": TokenStoreWriter(tmp, len(tokenizer))}
-        if cfg.val_fraction > 0:
-            splits["val"] = TokenStoreWriter(tmp / "val", len(tokenizer))
-        stats = {split: [] for split in splits}
+    plan = {"config": config, "tokenizer_hash": tok_info["hash"]}
+    with staged_dir(out, resume=lambda staging: _progress(staging, plan) is not None) as tmp:
+        progress = _progress(tmp, plan) or {}
+        names = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
+        resume = progress.get("writers", {})
+        splits = {name: TokenStoreWriter(tmp if name == "train" else tmp / "val", len(tokenizer), resume.get(name))
+                  for name in names}
+        stats = progress.get("stats", {split: [] for split in splits})
+        first_domain = progress.get("domain", 0)
+        if progress:
+            print(f"predistill: resuming {tmp}: domain {first_domain + 1} of {len(sources)}, document "
+                  f"{progress['index']}", file=sys.stderr)
         bar = tqdm(total=total, unit="doc", desc="prepare", dynamic_ncols=True)
         tokenizer_json = tokenizer.backend_tokenizer.to_str()
         pool = (mp.get_context("spawn").Pool(cfg.workers, _init_worker, (tokenizer_json, is_boundary))
@@ -149,14 +163,25 @@ def run(cfg: PrepareConfig) -> Path:
             _init_worker(tokenizer_json, is_boundary)
         try:
             for domain, source in enumerate(sources):
+                if domain < first_domain:
+                    continue  # finished before the kill: its stats were restored
+                state = progress if domain == first_domain else {}
                 chunkers = {split: Chunker(cfg.max_len, is_boundary) for split in splits}
-                counts = {split: {"n_documents": 0, "n_instances": 0, "n_tokens": 0} for split in splits}
+                for split, saved in state.get("chunkers", {}).items():
+                    chunkers[split].buffer = np.asarray(saved["buffer"], dtype=np.int64)
+                    chunkers[split].can_end = np.asarray(saved["can_end"], dtype=np.int8)
+                counts = state.get("counts") or {split: {"n_documents": 0, "n_instances": 0, "n_tokens": 0}
+                                                  for split in splits}
+                start = state.get("index", 0)
+                bar.update(start)
                 stop = threading.Event()
-                docs = _documents(source, stop)
+                # documents read before the kill are skipped, not tokenised again
+                docs = itertools.islice(_documents(source, stop), start, None)
                 encoded = pool.imap(_encode_item, docs, chunksize=4) if pool else map(_encode_item, docs)
-                n_read = 0  # tokens read from this domain (train + val), for --max-tokens-per-domain
-                n_skipped = 0
-                for index, (ids, can_end, n_skipped) in enumerate(encoded):
+                n_read = state.get("n_read", 0)  # tokens read from this domain (train + val), for the limit
+                n_skipped = state.get("n_skipped", 0)
+                since_checkpoint = 0
+                for index, (ids, can_end, n_skipped) in enumerate(encoded, start):
                     split = "val" if _is_val(index, cfg.val_fraction) else "train"
                     counts[split]["n_documents"] += 1
                     can_end = np.append(can_end, 2)  # after the EOS: always
@@ -164,6 +189,7 @@ def run(cfg: PrepareConfig) -> Path:
                         _emit(splits[split], instance, domain, counts[split])
                     bar.update(1)
                     n_read += len(ids) + 1
+                    since_checkpoint += len(ids) + 1
                     if limit is not None and n_read >= limit:
                         stop.set()
                         if pool:  # let the feeder stop; its read-ahead (and any error in it) is discarded
@@ -171,6 +197,10 @@ def run(cfg: PrepareConfig) -> Path:
                                 for _ in encoded:
                                     pass
                         break
+                    if since_checkpoint >= cfg.checkpoint_tokens:
+                        _save_progress(tmp, plan, splits, stats, domain, index + 1, n_read, n_skipped, counts,
+                                       chunkers)
+                        since_checkpoint = 0
                 else:
                     n_skipped = source.n_skipped  # bad records after the last good one count too
                 for split, chunker in chunkers.items():
@@ -178,6 +208,7 @@ def run(cfg: PrepareConfig) -> Path:
                         _emit(splits[split], instance, domain, counts[split])
                     stats[split].append({"name": source.name, "kind": source.kind, "location": source.location,
                                          **counts[split], "n_skipped": n_skipped})
+                _save_progress(tmp, plan, splits, stats, domain + 1, 0, 0, 0, None, {})
         finally:
             bar.close()
             if pool:
@@ -188,6 +219,7 @@ def run(cfg: PrepareConfig) -> Path:
         if "val" in splits and splits["val"].n_instances == 0:
             raise PredistillError(f"--val-fraction {cfg.val_fraction} holds out no document: every domain has fewer "
                                   f"than {int(np.ceil(1 / cfg.val_fraction))} documents; raise it")
+        (tmp / PROGRESS).unlink()
         # val first: the top-level manifest (complete: true) is the last file written
         for split, writer in reversed(splits.items()):
             tokenizer.save_pretrained(writer.dir / "tokenizer")
@@ -195,6 +227,30 @@ def run(cfg: PrepareConfig) -> Path:
                            "eos_id": eos, "domains": stats[split],
                            "n_documents": sum(s["n_documents"] for s in stats[split])})
     return out
+
+
+PROGRESS = "progress.json"
+
+
+def _progress(staging: Path, plan: dict) -> dict | None:
+    """The last checkpoint of an interrupted prepare into `staging`, if it was made with `plan`."""
+    try:
+        progress = json.loads((staging / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) and progress.get("plan") == plan else None
+
+
+def _save_progress(staging: Path, plan: dict, splits: dict, stats: dict, domain: int, index: int, n_read: int,
+                   n_skipped: int, counts: dict | None, chunkers: dict) -> None:
+    """A checkpoint: the writers' appended data made durable first, then the state that resumes
+    from it — the next document, the open domain's counts and the chunkers' carried remainder."""
+    writers = {split: writer.checkpoint() for split, writer in splits.items()}
+    write_json_atomic(staging / PROGRESS, {
+        "plan": plan, "writers": writers, "stats": stats, "domain": domain, "index": index, "n_read": n_read,
+        "n_skipped": n_skipped, "counts": counts,
+        "chunkers": {split: {"buffer": c.buffer.tolist(), "can_end": c.can_end.tolist()} for split, c in chunkers.items()},
+    })
 
 
 def _emit(writer: TokenStoreWriter, instance: np.ndarray, domain: int, counts: dict) -> None:

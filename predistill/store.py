@@ -20,6 +20,7 @@ size. (Stores written before checksums existed get the vocabulary check only.)
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +39,42 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class TokenStoreWriter:
-    """Appends instances to a new store directory; `finish` writes the index and the manifest."""
+    """Appends instances to a new store directory; `finish` writes the index and the manifest.
 
-    def __init__(self, directory: str | Path, vocab_size: int):
+    Everything is appended to files as it comes (tokens.bin, and the instance ends and domains in
+    `*.part` files until `finish`), so memory does not grow with the store and a writer can be
+    resumed: `checkpoint()` makes what was appended durable and returns the counts that
+    `TokenStoreWriter(..., resume=counts)` truncates back to (hashes are rebuilt from the files)."""
+
+    def __init__(self, directory: str | Path, vocab_size: int, resume: dict | None = None):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
-        self._tokens = open(self.dir / "tokens.bin", "wb")
         self._hash = hashlib.sha256()
         self._chunk_hash, self._chunk_fill, self.chunk_sha256 = hashlib.sha256(), 0, []
-        self.offsets = [0]
-        self.domains: list[int] = []
+        self.n_tokens, self._n_instances = 0, 0
+        mode = "r+b" if resume else "wb"
+        self._tokens = open(self.dir / "tokens.bin", mode)
+        self._ends = open(self.dir / "ends.part", mode)  # int64 end offset of each instance
+        self._domains = open(self.dir / "domains.part", mode)  # int16 domain of each instance
+        if resume:
+            self.n_tokens, self._n_instances = resume["n_tokens"], resume["n_instances"]
+            for f, size in ((self._tokens, self.n_tokens * self.dtype.itemsize), (self._ends, self._n_instances * 8),
+                            (self._domains, self._n_instances * 2)):
+                f.truncate(size)
+                f.seek(size)
+            with open(self.dir / "tokens.bin", "rb") as f:  # the hashes' state, rebuilt from the data
+                while block := f.read(1 << 24):
+                    self._hash.update(block)
+                    self._hash_chunks(block)
+
+    def checkpoint(self) -> dict:
+        """Make everything appended so far durable; the counts to resume from."""
+        for f in (self._tokens, self._ends, self._domains):
+            f.flush()
+            os.fsync(f.fileno())
+        return {"n_tokens": self.n_tokens, "n_instances": self._n_instances}
 
     def _hash_chunks(self, data: bytes) -> None:
         view = memoryview(data)
@@ -73,24 +98,29 @@ class TokenStoreWriter:
         self._tokens.write(data)
         self._hash.update(data)
         self._hash_chunks(data)
-        self.offsets.append(self.offsets[-1] + len(ids))
-        self.domains.append(domain)
+        self.n_tokens += len(ids)
+        self._n_instances += 1
+        self._ends.write(np.int64(self.n_tokens).tobytes())
+        self._domains.write(np.int16(domain).tobytes())
 
     @property
     def n_instances(self) -> int:
-        return len(self.domains)
+        return self._n_instances
 
     def finish(self, manifest: dict) -> dict:
-        self._tokens.close()
+        for f in (self._tokens, self._ends, self._domains):
+            f.close()
         if self._chunk_fill:
             self.chunk_sha256.append(self._chunk_hash.hexdigest())
-        offsets = np.asarray(self.offsets, dtype=np.int64)
+        offsets = np.concatenate([[0], np.fromfile(self.dir / "ends.part", dtype=np.int64)]).astype(np.int64)
         np.save(self.dir / "offsets.npy", offsets)
-        np.save(self.dir / "domains.npy", np.asarray(self.domains, dtype=np.int16))
+        np.save(self.dir / "domains.npy", np.fromfile(self.dir / "domains.part", dtype=np.int16))
+        (self.dir / "ends.part").unlink()
+        (self.dir / "domains.part").unlink()
         self._hash.update(offsets.tobytes())
         manifest = {
             "format": FORMAT, "version": VERSION, **manifest, "dtype": self.dtype.name,
-            "vocab_size": self.vocab_size, "n_tokens": int(offsets[-1]),
+            "vocab_size": self.vocab_size, "n_tokens": self.n_tokens,
             "n_instances": self.n_instances, "store_hash": self._hash.hexdigest(),
             "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.chunk_sha256,
         }

@@ -217,11 +217,13 @@ def test_rerun_is_a_noop_and_other_configs_are_refused(tmp_path, source_specs, b
 
 
 @pytest.mark.slow
-def test_sigkill_leaves_nothing_complete_and_rerun_is_byte_identical(tmp_path, bpe_tokenizer):
+@pytest.mark.parametrize("checkpoint", [None, 2000])  # None: killed before its first checkpoint
+def test_sigkill_leaves_nothing_complete_and_rerun_is_byte_identical(tmp_path, bpe_tokenizer, checkpoint):
     big = write_jsonl(tmp_path / "big.jsonl", make_prose(2500, seed=3))
     code = write_jsonl(tmp_path / "code.jsonl", make_code(200, seed=4))
     args = ["prepare", "--source", f"jsonl:{big}", "--source", f"jsonl:{code}", "--tokenizer", str(bpe_tokenizer),
             "--max-len", str(MAX_LEN), "--val-fraction", "0.05"]
+    args += ["--checkpoint-tokens", str(checkpoint)] if checkpoint else []
     out = tmp_path / "killed"
     partial = tmp_path / "killed.partial"
     proc = subprocess.Popen([sys.executable, "-m", "predistill", *args, "--out", str(out)],
@@ -247,7 +249,8 @@ def test_sigkill_leaves_nothing_complete_and_rerun_is_byte_identical(tmp_path, b
     assert not (partial / "val" / "manifest.json").exists()
     with pytest.raises(PredistillError):
         TokenStore(partial)
-    cli.main([*args, "--out", str(out)])  # rerun
+    assert (partial / "progress.json").is_file() == bool(checkpoint)
+    cli.main([*args, "--out", str(out)])  # rerun: resumes from the last checkpoint, if any
     assert not partial.exists()
     cli.main([*args, "--out", str(tmp_path / "clean")])  # an uninterrupted run
     assert file_hashes(out) == file_hashes(tmp_path / "clean")
@@ -392,3 +395,42 @@ def test_smollm2_store_of_the_builtin_corpus_retokenizes(tmp_path):
     for d in m["domains"]:
         assert d["n_tokens"] > 0
     assert sum(v["n_tokens"] for v in val.manifest["domains"]) > 0
+
+
+@pytest.mark.parametrize("where", ["right after a checkpoint", "between checkpoints", "in the second domain"])
+def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(tmp_path, bpe_tokenizer, corpus,
+                                                                           monkeypatch, capsys, where):
+    import predistill.prepare as prepare_module
+
+    cfg = dict(sources=[f"prose=jsonl:{corpus['prose']}", f"code=jsonl:{corpus['code']}"], tokenizer=str(bpe_tokenizer),
+               max_len=MAX_LEN, val_fraction=0.1, checkpoint_tokens=300)
+    clean = run(PrepareConfig(out=str(tmp_path / "clean"), **cfg))
+    n = {"checkpoints": 0, "emitted": 0}
+    save, emit = prepare_module._save_progress, prepare_module._emit
+
+    def save_then_stop(*a, **k):
+        save(*a, **k)
+        n["checkpoints"] += 1
+        n["emitted"] = 0
+        if where == "right after a checkpoint" and n["checkpoints"] == 3:
+            raise KeyboardInterrupt
+        if where == "in the second domain" and a[4] == 1 and a[5] > 0:  # domain 1, a document in
+            raise KeyboardInterrupt
+
+    def emit_then_stop(*a, **k):
+        emit(*a, **k)
+        n["emitted"] += 1
+        if where == "between checkpoints" and n["checkpoints"] == 2 and n["emitted"] == 3:
+            raise KeyboardInterrupt  # instances appended after the last checkpoint are dropped on resume
+
+    monkeypatch.setattr(prepare_module, "_save_progress", save_then_stop)
+    monkeypatch.setattr(prepare_module, "_emit", emit_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(PrepareConfig(out=str(tmp_path / "resumed"), **cfg))
+    assert (tmp_path / "resumed.partial" / "progress.json").is_file() and not (tmp_path / "resumed").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = run(PrepareConfig(out=str(tmp_path / "resumed"), **cfg))
+    assert "resuming" in capsys.readouterr().err
+    assert file_hashes(resumed) == file_hashes(clean)
+    assert not (tmp_path / "resumed.partial").exists()
