@@ -540,16 +540,37 @@ class LogitsStoreWriter:
                    lengths: torch.Tensor) -> None:
         """One teacher batch: hidden [B, L, H] final hidden states, weight [V, H] lm head, tokens
         [B, L] the input ids, lengths [B]. Log-probs are computed `chunk_rows` rows at a time."""
+        batch = self.entries_of_hidden(instance_ids, hidden, weight, tokens, lengths)
+        if batch is not None:
+            self.accept(*batch)
+
+    def entries_of_hidden(self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                          lengths: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Entries] | None:
+        """The entries `add_hidden` would store, without storing them: (instances, positions per
+        instance, entries). Ranks compute these for their own batches and one writer `accept`s them."""
         rows, keys, inst, npos = self._select_rows(instance_ids, tokens, lengths, hidden.shape[:2])
         if rows is None:
-            return
+            return None
         h = hidden.reshape(-1, hidden.shape[-1])[rows.to(hidden.device)]
         w = weight.detach().float()
         parts = []
         for start in range(0, len(rows), self.chunk_rows):
             logits = h[start:start + self.chunk_rows].float() @ w.t()
             parts.append(compute_entries(logits, self.cfg, keys[start:start + self.chunk_rows]))
-        self._accept(inst, npos, Entries.concat(parts, self.cfg))
+        return inst, npos, Entries.concat(parts, self.cfg)
+
+    def accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries) -> None:
+        """Store computed entries; instances already stored or buffered keep their first sighting."""
+        new = np.array([not self._done[int(i) // self.cfg.shard_instances]
+                        and int(i) not in self._pending.get(int(i) // self.cfg.shard_instances, {}) for i in inst],
+                       dtype=bool)
+        if not new.all():
+            parts = entries.split(npos)
+            inst, npos = inst[new], npos[new]
+            if not len(inst):
+                return
+            entries = Entries.concat([p for p, keep in zip(parts, new) if keep], self.cfg)
+        self._accept(inst, npos, entries)
 
     @torch.no_grad()
     def add_logits(self, instance_ids, logits: torch.Tensor, lengths: torch.Tensor,

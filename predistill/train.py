@@ -480,7 +480,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                     loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
                 loss.backward()
                 if saver is not None:
-                    _save_logits(saver, store, ids, hidden, loss_model.lm)
+                    _save_logits(saver, store, ids, hidden, loss_model.lm, d)
                 lm_total += lm_sum.item()
                 kd_total += kd_sum.item()
             # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
@@ -522,7 +522,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
         bar.close()
         loader.close()
     _export(out, model, loss_model, tokenizer, cfg, d)
-    if saver is not None:
+    if saver is not None and d.main:  # the instances no step saw: one pass of the final model, rank 0 alone
         _finish_logits(saver, store, loss_model, cfg, device)
     if d.main:
         write_manifest(out, {
@@ -570,11 +570,11 @@ def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, 
 
 def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
     """PD's online logits: this model's own top-p-k store, each instance taken the first time the
-    model trains on it (then the rest with the final model). One rank, whole instances."""
+    model trains on it (then the rest with the final model); whole instances, DDP ranks too."""
     from predistill.logits import LogitsConfig, LogitsStoreWriter
 
-    if d.world > 1:
-        raise PredistillError("--save-logits runs on one rank")
+    if cfg.fsdp:
+        raise PredistillError("--save-logits needs each rank to hold the whole model; use it without --fsdp (DDP)")
     if int(store.lengths.max()) > cfg.seq_len + 1:
         raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
     # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
@@ -583,9 +583,14 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
 
 
 @torch.no_grad()
-def _save_logits(saver, store: TokenStore, ids, hidden, lm) -> None:
+def _save_logits(saver, store: TokenStore, ids, hidden, lm, d: Dist | None = None) -> None:
+    """Under DDP every rank computes the entries of its own micro-batch and rank 0 stores them all,
+    in rank order: the first sighting of an instance wins, as in a one-rank run."""
     tokens, lengths = store.batch(ids)
-    saver.add_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
+    batch = saver.entries_of_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
+    for part in (d.gather(batch) if d is not None else [batch]):
+        if part is not None and (d is None or d.main):
+            saver.accept(*part)
 
 
 @torch.no_grad()
