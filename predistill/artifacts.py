@@ -156,7 +156,8 @@ def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Ca
             return True
         raise PredistillError(f"{out} already holds a {what} made with other settings (another config or inputs: "
                               f"{_differences(old, identity)}); remove it or choose another --out")
-    if any(out.iterdir()) and not resumable(out):
+    # another rank's temporary (its plan being written) does not make the directory foreign
+    if any(not p.name.endswith(".tmp") for p in out.iterdir()) and not resumable(out):
         raise PredistillError(f"{out} exists and is not a {what}; refusing to overwrite it")
     return False
 
@@ -179,8 +180,10 @@ def read_manifest(directory: str | Path, fmt: str, what: str | None = None) -> d
         raise PredistillError(f"{directory}: not a {what} (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PredistillError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise PredistillError(f"{path}: unreadable manifest (not a JSON object)")
     if manifest.get("format") != fmt:
         raise PredistillError(f"{directory}: is a {manifest.get('format')!r} artifact, expected {fmt!r}")
     if manifest.get("complete") is not True:

@@ -63,6 +63,13 @@ class Chunker:
         self.can_end = self.can_end[:0]
 
 
+def encode_document_slow(tokenizer, text: str, is_boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`encode_document` for a slow (Python) HF tokenizer: it reports no words, so an instance may
+    end only after a boundary token (level 2) — or, in a window without one, anywhere."""
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+    return ids, 2 * is_boundary[ids].astype(np.int8)
+
+
 def encode_document(tokenizer, text: str, is_boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     r"""Token ids of `text` (a `tokenizers.Tokenizer`; no special tokens added) and, per token, how
     good a place right after it is to end an instance (Chunker's levels: 2 boundary between words,

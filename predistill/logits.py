@@ -513,7 +513,8 @@ class LogitsStoreWriter:
                 return True
             raise PredistillError(f"{self.dir} already holds a logits store made with other settings or another "
                                   "token store; remove it or choose another output directory")
-        if not (self.dir / WRITER_FILE).is_file() and self.dir.exists() and any(self.dir.iterdir()):
+        if (not (self.dir / WRITER_FILE).is_file() and self.dir.exists()
+                and any(not p.name.endswith(".tmp") and p.name != "shards" for p in self.dir.iterdir())):
             raise PredistillError(f"{self.dir} exists and is not a logits store; refusing to write into it")
         check_plan(self.dir, self.settings, "logits store", name=WRITER_FILE)
         (self.dir / "shards").mkdir(parents=True, exist_ok=True)

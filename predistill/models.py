@@ -20,10 +20,12 @@ spec resolves (`resolve_model`), the FLOPs parameter count N (`forward_params`),
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,13 +210,16 @@ def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
 
 
 def load_tokenizer(spec: str):
-    """A fast HF tokenizer from a tokenizer/model spec, with an EOS token (documents end with it)."""
+    """An HF tokenizer from a tokenizer/model spec, with an EOS token (documents end with it).
+    Tokenizers with no fast (Rust) implementation are loaded with a warning: they tokenise more
+    slowly, and `prepare` can cut their instances only after boundary tokens."""
     from transformers import AutoTokenizer
 
     path = resolve_model(spec, model=False).hf
     tokenizer = _from_pretrained(AutoTokenizer, spec, path, "tokenizer")
     if not getattr(tokenizer, "is_fast", False):
-        raise PredistillError(f"tokenizer '{spec}' has no fast (Rust) implementation")
+        print(f"predistill: warning: tokenizer '{spec}' has no fast (Rust) implementation; using the slow one "
+              "(tokenising is slower; instances are cut after boundary tokens only)", file=sys.stderr)
     if tokenizer.eos_token_id is None:
         raise PredistillError(f"tokenizer '{spec}' has no EOS token; documents need one to end with")
     if tokenizer.pad_token_id is None:
@@ -225,9 +230,14 @@ def load_tokenizer(spec: str):
 
 
 def tokenizer_hash(tokenizer) -> str:
-    """Identity of a tokenizer's behaviour: its full Rust definition plus the EOS id we append."""
-    text = tokenizer.backend_tokenizer.to_str() + f"\neos={tokenizer.eos_token_id}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    """Identity of a tokenizer's behaviour: its full Rust definition plus the EOS id we append (a
+    slow tokenizer: its class, vocabulary and added tokens)."""
+    if getattr(tokenizer, "is_fast", False):
+        text = tokenizer.backend_tokenizer.to_str()
+    else:
+        text = json.dumps({"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                           "added": sorted(tokenizer.added_tokens_encoder.items())})
+    return hashlib.sha256((text + f"\neos={tokenizer.eos_token_id}").encode()).hexdigest()
 
 
 def preset_config(name: str, tokenizer, max_len: int = 2048):
@@ -317,7 +327,7 @@ def head_weight(model, vocab_size: int) -> torch.Tensor:
     """The output projection restricted to the tokenizer's ids: rows [0, vocab_size).
 
     Ids are the tokenizer's. Released LMs pad their output layer past the tokenizer (Qwen1.5-1.8B:
-    151 936 rows for 151 646 tokens) and those rows are not tokens: every softmax — teacher and
+    151 936 rows for 151 646 tokens) and those rows are not tokens: every softmax predistill computes — teacher and
     student, scoring, KD, logits stores, sampling — is over these rows only, so padding never
     carries probability mass, is never stored and is never a target."""
     weight = model.get_output_embeddings().weight
@@ -457,5 +467,7 @@ def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
     if device.type == "cuda":  # NCCL's collectives run on the current device: this rank's own
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone may work for long while the others wait in a barrier (lm-eval, assembling a
+        # store, finishing a logits store): far longer than the default 10-minute collective timeout
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank(), group=True)

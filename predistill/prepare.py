@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from predistill.artifacts import PredistillError, check_output, read_manifest, staged_dir, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
-from predistill.chunking import Chunker, boundary_table, encode_document
+from predistill.chunking import Chunker, boundary_table, encode_document, encode_document_slow
 from predistill.sources import Source, parse_sources
 from predistill.store import FORMAT, TokenStoreWriter
 
@@ -60,21 +60,21 @@ _worker_tokenizer = None
 _worker_is_boundary = None
 
 
-def _init_worker(tokenizer_json: str, is_boundary: np.ndarray | None = None) -> None:
+def _init_worker(tokenizer, is_boundary: np.ndarray | None = None) -> None:
+    """`tokenizer`: a fast tokenizer's JSON definition, or a slow tokenizer itself (pickled)."""
     global _worker_tokenizer, _worker_is_boundary
     from tokenizers import Tokenizer
 
-    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker_tokenizer = Tokenizer.from_str(tokenizer) if isinstance(tokenizer, str) else tokenizer
     _worker_is_boundary = is_boundary
-
-
-def _encode(text: str) -> np.ndarray:
-    return np.asarray(_worker_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
 def _encode_item(item: tuple[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
     text, n_skipped = item
-    return (*encode_document(_worker_tokenizer, text, _worker_is_boundary), n_skipped)
+    from tokenizers import Tokenizer
+
+    encode = encode_document if isinstance(_worker_tokenizer, Tokenizer) else encode_document_slow
+    return (*encode(_worker_tokenizer, text, _worker_is_boundary), n_skipped)
 
 
 def _is_val(index: int, fraction: float) -> bool:
@@ -156,11 +156,11 @@ def run(cfg: PrepareConfig) -> Path:
             print(f"predistill: resuming {tmp}: domain {first_domain + 1} of {len(sources)}, document "
                   f"{progress['index']}", file=sys.stderr)
         bar = tqdm(total=total, unit="doc", desc="prepare", dynamic_ncols=True)
-        tokenizer_json = tokenizer.backend_tokenizer.to_str()
-        pool = (mp.get_context("spawn").Pool(cfg.workers, _init_worker, (tokenizer_json, is_boundary))
+        definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else tokenizer
+        pool = (mp.get_context("spawn").Pool(cfg.workers, _init_worker, (definition, is_boundary))
                 if cfg.workers > 1 else None)
         if pool is None:
-            _init_worker(tokenizer_json, is_boundary)
+            _init_worker(definition, is_boundary)
         try:
             for domain, source in enumerate(sources):
                 if domain < first_domain:

@@ -27,8 +27,8 @@ stage reruns that stage and what depends on it, nothing else; a stage that was k
 with the same hash is rerun in place and resumes its own work (checkpoints, finished shards). A
 stage whose hash changed is rerun from an empty directory.
 
-`nproc_per_node = N` in a [[stage]] (or `predistill run --nproc-per-node N` for every train and
-score stage) launches that stage with torchrun, one process per device; the artifacts are the
+`nproc_per_node = N` in a [[stage]] (or `predistill run --nproc-per-node N` for every train,
+score, generate and eval stage) launches that stage with torchrun, one process per device; the artifacts are the
 same as with one process, so the key is not part of the stage's hash.
 """
 
@@ -210,17 +210,14 @@ def plan(recipe: Recipe) -> list[tuple[Stage, bool]]:
     return out
 
 
-# stages that run one process per device under torchrun (`run --nproc-per-node`); score with
-# --logits-out writes its logits store from one process
-DISTRIBUTED_COMMANDS = ("train", "score")
+# stages that run one process per device under torchrun (`run --nproc-per-node`)
+DISTRIBUTED_COMMANDS = ("train", "score", "generate", "eval")
 
 
 def processes(stage: Stage, nproc_per_node: int) -> int:
     if stage.nproc_per_node is not None:
         return stage.nproc_per_node
-    if stage.command in DISTRIBUTED_COMMANDS and not (stage.command == "score" and stage.args.get("logits_out")):
-        return nproc_per_node
-    return 1
+    return nproc_per_node if stage.command in DISTRIBUTED_COMMANDS else 1
 
 
 def torchrun_argv(n: int, argv: list[str]) -> list[str]:
@@ -245,8 +242,9 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> l
             continue
         directory = recipe.stage_dir(stage.name)
         record = stage_record(recipe, stage)
-        if directory.exists() and record.get("hash") != stage.hash:
-            shutil.rmtree(directory)  # its inputs changed (or it is unknown): start clean, nothing stale survives
+        if directory.exists() and (record.get("hash") != stage.hash or any(d in ran for d in stage.deps)):
+            # its inputs changed (or were just rewritten, or it is unknown): start clean, nothing stale survives
+            shutil.rmtree(directory)
         elif directory.exists():  # killed (or failed) with these inputs: the stage resumes its own work
             print(f"predistill run: {stage.name}: resuming", flush=True)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +277,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", help="directory for the stages' outputs (default: the recipe's `root`)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (cached / run) and the commands, run nothing")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="launch every train and score stage with torchrun, N processes (one per device); a stage's "
+                   help="launch every train, score, generate and eval stage with torchrun, N processes (one per device); a stage's "
                         "own nproc_per_node key wins (default 1: in-process)")
 
 

@@ -13,10 +13,11 @@ Shard s holds instances [s·shard_size, (s+1)·shard_size). Each shard is writte
 so a killed run resumes where it stopped and rerunning a finished table is a no-op. Under
 `torchrun` (RANK / WORLD_SIZE), rank r computes shards r, r+W, r+2W, …; the table is finished by
 rank 0 after a barrier, or — for ranks started by hand without a rendezvous — by whichever process
-finds every shard done (a plain rerun does it).
+finds every shard done (a plain rerun does it). With `--logits-out`, a rank owns whole logits
+shards (runs of score shards), so no logits shard is written by two processes.
 
-The teacher forward is shared (`predistill.forward`): `run_forward_pass` runs the model body once per batch and hands
-a `ForwardBatch` (instance ids, input tokens, lengths, final hidden states, lm-head weight) to
+The teacher forward is shared (`predistill.forward`): `run_forward_pass` runs the model body once
+per batch and hands a `ForwardBatch` (instance ids, input tokens, lengths, final hidden states, lm-head weight) to
 every `ForwardConsumer` it is given. `ShardScoreWriter` is one consumer; `LogitsStoreConsumer`
 (around `predistill.logits.LogitsStoreWriter`) is another: `--logits-out LDIR` writes the teacher's
 logits store in the same pass. Its manifest references the score table (`scored_with`) instead of
@@ -171,7 +172,7 @@ def _annotate_logits(ldir: Path, scored_with: dict, flops: int | None) -> None:
         write_manifest(ldir, new)
 
 
-def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs, model, world: int) -> LogitsStoreWriter:
+def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs) -> LogitsStoreWriter:
     """Check that a logits store can be made in this pass and open its writer (refusals are one line)."""
     lcfg = cfg.logits_config()
     ldir, out = Path(cfg.logits_out), Path(cfg.out)
@@ -247,7 +248,7 @@ def run(cfg: ScoreConfig) -> Path:
             if rank == 0:
                 print(f"predistill: {out} is already complete; nothing to do", file=sys.stderr)
             return out
-    logits = _open_logits_writer(cfg, store, inputs, model, world) if cfg.logits_out else None
+    logits = _open_logits_writer(cfg, store, inputs) if cfg.logits_out else None
     desc = f"score {Path(cfg.model).name}"
 
     if table_complete:

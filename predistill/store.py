@@ -13,7 +13,7 @@
 downstream artifacts (scores, selections, logits) record it and refuse another store's.
 `chunk_sha256` holds the sha256 of each `chunk_bytes` (64 MiB) piece of tokens.bin: a reader
 verifies a chunk (and that its ids are inside the vocabulary) the first time it reads from it, so a
-store changed in place is refused at a cost of one pass over what is read, whatever the store's
+store changed in place is refused at a cost of one pass over the chunks read, whatever the store's
 size. (Stores written before checksums existed get the vocabulary check only.)
 """
 
@@ -137,6 +137,7 @@ class TokenStore:
         missing = [k for k in REQUIRED_KEYS if k not in self.manifest]
         if missing:
             raise PredistillError(f"{self.dir}: the manifest lacks {', '.join(missing)} (corrupted store)")
+        self._check_manifest_types()
         try:
             self.dtype = np.dtype(self.manifest["dtype"])
             self.offsets = np.load(self.dir / "offsets.npy", allow_pickle=False)
@@ -170,6 +171,28 @@ class TokenStore:
             raise PredistillError(f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
                                   f"{n_chunks} chunks of tokens.bin (corrupted store)")
         self._verified = np.zeros(n_chunks, dtype=bool)
+
+    def _check_manifest_types(self) -> None:
+        """What the reader computes with must be what a writer writes (one-line errors, not tracebacks)."""
+        m = self.manifest
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        bad = [k for k in ("n_tokens", "n_instances", "vocab_size", "eos_id") if not is_int(m[k]) or m[k] < 0]
+        if not bad and m["vocab_size"] < 1:
+            bad.append("vocab_size")
+        if not bad and m["dtype"] != token_dtype(m["vocab_size"]).name:
+            bad.append("dtype")  # e.g. int16 over uint16 data: ids would read back negative
+        chunk_bytes = m.get("chunk_bytes", CHUNK_BYTES)
+        if not is_int(chunk_bytes) or chunk_bytes < 1 or (not bad and chunk_bytes % np.dtype(m["dtype"]).itemsize):
+            bad.append("chunk_bytes")
+        checksums = m.get("chunk_sha256")
+        if ("chunk_bytes" in m and checksums is None) or (
+                checksums is not None and not (isinstance(checksums, list) and all(isinstance(c, str) for c in checksums))):
+            bad.append("chunk_sha256")
+        if bad:
+            raise PredistillError(f"{self.dir}: the manifest's {', '.join(bad)} cannot be this store's (corrupted store)")
 
     def _verify(self, start: int, end: int) -> None:
         """Check the chunks holding tokens [start, end) the first time they are read: their sha256

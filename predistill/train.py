@@ -491,7 +491,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                 # every rank sees the same global sums and norm, so all stop here together
                 raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
                                       f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
-                                      f"checkpoint in {out} is the last good state (lower --lr, check the data)")
+                                      f"checkpoint in {out} is the last good state (check the data, or rerun into a "
+                                      "new --out with a lower --lr)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += global_targets

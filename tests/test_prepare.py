@@ -434,3 +434,37 @@ def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(tmp_p
     assert "resuming" in capsys.readouterr().err
     assert file_hashes(resumed) == file_hashes(clean)
     assert not (tmp_path / "resumed.partial").exists()
+
+
+def slow_twin(bpe_tokenizer, out: Path):
+    """The test BPE tokenizer as a slow (pure Python) GPT-2 tokenizer: no Rust implementation."""
+    from transformers import GPT2Tokenizer
+
+    model = json.loads((Path(bpe_tokenizer) / "tokenizer.json").read_text())["model"]
+    out.mkdir()
+    (out / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return GPT2Tokenizer(str(out / "vocab.json"), str(out / "merges.txt"), eos_token="<|endoftext|>",
+                         unk_token="<|endoftext|>", bos_token="<|endoftext|>", add_prefix_space=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_slow_only_tokenizer_is_loaded_with_a_warning_and_prepares_a_store(bpe_tokenizer, corpus, tmp_path,
+                                                                             monkeypatch, capsys, workers):
+    import transformers
+
+    slow = slow_twin(bpe_tokenizer, tmp_path / "slow")
+    assert not slow.is_fast
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", classmethod(lambda cls, *a, **k: slow))
+    tokenizer = load_tokenizer(str(tmp_path / "slow"))
+    assert "no fast (Rust) implementation" in capsys.readouterr().err
+    assert tokenizer_hash(tokenizer) == tokenizer_hash(slow_twin(bpe_tokenizer, tmp_path / "again"))
+    out = run(PrepareConfig(sources=[f"jsonl:{corpus['prose']}"], tokenizer=str(tmp_path / "slow"),
+                            out=str(tmp_path / "store"), max_len=MAX_LEN, workers=workers))
+    store = TokenStore(out)
+    assert store.tokenizer_hash == tokenizer_hash(tokenizer) and len(store) > 10
+    assert max(store.lengths) <= MAX_LEN + 1
+    docs = domain_docs(corpus["prose"])
+    text = "".join(store.decode(i) for i in range(len(store)))
+    assert text.startswith(docs[0]) and text.count("<|endoftext|>") == len(docs)

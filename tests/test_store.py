@@ -89,6 +89,13 @@ def test_batch_pads_and_reports_lengths(tmp_path):
     (lambda d: _drop_manifest_key(d, "dtype"), "lacks dtype"),
     (lambda d: _edit_manifest(d, chunk_sha256=["0" * 64] * 2), "2 chunk checksums for 1 chunks"),
     (lambda d: (d / "offsets.npy").write_bytes(b"garbage"), "unreadable store index"),
+    (lambda d: _edit_manifest(d, chunk_bytes=0), "chunk_bytes cannot be"),
+    (lambda d: _edit_manifest(d, chunk_sha256=5), "chunk_sha256 cannot be"),
+    (lambda d: _drop_manifest_key(d, "chunk_sha256"), "chunk_sha256 cannot be"),  # checksums switched off
+    (lambda d: _edit_manifest(d, vocab_size="x"), "vocab_size cannot be"),
+    (lambda d: _edit_manifest(d, dtype="int16"), "dtype cannot be"),  # same bytes, ids would read negative
+    (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe{"), "unreadable manifest"),
+    (lambda d: (d / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
 ])
 def test_corrupted_store_is_refused(tmp_path, corrupt, match):
     directory = write_store(tmp_path / "s")
@@ -135,6 +142,7 @@ def test_an_id_outside_the_vocabulary_is_refused_when_read_even_without_checksum
     data[:2] = np.array([500], dtype=np.uint16).tobytes()  # vocabulary of 100
     (directory / "tokens.bin").write_bytes(bytes(data))
     _drop_manifest_key(directory, "chunk_sha256")  # a store written before checksums existed
+    _drop_manifest_key(directory, "chunk_bytes")
     with pytest.raises(PredistillError, match="token id 500 in chunk 0 is outside the vocabulary"):
         TokenStore(directory).batch([1, 0])
 
