@@ -214,3 +214,37 @@ def test_a_stage_with_nproc_per_node_runs_under_torchrun(corpus, bpe_tokenizer, 
     assert execute(recipe) == ["corpus", "lm"]
     manifest = json.loads((tmp_path / "root" / "lm" / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["steps"] == 4
+
+
+@pytest.mark.slow  # subprocesses
+def test_a_recipe_killed_inside_scoring_resumes_and_ends_byte_identical(corpus, bpe_tokenizer, tmp_path):
+    (tmp_path / "r.toml").write_text(f"""
+[[stage]]
+name = "corpus"
+command = "prepare"
+args = {{ source = ["jsonl:{corpus['prose']}", "jsonl:{corpus['code']}"], tokenizer = "{bpe_tokenizer}", out = "{{self}}", max_len = 32 }}
+
+[[stage]]
+name = "scores"
+command = "score"
+args = {{ model = "preset:tiny", store = "{{corpus}}", out = "{{self}}/table", shard_size = 4, batch_size = 2 }}
+""")
+    command = [sys.executable, "-m", "predistill", "run", str(tmp_path / "r.toml"), "--root"]
+    subprocess.run([*command, str(tmp_path / "straight")], env=subprocess_env(), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*command, str(killed)], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not list((killed / "scores" / "table" / "shards").glob("*.done")):
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (killed / "scores" / "table" / "manifest.json").exists()
+    rerun = subprocess.run([*command, str(killed)], env=subprocess_env(), check=True, capture_output=True, text=True)
+    assert "scores: resuming" in rerun.stdout and "shards already done" in rerun.stderr
+    files = [{p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "scores" / "table").rglob("*"))
+              if p.is_file() and p.name != "manifest.json" and p.name != "plan.json"}
+             for root in (killed, tmp_path / "straight")]
+    assert files[0] == files[1]
