@@ -23,7 +23,7 @@ N_TOKENS, HIDDEN, VOCAB = 4096, 576, 49152
 
 LOSS_CHILD = r"""
 import json, resource, sys, time, torch
-from predistill.losses import lm_loss
+from predistill.losses import fused_lm_loss, lm_loss
 variant, n, h, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 hidden = torch.randn(n, h, requires_grad=True)
@@ -37,6 +37,9 @@ base = rss_kb()
 t0 = time.perf_counter()
 if variant == "chunked":
     loss, _ = lm_loss(hidden, weight, targets, mask)
+elif variant == "fused":
+    total, _ = fused_lm_loss(hidden, weight, targets)
+    loss = total / n
 else:
     loss = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
 loss.backward()
@@ -136,16 +139,65 @@ def step_times(preset: str = "tiny", steps: int = 6, batch: int = 8, seq: int = 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def step_vs_plain_loop(preset: str = "small", steps: int = 6, batch: int = 8, seq: int = 256) -> dict[str, float]:
+    """Median seconds of one training step: predistill's (body → fused chunked LM loss → AdamW) vs
+    the plain loop a user would write (`model(ids).logits` → cross-entropy → AdamW), alternating in
+    one process on two copies of the same model."""
+    import copy
+    import statistics
+
+    import torch
+
+    from predistill.train import LossModel
+
+    ours_model = vocab_model(preset)
+    plain_model = copy.deepcopy(ours_model)
+    loss_model = LossModel(ours_model, 1024)
+    opts = {"ours": torch.optim.AdamW(ours_model.parameters(), lr=1e-4),
+            "plain": torch.optim.AdamW(plain_model.parameters(), lr=1e-4)}
+    inputs = torch.randint(0, VOCAB, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.bool)
+    times: dict[str, list[float]] = {"ours": [], "plain": []}
+    for step in range(2 * steps):
+        name = "ours" if step % 2 == 0 else "plain"
+        t0 = time.perf_counter()
+        if name == "ours":
+            lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
+            (lm_sum / mask.sum()).backward()
+        else:
+            logits = plain_model(input_ids=inputs).logits
+            torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), inputs.view(-1)).backward()
+        opts[name].step()
+        opts[name].zero_grad()
+        if step >= 2:
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     print(f"## Chunked LM loss vs naive full logits (N={N_TOKENS}, H={HIDDEN}, V={VOCAB}, fp32, CPU)\n")
-    naive, chunked = loss_variant("naive"), loss_variant("chunked")
-    assert abs(naive["loss"] - chunked["loss"]) < 1e-4, (naive, chunked)
-    assert abs(naive["grad_h"] - chunked["grad_h"]) / naive["grad_h"] < 1e-4
-    print("| variant | peak extra memory (MB) | time (s) |\n|---|---|---|")
-    for name, r in (("naive", naive), ("chunked", chunked)):
-        print(f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.2f} |")
-    print(f"\nmemory ratio chunked/naive: **{chunked['peak_mb'] / naive['peak_mb']:.3f}**, "
-          f"time ratio: **{chunked['seconds'] / naive['seconds']:.2f}**\n")
+    variants = {name: loss_variant(name) for name in ("naive", "chunked", "fused")}
+    naive = variants["naive"]
+    for name, r in variants.items():
+        assert abs(naive["loss"] - r["loss"]) < 1e-4, (name, naive, r)
+        assert abs(naive["grad_h"] - r["grad_h"]) / naive["grad_h"] < 1e-4, (name, naive, r)
+    print("| variant | peak extra memory (MB) | time (s) | memory / naive | time / naive |\n|---|---|---|---|---|")
+    for name, r in variants.items():
+        print(f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.2f} | {r['peak_mb'] / naive['peak_mb']:.3f} | "
+              f"{r['seconds'] / naive['seconds']:.2f} |")
+    for name, r in variants.items():
+        print(json.dumps({"bench": "lm_loss", "variant": name, "n": N_TOKENS, "hidden": HIDDEN, "vocab": VOCAB,
+                          "peak_mb": round(r["peak_mb"], 1), "seconds": round(r["seconds"], 3),
+                          "memory_vs_naive": round(r["peak_mb"] / naive["peak_mb"], 3),
+                          "time_vs_naive": round(r["seconds"] / naive["seconds"], 3)}))
+    print("\n## A training step vs the plain loop (preset:small, 49k vocabulary, batch 8 × 256, fp32, CPU)\n")
+    step = step_vs_plain_loop()
+    print(f"| loop | median s |\n|---|---|\n| plain (`model(ids).logits` → cross-entropy) | {step['plain']:.3f} |\n"
+          f"| predistill (body → fused chunked loss) | {step['ours']:.3f} |\n\nspeed-up: "
+          f"**{step['plain'] / step['ours']:.2f}×**\n")
+    print(json.dumps({"bench": "train_step_vs_plain", "preset": "small", "batch": 8, "seq": 256,
+                      "plain_s": round(step["plain"], 3), "ours_s": round(step["ours"], 3),
+                      "speedup": round(step["plain"] / step["ours"], 3)}))
     print("## Offline-KD step vs LM-only step (preset:tiny, batch 8 × 256, top-5 entries, fp32, CPU)\n")
     times = step_times()
     print("| step | median s |\n|---|---|")

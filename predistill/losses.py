@@ -79,3 +79,52 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m
     keep = mask.bool()
     nll[keep] = -gather_logprobs(hidden[keep], weight, targets[keep].unsqueeze(1), chunk_size).squeeze(1)
     return nll.sum() / keep.sum().clamp(min=1), nll
+
+
+class _FusedLMLoss(torch.autograd.Function):
+    """Σ NLL of `targets` under softmax(hidden @ weightᵀ), with the gradient computed in the forward
+    pass (Liger-style): per chunk of rows, logits → log-sum-exp → NLL → d(logits) = softmax − onehot →
+    d(hidden) for the chunk and d(weight) accumulated. Backward only scales the stored gradients by the
+    incoming scalar, so no chunk's logits are computed twice (the plain chunked path recomputes them)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nll = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h, t = hidden[rows], targets[rows]
+            logits = _chunk_logits(h, weight)
+            lse = torch.logsumexp(logits, dim=-1)
+            nll[rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
+            if need_h or need_w:
+                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the chunk's own buffer
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
+                if need_h:
+                    grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += grad_logits.t() @ h.to(acc)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (need_h, need_w)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        ctx.mark_non_differentiable(nll)
+        return nll.sum(), nll
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_rows):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        grad_h = (next(saved) * grad_total).to(ctx.hidden_dtype) if need_h else None
+        grad_w = (next(saved) * grad_total).to(ctx.weight_dtype) if need_w else None
+        return grad_h, grad_w, None, None
+
+
+def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ NLL, per-row NLL) of `targets` [N] under softmax(hidden [N, H] @ weight [V, H]ᵀ), fp32, with
+    the gradient of Σ NLL computed during the forward (`_FusedLMLoss`). The per-row values carry no
+    gradient: a loss built from them must use `gather_logprobs` instead."""
+    return _FusedLMLoss.apply(hidden, weight, targets, chunk_size)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from predistill.artifacts import PredistillError, check_output, write_json_atomic, write_manifest
 from predistill.config import add_config_arguments, config_from_args, from_flat, option, to_flat
-from predistill.losses import DEFAULT_CHUNK, gather_logprobs
+from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
 from predistill.models import ATTN_IMPLS, Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
     load_tokenizer, model_body, resolve_device, tokenizer_hash
@@ -208,8 +208,9 @@ class LossModel(torch.nn.Module):
             return nll.sum(), kd_per_position.sum(), nll, hidden
         keep = mask.bool()
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-        nll[keep] = -gather_logprobs(hidden[keep], weight, targets[keep].unsqueeze(1), self.chunk_size).squeeze(1).float()
-        return nll.sum(), nll.new_zeros(()), nll, hidden
+        # the gradient is computed in the forward pass, chunk by chunk: no logits are recomputed in backward
+        total, nll[keep] = fused_lm_loss(hidden[keep], weight, targets[keep], self.chunk_size)
+        return total.float(), nll.new_zeros(()), nll, hidden
 
 
 def flops_per_token(model, vocab_size: int | None = None) -> int:

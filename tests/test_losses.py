@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from predistill.losses import gather_logprobs, lm_loss, token_logprobs
+from predistill.losses import fused_lm_loss, gather_logprobs, lm_loss, token_logprobs
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -46,3 +46,42 @@ def test_lm_loss_masks_padding_and_token_logprobs_keeps_shape():
     torch.testing.assert_close(nll[mask], -logp[mask])
     assert torch.all(nll[~mask] == 0)
     torch.testing.assert_close(mean, -logp[mask].mean())
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+@pytest.mark.parametrize("needs", ["both", "hidden", "weight"])
+def test_fused_lm_loss_equals_cross_entropy_in_values_and_gradients(chunk, needs):
+    torch.manual_seed(0)
+    n, h, v = 50, 16, 97
+    hidden = torch.randn(n, h, requires_grad=needs in ("both", "hidden"))
+    weight = (torch.randn(v, h) * 0.3).requires_grad_(needs in ("both", "weight"))
+    targets = torch.randint(0, v, (n,))
+    total, rows = fused_lm_loss(hidden, weight, targets, chunk)
+    (0.37 * total).backward()  # any upstream scale: the stored gradient is scaled in backward
+    fused = [t.grad.clone() if t.grad is not None else None for t in (hidden, weight)]
+    hidden.grad = weight.grad = None
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    (0.37 * reference.sum()).backward()
+    torch.testing.assert_close(rows, reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total.detach(), reference.sum().detach(), rtol=1e-5, atol=1e-5)
+    for got, tensor in zip(fused, (hidden, weight)):
+        if tensor.requires_grad:
+            torch.testing.assert_close(got, tensor.grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert got is None
+
+
+def test_fused_lm_loss_accumulates_like_any_loss_and_costs_nothing_without_grad():
+    torch.manual_seed(1)
+    hidden = torch.randn(20, 8, requires_grad=True)
+    weight = torch.randn(30, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (20,))
+    for part in (slice(0, 10), slice(10, 20)):  # two micro-batches, one optimizer step
+        fused_lm_loss(hidden[part], weight, targets[part], 4)[0].backward()
+    accumulated = weight.grad.clone()
+    weight.grad = None
+    torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum").backward()
+    torch.testing.assert_close(accumulated, weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        total, _ = fused_lm_loss(hidden, weight, targets, 4)
+    assert not total.requires_grad
