@@ -133,7 +133,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         if path.suffix == ".json":  # a run's own config.json: reruns exactly that run
-            loaded = {k: v for k, v in json.loads(path.read_text()).items() if k != "command" and v is not None}
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                loaded = {k: v for k, v in loaded.items() if k != "command" and v is not None}
         else:
             loaded = tomllib.loads(path.read_text())
     except FileNotFoundError:

@@ -385,6 +385,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
         if d.main:
             print(f"predistill: {out} is already complete; nothing to do")
         return out
+    d.barrier()  # every rank has judged OUT before any of them writes into it (the online-logits store, say)
 
     model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
                           attn_impl=cfg.attn_impl)

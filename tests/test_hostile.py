@@ -99,6 +99,11 @@ def foreign_dir(t: Path) -> str:
     return str(t / "foreign")
 
 
+def json_file(t: Path, text: str) -> str:
+    (t / "c.json").write_text(text)
+    return str(t / "c.json")
+
+
 def toml(t: Path, text: str) -> str:
     (t / "c.toml").write_text(text)
     return str(t / "c.toml")
@@ -141,6 +146,8 @@ CASES = [
                                              "--flops-budget", "0"], "--flops-budget must be a finite number > 0"),
     ("--config with a string for an integer", lambda t, a: ["train", "--config", toml(t, 'steps = "three"\n'),
                                                              "--store", "S", "--out", "O"], "is not an integer"),
+    ("--config JSON that is not an object", lambda t, a: ["train", "--config", json_file(t, "[1, 2]")],
+     "expected a table of settings"),
     ("--config with an unknown choice", lambda t, a: ["score", "--config", toml(t, 'logits_mode = "all"\n'),
                                                        "--model", "m", "--store", "s", "--out", "o"], "choose from"),
     # --- artifacts changed or broken after they were written ---
