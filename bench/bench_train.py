@@ -105,11 +105,10 @@ class SyntheticLogits:
         self.targets = TeacherTargets(ids, logprobs, torch.ones(batch, seq, k, dtype=torch.bool))
         self.cfg = KDConfig.from_temperature("2.0", loss="kld")
 
-    def losses(self, hidden, weight, inputs, targets, mask, kd_batch):
-        from predistill.kd import lm_kd_loss
+    def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
+        from predistill.kd import fused_lm_kd_loss
 
-        _, _, lm_pp, kd_pp = lm_kd_loss(hidden, weight, targets, self.targets, self.cfg, mask)
-        return lm_pp, kd_pp
+        return fused_lm_kd_loss(hidden, weight, targets, self.targets, self.cfg, mask, weights=(1 - alpha, alpha))
 
 
 def step_times(preset: str = "tiny", steps: int = 6, batch: int = 8, seq: int = 256) -> dict[str, float]:
@@ -130,7 +129,7 @@ def step_times(preset: str = "tiny", steps: int = 6, batch: int = 8, seq: int = 
     for step in range(2 * steps):
         name = "lm" if step % 2 == 0 else "lm+offline kd"
         t0 = time.perf_counter()
-        lm_sum, kd_sum, _, _ = loss_model(inputs, inputs, mask, None, kd if name != "lm" else None)
+        lm_sum, kd_sum, _, _ = loss_model(inputs, inputs, mask, None, kd if name != "lm" else None, 0.9)
         ((0.1 * lm_sum + 0.9 * kd_sum) / mask.sum()).backward()
         opt.step()
         opt.zero_grad()

@@ -3,13 +3,16 @@
 A KD source has
 - `flops_per_token`: teacher FLOPs spent per trained token at training time (0 when offline);
 - `batch(ids, inputs)`: what its loss needs for a micro-batch, read before the forward;
-- `losses(hidden, weight, inputs, targets, mask, kd_batch)` → per-position (L_lm, L_kd) [B, L],
-  computed from the student's final hidden states and lm-head weight without [B·L × V] logits.
+- `losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)` → (Σ L_lm, Σ L_kd, L_lm and L_kd
+  per position [B, L]), computed from the student's final hidden states and lm-head weight without
+  [B·L × V] logits; the sums carry the gradients and enter the loss as (1 − α)·Σ L_lm + α·Σ L_kd
+  (times any common factor), the per-position values are for logging.
 
 Three sources:
 - `OfflineLogits` (PD): a logits store written by `predistill score --logits-out` (or by a model
   that saved its own *online logits* while it trained). The LM loss and KD share one pass over the
-  vocabulary (predistill.kd.lm_kd_loss), so an offline-KD step costs about an LM-only step.
+  vocabulary with both gradients computed in it (predistill.kd.fused_lm_kd_loss), so an offline-KD
+  step costs about an LM-only step.
 - `OnlineTeacher` (Vanilla KD): a teacher model run on every micro-batch; full-vocabulary KD
   (predistill.kd.online_kd_loss); its 2·N_teacher FLOPs per token are counted.
 - `MiniLLM`: reverse KL on the student's own samples, scored by an online teacher (see the class).
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from predistill.artifacts import PredistillError
-from predistill.kd import KDConfig, lm_kd_loss, online_kd_loss
+from predistill.kd import KDConfig, fused_lm_kd_loss, online_kd_loss
 from predistill.losses import lm_loss
 from predistill.models import forward_params, head_weight, load_model, model_body, tokenizer_hash
 from predistill.store import TokenStore
@@ -50,9 +53,8 @@ class OfflineLogits:
     def batch(self, ids, inputs: torch.Tensor):
         return self.store.read_batch(ids, inputs.shape[1])
 
-    def losses(self, hidden, weight, inputs, targets, mask, kd_batch):
-        _, _, lm_pp, kd_pp = lm_kd_loss(hidden, weight, targets, kd_batch, self.kd_cfg, mask)
-        return lm_pp, kd_pp
+    def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
+        return fused_lm_kd_loss(hidden, weight, targets, kd_batch, self.kd_cfg, mask, weights=(1 - alpha, alpha))
 
 
 class OnlineTeacher:
@@ -73,12 +75,12 @@ class OnlineTeacher:
     def batch(self, ids, inputs: torch.Tensor):
         return None
 
-    def losses(self, hidden, weight, inputs, targets, mask, kd_batch):
+    def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         with torch.no_grad():
             teacher_hidden = self.body(input_ids=inputs).last_hidden_state
         _, lm_pp = lm_loss(hidden, weight, targets, mask, self.chunk_size)
         _, kd_pp = online_kd_loss(hidden, weight, teacher_hidden, self.weight, self.kd_cfg, mask)
-        return lm_pp, kd_pp
+        return lm_pp.sum(), kd_pp.sum(), lm_pp, kd_pp
 
 
 class MiniLLM(OnlineTeacher):
@@ -127,10 +129,10 @@ class MiniLLM(OnlineTeacher):
         self.student.train(was_training)
         return samples
 
-    def losses(self, hidden, weight, inputs, targets, mask, kd_batch):
+    def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         _, lm_pp = lm_loss(hidden, weight, targets, mask, self.chunk_size)
         if kd_batch is None:
-            return lm_pp, lm_pp.new_zeros(())
+            return lm_pp.sum(), lm_pp.new_zeros(()), lm_pp, lm_pp.new_zeros(())
         body = model_body(self.student)
         sample_hidden = body(input_ids=kd_batch[:, :-1]).last_hidden_state
         with torch.no_grad():
@@ -138,4 +140,4 @@ class MiniLLM(OnlineTeacher):
         generated = torch.zeros(kd_batch[:, :-1].shape, dtype=torch.bool, device=kd_batch.device)
         generated[:, self.prefix_len - 1:] = True  # positions whose next token the student sampled
         _, kd_pp = online_kd_loss(sample_hidden, weight, teacher_hidden, self.weight, self.kd_cfg, generated)
-        return lm_pp, kd_pp
+        return lm_pp.sum(), kd_pp.sum(), lm_pp, kd_pp

@@ -83,7 +83,7 @@ from torch.utils.checkpoint import checkpoint
 from predistill.artifacts import PredistillError
 from predistill.config import option
 from predistill.logits import TeacherTargets
-from predistill.losses import DEFAULT_CHUNK, gather_logprobs
+from predistill.losses import DEFAULT_CHUNK, _chunk_logits, gather_logprobs
 
 LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd")  # the names of KD_LOSSES, in CLI order
 TEMPERATURE_MODES = ("static", "normkd", "wttm", "adakd-sd", "adakd-h")
@@ -372,6 +372,105 @@ def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Te
         kd_per_position = kd_per_position.index_put((kd_rows,), per_row)
         kd_mean = per_row.sum() / len(kd_rows)
     return nll.sum() / len(rows), kd_mean, lm_per_position.view(lead), kd_per_position.view(lead)
+
+
+class _FusedLMKD(torch.autograd.Function):
+    """(Σ NLL, Σ KD) over rows with the gradient of w_lm·Σ NLL + w_kd·Σ KD computed in the forward
+    pass, chunk by chunk: logits → lse → log-probs at [next token, teacher ids] → per-row LM and KD
+    losses (their gradient by autograd on the [rows, 1+K] gathered values only) → G → d(logits) =
+    scatter(G) − softmax·ΣG → d(hidden), d(weight). One logits matmul and two gradient matmuls per
+    chunk, as for the LM loss alone. Backward scales the stored gradient by the common factor of the
+    incoming (g_lm, g_kd), which must weigh the sums as (w_lm, w_kd) did (train's α schedule does)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, both, lps, mask, distilled, cfg, chunk_size, w_lm, w_kd):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        lm_rows = torch.zeros(n, dtype=acc, device=hidden.device)
+        kd_rows = torch.zeros(n, dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for start in range(0, n, chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows]
+            logits = _chunk_logits(h, weight)
+            lse = torch.logsumexp(logits, dim=-1)
+            logq = (logits.gather(1, both[rows]) - lse[:, None]).detach().requires_grad_()
+            kd_here = distilled[rows]
+            with torch.enable_grad():  # (Function.forward runs without grad)
+                lm = -logq[:, 0]
+                total = w_lm * lm.sum()
+                kd = torch.zeros_like(lm)
+                if kd_here.any():
+                    lps_k, mask_k = lps[rows][kd_here], mask[rows][kd_here]
+                    tau = teacher_temperature(lps_k, mask_k, cfg)
+                    per_row = kd_terms(logq[kd_here, 1:], lps_k, mask_k, tau, cfg, bucket=cfg.tail == "bucket")
+                    factor = loss_weight(lps_k, mask_k, tau, cfg)
+                    per_row = per_row * factor if factor is not None else per_row
+                    kd = kd.index_put((torch.nonzero(kd_here).flatten(),), per_row)
+                    total = total + w_kd * per_row.sum()
+                g = torch.autograd.grad(total, logq)[0] if (need_h or need_w) else None
+            lm_rows[rows], kd_rows[rows] = lm.detach(), kd.detach()
+            if g is None:
+                continue
+            softmax = logits.sub_(lse[:, None]).exp_()  # the chunk's own buffer
+            grad_logits = softmax.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, both[rows], g)
+            if need_h:
+                grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += grad_logits.t() @ h.to(acc)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.has, ctx.weights = (need_h, need_w), (w_lm, w_kd)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(lm_rows, kd_rows)
+        return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
+
+    @staticmethod
+    def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
+        (w_lm, w_kd), (need_h, need_w) = ctx.weights, ctx.has
+        scales = [g / w for g, w in ((g_lm, w_lm), (g_kd, w_kd)) if w != 0]
+        scale = scales[0]
+        if len(scales) == 2 and not torch.allclose(scales[0], scales[1], rtol=1e-4, atol=0):
+            raise RuntimeError(f"fused_lm_kd_loss was told the sums are weighed {w_lm}:{w_kd}, but the loss weighs "
+                               f"them {float(g_lm)}:{float(g_kd)}")
+        saved = iter(ctx.saved_tensors)
+        grad_h = (next(saved) * scale).to(ctx.dtypes[0]) if need_h else None
+        grad_w = (next(saved) * scale).to(ctx.dtypes[1]) if need_w else None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
+                     cfg: KDConfig, position_mask: torch.Tensor | None = None, weights: tuple[float, float] = (0.5, 0.5)
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lm_kd_loss` as sums with the gradient computed in the forward pass: (Σ LM, Σ KD, LM per
+    position, KD per position). The sums carry the gradient and must enter the loss in the ratio
+    `weights` (train's (1 − α, α), times any common factor); the per-position values carry none.
+    NormKD tempers the student's logits, so it takes `lm_kd_loss`'s path."""
+    if cfg.temperature_mode == "normkd":
+        lm_mean, kd_mean, lm_pp, kd_pp = lm_kd_loss(hidden, weight, next_tokens, targets, cfg, position_mask)
+        return lm_pp.sum(), kd_pp.sum(), lm_pp.detach(), kd_pp.detach()
+    lead = next_tokens.shape
+    if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
+        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
+                              f"{tuple(targets.mask.shape)} must cover the same positions")
+    n_all = lead.numel()
+    ids, lps, mask = (x.reshape(n_all, -1).to(hidden.device) for x in (targets.ids, targets.logprobs, targets.mask))
+    if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
+        raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
+                              f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
+    rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    lm_pp = torch.zeros(n_all, dtype=acc, device=hidden.device)
+    kd_pp = torch.zeros(n_all, dtype=acc, device=hidden.device)
+    if len(rows) == 0:
+        zero = hidden.sum() * 0
+        return zero, zero, lm_pp.view(lead), kd_pp.view(lead)
+    both = torch.cat([next_tokens.reshape(-1, 1)[rows].to(ids.dtype), ids[rows]], dim=1)
+    lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMKD.apply(
+        hidden.reshape(-1, hidden.shape[-1])[rows], weight, both, lps[rows], mask[rows], mask[rows].any(-1), cfg,
+        cfg.chunk_size, float(weights[0]), float(weights[1]))
+    return lm_sum, kd_sum, lm_pp.index_put((rows,), lm_rows).view(lead), kd_pp.index_put((rows,), kd_rows).view(lead)
 
 
 # ------------------------------------------------------------------------------------------------

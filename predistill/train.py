@@ -199,13 +199,13 @@ class LossModel(torch.nn.Module):
         # the tokenizer's ids (default: every row of the head); rows past them are padding
         self.vocab_size = vocab_size or lm.get_output_embeddings().weight.shape[0]
 
-    def forward(self, inputs, targets, mask, kd_batch=None, kd=None):
+    def forward(self, inputs, targets, mask, kd_batch=None, kd=None, alpha: float = 0.5):
         """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions."""
         hidden = model_body(self.lm)(input_ids=inputs).last_hidden_state
         weight = head_weight(self.lm, self.vocab_size)  # padded rows are not tokens
         if kd is not None:
-            nll, kd_per_position = kd.losses(hidden, weight, inputs, targets, mask, kd_batch)
-            return nll.sum(), kd_per_position.sum(), nll, hidden
+            lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
+            return lm_sum, kd_sum, nll, hidden
         keep = mask.bool()
         nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
         # the gradient is computed in the forward pass, chunk by chunk: no logits are recomputed in backward
@@ -477,7 +477,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                 inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch)
                 kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
                 with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
-                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd)
+                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd, alpha)
                     # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
                     loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
                 loss.backward()

@@ -304,3 +304,43 @@ def test_fused_lm_kd_equals_separate_losses(mode, tail):
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-6)
     assert results[0][3][1, 0] == 0 and results[0][2][1, 0] > 0
+
+
+@pytest.mark.parametrize("loss,mode,tail", CASES)
+def test_fused_lm_kd_loss_equals_the_recomputing_one_in_values_and_gradients(loss, mode, tail):
+    """The gradient computed in the forward pass (fused_lm_kd_loss) is the one autograd gets through
+    lm_kd_loss, for every loss × temperature × tail, with rows the teacher has nothing for and
+    padding; the two sums may be weighed freely (α schedules)."""
+    from predistill.kd import fused_lm_kd_loss
+
+    hidden, weight, targets = make_case(seed=23, n_rows=10)
+    hidden, targets = hidden.view(2, 5, H), targets.reshape(2, 5, K)
+    no_entries = targets.mask.clone()
+    no_entries[1, 0] = False
+    targets = TeacherTargets(targets.ids, targets.logprobs, no_entries)
+    next_tokens = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    pmask = torch.tensor([[True, True, True, True, False], [True, True, True, True, True]])
+    cfg = KDConfig(loss=loss, temperature_mode=mode, tail=tail, temperature=2.0, chunk_size=3).validate()
+    results = []
+    for fused in (True, False):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if fused:
+            lm_sum, kd_sum, lm_pp, kd_pp = fused_lm_kd_loss(h, w, next_tokens, targets, cfg, pmask, weights=(0.3, 0.7))
+        else:
+            _, _, lm_pp, kd_pp = lm_kd_loss(h, w, next_tokens, targets, cfg, pmask)
+            lm_sum, kd_sum = lm_pp.sum(), kd_pp.sum()
+        (2.0 * (0.3 * lm_sum + 0.7 * kd_sum)).backward()  # a common factor (train's 1/targets) is free
+        results.append((lm_sum.detach(), kd_sum.detach(), lm_pp.detach(), kd_pp.detach(), h.grad, w.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lm_kd_loss_refuses_a_loss_that_weighs_its_sums_otherwise():
+    from predistill.kd import fused_lm_kd_loss
+
+    hidden, weight, targets = make_case(seed=5, n_rows=4)
+    h = hidden.clone().requires_grad_()
+    next_tokens = torch.randint(0, V, (4,), generator=torch.Generator().manual_seed(2))
+    lm_sum, kd_sum, _, _ = fused_lm_kd_loss(h, weight, next_tokens, targets, KDConfig(chunk_size=3), weights=(0.5, 0.5))
+    with pytest.raises(RuntimeError, match="weighed 0.5:0.5"):
+        (0.1 * lm_sum + 0.9 * kd_sum).backward()
