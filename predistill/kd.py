@@ -320,6 +320,21 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets,
     return per_row.sum() / len(rows), per_position.view(lead)
 
 
+def _lm_kd_rows(hidden, weight, next_tokens, targets: TeacherTargets, position_mask):
+    """The teacher's entries as [positions, K] and the rows to compute, after the checks that the
+    student, the next tokens and the teacher cover the same positions and share a vocabulary."""
+    lead = next_tokens.shape
+    if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
+        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
+                              f"{tuple(targets.mask.shape)} must cover the same positions")
+    ids, lps, mask = (x.reshape(lead.numel(), -1).to(hidden.device)
+                      for x in (targets.ids, targets.logprobs, targets.mask))
+    if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
+        raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
+                              f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
+    return ids, lps, mask, torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
+
+
 def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
                cfg: KDConfig, position_mask: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -340,16 +355,8 @@ def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Te
         lm_mean, lm_per_position = lm_loss(hidden, weight, next_tokens, keep, cfg.chunk_size)
         kd_mean, kd_per_position = kd_loss(hidden, weight, targets, cfg, position_mask)
         return lm_mean, kd_mean, lm_per_position, kd_per_position
-    if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
-        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
-                              f"{tuple(targets.mask.shape)} must cover the same positions")
-    n_all = lead.numel()
-    ids, lps, mask = (x.reshape(n_all, -1).to(hidden.device) for x in (targets.ids, targets.logprobs, targets.mask))
-    if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
-        raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
-                              f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
-    rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
-    acc = torch.promote_types(hidden.dtype, torch.float32)
+    ids, lps, mask, rows = _lm_kd_rows(hidden, weight, next_tokens, targets, position_mask)
+    n_all, acc = lead.numel(), torch.promote_types(hidden.dtype, torch.float32)
     lm_per_position = torch.zeros(n_all, dtype=acc, device=hidden.device)
     kd_per_position = torch.zeros(n_all, dtype=acc, device=hidden.device)
     if len(rows) == 0:
@@ -451,16 +458,8 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: to
         lm_mean, kd_mean, lm_pp, kd_pp = lm_kd_loss(hidden, weight, next_tokens, targets, cfg, position_mask)
         return lm_pp.sum(), kd_pp.sum(), lm_pp.detach(), kd_pp.detach()
     lead = next_tokens.shape
-    if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
-        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
-                              f"{tuple(targets.mask.shape)} must cover the same positions")
-    n_all = lead.numel()
-    ids, lps, mask = (x.reshape(n_all, -1).to(hidden.device) for x in (targets.ids, targets.logprobs, targets.mask))
-    if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
-        raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
-                              f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
-    rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
-    acc = torch.promote_types(hidden.dtype, torch.float32)
+    ids, lps, mask, rows = _lm_kd_rows(hidden, weight, next_tokens, targets, position_mask)
+    n_all, acc = lead.numel(), torch.promote_types(hidden.dtype, torch.float32)
     lm_pp = torch.zeros(n_all, dtype=acc, device=hidden.device)
     kd_pp = torch.zeros(n_all, dtype=acc, device=hidden.device)
     if len(rows) == 0:
