@@ -83,7 +83,7 @@ from torch.utils.checkpoint import checkpoint
 from predistill.artifacts import PredistillError
 from predistill.config import option
 from predistill.logits import TeacherTargets
-from predistill.losses import DEFAULT_CHUNK, _chunk_logits, gather_logprobs
+from predistill.losses import DEFAULT_CHUNK, fused_head_pass, gather_logprobs, scaled_gradients
 
 LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd")  # the names of KD_LOSSES, in CLI order
 TEMPERATURE_MODES = ("static", "normkd", "wttm", "adakd-sd", "adakd-h")
@@ -385,25 +385,18 @@ class _FusedLMKD(torch.autograd.Function):
     """(Σ NLL, Σ KD) over rows with the gradient of w_lm·Σ NLL + w_kd·Σ KD computed in the forward
     pass, chunk by chunk: logits → lse → log-probs at [next token, teacher ids] → per-row LM and KD
     losses (their gradient by autograd on the [rows, 1+K] gathered values only) → G → d(logits) =
-    scatter(G) − softmax·ΣG → d(hidden), d(weight). One logits matmul and two gradient matmuls per
-    chunk, as for the LM loss alone. Backward scales the stored gradient by the common factor of the
+    scatter(G) − softmax·ΣG → d(hidden), d(weight) (`losses.fused_head_pass`). One logits matmul and
+    two gradient matmuls per chunk, as for the LM loss alone. Backward scales the stored gradient by the common factor of the
     incoming (g_lm, g_kd), which must weigh the sums as (w_lm, w_kd) did (train's α schedule does)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, both, lps, mask, distilled, cfg, chunk_size, w_lm, w_kd):
         acc = torch.promote_types(hidden.dtype, torch.float32)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n = hidden.shape[0]
-        lm_rows = torch.zeros(n, dtype=acc, device=hidden.device)
-        kd_rows = torch.zeros(n, dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for start in range(0, n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            h = hidden[rows]
-            logits = _chunk_logits(h, weight)
-            lse = torch.logsumexp(logits, dim=-1)
-            logq = (logits.gather(1, both[rows]) - lse[:, None]).detach().requires_grad_()
+        lm_rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        kd_rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+
+        def chunk_loss(rows, logq, need_grad):
+            logq = logq.detach().requires_grad_()
             kd_here = distilled[rows]
             with torch.enable_grad():  # (Function.forward runs without grad)
                 lm = -logq[:, 0]
@@ -417,34 +410,23 @@ class _FusedLMKD(torch.autograd.Function):
                     per_row = per_row * factor if factor is not None else per_row
                     kd = kd.index_put((torch.nonzero(kd_here).flatten(),), per_row)
                     total = total + w_kd * per_row.sum()
-                g = torch.autograd.grad(total, logq)[0] if (need_h or need_w) else None
+                g = torch.autograd.grad(total, logq)[0] if need_grad else None
             lm_rows[rows], kd_rows[rows] = lm.detach(), kd.detach()
-            if g is None:
-                continue
-            softmax = logits.sub_(lse[:, None]).exp_()  # the chunk's own buffer
-            grad_logits = softmax.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, both[rows], g)
-            if need_h:
-                grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w += grad_logits.t() @ h.to(acc)
-        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
-        ctx.has, ctx.weights = (need_h, need_w), (w_lm, w_kd)
-        ctx.dtypes = (hidden.dtype, weight.dtype)
+            return g
+
+        fused_head_pass(ctx, hidden, weight, both, chunk_size, chunk_loss)
+        ctx.weights = (w_lm, w_kd)
         ctx.mark_non_differentiable(lm_rows, kd_rows)
         return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
 
     @staticmethod
     def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
-        (w_lm, w_kd), (need_h, need_w) = ctx.weights, ctx.has
+        w_lm, w_kd = ctx.weights
         scales = [g / w for g, w in ((g_lm, w_lm), (g_kd, w_kd)) if w != 0]
-        scale = scales[0]
         if len(scales) == 2 and not torch.allclose(scales[0], scales[1], rtol=1e-4, atol=0):
             raise RuntimeError(f"fused_lm_kd_loss was told the sums are weighed {w_lm}:{w_kd}, but the loss weighs "
                                f"them {float(g_lm)}:{float(g_kd)}")
-        saved = iter(ctx.saved_tensors)
-        grad_h = (next(saved) * scale).to(ctx.dtypes[0]) if need_h else None
-        grad_w = (next(saved) * scale).to(ctx.dtypes[1]) if need_w else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return (*scaled_gradients(ctx, scales[0]), None, None, None, None, None, None, None, None)
 
 
 def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,

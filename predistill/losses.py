@@ -81,45 +81,61 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m
     return nll.sum() / keep.sum().clamp(min=1), nll
 
 
+def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int,
+                    chunk_loss) -> None:
+    """The loop every fused loss shares (Liger-style, plain PyTorch): per chunk of rows, logits →
+    log-sum-exp → logq = log-probs at `ids` [rows, K] → `chunk_loss(rows, logq)` records the chunk's
+    loss values and returns G = d(loss)/d(logq) → d(logits) = scatter(G) − softmax·ΣG (in the chunk's
+    own logits buffer) → d(hidden) for the chunk, d(weight) accumulated. The gradients are saved on
+    `ctx` for `scaled_gradients`: backward only scales them, so no chunk's logits are computed twice."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows]
+        logits = _chunk_logits(h, weight)
+        lse = torch.logsumexp(logits, dim=-1)
+        g = chunk_loss(rows, logits.gather(1, ids[rows]) - lse[:, None], need_h or need_w)
+        if g is None:
+            continue
+        softmax = logits.sub_(lse[:, None]).exp_()
+        grad_logits = softmax.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, ids[rows], g)
+        if need_h:
+            grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+        if need_w:
+            grad_w += grad_logits.t() @ h.to(acc)
+    ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+    ctx.needs, ctx.dtypes = (need_h, need_w), (hidden.dtype, weight.dtype)
+
+
+def scaled_gradients(ctx, scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d hidden, d weight) saved by `fused_head_pass`, times the incoming gradient of the loss."""
+    saved = iter(ctx.saved_tensors)
+    return tuple((next(saved) * scale).to(dtype) if need else None for need, dtype in zip(ctx.needs, ctx.dtypes))
+
+
 class _FusedLMLoss(torch.autograd.Function):
-    """Σ NLL of `targets` under softmax(hidden @ weightᵀ), with the gradient computed in the forward
-    pass (Liger-style): per chunk of rows, logits → log-sum-exp → NLL → d(logits) = softmax − onehot →
-    d(hidden) for the chunk and d(weight) accumulated. Backward only scales the stored gradients by the
-    incoming scalar, so no chunk's logits are computed twice (the plain chunked path recomputes them)."""
+    """Σ NLL of `targets` under softmax(hidden @ weightᵀ), the gradient computed in the forward pass
+    (`fused_head_pass`; for one target G = −1, so d(logits) = softmax − onehot)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        nll = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            h, t = hidden[rows], targets[rows]
-            logits = _chunk_logits(h, weight)
-            lse = torch.logsumexp(logits, dim=-1)
-            nll[rows] = lse - logits.gather(1, t[:, None]).squeeze(1)
-            if need_h or need_w:
-                grad_logits = logits.sub_(lse[:, None]).exp_()  # softmax, in the chunk's own buffer
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1
-                if need_h:
-                    grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-                if need_w:
-                    grad_w += grad_logits.t() @ h.to(acc)
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-        ctx.has = (need_h, need_w)
-        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        nll = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
+                          device=hidden.device)
+
+        def chunk_loss(rows, logq, need_grad):
+            nll[rows] = -logq[:, 0]
+            return torch.full_like(logq, -1.0) if need_grad else None
+
+        fused_head_pass(ctx, hidden, weight, targets[:, None], chunk_size, chunk_loss)
         ctx.mark_non_differentiable(nll)
         return nll.sum(), nll
 
     @staticmethod
     def backward(ctx, grad_total, _grad_rows):
-        saved = iter(ctx.saved_tensors)
-        need_h, need_w = ctx.has
-        grad_h = (next(saved) * grad_total).to(ctx.hidden_dtype) if need_h else None
-        grad_w = (next(saved) * grad_total).to(ctx.weight_dtype) if need_w else None
-        return grad_h, grad_w, None, None
+        return (*scaled_gradients(ctx, grad_total), None, None)
 
 
 def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
