@@ -36,7 +36,6 @@ from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
 from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
     resolve_dtype, resolve_model, tokenizer_hash
-from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 from predistill.tasks import LOCAL_TASKS, LocalTaskConfig
 from predistill.tasks import build as build_local_tasks
@@ -147,14 +146,10 @@ def heldout_sequences(store: TokenStore, tokenizer, limit: int | None = None,
     are the same, else re-tokenised per document with EOS mapped to `tokenizer`'s EOS. Returns
     (sequences, retokenized, n_truncated at `max_len`)."""
     n = len(store) if limit is None else min(limit, len(store))
-    if tokenizer_hash(tokenizer) == store.tokenizer_hash:
-        sequences = [np.asarray(store[i], dtype=np.int64) for i in range(n)]
-        retokenized = False
-    else:
-        sequences = [retokenize(store[i], store.tokenizer(), store.eos_id, tokenizer) for i in range(n)]
-        retokenized = True
+    inputs = ModelInputs(store, tokenizer)  # whole rows, to count the truncated ones
+    sequences = [inputs.row(i) for i in range(n)]
     truncated = sum(max_len is not None and len(s) > max_len for s in sequences)
-    return [s[:max_len] for s in sequences], retokenized, truncated
+    return [s[:max_len] for s in sequences], inputs.retokenized, truncated
 
 
 SHARD_SIZE = 16  # held-out instances per shard: the unit of work per rank, the same for any world size
