@@ -104,6 +104,11 @@ def json_file(t: Path, text: str) -> str:
     return str(t / "c.json")
 
 
+def recipe(t: Path, extra: str) -> str:
+    (t / "r.toml").write_text('[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { out = "{self}" }\n' + extra)
+    return str(t / "r.toml")
+
+
 def toml(t: Path, text: str) -> str:
     (t / "c.toml").write_text(text)
     return str(t / "c.toml")
@@ -173,6 +178,15 @@ CASES = [
     ("a directory without a model given to eval", lambda t, a: ["eval", "--model", str(a["store"]), "--store",
                                                                 str(a["store"]), "--out", str(t / "e.json")],
      "no config.json"),
+    ("prepare --checkpoint-tokens 0", lambda t, a: ["prepare", "--source", "builtin:python", "--tokenizer",
+                                                    str(a["store"] / "tokenizer"), "--out", str(t / "o"),
+                                                    "--checkpoint-tokens", "0"], "--checkpoint-tokens must be ≥ 1"),
+    ("eval --num-fewshot -1", lambda t, a: ["eval", "--model", str(a["run"]), "--store", str(a["store"]),
+                                            "--out", str(t / "e.json"), "--num-fewshot", "-1"], "--num-fewshot must be ≥ 0"),
+    ("run --nproc-per-node 0", lambda t, a: ["run", "recipes/demo.toml", "--root", str(t / "r"), "--dry-run",
+                                             "--nproc-per-node", "0"], "--nproc-per-node must be ≥ 1"),
+    ("a recipe stage with nproc_per_node = 0", lambda t, a: ["run", recipe(t, "nproc_per_node = 0\n"), "--dry-run"],
+     "nproc_per_node must be an integer ≥ 1"),
     # --- silent acceptances, now refused ---
     ("sample --examples -1", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
                                            str(a["reference"]), "--out", str(t / "sel"), "--examples", "-1"],
