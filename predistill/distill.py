@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from predistill.artifacts import PredistillError
-from predistill.kd import KDConfig, fused_lm_kd_loss, online_kd_loss
+from predistill.kd import KDConfig, fused_lm_kd_loss, fused_online_lm_kd_loss
 from predistill.losses import lm_loss
 from predistill.models import forward_params, head_weight, load_model, model_body, tokenizer_hash
 from predistill.store import TokenStore
@@ -78,9 +78,8 @@ class OnlineTeacher:
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         with torch.no_grad():
             teacher_hidden = self.body(input_ids=inputs).last_hidden_state
-        _, lm_pp = lm_loss(hidden, weight, targets, mask, self.chunk_size)
-        _, kd_pp = online_kd_loss(hidden, weight, teacher_hidden, self.weight, self.kd_cfg, mask)
-        return lm_pp.sum(), kd_pp.sum(), lm_pp, kd_pp
+        return fused_online_lm_kd_loss(hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask,
+                                       weights=(1 - alpha, alpha))
 
 
 class MiniLLM(OnlineTeacher):
@@ -139,5 +138,7 @@ class MiniLLM(OnlineTeacher):
             teacher_hidden = self.body(input_ids=kd_batch[:, :-1]).last_hidden_state
         generated = torch.zeros(kd_batch[:, :-1].shape, dtype=torch.bool, device=kd_batch.device)
         generated[:, self.prefix_len - 1:] = True  # positions whose next token the student sampled
-        _, kd_pp = online_kd_loss(sample_hidden, weight, teacher_hidden, self.weight, self.kd_cfg, generated)
-        return lm_pp.sum(), kd_pp.sum(), lm_pp, kd_pp
+        # the corpus LM term and the KD term on the samples are two passes over different rows
+        _, kd_sum, _, kd_pp = fused_online_lm_kd_loss(sample_hidden, weight, teacher_hidden, self.weight, None,
+                                                      self.kd_cfg, generated, weights=(0.0, 1.0))
+        return lm_pp.sum(), kd_sum, lm_pp, kd_pp

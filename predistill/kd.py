@@ -54,8 +54,8 @@ statistics are taken on log(weights).
 Online / Vanilla KD
 -------------------
 `online_kd_loss` takes both models' final hidden states and lm heads and computes the same losses
-over the full vocabulary, one chunk of rows at a time with activation checkpointing (each chunk's
-[rows × V] logits are recomputed in backward instead of stored). MiniPLM's Vanilla KD is
+over the full vocabulary, one chunk of rows at a time with the gradient computed in the forward
+pass (`fused_online_lm_kd_loss` also takes the LM loss in the same pass). MiniPLM's Vanilla KD is
 `KDConfig(loss="nll")` with τ = 1: −Σ_V p_T log q_S. Temperatures apply with the statistics taken
 over the full vocabulary; `tail` does not apply. For a *truncated* online teacher, build targets
 with `predistill.logits.teacher_targets(teacher_hidden, teacher_weight, logits_cfg)` and call
@@ -78,12 +78,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from predistill.artifacts import PredistillError
 from predistill.config import option
 from predistill.logits import TeacherTargets
-from predistill.losses import DEFAULT_CHUNK, fused_head_pass, gather_logprobs, scaled_gradients
+from predistill.losses import DEFAULT_CHUNK, common_scale, fused_head_pass, gather_logprobs, gathered, \
+    honour_grad_mode, scaled_gradients
 
 LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd")  # the names of KD_LOSSES, in CLI order
 TEMPERATURE_MODES = ("static", "normkd", "wttm", "adakd-sd", "adakd-h")
@@ -414,19 +414,15 @@ class _FusedLMKD(torch.autograd.Function):
             lm_rows[rows], kd_rows[rows] = lm.detach(), kd.detach()
             return g
 
-        fused_head_pass(ctx, hidden, weight, both, chunk_size, chunk_loss)
+        fused_head_pass(ctx, hidden, weight, chunk_size, gathered(both, chunk_loss))
         ctx.weights = (w_lm, w_kd)
         ctx.mark_non_differentiable(lm_rows, kd_rows)
         return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
 
     @staticmethod
     def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
-        w_lm, w_kd = ctx.weights
-        scales = [g / w for g, w in ((g_lm, w_lm), (g_kd, w_kd)) if w != 0]
-        if len(scales) == 2 and not torch.allclose(scales[0], scales[1], rtol=1e-4, atol=0):
-            raise RuntimeError(f"fused_lm_kd_loss was told the sums are weighed {w_lm}:{w_kd}, but the loss weighs "
-                               f"them {float(g_lm)}:{float(g_kd)}")
-        return (*scaled_gradients(ctx, scales[0]), None, None, None, None, None, None, None, None)
+        scale = common_scale((g_lm, g_kd), ctx.weights, "fused_lm_kd_loss")
+        return (*scaled_gradients(ctx, scale), None, None, None, None, None, None, None, None)
 
 
 def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
@@ -449,36 +445,58 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: to
         return zero, zero, lm_pp.view(lead), kd_pp.view(lead)
     both = torch.cat([next_tokens.reshape(-1, 1)[rows].to(ids.dtype), ids[rows]], dim=1)
     lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMKD.apply(
-        hidden.reshape(-1, hidden.shape[-1])[rows], weight, both, lps[rows], mask[rows], mask[rows].any(-1), cfg,
-        cfg.chunk_size, float(weights[0]), float(weights[1]))
+        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), both, lps[rows], mask[rows],
+        mask[rows].any(-1), cfg, cfg.chunk_size, float(weights[0]), float(weights[1]))
     return lm_sum, kd_sum, lm_pp.index_put((rows,), lm_rows).view(lead), kd_pp.index_put((rows,), kd_rows).view(lead)
 
 
 # ------------------------------------------------------------------------------------------------
 # online teacher, full vocabulary
 # ------------------------------------------------------------------------------------------------
-def _online_chunk(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, cfg: KDConfig) -> torch.Tensor:
-    with torch.no_grad():
-        z_t = ht.float() @ wt.float().t()
-        tau = teacher_temperature(z_t, None, cfg)
-        factor = loss_weight(z_t, None, tau, cfg)
-    z_s = hs @ ws.t()
-    z_s = z_s if z_s.dtype == torch.float64 else z_s.float()  # fp32 softmax under bf16
-    if cfg.temperature_mode == "normkd":
-        z_s = z_s / tau[:, None]
-    per_row = kd_terms(torch.log_softmax(z_s, dim=-1), z_t, None, tau, cfg)
-    return per_row if factor is None else per_row * factor
+class _FusedOnline(torch.autograd.Function):
+    """(Σ NLL, Σ KD) over rows against an online teacher's full-vocabulary distribution, the gradient
+    of w_lm·Σ NLL + w_kd·Σ KD computed in the forward pass (`losses.fused_head_pass`): per chunk the
+    teacher's logits (no gradient), the student's, the per-row losses with their gradient by autograd
+    on the chunk's [rows, V] student logits, then d(hidden), d(weight). Nothing is recomputed in
+    backward; peak memory is a few [chunk × V] fp32 tensors. `targets` None: KD only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, cfg, chunk_size, w_lm, w_kd):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        lm_rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        kd_rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        teacher_weight = teacher_weight.to(acc)  # once, not per chunk
+
+        def chunk_grad(rows, z, need_grad):
+            z_t = teacher_hidden[rows].to(acc) @ teacher_weight.t()
+            tau = teacher_temperature(z_t, None, cfg)
+            factor = loss_weight(z_t, None, tau, cfg)
+            z = z.requires_grad_(need_grad)
+            with torch.enable_grad():  # (Function.forward runs without grad)
+                log_q = torch.log_softmax(z, dim=-1)
+                s = torch.log_softmax(z / tau[:, None], dim=-1) if cfg.temperature_mode == "normkd" else log_q
+                kd = kd_terms(s, z_t, None, tau, cfg)
+                kd = kd * factor if factor is not None else kd
+                total = w_kd * kd.sum()
+                if targets is not None:
+                    lm = -log_q.gather(1, targets[rows, None])[:, 0]
+                    total = total + w_lm * lm.sum()
+                    lm_rows[rows] = lm.detach()
+                kd_rows[rows] = kd.detach()
+                return torch.autograd.grad(total, z)[0] if need_grad else None
+
+        fused_head_pass(ctx, hidden, weight, chunk_size, chunk_grad)
+        ctx.weights = (w_lm, w_kd)
+        ctx.mark_non_differentiable(lm_rows, kd_rows)
+        return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
+
+    @staticmethod
+    def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
+        scale = common_scale((g_lm, g_kd), ctx.weights, "fused_online_lm_kd_loss")
+        return (*scaled_gradients(ctx, scale), None, None, None, None, None, None, None)
 
 
-def online_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                   teacher_weight: torch.Tensor, cfg: KDConfig,
-                   position_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Online (Vanilla) KD over the full vocabulary: (mean over positions, per-position loss [...]).
-
-    student_hidden [..., H_s], student_weight [V, H_s], teacher_hidden [..., H_t] (no gradient),
-    teacher_weight [V, H_t]. Peak memory: about six [online_chunk_size × V] fp32 tensors plus the
-    weight gradient; backward recomputes both models' chunk logits (≈1.5× the naive FLOPs).
-    """
+def _online_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, position_mask):
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise PredistillError(f"teacher hidden states {tuple(teacher_hidden.shape)} do not match the student's "
@@ -489,16 +507,39 @@ def online_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     rows = torch.nonzero(_flat_rows(position_mask, lead, student_hidden.device)).flatten()
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
-    tw = teacher_weight.detach()
-    parts = []
-    for start in range(0, len(rows), cfg.online_chunk_size):
-        sl = slice(start, start + cfg.online_chunk_size)
-        if torch.is_grad_enabled() and (hs.requires_grad or student_weight.requires_grad):
-            parts.append(checkpoint(_online_chunk, hs[sl], student_weight, ht[sl], tw, cfg, use_reentrant=False))
-        else:
-            parts.append(_online_chunk(hs[sl], student_weight, ht[sl], tw, cfg))
-    acc = torch.promote_types(student_hidden.dtype, torch.float32)
-    per_row = torch.cat(parts) if parts else torch.zeros(0, dtype=acc, device=student_hidden.device)
-    per_position = torch.zeros(lead.numel(), dtype=per_row.dtype, device=student_hidden.device).index_put((rows,), per_row)
-    mean = per_row.sum() / max(len(rows), 1)
-    return mean, per_position.view(lead)
+    return lead, rows, hs, ht
+
+
+def fused_online_lm_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                            teacher_weight: torch.Tensor, next_tokens: torch.Tensor | None, cfg: KDConfig,
+                            position_mask: torch.Tensor | None = None, weights: tuple[float, float] = (0.5, 0.5)
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online (Vanilla) KD over the full vocabulary, with the LM loss in the same pass: (Σ LM, Σ KD,
+    LM per position, KD per position) over positions where `position_mask` is true.
+
+    student_hidden [..., H_s], student_weight [V, H_s], teacher_hidden [..., H_t] (no gradient),
+    teacher_weight [V, H_t], next_tokens [...] (None: no LM term, Σ LM is 0). The sums carry the
+    gradient, computed in the forward pass, and must enter the loss in the ratio `weights` (times any
+    common factor); the per-position values carry none.
+    """
+    lead, rows, hs, ht = _online_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, position_mask)
+    targets = None if next_tokens is None else next_tokens.reshape(-1)[rows]
+    w_lm = float(weights[0]) if targets is not None else 0.0
+    hs, student_weight = honour_grad_mode(hs, student_weight)
+    lm_sum, kd_sum, lm_rows, kd_rows = _FusedOnline.apply(hs, student_weight, ht, teacher_weight.detach(), targets,
+                                                          cfg, cfg.online_chunk_size, w_lm, float(weights[1]))
+    acc = lm_rows.dtype
+    lm_pp = torch.zeros(lead.numel(), dtype=acc, device=hs.device).index_put((rows,), lm_rows)
+    kd_pp = torch.zeros(lead.numel(), dtype=acc, device=hs.device).index_put((rows,), kd_rows)
+    return lm_sum, kd_sum, lm_pp.view(lead), kd_pp.view(lead)
+
+
+def online_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   teacher_weight: torch.Tensor, cfg: KDConfig,
+                   position_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online (Vanilla) KD over the full vocabulary: (mean over positions, per-position loss [...]);
+    the mean carries the gradient (computed in the forward pass, `fused_online_lm_kd_loss`)."""
+    _, kd_sum, _, kd_pp = fused_online_lm_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                  None, cfg, position_mask, weights=(0.0, 1.0))
+    n = int(_flat_rows(position_mask, kd_pp.shape, kd_pp.device).sum()) if position_mask is not None else kd_pp.numel()
+    return kd_sum / max(n, 1), kd_pp

@@ -81,13 +81,12 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, m
     return nll.sum() / keep.sum().clamp(min=1), nll
 
 
-def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int,
-                    chunk_loss) -> None:
-    """The loop every fused loss shares (Liger-style, plain PyTorch): per chunk of rows, logits →
-    log-sum-exp → logq = log-probs at `ids` [rows, K] → `chunk_loss(rows, logq)` records the chunk's
-    loss values and returns G = d(loss)/d(logq) → d(logits) = scatter(G) − softmax·ΣG (in the chunk's
-    own logits buffer) → d(hidden) for the chunk, d(weight) accumulated. The gradients are saved on
-    `ctx` for `scaled_gradients`: backward only scales them, so no chunk's logits are computed twice."""
+def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int, chunk_grad) -> None:
+    """The loop every fused loss shares (Liger-style, plain PyTorch): per chunk of rows, logits =
+    h @ weightᵀ (fp32) → `chunk_grad(rows, logits, need_grad)` records the chunk's loss values and
+    returns d(loss)/d(logits) [rows, V] (it may reuse the logits buffer), or None → d(hidden) for the
+    chunk, d(weight) accumulated. The gradients are saved on `ctx` for `scaled_gradients`: backward
+    only scales them, so no chunk's logits are computed twice."""
     acc = torch.promote_types(hidden.dtype, torch.float32)
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h = torch.empty_like(hidden) if need_h else None
@@ -95,19 +94,45 @@ def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
-        logits = _chunk_logits(h, weight)
-        lse = torch.logsumexp(logits, dim=-1)
-        g = chunk_loss(rows, logits.gather(1, ids[rows]) - lse[:, None], need_h or need_w)
-        if g is None:
+        grad_logits = chunk_grad(rows, _chunk_logits(h, weight), need_h or need_w)
+        if grad_logits is None:
             continue
-        softmax = logits.sub_(lse[:, None]).exp_()
-        grad_logits = softmax.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, ids[rows], g)
         if need_h:
             grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
         if need_w:
             grad_w += grad_logits.t() @ h.to(acc)
     ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
     ctx.needs, ctx.dtypes = (need_h, need_w), (hidden.dtype, weight.dtype)
+
+
+def gathered(ids: torch.Tensor, chunk_loss):
+    """A `chunk_grad` for losses that see the logits only through log-probs at `ids` [N, K]:
+    lse → logq = logits[ids] − lse → `chunk_loss(rows, logq, need_grad)` records the loss and returns
+    G = d(loss)/d(logq) → d(logits) = scatter(G) − softmax·ΣG, in the logits' own buffer."""
+    def chunk_grad(rows, logits, need_grad):
+        lse = torch.logsumexp(logits, dim=-1)
+        g = chunk_loss(rows, logits.gather(1, ids[rows]) - lse[:, None], need_grad)
+        if g is None:
+            return None
+        softmax = logits.sub_(lse[:, None]).exp_()
+        return softmax.mul_(-g.sum(1, keepdim=True)).scatter_add_(1, ids[rows], g)
+    return chunk_grad
+
+
+def honour_grad_mode(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Detached under no_grad: a fused loss reads `needs_input_grad`, which ignores the grad mode, and
+    would compute gradients nobody asked for (evaluation)."""
+    return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
+
+
+def common_scale(grads: tuple[torch.Tensor, ...], weights: tuple[float, ...], name: str) -> torch.Tensor:
+    """The one factor by which backward scales a fused loss's stored gradient: the incoming gradients
+    of its sums must weigh them as `weights` did in the forward (train's α schedule does)."""
+    scales = [g / w for g, w in zip(grads, weights) if w != 0]
+    if any(not torch.allclose(s, scales[0], rtol=1e-4, atol=0) for s in scales[1:]):
+        raise RuntimeError(f"{name} was told its sums are weighed {':'.join(map(str, weights))}, but the loss weighs "
+                           f"them {':'.join(str(float(g)) for g in grads)}")
+    return scales[0]
 
 
 def scaled_gradients(ctx, scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -118,7 +143,7 @@ def scaled_gradients(ctx, scale: torch.Tensor) -> tuple[torch.Tensor | None, tor
 
 class _FusedLMLoss(torch.autograd.Function):
     """Σ NLL of `targets` under softmax(hidden @ weightᵀ), the gradient computed in the forward pass
-    (`fused_head_pass`; for one target G = −1, so d(logits) = softmax − onehot)."""
+    (`fused_head_pass` + `gathered`; for one target G = −1, so d(logits) = softmax − onehot)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
@@ -129,7 +154,7 @@ class _FusedLMLoss(torch.autograd.Function):
             nll[rows] = -logq[:, 0]
             return torch.full_like(logq, -1.0) if need_grad else None
 
-        fused_head_pass(ctx, hidden, weight, targets[:, None], chunk_size, chunk_loss)
+        fused_head_pass(ctx, hidden, weight, chunk_size, gathered(targets[:, None], chunk_loss))
         ctx.mark_non_differentiable(nll)
         return nll.sum(), nll
 
@@ -143,4 +168,4 @@ def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """(Σ NLL, per-row NLL) of `targets` [N] under softmax(hidden [N, H] @ weight [V, H]ᵀ), fp32, with
     the gradient of Σ NLL computed during the forward (`_FusedLMLoss`). The per-row values carry no
     gradient: a loss built from them must use `gather_logprobs` instead."""
-    return _FusedLMLoss.apply(hidden, weight, targets, chunk_size)
+    return _FusedLMLoss.apply(*honour_grad_mode(hidden, weight), targets, chunk_size)

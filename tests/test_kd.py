@@ -173,6 +173,59 @@ def test_online_matches_full_vocab_reference(loss, mode):
     assert per_position.shape == (7,)
 
 
+@pytest.mark.parametrize("loss,mode", list(itertools.product(LOSSES, TEMPERATURE_MODES)))
+def test_fused_online_lm_kd_equals_naive_full_logits(loss, mode):
+    """The online path with the LM loss in the same pass and the gradient computed in the forward:
+    values and gradients equal (1−α)·cross-entropy + α·KD on full [rows, V] logits (float64
+    reference), padding excluded, for every loss × temperature mode."""
+    from predistill.kd import fused_online_lm_kd_loss
+
+    g = torch.Generator().manual_seed(9)
+    hs, ws = torch.randn(2, 4, H, generator=g), torch.randn(V, H, generator=g) * 0.4
+    ht, wt = torch.randn(2, 4, 10, generator=g), torch.randn(V, 10, generator=g) * 0.5
+    next_tokens = torch.randint(0, V, (2, 4), generator=g)
+    pmask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    cfg = KDConfig(loss=loss, temperature_mode=mode, temperature=0.7, online_chunk_size=3).validate()
+    h, w = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    lm_sum, kd_sum, lm_pp, kd_pp = fused_online_lm_kd_loss(h, w, ht, wt, next_tokens, cfg, pmask, weights=(0.3, 0.7))
+    (2.0 * (0.3 * lm_sum + 0.7 * kd_sum)).backward()  # a common factor (train's 1/targets) is free
+
+    rh, rw = hs.double().requires_grad_(), ws.double().requires_grad_()
+    ref_kd, _, _ = ref_online(hs[pmask], ws, ht[pmask], wt, cfg)
+    ref_lm = F.cross_entropy(rh[pmask] @ rw.t(), next_tokens[pmask], reduction="sum")
+    n = int(pmask.sum())
+    _, kd_gh, kd_gw = ref_online(hs[pmask], ws, ht[pmask], wt, cfg)  # gradients of the mean KD
+    ref_lm.backward()
+    assert_close(lm_sum.detach(), ref_lm.detach(), "LM sum")
+    assert_close(kd_sum.detach(), ref_kd * n, "KD sum")
+    grad_h = 2.0 * (0.3 * rh.grad[pmask] + 0.7 * n * kd_gh)
+    assert_close(h.grad[pmask], grad_h, "grad wrt hidden")
+    assert (h.grad[~pmask] == 0).all()
+    assert_close(w.grad, 2.0 * (0.3 * rw.grad + 0.7 * n * kd_gw), "grad wrt weight")
+    assert (lm_pp[~pmask] == 0).all() and (kd_pp[~pmask] == 0).all()
+    assert_close(lm_pp.sum(), lm_sum.detach().double(), "LM per position")
+
+
+def test_fused_online_accumulates_over_micro_batches_and_costs_nothing_without_grad():
+    from predistill.kd import fused_online_lm_kd_loss
+
+    g = torch.Generator().manual_seed(4)
+    hs, ws = torch.randn(6, H, generator=g), torch.randn(V, H, generator=g)
+    ht, wt = torch.randn(6, 8, generator=g), torch.randn(V, 8, generator=g)
+    nxt = torch.randint(0, V, (6,), generator=g)
+    cfg = KDConfig(loss="kld", temperature=2.0, online_chunk_size=4)
+    w_whole, w_parts = ws.clone().requires_grad_(), ws.clone().requires_grad_()
+    lm, kd, _, _ = fused_online_lm_kd_loss(hs, w_whole, ht, wt, nxt, cfg, weights=(0.1, 0.9))
+    (0.1 * lm + 0.9 * kd).backward()
+    for part in (slice(0, 2), slice(2, 6)):  # grad accumulation: two backward calls add up
+        lm, kd, _, _ = fused_online_lm_kd_loss(hs[part], w_parts, ht[part], wt, nxt[part], cfg, weights=(0.1, 0.9))
+        (0.1 * lm + 0.9 * kd).backward()
+    torch.testing.assert_close(w_parts.grad, w_whole.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        _, kd, _, _ = fused_online_lm_kd_loss(hs, w_whole, ht, wt, nxt, cfg)
+    assert kd.grad_fn is None and not kd.requires_grad
+
+
 def test_vanilla_kd_is_soft_cross_entropy():
     """MiniPLM's Vanilla KD: −Σ p_T log q_S over the full vocabulary, no temperature."""
     g = torch.Generator().manual_seed(3)
