@@ -115,8 +115,11 @@ def measure(settings: list[LogitsConfig], store_dir: Path, hidden: dict[int, tor
             reader.read_batch(np.arange(len(store)), length)
         read_us = (time.perf_counter() - start) / 5 / manifest["n_positions"] * 1e6
         print(f"{describe(cfg)}: {manifest['bytes_per_token']:.2f} B/token", file=sys.stderr, flush=True)
-        rows.append({"setting": describe(cfg), "entries_per_position": manifest["entries_per_position"],
-                     "bytes_per_token": manifest["bytes_per_token"], "retained_mass": mass, "kl_renorm": kl,
+        rows.append({"bench": "logits_bytes", "setting": describe(cfg),
+                     "entries_per_position": manifest["entries_per_position"],
+                     "bytes_per_token": manifest["bytes_per_token"],
+                     "id_order_bytes_per_token": manifest.get("id_order_bytes", 0) / manifest["n_positions"],
+                     "version": manifest["version"], "retained_mass": mass, "kl_renorm": kl,
                      "logprob_max_abs_error": manifest["encoding"].get("logprob_max_abs_error"),
                      "logprob_clipped": manifest["logprob_clipped"], "write_s": seconds, "read_us_per_position": read_us,
                      "config": asdict(cfg)})
@@ -134,6 +137,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=3000, help="teacher tokens to measure on (default 3000)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--settings", nargs="+", default=None,
+                   help="only these settings (names as printed, e.g. 'sample N=8' 'top-0.95-50, lp 8 bit')")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_logits_"))
@@ -144,16 +149,23 @@ def main() -> None:
     hidden, weight = teacher_hidden(store, work / "teacher_hidden.pt")
     print(f"teacher forward: {store.manifest['n_tokens']} tokens in {len(store)} instances, "
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
-    rows = measure(DEFAULT_SETTINGS, store_dir, hidden, weight, work)
+    settings = [c for c in DEFAULT_SETTINGS if args.settings is None or describe(c) in args.settings]
+    rows = measure(settings, store_dir, hidden, weight, work)
     print(f"`{' '.join(['python', *sys.argv])}` — smollm2-135m teacher, {sum(store.lengths - 1)} positions "
           f"(builtin:shakespeare + builtin:python), vocab {weight.shape[0]} (16-bit ids)\n")
-    print("| setting | entries/pos | bytes/token | teacher mass kept | KL(p‖stored), nats | lp max err | read µs/pos |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    # the id ranking (version 2) is one file per store, 16 KB for a 49k vocabulary: its share shrinks
+    # with the store, so it is shown apart from the per-position bytes
+    print("| setting | entries/pos | bytes/token | of which id ranking | teacher mass kept | KL(p‖stored), nats | "
+          "lp max err | read µs/pos |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         err = "—" if r["logprob_max_abs_error"] is None else f"{r['logprob_max_abs_error']:.4f}"
         mass = f"{r['retained_mass']:.3f}"
-        print(f"| {r['setting']} | {r['entries_per_position']:.2f} | {r['bytes_per_token']:.2f} | {mass} | "
-              f"{r['kl_renorm']:.4f} | {err} | {r['read_us_per_position']:.2f} |")
+        print(f"| {r['setting']} | {r['entries_per_position']:.2f} | {r['bytes_per_token']:.2f} | "
+              f"{r['id_order_bytes_per_token']:.2f} | {mass} | {r['kl_renorm']:.4f} | {err} | "
+              f"{r['read_us_per_position']:.2f} |")
+    for r in rows:
+        print(json.dumps({k: v for k, v in r.items() if k != "config"}))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

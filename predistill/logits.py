@@ -20,33 +20,39 @@ token at t+1 given tokens ≤ t) the store holds a variable number of *entries*:
   pure function of (seed, global position) through a counter-based hash: shards are reproducible
   whatever the batch composition.
 
-Encoding (per shard, little-endian bit streams)
------------------------------------------------
-- ids: ⌈log2 V⌉ bits each (16 for SmolLM2's 49 152, 18 for Qwen's 151 936), bit-packed;
+Encoding (per shard, little-endian bit streams; version 2)
+-----------------------------------------------------------
+- ids: Huffman-coded per shard (`predistill.entropy`) as symbols: 0 when the id is the position's
+  next token (the teacher's entries often hold it), 1 + rank for the `ID_DIRECT` − 2 ids the token
+  store uses most (the ranking is `id_order.bin`, one file per store), else an escape followed by
+  the raw id. Each instance's first bit is kept (`ids_inst_bits`), so instances decode alone;
 - log-probs: `logprob_bits`-bit unsigned codes, uniform over [`logprob_min`, 0]:
   code = round((clip(lp, lo, 0) − lo)/step), step = −lo/(2^bits − 1); decoded lp is within step/2
   of the teacher's for lp ≥ lo (the manifest states the bound and how many values were clipped);
 - entries per position: n−1 in ⌈log2 top_k⌉ bits (topk) or ⌈log2 samples⌉ bits (sample);
-- counts (sample mode): c−1 in ⌈log2 samples⌉ bits.
+- counts (sample mode): c−1, Huffman-coded per shard like the ids (`counts_inst_bits`).
 A value j of a b-bit stream occupies bits [j·b, (j+1)·b) of the stream, least significant bit first,
 so the 8/16/32-bit cases are plain little-endian integer arrays. Every stream is followed by 8 zero
-bytes so that random access can always read an 8-byte window.
+bytes so that random access can always read an 8-byte window. Version 1 stores (ids in ⌈log2 V⌉
+bits, counts in ⌈log2 samples⌉ bits, no ranking) are still read.
 
 On disk
 -------
     LDIR/
       writer.json          settings fixed at the first run (a resumed run must match them)
+      id_order.bin         v2: the ranked ids (uint32, most frequent first; sha256 in the manifest)
       shards/NNNNN.bin     instances [N·S, (N+1)·S): sections listed in the marker
       shards/NNNNN.json    completion marker: sections (byte offset, length), counts, sha256
       manifest.json        format "logits_store", version, store_hash, tokenizer_hash, config,
                            encoding (bits, quantisation step and error bound), n_instances,
                            n_positions, n_entries, total_bytes, bytes_per_token, complete (last)
 Shard sections: `inst_entry_offsets` and `inst_position_offsets` (int64, n_inst+1, shard-local),
-`n_entries`, `ids`, `logprobs` (when stored), `counts` (sample mode).
+`n_entries`, `ids` (+ `ids_code`, the code lengths, and `ids_inst_bits`), `logprobs` (when
+stored), `counts` (sample mode; + `counts_code`, `counts_inst_bits`).
 
 A shard's .bin is written to a temporary name and renamed, then its marker is written: a killed
 writer resumes by skipping shards that have a marker, and given the same teacher outputs every shard
-is byte-identical on a rerun. `bytes_per_token` = total shard bytes / n_positions.
+is byte-identical on a rerun. `bytes_per_token` = (shard bytes + id_order.bin) / n_positions.
 
 Use
 ---
@@ -77,6 +83,7 @@ Reading, in the training loop::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, replace
@@ -86,12 +93,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from predistill.artifacts import PredistillError, check_plan, read_manifest, read_marker, write_manifest, write_shard
+from predistill import entropy
+from predistill.artifacts import PredistillError, check_plan, read_manifest, read_marker, sha256_file, \
+    write_bytes_atomic, write_manifest, write_shard
 from predistill.config import option
 from predistill.store import TokenStore, check_same_store
 
 FORMAT = "logits_store"
-VERSION = 1
+VERSION = 2  # 2: ids and counts entropy-coded; version 1 stores (fixed-width streams) stay readable
+READABLE_VERSIONS = (1, 2)
+ID_DIRECT = 4096  # v2 id symbols: 0 = the next token, 1 + frequency rank for the 4094 most frequent ids, escape
+ID_ORDER_FILE = "id_order.bin"  # v2: the ranked ids, uint32, most frequent first (in total_bytes)
 MODES = ("topk", "sample")
 P_SLACK = 1e-6  # probability mass within this of top_p counts as reaching it (fp32 rounding)
 WINDOW_PAD = 8  # zero bytes after every bit stream: random access reads 8-byte windows
@@ -420,13 +432,32 @@ class Encoding:
     count_bits: int
     logprob_bits: int  # 0: not stored
     logprob_min: float
+    # version 2: ids and counts Huffman-coded per shard (`predistill.entropy`), with escapes
+    entropy_coded: bool = False
+    id_direct: int = 0  # symbols of the id code: 0, 1 + ranks [0, id_direct − 2), the escape
+    id_raw_bits: int = 0  # bits of an escaped id value (0: every id has a rank)
+    count_direct: int = 0  # symbols of the count code (count − 1, the escape)
+    count_raw_bits: int = 0
+    id_order_sha256: str = ""
 
     @staticmethod
     def of(cfg: LogitsConfig, vocab_size: int) -> "Encoding":
+        """The current version's encoding (the ranking's sha256 is filled in by the writer)."""
+        id_direct = min(ID_DIRECT, vocab_size + 2)
+        counts = cfg.mode == "sample"
+        count_direct = min(ID_DIRECT, cfg.samples + 1) if counts else 0
         return Encoding(id_bits=bits_for(vocab_size), n_bits=bits_for(cfg.max_entries),
-                        count_bits=bits_for(cfg.samples) if cfg.mode == "sample" else 0,
+                        count_bits=bits_for(cfg.samples) if counts else 0,
                         logprob_bits=cfg.logprob_bits if cfg.stores_logprobs else 0,
-                        logprob_min=cfg.logprob_min)
+                        logprob_min=cfg.logprob_min, entropy_coded=True, id_direct=id_direct,
+                        id_raw_bits=bits_for(id_direct - 1 + vocab_size) if id_direct - 2 < vocab_size else 0,
+                        count_direct=count_direct,
+                        count_raw_bits=bits_for(cfg.samples) if counts and count_direct < cfg.samples + 1 else 0)
+
+    @property
+    def n_ranked(self) -> int:
+        """Ids with a rank symbol; the rest are escaped (raw value after the escape code)."""
+        return self.id_direct - 2
 
     def describe(self) -> dict:
         out = asdict(self)
@@ -438,23 +469,76 @@ class Encoding:
                                           "lower ones are clipped to it (counted in logprob_clipped)"}
         return out
 
+    @staticmethod
+    def from_manifest(encoding: dict) -> "Encoding":
+        names = [f for f in Encoding.__dataclass_fields__ if f in encoding]
+        return Encoding(**{k: encoding[k] for k in names})
 
-def encode_shard(entries: Entries, inst_positions: np.ndarray, enc: Encoding) -> tuple[bytes, dict, int]:
-    """(shard bytes, sections {name: [offset, nbytes]}, number of clipped log-probs)."""
+
+def id_order(store: TokenStore, n: int, block: int = 1 << 24) -> np.ndarray:
+    """The `n` most frequent ids of the token store, most frequent first (ties: lower id): the
+    rank symbols of a v2 store. The teacher's entries follow the corpus's unigram distribution
+    closely enough that a frequent id gets a short code."""
+    counts = np.zeros(store.vocab_size, np.int64)
+    for a in range(0, len(store.tokens), block):  # bounded memory whatever the corpus size
+        counts += np.bincount(np.asarray(store.tokens[a:a + block], np.int64), minlength=store.vocab_size)
+    return np.lexsort((np.arange(store.vocab_size), -counts))[:n].astype(np.int64)
+
+
+class IdSymbols:
+    """v2 id values: 0 if the id is the position's next token (the teacher's entries often hold
+    it), 1 + rank for a ranked id, id_direct − 1 + id (escaped, raw) otherwise."""
+
+    def __init__(self, order: np.ndarray, enc: "Encoding", vocab_size: int):
+        self.order, self.enc = np.asarray(order, np.int64), enc
+        self.rank = np.full(vocab_size, enc.n_ranked, np.int64)
+        self.rank[self.order] = np.arange(len(self.order))
+
+    def values(self, ids: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
+        rank = self.rank[ids]
+        return np.where(ids == next_tokens, 0, np.where(rank < self.enc.n_ranked, 1 + rank,
+                                                         self.enc.id_direct - 1 + ids))
+
+    def ids(self, values: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
+        esc = self.enc.id_direct - 1
+        ranked = self.order[np.clip(values - 1, 0, max(len(self.order) - 1, 0))] if len(self.order) else values
+        return np.where(values == 0, next_tokens, np.where(values < esc, ranked, values - esc))
+
+
+def encode_shard(entries: Entries, inst_positions: np.ndarray, enc: Encoding,
+                 symbols: IdSymbols | None = None, next_tokens: np.ndarray | None = None) -> tuple[bytes, dict, int]:
+    """(shard bytes, sections {name: [offset, nbytes]}, number of clipped log-probs).
+
+    v2 (`enc.entropy_coded`) needs `symbols` and each position's next token [P]."""
     n_per_inst = [int(x) for x in inst_positions]
     pos_off = np.concatenate([[0], np.cumsum(n_per_inst)]).astype(np.int64)
     entry_off = np.concatenate([[0], np.cumsum(entries.n)]).astype(np.int64)[pos_off]
     streams = [("inst_entry_offsets", entry_off.astype("<i8").tobytes()),
                ("inst_position_offsets", pos_off.astype("<i8").tobytes()),
-               ("n_entries", pack_bits(entries.n - 1, enc.n_bits)),
-               ("ids", pack_bits(entries.ids, enc.id_bits))]
+               ("n_entries", pack_bits(entries.n - 1, enc.n_bits))]
+
+    def huffman(name: str, values: np.ndarray, n_direct: int, raw_bits: int) -> None:
+        code = entropy.Code.fit(values, n_direct, raw_bits)
+        data, nbits = entropy.encode(values, code)
+        bit_off = np.concatenate([[0], np.cumsum(nbits)]).astype(np.int64)[entry_off]
+        streams.extend([(f"{name}_code", code.to_bytes()), (name, data),
+                        (f"{name}_inst_bits", bit_off.astype("<i8").tobytes())])
+
+    if enc.entropy_coded:
+        huffman("ids", symbols.values(entries.ids, np.repeat(next_tokens, entries.n)), enc.id_direct,
+                enc.id_raw_bits)
+    else:
+        streams.append(("ids", pack_bits(entries.ids, enc.id_bits)))
     clipped = 0
     if enc.logprob_bits:
         clipped = int((entries.logprobs < enc.logprob_min).sum())
         streams.append(("logprobs", pack_bits(quantize_logprobs(entries.logprobs, enc.logprob_bits, enc.logprob_min),
                                               enc.logprob_bits)))
     if entries.counts is not None:
-        streams.append(("counts", pack_bits(entries.counts - 1, enc.count_bits)))
+        if enc.entropy_coded:
+            huffman("counts", entries.counts - 1, enc.count_direct, enc.count_raw_bits)
+        else:
+            streams.append(("counts", pack_bits(entries.counts - 1, enc.count_bits)))
     sections, offset = {}, 0
     for name, data in streams:
         sections[name] = [offset, len(data)]
@@ -493,6 +577,12 @@ class LogitsStoreWriter:
             raise PredistillError(f"teacher vocabulary {vocab_size} is smaller than the token store's {store.vocab_size}")
         self.vocab_size = vocab_size
         self.enc = Encoding.of(cfg, vocab_size)
+        self.symbols, self._order_bytes = None, b""
+        if self.enc.entropy_coded:
+            order = id_order(store, self.enc.n_ranked)
+            self._order_bytes = order.astype("<u4").tobytes()
+            self.enc = replace(self.enc, id_order_sha256=hashlib.sha256(self._order_bytes).hexdigest())
+            self.symbols = IdSymbols(order, self.enc, vocab_size)
         self.chunk_rows = chunk_rows
         self.lengths = store.lengths.astype(np.int64)
         self.n_positions = np.maximum(self.lengths - 1, 0)
@@ -501,6 +591,10 @@ class LogitsStoreWriter:
                          "store_hash": store.hash, "tokenizer_hash": store.tokenizer_hash,
                          "vocab_size": vocab_size, "teacher": teacher, "encoding": self.enc.describe()}
         self.complete = self._prepare_dir()
+        order_path = self.dir / ID_ORDER_FILE
+        if (self.enc.entropy_coded and not self.complete
+                and not (order_path.is_file() and sha256_file(order_path) == self.enc.id_order_sha256)):
+            write_bytes_atomic(order_path, self._order_bytes)  # before any shard that uses it
         self._done = np.array([self._shard_done(s) for s in range(self.n_shards)], dtype=bool)
         self._pending: dict[int, dict[int, Entries]] = {}
 
@@ -634,7 +728,9 @@ class LogitsStoreWriter:
         a, b = self._shard_range(s)
         pending = self._pending.pop(s)
         entries = Entries.concat([pending[i] for i in range(a, b)], self.cfg)
-        data, sections, clipped = encode_shard(entries, self.n_positions[a:b], self.enc)
+        next_tokens = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(self.store[i][1:], np.int64)
+                                                                  for i in range(a, b)])
+        data, sections, clipped = encode_shard(entries, self.n_positions[a:b], self.enc, self.symbols, next_tokens)
         path = self.dir / "shards" / f"{_shard_name(s)}.bin"
         write_shard(path, path.with_suffix(".json"), data, shard=s, first_instance=a, n_instances=b - a,
                     n_positions=int(self.n_positions[a:b].sum()), n_entries=int(len(entries.ids)),
@@ -663,14 +759,16 @@ class LogitsStoreWriter:
             raise PredistillError(f"{self.dir}: {len(missing)} instances (from {missing[0]}) have no entries yet; "
                                   "feed todo_instances() before finish()")
         metas = [json.loads((self.dir / "shards" / f"{_shard_name(s)}.json").read_text()) for s in range(self.n_shards)]
-        total_bytes = sum(m["bytes"] for m in metas)
+        order_bytes = (self.dir / ID_ORDER_FILE).stat().st_size if self.enc.entropy_coded else 0
+        total_bytes = sum(m["bytes"] for m in metas) + order_bytes
         n_positions = int(self.n_positions.sum())
         n_entries = sum(m["n_entries"] for m in metas)
         manifest = {**self.settings, "n_instances": len(self.store), "n_shards": self.n_shards,
                     "n_positions": n_positions, "n_entries": n_entries,
                     "entries_per_position": n_entries / max(n_positions, 1),
                     "logprob_clipped": sum(m["logprob_clipped"] for m in metas),
-                    "total_bytes": total_bytes, "bytes_per_token": total_bytes / max(n_positions, 1)}
+                    "id_order_bytes": order_bytes, "total_bytes": total_bytes,
+                    "bytes_per_token": total_bytes / max(n_positions, 1)}
         write_manifest(self.dir, manifest)
         self.complete = True
         return read_manifest(self.dir, FORMAT, "logits store")
@@ -680,7 +778,7 @@ class LogitsStoreWriter:
 # reader
 # ------------------------------------------------------------------------------------------------
 class _Shard:
-    def __init__(self, directory: Path, s: int):
+    def __init__(self, directory: Path, s: int, enc: Encoding):
         marker = directory / "shards" / f"{_shard_name(s)}.json"
         # verified once per open: a shard changed since the store was finished is refused here,
         # not discovered as garbage targets (or an IndexError) mid-training
@@ -694,6 +792,24 @@ class _Shard:
         self.sections = {name: raw[off:off + n] for name, (off, n) in meta["sections"].items()}
         self.entry_off = self.sections["inst_entry_offsets"].view("<i8")
         self.pos_off = self.sections["inst_position_offsets"].view("<i8")
+        self.decoders: dict[str, tuple[entropy.Decoder, np.ndarray]] = {}
+        if enc.entropy_coded:
+            coded = [("ids", enc.id_direct, enc.id_raw_bits)]
+            if "counts" in self.sections:
+                coded.append(("counts", enc.count_direct, enc.count_raw_bits))
+            for name, n_direct, raw_bits in coded:
+                code = entropy.Code.from_bytes(self.sections[f"{name}_code"], n_direct, raw_bits)
+                self.decoders[name] = (entropy.Decoder(code), self.sections[f"{name}_inst_bits"].view("<i8"))
+
+    def coded(self, name: str, local: int, idx: np.ndarray) -> np.ndarray:
+        """Values `idx` (shard-wide entry indices, all of instance `local`) of an entropy-coded stream."""
+        decoder, bits = self.decoders[name]
+        e0 = int(self.entry_off[local])
+        values = decoder.decode(self.sections[name], int(bits[local]), int(bits[local + 1]))
+        if len(values) != int(self.entry_off[local + 1]) - e0:
+            raise PredistillError(f"logits shard stream {name!r} decodes to {len(values)} entries for instance "
+                                  f"{self.first + local}, its offsets say {int(self.entry_off[local + 1]) - e0}")
+        return values[idx - e0]
 
 
 class LogitsStore:
@@ -702,21 +818,31 @@ class LogitsStore:
     def __init__(self, directory: str | Path, store: TokenStore | None = None):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, FORMAT, "logits store")
-        if self.manifest.get("version") != VERSION:
+        if self.manifest.get("version") not in READABLE_VERSIONS:
             raise PredistillError(f"{self.dir}: logits store version {self.manifest.get('version')}, "
-                                  f"this predistill reads version {VERSION}")
+                                  f"this predistill reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         self.cfg = LogitsConfig(**self.manifest["config"])
-        self.enc = Encoding(**{k: self.manifest["encoding"][k] for k in
-                               ("id_bits", "n_bits", "count_bits", "logprob_bits", "logprob_min")})
+        self.enc = Encoding.from_manifest(self.manifest["encoding"])
         self._shards: dict[int, _Shard] = {}
         # sizes at open (a stat per shard): a truncated or missing shard is refused here, not at
         # the training step that first reads it; contents are verified per shard on first read
         shard_dir = self.dir / "shards"
         sizes = [(shard_dir / f"{_shard_name(s)}.bin").stat().st_size
                  if (shard_dir / f"{_shard_name(s)}.bin").is_file() else -1 for s in range(self.manifest["n_shards"])]
+        order_path = self.dir / ID_ORDER_FILE
+        if self.enc.entropy_coded:
+            sizes.append(order_path.stat().st_size if order_path.is_file() else -1)
         if -1 in sizes or sum(sizes) != self.manifest["total_bytes"]:
             raise PredistillError(f"{self.dir}: shard files are missing or truncated ({sum(max(n, 0) for n in sizes)} "
                                   f"bytes, the manifest says {self.manifest['total_bytes']}); rewrite the store")
+        self.symbols = None
+        if self.enc.entropy_coded:
+            data = order_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != self.enc.id_order_sha256:
+                raise PredistillError(f"{order_path}: changed since the logits store was written (sha256 mismatch); "
+                                      "rewrite the store")
+            self.symbols = IdSymbols(np.frombuffer(data, "<u4").astype(np.int64), self.enc, self.manifest["vocab_size"])
+        self.tokens = store  # v2 ids are coded against the next token
         if store is not None:
             self.check_store(store)
 
@@ -739,7 +865,7 @@ class LogitsStore:
         if s not in self._shards:
             if not 0 <= s < self.manifest["n_shards"]:
                 raise PredistillError(f"{self.dir}: no shard {s} (instance out of range)")
-            self._shards[s] = _Shard(self.dir, s)
+            self._shards[s] = _Shard(self.dir, s, self.enc)
         return self._shards[s]
 
     def n_positions_of(self, instance_id: int) -> int:
@@ -754,17 +880,25 @@ class LogitsStore:
         p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
         e0, e1 = int(sh.entry_off[local]), int(sh.entry_off[local + 1])
         n = unpack_bits(sh.sections["n_entries"], self.enc.n_bits, np.arange(p0, p1)) + 1
-        idx = np.arange(e0, e1)
-        return self._decode(sh, n, idx)
+        return self._decode(sh, local, n, np.arange(e0, e1), np.repeat(np.arange(p1 - p0), n))
 
-    def _decode(self, sh: _Shard, n: np.ndarray, idx: np.ndarray) -> Entries:
-        ids = unpack_bits(sh.sections["ids"], self.enc.id_bits, idx)
+    def _decode(self, sh: _Shard, local: int, n: np.ndarray, idx: np.ndarray, entry_pos: np.ndarray) -> Entries:
+        """Entries `idx` (shard-wide indices) of instance `local`; `entry_pos` is each one's position."""
+        if self.enc.entropy_coded:
+            if self.tokens is None:
+                raise PredistillError(f"{self.dir}: a version-2 logits store codes ids against the next token; open "
+                                      "it with its token store (LogitsStore(path, store))")
+            next_tokens = np.asarray(self.tokens[sh.first + local], np.int64)[entry_pos + 1]
+            ids = self.symbols.ids(sh.coded("ids", local, idx), next_tokens)
+        else:
+            ids = unpack_bits(sh.sections["ids"], self.enc.id_bits, idx)
         lps = counts = None
         if self.enc.logprob_bits:
             lps = dequantize_logprobs(unpack_bits(sh.sections["logprobs"], self.enc.logprob_bits, idx),
                                       self.enc.logprob_bits, self.enc.logprob_min)
         if "counts" in sh.sections:
-            counts = unpack_bits(sh.sections["counts"], self.enc.count_bits, idx) + 1
+            counts = (sh.coded("counts", local, idx) if self.enc.entropy_coded
+                      else unpack_bits(sh.sections["counts"], self.enc.count_bits, idx)) + 1
         return Entries(n, ids, lps, counts)
 
     def read(self, instance_ids, positions) -> TeacherTargets:
@@ -792,15 +926,15 @@ class LogitsStore:
             n_inst = unpack_bits(sh.sections["n_entries"], self.enc.n_bits, np.arange(p0, p0 + t.max() + 1)) + 1
             starts = int(sh.entry_off[local]) + np.concatenate([[0], np.cumsum(n_inst)])[t]
             n_all[rows] = n_inst[t]
-            entry_idx.append((rows, starts, sh))
+            entry_idx.append((rows, starts, sh, local, t))
         k_max = int(n_all.max(initial=1)) or 1
         ids = np.zeros((n_rows, k_max), np.int64)
         lps = np.zeros((n_rows, k_max), np.float32)
         mask = np.arange(k_max)[None, :] < n_all[:, None]
-        for rows, starts, sh in entry_idx:
+        for rows, starts, sh, local, t in entry_idx:
             sub_mask = mask[rows]
             idx = (starts[:, None] + np.arange(k_max)[None, :])[sub_mask]
-            entries = self._decode(sh, n_all[rows], idx)
+            entries = self._decode(sh, local, n_all[rows], idx, np.repeat(t, n_all[rows]))
             sub_ids = np.zeros(sub_mask.shape, np.int64)
             sub_lps = np.zeros(sub_mask.shape, np.float32)
             sub_ids[sub_mask] = entries.ids

@@ -215,7 +215,9 @@ def test_store_round_trip(tmp_path, store, cfg):
     reader = LogitsStore(tmp_path / "logits", store)
     n_positions = int(np.maximum(store.lengths - 1, 0).sum())
     assert manifest["n_positions"] == reader.n_positions == n_positions
+    # every byte on disk but the JSON files: shards and the id ranking of version 2
     shard_bytes = sum(p.stat().st_size for p in (tmp_path / "logits" / "shards").glob("*.bin"))
+    shard_bytes += (tmp_path / "logits" / "id_order.bin").stat().st_size
     assert manifest["total_bytes"] == shard_bytes
     assert manifest["bytes_per_token"] == pytest.approx(shard_bytes / n_positions)
     err = manifest["encoding"].get("logprob_max_abs_error", 0.0)
@@ -363,7 +365,7 @@ def test_online_logits_saving_first_sighting_wins(tmp_path, store):
             logits[-1] = torch.randn_like(logits[-1])  # a later sighting differs: it must be ignored
         writer.add_logits(ids, logits, lengths, tokens)
     writer.finish()
-    ref, online = LogitsStore(tmp_path / "ref"), LogitsStore(tmp_path / "online")
+    ref, online = LogitsStore(tmp_path / "ref", store), LogitsStore(tmp_path / "online", store)
     for i in range(len(store)):
         a, b = ref.instance_entries(i), online.instance_entries(i)
         assert a.ids.tolist() == b.ids.tolist() and np.abs(a.logprobs - b.logprobs).max(initial=0) <= ref.cfg.logprob_step
@@ -446,4 +448,44 @@ def test_a_truncated_shard_is_refused_at_open(tmp_path, store):
     shard = tmp_path / "logits" / "shards" / "00001.bin"
     shard.write_bytes(shard.read_bytes()[:-50])
     with pytest.raises(PredistillError, match="missing or truncated"):
+        LogitsStore(tmp_path / "logits", store)
+
+
+@pytest.mark.parametrize("cfg", [TOPK, SAMPLE], ids=["topk", "sample"])
+def test_version_1_stores_stay_readable(tmp_path, store, cfg, monkeypatch):
+    """A store written before entropy coding (version 1: fixed-width ids and counts, no id ranking)
+    reads back the same entries as today's version 2 (whose size is measured by
+    bench/bench_logits_bytes.py: at this toy size the per-shard code tables dominate)."""
+    v2 = write_store(tmp_path / "v2", store, cfg)
+    import predistill.logits as logits_module
+
+    current = logits_module.Encoding.of
+    monkeypatch.setattr(logits_module, "VERSION", 1)
+    monkeypatch.setattr(logits_module.Encoding, "of", staticmethod(lambda c, v: Encoding(
+        **{k: getattr(current(c, v), k) for k in ("id_bits", "n_bits", "count_bits", "logprob_bits", "logprob_min")})))
+    v1 = write_store(tmp_path / "v1", store, cfg)
+    monkeypatch.undo()
+    assert (v1["version"], v2["version"]) == (1, 2)
+    assert "entropy_coded" not in {k for k, v in v1["encoding"].items() if v}
+    assert not (tmp_path / "v1" / "id_order.bin").exists()
+    old, new = LogitsStore(tmp_path / "v1", store), LogitsStore(tmp_path / "v2", store)
+    for i in range(len(store)):
+        a, b = old.instance_entries(i), new.instance_entries(i)
+        for field in ("n", "ids", "logprobs", "counts"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None and y is None) or np.array_equal(x, y), (i, field)
+    length = int(store.lengths.max())
+    x, y = old.read_batch(np.arange(len(store)), length), new.read_batch(np.arange(len(store)), length)
+    assert torch.equal(x.ids, y.ids) and torch.equal(x.logprobs, y.logprobs) and torch.equal(x.mask, y.mask)
+
+
+def test_version_2_needs_its_token_store_and_its_id_ranking(tmp_path, store):
+    write_store(tmp_path / "logits", store, SAMPLE)
+    with pytest.raises(PredistillError, match="open it with its token store"):
+        LogitsStore(tmp_path / "logits").instance_entries(0)
+    order = tmp_path / "logits" / "id_order.bin"
+    data = bytearray(order.read_bytes())
+    data[0] ^= 1
+    order.write_bytes(bytes(data))
+    with pytest.raises(PredistillError, match="id_order.bin: changed since"):
         LogitsStore(tmp_path / "logits", store)
