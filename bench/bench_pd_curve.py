@@ -1,6 +1,9 @@
 """Student quality vs bytes/token: the PD student's held-out loss for each logits-store setting.
 
     python bench/bench_pd_curve.py [--work /tmp/pd-curve]
+    # issue 13's scale: students on ≥ 500k tokens, 3 paired seeds, the stores that matter
+    python bench/bench_pd_curve.py --work /tmp/pd-curve-500k --tokens-per-domain 320000 --val-fraction 0.05 \
+        --steps 256 --seeds 0 1 2 --settings top0.95-k50 sample-n8 --temperature 1
 
 The student-quality half of the curve that picks the logits store's default (issue 5, item 6;
 the bytes half with fidelity proxies is bench/bench_logits_bytes.py). Steps, all cached in --work
@@ -16,8 +19,10 @@ so a rerun skips what is done:
    once the LM-only student with the same config minus KD; held-out loss = the run manifest's
    final_val_loss (MiniPLM's definition, on the corpus's val split).
 
-Prints a markdown table (setting, entries/position, bytes/token, held-out loss, Δ vs LM-only)
-and writes it as JSON to WORK/pd_curve.json.
+With several seeds (a seed fixes the student's init and data order, the same for every setting, so
+the differences are paired) the table gives mean ± std over seeds and the paired Δ vs LM-only with
+its standard error. Prints a markdown table, one JSON line per trained student, and writes it all
+as JSON to WORK/pd_curve.json.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from predistill.train import TrainConfig
 from predistill.train import run as train
 
 TEACHER = "smollm2-135m"
-DEFAULT = LogitsConfig(mode="topk")  # top-0.95-5, 8-bit log-probs
+DEFAULT = LogitsConfig()  # the store default (RS-KD, 8 draws)
 SETTINGS = [
     *(LogitsConfig(mode="topk", top_p=0.95, top_k=k) for k in (1, 2, 5, 16, 50)),
     LogitsConfig(mode="topk", top_p=0.5, top_k=50),
@@ -73,8 +78,9 @@ def slug(cfg: LogitsConfig) -> str:
     return f"top{cfg.top_p}-k{cfg.top_k}" if cfg.mode == "topk" else f"sample-n{cfg.samples}"
 
 
-def build_corpus(work: Path) -> Path:
-    return prepare(PrepareConfig(out=str(work / "corpus"), **CORPUS))  # skips a complete store of this config
+def build_corpus(work: Path, **overrides) -> Path:
+    # skips a complete store of this config
+    return prepare(PrepareConfig(out=str(work / "corpus"), **dict(CORPUS, **overrides)))
 
 
 @torch.no_grad()
@@ -124,52 +130,87 @@ def write_store(cfg: LogitsConfig, store: TokenStore, hidden: np.ndarray, weight
     return manifest, time.perf_counter() - start
 
 
-def train_student(store_dir: Path, out: Path, kd_logits: Path | None) -> tuple[dict, float]:
+def train_student(store_dir: Path, out: Path, kd_logits: Path | None, student: dict, pd: dict) -> tuple[dict, float]:
     start = time.perf_counter()
-    extra = dict(kd_logits=str(kd_logits), **PD) if kd_logits else {}
-    train(TrainConfig(store=str(store_dir), out=str(out), **STUDENT, **extra))
+    extra = dict(kd_logits=str(kd_logits), **pd) if kd_logits else {}
+    train(TrainConfig(store=str(store_dir), out=str(out), **student, **extra))
     return read_manifest(out, "run"), time.perf_counter() - start
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/pd-curve", help="cache directory (default /tmp/pd-curve)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher / writer batch (default 8)")
+    p.add_argument("--tokens-per-domain", type=int, default=CORPUS["max_tokens_per_domain"],
+                   help="corpus size per domain (default: the demo's)")
+    p.add_argument("--val-fraction", type=float, default=CORPUS["val_fraction"])
+    p.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's FLOPs budget)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (paired across settings)")
+    p.add_argument("--settings", nargs="+", default=None, help=f"subset of {[slug(c) for c in SETTINGS]}")
+    p.add_argument("--temperature", type=float, default=PD["kd"].temperature, help="KD temperature (default 2, the demo's)")
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", *sys.argv])
+    settings = [c for c in SETTINGS if args.settings is None or slug(c) in args.settings]
+    if args.settings is not None and len(settings) != len(set(args.settings)):
+        raise SystemExit(f"unknown setting in {args.settings}; known: {[slug(c) for c in SETTINGS]}")
+    student = dict(STUDENT)
+    if args.steps is not None:
+        student.pop("flops_budget")
+        student["steps"] = args.steps
+    pd = dict(PD, kd=KDConfig(loss=PD["kd"].loss, temperature=args.temperature))
 
-    corpus = build_corpus(work)
+    corpus = build_corpus(work, max_tokens_per_domain=args.tokens_per_domain, val_fraction=args.val_fraction)
     store = TokenStore(corpus)
     hidden, weight = teacher_pass(store, work, args.batch_size)
-
-    lm_manifest, lm_s = train_student(corpus, work / "runs" / "lm", None)
-    lm_loss = lm_manifest["final_val_loss"]
-    log(f"LM-only: val loss {lm_loss:.4f} ({lm_s:.0f}s)")
-    rows = [{"setting": "LM only (no KD)", "config": None, "entries_per_position": None, "bytes_per_token": None,
-             "heldout_loss": lm_loss, "delta_vs_lm": 0.0, "steps": lm_manifest["steps"], "train_s": lm_s}]
-    for cfg in SETTINGS:
+    stores = {}
+    for cfg in settings:
         ldir = work / "logits" / slug(cfg)
         manifest, write_s = write_store(cfg, store, hidden, weight, ldir, args.batch_size)
         log(f"{describe(cfg)}: {manifest['bytes_per_token']:.2f} B/token ({write_s:.0f}s)")
-        run_manifest, train_s = train_student(corpus, work / "runs" / slug(cfg), ldir)
-        loss = run_manifest["final_val_loss"]
-        log(f"{describe(cfg)}: val loss {loss:.4f}, Δ {loss - lm_loss:+.4f} ({train_s:.0f}s)")
-        rows.append({"setting": describe(cfg), "config": asdict(cfg),
-                     "entries_per_position": manifest["entries_per_position"],
-                     "bytes_per_token": manifest["bytes_per_token"], "heldout_loss": loss,
-                     "delta_vs_lm": loss - lm_loss, "steps": run_manifest["steps"], "write_s": write_s,
-                     "train_s": train_s})
+        stores[slug(cfg)] = (cfg, ldir, manifest, write_s)
+
+    runs = []
+    for seed in args.seeds:
+        for name, ldir in [("lm", None), *((k, v[1]) for k, v in stores.items())]:
+            out = work / "runs" / f"{name}-seed{seed}"
+            run_manifest, train_s = train_student(corpus, out, ldir, dict(student, seed=seed), pd)
+            run = {"bench": "pd_curve", "setting": name, "seed": seed, "heldout_loss": run_manifest["final_val_loss"],
+                   "steps": run_manifest["steps"], "train_tokens": run_manifest.get("tokens"),
+                   "bytes_per_token": None if ldir is None else stores[name][2]["bytes_per_token"], "train_s": train_s}
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+
+    rows = []
+    lm = {r["seed"]: r["heldout_loss"] for r in runs if r["setting"] == "lm"}
+    for name in ["lm", *stores]:
+        losses = {r["seed"]: r["heldout_loss"] for r in runs if r["setting"] == name}
+        mean, std = mean_std(list(losses.values()))
+        diff_mean, diff_std = mean_std([losses[s] - lm[s] for s in losses])
+        cfg, _, manifest, write_s = stores.get(name, (None, None, None, None))
+        rows.append({"setting": "LM only (no KD)" if cfg is None else describe(cfg),
+                     "config": None if cfg is None else asdict(cfg),
+                     "entries_per_position": None if cfg is None else manifest["entries_per_position"],
+                     "bytes_per_token": None if cfg is None else manifest["bytes_per_token"],
+                     "heldout_loss": mean, "heldout_std": std, "seeds": sorted(losses),
+                     "delta_vs_lm": diff_mean, "delta_se": diff_std / len(losses) ** 0.5, "write_s": write_s})
 
     val = TokenStore(corpus / "val")
     total_s = time.perf_counter() - t0
-    print(f"`{command}` — teacher {TEACHER}, demo corpus: {int(store.offsets[-1])} train tokens in {len(store)} "
-          f"instances, held-out loss on {len(val)} val instances ({int(val.offsets[-1])} tokens); student "
-          f"preset:tiny, {rows[0]['steps']} steps, seed 0; total {total_s / 60:.1f} min\n")
-    print("| setting | entries/pos | bytes/token | student held-out loss | Δ vs LM-only |")
+    steps = runs[0]["steps"]
+    print(f"`{command}` — teacher {TEACHER}: {int(store.offsets[-1])} train tokens in {len(store)} instances, "
+          f"held-out loss on {min(len(val), STUDENT['eval_instances'])} val instances; student preset:tiny, "
+          f"{steps} steps × {STUDENT['batch_size']}×{STUDENT['seq_len']}, KD {pd['kd'].loss} τ={args.temperature} "
+          f"α={pd['alpha']} {pd['alpha_schedule']}; seeds {args.seeds}; total {total_s / 60:.1f} min\n")
+    print("| setting | entries/pos | bytes/token | held-out loss (mean ± std) | paired Δ vs LM-only (± s.e.) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         name = r["setting"]
@@ -177,9 +218,10 @@ def main() -> None:
             name = f"**{name} (default)**"
         ent = "—" if r["entries_per_position"] is None else f"{r['entries_per_position']:.2f}"
         bpt = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.2f}"
-        delta = "—" if r["config"] is None else f"{r['delta_vs_lm']:+.4f}"
-        print(f"| {name} | {ent} | {bpt} | {r['heldout_loss']:.4f} | {delta} |")
-    (work / "pd_curve.json").write_text(json.dumps({"command": command, "total_s": total_s, "rows": rows}, indent=2))
+        delta = "—" if r["config"] is None else f"{r['delta_vs_lm']:+.4f} ± {r['delta_se']:.4f}"
+        print(f"| {name} | {ent} | {bpt} | {r['heldout_loss']:.4f} ± {r['heldout_std']:.4f} | {delta} |")
+    (work / "pd_curve.json").write_text(json.dumps({"command": command, "total_s": total_s, "rows": rows,
+                                                    "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":
