@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit
 
 from predistill.logits import LogitsConfig, LogitsStore, LogitsStoreWriter
 from predistill.models import load_model
@@ -115,7 +116,7 @@ def measure(settings: list[LogitsConfig], store_dir: Path, hidden: dict[int, tor
             reader.read_batch(np.arange(len(store)), length)
         read_us = (time.perf_counter() - start) / 5 / manifest["n_positions"] * 1e6
         print(f"{describe(cfg)}: {manifest['bytes_per_token']:.2f} B/token", file=sys.stderr, flush=True)
-        rows.append({"bench": "logits_bytes", "setting": describe(cfg),
+        rows.append({"setting": describe(cfg),
                      "entries_per_position": manifest["entries_per_position"],
                      "bytes_per_token": manifest["bytes_per_token"],
                      "id_order_bytes_per_token": manifest.get("id_order_bytes", 0) / manifest["n_positions"],
@@ -151,7 +152,8 @@ def main() -> None:
           f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
     settings = [c for c in DEFAULT_SETTINGS if args.settings is None or describe(c) in args.settings]
     rows = measure(settings, store_dir, hidden, weight, work)
-    print(f"`{' '.join(['python', *sys.argv])}` — smollm2-135m teacher, {sum(store.lengths - 1)} positions "
+    n_positions = int(sum(store.lengths - 1))
+    print(f"`{' '.join(['python', *sys.argv])}` — smollm2-135m teacher, {n_positions} positions "
           f"(builtin:shakespeare + builtin:python), vocab {weight.shape[0]} (16-bit ids)\n")
     # the id ranking (version 2) is one file per store, 16 KB for a 49k vocabulary: its share shrinks
     # with the store, so it is shown apart from the per-position bytes
@@ -164,8 +166,19 @@ def main() -> None:
         print(f"| {r['setting']} | {r['entries_per_position']:.2f} | {r['bytes_per_token']:.2f} | "
               f"{r['id_order_bytes_per_token']:.2f} | {mass} | {r['kl_renorm']:.4f} | {err} | "
               f"{r['read_us_per_position']:.2f} |")
+    by_name = {r["setting"]: r for r in rows}
+    default = by_name.get(describe(LogitsConfig()))
     for r in rows:
-        print(json.dumps({k: v for k, v in r.items() if k != "config"}))
+        readme = None
+        if r is default:
+            others = "; ".join(f"{name}: {by_name[name]['bytes_per_token']:.2f}" for name in
+                               ("top-0.95-5, lp 8 bit", "top-0.95-50, lp 8 bit", "sample N=4") if name in by_name)
+            readme = {"what": f"stored teacher signal (logits store v{r['version']}), SmolLM2-135M on "
+                              f"{n_positions} positions of Shakespeare + Python",
+                      "result": f"default RS-KD 8 samples: **{r['bytes_per_token']:.2f} B/token** (of which the "
+                                f"store's id ranking {r['id_order_bytes_per_token']:.2f}); {others} B/token",
+                      "goal": "≤ 8 B/token"}
+        emit("logits_bytes", readme=readme, positions=n_positions, **{k: v for k, v in r.items() if k not in ("config", "bench")})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit
 
 from predistill.artifacts import read_manifest
 from predistill.kd import KDConfig
@@ -183,10 +184,11 @@ def main() -> None:
         for name, ldir in [("lm", None), *((k, v[1]) for k, v in stores.items())]:
             out = work / "runs" / f"{name}-seed{seed}"
             run_manifest, train_s = train_student(corpus, out, ldir, dict(student, seed=seed), pd)
-            run = {"bench": "pd_curve", "setting": name, "seed": seed, "heldout_loss": run_manifest["final_val_loss"],
+            run = {"setting": name, "seed": seed, "heldout_loss": run_manifest["final_val_loss"],
                    "steps": run_manifest["steps"], "train_tokens": run_manifest.get("tokens"),
+                   "flops": run_manifest.get("flops"),
                    "bytes_per_token": None if ldir is None else stores[name][2]["bytes_per_token"], "train_s": train_s}
-            print(json.dumps(run), flush=True)
+            emit("pd_curve_run", **run)
             runs.append(run)
 
     rows = []
@@ -220,6 +222,15 @@ def main() -> None:
         bpt = "—" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:.2f}"
         delta = "—" if r["config"] is None else f"{r['delta_vs_lm']:+.4f} ± {r['delta_se']:.4f}"
         print(f"| {name} | {ent} | {bpt} | {r['heldout_loss']:.4f} ± {r['heldout_std']:.4f} | {delta} |")
+    tokens = runs[0]["train_tokens"]
+    for r in rows[1:]:
+        emit("pd_curve", **{k: v for k, v in r.items() if k != "config"}, train_tokens=tokens,
+             readme={"what": f"PD student quality per byte: {r['setting']} store vs LM-only (preset:tiny, "
+                             f"{tokens} training tokens, {len(r['seeds'])} paired seeds)",
+                     "result": f"held-out {r['heldout_loss']:.3f} ± {r['heldout_std']:.3f}, paired Δ vs LM-only "
+                               f"**{r['delta_vs_lm']:+.3f} ± {r['delta_se']:.3f}** (s.e.) at "
+                               f"{r['bytes_per_token']:.2f} B/token",
+                     "goal": "≤ 8 B/token with quality ≥ top-0.95-50's"})
     (work / "pd_curve.json").write_text(json.dumps({"command": command, "total_s": total_s, "rows": rows,
                                                     "runs": runs}, indent=2))
 

@@ -1,6 +1,6 @@
 """Training throughput and the chunked LM loss's memory/time against the naive full-logits loss.
 
-    python bench/bench_train.py            # prints a Markdown table (paste it into the README)
+    python bench/bench_train.py            # Markdown tables and one JSON line per result (bench/common.py)
 
 Part 3: the step time of LM + offline KD (top-5 entries, one shared vocabulary pass) against an
 LM-only step, alternating in one process.
@@ -19,7 +19,49 @@ import subprocess
 import sys
 import time
 
+from common import emit
+
 N_TOKENS, HIDDEN, VOCAB = 4096, 576, 49152
+
+# one process per loop: the peak RSS growth over two training steps (activations, gradients,
+# optimizer state), so one loop's peak cannot hide the other's
+STEP_CHILD = r"""
+import json, resource, sys, torch
+sys.path.insert(0, sys.argv[2])
+from bench_train import VOCAB, vocab_model
+from predistill.train import LossModel, TrainConfig, make_optimizer
+loop, batch, seq = sys.argv[1], 8, 256
+model = vocab_model("small")
+inputs = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
+mask = torch.ones(batch, seq, dtype=torch.bool)
+if loop == "ours":
+    loss_model = LossModel(model, 1024)
+    opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
+else:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4
+base = rss_kb()
+for _ in range(2):
+    if loop == "ours":
+        lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
+        (lm_sum / mask.sum()).backward()
+    else:
+        logits = model(input_ids=inputs).logits
+        torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), inputs.view(-1)).backward()
+    opt.step()
+    opt.zero_grad()
+print(json.dumps({"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+"""
+
+
+def step_memory(loop: str) -> float:
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", STEP_CHILD, loop, str(Path(__file__).resolve().parent)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 LOSS_CHILD = r"""
 import json, resource, sys, time, torch
@@ -71,11 +113,11 @@ def vocab_model(preset: str):
 def throughput(preset: str, steps: int = 6, batch: int = 8, seq: int = 256) -> float:
     import torch
 
-    from predistill.train import LossModel
+    from predistill.train import LossModel, TrainConfig, make_optimizer
 
     model = vocab_model(preset)
     loss_model = LossModel(model, 1024)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
     times = []
@@ -117,11 +159,11 @@ def step_times(preset: str = "tiny", steps: int = 6, batch: int = 8, seq: int = 
 
     import torch
 
-    from predistill.train import LossModel
+    from predistill.train import LossModel, TrainConfig, make_optimizer
 
     model = vocab_model(preset)
     loss_model = LossModel(model, 1024)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
     kd = SyntheticLogits(batch, seq)
@@ -147,12 +189,12 @@ def step_vs_plain_loop(preset: str = "small", steps: int = 6, batch: int = 8, se
 
     import torch
 
-    from predistill.train import LossModel
+    from predistill.train import LossModel, TrainConfig, make_optimizer
 
     ours_model = vocab_model(preset)
     plain_model = copy.deepcopy(ours_model)
     loss_model = LossModel(ours_model, 1024)
-    opts = {"ours": torch.optim.AdamW(ours_model.parameters(), lr=1e-4),
+    opts = {"ours": make_optimizer(loss_model, TrainConfig(lr=1e-4)),  # what `train` builds
             "plain": torch.optim.AdamW(plain_model.parameters(), lr=1e-4)}
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
@@ -185,28 +227,52 @@ def main() -> None:
         print(f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.2f} | {r['peak_mb'] / naive['peak_mb']:.3f} | "
               f"{r['seconds'] / naive['seconds']:.2f} |")
     for name, r in variants.items():
-        print(json.dumps({"bench": "lm_loss", "variant": name, "n": N_TOKENS, "hidden": HIDDEN, "vocab": VOCAB,
-                          "peak_mb": round(r["peak_mb"], 1), "seconds": round(r["seconds"], 3),
-                          "memory_vs_naive": round(r["peak_mb"] / naive["peak_mb"], 3),
-                          "time_vs_naive": round(r["seconds"] / naive["seconds"], 3)}))
+        fused = name == "fused"
+        emit("lm_loss", variant=name, n=N_TOKENS, hidden=HIDDEN, vocab=VOCAB, peak_mb=round(r["peak_mb"], 1),
+             seconds=round(r["seconds"], 3), memory_vs_naive=round(r["peak_mb"] / naive["peak_mb"], 3),
+             time_vs_naive=round(r["seconds"] / naive["seconds"], 3),
+             readme=None if not fused else {
+                 "what": f"LM loss vs naive full logits (N={N_TOKENS}, H={HIDDEN}, V={VOCAB})",
+                 "result": f"fused (gradient computed in the forward, what `train` uses): peak memory "
+                           f"**{r['peak_mb'] / naive['peak_mb']:.2f}×**, time **{r['seconds'] / naive['seconds']:.2f}×**; "
+                           f"chunked with recomputation: {variants['chunked']['peak_mb'] / naive['peak_mb']:.2f}×, "
+                           f"{variants['chunked']['seconds'] / naive['seconds']:.2f}×; values and gradients equal",
+                 "goal": "memory-light, exact, not slower"})
     print("\n## A training step vs the plain loop (preset:small, 49k vocabulary, batch 8 × 256, fp32, CPU)\n")
     step = step_vs_plain_loop()
-    print(f"| loop | median s |\n|---|---|\n| plain (`model(ids).logits` → cross-entropy) | {step['plain']:.3f} |\n"
-          f"| predistill (body → fused chunked loss) | {step['ours']:.3f} |\n\nspeed-up: "
-          f"**{step['plain'] / step['ours']:.2f}×**\n")
-    print(json.dumps({"bench": "train_step_vs_plain", "preset": "small", "batch": 8, "seq": 256,
-                      "plain_s": round(step["plain"], 3), "ours_s": round(step["ours"], 3),
-                      "speedup": round(step["plain"] / step["ours"], 3)}))
+    memory = {loop: step_memory(loop) for loop in ("plain", "ours")}
+    print(f"| loop | median s | peak memory growth over two steps (MB) |\n|---|---|---|\n"
+          f"| plain (`model(ids).logits` → cross-entropy → AdamW) | {step['plain']:.3f} | {memory['plain']:.0f} |\n"
+          f"| predistill (body → fused chunked loss → fused AdamW) | {step['ours']:.3f} | {memory['ours']:.0f} |\n\n"
+          f"speed-up: **{step['plain'] / step['ours']:.2f}×**, memory **{memory['ours'] / memory['plain']:.2f}×**\n")
+    emit("train_step_vs_plain", preset="small", batch=8, seq=256, plain_s=round(step["plain"], 3),
+         ours_s=round(step["ours"], 3), speedup=round(step["plain"] / step["ours"], 3),
+         plain_peak_mb=round(memory["plain"]), ours_peak_mb=round(memory["ours"]),
+         memory_ratio=round(memory["ours"] / memory["plain"], 3),
+         readme={"what": "a `preset:small` training step (batch 8×256, 49k vocabulary) vs the plain loop "
+                         "(`model(ids).logits` → cross-entropy → AdamW)",
+                 "result": f"**{step['plain'] / step['ours']:.2f}×** faster ({step['ours']:.2f} s vs "
+                           f"{step['plain']:.2f} s, medians, alternating in one process); peak memory growth "
+                           f"**{memory['ours'] / memory['plain']:.2f}×** ({memory['ours']:.0f} vs {memory['plain']:.0f} MB)",
+                 "goal": "≥ 1.2× at ≤ 0.35× memory"})
     print("## Offline-KD step vs LM-only step (preset:tiny, batch 8 × 256, top-5 entries, fp32, CPU)\n")
     times = step_times()
     print("| step | median s |\n|---|---|")
     for name, t in times.items():
         print(f"| {name} | {t:.3f} |")
-    print(f"\noffline-KD / LM-only step time: **{times['lm+offline kd'] / times['lm']:.2f}**\n")
+    ratio = times["lm+offline kd"] / times["lm"]
+    print(f"\noffline-KD / LM-only step time: **{ratio:.2f}**\n")
+    emit("kd_step_vs_lm", preset="tiny", batch=8, seq=256, lm_s=round(times["lm"], 3),
+         kd_s=round(times["lm+offline kd"], 3), ratio=round(ratio, 3),
+         readme={"what": "offline-KD step vs LM-only step (`preset:tiny`, batch 8×256, top-5 entries, kld τ=2, α=0.9)",
+                 "result": f"**{ratio:.2f}×** (LM and KD share one vocabulary pass with the gradient computed in it)",
+                 "goal": "≤ 1.05×"})
     print("## Training throughput (batch 8 × 256 tokens, fp32, CPU)\n")
     print("| preset | tokens/s |\n|---|---|")
     for preset in ("tiny", "small"):
-        print(f"| {preset} | {throughput(preset):.0f} |")
+        tps = throughput(preset)
+        print(f"| {preset} | {tps:.0f} |")
+        emit("train_throughput", preset=preset, batch=8, seq=256, tokens_per_s=round(tps))
 
 
 if __name__ == "__main__":

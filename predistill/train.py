@@ -359,6 +359,17 @@ def method_label(cfg: TrainConfig) -> str:
     return "MiniPLM" if cfg.selection else "Pre-Train w/o KD"
 
 
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only. The fused kernel (one pass over each parameter instead of
+    a dozen foreach passes) is about 3× faster on CPU (bench/bench_train.py); FSDP's sharded
+    parameters keep the default implementation."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=not cfg.fsdp or None)
+
+
 def run(cfg: TrainConfig, command: str | None = None) -> Path:
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -429,11 +440,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     elif d.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(loss_model)
 
-    decay = [p for p in loss_model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in loss_model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    optimizer = make_optimizer(loss_model, cfg)
 
     config_json = to_flat(cfg) | {"command": command}
     start_step, tokens_seen, flops = 0, 0, 0.0
