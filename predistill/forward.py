@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from predistill.artifacts import PredistillError
-from predistill.losses import token_logprobs
+from predistill.losses import inference_token_logprobs, token_logprobs
 from predistill.models import head_weight, is_plain_head, model_body, tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
@@ -184,6 +184,8 @@ def mean_logprobs(batch: ForwardBatch, chunk_size: int = 256) -> tuple[np.ndarra
     targets = tokens[:, 1:][predicted]
     if batch.logits is not None:
         logp = torch.log_softmax(batch.logits[:, :-1][predicted], dim=-1).gather(1, targets[:, None]).squeeze(1)
+    elif hidden.dtype == torch.float32 and batch.lm_head_weight.dtype == torch.float32:
+        logp = inference_token_logprobs(hidden[:, :-1][predicted], batch.lm_head_weight, targets, chunk_size)
     else:
         logp = token_logprobs(hidden[:, :-1][predicted], batch.lm_head_weight, targets, chunk_size)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(predicted)[predicted]

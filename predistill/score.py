@@ -223,7 +223,9 @@ def run(cfg: ScoreConfig) -> Path:
     rank, world = rank_and_world()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer = load_model(cfg.model, preset_tokenizer=store.tokenizer(), seed=cfg.seed, dtype=dtype)
+    # only a preset (no tokenizer of its own) needs the store's tokenizer: skip loading it otherwise
+    preset_tokenizer = store.tokenizer() if cfg.model.startswith("preset:") else None
+    model, tokenizer = load_model(cfg.model, preset_tokenizer=preset_tokenizer, seed=cfg.seed, dtype=dtype)
     check_plain_head(model, cfg.model)
     model.to(device).eval()
     inputs = ModelInputs(store, tokenizer, cfg.max_len)

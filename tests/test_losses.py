@@ -85,3 +85,18 @@ def test_fused_lm_loss_accumulates_like_any_loss_and_costs_nothing_without_grad(
     with torch.no_grad():
         total, _ = fused_lm_loss(hidden, weight, targets, 4)
     assert not total.requires_grad
+
+
+def test_inference_head_equals_the_chunked_loss_head_bit_for_bit():
+    """inference_token_logprobs (one reused logits buffer, in-place log-sum-exp; what scoring uses)
+    is token_logprobs without its allocations: the same bits, for any chunking."""
+    from predistill.losses import inference_token_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(1000, 32, generator=g)
+    for n, chunk in ((300, 64), (64, 64), (5, 256), (1, 1)):
+        hidden = torch.randn(n, 32, generator=g) * 4
+        targets = torch.randint(0, 1000, (n,), generator=g)
+        with torch.inference_mode():
+            assert torch.equal(inference_token_logprobs(hidden, weight, targets, chunk),
+                               token_logprobs(hidden, weight, targets, chunk))
