@@ -26,7 +26,7 @@ N_TOKENS, HIDDEN, VOCAB = 4096, 576, 49152
 # one process per loop: the peak RSS growth over two training steps (activations, gradients,
 # optimizer state), so one loop's peak cannot hide the other's
 STEP_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, sys.argv[2])
 from bench_train import VOCAB, vocab_model
 from predistill.train import LossModel, TrainConfig, make_optimizer
@@ -39,10 +39,12 @@ if loop == "ours":
     opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
 else:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-def rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4
-base = rss_kb()
+def status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak-RSS mark: building the model peaked higher than a step does
+base = status_kb("VmRSS")
 for _ in range(2):
     if loop == "ours":
         lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
@@ -52,7 +54,7 @@ for _ in range(2):
         torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), inputs.view(-1)).backward()
     opt.step()
     opt.zero_grad()
-print(json.dumps({"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+print(json.dumps({"peak_mb": (status_kb("VmHWM") - base) / 1024}))
 """
 
 

@@ -471,7 +471,7 @@ class _FusedOnline(torch.autograd.Function):
             z_t = teacher_hidden[rows].to(acc) @ teacher_weight.t()
             tau = teacher_temperature(z_t, None, cfg)
             factor = loss_weight(z_t, None, tau, cfg)
-            z = z.requires_grad_(need_grad)
+            z = z.detach().requires_grad_(need_grad)  # a leaf over the (reused) logits buffer
             with torch.enable_grad():  # (Function.forward runs without grad)
                 log_q = torch.log_softmax(z, dim=-1)
                 s = torch.log_softmax(z / tau[:, None], dim=-1) if cfg.temperature_mode == "normkd" else log_q
