@@ -12,7 +12,7 @@ Time is the median wall time of `--reps` further forward+backward passes.
 
 Cases (PD* setting: kld, τ = 2.0, tail dropped), rows = batch×sequence positions:
 - offline: student hidden [rows, H] + lm head [V, H] + stored top-k entries [rows, K];
-  ours = kd.kd_loss (chunked log-sum-exp over the vocabulary, recomputing logits in backward);
+  ours = kd.fused_lm_kd_loss at α = 1 (what `train` runs: chunked, the gradient computed in the forward);
   naive = logits = h·Wᵀ for all rows, log_softmax, gather, the same loss on the entries.
 - online: teacher and student hidden states and lm heads, full-vocabulary KL;
   ours = kd.online_kd_loss (gradient computed in the forward, chunk by chunk); naive = both [rows, V]
@@ -33,7 +33,7 @@ import time
 import torch
 from common import emit
 
-from predistill.kd import KDConfig, kd_loss, kd_terms, online_kd_loss, teacher_temperature
+from predistill.kd import KDConfig, fused_lm_kd_loss, kd_terms, online_kd_loss, teacher_temperature
 from predistill.logits import TeacherTargets
 
 CFG = KDConfig(loss="kld", temperature=2.0)
@@ -75,7 +75,12 @@ def naive_online(h, w, teacher):
 
 def run_impl(case: str, impl: str, h, w, extra):
     if case == "offline":
-        return kd_loss(h, w, extra, CFG)[0] if impl == "ours" else naive_offline(h, w, extra)
+        if impl == "naive":
+            return naive_offline(h, w, extra)
+        # what `train` runs (α = 1: the LM term weighs nothing): the fused LM + KD loss
+        next_tokens = torch.zeros(h.shape[0], dtype=torch.long)
+        _, kd_sum, _, _ = fused_lm_kd_loss(h, w, next_tokens, extra, CFG, weights=(0.0, 1.0))
+        return kd_sum / h.shape[0]
     return online_kd_loss(h, w, extra[0], extra[1], CFG)[0] if impl == "ours" else naive_online(h, w, extra)
 
 
