@@ -29,11 +29,21 @@ def rows_of(paths: list[Path]) -> list[dict]:
     return list(latest.values())
 
 
+def cell(text: str) -> str:
+    return str(text).replace("|", "\\|")  # a pipe inside a cell would end it
+
+
 def table(rows: list[dict]) -> str:
+    machines = {r["machine"] for r in rows}
+    one_machine = len(machines) == 1
     out = ["| what | command | result | goal | measured |", "|---|---|---|---|---|"]
     for r in rows:
         m = r["readme"]
-        out.append(f"| {m['what']} | `{r['command']}` | {m['result']} | {m['goal']} | {r['date']}, {r['machine']} |")
+        when = r["date"] if one_machine else f"{r['date']}, {r['machine']}"
+        out.append(f"| {cell(m['what'])} | `{cell(r['command'])}` | {cell(m['result'])} | {cell(m['goal'])} | "
+                   f"{cell(when)} |")
+    if one_machine:
+        out.append(f"\nMachine: {machines.pop()}.")
     return "\n".join(out)
 
 
