@@ -28,7 +28,7 @@ N_TOKENS, HIDDEN, VOCAB = 4096, 576, 49152
 STEP_CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
-from bench_train import VOCAB, vocab_model
+from bench_train import VOCAB, train_step, vocab_model
 from predistill.train import LossModel, TrainConfig, make_optimizer
 loop, batch, seq = sys.argv[1], 8, 256
 model = vocab_model("small")
@@ -46,14 +46,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS mark: building the model peaked higher than a step does
 base = status_kb("VmRSS")
 for _ in range(2):
-    if loop == "ours":
-        lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
-        (lm_sum / mask.sum()).backward()
-    else:
-        logits = model(input_ids=inputs).logits
-        torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), inputs.view(-1)).backward()
-    opt.step()
-    opt.zero_grad()
+    train_step(loss_model if loop == "ours" else model, opt, inputs, mask)
 print(json.dumps({"peak_mb": (status_kb("VmHWM") - base) / 1024}))
 """
 
@@ -98,6 +91,23 @@ def loss_variant(variant: str) -> dict:
     out = subprocess.run([sys.executable, "-c", LOSS_CHILD, variant, str(N_TOKENS), str(HIDDEN), str(VOCAB)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
+
+
+def train_step(model, opt, inputs, mask) -> None:
+    """One step: predistill's LossModel (body → fused chunked loss), or a plain HF model the way a
+    user writes it (`model(ids).logits` → cross-entropy)."""
+    import torch
+
+    from predistill.train import LossModel
+
+    if isinstance(model, LossModel):
+        lm_sum, _, _, _ = model(inputs, inputs, mask)
+        (lm_sum / mask.sum()).backward()
+    else:
+        logits = model(input_ids=inputs).logits
+        torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), inputs.view(-1)).backward()
+    opt.step()
+    opt.zero_grad()
 
 
 def vocab_model(preset: str):
@@ -204,14 +214,7 @@ def step_vs_plain_loop(preset: str = "small", steps: int = 6, batch: int = 8, se
     for step in range(2 * steps):
         name = "ours" if step % 2 == 0 else "plain"
         t0 = time.perf_counter()
-        if name == "ours":
-            lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
-            (lm_sum / mask.sum()).backward()
-        else:
-            logits = plain_model(input_ids=inputs).logits
-            torch.nn.functional.cross_entropy(logits.view(-1, VOCAB), inputs.view(-1)).backward()
-        opts[name].step()
-        opts[name].zero_grad()
+        train_step(loss_model if name == "ours" else plain_model, opts[name], inputs, mask)
         if step >= 2:
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}

@@ -381,6 +381,14 @@ def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Te
     return nll.sum() / len(rows), kd_mean, lm_per_position.view(lead), kd_per_position.view(lead)
 
 
+def _two_sums(ctx, lm_rows: torch.Tensor, kd_rows: torch.Tensor, w_lm: float, w_kd: float):
+    """A fused LM+KD loss's outputs: the two sums (their gradient, computed in the forward, is on
+    `ctx`; backward scales it by the sums' common weight) and the per-row values (no gradient)."""
+    ctx.weights = (w_lm, w_kd)
+    ctx.mark_non_differentiable(lm_rows, kd_rows)
+    return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
+
+
 class _FusedLMKD(torch.autograd.Function):
     """(Σ NLL, Σ KD) over rows with the gradient of w_lm·Σ NLL + w_kd·Σ KD computed in the forward
     pass, chunk by chunk: logits → lse → log-probs at [next token, teacher ids] → per-row LM and KD
@@ -415,9 +423,7 @@ class _FusedLMKD(torch.autograd.Function):
             return g
 
         fused_head_pass(ctx, hidden, weight, chunk_size, gathered(both, chunk_loss))
-        ctx.weights = (w_lm, w_kd)
-        ctx.mark_non_differentiable(lm_rows, kd_rows)
-        return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
+        return _two_sums(ctx, lm_rows, kd_rows, w_lm, w_kd)
 
     @staticmethod
     def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
@@ -486,9 +492,7 @@ class _FusedOnline(torch.autograd.Function):
                 return torch.autograd.grad(total, z)[0] if need_grad else None
 
         fused_head_pass(ctx, hidden, weight, chunk_size, chunk_grad)
-        ctx.weights = (w_lm, w_kd)
-        ctx.mark_non_differentiable(lm_rows, kd_rows)
-        return lm_rows.sum(), kd_rows.sum(), lm_rows, kd_rows
+        return _two_sums(ctx, lm_rows, kd_rows, w_lm, w_kd)
 
     @staticmethod
     def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
