@@ -29,8 +29,10 @@ Encoding (per shard, little-endian bit streams; version 2)
 - log-probs: `logprob_bits`-bit unsigned codes, uniform over [`logprob_min`, 0]:
   code = round((clip(lp, lo, 0) − lo)/step), step = −lo/(2^bits − 1); decoded lp is within step/2
   of the teacher's for lp ≥ lo (the manifest states the bound and how many values were clipped);
-- entries per position: n−1 in ⌈log2 top_k⌉ bits (topk) or ⌈log2 samples⌉ bits (sample);
-- counts (sample mode): c−1, Huffman-coded per shard like the ids (`counts_inst_bits`).
+- entries per position: n−1 in ⌈log2 top_k⌉ bits (topk); in sample mode none are stored: a
+  position's counts sum to `samples`, so its entries end where the running sum of counts does;
+- counts (sample mode): c−1, Huffman-coded per shard like the ids (`counts_inst_bits`);
+- positions per instance: not stored, the token store's lengths − 1.
 A value j of a b-bit stream occupies bits [j·b, (j+1)·b) of the stream, least significant bit first,
 so the 8/16/32-bit cases are plain little-endian integer arrays. Every stream is followed by 8 zero
 bytes so that random access can always read an 8-byte window. Version 1 stores (ids in ⌈log2 V⌉
@@ -46,9 +48,10 @@ On disk
       manifest.json        format "logits_store", version, store_hash, tokenizer_hash, config,
                            encoding (bits, quantisation step and error bound), n_instances,
                            n_positions, n_entries, total_bytes, bytes_per_token, complete (last)
-Shard sections: `inst_entry_offsets` and `inst_position_offsets` (int64, n_inst+1, shard-local),
-`n_entries`, `ids` (+ `ids_code`, the code lengths, and `ids_inst_bits`), `logprobs` (when
-stored), `counts` (sample mode; + `counts_code`, `counts_inst_bits`).
+Shard sections: `inst_entry_offsets` (int64, n_inst+1, shard-local), `n_entries` (topk), `ids`
+(+ `ids_code`, the code lengths, and `ids_inst_bits`), `logprobs` (when stored), `counts` (sample
+mode; + `counts_code`, `counts_inst_bits`); version 1 also has `inst_position_offsets` and
+`n_entries` in sample mode.
 
 A shard's .bin is written to a temporary name and renamed, then its marker is written: a killed
 writer resumes by skipping shards that have a marker, and given the same teacher outputs every shard
@@ -513,9 +516,13 @@ def encode_shard(entries: Entries, inst_positions: np.ndarray, enc: Encoding,
     n_per_inst = [int(x) for x in inst_positions]
     pos_off = np.concatenate([[0], np.cumsum(n_per_inst)]).astype(np.int64)
     entry_off = np.concatenate([[0], np.cumsum(entries.n)]).astype(np.int64)[pos_off]
-    streams = [("inst_entry_offsets", entry_off.astype("<i8").tobytes()),
-               ("inst_position_offsets", pos_off.astype("<i8").tobytes()),
-               ("n_entries", pack_bits(entries.n - 1, enc.n_bits))]
+    streams = [("inst_entry_offsets", entry_off.astype("<i8").tobytes())]
+    # v2 leaves out what a reader can rebuild: positions per instance (the token store's lengths)
+    # and, in sample mode, entries per position (each position's counts sum to `samples`)
+    if not enc.entropy_coded:
+        streams.append(("inst_position_offsets", pos_off.astype("<i8").tobytes()))
+    if not (enc.entropy_coded and entries.counts is not None):
+        streams.append(("n_entries", pack_bits(entries.n - 1, enc.n_bits)))
 
     def huffman(name: str, values: np.ndarray, n_direct: int, raw_bits: int) -> None:
         code = entropy.Code.fit(values, n_direct, raw_bits)
@@ -777,8 +784,13 @@ class LogitsStoreWriter:
 # ------------------------------------------------------------------------------------------------
 # reader
 # ------------------------------------------------------------------------------------------------
+def _needs_token_store(directory: Path) -> PredistillError:
+    return PredistillError(f"{directory}: a version-2 logits store is coded against its token store (next tokens, "
+                           "instance lengths); open it with its token store (LogitsStore(path, store))")
+
+
 class _Shard:
-    def __init__(self, directory: Path, s: int, enc: Encoding):
+    def __init__(self, directory: Path, s: int, enc: Encoding, n_positions: np.ndarray | None):
         marker = directory / "shards" / f"{_shard_name(s)}.json"
         # verified once per open: a shard changed since the store was finished is refused here,
         # not discovered as garbage targets (or an IndexError) mid-training
@@ -791,7 +803,13 @@ class _Shard:
         self.first = meta["first_instance"]
         self.sections = {name: raw[off:off + n] for name, (off, n) in meta["sections"].items()}
         self.entry_off = self.sections["inst_entry_offsets"].view("<i8")
-        self.pos_off = self.sections["inst_position_offsets"].view("<i8")
+        if "inst_position_offsets" in self.sections:
+            self.pos_off = self.sections["inst_position_offsets"].view("<i8")
+        else:  # v2: from the token store
+            if n_positions is None:
+                raise _needs_token_store(directory)
+            mine = n_positions[self.first:self.first + len(self.entry_off) - 1]
+            self.pos_off = np.concatenate([[0], np.cumsum(mine)]).astype(np.int64)
         self.decoders: dict[str, tuple[entropy.Decoder, np.ndarray]] = {}
         if enc.entropy_coded:
             coded = [("ids", enc.id_direct, enc.id_raw_bits)]
@@ -865,7 +883,8 @@ class LogitsStore:
         if s not in self._shards:
             if not 0 <= s < self.manifest["n_shards"]:
                 raise PredistillError(f"{self.dir}: no shard {s} (instance out of range)")
-            self._shards[s] = _Shard(self.dir, s, self.enc)
+            n_positions = None if self.tokens is None else np.maximum(self.tokens.lengths - 1, 0)
+            self._shards[s] = _Shard(self.dir, s, self.enc, n_positions)
         return self._shards[s]
 
     def n_positions_of(self, instance_id: int) -> int:
@@ -879,15 +898,28 @@ class LogitsStore:
         local = int(instance_id) - sh.first
         p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
         e0, e1 = int(sh.entry_off[local]), int(sh.entry_off[local + 1])
-        n = unpack_bits(sh.sections["n_entries"], self.enc.n_bits, np.arange(p0, p1)) + 1
+        n = self._entries_per_position(sh, local, p1 - p0)
         return self._decode(sh, local, n, np.arange(e0, e1), np.repeat(np.arange(p1 - p0), n))
+
+    def _entries_per_position(self, sh: _Shard, local: int, count: int) -> np.ndarray:
+        """Entries at positions 0..count−1 of instance `local`."""
+        p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
+        if "n_entries" in sh.sections:
+            return unpack_bits(sh.sections["n_entries"], self.enc.n_bits, np.arange(p0, p0 + count)) + 1
+        # v2 sample mode: a position ends where the running sum of counts reaches a multiple of N
+        e0, e1 = int(sh.entry_off[local]), int(sh.entry_off[local + 1])
+        ends = np.flatnonzero(np.cumsum(sh.coded("counts", local, np.arange(e0, e1)) + 1) % self.cfg.samples == 0)
+        n = np.diff(np.concatenate([[-1], ends]))
+        if len(n) != p1 - p0 or (len(ends) and ends[-1] != e1 - e0 - 1):
+            raise PredistillError(f"{self.dir}: the counts of instance {sh.first + local} do not split into its "
+                                  f"{p1 - p0} positions (corrupt store)")
+        return n[:count]
 
     def _decode(self, sh: _Shard, local: int, n: np.ndarray, idx: np.ndarray, entry_pos: np.ndarray) -> Entries:
         """Entries `idx` (shard-wide indices) of instance `local`; `entry_pos` is each one's position."""
         if self.enc.entropy_coded:
             if self.tokens is None:
-                raise PredistillError(f"{self.dir}: a version-2 logits store codes ids against the next token; open "
-                                      "it with its token store (LogitsStore(path, store))")
+                raise _needs_token_store(self.dir)
             next_tokens = np.asarray(self.tokens[sh.first + local], np.int64)[entry_pos + 1]
             ids = self.symbols.ids(sh.coded("ids", local, idx), next_tokens)
         else:
@@ -923,7 +955,7 @@ class LogitsStore:
             if not len(rows):
                 continue
             # entry starts within the instance: exclusive cumsum of the per-position counts
-            n_inst = unpack_bits(sh.sections["n_entries"], self.enc.n_bits, np.arange(p0, p0 + t.max() + 1)) + 1
+            n_inst = self._entries_per_position(sh, local, int(t.max()) + 1)
             starts = int(sh.entry_off[local]) + np.concatenate([[0], np.cumsum(n_inst)])[t]
             n_all[rows] = n_inst[t]
             entry_idx.append((rows, starts, sh, local, t))
