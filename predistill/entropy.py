@@ -118,7 +118,8 @@ def encode(values: np.ndarray, code: Code) -> tuple[bytes, np.ndarray]:
     lengths = code.lengths[symbols]
     words = code.codes()[symbols]
     escaped = symbols == esc
-    if len(values) and (values[escaped] >> code.raw_bits).any() if code.raw_bits else (values > esc).any():
+    too_big = (values[escaped] >> code.raw_bits).any() if code.raw_bits else (values > esc).any()
+    if len(values) and too_big:
         raise ValueError(f"a value past the direct symbols does not fit in {code.raw_bits} raw bits")
     if code.raw_bits:  # raw value after the escape code
         words = words | np.where(escaped, values << lengths, 0)

@@ -321,8 +321,9 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets,
 
 
 def _lm_kd_rows(hidden, weight, next_tokens, targets: TeacherTargets, position_mask):
-    """The teacher's entries as [positions, K] and the rows to compute, after the checks that the
-    student, the next tokens and the teacher cover the same positions and share a vocabulary."""
+    """After the checks that the student, the next tokens and the teacher cover the same positions
+    and share a vocabulary: the rows to compute, their ids [rows, 1 + K] (next token, then the
+    teacher's entries), the entries' log-probs and mask [rows, K], and a zero per-position buffer."""
     lead = next_tokens.shape
     if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
         raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
@@ -332,7 +333,10 @@ def _lm_kd_rows(hidden, weight, next_tokens, targets: TeacherTargets, position_m
     if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
         raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
                               f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
-    return ids, lps, mask, torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
+    rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
+    both = torch.cat([next_tokens.reshape(-1, 1)[rows].to(ids.dtype), ids[rows]], dim=1)
+    zeros = torch.zeros(lead.numel(), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    return rows, both, lps[rows], mask[rows], zeros
 
 
 def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
@@ -355,22 +359,19 @@ def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Te
         lm_mean, lm_per_position = lm_loss(hidden, weight, next_tokens, keep, cfg.chunk_size)
         kd_mean, kd_per_position = kd_loss(hidden, weight, targets, cfg, position_mask)
         return lm_mean, kd_mean, lm_per_position, kd_per_position
-    ids, lps, mask, rows = _lm_kd_rows(hidden, weight, next_tokens, targets, position_mask)
-    n_all, acc = lead.numel(), torch.promote_types(hidden.dtype, torch.float32)
-    lm_per_position = torch.zeros(n_all, dtype=acc, device=hidden.device)
-    kd_per_position = torch.zeros(n_all, dtype=acc, device=hidden.device)
+    rows, both, lps, mask, zeros = _lm_kd_rows(hidden, weight, next_tokens, targets, position_mask)
+    lm_per_position = kd_per_position = zeros
     if len(rows) == 0:
         zero = hidden.sum() * 0
-        return zero, zero, lm_per_position.view(lead), kd_per_position.view(lead)
-    both = torch.cat([next_tokens.reshape(-1, 1)[rows].to(ids.dtype), ids[rows]], dim=1)
+        return zero, zero, zeros.view(lead), zeros.view(lead)
     logq = gather_logprobs(hidden.reshape(-1, hidden.shape[-1])[rows], weight, both, cfg.chunk_size)
     nll = -logq[:, 0]
     lm_per_position = lm_per_position.index_put((rows,), nll)
-    distilled = mask[rows].any(-1)
+    distilled = mask.any(-1)
     kd_rows = rows[distilled]
     kd_mean = hidden.sum() * 0
     if len(kd_rows):
-        lps_k, mask_k = lps[kd_rows], mask[kd_rows]
+        lps_k, mask_k = lps[distilled], mask[distilled]
         tau = teacher_temperature(lps_k, mask_k, cfg)
         per_row = kd_terms(logq[distilled, 1:], lps_k, mask_k, tau, cfg, bucket=cfg.tail == "bucket")
         factor = loss_weight(lps_k, mask_k, tau, cfg)
@@ -442,18 +443,14 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: to
         lm_mean, kd_mean, lm_pp, kd_pp = lm_kd_loss(hidden, weight, next_tokens, targets, cfg, position_mask)
         return lm_pp.sum(), kd_pp.sum(), lm_pp.detach(), kd_pp.detach()
     lead = next_tokens.shape
-    ids, lps, mask, rows = _lm_kd_rows(hidden, weight, next_tokens, targets, position_mask)
-    n_all, acc = lead.numel(), torch.promote_types(hidden.dtype, torch.float32)
-    lm_pp = torch.zeros(n_all, dtype=acc, device=hidden.device)
-    kd_pp = torch.zeros(n_all, dtype=acc, device=hidden.device)
+    rows, both, lps, mask, zeros = _lm_kd_rows(hidden, weight, next_tokens, targets, position_mask)
     if len(rows) == 0:
         zero = hidden.sum() * 0
-        return zero, zero, lm_pp.view(lead), kd_pp.view(lead)
-    both = torch.cat([next_tokens.reshape(-1, 1)[rows].to(ids.dtype), ids[rows]], dim=1)
+        return zero, zero, zeros.view(lead), zeros.view(lead)
     lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMKD.apply(
-        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), both, lps[rows], mask[rows],
-        mask[rows].any(-1), cfg, cfg.chunk_size, float(weights[0]), float(weights[1]))
-    return lm_sum, kd_sum, lm_pp.index_put((rows,), lm_rows).view(lead), kd_pp.index_put((rows,), kd_rows).view(lead)
+        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), both, lps, mask, mask.any(-1), cfg,
+        cfg.chunk_size, float(weights[0]), float(weights[1]))
+    return lm_sum, kd_sum, zeros.index_put((rows,), lm_rows).view(lead), zeros.index_put((rows,), kd_rows).view(lead)
 
 
 # ------------------------------------------------------------------------------------------------
