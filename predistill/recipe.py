@@ -27,6 +27,20 @@ stage reruns that stage and what depends on it, nothing else; a stage that was k
 with the same hash is rerun in place and resumes its own work (checkpoints, finished shards). A
 stage whose hash changed is rerun from an empty directory.
 
+A sweep is one [[stage]] with a `matrix`: the cartesian product of its variables, each value a
+stage of its own, named NAME-KEYVALUE… (`lm-seed1`, `lm-seed2`); `{KEY}` in its args is the value:
+
+    [[stage]]
+    name = "lm"
+    command = "train"
+    matrix = { seed = [1, 2, 3] }
+    args = { store = "{corpus}", out = "{self}", seed = "{seed}" }
+
+A reference to a sweep means the instance with the same values of the variables both stages have
+(an `eval` with the same matrix reads its own `lm`); where the referring stage lacks some of the
+sweep's variables, the reference must stand in a list, and expands to every instance in matrix
+order (a report over all seeds: `_ = ["{lm}"]`).
+
 `nproc_per_node = N` in a [[stage]] (or `predistill run --nproc-per-node N` for every train,
 score, generate and eval stage) launches that stage with torchrun, one process per device; the artifacts are the
 same as with one process, so the key is not part of the stage's hash.
@@ -36,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -86,6 +101,67 @@ def _references(value) -> set[str]:
     return set()
 
 
+def _matrix(raw: dict, path: Path) -> list[dict]:
+    """The variable assignments of a [[stage]]'s `matrix`, in order (the first key varies slowest)."""
+    matrix, name = raw["matrix"], raw.get("name")
+    if not isinstance(matrix, dict) or not matrix:
+        raise PredistillError(f"{path}: stage '{name}': matrix must be a table of lists, e.g. {{ seed = [1, 2, 3] }}")
+    for key, values in matrix.items():
+        if not re.fullmatch(r"[A-Za-z_]\w*", key) or key == "self":
+            raise PredistillError(f"{path}: stage '{name}': matrix variable '{key}' must be letters, digits or '_'")
+        if not isinstance(values, list) or not values:
+            raise PredistillError(f"{path}: stage '{name}': matrix.{key} must be a non-empty list")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)) or not re.fullmatch(r"[\w.-]+", str(v)):
+                raise PredistillError(f"{path}: stage '{name}': matrix.{key} value {v!r} must be a number or a "
+                                      "string of letters, digits, '_', '-' or '.'")
+        if len(set(map(str, values))) != len(values):
+            raise PredistillError(f"{path}: stage '{name}': matrix.{key} repeats a value")
+    return [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())]
+
+
+def _instance_name(name: str, values: dict) -> str:
+    return "-".join([name] + [f"{k}{str(v).replace('.', 'p')}" for k, v in values.items()])
+
+
+def _expand(value, values: dict, sweeps: dict[str, list[dict]], stage: str, path: Path):
+    """An arg with the stage's matrix values put in, and references to sweeps made instance names."""
+    if isinstance(value, list):
+        out = []
+        for item in value:
+            out += _expand_text(item, values, sweeps, stage, path) if isinstance(item, str) else [item]
+        return out
+    if not isinstance(value, str):
+        return value
+    expanded = _expand_text(value, values, sweeps, stage, path)
+    if len(expanded) != 1:
+        raise PredistillError(f"{path}: stage '{stage}': '{value}' names {len(expanded)} instances of a matrix "
+                              "stage; put it in a list to pass them all")
+    return expanded[0]
+
+
+def _expand_text(text: str, values: dict, sweeps: dict[str, list[dict]], stage: str, path: Path) -> list[str]:
+    def substitute(assignment: dict) -> str:
+        def one(m: re.Match) -> str:
+            key = m.group(1)
+            if key in values:
+                return str(values[key])
+            if key in assignment:
+                return "{" + _instance_name(key, assignment[key]) + "}"
+            return m.group(0)
+        return REFERENCE.sub(one, text)
+
+    # every combination of instances of the sweeps this text refers to, agreeing with the stage's values
+    choices = []
+    for ref in dict.fromkeys(REFERENCE.findall(text)):
+        if ref in sweeps and ref not in values:
+            matching = [a for a in sweeps[ref] if all(values.get(k, v) == v for k, v in a.items())]
+            if not matching:
+                raise PredistillError(f"{path}: stage '{stage}': no instance of matrix stage '{ref}' has its values {values}")
+            choices.append([(ref, a) for a in matching])
+    return [substitute(dict(combo)) for combo in itertools.product(*choices)]
+
+
 def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
     from predistill.cli import COMMANDS
 
@@ -97,23 +173,35 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise PredistillError(f"{path}: invalid TOML ({e})") from None
     meta = data.get("recipe", {})
+    raws = data.get("stage", [])
+    if not isinstance(raws, list) or not all(isinstance(r, dict) for r in raws):
+        raise PredistillError(f"{path}: `stage` must be an array of tables ([[stage]])")
+    sweeps = {str(r.get("name")): _matrix(r, path) for r in raws if "matrix" in r}
+    names = {str(r.get("name")) for r in raws}
     stages: dict[str, Stage] = {}
-    for raw in data.get("stage", []):
+    for raw in raws:
         name, command = raw.get("name"), raw.get("command")
         if not name or not command:
             raise PredistillError(f"{path}: every [[stage]] needs a name and a command")
         if not re.fullmatch(r"[A-Za-z_][\w-]*", str(name)):
             raise PredistillError(f"{path}: stage name '{name}' must be letters, digits, '_' or '-'")
-        if name in stages or name == "self":
-            raise PredistillError(f"{path}: stage name '{name}' is used twice or reserved")
         if command not in COMMANDS or command in ("run", "demo"):
             raise PredistillError(f"{path}: stage '{name}' has unknown command '{command}'")
-        args = raw.get("args", {})
-        deps = sorted(_references(list(args.values())) - {"self"})
         nproc = raw.get("nproc_per_node")
         if nproc is not None and (not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1):
             raise PredistillError(f"{path}: stage '{name}': nproc_per_node must be an integer ≥ 1, got {nproc!r}")
-        stages[name] = Stage(name, command, args, deps, nproc_per_node=nproc)
+        args = raw.get("args", {})
+        if not isinstance(args, dict):
+            raise PredistillError(f"{path}: stage '{name}': args must be a table")
+        if clash := names & set(raw.get("matrix") or {}):
+            raise PredistillError(f"{path}: stage '{name}': matrix variable '{min(clash)}' is also a stage's name")
+        for values in sweeps.get(name, [{}]):
+            instance = _instance_name(name, values)
+            if instance in stages or instance == "self":
+                raise PredistillError(f"{path}: stage name '{instance}' is used twice or reserved")
+            resolved = {k: _expand(v, values, sweeps, name, path) for k, v in args.items()}
+            deps = sorted(_references(list(resolved.values())) - {"self"})
+            stages[instance] = Stage(instance, command, resolved, deps, nproc_per_node=nproc)
     if not stages:
         raise PredistillError(f"{path}: the recipe has no [[stage]]")
     for stage in stages.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -97,6 +98,62 @@ args = { _ = ["{a}", "{a}/val"], out = "{self}" }
     assert stage_argv(recipe, b) == ["report", str(tmp_path / "root" / "a"), str(tmp_path / "root" / "a" / "val"),
                                      "--out", str(tmp_path / "root" / "b")]
     assert b.deps == ["a"]
+
+
+def test_a_matrix_stage_is_a_sweep_and_references_to_it_resolve_by_shared_values(tmp_path):
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text("""
+[[stage]]
+name = "data"
+command = "prepare"
+args = { source = ["txt:x"], tokenizer = "t", out = "{self}" }
+[[stage]]
+name = "lm"
+command = "train"
+matrix = { size = ["tiny", "mini"], seed = [1, 2] }
+args = { model = "preset:{size}", store = "{data}", out = "{self}", seed = "{seed}", lr = 0.003 }
+[[stage]]
+name = "ev"
+command = "eval"
+matrix = { seed = [2], size = ["mini"] }
+args = { model = "{lm}", store = "{data}/val", out = "{lm}/eval.json" }
+[[stage]]
+name = "rep"
+command = "report"
+args = { _ = ["{lm}"], out = "{self}" }
+""")
+    root = tmp_path / "root"
+    recipe = load_recipe(recipe_file, root)
+    names = [s.name for s in recipe.stages]
+    assert names == ["data", "lm-sizetiny-seed1", "lm-sizetiny-seed2", "lm-sizemini-seed1", "lm-sizemini-seed2",
+                     "ev-seed2-sizemini", "rep"]
+    stages = {s.name: s for s in recipe.stages}
+    assert stage_argv(recipe, stages["lm-sizemini-seed1"]) == [
+        "train", "--model", "preset:mini", "--store", str(root / "data"), "--out", str(root / "lm-sizemini-seed1"),
+        "--seed", "1", "--lr", "0.003"]
+    assert stages["ev-seed2-sizemini"].deps == ["data", "lm-sizemini-seed2"]  # its own instance, not all four
+    assert stage_argv(recipe, stages["rep"])[1:5] == [str(root / n) for n in names[1:5]]  # a list: every instance
+    assert len({s.hash for s in recipe.stages}) == len(names)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 2] }\n'
+     '[[stage]]\nname = "b"\ncommand = "report"\nargs = { out = "{a}" }\n', "names 2 instances of a matrix stage"),
+    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 2] }\n'
+     '[[stage]]\nname = "b"\ncommand = "report"\nmatrix = { seed = [3] }\nargs = { out = "{a}" }\n',
+     "no instance of matrix stage 'a'"),
+    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [] }\n', "non-empty list"),
+    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 1] }\n', "repeats a value"),
+    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = ["x/y"] }\n', "must be a number or a string"),
+    ('[[stage]]\nname = "seed"\ncommand = "prepare"\n[[stage]]\nname = "a"\ncommand = "prepare"\n'
+     'matrix = { seed = [1] }\n', "is also a stage's name"),
+    ('[[stage]]\nname = "a-seed1"\ncommand = "prepare"\n[[stage]]\nname = "a"\ncommand = "prepare"\n'
+     'matrix = { seed = [1] }\n', "used twice"),
+])
+def test_bad_matrices_are_refused_with_a_clear_message(tmp_path, body, message):
+    (tmp_path / "r.toml").write_text(body)
+    with pytest.raises(PredistillError, match=re.escape(message)):
+        load_recipe(tmp_path / "r.toml")
 
 
 @pytest.mark.parametrize("body, message", [
