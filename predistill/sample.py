@@ -9,6 +9,9 @@ Methods (all give the same output):
 - `proxy` (MiniPLM_prx, see proxy.py): teacher and reference score a small random subset, a proxy
   learns the difference and predicts it for every instance; then as `difference`.
 Ties are broken by instance id (lower first); instances with no predicted token (NaN score) rank last.
+`--complement` keeps the other instances instead: `random --ratio 0.2 --complement` with the seed of
+a `random --ratio 0.2` selection is the rest of the corpus, disjoint from it (e.g. MiniPLM's
+reference LM trains on the one, the students' pool is the other).
 
 The selection format is defined in `predistill.selection`.
 
@@ -86,6 +89,8 @@ class SampleConfig:
     reference: str | None = option(None, "reference score table (from `predistill score`)")
     keep: str = option("low-loss", "teacher-ppl: keep the lowest or highest teacher-loss instances", choices=KEEP_ENDS)
     seed: int = option(0, "seed for random, the proxy subset, and report examples")
+    complement: bool = option(False, "keep the instances the method drops instead (with random: a held-apart slice "
+                                     "disjoint from the one the same seed and ratio keep)")
     n_examples: int = option(3, "top/bottom/random examples shown in report.md (each)", flag="--examples")
     materialize: str | None = option(None, "also write the kept instances as a new token store in this directory",
                                      metavar="DIR")
@@ -193,7 +198,7 @@ def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.
     score_name = {"difference": "difference (log p_T − log p_ref)", "proxy": "proxy-predicted difference",
                   "teacher-ppl": "teacher mean log-prob" + (" (negated)" if cfg.keep == "high-loss" else ""),
                   "random": "random key"}[cfg.method]
-    lines = [f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}", "",
+    lines = [f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}" + (", complement" if cfg.complement else ""), "",
              f"- token store: `{store.dir}` ({store.hash[:12]}), {n} instances, {int(store.lengths.sum())} tokens",
              f"- kept: {len(selection)} instances ({len(selection) / max(n, 1):.1%}), "
              f"{int(store.lengths[selection].sum())} tokens ({store.lengths[selection].sum() / max(store.lengths.sum(), 1):.1%})"]
@@ -369,6 +374,10 @@ def run(cfg: SampleConfig) -> Path:
             if unscored:
                 extra["instances without a predicted token (ranked last)"] = unscored
     selection = top_fraction(score, cfg.ratio)
+    if cfg.complement:
+        selection = np.setdiff1d(np.arange(n), selection)
+        if len(selection) == 0:
+            raise PredistillError(f"--complement of --ratio {cfg.ratio} keeps no instance")
     rates = domain_keep_rates(store, selection)
 
     with staged_dir(out) as tmp:

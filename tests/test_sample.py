@@ -96,6 +96,17 @@ def test_baselines_teacher_ppl_and_random(tables, tiny_store, tmp_path):
     assert np.all(np.diff(r1) > 0)
 
 
+def test_complement_is_the_rest_of_the_store(tiny_store, tmp_path):
+    """A random slice and the complement of the same slice split the store: MiniPLM's held-apart reference data."""
+    n = len(TokenStore(tiny_store))
+    slice_ = load_selection(sample(tmp_path / "slice", method="random", store=str(tiny_store), ratio=0.3, seed=5))
+    rest = load_selection(sample(tmp_path / "rest", method="random", store=str(tiny_store), ratio=0.3, seed=5,
+                                 complement=True))
+    assert len(slice_) == int(0.3 * n) and len(rest) == n - len(slice_)
+    assert np.array_equal(np.sort(np.concatenate([slice_, rest])), np.arange(n))
+    assert "complement" in (tmp_path / "rest" / "report.md").read_text().splitlines()[0]
+
+
 def test_rerun_is_a_noop_and_another_config_is_refused(tables, tmp_path, capsys):
     kw = dict(teacher=str(tables["teacher"]), reference=str(tables["reference"]))
     out = sample(tmp_path / "sel", **kw)
