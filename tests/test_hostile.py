@@ -87,6 +87,11 @@ def logits_with(t: Path, a, corrupt) -> str:
     return str(ldir)
 
 
+def swap_first_ids(order: Path) -> None:
+    data = order.read_bytes()
+    order.write_bytes(data[4:8] + data[:4] + data[8:])  # same size: only the checksum can tell
+
+
 def file_at(t: Path) -> str:
     (t / "a-file").write_text("not a directory")
     return str(t / "a-file")
@@ -169,6 +174,9 @@ CASES = [
     ("logits shard truncated", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
         t, a, lambda d: (d / "00000.bin").write_bytes((d / "00000.bin").read_bytes()[:-50])),
         "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "missing or truncated"),
+    ("logits id ranking edited (two ids swapped)", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits",
+        logits_with(t, a, lambda d: swap_first_ids(d.parent / "id_order.bin")),
+        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "id_order.bin: changed since the logits store was written"),
     ("logits marker corrupt", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
         t, a, lambda d: (d / "00000.json").write_text("{not json")),
         "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "changed since the logits store was written"),
