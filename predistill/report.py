@@ -42,6 +42,9 @@ DASH = "–"
 # MiniPLM's scaling figures fit the loss-vs-compute curve and read it past the trained range.
 DEFAULT_EXTRAPOLATE = 10.0
 MIN_FIT_POINTS = 3
+BASELINE = "Pre-Train w/o KD"
+# a paired difference counts as a real effect when it exceeds this many standard errors
+SIGNIFICANT_SE = 2.0
 # Artifacts whose FLOPs are not offline teacher inference (a reference model is trained, not run).
 NOT_TEACHER_FORMATS = {"run", "token_store", "tokenizer", "converted_model", "local_tasks", "eval"}
 
@@ -52,9 +55,13 @@ class ReportConfig:
                              positional=True, required=True, metavar="RUN")
     out: str = option("", "directory for report.md, report.html, report.json and plots/", required=True)
     title: str = option("predistill report", "page title")
+    note: str = option("", "a paragraph shown under the title (what the runs are, where fuller results are)")
     extrapolate: float = option(DEFAULT_EXTRAPOLATE, "extend the power-law fits to this × the largest fitted compute")
     irreducible: str = option("auto", "fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points",
                               choices=("auto", "on", "off"))
+    baseline: str = option(BASELINE, "the method every other is compared to, seed by seed, in the seed summary")
+    stem: str = option("report", "file names: OUT/STEM.md, STEM.html, STEM.json (plots in OUT/plots, or OUT/STEM-plots "
+                                 "for another stem)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +176,8 @@ class RunSummary:
     complete: bool = False
     method: str | None = None
     model: str | None = None
+    size: str | None = None  # the model's short name: preset:tiny → tiny, a directory → its name
+    seed: int | None = None  # initialisation and data order (train's --seed): runs with one seed are paired
     params: int | None = None
     params_non_embedding: int | None = None
     steps: int | None = None
@@ -198,6 +207,10 @@ def summarize_run(run: str) -> RunSummary:
     s.complete = manifest.get("format") == "run" and manifest.get("complete") is True
     s.method = manifest.get("method") or config.get("method")
     s.model = manifest.get("model") or config.get("model")
+    if isinstance(s.model, str) and s.model:
+        s.size = s.model.removeprefix("preset:").rstrip("/").rsplit("/", 1)[-1]
+    seed = config.get("seed")
+    s.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
     params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
     s.params = _number(params.get("total"))
     s.params_non_embedding = _number(params.get("non_embedding"))
@@ -338,9 +351,10 @@ def _use_irreducible(mode: str, n_points: int) -> bool:
     return mode == "on" or (mode == "auto" and n_points >= 4)
 
 
-def scaling_fits(runs: list[RunSummary], mode: str) -> list[dict]:
+def scaling_fits(runs: list[RunSummary], mode: str, per_run_curves: bool = True) -> list[dict]:
     """Fits of held-out loss vs training FLOPs: one per method across its runs (when it has ≥ 2
-    compute budgets), one across all runs, and one along each run's validation curve (≥ 3 points)."""
+    compute budgets), one across all runs, and (`per_run_curves`) one along each run's validation
+    curve (≥ 3 points)."""
     fits = []
     points = [(r.flops, r.heldout_loss, r.method or r.name) for r in runs if r.flops and r.heldout_loss]
     groups: dict[str, list] = {}
@@ -349,10 +363,8 @@ def scaling_fits(runs: list[RunSummary], mode: str) -> list[dict]:
     candidates = [(f"method: {m}", "method", pts) for m, pts in groups.items()]
     if len(groups) > 1:
         candidates.append(("all runs", "all", [(c, loss) for c, loss, _ in points]))
-    for r in runs:
-        curve = [(m.get("flops"), m.get("val_loss")) for m in r.metrics]
-        curve = [(c, v) for c, v in curve if _number(c) and _number(v)]
-        candidates.append((f"run: {r.name}", "curve", curve))
+    for r in runs if per_run_curves else []:
+        candidates.append((f"run: {r.name}", "curve", _val_curve(r)))
     for label, kind, pts in candidates:
         distinct = len({c for c, _ in pts})
         if distinct < (2 if kind != "curve" else MIN_FIT_POINTS):
@@ -367,6 +379,125 @@ def scaling_fits(runs: list[RunSummary], mode: str) -> list[dict]:
         fits.append({"label": label, "kind": kind, "points": [list(p) for p in pts], **asdict(law),
                      "compute_max": float(c.max())})
     return fits
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds: the mean and spread of each (method, size), and its paired difference to the baseline
+
+
+def _val_curve(r: RunSummary) -> list[tuple[float, float]]:
+    curve = [(_number(m.get("flops")), _number(m.get("val_loss"))) for m in r.metrics]
+    return [(c, v) for c, v in curve if c is not None and v is not None]
+
+
+def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Training FLOPs at which a validation curve first reaches `target`, interpolated linearly
+    between its evaluations; None when it never does."""
+    previous = None
+    for c, v in curve:
+        if v <= target:
+            if previous is None or previous[1] == v:
+                return c
+            (c0, v0) = previous
+            return c0 + (c - c0) * (v0 - target) / (v0 - v)
+        previous = (c, v)
+    return None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
+    """One entry per (method, size) with held-out losses: their mean ± std over seeds, and against the
+    baseline method of the same size, seed by seed, the paired difference (mean ± standard error) and
+    the training FLOPs each seed needs to reach the baseline's final held-out loss (MiniPLM's "compute
+    saved": ratio < 1 is compute saved). Runs without a seed pair with nothing."""
+    groups: dict[tuple, list[RunSummary]] = {}
+    for r in runs:
+        if r.heldout_loss is not None:
+            groups.setdefault((r.method or r.name, r.size), []).append(r)
+    out = []
+    for (method, size), members in groups.items():
+        losses = [r.heldout_loss for r in members]
+        mean, std = _mean_std(losses)
+        entry = {"method": method, "size": size, "n_seeds": len(members),
+                 "seeds": [r.seed for r in members], "heldout_loss_mean": mean, "heldout_loss_std": std,
+                 "flops_mean": float(np.mean([r.flops for r in members])) if all(r.flops for r in members) else None,
+                 "paired": None}
+        base = {r.seed: r for r in groups.get((baseline, size), []) if r.seed is not None}
+        pairs = [(r, base[r.seed]) for r in members if r.seed in base]
+        if method != baseline and pairs:
+            diffs = [r.heldout_loss - b.heldout_loss for r, b in pairs]
+            d_mean, d_std = _mean_std(diffs)
+            se = d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            reach = []
+            for r, b in pairs:
+                c = flops_to_reach(_val_curve(r), b.heldout_loss)
+                reach.append(c / b.flops if c is not None and b.flops else None)
+            reached = [x for x in reach if x is not None]
+            entry["paired"] = {
+                "n_pairs": len(diffs), "diff_mean": d_mean, "diff_se": se, "diffs": diffs,
+                "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se,
+                "flops_to_reach_baseline_ratio": reach,
+                "flops_to_reach_baseline_ratio_mean": float(np.mean(reached)) if len(reached) == len(reach) else None}
+        out.append(entry)
+    return out
+
+
+def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "size", "seeds", "held-out loss (mean ± std)", f"Δ vs {baseline} (paired mean ± s.e.)",
+              f"beyond {SIGNIFICANT_SE:g} s.e.?", "training FLOPs", f"FLOPs to reach {baseline}'s loss"]
+    rows = []
+    for g in groups:
+        p = g["paired"]
+        if p is None:
+            delta = verdict = reach = DASH
+        else:
+            delta = f"{p['diff_mean']:+.4f}" + (f" ± {p['diff_se']:.4f}" if p["diff_se"] is not None else "")
+            verdict = DASH if p["diff_se"] is None else ("yes, " + ("better" if p["diff_mean"] < 0 else "worse")
+                                                         if p["significant"] else "no")
+            ratios = p["flops_to_reach_baseline_ratio"]
+            n_reached = sum(x is not None for x in ratios)
+            reach = (f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×" if n_reached == len(ratios)
+                     else f"not reached ({n_reached}/{len(ratios)} seeds)")
+        rows.append([g["method"], g["size"] or DASH, str(g["n_seeds"]),
+                     f"{g['heldout_loss_mean']:.4f} ± {g['heldout_loss_std']:.4f}", delta, verdict,
+                     fmt_sci(g["flops_mean"]), reach])
+    return header, rows
+
+
+def plot_seed_curves(runs: list[RunSummary], path: Path) -> bool:
+    """Validation loss vs training FLOPs, the mean over each method's seeds (its spread shaded), one
+    panel per model size."""
+    sizes = list(dict.fromkeys(r.size for r in runs if _val_curve(r)))
+    if not sizes:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.5), squeeze=False)
+    methods = list(dict.fromkeys(r.method or r.name for r in runs))
+    for ax, size in zip(axes[0], sizes):
+        for k, method in enumerate(methods):
+            curves = [_val_curve(r) for r in runs if r.size == size and (r.method or r.name) == method]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)  # seeds of one method evaluate at the same steps
+            x = np.mean([[p[0] for p in c[:n]] for c in curves], axis=0)
+            y = np.array([[p[1] for p in c[:n]] for c in curves])
+            ax.plot(x, y.mean(axis=0), "o-", color=f"C{k % 10}", ms=3, lw=1.3, label=f"{method} ({len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=f"C{k % 10}", alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs")
+        ax.set_ylabel("held-out loss (nats/token)")
+        ax.set_title(f"{size}: mean over seeds (shaded: min–max)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,6 +726,11 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+SEED_NOTE = ("Seeds: a run's seed fixes its initial weights and data order; runs of one size with the same seed "
+             "are paired, and Δ is the mean over seeds of (method − {baseline}) held-out loss, ± its standard "
+             "error (std/√n). A difference within {k} standard errors is not evidence of an effect. FLOPs to reach: "
+             "the training FLOPs at which a run's validation curve first reaches its paired {baseline} run's final "
+             "loss, over that run's FLOPs (< 1: compute saved; mean over seeds).")
 FOOTNOTES = ("Held-out loss: mean over held-out instances of the per-instance mean token NLL (MiniPLM), "
              "from `RUN/eval.json`; † = the run's own final validation loss (no eval.json). Task columns: "
              "acc_norm where the task has it, else acc, in %; avg acc = their plain mean. Training FLOPs: "
@@ -612,17 +748,24 @@ def run(cfg: ReportConfig) -> Path:
         raise PredistillError(f"--extrapolate must be ≥ 1, got {cfg.extrapolate}")
     if cfg.irreducible not in ("auto", "on", "off"):
         raise PredistillError(f"--irreducible must be auto, on or off, got {cfg.irreducible!r}")
+    if not re.fullmatch(r"[\w.-]+", cfg.stem) or cfg.stem.startswith("."):
+        raise PredistillError(f"--stem must be a file name stem (letters, digits, '_', '-', '.'), got {cfg.stem!r}")
     runs = [summarize_run(r) for r in cfg.runs]
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PredistillError(f"--out {out} exists and is not a directory")
-    plots_dir = out / "plots"
+    plots_name = "plots" if cfg.stem == "report" else f"{cfg.stem}-plots"
+    plots_dir = out / plots_name
     if plots_dir.exists():
         shutil.rmtree(plots_dir)  # a rerun must not show plots of runs that are no longer in it
     plots_dir.mkdir(parents=True)
 
-    fits = scaling_fits(runs, cfg.irreducible)
+    groups = seed_groups(runs, cfg.baseline)
+    seeded = any(g["n_seeds"] > 1 for g in groups)
+    fits = scaling_fits(runs, cfg.irreducible, per_run_curves=not seeded)
     plots: list[tuple[str, str]] = []  # (title, file in plots/)
+    if seeded and plot_seed_curves(runs, plots_dir / "loss_vs_flops_seed_mean.png"):
+        plots.append(("Held-out loss vs training FLOPs, mean over seeds", "loss_vs_flops_seed_mean.png"))
     if plot_curves(runs, "tokens", plots_dir / "loss_vs_tokens.png"):
         plots.append(("Loss vs training tokens", "loss_vs_tokens.png"))
     if plot_curves(runs, "flops", plots_dir / "loss_vs_flops.png"):
@@ -632,14 +775,21 @@ def run(cfg: ReportConfig) -> Path:
     for s in score_plots(runs, plots_dir):
         plots.append((f"MiniPLM scores: {Path(s['selection']).name} ({s['source']})", s["file"]))
 
-    sections = [("Comparison", *table_rows(runs))]
+    sections = []
+    if seeded:
+        sections.append((f"Seeds: mean ± std, and the paired difference to {cfg.baseline}", *seed_rows(groups, cfg.baseline)))
+    sections.append(("Comparison", *table_rows(runs)))
     if any(r.tasks for r in runs):
         sections.append(("Task accuracy (acc / acc_norm, %)", *detail_rows(runs)))
     if fits:
         sections.append(("Power-law fits L(C) = a·C^(−b) + c (C = training FLOPs)", *fit_rows(fits, cfg.extrapolate)))
     incomplete = [r.name for r in runs if not r.complete]
 
-    md = [f"# {cfg.title}", "", f"{len(runs)} run(s). {FOOTNOTES}", ""]
+    seed_note = (SEED_NOTE.format(baseline=cfg.baseline, k=f"{SIGNIFICANT_SE:g}") if seeded else
+                 "One run per method and size (one seed): differences between them are not tested against "
+                 "seed noise, and are not evidence of an effect.")
+    md = [f"# {cfg.title}", ""] + ([cfg.note, ""] if cfg.note else []) + [f"{len(runs)} run(s). {FOOTNOTES}", "",
+                                                                          seed_note, ""]
     if incomplete:
         md += [f"Incomplete or unreadable run manifests (partial rows): {', '.join(incomplete)}.", ""]
     for title, header, rows in sections:
@@ -648,13 +798,14 @@ def run(cfg: ReportConfig) -> Path:
         md += ["No power-law fit: it needs held-out losses at ≥ 2 compute budgets of one method, "
                f"or a validation curve of ≥ {MIN_FIT_POINTS} points.", ""]
     md += ["## Plots", ""]
-    md += [f"### {title}\n\n![{title}](plots/{file})\n" for title, file in plots] or ["No plottable data.", ""]
+    md += [f"### {title}\n\n![{title}]({plots_name}/{file})\n" for title, file in plots] or ["No plottable data.", ""]
     md += ["## Commands", ""]
     for r in runs:
         md += [f"**{r.name}** ({r.method or DASH})", "", "```sh", r.command, "```", ""]
-    (out / "report.md").write_text("\n".join(md))
+    (out / f"{cfg.stem}.md").write_text("\n".join(md))
 
-    body = [f"<h1>{html.escape(cfg.title)}</h1>", f"<p>{len(runs)} run(s). {html.escape(FOOTNOTES)}</p>"]
+    body = [f"<h1>{html.escape(cfg.title)}</h1>"] + ([f"<p>{html.escape(cfg.note)}</p>"] if cfg.note else [])
+    body += [f"<p>{len(runs)} run(s). {html.escape(FOOTNOTES)}</p>", f"<p>{html.escape(seed_note)}</p>"]
     if incomplete:
         body.append(f"<p>Incomplete or unreadable run manifests (partial rows): {html.escape(', '.join(incomplete))}.</p>")
     for title, header, rows in sections:
@@ -670,13 +821,14 @@ def run(cfg: ReportConfig) -> Path:
              "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
              "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
              "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
-    (out / "report.html").write_text(
+    (out / f"{cfg.stem}.html").write_text(
         f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(cfg.title)}</title>"
         f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
     summary = [asdict(r) | {"metrics": None} for r in runs]  # the curves stay in each run's metrics.jsonl
-    write_json_atomic(out / "report.json", {"format": "report", "version": 1, "runs": summary, "fits": fits,
-                                            "plots": [file for _, file in plots], "config": asdict(cfg)})
+    write_json_atomic(out / f"{cfg.stem}.json", {"format": "report", "version": 1, "runs": summary, "seed_groups": groups,
+                                                 "fits": fits, "plots": [f"{plots_name}/{file}" for _, file in plots],
+                                                 "config": asdict(cfg)})
     return out
 
 
@@ -689,4 +841,4 @@ def main(args: argparse.Namespace) -> None:
     if cfg is None:
         return
     out = run(cfg)
-    print(f"predistill: wrote {out / 'report.md'} and {out / 'report.html'}")
+    print(f"predistill: wrote {out / (cfg.stem + '.md')} and {out / (cfg.stem + '.html')}")

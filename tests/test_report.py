@@ -10,7 +10,8 @@ import pytest
 
 from predistill import cli
 from predistill.artifacts import PredistillError, write_manifest
-from predistill.report import ReportConfig, fit_power_law, reconstruct_command, run, scaling_fits, summarize_run
+from predistill.report import (ReportConfig, fit_power_law, flops_to_reach, reconstruct_command, run, scaling_fits,
+                               seed_groups, summarize_run)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,7 +29,7 @@ def write_png(path):
 
 
 def fabricate_run(root, name, *, method, flops, tokens, final_val_loss, params=400_000, eval_json=None,
-                  selection=None, kd_logits=None, command=None, loss0=6.0):
+                  selection=None, kd_logits=None, command=None, loss0=6.0, model="preset:tiny", seed=None):
     """A run directory following `predistill train`'s contract (manifest, metrics, config, [eval])."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -42,9 +43,10 @@ def fabricate_run(root, name, *, method, flops, tokens, final_val_loss, params=4
                 row["val_loss"] = final_val_loss * frac ** -0.08  # a clean power law in compute
             f.write(json.dumps(row) + "\n")
         f.write('{"step": 11, "loss": ')  # a line cut by a kill: must be skipped
-    config = {"store": "store", "model": "preset:tiny"} | ({"command": command} if command else {})
+    config = {"store": "store", "model": model} | ({"command": command} if command else {})
+    config |= {"seed": seed} if seed is not None else {}
     (run_dir / "config.json").write_text(json.dumps(config))
-    write_manifest(run_dir, {"format": "run", "config": config, "method": method, "model": "preset:tiny",
+    write_manifest(run_dir, {"format": "run", "config": config, "method": method, "model": model,
                              "params": {"total": params, "non_embedding": params // 4}, "steps": steps,
                              "tokens": tokens, "flops": flops, "store_hash": "h",
                              "selection": str(selection) if selection else None,
@@ -252,3 +254,68 @@ def test_a_diverged_run_is_shown_as_such_not_as_missing(tmp_path, capsys):
     out = report(ReportConfig(runs=[str(diverged), str(fine)], out=str(tmp_path / "report")))
     assert "non-finite (diverged)" in table_row((out / "report.md").read_text(), "nan")
     assert "not finite" in capsys.readouterr().err
+
+
+def test_flops_to_reach_interpolates_between_evaluations():
+    curve = [(1.0, 5.0), (2.0, 4.0), (4.0, 3.0)]
+    assert flops_to_reach(curve, 3.5) == pytest.approx(3.0)
+    assert flops_to_reach(curve, 6.0) == 1.0  # reached at the first evaluation
+    assert flops_to_reach(curve, 2.0) is None  # never reached
+
+
+def seed_sweep(root):
+    """Two sizes × 3 seeds of the baseline, of PD (better by ≈ 0.1 every seed) and of MiniPLM (noise)."""
+    losses = {"Pre-Train w/o KD": [4.0, 4.1, 4.2], "PD": [3.9, 4.02, 4.08], "MiniPLM": [4.05, 4.05, 4.22]}
+    runs = []
+    for size, shift in (("tiny", 0.0), ("mini", -0.5)):
+        for method, values in losses.items():
+            for seed, loss in enumerate(values, start=1):
+                name = f"{method.split()[0].lower()}_{size}-seed{seed}"
+                runs.append(fabricate_run(root, name, method=method, flops=1e13, tokens=2e5, final_val_loss=loss + shift,
+                                          model=f"preset:{size}", seed=seed))
+    return runs
+
+
+def test_seed_groups_pair_runs_by_size_and_seed(tmp_path):
+    groups = {(g["method"], g["size"]): g for g in seed_groups([summarize_run(r) for r in seed_sweep(tmp_path)],
+                                                               "Pre-Train w/o KD")}
+    assert len(groups) == 6
+    base = groups[("Pre-Train w/o KD", "tiny")]
+    assert base["n_seeds"] == 3 and base["seeds"] == [1, 2, 3] and base["paired"] is None
+    assert base["heldout_loss_mean"] == pytest.approx(4.1) and base["heldout_loss_std"] == pytest.approx(0.1)
+    for size in ("tiny", "mini"):  # each size pairs with its own baseline: the mini shift cancels
+        pd = groups[("PD", size)]["paired"]
+        assert pd["diffs"] == pytest.approx([-0.1, -0.08, -0.12])
+        assert pd["diff_mean"] == pytest.approx(-0.1) and pd["diff_se"] == pytest.approx(0.02 / 3 ** 0.5)
+        assert pd["significant"]
+        # PD's curve reaches each paired baseline's final loss before its end: compute saved
+        assert all(0.5 < r < 1 for r in pd["flops_to_reach_baseline_ratio"])
+        miniplm = groups[("MiniPLM", size)]["paired"]
+        assert miniplm["diff_mean"] == pytest.approx(0.02 / 3) and not miniplm["significant"]
+        assert miniplm["flops_to_reach_baseline_ratio"][0] is None  # seed 1 ends above its baseline
+        assert miniplm["flops_to_reach_baseline_ratio_mean"] is None
+
+
+def test_a_seed_sweep_report_has_the_seed_table_and_its_own_file_names(tmp_path):
+    runs = seed_sweep(tmp_path / "runs")
+    out = run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "docs"), stem="study"))
+    assert sorted(p.name for p in out.iterdir()) == ["study-plots", "study.html", "study.json", "study.md"]
+    md = (out / "study.md").read_text()
+    pd_tiny = table_row(md, "PD")
+    assert pd_tiny[:3] == ["PD", "tiny", "3"] and pd_tiny[4] == "-0.1000 ± 0.0115" and pd_tiny[5] == "yes, better"
+    assert table_row(md, "MiniPLM")[5] == "no"
+    assert "![Held-out loss vs training FLOPs, mean over seeds](study-plots/loss_vs_flops_seed_mean.png)" in md
+    assert (out / "study-plots" / "loss_vs_flops_seed_mean.png").read_bytes().startswith(PNG_MAGIC)
+    data = json.loads((out / "study.json").read_text())
+    assert {(r["method"], r["size"], r["seed"]) for r in data["runs"]} == {
+        (m, s, k) for m in ("Pre-Train w/o KD", "PD", "MiniPLM") for s in ("tiny", "mini") for k in (1, 2, 3)}
+    assert all(r["heldout_loss"] and r["flops"] for r in data["runs"])
+    assert not any(f["kind"] == "curve" for f in data["fits"])  # seed means replace 18 per-run curve fits
+
+
+def test_single_runs_are_said_to_be_untested_and_a_note_leads_the_page(tmp_path, runs):
+    out = run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "r"), note="See docs/study.md."))
+    md = (out / "report.md").read_text().splitlines()
+    assert md[2] == "See docs/study.md."
+    assert any("not tested against seed noise" in line for line in md)
+    assert "See docs/study.md." in (out / "report.html").read_text()
