@@ -351,19 +351,21 @@ def _use_irreducible(mode: str, n_points: int) -> bool:
     return mode == "on" or (mode == "auto" and n_points >= 4)
 
 
-def scaling_fits(runs: list[RunSummary], mode: str, per_run_curves: bool = True) -> list[dict]:
+def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> list[dict]:
     """Fits of held-out loss vs training FLOPs: one per method across its runs (when it has ≥ 2
-    compute budgets), one across all runs, and (`per_run_curves`) one along each run's validation
-    curve (≥ 3 points)."""
+    compute budgets), one across all runs, and one along each run's validation curve (≥ 3 points).
+    `seeded` (a seed sweep): a method's runs are grouped per model size, and no per-run curve is fitted
+    (the seed means stand for them)."""
     fits = []
-    points = [(r.flops, r.heldout_loss, r.method or r.name) for r in runs if r.flops and r.heldout_loss]
+    points = [(r.flops, r.heldout_loss, (r.method or r.name) + (f" ({r.size})" if seeded and r.size else ""))
+              for r in runs if r.flops and r.heldout_loss]
     groups: dict[str, list] = {}
     for c, loss, method in points:
         groups.setdefault(method, []).append((c, loss))
     candidates = [(f"method: {m}", "method", pts) for m, pts in groups.items()]
     if len(groups) > 1:
         candidates.append(("all runs", "all", [(c, loss) for c, loss, _ in points]))
-    for r in runs if per_run_curves else []:
+    for r in runs if not seeded else []:
         candidates.append((f"run: {r.name}", "curve", _val_curve(r)))
     for label, kind, pts in candidates:
         distinct = len({c for c, _ in pts})
@@ -762,15 +764,17 @@ def run(cfg: ReportConfig) -> Path:
 
     groups = seed_groups(runs, cfg.baseline)
     seeded = any(g["n_seeds"] > 1 for g in groups)
-    fits = scaling_fits(runs, cfg.irreducible, per_run_curves=not seeded)
+    fits = scaling_fits(runs, cfg.irreducible, seeded)
     plots: list[tuple[str, str]] = []  # (title, file in plots/)
-    if seeded and plot_seed_curves(runs, plots_dir / "loss_vs_flops_seed_mean.png"):
-        plots.append(("Held-out loss vs training FLOPs, mean over seeds", "loss_vs_flops_seed_mean.png"))
-    if plot_curves(runs, "tokens", plots_dir / "loss_vs_tokens.png"):
-        plots.append(("Loss vs training tokens", "loss_vs_tokens.png"))
-    if plot_curves(runs, "flops", plots_dir / "loss_vs_flops.png"):
-        plots.append(("Loss vs training FLOPs", "loss_vs_flops.png"))
-    if plot_scaling(runs, fits, cfg.extrapolate, plots_dir / "scaling.png"):
+    if seeded:  # a curve per run would be dozens of lines: the seed means, with their spread, replace them
+        if plot_seed_curves(runs, plots_dir / "loss_vs_flops_seed_mean.png"):
+            plots.append(("Held-out loss vs training FLOPs, mean over seeds", "loss_vs_flops_seed_mean.png"))
+    else:
+        if plot_curves(runs, "tokens", plots_dir / "loss_vs_tokens.png"):
+            plots.append(("Loss vs training tokens", "loss_vs_tokens.png"))
+        if plot_curves(runs, "flops", plots_dir / "loss_vs_flops.png"):
+            plots.append(("Loss vs training FLOPs", "loss_vs_flops.png"))
+    if (fits or not seeded) and plot_scaling(runs, fits, cfg.extrapolate, plots_dir / "scaling.png"):
         plots.append(("Held-out loss vs compute: power-law fits and extrapolation", "scaling.png"))
     for s in score_plots(runs, plots_dir):
         plots.append((f"MiniPLM scores: {Path(s['selection']).name} ({s['source']})", s["file"]))

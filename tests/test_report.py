@@ -310,7 +310,8 @@ def test_a_seed_sweep_report_has_the_seed_table_and_its_own_file_names(tmp_path)
     assert {(r["method"], r["size"], r["seed"]) for r in data["runs"]} == {
         (m, s, k) for m in ("Pre-Train w/o KD", "PD", "MiniPLM") for s in ("tiny", "mini") for k in (1, 2, 3)}
     assert all(r["heldout_loss"] and r["flops"] for r in data["runs"])
-    assert not any(f["kind"] == "curve" for f in data["fits"])  # seed means replace 18 per-run curve fits
+    assert data["fits"] == []  # one budget per (method, size); the seed means replace 18 per-run curve fits
+    assert data["plots"] == ["study-plots/loss_vs_flops_seed_mean.png"]
 
 
 def test_single_runs_are_said_to_be_untested_and_a_note_leads_the_page(tmp_path, runs):
