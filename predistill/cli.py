@@ -14,12 +14,13 @@ from predistill.config import UsageError
 # subcommand → (module, one-line help). A stage appears here only once it is built.
 COMMANDS = {
     "tokenizer": ("predistill.tokenizer", "train a byte-level BPE tokenizer on text sources"),
-    "prepare": ("predistill.prepare", "turn text sources into a token store"),
+    "prepare": ("predistill.prepare", "turn text sources (or a Megatron dataset) into a token store"),
     "score": ("predistill.score", "mean token log-prob of every instance under a model (MiniPLM scoring)"),
     "sample": ("predistill.sample", "select instances by Difference Sampling (or a baseline); report; materialise"),
     "generate": ("predistill.generate", "SeqKD data: teacher continuations of corpus prefixes, as a token store"),
     "train": ("predistill.train", "pre-train a causal LM (from scratch or not) on a token store, with optional KD"),
     "eval": ("predistill.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),
+    "export": ("predistill.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
     "report": ("predistill.report", "Markdown/HTML comparison table and plots from run directories"),
     "run": ("predistill.recipe", "run a recipe's stages as a DAG, each cached by the hash of its inputs"),
     "demo": ("predistill.demo", "run the built-in demo recipe (MiniPLM and PD vs baselines) and print the report's path"),

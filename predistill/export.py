@@ -1,0 +1,53 @@
+"""`predistill export --store DIR --format megatron --out PREFIX`: a token store in another
+toolkit's format, so that a corpus prepared (or refined by MiniPLM's Difference Sampling and
+materialised) here trains in Megatron-LM.
+
+`megatron`: PREFIX.bin + PREFIX.idx (megatron.py), one sequence per stored instance, in store
+order, ids in uint16 when the vocabulary fits, else int32. A Megatron document ends after each
+instance that ends with the store's EOS (and after the last one): a document cut across instances
+by `prepare` is one document again, so `prepare --source megatron:PREFIX` reads back the same token
+stream. Only the store given is written: export its held-out split with `--store DIR/val --out PREFIX_val`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from predistill import megatron
+from predistill.artifacts import PredistillError
+from predistill.config import add_config_arguments, config_from_args, option
+from predistill.store import TokenStore
+
+FORMATS = ("megatron",)
+
+
+@dataclass
+class ExportConfig:
+    store: str = option("", "token store to export", required=True)
+    format: str = option("megatron", "megatron: Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx)", choices=FORMATS)
+    out: str = option("", "output prefix (megatron: writes OUT.bin and OUT.idx)", required=True)
+
+
+def run(cfg: ExportConfig):
+    if cfg.format not in FORMATS:
+        raise PredistillError(f"unknown --format {cfg.format!r}; known: {', '.join(FORMATS)}")
+    store = TokenStore(cfg.store)  # checks the store's hashes
+    for p in megatron.paths(cfg.out):
+        if p.is_dir():
+            raise PredistillError(f"{p} is a directory; --out is a file prefix")
+    n = len(store)
+    ends = [i + 1 for i in range(n) if i == n - 1 or (store.lengths[i] and store[i][-1] == store.eos_id)]
+    return megatron.write(cfg.out, (store[i] for i in range(n)), store.vocab_size, ends)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, ExportConfig)
+
+
+def main(args: argparse.Namespace) -> None:
+    cfg = config_from_args(ExportConfig, args)
+    if cfg is None:
+        return
+    bin_path, idx_path = run(cfg)
+    print(f"predistill: wrote {bin_path} and {idx_path}")
