@@ -9,6 +9,8 @@ Methods (all give the same output):
 - `proxy` (MiniPLM_prx, see proxy.py): teacher and reference score a small random subset, a proxy
   learns the difference and predicts it for every instance; then as `difference`.
 Ties are broken by instance id (lower first); instances with no predicted token (NaN score) rank last.
+`--per-domain` sorts each domain apart and keeps ⌊ratio·N_d⌋ of each: the corpus' domain mix is
+kept (one global sort can keep almost all of a domain the teacher knows well and little of another).
 `--complement` keeps the other instances instead: `random --ratio 0.2 --complement` with the seed of
 a `random --ratio 0.2` selection is the rest of the corpus, disjoint from it (e.g. MiniPLM's
 reference LM trains on the one, the students' pool is the other).
@@ -89,6 +91,8 @@ class SampleConfig:
     reference: str | None = option(None, "reference score table (from `predistill score`)")
     keep: str = option("low-loss", "teacher-ppl: keep the lowest or highest teacher-loss instances", choices=KEEP_ENDS)
     seed: int = option(0, "seed for random, the proxy subset, and report examples")
+    per_domain: bool = option(False, "keep the ratio of each domain separately (the corpus' domain mix is kept) "
+                                     "instead of one global sort")
     complement: bool = option(False, "keep the instances the method drops instead (with random: a held-apart slice "
                                      "disjoint from the one the same seed and ratio keep)")
     n_examples: int = option(3, "top/bottom/random examples shown in report.md (each)", flag="--examples")
@@ -198,7 +202,8 @@ def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.
     score_name = {"difference": "difference (log p_T − log p_ref)", "proxy": "proxy-predicted difference",
                   "teacher-ppl": "teacher mean log-prob" + (" (negated)" if cfg.keep == "high-loss" else ""),
                   "random": "random key"}[cfg.method]
-    lines = [f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}" + (", complement" if cfg.complement else ""), "",
+    lines = [f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}" + (", per domain" if cfg.per_domain else "")
+             + (", complement" if cfg.complement else ""), "",
              f"- token store: `{store.dir}` ({store.hash[:12]}), {n} instances, {int(store.lengths.sum())} tokens",
              f"- kept: {len(selection)} instances ({len(selection) / max(n, 1):.1%}), "
              f"{int(store.lengths[selection].sum())} tokens ({store.lengths[selection].sum() / max(store.lengths.sum(), 1):.1%})"]
@@ -373,7 +378,11 @@ def run(cfg: SampleConfig) -> Path:
             unscored = int(np.isnan(score).sum())
             if unscored:
                 extra["instances without a predicted token (ranked last)"] = unscored
-    selection = top_fraction(score, cfg.ratio)
+    if cfg.per_domain:
+        ids = [np.flatnonzero(np.asarray(store.domain_ids) == d) for d in range(len(store.domain_names))]
+        selection = np.sort(np.concatenate([members[top_fraction(score[members], cfg.ratio)] for members in ids]))
+    else:
+        selection = top_fraction(score, cfg.ratio)
     if cfg.complement:
         selection = np.setdiff1d(np.arange(n), selection)
         if len(selection) == 0:

@@ -96,6 +96,20 @@ def test_baselines_teacher_ppl_and_random(tables, tiny_store, tmp_path):
     assert np.all(np.diff(r1) > 0)
 
 
+def test_per_domain_keeps_each_domains_ratio_and_its_best(tables, tiny_store, tmp_path):
+    store = TokenStore(tiny_store)
+    t, r = ScoreTable(tables["teacher"]).logprob, ScoreTable(tables["reference"]).logprob
+    kept = load_selection(sample(tmp_path / "pd", teacher=str(tables["teacher"]), reference=str(tables["reference"]),
+                                 ratio=0.3, per_domain=True))
+    domains = np.asarray(store.domain_ids)
+    for d in range(len(store.domain_names)):
+        members = np.flatnonzero(domains == d)
+        mine = np.intersect1d(kept, members)
+        assert len(mine) == math.floor(0.3 * len(members))
+        dropped = np.setdiff1d(members, mine)
+        assert (t - r)[mine].min() >= (t - r)[dropped].max()  # within the domain: the largest differences
+
+
 def test_complement_is_the_rest_of_the_store(tiny_store, tmp_path):
     """A random slice and the complement of the same slice split the store: MiniPLM's held-apart reference data."""
     n = len(TokenStore(tiny_store))
