@@ -1,0 +1,68 @@
+"""Held-out loss per domain of every student of a study (recipes/study.toml), mean ± std over seeds:
+where a method's overall difference to Pre-Train w/o KD comes from (e.g. a selection that keeps
+one domain's instances and drops another's).
+
+    python bench/study_domains.py --root study-out --out docs/study-domains.json
+
+Each run is evaluated with `predistill eval` on the study's held-out store (written to
+ROOT/analysis/RUN.json, not into the run, so the report's numbers stay the runs' own); one JSON
+line per (method, size, domain) is printed and the Markdown table goes to stdout's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit  # noqa: E402
+
+from predistill.eval import EvalConfig  # noqa: E402
+from predistill.eval import run as evaluate  # noqa: E402
+from predistill.report import summarize_run  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="study-out", help="the study's root (its stage directories)")
+    ap.add_argument("--heldout", default=None, help="held-out store (default: ROOT/heldout/store)")
+    ap.add_argument("--out", default=None, help="also write every run's per-domain losses here (JSON)")
+    args = ap.parse_args()
+    root = Path(args.root)
+    heldout = args.heldout or str(root / "heldout" / "store")
+    rows = []
+    for run_dir in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file() and (p / "hf").is_dir()
+                          and "-seed" in p.name):
+        out = root / "analysis" / f"{run_dir.name}.json"
+        if not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            evaluate(EvalConfig(model=str(run_dir), store=heldout, out=str(out), tasks=None))
+        result = json.loads(out.read_text())
+        s = summarize_run(str(run_dir))
+        rows.append({"run": run_dir.name, "method": s.method, "size": s.size, "seed": s.seed,
+                     "heldout_loss": result["heldout_loss"], "by_domain": result["heldout_loss_by_domain"]})
+    if args.out:
+        Path(args.out).write_text(json.dumps({"heldout": heldout, "runs": rows}, indent=1) + "\n")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["size"]), []).append(r)
+    domains = sorted({d for r in rows for d in r["by_domain"]})
+    lines = ["| method | size | seeds | " + " | ".join(f"held-out loss: {d}" for d in domains) + " |",
+             "|---|---|---|" + "---|" * len(domains)]
+    for (method, size), members in groups.items():
+        cells = []
+        for d in domains:
+            values = [m["by_domain"][d] for m in members]
+            emit("study_domains", method=method, size=size, domain=d, n_seeds=len(values),
+                 mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+            cells.append(f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}")
+        lines.append(f"| {method} | {size} | {len(members)} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
