@@ -23,7 +23,7 @@ from common import emit  # noqa: E402
 
 from predistill.eval import EvalConfig  # noqa: E402
 from predistill.eval import run as evaluate  # noqa: E402
-from predistill.report import summarize_run  # noqa: E402
+from predistill.report import BASELINE, summarize_run  # noqa: E402
 
 
 def main() -> None:
@@ -31,12 +31,14 @@ def main() -> None:
     ap.add_argument("--root", default="study-out", help="the study's root (its stage directories)")
     ap.add_argument("--heldout", default=None, help="held-out store (default: ROOT/heldout/store)")
     ap.add_argument("--out", default=None, help="also write every run's per-domain losses here (JSON)")
+    ap.add_argument("--runs", nargs="+", default=["*-seed*"], metavar="GLOB",
+                    help="run directories of ROOT to evaluate (default: every seeded run)")
     args = ap.parse_args()
     root = Path(args.root)
     heldout = args.heldout or str(root / "heldout" / "store")
     rows = []
-    for run_dir in sorted(p for p in root.iterdir() if (p / "manifest.json").is_file() and (p / "hf").is_dir()
-                          and "-seed" in p.name):
+    chosen = sorted({p for pattern in args.runs for p in root.glob(pattern)})
+    for run_dir in [p for p in chosen if (p / "manifest.json").is_file() and (p / "hf").is_dir()]:
         out = root / "analysis" / f"{run_dir.name}.json"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,15 +53,23 @@ def main() -> None:
     for r in rows:
         groups.setdefault((r["method"], r["size"]), []).append(r)
     domains = sorted({d for r in rows for d in r["by_domain"]})
-    lines = ["| method | size | seeds | " + " | ".join(f"held-out loss: {d}" for d in domains) + " |",
-             "|---|---|---|" + "---|" * len(domains)]
+    lines = ["| method | size | seeds | " + " | ".join(f"{d}: loss (mean ± std) | {d}: Δ vs {BASELINE} (± s.e.)"
+                                                    for d in domains) + " |",
+             "|---|---|---|" + "---|---|" * len(domains)]
     for (method, size), members in groups.items():
+        base = {m["seed"]: m for m in groups.get((BASELINE, size), [])}
         cells = []
         for d in domains:
             values = [m["by_domain"][d] for m in members]
-            emit("study_domains", method=method, size=size, domain=d, n_seeds=len(values),
-                 mean=float(np.mean(values)), std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-            cells.append(f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}")
+            diffs = [m["by_domain"][d] - base[m["seed"]]["by_domain"][d] for m in members
+                     if m["seed"] in base and method != BASELINE]
+            mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            d_mean = float(np.mean(diffs)) if diffs else None
+            d_se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
+            emit("study_domains", method=method, size=size, domain=d, n_seeds=len(values), mean=mean, std=std,
+                 paired_diff=d_mean, paired_diff_se=d_se)
+            cells += [f"{mean:.3f} ± {std:.3f}",
+                      "–" if d_mean is None else f"{d_mean:+.3f}" + ("" if d_se is None else f" ± {d_se:.3f}")]
         lines.append(f"| {method} | {size} | {len(members)} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 
