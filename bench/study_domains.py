@@ -1,6 +1,7 @@
 """Held-out loss per domain of every student of a study (recipes/study.toml), mean ± std over seeds:
 where a method's overall difference to Pre-Train w/o KD comes from (e.g. a selection that keeps
-one domain's instances and drops another's).
+one domain's instances and drops another's). First, per domain of the pool, the teacher's and the
+reference's mean log-probs and the share the selection kept.
 
     python bench/study_domains.py --root study-out --out docs/study-domains.json
 
@@ -26,6 +27,31 @@ from predistill.eval import run as evaluate  # noqa: E402
 from predistill.report import BASELINE, summarize_run  # noqa: E402
 
 
+def selection_by_domain(root: Path) -> None:
+    """Per domain of the pool: mean teacher and reference log-probs, their difference, and the share
+    of instances the study's selection kept (why Difference Sampling keeps what it keeps)."""
+    from predistill.scores import ScoreTable
+    from predistill.selection import load_selection
+    from predistill.store import TokenStore
+
+    selection = load_selection(root / "selection")
+    teacher = ScoreTable(root / "teacher" / "scores")
+    reference = ScoreTable(root / "reference_scores")
+    store = TokenStore(teacher.manifest["store_dir"])
+    kept = np.zeros(len(store), dtype=bool)
+    kept[selection] = True
+    domains = np.asarray(store.domain_ids)
+    print("| domain | teacher log p | reference log p | difference (mean ± std) | kept |\n|---|---|---|---|---|")
+    for d, name in enumerate(store.domain_names):
+        m = domains == d
+        diff = teacher.logprob[m] - reference.logprob[m]
+        emit("study_selection", domain=name, teacher=float(teacher.logprob[m].mean()),
+             reference=float(reference.logprob[m].mean()), difference=float(diff.mean()),
+             difference_std=float(diff.std()), kept=float(kept[m].mean()), n_instances=int(m.sum()))
+        print(f"| {name} | {teacher.logprob[m].mean():.2f} | {reference.logprob[m].mean():.2f} | "
+              f"{diff.mean():.2f} ± {diff.std():.2f} | {kept[m].mean():.1%} of {int(m.sum())} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="study-out", help="the study's root (its stage directories)")
@@ -35,6 +61,8 @@ def main() -> None:
                     help="run directories of ROOT to evaluate (default: every seeded run)")
     args = ap.parse_args()
     root = Path(args.root)
+    if (root / "selection" / "manifest.json").is_file():
+        selection_by_domain(root)
     heldout = args.heldout or str(root / "heldout" / "store")
     rows = []
     chosen = sorted({p for pattern in args.runs for p in root.glob(pattern)})

@@ -354,8 +354,8 @@ def _use_irreducible(mode: str, n_points: int) -> bool:
 def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> list[dict]:
     """Fits of held-out loss vs training FLOPs: one per method across its runs (when it has ≥ 2
     compute budgets), one across all runs, and one along each run's validation curve (≥ 3 points).
-    `seeded` (a seed sweep): a method's runs are grouped per model size, and no per-run curve is fitted
-    (the seed means stand for them)."""
+    `seeded` (a seed sweep): a method's runs are grouped per model size, and neither the pooled fit nor
+    a per-run curve is fitted (the seed means stand for them)."""
     fits = []
     points = [(r.flops, r.heldout_loss, (r.method or r.name) + (f" ({r.size})" if seeded and r.size else ""))
               for r in runs if r.flops and r.heldout_loss]
@@ -363,7 +363,7 @@ def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> lis
     for c, loss, method in points:
         groups.setdefault(method, []).append((c, loss))
     candidates = [(f"method: {m}", "method", pts) for m, pts in groups.items()]
-    if len(groups) > 1:
+    if len(groups) > 1 and not seeded:  # a sweep's methods and sizes pooled in one law would mean nothing
         candidates.append(("all runs", "all", [(c, loss) for c, loss, _ in points]))
     for r in runs if not seeded else []:
         candidates.append((f"run: {r.name}", "curve", _val_curve(r)))
@@ -461,8 +461,10 @@ def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[s
                                                          if p["significant"] else "no")
             ratios = p["flops_to_reach_baseline_ratio"]
             n_reached = sum(x is not None for x in ratios)
-            reach = (f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×" if n_reached == len(ratios)
-                     else f"not reached ({n_reached}/{len(ratios)} seeds)")
+            reached = [x for x in ratios if x is not None]
+            reach = (f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×" if n_reached == len(ratios) else
+                     "not reached" if not reached else
+                     f"{np.mean(reached):.2f}× in {n_reached} of {len(ratios)} seeds; the others never reach it")
         rows.append([g["method"], g["size"] or DASH, str(g["n_seeds"]),
                      f"{g['heldout_loss_mean']:.4f} ± {g['heldout_loss_std']:.4f}", delta, verdict,
                      fmt_sci(g["flops_mean"]), reach])
@@ -732,7 +734,7 @@ SEED_NOTE = ("Seeds: a run's seed fixes its initial weights and data order; runs
              "are paired, and Δ is the mean over seeds of (method − {baseline}) held-out loss, ± its standard "
              "error (std/√n). A difference within {k} standard errors is not evidence of an effect. FLOPs to reach: "
              "the training FLOPs at which a run's validation curve first reaches its paired {baseline} run's final "
-             "loss, over that run's FLOPs (< 1: compute saved; mean over seeds).")
+             "loss, divided by that {baseline} run's FLOPs (< 1: compute saved; mean over seeds).")
 FOOTNOTES = ("Held-out loss: mean over held-out instances of the per-instance mean token NLL (MiniPLM), "
              "from `RUN/eval.json`; † = the run's own final validation loss (no eval.json). Task columns: "
              "acc_norm where the task has it, else acc, in %; avg acc = their plain mean. Training FLOPs: "
