@@ -471,6 +471,13 @@ def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[s
     return header, rows
 
 
+def _save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return True
+
+
 def plot_seed_curves(runs: list[RunSummary], path: Path) -> bool:
     """Validation loss vs training FLOPs, the mean over each method's seeds (its spread shaded), one
     panel per model size."""
@@ -498,10 +505,7 @@ def plot_seed_curves(runs: list[RunSummary], path: Path) -> bool:
         ax.set_title(f"{size}: mean over seeds (shaded: min–max)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,10 +555,7 @@ def plot_curves(runs: list[RunSummary], x_key: str, path: Path) -> bool:
     ax.set_title(f"loss vs {'tokens' if x_key == 'tokens' else 'training FLOPs'}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def plot_scaling(runs: list[RunSummary], fits: list[dict], extrapolate: float, path: Path) -> bool:
@@ -595,10 +596,7 @@ def plot_scaling(runs: list[RunSummary], fits: list[dict], extrapolate: float, p
     ax.set_title(f"loss vs compute, L(C) = a·C^-b (+c); faded: extrapolation to {extrapolate:g}×")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, path)
 
 
 def score_plots(runs: list[RunSummary], plots_dir: Path) -> list[dict]:
