@@ -52,6 +52,21 @@ def selection_by_domain(root: Path) -> None:
               f"{diff.mean():.2f} ± {diff.std():.2f} | {kept[m].mean():.1%} of {int(m.sum())} |")
 
 
+def unigram_heldout(pool_dir: Path, heldout_dir: str) -> float:
+    """The held-out loss (per-instance mean token NLL) of the pool's unigram distribution (add-0.01
+    smoothing): the level a student must get well below to have learned anything past token counts."""
+    from predistill.store import TokenStore
+
+    pool, held = TokenStore(pool_dir), TokenStore(heldout_dir)
+    counts = np.zeros(pool.vocab_size)
+    for i in range(len(pool)):
+        np.add.at(counts, np.asarray(pool[i][1:], dtype=np.int64), 1)
+    p = (counts + 0.01) / (counts.sum() + 0.01 * pool.vocab_size)
+    loss = float(np.mean([-np.log(p[np.asarray(held[i][1:], dtype=np.int64)]).mean() for i in range(len(held))]))
+    emit("study_unigram", heldout_loss=loss)
+    return loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="study-out", help="the study's root (its stage directories)")
@@ -61,9 +76,11 @@ def main() -> None:
                     help="run directories of ROOT to evaluate (default: every seeded run)")
     args = ap.parse_args()
     root = Path(args.root)
+    heldout = args.heldout or str(root / "heldout" / "store")
     if (root / "selection" / "manifest.json").is_file():
         selection_by_domain(root)
-    heldout = args.heldout or str(root / "heldout" / "store")
+    if (root / "pool" / "store" / "manifest.json").is_file():
+        print(f"unigram held-out loss: {unigram_heldout(root / 'pool' / 'store', heldout):.3f}")
     rows = []
     chosen = sorted({p for pattern in args.runs for p in root.glob(pattern)})
     for run_dir in [p for p in chosen if (p / "manifest.json").is_file() and (p / "hf").is_dir()]:
