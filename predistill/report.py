@@ -464,7 +464,7 @@ def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[s
             reached = [x for x in ratios if x is not None]
             reach = (f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×" if n_reached == len(ratios) else
                      "not reached" if not reached else
-                     f"{np.mean(reached):.2f}× in {n_reached} of {len(ratios)} seeds; the others never reach it")
+                     f"{np.mean(reached):.2f}× ({n_reached} of {len(ratios)} seeds reach it)")
         rows.append([g["method"], g["size"] or DASH, str(g["n_seeds"]),
                      f"{g['heldout_loss_mean']:.4f} ± {g['heldout_loss_std']:.4f}", delta, verdict,
                      fmt_sci(g["flops_mean"]), reach])
