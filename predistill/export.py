@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import numpy as np
+
 from predistill import megatron
 from predistill.artifacts import PredistillError
 from predistill.config import add_config_arguments, config_from_args, option
@@ -37,7 +39,11 @@ def run(cfg: ExportConfig):
         if p.is_dir():
             raise PredistillError(f"{p} is a directory; --out is a file prefix")
     n = len(store)
-    ends = [i + 1 for i in range(n) if i == n - 1 or (store.lengths[i] and store[i][-1] == store.eos_id)]
+    # a document ends where an instance's last token is EOS (read from the token array: one pass over the store)
+    last = np.asarray(store.tokens[store.offsets[1:] - 1]) if n else np.zeros(0)
+    ends = (np.flatnonzero(last == store.eos_id) + 1).tolist()
+    if n and (not ends or ends[-1] != n):
+        ends.append(n)
     return megatron.write(cfg.out, (store[i] for i in range(n)), store.vocab_size, ends)
 
 

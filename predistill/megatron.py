@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from predistill.artifacts import PredistillError
+from predistill.artifacts import PredistillError, write_bytes_atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -54,7 +54,7 @@ def write(prefix: str | Path, sequences: Iterable[np.ndarray], vocab_size: int,
     code = token_dtype_code(vocab_size)
     dtype = np.dtype(DTYPES[code]).newbyteorder("<")
     lengths: list[int] = []
-    tmp_bin, tmp_idx = bin_path.with_name(bin_path.name + ".tmp"), idx_path.with_name(idx_path.name + ".tmp")
+    tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
     try:
         with open(tmp_bin, "wb") as f:
             for seq in sequences:
@@ -73,18 +73,12 @@ def write(prefix: str | Path, sequences: Iterable[np.ndarray], vocab_size: int,
         lengths_arr = np.asarray(lengths, dtype="<i4")
         pointers = np.concatenate([[0], np.cumsum(lengths_arr.astype(np.int64) * dtype.itemsize)[:-1]]).astype("<i8") \
             if n else np.zeros(0, "<i8")
-        with open(tmp_idx, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, code, n, len(doc_indices)))
-            f.write(lengths_arr.tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_indices.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        index = (_HEADER.pack(MAGIC, VERSION, code, n, len(doc_indices)) + lengths_arr.tobytes() + pointers.tobytes()
+                 + doc_indices.tobytes())
         os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
+        write_bytes_atomic(idx_path, index)  # the index last: next to a .bin, it means both are whole
     finally:
         tmp_bin.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
     return bin_path, idx_path
 
 
