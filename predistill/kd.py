@@ -81,11 +81,13 @@ import torch
 
 from predistill.artifacts import PredistillError
 from predistill.config import option
+from predistill.crosstok import VOCAB_MAPS
 from predistill.logits import TeacherTargets
 from predistill.losses import DEFAULT_CHUNK, common_scale, fused_head_pass, gather_logprobs, gathered, \
     honour_grad_mode, scaled_gradients
 
-LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd")  # the names of KD_LOSSES, in CLI order
+# the names of KD_LOSSES in CLI order, and ULD (its own pass: it needs the student's largest probabilities)
+LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd", "uld")
 TEMPERATURE_MODES = ("static", "normkd", "wttm", "adakd-sd", "adakd-h")
 TAILS = ("drop", "bucket")
 TAU_FLOOR = 1e-4  # adaptive temperatures never go below this (one entry: std 0)
@@ -118,6 +120,9 @@ class KDConfig:
     adakd_tau_max: float = option(2.0, "AdaKD: largest τ (hardest positions)")
     adakd_tau_min: float = option(0.1, "AdaKD: smallest τ")
     adakd_h_max: float = option(4.8, "AdaKD-H: teacher entropy that maps to τ_max")
+    vocab_map: str = option("prefix", "teacher with another tokenizer: a teacher token the student lacks goes to the "
+                            "longest student token that starts it (prefix) or to the tail (exact; see crosstok)",
+                            key="kd_vocab_map", choices=VOCAB_MAPS)
     # rows per vocabulary pass offline (≈2 [rows × V] fp32 temporaries); train sets it from --loss-chunk
     chunk_size: int = option(DEFAULT_CHUNK, cli=False)
     online_chunk_size: int = option(256, "online KD: rows per vocabulary pass (≈6 [rows × V] temporaries)",
@@ -144,6 +149,8 @@ class KDConfig:
         if self.temperature_mode not in TEMPERATURE_MODES:
             raise PredistillError(f"temperature mode must be one of {', '.join(TEMPERATURE_MODES)}, "
                                   f"got {self.temperature_mode!r}")
+        if self.vocab_map not in VOCAB_MAPS:
+            raise PredistillError(f"--kd-vocab-map must be one of {', '.join(VOCAB_MAPS)}, got {self.vocab_map!r}")
         if self.tail not in TAILS:
             raise PredistillError(f"tail must be one of {', '.join(TAILS)}, got {self.tail!r}")
         if not self.temperature > 0:
@@ -449,6 +456,93 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: to
         return zero, zero, zeros.view(lead), zeros.view(lead)
     lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMKD.apply(
         *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), both, lps, mask, mask.any(-1), cfg,
+        cfg.chunk_size, float(weights[0]), float(weights[1]))
+    return lm_sum, kd_sum, zeros.index_put((rows,), lm_rows).view(lead), zeros.index_put((rows,), kd_rows).view(lead)
+
+
+# ------------------------------------------------------------------------------------------------
+# Universal Logit Distillation: sorted probabilities, no shared vocabulary needed
+# ------------------------------------------------------------------------------------------------
+def uld_teacher(targets: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher side of ULD: its retained probabilities sorted in descending order [..., K] (zeros
+    past each position's entries) and the mass they leave out [...] (0 for sampled entries)."""
+    probs = targets.logprobs.exp() * targets.mask
+    return probs.sort(dim=-1, descending=True).values, (1 - probs.sum(-1)).clamp(min=0)
+
+
+class _FusedLMULD(torch.autograd.Function):
+    """(Σ NLL, Σ ULD) over rows, the gradient of w_lm·Σ NLL + w_kd·Σ ULD computed in the forward pass.
+    Per chunk the student's K most probable ids are found (their order is the sorted order), then the
+    log-probs at [next token, those ids] go through `losses.gathered` like any offline KD loss: the
+    gradient of a sorted value is the gradient at the id that holds it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, next_tokens, t_sorted, t_tail, t_count, chunk_size, w_lm, w_kd):
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        lm_rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        kd_rows = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        k = t_sorted.shape[1]
+        both = torch.empty((hidden.shape[0], 1 + k), dtype=torch.long, device=hidden.device)
+        both[:, 0] = next_tokens
+        entry = torch.arange(k, device=hidden.device)[None, :]
+
+        def chunk_loss(rows, logq, need_grad):
+            logq = logq.detach().requires_grad_()
+            with torch.enable_grad():  # (Function.forward runs without grad)
+                lm = -logq[:, 0]
+                inside = (entry < t_count[rows, None]).to(acc)
+                q = logq[:, 1:].exp() * inside
+                q_tail = (1 - q.sum(-1)).clamp(min=0)
+                kd = (q - t_sorted[rows]).abs().mul(inside).sum(-1) + (q_tail - t_tail[rows]).abs()
+                kd = kd * (t_count[rows] > 0)
+                total = w_lm * lm.sum() + w_kd * kd.sum()
+                g = torch.autograd.grad(total, logq)[0] if need_grad else None
+            lm_rows[rows], kd_rows[rows] = lm.detach(), kd.detach()
+            return g
+
+        by_ids = gathered(both, chunk_loss)
+
+        def chunk_grad(rows, logits, need_grad):
+            both[rows, 1:] = logits.topk(k, dim=1).indices  # before `gathered` overwrites the logits
+            return by_ids(rows, logits, need_grad)
+
+        fused_head_pass(ctx, hidden, weight, chunk_size, chunk_grad)
+        return _two_sums(ctx, lm_rows, kd_rows, w_lm, w_kd)
+
+    @staticmethod
+    def backward(ctx, g_lm, g_kd, _lm_rows, _kd_rows):
+        scale = common_scale((g_lm, g_kd), ctx.weights, "fused_lm_uld_loss")
+        return (*scaled_gradients(ctx, scale), None, None, None, None, None, None, None)
+
+
+def fused_lm_uld_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
+                      cfg: KDConfig, position_mask: torch.Tensor | None = None, weights: tuple[float, float] = (0.5, 0.5)
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LM loss and Universal Logit Distillation (Boizard et al. 2024) in one pass over the vocabulary:
+    (Σ LM, Σ ULD, LM per position, ULD per position), sums as in `fused_lm_kd_loss`.
+
+    ULD compares distributions without a shared vocabulary: the teacher's retained probabilities in
+    descending order against the student's K largest (K: the position's entries), plus the mass
+    each leaves out as one class: Σ_k |p_(k) − q_(k)| + |p_rest − q_rest| (with sampled entries p_rest
+    = 0, which is ULD's zero padding exactly). The teacher's ids are not used; it is taken at τ = 1."""
+    if cfg.temperature_mode != "static" or cfg.temperature != 1.0:
+        raise PredistillError("--kd-loss uld compares probabilities at τ = 1; drop --temperature")
+    lead = next_tokens.shape
+    if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
+        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
+                              f"{tuple(targets.mask.shape)} must cover the same positions")
+    rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
+    zeros = torch.zeros(lead.numel(), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    if len(rows) == 0:
+        zero = hidden.sum() * 0
+        return zero, zero, zeros.view(lead), zeros.view(lead)
+    flat = targets.reshape(lead.numel(), -1)
+    t_sorted, t_tail = uld_teacher(TeacherTargets(flat.ids[rows], flat.logprobs[rows], flat.mask[rows]))
+    t_count = flat.mask[rows].sum(-1)
+    k = max(1, min(int(t_count.max()), weight.shape[0]))
+    lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMULD.apply(
+        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), next_tokens.reshape(-1)[rows],
+        t_sorted[:, :k].to(hidden.device), t_tail.to(hidden.device), t_count.clamp(max=k).to(hidden.device),
         cfg.chunk_size, float(weights[0]), float(weights[1]))
     return lm_sum, kd_sum, zeros.index_put((rows,), lm_rows).view(lead), zeros.index_put((rows,), kd_rows).view(lead)
 

@@ -42,8 +42,9 @@ from predistill.store import FORMAT, TokenStoreWriter
 @dataclass
 class PrepareConfig:
     sources: list[str] = option(default_factory=list, help="a domain of the corpus: jsonl:PATH[:FIELD], "
-                                "parquet:PATH[:FIELD], txt:GLOB, hf:DIR[:FIELD], builtin:shakespeare, builtin:python; "
-                                "prefix NAME= to name the domain", flag="--source", required=True, metavar="SPEC")
+                                "parquet:PATH[:FIELD], txt:GLOB, hf:DIR[:FIELD], builtin:shakespeare, builtin:python, "
+                                "megatron:PREFIX; prefix NAME= to name the domain; or store:DIR alone (a token store "
+                                "re-tokenised instance by instance, for cross-tokenizer KD)", flag="--source", required=True, metavar="SPEC")
     tokenizer: str = option("", "tokenizer or model spec: smollm2-135m, an HF directory or hub id", required=True)
     out: str = option("", "token store directory to write", required=True)
     max_len: int = option(1024, "training context; instances hold ≤ max-len+1 tokens")
@@ -118,8 +119,6 @@ def _documents(source: Source, stop: threading.Event):
 
 
 def run(cfg: PrepareConfig) -> Path:
-    from predistill.models import load_tokenizer, tokenizer_hash  # heavy: keep it out of the workers
-
     out = Path(cfg.out)
     if not cfg.sources:
         raise PredistillError("prepare needs at least one --source")
@@ -135,10 +134,10 @@ def run(cfg: PrepareConfig) -> Path:
         raise PredistillError(f"--checkpoint-tokens must be ≥ 1, got {cfg.checkpoint_tokens}")
     if out.exists() and not out.is_dir():
         raise PredistillError(f"{out} exists and is not a directory; refusing to overwrite it")
+    if any(spec.startswith(STORE_SOURCE) for spec in cfg.sources):
+        return _derive(cfg, out)
     sources = parse_sources(cfg.sources, cfg.skip_bad)  # also checks that every source can be read
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    tok_info = {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
-                "eos_id": tokenizer.eos_token_id}
+    tokenizer, tok_info = _tokenizer(cfg.tokenizer)
     # neither the worker count nor the output path changes the content: a store is the same
     # bytes wherever it was written and however many processes tokenised it
     config = asdict(cfg) | {"workers": None, "out": None, "checkpoint_tokens": None}
@@ -238,6 +237,56 @@ def run(cfg: PrepareConfig) -> Path:
             writer.finish({"split": split, "config": config, "tokenizer": tok_info,
                            "eos_id": eos, "domains": stats[split],
                            "n_documents": sum(s["n_documents"] for s in stats[split])})
+    return out
+
+
+STORE_SOURCE = "store:"
+
+
+def _tokenizer(spec: str):
+    from predistill.models import load_tokenizer, tokenizer_hash  # heavy: keep it out of the workers
+
+    tokenizer = load_tokenizer(spec)
+    return tokenizer, {"spec": spec, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
+                       "eos_id": tokenizer.eos_token_id}
+
+
+def _derive(cfg: PrepareConfig, out: Path) -> Path:
+    """`--source store:DIR`: the token store DIR re-tokenised instance by instance — instance i of OUT
+    spells the same text as instance i of DIR, and so does its val split — recording DIR's hash, so
+    that a teacher's logits over DIR can teach a student that reads OUT (predistill.crosstok)."""
+    from predistill.retokenize import write_retokenized
+    from predistill.store import TokenStore
+
+    if len(cfg.sources) != 1:
+        raise PredistillError(f"{STORE_SOURCE}DIR re-tokenises one token store instance by instance; it cannot be "
+                              "mixed with other --source specs")
+    if cfg.val_fraction:
+        raise PredistillError(f"{STORE_SOURCE}DIR carries the store's own val split over; drop --val-fraction")
+    location = cfg.sources[0].removeprefix(STORE_SOURCE)
+    src = TokenStore(location)  # refuses a missing, incomplete or corrupt store
+    tokenizer, tok_info = _tokenizer(cfg.tokenizer)
+    # one output instance per input instance: max_len, workers and the document options do not apply
+    config = {"sources": cfg.sources, "tokenizer": cfg.tokenizer}
+    derived = {"path": str(Path(location).resolve()), "hash": src.hash}
+    if check_output(out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"],
+                                                 "source_store_hash": src.hash},
+                    lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"),
+                               "source_store_hash": (m.get("derived_from") or {}).get("hash")}):
+        print(f"predistill: {out} is already complete; nothing to do")
+        return out
+    val = TokenStore(src.dir / "val") if (src.dir / "val").is_dir() else None
+    with staged_dir(out) as tmp:
+        # val first: the top-level manifest (complete: true) is the last file written
+        for split, store, directory in [("val", val, tmp / "val"), ("train", src, tmp)]:
+            if store is None:
+                continue
+            manifest = write_retokenized(store, np.arange(len(store)), directory, tokenizer, tok_info, split=split,
+                                         config=config, progress=True,
+                                         extra={"derived_from": {"path": str(store.dir.resolve()), "hash": store.hash}
+                                                if split == "val" else derived})
+            if manifest["n_instances"] != len(store):
+                raise PredistillError(f"{store.dir}: {len(store)} instances re-tokenised into {manifest['n_instances']}")
     return out
 
 

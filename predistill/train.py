@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from predistill.artifacts import PredistillError, check_output, write_json_atomic, write_manifest
 from predistill.config import add_config_arguments, config_from_args, from_flat, option, to_flat
+from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
 from predistill.models import ATTN_IMPLS, Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
@@ -342,9 +343,14 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
 
     kd_cfg = dataclasses.replace(cfg.kd, chunk_size=cfg.loss_chunk).validate()
     if cfg.kd_logits:
-        return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg)
+        # logits of this very store, or of the store this one was re-tokenised from (another tokenizer)
+        if distill.logits_store_source(cfg.kd_logits) == store.hash:
+            return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg)
+        return distill.CrossTokenizerLogits(cfg.kd_logits, store, kd_cfg)
     if cfg.minillm:
         return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
+    if tokenizer_hash(load_tokenizer(cfg.kd_teacher)) != store.tokenizer_hash:
+        return distill.OnlineCrossTokenizer(cfg.kd_teacher, store, kd_cfg, device)
     return distill.OnlineTeacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk)
 
 
@@ -444,12 +450,14 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
 
     config_json = to_flat(cfg) | {"command": command}
     start_step, tokens_seen, flops = 0, 0, 0.0
+    kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
     ckpts = checkpoint_dirs(out)
     if ckpts:
         if not same_result(json.loads((out / "config.json").read_text()), cfg):
             raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
         state = load_checkpoint(ckpts[-1], loss_model, optimizer, cfg.fsdp)
         start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
+        kd_counts = state.get("kd_counts", kd_counts)
         if d.main:
             _truncate_metrics(out / "metrics.jsonl", start_step)
             print(f"predistill: resuming {out} from step {start_step}")
@@ -496,6 +504,10 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(),
                                                        cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
+            # across tokenizers: this step's aligned positions and mapped teacher mass, over all ranks
+            step_counts = d.all_sum(step_kd.take_counts(), device) if hasattr(step_kd, "take_counts") else None
+            if step_counts is not None:
+                kd_counts = [a + b for a, b in zip(kd_counts, step_counts)]
             if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
                 # every rank sees the same global sums and norm, so all stop here together
                 raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
@@ -512,6 +524,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                    "lm_loss": lm_total / global_targets, "kd_loss": kd_total / global_targets if step_kd else None,
                    "lr": lr, "alpha": alpha, "tokens": tokens_seen, "flops": flops,
                    "tokens_per_s": global_targets / elapsed, "grad_norm": float(grad_norm)}
+            if step_counts is not None:
+                row |= {f"kd_{k}": v for k, v in MappingStats(*step_counts).summary().items()}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == steps:
                 val_loss = evaluate(wrapped, val_store, cfg, d, device, autocast) if val_store else None
                 row["val_loss"] = val_loss
@@ -526,7 +540,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops},
+                save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops,
+                                                                   "kd_counts": kd_counts},
                                 d, cfg.fsdp, cfg.keep_checkpoints)
     finally:
         bar.close()
@@ -542,7 +557,11 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             "teacher_flops": flops - student_fpt * tokens_seen, "store_hash": store.hash,
             "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
             "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,
-            "final_val_loss": val_loss})
+            "final_val_loss": val_loss}
+            | ({"kd_alignment": MappingStats(*kd_counts).summary() | dict(zip(
+                ("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum"), kd_counts))
+                | {"vocab_map": kd.vocab.describe() | {"tail": kd.kd_cfg.tail}}}
+               if hasattr(kd, "take_counts") else {}))
         print(f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
               + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
     if writer:
