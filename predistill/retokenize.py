@@ -68,21 +68,23 @@ def write_retokenized(src: TokenStore, ids: np.ndarray, directory: str | Path, t
 
     bar = tqdm(total=int(src.lengths[ids].sum()) if len(ids) else 0, unit="tok", unit_scale=True,
                desc=f"re-tokenise {split}", dynamic_ncols=True, disable=not progress, file=sys.stderr)
-    for i in ids.tolist():
-        d = int(src.domain_ids[i])
-        row = (np.asarray(src[i], dtype=np.int64) if same_tokenizer
-               else retokenize(src[i], src.tokenizer(), src.eos_id, tokenizer))
-        if max_len is None:
-            if len(row):
-                emit(row, d)
-        else:
-            for other in [o for o in chunkers if o != d]:
-                for piece in chunkers.pop(other).flush():
-                    emit(piece, other)
-            for piece in chunkers.setdefault(d, Chunker(max_len, is_boundary)).add(row):
-                emit(piece, d)
-        bar.update(len(src[i]))
-    bar.close()
+    try:  # the bar ends its line before an error is printed
+        for i in ids.tolist():
+            d = int(src.domain_ids[i])
+            row = (np.asarray(src[i], dtype=np.int64) if same_tokenizer
+                   else retokenize(src[i], src.tokenizer(), src.eos_id, tokenizer))
+            if max_len is None:
+                if len(row):
+                    emit(row, d)
+            else:
+                for other in [o for o in chunkers if o != d]:
+                    for piece in chunkers.pop(other).flush():
+                        emit(piece, other)
+                for piece in chunkers.setdefault(d, Chunker(max_len, is_boundary)).add(row):
+                    emit(piece, d)
+            bar.update(len(src[i]))
+    finally:
+        bar.close()
     for d, chunker in sorted(chunkers.items()):
         for piece in chunker.flush():
             emit(piece, d)

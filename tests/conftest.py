@@ -10,6 +10,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,13 @@ def subprocess_env() -> dict:
 
 WORDS = ("the king queen lord lady sword crown castle night day love war speak hear see go come "
          "fair foul noble gentle brave true false heart blood grace honour death life").split()
+
+
+def torchrun_train(nproc: int, args: list[str]) -> None:
+    """`predistill train ARGS` under torchrun with `nproc` gloo ranks on the CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    "-m", "predistill", "train", *args], check=True, capture_output=True, env=env, timeout=300)
 
 
 def make_prose(n_docs: int, seed: int) -> list[str]:

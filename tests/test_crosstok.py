@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torchrun_train
 from predistill.artifacts import PredistillError
 from predistill.cli import main as cli_main
 from predistill.crosstok import EOS_BYTES, MappingStats, Speller, VocabMap, align, map_targets, token_spellings
@@ -470,3 +471,17 @@ def test_uld_with_a_same_vocabulary_online_teacher_is_refused(tiny_store, teache
         cli_main(["train", "--store", str(tiny_store), "--out", str(tmp_path / "r"), "--kd-teacher", str(teacher_run),
                   "--kd-loss", "uld", "--steps", "1", *FAST])
     assert "uld" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # torchrun: one and two gloo ranks
+def test_two_ranks_align_and_count_like_one(derived_store, teacher_logits, tmp_path):
+    args = ["--store", str(derived_store), "--kd-logits", str(teacher_logits), "--steps", "3", *FAST,
+            "--batch-size", "4"]
+    torchrun_train(1, ["--out", str(tmp_path / "one"), *args, "--micro-batch-size", "2"])
+    torchrun_train(2, ["--out", str(tmp_path / "two"), *args, "--micro-batch-size", "1"])
+    one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    counts = ("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum")
+    assert [two["kd_alignment"][k] for k in counts] == pytest.approx([one["kd_alignment"][k] for k in counts], rel=1e-9)
+    rows = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5)

@@ -200,6 +200,12 @@ CASES = [
     ("prepare from a Megatron dataset whose .bin is cut short", lambda t, a: [
         "prepare", "--source", "megatron:" + truncated_megatron(t, a), "--tokenizer", str(a["store"] / "tokenizer"),
         "--out", str(t / "o")], "holds 30 bytes, the index's lengths say 32"),
+    ("prepare --source store: of a store whose tokens changed", lambda t, a: [
+        "prepare", "--source", "store:" + store_with(t, a, lambda s: overwrite_tokens(s, 7)), "--tokenizer",
+        str(a["store"] / "tokenizer"), "--out", str(t / "o")], "changed since the store was written"),
+    ("prepare --source store: beside a text source", lambda t, a: [
+        "prepare", "--source", f"store:{a['store']}", "--source", "builtin:python", "--tokenizer",
+        str(a["store"] / "tokenizer"), "--out", str(t / "o")], "cannot be mixed with other --source specs"),
     ("a recipe matrix stage referred to as one path", lambda t, a: ["run", recipe(
         t, 'matrix = { seed = [1, 2] }\n[[stage]]\nname = "b"\ncommand = "report"\nargs = { _ = "{a}", out = "{self}" }\n'),
         "--dry-run"], "names 2 instances of a matrix stage"),

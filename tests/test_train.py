@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import torchrun_train
 from predistill.artifacts import PredistillError
 from predistill.cli import main as cli_main
 from predistill.models import count_params, load_model
@@ -221,18 +222,12 @@ def test_selection_trains_only_on_the_selected_instances(tiny_store, tmp_path):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run2"), selection=str(sel), **FAST))
 
 
-def _torchrun(nproc: int, args: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "predistill", "train", *args], check=True, capture_output=True, env=env, timeout=300)
-
-
 @pytest.mark.slow
 def test_ddp_two_ranks_match_one_rank(tiny_store, tmp_path):
     one = tmp_path / "one"
-    _torchrun(1, train_cmd(tiny_store, one, steps=5, micro_batch_size=2))
+    torchrun_train(1, train_cmd(tiny_store, one, steps=5, micro_batch_size=2))
     two = tmp_path / "two"
-    _torchrun(2, train_cmd(tiny_store, two, steps=5, micro_batch_size=1))
+    torchrun_train(2, train_cmd(tiny_store, two, steps=5, micro_batch_size=1))
     np.testing.assert_allclose([r["loss"] for r in metrics(two)], [r["loss"] for r in metrics(one)], rtol=1e-5)
     assert metrics(two)[-1]["val_loss"] == pytest.approx(metrics(one)[-1]["val_loss"], rel=1e-5)
     assert json.loads((two / "manifest.json").read_text())["tokens"] == json.loads((one / "manifest.json").read_text())["tokens"]
@@ -243,9 +238,9 @@ def test_fsdp_two_ranks_match_one_rank_and_resume_from_dcp(tiny_store, tmp_path)
     import shutil
 
     one = tmp_path / "one"
-    _torchrun(1, train_cmd(tiny_store, one, steps=6))
+    torchrun_train(1, train_cmd(tiny_store, one, steps=6))
     fsdp = tmp_path / "fsdp"
-    _torchrun(2, train_cmd(tiny_store, fsdp, steps=6, save_every=3, fsdp=True))
+    torchrun_train(2, train_cmd(tiny_store, fsdp, steps=6, save_every=3, fsdp=True))
     np.testing.assert_allclose([r["loss"] for r in metrics(fsdp)], [r["loss"] for r in metrics(one)], rtol=1e-5)
     assert (fsdp / "checkpoints" / "step-00000003" / "dcp").is_dir()
 
@@ -254,7 +249,7 @@ def test_fsdp_two_ranks_match_one_rank_and_resume_from_dcp(tiny_store, tmp_path)
     shutil.copytree(fsdp, resumed)
     shutil.rmtree(resumed / "hf")
     (resumed / "manifest.json").unlink()
-    _torchrun(2, train_cmd(tiny_store, resumed, steps=6, save_every=3, fsdp=True))
+    torchrun_train(2, train_cmd(tiny_store, resumed, steps=6, save_every=3, fsdp=True))
     assert sha256(resumed / "hf" / "model.safetensors") == sha256(fsdp / "hf" / "model.safetensors")
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(fsdp)]
 
@@ -313,7 +308,7 @@ def test_online_logits_from_two_ddp_ranks_match_one_rank(tiny_store, tmp_path):
 
     # the same micro-batch compositions on one rank (2 × 4) and on two ranks (1 × 4 each)
     for name, nproc in (("one", 1), ("two", 2)):
-        _torchrun(nproc, train_cmd(tiny_store, tmp_path / name, steps=4, seq_len=64, batch_size=8, micro_batch_size=4,
+        torchrun_train(nproc, train_cmd(tiny_store, tmp_path / name, steps=4, seq_len=64, batch_size=8, micro_batch_size=4,
                                    save_logits=str(tmp_path / name / "logits")))
     stores = {name: LogitsStore(tmp_path / name / "logits", TokenStore(tiny_store)) for name in ("one", "two")}
     assert stores["two"].manifest["n_positions"] == stores["one"].manifest["n_positions"]
