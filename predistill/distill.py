@@ -212,6 +212,10 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         rows = np.concatenate([np.full(int((a >= 0).sum()), b) for b, a in enumerate(aligned)])
         positions = np.concatenate([np.flatnonzero(a >= 0) for a in aligned])
         teacher_positions = np.concatenate([a[a >= 0] for a in aligned])
+        if not len(rows):  # nothing to distil in this micro-batch (LM loss only)
+            none = TeacherTargets(torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1)),
+                                  torch.zeros((0, 1), dtype=torch.bool))
+            return self._layout(none, rows, positions, tuple(inputs.shape))
         # right padding needs no attention mask under causal attention
         hidden = self.body(input_ids=padded.to(self.device)).last_hidden_state
         picked = hidden[torch.from_numpy(rows).to(hidden.device), torch.from_numpy(teacher_positions).to(hidden.device)]

@@ -263,6 +263,9 @@ def _derive(cfg: PrepareConfig, out: Path) -> Path:
                               "mixed with other --source specs")
     if cfg.val_fraction:
         raise PredistillError(f"{STORE_SOURCE}DIR carries the store's own val split over; drop --val-fraction")
+    if cfg.max_tokens_per_domain is not None:
+        raise PredistillError(f"{STORE_SOURCE}DIR keeps every instance (instance i stays instance i); "
+                              "drop --max-tokens-per-domain")
     location = cfg.sources[0].removeprefix(STORE_SOURCE)
     src = TokenStore(location)  # refuses a missing, incomplete or corrupt store
     tokenizer, tok_info = _tokenizer(cfg.tokenizer)

@@ -10,8 +10,10 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,18 @@ def torchrun_train(nproc: int, args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                     "-m", "predistill", "train", *args], check=True, capture_output=True, env=env, timeout=300)
+
+
+def kill_train_at_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
+    """Start `predistill train ARGS` (writing RUN_DIR) and SIGKILL it once its checkpoint of `step` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "predistill", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((run_dir / "checkpoints").glob(f"step-{step:08d}")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "manifest.json").exists(), "the run finished before it could be killed"
 
 
 def make_prose(n_docs: int, seed: int) -> list[str]:

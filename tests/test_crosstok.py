@@ -5,18 +5,15 @@ map, the mapped loss and ULD against direct references, and the whole path throu
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import torchrun_train
+from conftest import kill_train_at_checkpoint, torchrun_train
 from predistill.artifacts import PredistillError
 from predistill.cli import main as cli_main
 from predistill.crosstok import EOS_BYTES, MappingStats, Speller, VocabMap, align, map_targets, token_spellings
@@ -357,9 +354,22 @@ def test_derived_store_is_deterministic_and_a_rerun_is_a_noop(tiny_store, small_
     assert "already complete" in capsys.readouterr().out
 
 
+def test_a_derived_store_killed_midway_is_redone_to_the_same_bytes(tiny_store, small_bpe, derived_store, tmp_path):
+    out = tmp_path / "s"
+    partial = tmp_path / "s.partial"  # what SIGKILL leaves: a half-written staging directory, no OUT
+    (partial / "val").mkdir(parents=True)
+    (partial / "tokens.bin").write_bytes(b"\x00" * 10)
+    (partial / "val" / "manifest.json").write_text("{}")
+    prepare(PrepareConfig(sources=[f"store:{tiny_store}"], tokenizer=str(small_bpe), out=str(out)))
+    assert not partial.exists()
+    for name in ("tokens.bin", "offsets.npy", "manifest.json", "val/tokens.bin", "val/manifest.json"):
+        assert (out / name).read_bytes() == (derived_store / name).read_bytes()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--source", "builtin:python"], "cannot be mixed"),
     (["--val-fraction", "0.1"], "drop --val-fraction"),
+    (["--max-tokens-per-domain", "100"], "drop --max-tokens-per-domain"),
 ])
 def test_derived_store_refusals(tiny_store, small_bpe, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -407,14 +417,7 @@ def test_killed_cross_tokenizer_run_resumes_to_the_same_manifest(derived_store, 
             "--kd-vocab-map", "exact", "--kd-tail", "bucket", *FAST]
     _run(["--out", str(tmp_path / "ref"), *args])
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "predistill", "train", "--out", str(killed), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((killed / "checkpoints").glob("step-00000004")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_train_at_checkpoint(["--out", str(killed), *args], killed, 4)
     _run(["--out", str(killed), *args])
     ref, got = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "ref", killed))
     assert got["kd_alignment"] == ref["kd_alignment"]

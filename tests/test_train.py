@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import torchrun_train
+from conftest import kill_train_at_checkpoint, torchrun_train
 from predistill.artifacts import PredistillError
 from predistill.cli import main as cli_main
 from predistill.models import count_params, load_model
@@ -129,14 +126,7 @@ def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
 
     killed = tmp_path / "killed"
     args = train_cmd(tiny_store, killed, steps=12, save_every=3)
-    proc = subprocess.Popen([sys.executable, "-m", "predistill", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list((killed / "checkpoints").glob("step-00000006")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_train_at_checkpoint(args, killed, 6)
     subprocess.run([sys.executable, "-m", "predistill", "train", *args], check=True, capture_output=True)
 
     assert sha256(killed / "hf" / "model.safetensors") == sha256(tmp_path / "ref" / "hf" / "model.safetensors")
