@@ -29,6 +29,7 @@ from pathlib import Path
 
 from common import emit
 
+from predistill.kd import KDConfig
 from predistill.train import TrainConfig, run as train
 
 STUDENT = dict(model="preset:tiny", batch_size=8, seq_len=192, lr=3e-3, lr_schedule="wsd", decay_ratio=0.2,
@@ -36,7 +37,8 @@ STUDENT = dict(model="preset:tiny", batch_size=8, seq_len=192, lr=3e-3, lr_sched
 
 
 def configs(root: Path) -> dict[str, dict]:
-    pd = dict(kd_logits=str(root / "teacher" / "logits"), alpha=0.9, alpha_schedule="wsd")
+    pd = dict(kd_logits=str(root / "teacher" / "logits"), kd=KDConfig(vocab_map="first"), alpha=0.9,
+              alpha_schedule="wsd")
     return {
         "LM only, shared 49k vocabulary": dict(store=str(root / "pool" / "store")),
         "PD, shared 49k vocabulary": dict(store=str(root / "pool" / "store"), **pd),
@@ -50,6 +52,22 @@ def step_seconds(run_dir: Path, warmup: int = 5) -> tuple[float, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][warmup:]
     per_step = [(b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip(rows, rows[1:])]
     return statistics.median(per_step), statistics.median(r["tokens_per_s"] for r in rows[1:])
+
+
+def vocab_maps(root: Path) -> None:
+    """How the map rules differ for SmolLM2's vocabulary → the study's 8k BPE: of the teacher tokens
+    the student lacks, how many get another student token from `first` than from `prefix`."""
+    from predistill.crosstok import Speller, VocabMap
+    from predistill.store import TokenStore
+
+    teacher = Speller.of(TokenStore(root / "pool" / "store").tokenizer())
+    student = Speller.of(TokenStore(root / "pool_bpe").tokenizer())
+    first, prefix = (VocabMap(teacher, student, rule) for rule in ("first", "prefix"))
+    lacking = ~first.exact & (first.to_student >= 0)
+    emit("crosstok_vocab", what="teacher ids spelled exactly by a student token", value=int(first.exact.sum()),
+         of=len(first.to_student))
+    emit("crosstok_vocab", what="of the others, share where first ≠ prefix",
+         value=round(float((first.to_student != prefix.to_student)[lacking].mean()), 4), of=int(lacking.sum()))
 
 
 def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
@@ -120,6 +138,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--gemma", action="store_true", help="also the Gemma-3-270M teacher (see the module doc)")
     args = ap.parse_args()
+    vocab_maps(args.root)
     if args.gemma:
         gemma_case(args.root, args.work)
     results = {}

@@ -16,12 +16,16 @@ Positions without such a teacher position (inside a teacher token, or past a poi
 spellings differ, e.g. a character cut in half at an instance edge) get the LM loss only.
 
 Vocabulary mapping. At an aligned position, a teacher entry whose spelling is a student token's
-maps to that token (`exact`). The rest of the teacher's mass either stays unmapped (`exact`: with
-`--kd-tail bucket` it is the tail class, with `drop` it is renormalised away) or goes to the longest
-student token that is a prefix of the teacher token's spelling (`prefix`): the student would read
-that token first if the text went on as the teacher predicts (spreading it over every prefix would
-put mass on one-byte tokens the student's tokenizer never emits there). Entries that map to the same
-student token are summed.
+maps to that token. The rest of the teacher's mass goes, by rule:
+- `exact`: nowhere — with `--kd-tail bucket` it is the tail class, with `drop` it is renormalised away;
+- `first`: to the student token its tokenizer emits first when it encodes the teacher token's text,
+  the token the student reads first if the text goes on as the teacher predicts (" develop" → " de"
+  when the student splits it " de|velop"); a teacher token that is not whole UTF-8 text, or whose
+  encoding does not start with a prefix of it, falls back to `prefix`;
+- `prefix`: to the longest student token that is a prefix of the teacher token's spelling (" dev"
+  above: often not what the student's tokenizer emits, so its targets disagree with the LM loss's).
+Spreading the mass over every prefix would reward one-byte tokens the student never emits there.
+Entries that map to the same student token are summed.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from predistill.artifacts import PredistillError
 from predistill.logits import TeacherTargets
 
 EOS_BYTES = b"\xff"  # never in UTF-8 text
-VOCAB_MAPS = ("exact", "prefix")
+VOCAB_MAPS = ("exact", "first", "prefix")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -80,14 +84,19 @@ def token_spellings(tokenizer) -> list[bytes | None]:
 class Speller:
     """A tokenizer's spellings as arrays, for spelling many sequences quickly."""
 
-    def __init__(self, spellings: list[bytes | None], eos_id: int):
+    def __init__(self, spellings: list[bytes | None], eos_id: int, first_token=None):
         self.spellings = spellings
         self.lengths = np.array([len(s) if s is not None else 0 for s in spellings], dtype=np.int64)
         self.eos_id = eos_id
+        self.first_token = first_token  # text → the id the tokenizer emits first (None: unknown)
 
     @classmethod
     def of(cls, tokenizer) -> "Speller":
-        return cls(token_spellings(tokenizer), tokenizer.eos_token_id)
+        def first_token(text: str) -> int | None:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            return ids[0] if ids else None
+
+        return cls(token_spellings(tokenizer), tokenizer.eos_token_id, first_token)
 
     def spell(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the bytes `ids` spell as uint8, bytes per token)."""
@@ -158,6 +167,8 @@ class VocabMap:
         self.rule = rule
         self.to_student = np.full(len(teacher.spellings), -1, dtype=np.int64)
         self.exact = np.zeros(len(teacher.spellings), dtype=bool)
+        if rule == "first" and student.first_token is None:
+            raise PredistillError("--kd-vocab-map first needs the student's tokenizer")
         longest = max(map(len, index), default=0)
         for tid, spelled in enumerate(teacher.spellings):
             if not spelled:
@@ -165,16 +176,33 @@ class VocabMap:
             sid = index.get(spelled)
             if sid is not None:
                 self.to_student[tid], self.exact[tid] = sid, True
-            elif rule == "prefix":
-                for k in range(min(len(spelled) - 1, longest), 0, -1):
-                    if (sid := index.get(spelled[:k])) is not None:
-                        self.to_student[tid] = sid
-                        break
+            elif rule != "exact":
+                first = _first_prefix(spelled, student) if rule == "first" else None
+                self.to_student[tid] = first if first is not None else _longest_prefix(spelled, index, longest)
+
 
     def describe(self) -> dict:
         spelled = int((self.to_student >= 0).sum())
         return {"rule": self.rule, "teacher_ids": len(self.to_student), "exact": int(self.exact.sum()),
                 "mapped": spelled}
+
+
+def _first_prefix(spelled: bytes, student: Speller) -> int | None:
+    """The student's first token of the text `spelled`, when it is text and that token a prefix of it."""
+    try:
+        text = spelled.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    sid = student.first_token(text)
+    token = student.spellings[sid] if sid is not None else None
+    return sid if token and token != EOS_BYTES and spelled.startswith(token) else None
+
+
+def _longest_prefix(spelled: bytes, index: dict[bytes, int], longest: int) -> int:
+    for k in range(min(len(spelled) - 1, longest), 0, -1):
+        if (sid := index.get(spelled[:k])) is not None:
+            return sid
+    return -1
 
 
 @dataclass

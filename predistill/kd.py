@@ -123,8 +123,9 @@ class KDConfig:
     adakd_tau_max: float = option(2.0, "AdaKD: largest τ (hardest positions)")
     adakd_tau_min: float = option(0.1, "AdaKD: smallest τ")
     adakd_h_max: float = option(4.8, "AdaKD-H: teacher entropy that maps to τ_max")
-    vocab_map: str = option("prefix", "teacher with another tokenizer: a teacher token the student lacks goes to the "
-                            "longest student token that starts it (prefix) or to the tail (exact; see crosstok)",
+    vocab_map: str = option("first", "teacher with another tokenizer: a teacher token the student lacks goes to the "
+                            "student token its tokenizer reads first in it (first), to the longest student token "
+                            "that starts it (prefix), or to the tail (exact); see crosstok",
                             key="kd_vocab_map", choices=VOCAB_MAPS)
     # rows per vocabulary pass offline (≈2 [rows × V] fp32 temporaries); train sets it from --loss-chunk
     chunk_size: int = option(DEFAULT_CHUNK, cli=False)

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from predistill.artifacts import PredistillError, check_output, write_json_atomic, write_manifest
-from predistill.config import add_config_arguments, config_from_args, from_flat, option, to_flat
+from predistill.config import add_config_arguments, config_from_args, from_flat, leaves, option, to_flat
 from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
@@ -287,7 +287,12 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 def result_config(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in to_flat(cfg).items() if k not in NON_RESULT_KEYS}
+    result = {k: v for k, v in to_flat(cfg).items() if k not in NON_RESULT_KEYS}
+    if not (cfg.kd_logits or cfg.kd_teacher):  # no KD source: no KD setting (or its default) changes the run
+        for leaf in leaves(TrainConfig):
+            if leaf.path[0] == "kd":
+                result.pop(leaf.key)
+    return result
 
 
 def same_result(saved: dict, cfg: TrainConfig) -> bool:

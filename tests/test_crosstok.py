@@ -177,16 +177,26 @@ def test_every_aligned_pair_of_real_tokenisations_has_read_the_same_text(pair, b
 # ---------------------------------------------------------------------------------------------
 # the vocabulary map and the mapped targets
 # ---------------------------------------------------------------------------------------------
-def test_vocab_map_exact_and_prefix_rules():
+def test_vocab_map_rules():
     student = speller("the", " the", " th", " t", "re", None)
-    teacher = speller(" the", " there", "zz", None, "the")
-    exact, prefix = VocabMap(teacher, student, "exact"), VocabMap(teacher, student, "prefix")
-    # teacher ids: 0 EOS, 1 " the", 2 " there", 3 "zz", 4 special, 5 "the"
-    assert exact.to_student.tolist() == [0, 2, -1, -1, -1, 1]
-    assert prefix.to_student.tolist() == [0, 2, 2, -1, -1, 1]  # " there" → longest student prefix " the"
-    assert prefix.exact.tolist() == [True, True, False, False, False, True]
+    # the student's tokenizer splits " there" as " th|ere" and "zz" as bytes it has no token for
+    student.first_token = {" there": 3, "zz": None, "the": 1, " the": 2}.get
+    teacher = speller(" the", " there", "zz", None, "the", b"\xe2\x80")
+    maps = {rule: VocabMap(teacher, student, rule) for rule in ("exact", "first", "prefix")}
+    # teacher ids: 0 EOS, 1 " the", 2 " there", 3 "zz", 4 special, 5 "the", 6 half a character
+    assert maps["exact"].to_student.tolist() == [0, 2, -1, -1, -1, 1, -1]
+    assert maps["first"].to_student.tolist() == [0, 2, 3, -1, -1, 1, -1]  # " there" → " th", as the student reads it
+    assert maps["prefix"].to_student.tolist() == [0, 2, 2, -1, -1, 1, -1]  # " there" → the longest prefix " the"
+    assert maps["first"].exact.tolist() == [True, True, False, False, False, True, False]
     with pytest.raises(PredistillError, match="--kd-vocab-map"):
         VocabMap(teacher, student, "spread")
+
+
+def test_first_falls_back_to_the_longest_prefix_where_the_students_first_token_is_not_a_prefix():
+    student = speller("ab", "a", "x")
+    student.first_token = {"abc": 3}.get  # a tokenizer that normalises: "abc" → "x…"
+    teacher = speller("abc")
+    assert VocabMap(teacher, student, "first").to_student.tolist() == [0, 1]
 
 
 def test_mapped_targets_sum_entries_that_land_on_one_student_token_and_drop_unmapped_ones():
@@ -230,11 +240,12 @@ def _dense_reference_kd(hidden, weight, t_probs, to_student, next_tokens, alpha,
     return lm.detach(), kd.detach(), hidden.grad, weight.grad
 
 
-@pytest.mark.parametrize("rule, tail", [("prefix", "drop"), ("exact", "bucket"), ("exact", "drop")])
+@pytest.mark.parametrize("rule, tail", [("prefix", "drop"), ("exact", "bucket"), ("exact", "drop"), ("first", "drop")])
 def test_mapped_kd_loss_equals_a_direct_dense_implementation(rule, tail):
     from predistill.distill import _AcrossTokenizers
 
     student = speller("a", "b", "ab", " ", " a", "ba")
+    student.first_token = {" ab": 5, "bab": 3, "aa": 1}.get  # " a|b", "ab|ab", "a|a"
     teacher = speller("a", "b", "ab", " ab", " a", "bab", "aa", " ")
     g = torch.Generator().manual_seed(0)
     rows, h = 6, 8

@@ -133,6 +133,17 @@ def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
     assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(tmp_path / "ref")]
 
 
+def test_kd_settings_do_not_tell_lm_only_runs_apart():
+    from predistill.kd import KDConfig
+    from predistill.train import result_config
+
+    plain = TrainConfig(store="s", out="o")
+    assert result_config(plain) == result_config(TrainConfig(store="s", out="o", kd=KDConfig(vocab_map="exact")))
+    distilled = dict(store="s", out="o", kd_logits="l", alpha=0.5)
+    assert result_config(TrainConfig(**distilled)) != result_config(
+        TrainConfig(**distilled, kd=KDConfig(vocab_map="exact")))
+
+
 def test_rerunning_a_finished_run_is_a_noop_and_another_config_is_refused(tiny_store, tmp_path, capsys):
     cfg = TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST)
     out = run(cfg)
