@@ -117,7 +117,8 @@ def test_logits_from_another_store_are_refused_naming_both_hashes(tiny_store, lo
     assert TokenStore(tiny_store).hash[:12] in str(e.value) and TokenStore(other).hash[:12] in str(e.value)
 
 
-def test_online_teacher_with_another_tokenizer_is_refused(tiny_store, tmp_path, corpus):
+def test_minillm_with_a_teacher_of_another_tokenizer_is_refused(tiny_store, tmp_path, corpus):
+    # (Vanilla KD across tokenizers is aligned and mapped: tests/test_crosstok.py)
     from predistill.tokenizer import TokenizerConfig
     from predistill.tokenizer import run as train_tokenizer
 
@@ -128,7 +129,7 @@ def test_online_teacher_with_another_tokenizer_is_refused(tiny_store, tmp_path, 
     tok.save_pretrained(tmp_path / "teacher")
     with pytest.raises(PredistillError, match="one shared vocabulary"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "x"), kd_teacher=str(tmp_path / "teacher"),
-                        alpha=0.5, **FAST))
+                        alpha=0.5, minillm=True, kd=KDConfig(loss="rkl"), **FAST))
 
 
 @pytest.mark.parametrize("kwargs, message", [
