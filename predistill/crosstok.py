@@ -180,7 +180,6 @@ class VocabMap:
                 first = _first_prefix(spelled, student) if rule == "first" else None
                 self.to_student[tid] = first if first is not None else _longest_prefix(spelled, index, longest)
 
-
     def describe(self) -> dict:
         spelled = int((self.to_student >= 0).sum())
         return {"rule": self.rule, "teacher_ids": len(self.to_student), "exact": int(self.exact.sum()),

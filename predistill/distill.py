@@ -36,7 +36,7 @@ from predistill.crosstok import MappingStats, Speller, VocabMap, align, map_targ
 from predistill.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss, fused_online_lm_kd_loss
 from predistill.logits import FORMAT as LOGITS_FORMAT, LogitsConfig, LogitsStore, TeacherTargets, teacher_targets
 from predistill.losses import lm_loss
-from predistill.models import forward_params, head_weight, load_model, model_body, tokenizer_hash
+from predistill.models import check_plain_head, forward_params, head_weight, load_model, model_body, tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 
@@ -178,6 +178,7 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
 
     def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, dtype=torch.float32):
         self.model, tokenizer = load_model(spec, dtype=dtype)
+        check_plain_head(self.model, spec)  # its logits are computed from the body's hidden states
         self.model.to(device).eval().requires_grad_(False)
         self.body = model_body(self.model)
         self.weight = head_weight(self.model, len(tokenizer))  # padded rows are not tokens
@@ -230,6 +231,7 @@ class OnlineTeacher:
             raise PredistillError("--kd-loss uld is for teachers whose probabilities cannot be compared id by id "
                                   "(another tokenizer, or a logits store); with one shared vocabulary use a KD loss")
         self.teacher, tokenizer = load_model(spec, dtype=dtype)
+        check_plain_head(self.teacher, spec)  # its logits are computed from the body's hidden states
         if tokenizer_hash(tokenizer) != store.tokenizer_hash:
             raise PredistillError(f"online teacher {spec} has tokenizer {tokenizer_hash(tokenizer)[:12]}, but the store "
                                   f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary")

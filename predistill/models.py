@@ -368,7 +368,9 @@ def head_weight(model, vocab_size: int) -> torch.Tensor:
 def model_body(model):
     """The decoder body: returns final hidden states (after the final norm) without the lm head,
     so callers apply the head in chunks and [B, L, V] logits never exist."""
-    return model.base_model
+    body = model.base_model
+    # a class whose base_model_prefix names no attribute (Gemma3ForCausalLM) gets itself back
+    return model.get_decoder() if body is model else body
 
 
 def is_plain_head(model) -> bool:

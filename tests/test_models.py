@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from predistill.artifacts import PredistillError
-from predistill.models import PRESETS, count_params, load_model, load_tokenizer, preset_config
+from predistill.models import PRESETS, count_params, load_model, load_tokenizer, model_body, preset_config
 
 QWEN_VOCAB = 151_936  # the MiniPLM students' vocabulary: their size names include the embedding
 
@@ -138,3 +138,15 @@ def test_smollm2_converts_to_a_plain_hf_directory(tmp_path, monkeypatch):
     with torch.no_grad():
         loss = model(ids, labels=ids).loss
     assert math.exp(loss.item()) < 100
+
+
+def test_model_body_of_a_class_whose_base_model_is_itself_is_its_decoder():
+    # Gemma3ForCausalLM names no base-model attribute: base_model is the CausalLM, logits and all
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    ids = torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        hidden = model_body(model)(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(hidden @ model.get_output_embeddings().weight.T, model(ids).logits)
