@@ -87,7 +87,7 @@ def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
     smollm2, s_tok = load_model("smollm2-135m")
     gemma, g_tok = load_model("gemma3-270m")
     student, teacher = Speller.of(s_tok), Speller.of(g_tok)
-    maps = {rule: VocabMap(teacher, student, rule) for rule in ("exact", "prefix")}
+    maps = {rule: VocabMap(teacher, student, rule) for rule in ("exact", "first", "prefix")}
     emit("crosstok_gemma", what="Gemma ids whose spelling is a SmolLM2 token",
          value=round(float(maps["exact"].exact.mean()), 4), teacher_ids=len(maps["exact"].to_student))
     top = LogitsConfig(mode="topk", top_p=1.0, top_k=ONLINE_CROSS_TOP_K)
