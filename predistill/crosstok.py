@@ -125,11 +125,9 @@ def _drop_extra_spaces(a: tuple[np.ndarray, np.ndarray], a_starts: np.ndarray,
             a_drop.append(i)
         elif b_space and not a_space:
             b_drop.append(j)
-    if a_drop:
-        a_data, a_len = np.delete(a_data, a_off[a_drop]), a_len - np.isin(np.arange(len(a_len)), a_drop)
-    if b_drop:
-        b_data, b_len = np.delete(b_data, b_off[b_drop]), b_len - np.isin(np.arange(len(b_len)), b_drop)
-    return (a_data, a_len), (b_data, b_len)
+    a_len[a_drop] -= 1  # (copies: the spellers' arrays stay as they are)
+    b_len[b_drop] -= 1
+    return (np.delete(a_data, a_off[a_drop]), a_len), (np.delete(b_data, b_off[b_drop]), b_len)
 
 
 def align(student_ids: np.ndarray, teacher_ids: np.ndarray, student: Speller, teacher: Speller,

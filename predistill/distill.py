@@ -99,6 +99,12 @@ class _AcrossTokenizers:
         counts, self.counts = self.counts.as_list(), MappingStats()
         return counts
 
+    def alignment(self, counts: list[float]) -> dict:
+        """The run manifest's `kd_alignment` from the counts summed over the run."""
+        return (MappingStats(*counts).summary()
+                | dict(zip(("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum"), counts))
+                | {"vocab_map": self.vocab.describe() | {"tail": self.kd_cfg.tail}})
+
     def _aligned(self, student_ids: np.ndarray, teacher_ids: np.ndarray, length: int,
                  teacher_positions: int | None = None) -> np.ndarray:
         """Aligned teacher positions of the student's positions 0..length−1 that have a target."""
@@ -176,8 +182,8 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
     teacher (predistill.retokenize), the teacher runs on it, and its ONLINE_CROSS_TOP_K most probable
     tokens at each aligned position are mapped onto the student's vocabulary."""
 
-    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, dtype=torch.float32):
-        self.model, tokenizer = load_model(spec, dtype=dtype)
+    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, loaded=None):
+        self.model, tokenizer = loaded or load_model(spec)
         check_plain_head(self.model, spec)  # its logits are computed from the body's hidden states
         self.model.to(device).eval().requires_grad_(False)
         self.body = model_body(self.model)
@@ -225,12 +231,20 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         return self._layout(entries, rows, positions, tuple(inputs.shape))
 
 
+def online_teacher(spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int):
+    """Vanilla KD's source, the teacher loaded once: its tokenizer decides whether positions need aligning."""
+    model, tokenizer = load_model(spec)
+    if tokenizer_hash(tokenizer) != store.tokenizer_hash:
+        return OnlineCrossTokenizer(spec, store, kd_cfg, device, loaded=(model, tokenizer))
+    return OnlineTeacher(spec, store, kd_cfg, device, chunk_size, loaded=(model, tokenizer))
+
+
 class OnlineTeacher:
-    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, dtype=torch.float32):
+    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, loaded=None):
         if kd_cfg.loss == "uld":
             raise PredistillError("--kd-loss uld is for teachers whose probabilities cannot be compared id by id "
                                   "(another tokenizer, or a logits store); with one shared vocabulary use a KD loss")
-        self.teacher, tokenizer = load_model(spec, dtype=dtype)
+        self.teacher, tokenizer = loaded or load_model(spec)
         check_plain_head(self.teacher, spec)  # its logits are computed from the body's hidden states
         if tokenizer_hash(tokenizer) != store.tokenizer_hash:
             raise PredistillError(f"online teacher {spec} has tokenizer {tokenizer_hash(tokenizer)[:12]}, but the store "
@@ -265,10 +279,10 @@ class MiniLLM(OnlineTeacher):
     """
 
     def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, student, seed: int,
-                 prefix_len: int, dtype=torch.float32):
+                 prefix_len: int):
         if kd_cfg.loss != "rkl":
             raise PredistillError(f"MiniLLM optimises the reverse KL; use --kd-loss rkl (got {kd_cfg.loss})")
-        super().__init__(spec, store, kd_cfg, device, chunk_size, dtype)
+        super().__init__(spec, store, kd_cfg, device, chunk_size)
         self.student = student
         self.seed = seed
         self.prefix_len = prefix_len

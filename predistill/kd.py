@@ -331,14 +331,19 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets,
     return per_row.sum() / len(rows), per_position.view(lead)
 
 
-def _lm_kd_rows(hidden, weight, next_tokens, targets: TeacherTargets, position_mask):
-    """After the checks that the student, the next tokens and the teacher cover the same positions
-    and share a vocabulary: the rows to compute, their ids [rows, 1 + K] (next token, then the
-    teacher's entries), the entries' log-probs and mask [rows, K], and a zero per-position buffer."""
+def _same_positions(hidden, next_tokens, targets: TeacherTargets) -> torch.Size:
     lead = next_tokens.shape
     if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
         raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
                               f"{tuple(targets.mask.shape)} must cover the same positions")
+    return lead
+
+
+def _lm_kd_rows(hidden, weight, next_tokens, targets: TeacherTargets, position_mask):
+    """After the checks that the student, the next tokens and the teacher cover the same positions
+    and share a vocabulary: the rows to compute, their ids [rows, 1 + K] (next token, then the
+    teacher's entries), the entries' log-probs and mask [rows, K], and a zero per-position buffer."""
+    lead = _same_positions(hidden, next_tokens, targets)
     ids, lps, mask = (x.reshape(lead.numel(), -1).to(hidden.device)
                       for x in (targets.ids, targets.logprobs, targets.mask))
     if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
@@ -532,10 +537,7 @@ def fused_lm_uld_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: t
     = 0, which is ULD's zero padding exactly). The teacher's ids are not used; it is taken at τ = 1."""
     if cfg.temperature_mode != "static" or cfg.temperature != 1.0:
         raise PredistillError("--kd-loss uld compares probabilities at τ = 1; drop --temperature")
-    lead = next_tokens.shape
-    if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
-        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
-                              f"{tuple(targets.mask.shape)} must cover the same positions")
+    lead = _same_positions(hidden, next_tokens, targets)
     rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
     zeros = torch.zeros(lead.numel(), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     if len(rows) == 0:

@@ -354,9 +354,7 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
         return distill.CrossTokenizerLogits(cfg.kd_logits, store, kd_cfg)
     if cfg.minillm:
         return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
-    if tokenizer_hash(load_tokenizer(cfg.kd_teacher)) != store.tokenizer_hash:
-        return distill.OnlineCrossTokenizer(cfg.kd_teacher, store, kd_cfg, device)
-    return distill.OnlineTeacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk)
+    return distill.online_teacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk)
 
 
 def method_label(cfg: TrainConfig) -> str:
@@ -563,10 +561,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
             "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,
             "final_val_loss": val_loss}
-            | ({"kd_alignment": MappingStats(*kd_counts).summary() | dict(zip(
-                ("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum"), kd_counts))
-                | {"vocab_map": kd.vocab.describe() | {"tail": kd.kd_cfg.tail}}}
-               if hasattr(kd, "take_counts") else {}))
+            | ({"kd_alignment": kd.alignment(kd_counts)} if hasattr(kd, "take_counts") else {}))
         print(f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
               + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
     if writer:
