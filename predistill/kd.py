@@ -153,6 +153,8 @@ class KDConfig:
         if self.temperature_mode not in TEMPERATURE_MODES:
             raise PredistillError(f"temperature mode must be one of {', '.join(TEMPERATURE_MODES)}, "
                                   f"got {self.temperature_mode!r}")
+        if self.loss == "uld" and (self.temperature_mode != "static" or self.temperature != 1.0):
+            raise PredistillError("--kd-loss uld compares probabilities at τ = 1; drop --temperature")
         if self.vocab_map not in VOCAB_MAPS:
             raise PredistillError(f"--kd-vocab-map must be one of {', '.join(VOCAB_MAPS)}, got {self.vocab_map!r}")
         if self.tail not in TAILS:
@@ -534,9 +536,8 @@ def fused_lm_uld_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: t
     ULD compares distributions without a shared vocabulary: the teacher's retained probabilities in
     descending order against the student's K largest (K: the position's entries), plus the mass
     each leaves out as one class: Σ_k |p_(k) − q_(k)| + |p_rest − q_rest| (with sampled entries p_rest
-    = 0, which is ULD's zero padding exactly). The teacher's ids are not used; it is taken at τ = 1."""
-    if cfg.temperature_mode != "static" or cfg.temperature != 1.0:
-        raise PredistillError("--kd-loss uld compares probabilities at τ = 1; drop --temperature")
+    = 0, which is ULD's zero padding exactly). The teacher's ids are not used; it is taken at τ = 1
+    (`KDConfig.validate` refuses another temperature)."""
     lead = _same_positions(hidden, next_tokens, targets)
     rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
     zeros = torch.zeros(lead.numel(), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)

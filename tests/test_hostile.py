@@ -206,6 +206,12 @@ CASES = [
     ("prepare --source store: beside a text source", lambda t, a: [
         "prepare", "--source", f"store:{a['store']}", "--source", "builtin:python", "--tokenizer",
         str(a["store"] / "tokenizer"), "--out", str(t / "o")], "cannot be mixed with other --source specs"),
+    ("train --kd-logits with a store neither its own nor re-tokenised from it", lambda t, a: [
+        "train", "--store", str(a["store"] / "val"), "--kd-logits", str(a["logits"]), "--alpha", "0.5",
+        "--out", str(t / "o"), *TRAIN], "is neither that store nor re-tokenised from it"),
+    ("train --kd-loss uld with a temperature", lambda t, a: [
+        "train", "--store", str(a["store"]), "--kd-logits", str(a["logits"]), "--kd-loss", "uld", "--temperature", "2",
+        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "--kd-loss uld compares probabilities at τ = 1"),
     ("a recipe matrix stage referred to as one path", lambda t, a: ["run", recipe(
         t, 'matrix = { seed = [1, 2] }\n[[stage]]\nname = "b"\ncommand = "report"\nargs = { _ = "{a}", out = "{self}" }\n'),
         "--dry-run"], "names 2 instances of a matrix stage"),
