@@ -183,6 +183,8 @@ class RunSummary:
     steps: int | None = None
     tokens: float | None = None
     flops: float | None = None
+    student_flops_per_token: float | None = None  # 6·N of the student alone (C of MiniPLM's C(D) = 6·N·D)
+    identity: str = ""  # the run's configuration without its budget and seed: runs that share it share a fit
     heldout_loss: float | None = None
     heldout_source: str | None = None  # "eval" (eval.json) or "train" (manifest final_val_loss)
     tasks: dict[str, dict] = field(default_factory=dict)  # task → {"acc", "acc_norm"}
@@ -194,6 +196,21 @@ class RunSummary:
     kd_logits: str | None = None
     command: str = ""
     metrics: list[dict] = field(default_factory=list)
+
+
+# config keys that set a run's budget, seed or execution, not what it trains: runs that differ only in
+# these are one configuration at several compute budgets (and seeds), and share one scaling fit
+NOT_IDENTITY_KEYS = {"out", "name", "command", "steps", "flops_budget", "seed", "eval_every", "eval_instances",
+                     "log_every", "save_every", "keep_checkpoints", "export_every", "tensorboard", "progress",
+                     "device", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "attn_impl",
+                     "loss_chunk", "kd_online_chunk", "save_logits"}
+
+
+def run_identity(config: dict, s: RunSummary) -> str:
+    if not config:
+        return json.dumps({"method": s.method or s.name, "model": s.model})
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY_KEYS} | {"method": s.method},
+                      sort_keys=True, default=str)
 
 
 def summarize_run(run: str) -> RunSummary:
@@ -217,6 +234,8 @@ def summarize_run(run: str) -> RunSummary:
     s.steps = _number(manifest.get("steps"))
     s.tokens = _number(manifest.get("tokens"))
     s.flops = _number(manifest.get("flops"))
+    s.student_flops_per_token = _number(manifest.get("student_flops_per_token"))
+    s.identity = run_identity(config, s)
     s.metrics = read_metrics(run_dir / "metrics.jsonl")
     if s.tokens is None and s.metrics:  # an unfinished run: its last logged step
         s.tokens = _number(s.metrics[-1].get("tokens"))
@@ -351,25 +370,40 @@ def _use_irreducible(mode: str, n_points: int) -> bool:
     return mode == "on" or (mode == "auto" and n_points >= 4)
 
 
+def config_labels(runs: list[RunSummary]) -> dict[str, str]:
+    """A readable name per configuration: "method (size)", plus the settings that tell apart
+    configurations that would otherwise share it."""
+    configs = {r.identity: r for r in runs}
+    base = {i: (r.method or r.name) + (f" ({r.size})" if r.size else "") for i, r in configs.items()}
+    labels = {}
+    for identity, label in base.items():
+        same = [json.loads(i) for i, b in base.items() if b == label]
+        if len(same) == 1:
+            labels[identity] = label
+            continue
+        mine = json.loads(identity)
+        keys = set().union(*same)
+        differing = sorted(k for k in keys if any(other.get(k) != mine.get(k) for other in same))
+        labels[identity] = label + ": " + ", ".join(f"{k}={mine.get(k, 'unset')}" for k in differing)
+    return labels
+
+
 def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> list[dict]:
-    """Fits of held-out loss vs training FLOPs: one per method across its runs (when it has ≥ 2
-    compute budgets), one across all runs, and one along each run's validation curve (≥ 3 points).
-    `seeded` (a seed sweep): a method's runs are grouped per model size, and neither the pooled fit nor
-    a per-run curve is fitted (the seed means stand for them)."""
-    fits = []
-    points = [(r.flops, r.heldout_loss, (r.method or r.name) + (f" ({r.size})" if seeded and r.size else ""))
-              for r in runs if r.flops and r.heldout_loss]
-    groups: dict[str, list] = {}
-    for c, loss, method in points:
-        groups.setdefault(method, []).append((c, loss))
-    candidates = [(f"method: {m}", "method", pts) for m, pts in groups.items()]
-    if len(groups) > 1 and not seeded:  # a sweep's methods and sizes pooled in one law would mean nothing
-        candidates.append(("all runs", "all", [(c, loss) for c, loss, _ in points]))
+    """Fits of held-out loss vs training FLOPs: one per exact configuration across its compute budgets
+    (and seeds; ≥ 2 budgets), and one along each run's validation curve (≥ 3 points; not for a seed
+    sweep, where the seed means stand for them). Methods and sizes are never pooled in one law."""
+    labels = config_labels(runs)
+    candidates = []
+    for identity, label in labels.items():
+        members = [r for r in runs if r.identity == identity]
+        pts = [(r.flops, r.heldout_loss) for r in members if r.flops and r.heldout_loss]
+        candidates.append((f"config: {label}", "config", pts, members))
     for r in runs if not seeded else []:
-        candidates.append((f"run: {r.name}", "curve", _val_curve(r)))
-    for label, kind, pts in candidates:
+        candidates.append((f"run: {r.name}", "curve", _val_curve(r), [r]))
+    fits = []
+    for label, kind, pts, members in candidates:
         distinct = len({c for c, _ in pts})
-        if distinct < (2 if kind != "curve" else MIN_FIT_POINTS):
+        if distinct < (2 if kind == "config" else MIN_FIT_POINTS):
             continue
         c, loss = np.array(pts, dtype=np.float64).T
         if c.max() < MIN_COMPUTE_SPAN * c.min():
@@ -378,9 +412,58 @@ def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> lis
             law = fit_power_law(c, loss, _use_irreducible(mode, distinct))
         except (ValueError, np.linalg.LinAlgError, FloatingPointError):
             continue
+        per_token = {r.student_flops_per_token for r in members}
+        seeds = {r.seed for r in members}
         fits.append({"label": label, "kind": kind, "points": [list(p) for p in pts], **asdict(law),
-                     "compute_max": float(c.max())})
+                     "compute_max": float(c.max()), "method": members[0].method or members[0].name,
+                     "size": members[0].size, "seed": seeds.pop() if len(seeds) == 1 else None,
+                     "student_flops_per_token": per_token.pop() if len(per_token) == 1 else None})
     return fits
+
+
+# MiniPLM's Table of extrapolated losses: L at the compute of 1T and 10T training tokens, C(D) = 6·N·D
+EXTRAPOLATED_TOKENS = {"1T": 1e12, "10T": 1e13}
+
+
+def extrapolations(fits: list[dict], baseline: str) -> list[dict]:
+    """Each fit read at C(1T) and C(10T), and the compute it needs to reach its baseline's loss there
+    (÷ C(D): < 1 is compute saved). The baseline is the fit of `baseline` with the same kind, student
+    size and seed; fits without a student FLOPs-per-token (runs before it was recorded) are skipped."""
+    rows = []
+    for f in fits:
+        if not f["student_flops_per_token"]:
+            continue
+        law = PowerLaw(f["a"], f["b"], f["c"], f["r2"], f["n_points"])
+        base = next((b for b in fits if b["method"] == baseline and b["kind"] == f["kind"] and b["size"] == f["size"]
+                     and b["seed"] == f["seed"] and b["student_flops_per_token"]), None)
+        row = {"label": f["label"], "method": f["method"], "size": f["size"], "kind": f["kind"]}
+        for name, tokens in EXTRAPOLATED_TOKENS.items():
+            compute = f["student_flops_per_token"] * tokens
+            ratio = reached = None  # None: no baseline to compare with
+            if base is not None and base is not f:
+                base_law = PowerLaw(base["a"], base["b"], base["c"], base["r2"], base["n_points"])
+                target = float(base_law(base["student_flops_per_token"] * tokens))
+                needed = law.compute_for(target)
+                reached = needed is not None
+                ratio = needed / (base["student_flops_per_token"] * tokens) if reached else None
+            row[name] = {"compute": compute, "loss": float(law(compute)), "reaches_baseline": reached,
+                         "compute_ratio_to_baseline": ratio}
+        rows.append(row)
+    return rows
+
+
+def extrapolation_rows(rows: list[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
+    header = ["fit"] + [h for name in EXTRAPOLATED_TOKENS
+                        for h in (f"C({name}) FLOPs", f"L({name})", f"compute to reach {baseline}'s L({name})")]
+    table = []
+    for row in rows:
+        cells = [row["label"]]
+        for name in EXTRAPOLATED_TOKENS:
+            x = row[name]
+            reach = {None: DASH, False: "never"}.get(x["reaches_baseline"]) or f"{x['compute_ratio_to_baseline']:.2f}×"
+            cells += [fmt_sci(x["compute"]), f"{x['loss']:.4f}", reach]
+        table.append(cells)
+    return header, table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,14 +651,15 @@ def plot_scaling(runs: list[RunSummary], fits: list[dict], extrapolate: float, p
             ax.plot([r.flops], [r.heldout_loss], "o", color=f"C{k % 10}", ms=7, label=f"{r.method or r.name}")
             drawn = True
     run_color = {f"run: {r.name}": f"C{k % 10}" for k, r in enumerate(runs)}
-    for k, r in reversed(list(enumerate(runs))):  # a method takes the colour of its first run
-        run_color[f"method: {r.method or r.name}"] = f"C{k % 10}"
+    labels = config_labels(runs)
+    for k, r in reversed(list(enumerate(runs))):  # a configuration takes the colour of its first run
+        run_color[f"config: {labels[r.identity]}"] = f"C{k % 10}"
     for fit in fits:
         law = PowerLaw(fit["a"], fit["b"], fit["c"], fit["r2"], fit["n_points"])
         lo = min(p[0] for p in fit["points"])
         xs = np.geomspace(lo, fit["compute_max"], 50)
         xe = np.geomspace(fit["compute_max"], fit["compute_max"] * extrapolate, 20)
-        style = {"method": "-", "all": "-.", "curve": ":"}[fit["kind"]]
+        style = {"config": "-", "curve": ":"}[fit["kind"]]
         color = run_color.get(fit["label"], "k")
         text = f"{fit['label']}: {fit['a']:.3g}·C^-{fit['b']:.3g}" + (f" + {fit['c']:.3g}" if fit["c"] else "")
         ax.plot(xs, law(xs), style, color=color, lw=1.5, label=text)
@@ -728,6 +812,9 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+EXTRAPOLATION_TITLE = ("Extrapolated as MiniPLM does: L at the compute of 1T and 10T tokens, C(D) = 6·N·D (N: the "
+                       "student), and the compute a fit needs to reach its baseline's L there (< 1: saved). Far past "
+                       "the fitted range: a reading of the trend, not a measurement")
 SEED_NOTE = ("Seeds: a run's seed fixes its initial weights and data order; runs of one size with the same seed "
              "are paired, and Δ is the mean over seeds of (method − {baseline}) held-out loss, ± its standard "
              "error (std/√n). A difference within {k} standard errors is not evidence of an effect. FLOPs to reach: "
@@ -785,8 +872,11 @@ def run(cfg: ReportConfig) -> Path:
     sections.append(("Comparison", *table_rows(runs)))
     if any(r.tasks for r in runs):
         sections.append(("Task accuracy (acc / acc_norm, %)", *detail_rows(runs)))
+    extrapolated = extrapolations(fits, cfg.baseline)
     if fits:
         sections.append(("Power-law fits L(C) = a·C^(−b) + c (C = training FLOPs)", *fit_rows(fits, cfg.extrapolate)))
+    if extrapolated:
+        sections.append((EXTRAPOLATION_TITLE, *extrapolation_rows(extrapolated, cfg.baseline)))
     incomplete = [r.name for r in runs if not r.complete]
 
     seed_note = (SEED_NOTE.format(baseline=cfg.baseline, k=f"{SIGNIFICANT_SE:g}") if seeded else
@@ -831,7 +921,7 @@ def run(cfg: ReportConfig) -> Path:
 
     summary = [asdict(r) | {"metrics": None} for r in runs]  # the curves stay in each run's metrics.jsonl
     write_json_atomic(out / f"{cfg.stem}.json", {"format": "report", "version": 1, "runs": summary, "seed_groups": groups,
-                                                 "fits": fits, "plots": [f"{plots_name}/{file}" for _, file in plots],
+                                                 "fits": fits, "extrapolations": extrapolated, "plots": [f"{plots_name}/{file}" for _, file in plots],
                                                  "config": asdict(cfg)})
     return out
 

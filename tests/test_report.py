@@ -29,7 +29,8 @@ def write_png(path):
 
 
 def fabricate_run(root, name, *, method, flops, tokens, final_val_loss, params=400_000, eval_json=None,
-                  selection=None, kd_logits=None, command=None, loss0=6.0, model="preset:tiny", seed=None):
+                  selection=None, kd_logits=None, command=None, loss0=6.0, model="preset:tiny", seed=None,
+                  student_flops_per_token=None, settings=None):
     """A run directory following `predistill train`'s contract (manifest, metrics, config, [eval])."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -44,11 +45,12 @@ def fabricate_run(root, name, *, method, flops, tokens, final_val_loss, params=4
             f.write(json.dumps(row) + "\n")
         f.write('{"step": 11, "loss": ')  # a line cut by a kill: must be skipped
     config = {"store": "store", "model": model} | ({"command": command} if command else {})
-    config |= {"seed": seed} if seed is not None else {}
+    config |= ({"seed": seed} if seed is not None else {}) | (settings or {})
     (run_dir / "config.json").write_text(json.dumps(config))
     write_manifest(run_dir, {"format": "run", "config": config, "method": method, "model": model,
                              "params": {"total": params, "non_embedding": params // 4}, "steps": steps,
                              "tokens": tokens, "flops": flops, "store_hash": "h",
+                             "student_flops_per_token": student_flops_per_token,
                              "selection": str(selection) if selection else None,
                              "kd_logits": str(kd_logits) if kd_logits else None, "kd_teacher": None,
                              "final_val_loss": final_val_loss})
@@ -228,16 +230,55 @@ def test_power_law_fit_recovers_parameters():
         fit_power_law([1e15, 1e15], [3.0, 3.1])
 
 
-def test_scaling_fits_group_runs_by_method(tmp_path):
-    runs = [fabricate_run(tmp_path, f"m{k}", method="MiniPLM", flops=c, tokens=1e5, final_val_loss=20 * c ** -0.05)
-            for k, c in enumerate([1e12, 1e13, 1e14])]
+def test_scaling_fits_are_per_exact_configuration_never_pooled_by_method(tmp_path):
+    """One law per configuration across its budgets (steps and seeds are budget, not identity): the
+    same method at another size, or with another learning rate, is another configuration."""
+    runs = []
+    for size, a in (("tiny", 20.0), ("mini", 16.0)):
+        for lr, shift in ((0.001, 1.0), (0.01, 1.1)):
+            for k, c in enumerate([1e12, 1e13, 1e14]):
+                runs.append(fabricate_run(tmp_path, f"m-{size}-{lr}-{k}", method="MiniPLM", flops=c, tokens=1e5,
+                                          final_val_loss=shift * a * c ** -0.05, model=f"preset:{size}", seed=k,
+                                          settings={"steps": 10 ** k, "lr": lr}))
     runs.append(fabricate_run(tmp_path, "base", method="baseline", flops=1e13, tokens=1e5, final_val_loss=3.0))
-    summaries = [summarize_run(str(r)) for r in runs]
-    fits = {f["label"]: f for f in scaling_fits(summaries, "off")}
-    assert fits["method: MiniPLM"]["b"] == pytest.approx(0.05, rel=1e-6)
-    assert fits["method: MiniPLM"]["a"] == pytest.approx(20, rel=1e-6)
-    assert "method: baseline" not in fits  # one compute budget: nothing to fit
-    assert fits["all runs"]["n_points"] == 4
+    fits = {f["label"]: f for f in scaling_fits([summarize_run(str(r)) for r in runs], "off")
+            if f["kind"] == "config"}
+    assert sorted(fits) == ["config: MiniPLM (mini): lr=0.001", "config: MiniPLM (mini): lr=0.01",
+                            "config: MiniPLM (tiny): lr=0.001", "config: MiniPLM (tiny): lr=0.01"]
+    assert fits["config: MiniPLM (tiny): lr=0.001"]["a"] == pytest.approx(20, rel=1e-6)
+    assert fits["config: MiniPLM (mini): lr=0.01"]["a"] == pytest.approx(16 * 1.1, rel=1e-6)
+    assert all(f["b"] == pytest.approx(0.05, rel=1e-6) and f["n_points"] == 3 for f in fits.values())
+    # the baseline has one compute budget: nothing to fit
+
+
+def test_extrapolation_reads_each_fit_at_1T_and_10T_tokens_and_the_compute_to_reach_the_baseline(tmp_path):
+    """MiniPLM's L(1T), L(10T): each configuration's fit at C(D) = 6·N·D, and how much of that
+    compute a method needs to reach the baseline's extrapolated loss."""
+    fpt = 6e6  # a student with N = 1e6
+    laws = {"Pre-Train w/o KD": lambda c: 20 * c ** -0.05, "MiniPLM": lambda c: 19 * c ** -0.05,
+            "Vanilla KD": lambda c: 21 * c ** -0.04}
+    runs = [fabricate_run(tmp_path / "runs", f"{method.split()[0]}-{k}", method=method, flops=c, tokens=c / fpt,
+                          final_val_loss=law(c), student_flops_per_token=fpt, settings={"steps": k})
+            for method, law in laws.items() for k, c in enumerate([1e13, 1e14, 1e15])]
+    out = run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "r"), irreducible="off"))
+    data = json.loads((out / "report.json").read_text())
+    rows = {e["label"]: e for e in data["extrapolations"] if e["kind"] == "config"}
+    base, miniplm, vanilla = (rows[f"config: {m} (tiny)"] for m in laws)
+    for name, tokens in (("1T", 1e12), ("10T", 1e13)):
+        c = fpt * tokens
+        assert miniplm[name]["compute"] == pytest.approx(c)
+        assert base[name]["loss"] == pytest.approx(laws["Pre-Train w/o KD"](c), rel=1e-6)
+        assert miniplm[name]["loss"] == pytest.approx(laws["MiniPLM"](c), rel=1e-6)
+        # 19·C'^-0.05 = 20·C^-0.05  ⇒  C'/C = 0.95^20, at every D
+        assert miniplm[name]["compute_ratio_to_baseline"] == pytest.approx(0.95 ** 20, rel=1e-5)
+        needed = (21 / laws["Pre-Train w/o KD"](c)) ** (1 / 0.04)
+        assert vanilla[name]["compute_ratio_to_baseline"] == pytest.approx(needed / c, rel=1e-5) and needed > c
+        assert base[name]["compute_ratio_to_baseline"] is None
+    md = (out / "report.md").read_text()
+    assert "L(1T)" in md and "L(10T)" in md
+    extrapolated = md[md.index("## Extrapolated as MiniPLM does"):]
+    line = next(row for row in extrapolated.splitlines() if row.startswith("| config: MiniPLM (tiny) |"))
+    assert line.count(f"{0.95 ** 20:.2f}×") == 2  # at 1T and at 10T
 
 
 def test_cli_report(tmp_path, runs, capsys):
