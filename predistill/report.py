@@ -134,8 +134,10 @@ def _referenced_artifacts(manifest: dict, base: Path) -> list[Path]:
     return found
 
 
-def offline_teacher_flops(selection: Path | None, kd_logits: Path | None) -> tuple[float | None, list[str]]:
-    """Offline teacher (and reference) inference behind a run: the selection's own `flops` when its
+def offline_teacher_flops(selection: Path | None, kd_logits: Path | None,
+                          store: Path | None = None) -> tuple[float | None, list[str]]:
+    """Offline teacher (and reference) inference behind a run: the training store's `flops` when the
+    teacher generated it (SeqKD: `predistill generate`'s prompts and samples); the selection's own `flops` when its
     manifest states the total (a proxy selection: `proxy.flops_spent`, the subset scoring plus the
     proxy's training and inference), else the sum over the score tables its manifest names; plus the kd
     logits store's `flops`, or, for a store written in a scoring pass, that pass's score table (its
@@ -149,10 +151,15 @@ def offline_teacher_flops(selection: Path | None, kd_logits: Path | None) -> tup
         proxy = manifest.get("proxy")
         if flops is None and isinstance(proxy, dict):  # MiniPLM_prx: teacher/reference on a subset + the proxy
             flops = _number(proxy.get("flops_spent"))
-        if flops is None or manifest.get("format") in NOT_TEACHER_FORMATS or any(p == path for p, _ in counted):
+        generated = isinstance(manifest.get("generation"), dict)  # a token store the teacher wrote (SeqKD)
+        if flops is None or (manifest.get("format") in NOT_TEACHER_FORMATS and not generated) \
+                or any(p == path for p, _ in counted):
             return False
         counted.append((path, flops))
         return True
+
+    if store is not None:
+        add(store)
 
     if selection is not None and not add(selection):
         for path in _referenced_artifacts(_read_json(selection / MANIFEST) or {}, selection):
@@ -265,7 +272,8 @@ def summarize_run(run: str) -> RunSummary:
     kd_logits = _resolve(manifest.get("kd_logits") or config.get("kd_logits"), run_dir)
     s.selection = str(selection) if selection else manifest.get("selection")
     s.kd_logits = str(kd_logits) if kd_logits else manifest.get("kd_logits")
-    s.teacher_flops_offline, s.teacher_flops_sources = offline_teacher_flops(selection, kd_logits)
+    store = _resolve(manifest.get("store") or config.get("store"), run_dir)
+    s.teacher_flops_offline, s.teacher_flops_sources = offline_teacher_flops(selection, kd_logits, store)
     if kd_logits is not None:
         s.logits_bytes_per_token = _number((_read_json(kd_logits / MANIFEST) or {}).get("bytes_per_token"))
 

@@ -211,6 +211,22 @@ def test_logits_from_a_scoring_pass_count_that_pass_once(tmp_path):
     assert summarize_run(str(both)).teacher_flops_offline == 3e15  # one pass, counted once
 
 
+def test_seqkd_counts_the_teachers_generation_and_a_plain_corpus_counts_nothing(tmp_path):
+    generated = tmp_path / "seqkd_data"  # `predistill generate`: a token store that states its teacher FLOPs
+    generated.mkdir()
+    write_manifest(generated, {"format": "token_store", "generation": {"max_new_tokens": 64}, "flops": 7e14})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_manifest(corpus, {"format": "token_store", "flops": 1.0})  # not teacher inference
+    seqkd = fabricate_run(tmp_path, "seqkd", method="SeqKD", flops=1e13, tokens=1, final_val_loss=4.0,
+                          settings={"store": str(generated)})
+    plain = fabricate_run(tmp_path, "plain", method="Pre-Train w/o KD", flops=1e13, tokens=1, final_val_loss=4.0,
+                          settings={"store": str(corpus)})
+    s = summarize_run(str(seqkd))
+    assert s.teacher_flops_offline == 7e14 and s.teacher_flops_sources == [str(generated.resolve())]
+    assert summarize_run(str(plain)).teacher_flops_offline is None
+
+
 def test_command_is_rebuilt_from_config_settings():
     config = {"store": "my store", "steps": 10, "fsdp": False, "selection": None, "tags": ["a", "b"], "command": None}
     assert reconstruct_command(config) == "predistill train --store 'my store' --steps 10 --fsdp false --tags a --tags b"
