@@ -207,7 +207,7 @@ class RunSummary:
 
 # config keys that set a run's budget, seed or execution, not what it trains: runs that differ only in
 # these are one configuration at several compute budgets (and seeds), and share one scaling fit
-NOT_IDENTITY_KEYS = {"out", "name", "command", "steps", "flops_budget", "seed", "eval_every", "eval_instances",
+NOT_IDENTITY_KEYS = {"out", "name", "command", "steps", "flops_budget", "epochs", "seed", "eval_every", "eval_instances",
                      "log_every", "save_every", "keep_checkpoints", "export_every", "tensorboard", "progress",
                      "device", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "attn_impl",
                      "loss_chunk", "kd_online_chunk", "save_logits"}

@@ -68,6 +68,8 @@ class TrainConfig:
     steps: int = option(100, 'optimizer steps')
     flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D '
                                               'online)')
+    epochs: float | None = option(None, 'passes over the training instances (the data-limited regime, data repeated); '
+                                        'sets --steps = ⌈epochs · instances / batch size⌉')
     batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)')
     micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank '
                                                 'batch)')
@@ -336,6 +338,10 @@ def validate(cfg: TrainConfig) -> None:
                           ("warmup_ratio", "[0, 1]"), ("decay_ratio", "[0, 1]")):
         if not _in_interval(getattr(cfg, key), interval):
             raise PredistillError(f"--{key.replace('_', '-')} must be finite and in {interval}, got {getattr(cfg, key)}")
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise PredistillError(f"--epochs must be a finite number > 0, got {cfg.epochs}")
+    if cfg.epochs is not None and cfg.flops_budget is not None:
+        raise PredistillError("give --epochs or --flops-budget, not both (each sets --steps)")
     if cfg.flops_budget is not None and not (math.isfinite(cfg.flops_budget) and cfg.flops_budget > 0):
         raise PredistillError(f"--flops-budget must be a finite number > 0 (omit it to train --steps), got {cfg.flops_budget}")
 
@@ -426,6 +432,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     steps = cfg.steps
     if cfg.flops_budget:
         steps = max(1, int(cfg.flops_budget // (fpt * cfg.batch_size * mean_targets)))
+    if cfg.epochs:
+        steps = math.ceil(cfg.epochs * len(train_ids) / cfg.batch_size)
     local_batch = cfg.batch_size // d.world
     micro = cfg.micro_batch_size or local_batch
     if cfg.batch_size % d.world or local_batch % micro:
@@ -557,6 +565,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             "format": FORMAT, "version": 1, "config": config_json, "method": method_label(cfg), "model": cfg.model,
             "params": params, "flops_per_token": fpt, "student_flops_per_token": student_fpt,
             "steps": steps, "tokens": tokens_seen, "flops": flops,
+            # passes over the training instances (> 1: data repeated, the data-limited regime)
+            "train_instances": len(train_ids), "epochs": steps * cfg.batch_size / len(train_ids),
             "teacher_flops": flops - student_fpt * tokens_seen, "store_hash": store.hash,
             "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
             "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,

@@ -108,6 +108,28 @@ def test_flops_budget_sets_the_number_of_steps(tiny_store, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["steps"] == 5
 
 
+def test_epochs_set_the_steps_and_the_manifest_counts_the_passes_over_the_data(tiny_store, tmp_path):
+    """The data-limited regime: a selection of 14 instances repeated 3 times, every instance seen 3 times."""
+    from predistill.artifacts import sha256_file, write_manifest
+
+    store = TokenStore(tiny_store)
+    ids = np.arange(0, 28, 2, dtype=np.int64)
+    sel = tmp_path / "sel"
+    sel.mkdir()
+    np.save(sel / "selection.npy", ids)
+    write_manifest(sel, {"format": "selection", "store_hash": store.hash,
+                         "selection_sha256": sha256_file(sel / "selection.npy")})
+    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), selection=str(sel),
+                          **{**FAST, "batch_size": 6}, epochs=3))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 7  # ⌈3 · 14 / 6⌉
+    assert manifest["train_instances"] == 14 and manifest["epochs"] == 7 * 6 / 14
+    seen = np.concatenate([DataOrder(ids, 0).global_batch(s, 6) for s in range(7)])
+    assert (np.bincount(seen, minlength=28)[ids] == 3).all()
+    plain = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "plain"), **FAST))
+    assert json.loads((plain / "manifest.json").read_text())["epochs"] == 8 * 4 / len(store)
+
+
 def test_data_order_is_deterministic_reshuffles_each_epoch_and_respects_a_selection():
     ids = np.array([3, 5, 8, 13, 21])
     order = DataOrder(ids, seed=7)
@@ -187,6 +209,8 @@ def test_a_runs_config_json_reproduces_it(tiny_store, tmp_path, capsys):
     (["--store", "STORE", "--out", "OUT", "--eps", "0"], "--eps must be finite and in (0, inf)"),
     (["--store", "STORE", "--out", "OUT", "--grad-clip", "-1"], "--grad-clip must be finite"),
     (["--store", "STORE", "--out", "OUT", "--flops-budget", "0"], "--flops-budget must be a finite number > 0"),
+    (["--store", "STORE", "--out", "OUT", "--epochs", "nan"], "--epochs must be a finite number > 0"),
+    (["--store", "STORE", "--out", "OUT", "--epochs", "2", "--flops-budget", "1e12"], "not both"),
     (["--store", "STORE", "--out", "OUT", "--warmup-ratio", "1.5"], "--warmup-ratio must be finite and in [0, 1]"),
 ])
 def test_bad_input_is_one_line_error(tiny_store, tmp_path, capsys, args, message):
