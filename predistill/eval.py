@@ -22,11 +22,12 @@ import argparse
 import contextlib
 import gc
 import importlib
+import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
 from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
-    resolve_dtype, resolve_model, tokenizer_hash
+    resolve_dtype, resolve_model, run_exports, tokenizer_hash
 from predistill.store import TokenStore
 from predistill.tasks import LOCAL_TASKS, LocalTaskConfig
 from predistill.tasks import build as build_local_tasks
@@ -78,6 +79,9 @@ class EvalConfig:
     seed: int = option(1234, "seed of the local tasks' passage order and distractors")
     allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)")
     num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as the papers report)")
+    exports: bool = option(False, "a run directory: also evaluate every export it wrote during training (train "
+                                  "--export-every) into RUN/exports/step-N/eval.json — accuracy over training; an export "
+                                  "already evaluated with these settings is kept")
     device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N; held-out loss and lm-eval")
     dtype: str = option("auto", "weights/activations; auto = float32 on CPU, bfloat16 on GPU (log-probs are fp32)",
                         choices=DTYPES)
@@ -304,10 +308,41 @@ def average_accuracy(results: dict[str, dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+# settings that do not change what an evaluation measures: an export evaluated with the same others is kept
+NOT_MEASURING = ("model", "out", "exports", "device", "batch_size")
+
+
+def evaluate_exports(cfg: EvalConfig) -> list[Path]:
+    """`--exports`: each step export of the run, into its own eval.json (the local tasks shared with
+    the final model's, so every point is scored on the same items)."""
+    ref = resolve_model(cfg.model)
+    if ref.run is None:
+        raise PredistillError(f"--exports needs a `predistill train` run directory, not {cfg.model}")
+    tasks_dir = cfg.tasks_dir or str(Path(cfg.out).parent / "tasks")
+    done = []
+    for export in run_exports(Path(ref.run)):
+        sub = replace(cfg, model=str(export), out=str(export / "eval.json"), exports=False, tasks_dir=tasks_dir)
+        previous = _read_eval(export / "eval.json")
+        settings = {k: v for k, v in asdict(sub).items() if k not in NOT_MEASURING}
+        if previous is None or {k: v for k, v in previous.get("config", {}).items() if k not in NOT_MEASURING} != settings:
+            run(sub)
+        done.append(export)
+    return done
+
+
+def _read_eval(path: Path) -> dict | None:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("format") == FORMAT else None
+
+
 def run(cfg: EvalConfig) -> dict:
     started = time.time()
     if not cfg.out:
         raise PredistillError("eval needs --out FILE.json")
+
     if cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise PredistillError("--batch-size and --limit must be ≥ 1")
     out = Path(cfg.out)
@@ -315,6 +350,8 @@ def run(cfg: EvalConfig) -> dict:
         raise PredistillError(f"--out {out} is a directory; give the JSON file to write (e.g. RUN/eval.json)")
     if cfg.num_fewshot < 0:
         raise PredistillError(f"--num-fewshot must be ≥ 0, got {cfg.num_fewshot}")
+    if cfg.exports:
+        evaluate_exports(cfg)
     ref = resolve_model(cfg.model)
     store, store_note = open_store(cfg.store)
     device = resolve_device(cfg.device)

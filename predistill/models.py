@@ -28,6 +28,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,17 @@ GEMMA3_EOS = "<eos>"
 CONVERTED_FORMAT = "converted_model"
 RUN_FORMAT = "run"  # a `predistill train` run directory (train.py writes it; its model is RUN/hf)
 RUN_EXPORT = "hf"
+RUN_EXPORTS = "exports"  # RUN/exports/step-NNNNNNNN: HF exports during training (`train --export-every`)
+STEP_EXPORT_PREFIX = "step-"
+
+
+def run_exports(run_dir: Path) -> list[Path]:
+    """A run's exports during training, by step (each renamed into place whole: present = complete)."""
+    root = Path(run_dir) / RUN_EXPORTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{STEP_EXPORT_PREFIX}\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(STEP_EXPORT_PREFIX)))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import numpy as np
 
 from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
+from predistill.models import run_exports
 
 DASH = "–"
 # MiniPLM's scaling figures fit the loss-vs-compute curve and read it past the trained range.
@@ -203,6 +204,9 @@ class RunSummary:
     kd_logits: str | None = None
     command: str = ""
     metrics: list[dict] = field(default_factory=list)
+    # evaluations of the exports written during training (train --export-every, eval --exports), by
+    # step, then the final model: {step, tokens, flops, heldout_loss, avg_acc}
+    over_training: list[dict] = field(default_factory=list)
 
 
 # config keys that set a run's budget, seed or execution, not what it trains: runs that differ only in
@@ -218,6 +222,20 @@ def run_identity(config: dict, s: RunSummary) -> str:
         return json.dumps({"method": s.method or s.name, "model": s.model})
     return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY_KEYS} | {"method": s.method},
                       sort_keys=True, default=str)
+
+
+def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:
+    points = []
+    for export in run_exports(run_dir):
+        info, evaluation = _read_json(export / "export.json") or {}, _read_json(export / "eval.json") or {}
+        if evaluation:
+            points.append({"step": _number(info.get("step")), "tokens": _number(info.get("tokens")),
+                           "flops": _number(info.get("flops")), "heldout_loss": _number(evaluation.get("heldout_loss")),
+                           "avg_acc": _number(evaluation.get("avg_acc"))})
+    if points and (s.heldout_source == "eval" or s.avg_acc is not None):
+        points.append({"step": s.steps, "tokens": s.tokens, "flops": s.flops, "heldout_loss": s.heldout_loss,
+                       "avg_acc": s.avg_acc})
+    return points
 
 
 def summarize_run(run: str) -> RunSummary:
@@ -268,6 +286,7 @@ def summarize_run(run: str) -> RunSummary:
         values = [v for v in values if v is not None]
         s.avg_acc = float(np.mean(values)) if values else None
 
+    s.over_training = evaluations_over_training(run_dir, s)
     selection = _resolve(manifest.get("selection") or config.get("selection"), run_dir)
     kd_logits = _resolve(manifest.get("kd_logits") or config.get("kd_logits"), run_dir)
     s.selection = str(selection) if selection else manifest.get("selection")
@@ -612,6 +631,28 @@ def _plt():
     return plt
 
 
+def plot_over_training(runs: list[RunSummary], path: Path) -> bool:
+    """Downstream accuracy of each run's exports against training tokens (PD's Fig. 5)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = False
+    for k, r in enumerate(runs):
+        points = [(p["tokens"], 100 * p["avg_acc"]) for p in r.over_training
+                  if p["tokens"] is not None and p["avg_acc"] is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", color=f"C{k % 10}", ms=4, lw=1.2, label=r.method or r.name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("downstream accuracy over training (exports every --export-every steps)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_curves(runs: list[RunSummary], x_key: str, path: Path) -> bool:
     """Training loss (line) and validation loss (markers) of every run against `x_key`."""
     plt = _plt()
@@ -871,6 +912,8 @@ def run(cfg: ReportConfig) -> Path:
             plots.append(("Loss vs training FLOPs", "loss_vs_flops.png"))
     if (fits or not seeded) and plot_scaling(runs, fits, cfg.extrapolate, plots_dir / "scaling.png"):
         plots.append(("Held-out loss vs compute: power-law fits and extrapolation", "scaling.png"))
+    if plot_over_training(runs, plots_dir / "accuracy_over_training.png"):
+        plots.append(("Downstream accuracy over training", "accuracy_over_training.png"))
     for s in score_plots(runs, plots_dir):
         plots.append((f"MiniPLM scores: {Path(s['selection']).name} ({s['source']})", s["file"]))
 
@@ -880,6 +923,12 @@ def run(cfg: ReportConfig) -> Path:
     sections.append(("Comparison", *table_rows(runs)))
     if any(r.tasks for r in runs):
         sections.append(("Task accuracy (acc / acc_norm, %)", *detail_rows(runs)))
+    if any(r.over_training for r in runs):
+        sections.append(("Over training: the exports' evaluations (train --export-every, eval --exports)",
+                         ["run", "step", "tokens", "training FLOPs", "held-out loss", "avg acc"],
+                         [[r.name, fmt_count(p["step"]), fmt_count(p["tokens"]), fmt_sci(p["flops"]),
+                           DASH if p["heldout_loss"] is None else f"{p['heldout_loss']:.4f}", fmt_acc(p["avg_acc"])]
+                          for r in runs for p in r.over_training]))
     extrapolated = extrapolations(fits, cfg.baseline)
     if fits:
         sections.append(("Power-law fits L(C) = a·C^(−b) + c (C = training FLOPs)", *fit_rows(fits, cfg.extrapolate)))

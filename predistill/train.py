@@ -43,7 +43,7 @@ from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
 from predistill.models import ATTN_IMPLS, Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
-    load_tokenizer, model_body, resolve_device, tokenizer_hash
+    load_tokenizer, model_body, resolve_device, tokenizer_hash, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX
 from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 from predistill.store import TokenStore
@@ -52,7 +52,8 @@ FORMAT = "run"
 CHECKPOINT_PREFIX = "step-"
 # Settings that do not change the trained weights (nor where they live: a run dir may be moved):
 # a rerun may change them and still resume.
-NON_RESULT_KEYS = {"out", "save_every", "keep_checkpoints", "eval_every", "log_every", "tensorboard", "command"}
+NON_RESULT_KEYS = {"out", "save_every", "export_every", "keep_checkpoints", "eval_every", "log_every", "tensorboard",
+                   "command"}
 
 
 @dataclass
@@ -88,6 +89,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, 'gradient-norm clip (0 disables)')
     seed: int = option(0, 'seed for initialisation and data order')
     save_every: int = option(0, 'checkpoint every N steps (0: only the final export)')
+    export_every: int = option(0, 'also write an HF export every N steps to OUT/exports/step-N (accuracy over '
+                                  'training: `eval --exports`); 0: only the final OUT/hf')
     keep_checkpoints: int = option(2, 'checkpoints to keep')
     eval_every: int = option(0, 'val loss every N steps (0: only at the end)')
     eval_instances: int = option(256, 'val instances used for the val loss')
@@ -332,6 +335,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("steps", "batch_size", "seq_len", "loss_chunk"):
         if getattr(cfg, key) < 1:
             raise PredistillError(f"--{key.replace('_', '-')} must be ≥ 1")
+    for key in ("save_every", "export_every", "eval_every"):
+        if getattr(cfg, key) < 0:
+            raise PredistillError(f"--{key.replace('_', '-')} must be ≥ 0 (0: never), got {getattr(cfg, key)}")
     # numbers that would train silently into NaN weights are refused up front
     for key, interval in (("lr", "(0, inf)"), ("eps", "(0, inf)"), ("beta1", "[0, 1)"), ("beta2", "[0, 1)"),
                           ("weight_decay", "[0, inf)"), ("grad_clip", "[0, inf)"), ("min_lr_ratio", "[0, 1]"),
@@ -550,6 +556,11 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                             writer.add_scalar(k, v, done)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
+            if cfg.export_every and done % cfg.export_every == 0 and done < steps:
+                # before the checkpoint of the same step: a resumed run has every export up to its checkpoint
+                _export(out, model, loss_model, tokenizer, cfg, d,
+                        Path(RUN_EXPORTS) / f"{STEP_EXPORT_PREFIX}{done:08d}",
+                        {"step": done, "tokens": tokens_seen, "flops": flops, "val_loss": row.get("val_loss")})
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
                 save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops,
                                                                    "kd_counts": kd_counts},
@@ -656,16 +667,20 @@ def _grad_sync(wrapped, fsdp: bool, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist) -> None:
-    """OUT/hf: a plain transformers directory (safetensors + tokenizer), written atomically."""
+EXPORT_INFO = "export.json"  # in a step export: where in training it was taken
+
+
+def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist, name: Path = Path(RUN_EXPORT),
+            info: dict | None = None) -> None:
+    """OUT/NAME (OUT/hf): a plain transformers directory (safetensors + tokenizer), written atomically."""
     if cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(loss_model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.main:
         return
-    target = out / "hf"
-    tmp = out / "hf.partial"
+    target = out / name
+    tmp = target.with_name(target.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     if cfg.fsdp:
@@ -675,6 +690,8 @@ def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist) 
     else:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if info is not None:
+        write_json_atomic(tmp / EXPORT_INFO, info)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

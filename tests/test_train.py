@@ -143,16 +143,47 @@ def test_data_order_is_deterministic_reshuffles_each_epoch_and_respects_a_select
 
 
 def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
-    args = train_cmd(tiny_store, tmp_path / "ref", steps=12, save_every=3)
+    args = train_cmd(tiny_store, tmp_path / "ref", steps=12, save_every=3, export_every=4)
     subprocess.run([sys.executable, "-m", "predistill", "train", *args], check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    args = train_cmd(tiny_store, killed, steps=12, save_every=3)
+    args = train_cmd(tiny_store, killed, steps=12, save_every=3, export_every=4)
     kill_train_at_checkpoint(args, killed, 6)
     subprocess.run([sys.executable, "-m", "predistill", "train", *args], check=True, capture_output=True)
 
     assert sha256(killed / "hf" / "model.safetensors") == sha256(tmp_path / "ref" / "hf" / "model.safetensors")
     assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(tmp_path / "ref")]
+    exports = sorted(p.relative_to(killed).as_posix() for p in (killed / "exports").rglob("*") if p.is_file())
+    assert {e.split("/")[1] for e in exports} == {"step-00000004", "step-00000008"}  # the final one is hf/
+    assert exports == sorted(p.relative_to(tmp_path / "ref").as_posix()
+                             for p in (tmp_path / "ref" / "exports").rglob("*") if p.is_file())
+    assert all(sha256(killed / e) == sha256(tmp_path / "ref" / e) for e in exports)
+
+
+def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
+    """PD's Fig. 5: `train --export-every`, `eval --exports`, and the report's accuracy-over-training."""
+    from predistill.eval import EvalConfig, run as evaluate
+    from predistill.report import ReportConfig, run as report
+
+    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST, export_every=3))
+    for step in (3, 6):
+        export = out / "exports" / f"step-{step:08d}"
+        info = json.loads((export / "export.json").read_text())
+        assert info["step"] == step and info["tokens"] == metrics(out)[step - 1]["tokens"]
+        assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    settings = dict(store=str(tiny_store / "val"), tasks=["local"], local_items=4, limit=4, batch_size=4)
+    evaluate(EvalConfig(model=str(out), out=str(out / "eval.json"), exports=True, **settings))
+    first = json.loads((out / "exports" / "step-00000003" / "eval.json").read_text())
+    assert first["results"] and first["model"]["hf"] == str(out / "exports" / "step-00000003")
+    stamp = (out / "exports" / "step-00000003" / "eval.json").stat().st_mtime_ns
+    evaluate(EvalConfig(model=str(out), out=str(out / "eval.json"), exports=True, **settings))
+    assert (out / "exports" / "step-00000003" / "eval.json").stat().st_mtime_ns == stamp  # kept, not redone
+
+    data = json.loads((report(ReportConfig(runs=[str(out)], out=str(tmp_path / "report"))) / "report.json").read_text())
+    points = data["runs"][0]["over_training"]
+    assert [p["step"] for p in points] == [3, 6, 8]
+    assert points[0]["avg_acc"] == first["avg_acc"] and points[0]["heldout_loss"] == first["heldout_loss"]
+    assert "plots/accuracy_over_training.png" in data["plots"]
 
 
 def test_kd_settings_do_not_tell_lm_only_runs_apart():
