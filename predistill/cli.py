@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": ("predistill.generate", "SeqKD data: teacher continuations of corpus prefixes, as a token store"),
     "train": ("predistill.train", "pre-train a causal LM (from scratch or not) on a token store, with optional KD"),
     "eval": ("predistill.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),
+    "diversity": ("predistill.diversity", "how diverse a corpus (or a selection) is: the Vendi score of model embeddings"),
     "export": ("predistill.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
     "report": ("predistill.report", "Markdown/HTML comparison table and plots from run directories"),
     "run": ("predistill.recipe", "run a recipe's stages as a DAG, each cached by the hash of its inputs"),

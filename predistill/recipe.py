@@ -49,7 +49,9 @@ same as with one process, so the key is not part of the stage's hash.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -313,6 +315,21 @@ def torchrun_argv(n: int, argv: list[str]) -> list[str]:
             "-m", "predistill", *argv]
 
 
+def check_arguments(name: str, argv: list[str]) -> None:
+    """Parse a stage's command line as its command would (flags, types, choices), running nothing:
+    a dry run finds a misspelt flag before hours of earlier stages have run."""
+    from predistill.cli import build_parser
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            build_parser(argv[0]).parse_args(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            reason = (errors.getvalue().strip().splitlines() or ["bad arguments"])[-1]
+            raise PredistillError(f"stage '{name}': {reason}") from None
+
+
 def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> list[str]:
     """Run the stages that need it, in order; return the names of the stages that ran."""
     from predistill.cli import main as cli_main
@@ -323,6 +340,7 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> l
         n = processes(stage, nproc_per_node)
         line = ("torchrun --standalone --nproc-per-node=%d -m " % n if n > 1 else "") + "predistill " + " ".join(argv)
         if dry_run:
+            check_arguments(stage.name, argv)
             print(f"[{'run   ' if run_it else 'cached'}] {stage.name}: {line}")
             continue
         if not run_it:

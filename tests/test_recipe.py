@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import os
@@ -189,6 +190,57 @@ def test_shipped_recipes_parse_and_dry_run(name, tmp_path, capsys):
     recipe = load_recipe(RECIPES_DIR / name, tmp_path / "root")
     execute(recipe, dry_run=True)
     assert capsys.readouterr().out.count("[run   ]") == len(recipe.stages)
+
+
+def test_a_dry_run_parses_every_stage_as_its_command_would(tmp_path):
+    (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "train"\n'
+                                     'args = { store = "s", out = "{self}", stepz = 3 }\n')
+    with pytest.raises(PredistillError, match="stage 'lm': .*unrecognized arguments: --stepz 3"):
+        execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
+    (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "train"\n'
+                                     'args = { store = "s", out = "{self}", steps = "many" }\n')
+    with pytest.raises(PredistillError, match="stage 'lm': .*invalid int value: 'many'"):
+        execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
+
+
+def covered_stage_patterns(recipe_file: Path) -> list[str]:
+    """The stage names a paper recipe's header says it covers: `name`, `prefix_*`, `a_{x,y}_b`."""
+    header = recipe_file.read_text().split("[recipe]")[0]
+    covers = header[header.index("# Covers"):header.index("# Leaves out")]
+    patterns = []
+    for token in re.findall(r"(?:[a-z0-9_*]|\{[a-z0-9_,]+\})+", covers):
+        if "_" not in token or token.startswith("_") or token[0].isdigit():
+            continue  # prose, numbers
+        match = re.search(r"\{([a-z0-9_,]+)\}", token)
+        options = match.group(1).split(",") if match else [""]
+        patterns += [token.replace(match.group(0), o) if match else token for o in options]
+    return patterns
+
+
+@pytest.mark.parametrize("name, must_have", [
+    ("miniplm-paper.toml", {"lm_200m", "lm_500m", "lm_1_2b", "miniplm_vanilla_kd_1_2b", "miniplm_prx_200m",
+                            "miniplm_llama_212m", "miniplm_mamba_130m", "miniplm_200m_ratio-ratio0p25",
+                            "lm_200m_limited", "diversity_seqkd"}),
+    ("pd-paper.toml", {"lm_330m", "pd_6_8b", "pd_6_8b_t32", "pd_3_8b_500b", "eval_pd_3_8b_500b", "pd_online_1_9b"}),
+])
+def test_paper_recipes_cover_what_their_headers_list(name, must_have):
+    recipe = load_recipe(RECIPES_DIR / name, Path("/tmp/root"))
+    names = [st.name for st in recipe.stages]
+    assert must_have <= set(names)
+    patterns = covered_stage_patterns(RECIPES_DIR / name)
+    assert len(patterns) >= 10
+    for pattern in patterns:  # every stage the header names exists (a matrix stage by its instances)
+        assert any(fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(n, pattern + "-*") for n in names), pattern
+    argv = {st.name: stage_argv(recipe, st) for st in recipe.stages}
+    if name == "miniplm-paper.toml":
+        assert "--epochs" in argv["lm_200m_limited"] and "--epochs" in argv["miniplm_200m_limited"]
+        assert argv["miniplm_mamba_130m"][argv["miniplm_mamba_130m"].index("--model") + 1] == "preset:miniplm-mamba-130m"
+        store = argv["miniplm_llama_212m"][argv["miniplm_llama_212m"].index("--store") + 1]
+        assert store.endswith("selection_llama/store")  # the refined corpus in the student's own tokenizer
+        assert "--tokenizer" in argv["selection_llama"] and "--materialize" in argv["selection_llama"]
+    else:
+        assert "--exports" in argv["eval_pd_3_8b_500b"] and "--export-every" in argv["pd_3_8b_500b"]
+        assert "--save-logits" in argv["teacher_online"]
 
 
 def test_a_killed_stage_is_resumed_not_wiped_and_a_changed_one_starts_clean(corpus, bpe_tokenizer, tmp_path):
