@@ -221,6 +221,19 @@ CASES = [
                                              "--nproc-per-node", "0"], "--nproc-per-node must be ≥ 1"),
     ("a recipe stage with nproc_per_node = 0", lambda t, a: ["run", recipe(t, "nproc_per_node = 0\n"), "--dry-run"],
      "nproc_per_node must be an integer ≥ 1"),
+    ("train --epochs -1", lambda t, a: ["train", "--store", str(a["store"]), "--epochs", "-1", "--out", str(t / "o"),
+                                        *TRAIN], "--epochs must be a finite number > 0"),
+    ("train --export-every -2", lambda t, a: ["train", "--store", str(a["store"]), "--export-every", "-2",
+                                              "--out", str(t / "o"), *TRAIN], "--export-every must be ≥ 0"),
+    ("eval --exports of a model that is not a run", lambda t, a: [
+        "eval", "--model", str(a["run"] / "hf"), "--store", str(a["store"]), "--out", str(t / "e.json"), "--exports"],
+     "--exports needs a `predistill train` run directory"),
+    ("diversity of a store whose tokens changed", lambda t, a: [
+        "diversity", "--store", store_with(t, a, lambda s: overwrite_tokens(s, 7)), "--model", "preset:tiny",
+        "--out", str(t / "d.json")], "changed since the store was written"),
+    ("a recipe stage with a misspelt flag", lambda t, a: ["run", recipe(
+        t, '[[stage]]\nname = "b"\ncommand = "train"\nargs = { store = "{a}", out = "{self}", stepz = 2 }\n'),
+        "--dry-run"], "stage 'b'"),
     # --- silent acceptances, now refused ---
     ("sample --examples -1", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
                                            str(a["reference"]), "--out", str(t / "sel"), "--examples", "-1"],
