@@ -88,7 +88,14 @@ class MambaPreset:
     arch: str = "mamba"
 
 
-PRESETS: dict[str, Preset | MambaPreset] = {
+@dataclass(frozen=True)
+class ReleasedConfig:
+    """A preset whose shape only a released config.json gives (read from the hub or its cache)."""
+    source: str  # a hub id or a local path, as `preset:PATH` takes it
+    arch: str = "from its config"
+
+
+PRESETS: dict[str, Preset | MambaPreset | ReleasedConfig] = {
     # tiny CPU sizes for tests and the demo (non-embedding params: ~0.4M, ~3M, ~11M)
     "tiny": Preset("qwen2", 128, 352, 2, 4, 4, True),
     "mini": Preset("qwen2", 256, 704, 4, 4, 4, True),
@@ -111,6 +118,8 @@ PRESETS: dict[str, Preset | MambaPreset] = {
     # MiniPLM-Mamba-130M's released config.json: d_model 768, 24 layers, d_state 16, d_conv 4, expand 2;
     # trained with Falcon's tokenizer (65 024 ids: ≈ 140M parameters with the tied embedding)
     "miniplm-mamba-130m": MambaPreset(768, 24),
+    # MiniPLM's Llama3.1 student: no table gives its shape, its released config.json does
+    "miniplm-llama-212m": ReleasedConfig("MiniLLM/MiniPLM-llama3.1-212M"),
 }
 
 
@@ -304,6 +313,8 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
     """A transformers config for preset `name` with `tokenizer`'s vocabulary."""
     from transformers import AutoConfig, LlamaConfig, MambaConfig, Qwen2Config
 
+    if isinstance(PRESETS.get(name), ReleasedConfig):
+        name = PRESETS[name].source
     if name not in PRESETS and ("/" in name or name.endswith(".json")):
         # a released model's architecture (a config.json, its directory or hub id), trained from scratch:
         # MiniPLM's Llama3.1-212M student is published only as a config (no table gives its shape)

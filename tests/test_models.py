@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from predistill.artifacts import PredistillError
-from predistill.models import PRESETS, MambaPreset, count_params, load_model, load_tokenizer, model_body, preset_config
+from predistill.models import PRESETS, MambaPreset, Preset, count_params, load_model, load_tokenizer, model_body, preset_config
 
 QWEN_VOCAB = 151_936  # the MiniPLM students' vocabulary: their size names include the embedding
 
@@ -51,7 +51,7 @@ class _Vocab:
         return self.n
 
 
-TRANSFORMER_PRESETS = [n for n, p in PRESETS.items() if not isinstance(p, MambaPreset)]
+TRANSFORMER_PRESETS = [n for n, p in PRESETS.items() if isinstance(p, Preset)]
 MAMBA_PRESETS = [n for n, p in PRESETS.items() if isinstance(p, MambaPreset)]
 
 
@@ -123,6 +123,21 @@ def test_a_released_config_is_a_from_scratch_architecture_with_the_tokenizers_vo
         assert torch.equal(model.lm_head.weight, again.lm_head.weight)
     with pytest.raises(PredistillError, match="cannot load config"):
         load_model(f"preset:{tmp_path / 'missing' / 'config.json'}", str(bpe_tokenizer))
+
+
+def test_the_llama_212m_preset_reads_miniplms_released_config(monkeypatch, tmp_path, bpe_tokenizer):
+    """Offline and not cached, it fails in one line naming the hub id; with the config at hand
+    (here: a stand-in directory in its place), it builds what the config says."""
+    import predistill.models as models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(PredistillError, match="cannot load config 'preset:MiniLLM/MiniPLM-llama3.1-212M'"):
+        load_model("preset:miniplm-llama-212m", str(bpe_tokenizer))
+    preset_config("llama-tiny", _Vocab(128_256)).save_pretrained(tmp_path / "released")
+    monkeypatch.setitem(models.PRESETS, "miniplm-llama-212m", models.ReleasedConfig(str(tmp_path / "released")))
+    model, tok = load_model("preset:miniplm-llama-212m", str(bpe_tokenizer))
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
 
 
 def test_hf_directory_round_trip(tmp_path, bpe_tokenizer):
