@@ -1,6 +1,7 @@
 """Training throughput and the chunked LM loss's memory/time against the naive full-logits loss.
 
     python bench/bench_train.py            # Markdown tables and one JSON line per result (bench/common.py)
+    python bench/bench_train.py --e2e      # the `train` command end to end vs a plain script (below)
 
 Part 3: the step time of LM + offline KD (top-5 entries, one shared vocabulary pass) against an
 LM-only step, alternating in one process.
@@ -280,5 +281,112 @@ def main() -> None:
         emit("train_throughput", preset=preset, batch=8, seq=256, tokens_per_s=round(tps))
 
 
+# ------------------------------------------------------------------------------------------------
+# --e2e: the `train` command as a user runs it (start-up, store reading, batching, the loop, the HF
+# export) vs the script a user would otherwise write, on the same store, model and schedule
+# ------------------------------------------------------------------------------------------------
+
+# Reads the store with numpy only; batches of B consecutive instances, right padding, labels −100 on
+# padding; `model(ids, attention_mask).logits` → cross-entropy → AdamW; save_pretrained at the end.
+PLAIN_TRAIN = r'''
+import json, sys
+import numpy as np, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+config_dir, store, out, steps, batch, seq = sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+torch.manual_seed(0)
+dtype = json.load(open(f"{store}/manifest.json"))["dtype"]
+tokens, offsets = np.fromfile(f"{store}/tokens.bin", dtype=dtype), np.load(f"{store}/offsets.npy")
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+n = len(offsets) - 1
+for step in range(steps):
+    rows = [tokens[offsets[i % n]:offsets[i % n + 1]][:seq + 1].astype(np.int64) for i in range(step * batch, (step + 1) * batch)]
+    ids = torch.zeros(batch, max(len(r) for r in rows), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, r in enumerate(rows):
+        ids[k, :len(r)], mask[k, :len(r)] = torch.from_numpy(r), 1
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    logits = model(ids[:, :-1], attention_mask=mask[:, :-1]).logits
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+model.save_pretrained(out)
+'''
+
+
+def e2e(args) -> None:
+    """`predistill train` end to end vs PLAIN_TRAIN, alternating rounds, wall-clock medians."""
+    import shutil
+    import statistics
+    from pathlib import Path
+
+    from predistill.models import load_model
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / f"store-{args.tokens_per_domain}"
+    if not (store / "manifest.json").is_file():
+        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "predistill", "prepare", "--source", "builtin:shakespeare", "--source",
+                        "builtin:python", "--tokenizer", "smollm2-135m", "--max-len", str(args.seq),
+                        "--max-tokens-per-domain", str(args.tokens_per_domain), "--out", str(store)],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from predistill.store import TokenStore
+
+    model, _ = load_model(f"preset:{args.preset}", TokenStore(store).tokenizer())
+    model.config.save_pretrained(work / "config")  # the plain script builds the same architecture
+    (work / "plain_train.py").write_text(PLAIN_TRAIN)
+    py = sys.executable
+    common = ["--steps", str(args.steps), "--batch-size", str(args.batch), "--seq-len", str(args.seq)]
+    sides = {
+        "plain loop (subprocess)": [py, str(work / "plain_train.py"), str(work / "config"), str(store),
+                                    str(work / "plain-out"), str(args.steps), str(args.batch), str(args.seq)],
+        "predistill train (subprocess)": [py, "-m", "predistill", "train", "--model", f"preset:{args.preset}",
+                                          "--store", str(store), "--lr", "3e-4", *common],
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(args.rounds):
+        for name, cmd in sides.items():
+            for out in (work / "plain-out", work / "run"):
+                shutil.rmtree(out, ignore_errors=True)
+            cmd = cmd + (["--out", str(work / "run")] if "train" in cmd else [])
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            times[name].append(time.perf_counter() - start)
+            print(f"round {r + 1}: {name}: {times[name][-1]:.1f}s", file=sys.stderr, flush=True)
+    tokens = json.loads((work / "run" / "manifest.json").read_text())["tokens"]
+    med = {name: statistics.median(t) for name, t in times.items()}
+    plain_s, ours_s = med["plain loop (subprocess)"], med["predistill train (subprocess)"]
+    print(f"## `predistill train` end to end: preset:{args.preset}, {args.steps} steps × {args.batch} × {args.seq}, "
+          f"{tokens} trained tokens, {args.rounds} alternating rounds (medians)\n")
+    print("| side | median s |\n|---|---:|")
+    for name, t in med.items():
+        print(f"| {name} | {t:.1f} |")
+    print(f"\nspeed-up end to end: **{plain_s / ours_s:.2f}×**")
+    emit("train_e2e", preset=args.preset, steps=args.steps, batch=args.batch, seq=args.seq, tokens=tokens,
+         plain_s=round(plain_s, 2), ours_s=round(ours_s, 2), speedup=round(plain_s / ours_s, 3), rounds=args.rounds,
+         readme={"what": f"`predistill train` end to end (start-up, store, {args.steps} steps, HF export) vs a plain "
+                         f"script (`preset:{args.preset}`, batch {args.batch}×{args.seq}, 49k vocabulary)",
+                 "result": f"**{plain_s / ours_s:.2f}×** faster ({ours_s:.1f} s vs {plain_s:.1f} s wall, medians of "
+                           f"{args.rounds} alternating rounds)",
+                 "goal": "≥ 1.2× the plain loop"})
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--e2e", action="store_true", help="time the `train` command end to end against a plain script")
+    parser.add_argument("--work", default="/tmp/predistill-bench-train", help="--e2e: store cache and outputs")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--tokens-per-domain", type=int, default=40000)
+    parser.add_argument("--rounds", type=int, default=2)
+    cli_args = parser.parse_args()
+    e2e(cli_args) if cli_args.e2e else main()
