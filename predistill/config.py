@@ -100,6 +100,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file, or a run's config.json "
                         "(flags override it)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.set_defaults(config_class=cls)  # what `predistill run --dry-run` resolves a stage's flags into
     seen: dict[str, Leaf] = {}
     for leaf in leaves(cls):
         if leaf.key in seen:

@@ -308,8 +308,9 @@ def average_accuracy(results: dict[str, dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-# settings that do not change what an evaluation measures: an export evaluated with the same others is kept
-NOT_MEASURING = ("model", "out", "exports", "device", "batch_size")
+# settings that do not change what an evaluation measures (the device and dtype are compared as the
+# resolved dtype): an export evaluated with the same others is kept
+NOT_MEASURING = ("model", "out", "exports", "device", "dtype", "batch_size", "tasks_dir", "allow_download")
 
 
 def evaluate_exports(cfg: EvalConfig) -> list[Path]:
@@ -319,13 +320,14 @@ def evaluate_exports(cfg: EvalConfig) -> list[Path]:
     if ref.run is None:
         raise PredistillError(f"--exports needs a `predistill train` run directory, not {cfg.model}")
     tasks_dir = cfg.tasks_dir or str(Path(cfg.out).parent / "tasks")
+    dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_MEASURING}
     done = []
     for export in run_exports(Path(ref.run)):
-        sub = replace(cfg, model=str(export), out=str(export / "eval.json"), exports=False, tasks_dir=tasks_dir)
-        previous = _read_eval(export / "eval.json")
-        settings = {k: v for k, v in asdict(sub).items() if k not in NOT_MEASURING}
-        if previous is None or {k: v for k, v in previous.get("config", {}).items() if k not in NOT_MEASURING} != settings:
-            run(sub)
+        previous = _read_eval(export / "eval.json") or {}
+        config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
+        if previous.get("dtype") != dtype or {k: v for k, v in config.items() if k not in NOT_MEASURING} != settings:
+            run(replace(cfg, model=str(export), out=str(export / "eval.json"), exports=False, tasks_dir=tasks_dir))
         done.append(export)
     return done
 
@@ -406,6 +408,7 @@ def run(cfg: EvalConfig) -> dict:
         "local_tasks": ({"dir": str(local_dir), "n_items": item_counts(local_dir), "seed": cfg.seed}
                         if local_dir else None),
         "lm_eval_version": _lm_eval_version() if tasks else None,
+        "dtype": str(dtype).removeprefix("torch."),
         "notes": notes,
         "config": asdict(cfg),
         "seconds": round(time.time() - started, 2),

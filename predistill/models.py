@@ -315,7 +315,7 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
 
     if isinstance(PRESETS.get(name), ReleasedConfig):
         name = PRESETS[name].source
-    if name not in PRESETS and ("/" in name or name.endswith(".json")):
+    if name not in PRESETS and ("/" in name or name.endswith(".json") or Path(name).is_dir()):
         # a released model's architecture (a config.json, its directory or hub id), trained from scratch:
         # MiniPLM's Llama3.1-212M student is published only as a config (no table gives its shape)
         config = _from_pretrained(AutoConfig, f"preset:{name}", name, "config")
@@ -371,7 +371,11 @@ def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 
         config = preset_config(spec.removeprefix("preset:"), tokenizer, max_len)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
+            try:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
+            except ValueError as e:  # a released config of a model that is no causal LM (bert, t5, …)
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                raise PredistillError(f"'{spec}' is not a causal LM architecture: {reason}") from None
         return model, tokenizer
     path = resolve_model(spec).hf
     if tokenizer is None:

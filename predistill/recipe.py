@@ -316,18 +316,24 @@ def torchrun_argv(n: int, argv: list[str]) -> list[str]:
 
 
 def check_arguments(name: str, argv: list[str]) -> None:
-    """Parse a stage's command line as its command would (flags, types, choices), running nothing:
-    a dry run finds a misspelt flag before hours of earlier stages have run."""
+    """Parse a stage's command line as its command would (flags, types, choices) and resolve it into
+    its config (required settings, a --config file), running nothing: a dry run finds a misspelt or
+    missing flag before hours of earlier stages have run."""
     from predistill.cli import build_parser
+    from predistill.config import UsageError, resolve_config
 
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
-            build_parser(argv[0]).parse_args(argv)
+            args = build_parser(argv[0]).parse_args(argv)
+        if getattr(args, "config_class", None) is not None:
+            resolve_config(args.config_class, args)
     except SystemExit as e:
         if e.code not in (0, None):
             reason = (errors.getvalue().strip().splitlines() or ["bad arguments"])[-1]
             raise PredistillError(f"stage '{name}': {reason}") from None
+    except (UsageError, PredistillError) as e:
+        raise PredistillError(f"stage '{name}': {e}") from None
 
 
 def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> list[str]:

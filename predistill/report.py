@@ -159,8 +159,10 @@ def offline_teacher_flops(selection: Path | None, kd_logits: Path | None,
         counted.append((path, flops))
         return True
 
-    if store is not None:
-        add(store)
+    for path in _store_provenance(store):
+        if not add(path) and path.is_dir() and (_read_json(path / MANIFEST) or {}).get("format") == "selection":
+            for ref in _referenced_artifacts(_read_json(path / MANIFEST) or {}, path):
+                add(ref)
 
     if selection is not None and not add(selection):
         for path in _referenced_artifacts(_read_json(selection / MANIFEST) or {}, selection):
@@ -173,6 +175,26 @@ def offline_teacher_flops(selection: Path | None, kd_logits: Path | None,
     if not counted:
         return None, []
     return float(sum(f for _, f in counted)), [str(p) for p, _ in counted]
+
+
+def _store_provenance(store: Path | None, depth: int = 8) -> list[Path]:
+    """The artifacts a training store was made from that may hold teacher FLOPs: the store itself when
+    the teacher generated it (SeqKD), and, through re-tokenisation (`prepare --source store:`,
+    `derived_from`) and materialisation (`sample --materialize`, `source.selection_dir`), the
+    stores and selections it came from — a SeqKD or MiniPLM corpus in another family's tokenizer
+    still counts the teacher work behind it."""
+    found: list[Path] = []
+    while store is not None and depth > 0 and store not in found:
+        manifest = _read_json(store / MANIFEST) or {}
+        found.append(store)
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        if isinstance(source.get("selection_dir"), str) and Path(source["selection_dir"]).is_dir():
+            found.append(Path(source["selection_dir"]))
+        derived = manifest.get("derived_from") if isinstance(manifest.get("derived_from"), dict) else {}
+        upstream = derived.get("path") or source.get("store_dir")
+        store = Path(upstream) if isinstance(upstream, str) and Path(upstream).is_dir() else None
+        depth -= 1
+    return found
 
 
 @dataclass
@@ -193,6 +215,8 @@ class RunSummary:
     flops: float | None = None
     student_flops_per_token: float | None = None  # 6·N of the student alone (C of MiniPLM's C(D) = 6·N·D)
     identity: str = ""  # the run's configuration without its budget and seed: runs that share it share a fit
+    variant: str = ""  # the configuration without its seed: runs that share it are one method's seeds
+    schedule: str = ""  # what a method's run must share with its baseline's to be compared (model, optimiser, budget)
     heldout_loss: float | None = None
     heldout_source: str | None = None  # "eval" (eval.json) or "train" (manifest final_val_loss)
     tasks: dict[str, dict] = field(default_factory=dict)  # task → {"acc", "acc_norm"}
@@ -217,11 +241,19 @@ NOT_IDENTITY_KEYS = {"out", "name", "command", "steps", "flops_budget", "epochs"
                      "loss_chunk", "kd_online_chunk", "save_logits"}
 
 
-def run_identity(config: dict, s: RunSummary) -> str:
+# what a method's run shares with the baseline run it is read against (the method's own settings —
+# selection, KD source, store — differ by design); the budget is compared for per-run curves only
+SCHEDULE_KEYS = ("model", "batch_size", "seq_len", "lr", "lr_schedule", "warmup", "warmup_ratio", "decay_ratio",
+                 "min_lr_ratio", "val_store", "steps", "flops_budget", "epochs")
+BUDGET_KEYS = ("steps", "flops_budget", "epochs")
+
+
+def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str:
+    """The configuration as a key: without NOT_IDENTITY_KEYS (but with those in `keep`)."""
     if not config:
         return json.dumps({"method": s.method or s.name, "model": s.model})
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY_KEYS} | {"method": s.method},
-                      sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY_KEYS or k in keep}
+                      | {"method": s.method}, sort_keys=True, default=str)
 
 
 def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:
@@ -261,6 +293,8 @@ def summarize_run(run: str) -> RunSummary:
     s.flops = _number(manifest.get("flops"))
     s.student_flops_per_token = _number(manifest.get("student_flops_per_token"))
     s.identity = run_identity(config, s)
+    s.variant = run_identity(config, s, keep=BUDGET_KEYS)
+    s.schedule = json.dumps({k: config.get(k) for k in SCHEDULE_KEYS}, sort_keys=True, default=str)
     s.metrics = read_metrics(run_dir / "metrics.jsonl")
     if s.tokens is None and s.metrics:  # an unfinished run: its last logged step
         s.tokens = _number(s.metrics[-1].get("tokens"))
@@ -397,21 +431,20 @@ def _use_irreducible(mode: str, n_points: int) -> bool:
     return mode == "on" or (mode == "auto" and n_points >= 4)
 
 
-def config_labels(runs: list[RunSummary]) -> dict[str, str]:
-    """A readable name per configuration: "method (size)", plus the settings that tell apart
-    configurations that would otherwise share it."""
-    configs = {r.identity: r for r in runs}
-    base = {i: (r.method or r.name) + (f" ({r.size})" if r.size else "") for i, r in configs.items()}
+def config_labels(runs: list[RunSummary], key: str = "identity", with_size: bool = True) -> dict[str, str]:
+    """A readable name per configuration (`key`: "identity", or "variant" to tell budgets apart):
+    "method (size)", plus the settings that tell apart configurations sharing a method and size."""
+    configs = {getattr(r, key): r for r in runs}
     labels = {}
-    for identity, label in base.items():
-        same = [json.loads(i) for i, b in base.items() if b == label]
+    for ident, r in configs.items():
+        name = (r.method or r.name) + (f" ({r.size})" if r.size and with_size else "")
+        same = [json.loads(i) for i, o in configs.items() if (o.method or o.name, o.size) == (r.method or r.name, r.size)]
         if len(same) == 1:
-            labels[identity] = label
+            labels[ident] = name
             continue
-        mine = json.loads(identity)
-        keys = set().union(*same)
-        differing = sorted(k for k in keys if any(other.get(k) != mine.get(k) for other in same))
-        labels[identity] = label + ": " + ", ".join(f"{k}={mine.get(k, 'unset')}" for k in differing)
+        mine = json.loads(ident)
+        differing = sorted(k for k in set().union(*same) if any(other.get(k) != mine.get(k) for other in same))
+        labels[ident] = name + ": " + ", ".join(f"{k}={mine.get(k, 'unset')}" for k in differing)
     return labels
 
 
@@ -441,9 +474,13 @@ def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> lis
             continue
         per_token = {r.student_flops_per_token for r in members}
         seeds = {r.seed for r in members}
+        # a configuration's runs differ in their budget: only a curve is compared at its own budget
+        schedules = {json.dumps({k: v for k, v in json.loads(r.schedule).items()
+                                 if kind == "curve" or k not in BUDGET_KEYS}, sort_keys=True) for r in members}
         fits.append({"label": label, "kind": kind, "points": [list(p) for p in pts], **asdict(law),
                      "compute_max": float(c.max()), "method": members[0].method or members[0].name,
                      "size": members[0].size, "seed": seeds.pop() if len(seeds) == 1 else None,
+                     "schedule": schedules.pop() if len(schedules) == 1 else None,
                      "student_flops_per_token": per_token.pop() if len(per_token) == 1 else None})
     return fits
 
@@ -454,15 +491,18 @@ EXTRAPOLATED_TOKENS = {"1T": 1e12, "10T": 1e13}
 
 def extrapolations(fits: list[dict], baseline: str) -> list[dict]:
     """Each fit read at C(1T) and C(10T), and the compute it needs to reach its baseline's loss there
-    (÷ C(D): < 1 is compute saved). The baseline is the fit of `baseline` with the same kind, student
-    size and seed; fits without a student FLOPs-per-token (runs before it was recorded) are skipped."""
+    (÷ C(D): < 1 is compute saved). The baseline is the one fit of `baseline` with the same kind, student
+    size, seed and schedule (model, optimiser settings, and for a curve its budget); none, or more than
+    one, and the ratio is left out. Fits without a student FLOPs-per-token are skipped."""
     rows = []
     for f in fits:
         if not f["student_flops_per_token"]:
             continue
         law = PowerLaw(f["a"], f["b"], f["c"], f["r2"], f["n_points"])
-        base = next((b for b in fits if b["method"] == baseline and b["kind"] == f["kind"] and b["size"] == f["size"]
-                     and b["seed"] == f["seed"] and b["student_flops_per_token"]), None)
+        candidates = [b for b in fits if b["method"] == baseline and b["kind"] == f["kind"] and b["size"] == f["size"]
+                      and b["seed"] == f["seed"] and b["schedule"] is not None and b["schedule"] == f["schedule"]
+                      and b["student_flops_per_token"]]
+        base = candidates[0] if len(candidates) == 1 else None
         row = {"label": f["label"], "method": f["method"], "size": f["size"], "kind": f["kind"]}
         for name, tokens in EXTRAPOLATED_TOKENS.items():
             compute = f["student_flops_per_token"] * tokens
@@ -525,19 +565,24 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
     baseline method of the same size, seed by seed, the paired difference (mean ± standard error) and
     the training FLOPs each seed needs to reach the baseline's final held-out loss (MiniPLM's "compute
     saved": ratio < 1 is compute saved). Runs without a seed pair with nothing."""
-    groups: dict[tuple, list[RunSummary]] = {}
+    groups: dict[str, list[RunSummary]] = {}
     for r in runs:
         if r.heldout_loss is not None:
-            groups.setdefault((r.method or r.name, r.size), []).append(r)
+            groups.setdefault(r.variant, []).append(r)
+    labels = config_labels([r for members in groups.values() for r in members], key="variant", with_size=False)
     out = []
-    for (method, size), members in groups.items():
+    for variant, members in groups.items():
+        method, size = members[0].method or members[0].name, members[0].size
         losses = [r.heldout_loss for r in members]
         mean, std = _mean_std(losses)
-        entry = {"method": method, "size": size, "n_seeds": len(members),
+        entry = {"method": method, "label": labels[variant], "size": size, "n_seeds": len(members),
                  "seeds": [r.seed for r in members], "heldout_loss_mean": mean, "heldout_loss_std": std,
                  "flops_mean": float(np.mean([r.flops for r in members])) if all(r.flops for r in members) else None,
                  "paired": None}
-        base = {r.seed: r for r in groups.get((baseline, size), []) if r.seed is not None}
+        # the baseline's runs of the same size and schedule (a budget sweep pairs budget with budget)
+        bases = [v for v, rs in groups.items() if (rs[0].method or rs[0].name) == baseline and rs[0].size == size
+                 and rs[0].schedule == members[0].schedule]
+        base = {r.seed: r for r in groups[bases[0]] if r.seed is not None} if len(bases) == 1 else {}
         pairs = [(r, base[r.seed]) for r in members if r.seed in base]
         if method != baseline and pairs:
             diffs = [r.heldout_loss - b.heldout_loss for r, b in pairs]
@@ -575,7 +620,7 @@ def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[s
             reach = (f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×" if n_reached == len(ratios) else
                      "not reached" if not reached else
                      f"{np.mean(reached):.2f}× ({n_reached} of {len(ratios)} seeds reach it)")
-        rows.append([g["method"], g["size"] or DASH, str(g["n_seeds"]),
+        rows.append([g["label"], g["size"] or DASH, str(g["n_seeds"]),
                      f"{g['heldout_loss_mean']:.4f} ± {g['heldout_loss_std']:.4f}", delta, verdict,
                      fmt_sci(g["flops_mean"]), reach])
     return header, rows
@@ -640,7 +685,8 @@ def plot_over_training(runs: list[RunSummary], path: Path) -> bool:
         points = [(p["tokens"], 100 * p["avg_acc"]) for p in r.over_training
                   if p["tokens"] is not None and p["avg_acc"] is not None]
         if points:
-            ax.plot(*zip(*points), "o-", color=f"C{k % 10}", ms=4, lw=1.2, label=r.method or r.name)
+            label = (r.method or r.name) + (f" ({r.size})" if r.size else "")
+            ax.plot(*zip(*points), "o-", color=f"C{k % 10}", ms=4, lw=1.2, label=label)
             drawn = True
     if not drawn:
         plt.close(fig)

@@ -31,6 +31,7 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -438,8 +439,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     steps = cfg.steps
     if cfg.flops_budget:
         steps = max(1, int(cfg.flops_budget // (fpt * cfg.batch_size * mean_targets)))
-    if cfg.epochs:
-        steps = math.ceil(cfg.epochs * len(train_ids) / cfg.batch_size)
+    if cfg.epochs:  # exact: 1.1 epochs of 100 instances in batches of 10 is 11 steps, not ⌈11.000000000000002⌉
+        steps = math.ceil(Fraction(str(cfg.epochs)) * len(train_ids) / cfg.batch_size)
     local_batch = cfg.batch_size // d.world
     micro = cfg.micro_batch_size or local_batch
     if cfg.batch_size % d.world or local_batch % micro:
@@ -478,9 +479,10 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
         if d.main:
             _truncate_metrics(out / "metrics.jsonl", start_step)
             print(f"predistill: resuming {out} from step {start_step}")
-    elif d.main:
+    elif d.main:  # a fresh start: nothing of an earlier attempt may pass for this run's
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / RUN_EXPORTS, ignore_errors=True)
     if d.main:
         write_json_atomic(out / "config.json", config_json)
     d.barrier()

@@ -123,6 +123,11 @@ def test_a_released_config_is_a_from_scratch_architecture_with_the_tokenizers_vo
         assert torch.equal(model.lm_head.weight, again.lm_head.weight)
     with pytest.raises(PredistillError, match="cannot load config"):
         load_model(f"preset:{tmp_path / 'missing' / 'config.json'}", str(bpe_tokenizer))
+    from transformers import T5Config
+
+    T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(tmp_path / "t5")
+    with pytest.raises(PredistillError, match="not a causal LM architecture"):  # an encoder-decoder
+        load_model(f"preset:{tmp_path / 't5'}", str(bpe_tokenizer))
 
 
 def test_the_llama_212m_preset_reads_miniplms_released_config(monkeypatch, tmp_path, bpe_tokenizer):

@@ -201,6 +201,9 @@ def test_a_dry_run_parses_every_stage_as_its_command_would(tmp_path):
                                      'args = { store = "s", out = "{self}", steps = "many" }\n')
     with pytest.raises(PredistillError, match="stage 'lm': .*invalid int value: 'many'"):
         execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
+    (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "eval"\nargs = { out = "{self}/e.json" }\n')
+    with pytest.raises(PredistillError, match="stage 'lm': the following arguments are required: --model"):
+        execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
 
 
 def covered_stage_patterns(recipe_file: Path) -> list[str]:

@@ -226,6 +226,37 @@ def test_seqkd_counts_the_teachers_generation_and_a_plain_corpus_counts_nothing(
     assert s.teacher_flops_offline == 7e14 and s.teacher_flops_sources == [str(generated.resolve())]
     assert summarize_run(str(plain)).teacher_flops_offline is None
 
+    # in another family's tokenizer: re-tokenised from the generated store (`prepare --source store:`)
+    retokenized = tmp_path / "seqkd_data_llama"
+    retokenized.mkdir()
+    write_manifest(retokenized, {"format": "token_store", "derived_from": {"path": str(generated), "hash": "h"}})
+    llama = fabricate_run(tmp_path, "seqkd_llama", method="SeqKD", flops=1e13, tokens=1, final_val_loss=4.0,
+                          settings={"store": str(retokenized)})
+    assert summarize_run(str(llama)).teacher_flops_offline == 7e14
+
+
+def test_a_materialised_selection_counts_the_scoring_behind_it(tmp_path):
+    """MiniPLM for another family trains on `sample --materialize`'s store, without --selection."""
+    tables = []
+    for role, flops in (("teacher", 3e12), ("reference", 1e11)):
+        tables.append(tmp_path / role)
+        tables[-1].mkdir()
+        write_manifest(tables[-1], {"format": "score_table", "flops": flops})
+    selection = tmp_path / "selection"
+    selection.mkdir()
+    write_manifest(selection, {"format": "selection", "score_tables": {"teacher": str(tables[0]),
+                                                                       "reference": str(tables[1])}})
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_manifest(corpus, {"format": "token_store"})
+    materialised = tmp_path / "selection_llama"
+    materialised.mkdir()
+    write_manifest(materialised, {"format": "token_store", "source": {"selection_dir": str(selection),
+                                                                      "store_dir": str(corpus)}})
+    run_dir = fabricate_run(tmp_path, "miniplm_llama", method="MiniPLM", flops=1e13, tokens=1, final_val_loss=4.0,
+                            settings={"store": str(materialised)})
+    assert summarize_run(str(run_dir)).teacher_flops_offline == pytest.approx(3.1e12)
+
 
 def test_command_is_rebuilt_from_config_settings():
     config = {"store": "my store", "steps": 10, "fsdp": False, "selection": None, "tags": ["a", "b"], "command": None}
@@ -274,12 +305,22 @@ def test_extrapolation_reads_each_fit_at_1T_and_10T_tokens_and_the_compute_to_re
     laws = {"Pre-Train w/o KD": lambda c: 20 * c ** -0.05, "MiniPLM": lambda c: 19 * c ** -0.05,
             "Vanilla KD": lambda c: 21 * c ** -0.04}
     runs = [fabricate_run(tmp_path / "runs", f"{method.split()[0]}-{k}", method=method, flops=c, tokens=c / fpt,
-                          final_val_loss=law(c), student_flops_per_token=fpt, settings={"steps": k})
+                          final_val_loss=law(c), student_flops_per_token=fpt, settings={"steps": k, "lr": 0.001})
             for method, law in laws.items() for k, c in enumerate([1e13, 1e14, 1e15])]
+    # the same method at another learning rate: no baseline was trained with it, so no ratio
+    runs += [fabricate_run(tmp_path / "runs", f"MiniPLM-lr-{k}", method="MiniPLM", flops=c, tokens=c / fpt,
+                           final_val_loss=laws["MiniPLM"](c), student_flops_per_token=fpt,
+                           settings={"steps": k, "lr": 0.01}) for k, c in enumerate([1e13, 1e14, 1e15])]
     out = run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "r"), irreducible="off"))
     data = json.loads((out / "report.json").read_text())
-    rows = {e["label"]: e for e in data["extrapolations"] if e["kind"] == "config"}
-    base, miniplm, vanilla = (rows[f"config: {m} (tiny)"] for m in laws)
+    assert all(g["n_seeds"] == 1 for g in data["seed_groups"])  # budgets of one method are not its seeds
+    rows = {e["label"]: e for e in data["extrapolations"]}
+    base, miniplm, vanilla = (rows[f"config: {m} (tiny)" + (": lr=0.001" if m == "MiniPLM" else "")] for m in laws)
+    assert rows["config: MiniPLM (tiny): lr=0.01"]["1T"]["compute_ratio_to_baseline"] is None
+    # a run's own curve is read against the baseline run of the same budget: each final loss is 0.95× the
+    # baseline's at equal compute, so with the curves' slope of 0.08 the ratio is 0.95^(1/0.08) at every budget
+    for k in range(3):
+        assert rows[f"run: MiniPLM-{k}"]["1T"]["compute_ratio_to_baseline"] == pytest.approx(0.95 ** 12.5, rel=1e-4)
     for name, tokens in (("1T", 1e12), ("10T", 1e13)):
         c = fpt * tokens
         assert miniplm[name]["compute"] == pytest.approx(c)
@@ -293,7 +334,7 @@ def test_extrapolation_reads_each_fit_at_1T_and_10T_tokens_and_the_compute_to_re
     md = (out / "report.md").read_text()
     assert "L(1T)" in md and "L(10T)" in md
     extrapolated = md[md.index("## Extrapolated as MiniPLM does"):]
-    line = next(row for row in extrapolated.splitlines() if row.startswith("| config: MiniPLM (tiny) |"))
+    line = next(row for row in extrapolated.splitlines() if row.startswith("| config: MiniPLM (tiny): lr=0.001 |"))
     assert line.count(f"{0.95 ** 20:.2f}×") == 2  # at 1T and at 10T
 
 

@@ -143,21 +143,29 @@ def test_data_order_is_deterministic_reshuffles_each_epoch_and_respects_a_select
 
 
 def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
-    args = train_cmd(tiny_store, tmp_path / "ref", steps=12, save_every=3, export_every=4)
+    """Killed at its step-6 checkpoint (exports every 2 steps: 2, 4, 6 and maybe 8 already written),
+    rerun: the same weights, losses and exports as a run never killed — and exports do not change
+    the training (the same weights as a run without them)."""
+    plain = tmp_path / "plain"
+    subprocess.run([sys.executable, "-m", "predistill", "train", *train_cmd(tiny_store, plain, steps=12, save_every=3)],
+                   check=True, capture_output=True)
+    ref = tmp_path / "ref"
+    args = train_cmd(tiny_store, ref, steps=12, save_every=3, export_every=2)
     subprocess.run([sys.executable, "-m", "predistill", "train", *args], check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    args = train_cmd(tiny_store, killed, steps=12, save_every=3, export_every=4)
+    args = train_cmd(tiny_store, killed, steps=12, save_every=3, export_every=2)
     kill_train_at_checkpoint(args, killed, 6)
+    assert (killed / "exports" / "step-00000006").is_dir()  # written before the checkpoint of its step
     subprocess.run([sys.executable, "-m", "predistill", "train", *args], check=True, capture_output=True)
 
-    assert sha256(killed / "hf" / "model.safetensors") == sha256(tmp_path / "ref" / "hf" / "model.safetensors")
-    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(tmp_path / "ref")]
+    for run_dir in (ref, plain):
+        assert sha256(killed / "hf" / "model.safetensors") == sha256(run_dir / "hf" / "model.safetensors")
+        assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(run_dir)]
     exports = sorted(p.relative_to(killed).as_posix() for p in (killed / "exports").rglob("*") if p.is_file())
-    assert {e.split("/")[1] for e in exports} == {"step-00000004", "step-00000008"}  # the final one is hf/
-    assert exports == sorted(p.relative_to(tmp_path / "ref").as_posix()
-                             for p in (tmp_path / "ref" / "exports").rglob("*") if p.is_file())
-    assert all(sha256(killed / e) == sha256(tmp_path / "ref" / e) for e in exports)
+    assert {e.split("/")[1] for e in exports} == {f"step-{k:08d}" for k in (2, 4, 6, 8, 10)}  # 12 is hf/
+    assert exports == sorted(p.relative_to(ref).as_posix() for p in (ref / "exports").rglob("*") if p.is_file())
+    assert all(sha256(killed / e) == sha256(ref / e) for e in exports)
 
 
 def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
@@ -184,6 +192,9 @@ def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_pat
     assert [p["step"] for p in points] == [3, 6, 8]
     assert points[0]["avg_acc"] == first["avg_acc"] and points[0]["heldout_loss"] == first["heldout_loss"]
     assert "plots/accuracy_over_training.png" in data["plots"]
+    # another setting that changes what is measured: evaluated again
+    evaluate(EvalConfig(model=str(out), out=str(out / "eval.json"), exports=True, **{**settings, "limit": 3}))
+    assert json.loads((out / "exports" / "step-00000003" / "eval.json").read_text())["config"]["limit"] == 3
 
 
 def test_kd_settings_do_not_tell_lm_only_runs_apart():
