@@ -21,6 +21,7 @@ import sys
 import time
 
 from common import emit
+from predistill.losses import DEFAULT_CHUNK
 
 N_TOKENS, HIDDEN, VOCAB = 4096, 576, 49152
 
@@ -30,13 +31,16 @@ STEP_CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
 from bench_train import VOCAB, train_step, vocab_model
+from predistill.losses import DEFAULT_CHUNK
 from predistill.train import LossModel, TrainConfig, make_optimizer
 loop, batch, seq = sys.argv[1], 8, 256
 model = vocab_model("small")
 inputs = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(0))
 mask = torch.ones(batch, seq, dtype=torch.bool)
-if loop == "ours":
-    loss_model = LossModel(model, 1024)
+if loop.startswith("ours"):
+    if loop == "ours-ckpt":  # train --activation-checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_model = LossModel(model, DEFAULT_CHUNK)
     opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
 else:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -47,7 +51,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak-RSS mark: building the model peaked higher than a step does
 base = status_kb("VmRSS")
 for _ in range(2):
-    train_step(loss_model if loop == "ours" else model, opt, inputs, mask)
+    train_step(loss_model if loop.startswith("ours") else model, opt, inputs, mask)
 print(json.dumps({"peak_mb": (status_kb("VmHWM") - base) / 1024}))
 """
 
@@ -129,7 +133,7 @@ def throughput(preset: str, steps: int = 6, batch: int = 8, seq: int = 256) -> f
     from predistill.train import LossModel, TrainConfig, make_optimizer
 
     model = vocab_model(preset)
-    loss_model = LossModel(model, 1024)
+    loss_model = LossModel(model, DEFAULT_CHUNK)
     opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
@@ -175,7 +179,7 @@ def step_times(preset: str = "tiny", steps: int = 6, batch: int = 8, seq: int = 
     from predistill.train import LossModel, TrainConfig, make_optimizer
 
     model = vocab_model(preset)
-    loss_model = LossModel(model, 1024)
+    loss_model = LossModel(model, DEFAULT_CHUNK)
     opt = make_optimizer(loss_model, TrainConfig(lr=1e-4))
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
@@ -206,22 +210,37 @@ def step_vs_plain_loop(preset: str = "small", steps: int = 6, batch: int = 8, se
 
     ours_model = vocab_model(preset)
     plain_model = copy.deepcopy(ours_model)
-    loss_model = LossModel(ours_model, 1024)
-    opts = {"ours": make_optimizer(loss_model, TrainConfig(lr=1e-4)),  # what `train` builds
+    ckpt_model = copy.deepcopy(ours_model)
+    ckpt_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    models = {"ours": LossModel(ours_model, DEFAULT_CHUNK), "plain": plain_model,
+              "ours-ckpt": LossModel(ckpt_model, DEFAULT_CHUNK)}
+    opts = {"ours": make_optimizer(models["ours"], TrainConfig(lr=1e-4)),  # what `train` builds
+            "ours-ckpt": make_optimizer(models["ours-ckpt"], TrainConfig(lr=1e-4)),
             "plain": torch.optim.AdamW(plain_model.parameters(), lr=1e-4)}
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
-    times: dict[str, list[float]] = {"ours": [], "plain": []}
-    for step in range(2 * steps):
-        name = "ours" if step % 2 == 0 else "plain"
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for step in range(len(models) * (steps + 1)):
+        name = list(models)[step % len(models)]
         t0 = time.perf_counter()
-        train_step(loss_model if name == "ours" else plain_model, opts[name], inputs, mask)
-        if step >= 2:
+        train_step(models[name], opts[name], inputs, mask)
+        if step >= len(models):  # the first round warms up
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def main(parts: list[str]) -> None:
+    if "loss" in parts:
+        loss_part()
+    if "step" in parts:
+        step_part()
+    if "kd" in parts:
+        kd_part()
+    if "throughput" in parts:
+        throughput_part()
+
+
+def loss_part() -> None:
     print(f"## Chunked LM loss vs naive full logits (N={N_TOKENS}, H={HIDDEN}, V={VOCAB}, fp32, CPU)\n")
     variants = {name: loss_variant(name) for name in ("naive", "chunked", "fused")}
     naive = variants["naive"]
@@ -244,13 +263,29 @@ def main() -> None:
                            f"chunked with recomputation: {variants['chunked']['peak_mb'] / naive['peak_mb']:.2f}×, "
                            f"{variants['chunked']['seconds'] / naive['seconds']:.2f}×; values and gradients equal",
                  "goal": "memory-light, exact, not slower"})
+
+
+def step_part() -> None:
     print("\n## A training step vs the plain loop (preset:small, 49k vocabulary, batch 8 × 256, fp32, CPU)\n")
     step = step_vs_plain_loop()
-    memory = {loop: step_memory(loop) for loop in ("plain", "ours")}
+    memory = {loop: step_memory(loop) for loop in ("plain", "ours", "ours-ckpt")}
     print(f"| loop | median s | peak memory growth over two steps (MB) |\n|---|---|---|\n"
           f"| plain (`model(ids).logits` → cross-entropy → AdamW) | {step['plain']:.3f} | {memory['plain']:.0f} |\n"
-          f"| predistill (body → fused chunked loss → fused AdamW) | {step['ours']:.3f} | {memory['ours']:.0f} |\n\n"
-          f"speed-up: **{step['plain'] / step['ours']:.2f}×**, memory **{memory['ours'] / memory['plain']:.2f}×**\n")
+          f"| predistill (body → fused chunked loss → fused AdamW) | {step['ours']:.3f} | {memory['ours']:.0f} |\n"
+          f"| predistill --activation-checkpointing | {step['ours-ckpt']:.3f} | {memory['ours-ckpt']:.0f} |\n\n"
+          f"speed-up: **{step['plain'] / step['ours']:.2f}×**, memory **{memory['ours'] / memory['plain']:.2f}×**; "
+          f"with activation checkpointing {step['plain'] / step['ours-ckpt']:.2f}×, "
+          f"{memory['ours-ckpt'] / memory['plain']:.2f}×\n")
+    emit("train_step_vs_plain_ckpt", preset="small", batch=8, seq=256, plain_s=round(step["plain"], 3),
+         ours_s=round(step["ours-ckpt"], 3), speedup=round(step["plain"] / step["ours-ckpt"], 3),
+         plain_peak_mb=round(memory["plain"]), ours_peak_mb=round(memory["ours-ckpt"]),
+         memory_ratio=round(memory["ours-ckpt"] / memory["plain"], 3),
+         readme={"what": "the same step with `train --activation-checkpointing` (the body's activations recomputed "
+                         "in backward)",
+                 "result": f"**{step['plain'] / step['ours-ckpt']:.2f}×** faster ({step['ours-ckpt']:.2f} s vs "
+                           f"{step['plain']:.2f} s); peak memory growth **{memory['ours-ckpt'] / memory['plain']:.2f}×** "
+                           f"({memory['ours-ckpt']:.0f} vs {memory['plain']:.0f} MB)",
+                 "goal": "≥ 1.2× at ≤ 0.35× memory"})
     emit("train_step_vs_plain", preset="small", batch=8, seq=256, plain_s=round(step["plain"], 3),
          ours_s=round(step["ours"], 3), speedup=round(step["plain"] / step["ours"], 3),
          plain_peak_mb=round(memory["plain"]), ours_peak_mb=round(memory["ours"]),
@@ -261,6 +296,9 @@ def main() -> None:
                            f"{step['plain']:.2f} s, medians, alternating in one process); peak memory growth "
                            f"**{memory['ours'] / memory['plain']:.2f}×** ({memory['ours']:.0f} vs {memory['plain']:.0f} MB)",
                  "goal": "≥ 1.2× at ≤ 0.35× memory"})
+
+
+def kd_part() -> None:
     print("## Offline-KD step vs LM-only step (preset:tiny, batch 8 × 256, top-5 entries, fp32, CPU)\n")
     times = step_times()
     print("| step | median s |\n|---|---|")
@@ -273,6 +311,9 @@ def main() -> None:
          readme={"what": "offline-KD step vs LM-only step (`preset:tiny`, batch 8×256, top-5 entries, kld τ=2, α=0.9)",
                  "result": f"**{ratio:.2f}×** (LM and KD share one vocabulary pass with the gradient computed in it)",
                  "goal": "≤ 1.05×"})
+
+
+def throughput_part() -> None:
     print("## Training throughput (batch 8 × 256 tokens, fp32, CPU)\n")
     print("| preset | tokens/s |\n|---|---|")
     for preset in ("tiny", "small"):
@@ -388,5 +429,7 @@ if __name__ == "__main__":
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--tokens-per-domain", type=int, default=40000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", default=["loss", "step", "kd", "throughput"],
+                        choices=["loss", "step", "kd", "throughput"], help="without --e2e: which parts to run")
     cli_args = parser.parse_args()
-    e2e(cli_args) if cli_args.e2e else main()
+    e2e(cli_args) if cli_args.e2e else main(cli_args.parts)
