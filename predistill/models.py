@@ -53,6 +53,7 @@ RUN_FORMAT = "run"  # a `predistill train` run directory (train.py writes it; it
 RUN_EXPORT = "hf"
 RUN_EXPORTS = "exports"  # RUN/exports/step-NNNNNNNN: HF exports during training (`train --export-every`)
 STEP_EXPORT_PREFIX = "step-"
+EXPORT_INFO = "export.json"  # in a step export: where in training it was taken (step, tokens, FLOPs, val loss)
 
 
 def run_exports(run_dir: Path) -> list[Path]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
-from predistill.models import run_exports
+from predistill.models import EXPORT_INFO, run_exports
 
 DASH = "–"
 # MiniPLM's scaling figures fit the loss-vs-compute curve and read it past the trained range.
@@ -259,7 +259,7 @@ def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str
 def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:
     points = []
     for export in run_exports(run_dir):
-        info, evaluation = _read_json(export / "export.json") or {}, _read_json(export / "eval.json") or {}
+        info, evaluation = _read_json(export / EXPORT_INFO) or {}, _read_json(export / "eval.json") or {}
         if evaluation:
             points.append({"step": _number(info.get("step")), "tokens": _number(info.get("tokens")),
                            "flops": _number(info.get("flops")), "heldout_loss": _number(evaluation.get("heldout_loss")),

@@ -44,7 +44,7 @@ from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
 from predistill.models import ATTN_IMPLS, Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
-    load_tokenizer, model_body, resolve_device, tokenizer_hash, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX
+    load_tokenizer, model_body, resolve_device, tokenizer_hash, EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX
 from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 from predistill.store import TokenStore
@@ -667,9 +667,6 @@ def _grad_sync(wrapped, fsdp: bool, enabled: bool):
     if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not enabled:
         return wrapped.no_sync()
     return contextlib.nullcontext()
-
-
-EXPORT_INFO = "export.json"  # in a step export: where in training it was taken
 
 
 def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist, name: Path = Path(RUN_EXPORT),

@@ -231,9 +231,9 @@ CASES = [
     ("diversity of a store whose tokens changed", lambda t, a: [
         "diversity", "--store", store_with(t, a, lambda s: overwrite_tokens(s, 7)), "--model", "preset:tiny",
         "--out", str(t / "d.json")], "changed since the store was written"),
-    ("a recipe stage with a misspelt flag", lambda t, a: ["run", recipe(
-        t, '[[stage]]\nname = "b"\ncommand = "train"\nargs = { store = "{a}", out = "{self}", stepz = 2 }\n'),
-        "--dry-run"], "stage 'b'"),
+    ("a recipe stage with a misspelt flag", lambda t, a: ["run", toml(
+        t, '[[stage]]\nname = "b"\ncommand = "train"\nargs = { store = "s", out = "{self}", stepz = 2 }\n'),
+        "--dry-run"], "stage 'b': predistill: error: unrecognized arguments: --stepz 2"),
     # --- silent acceptances, now refused ---
     ("sample --examples -1", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
                                            str(a["reference"]), "--out", str(t / "sel"), "--examples", "-1"],
