@@ -86,14 +86,12 @@ class MambaPreset:
     conv: int = 4  # d_conv
     expand: int = 2
     tied: bool = True
-    arch: str = "mamba"
 
 
 @dataclass(frozen=True)
 class ReleasedConfig:
     """A preset whose shape only a released config.json gives (read from the hub or its cache)."""
     source: str  # a hub id or a local path, as `preset:PATH` takes it
-    arch: str = "from its config"
 
 
 PRESETS: dict[str, Preset | MambaPreset | ReleasedConfig] = {

@@ -372,6 +372,11 @@ class PowerLaw:
     r2: float
     n_points: int
 
+    @classmethod
+    def of(cls, fit: dict) -> "PowerLaw":
+        """The law a fit entry (`scaling_fits`, report.json's `fits`) records."""
+        return cls(fit["a"], fit["b"], fit["c"], fit["r2"], fit["n_points"])
+
     def __call__(self, compute):
         return self.a * np.power(np.asarray(compute, dtype=np.float64), -self.b) + self.c
 
@@ -498,7 +503,7 @@ def extrapolations(fits: list[dict], baseline: str) -> list[dict]:
     for f in fits:
         if not f["student_flops_per_token"]:
             continue
-        law = PowerLaw(f["a"], f["b"], f["c"], f["r2"], f["n_points"])
+        law = PowerLaw.of(f)
         candidates = [b for b in fits if b["method"] == baseline and b["kind"] == f["kind"] and b["size"] == f["size"]
                       and b["seed"] == f["seed"] and b["schedule"] is not None and b["schedule"] == f["schedule"]
                       and b["student_flops_per_token"]]
@@ -508,7 +513,7 @@ def extrapolations(fits: list[dict], baseline: str) -> list[dict]:
             compute = f["student_flops_per_token"] * tokens
             ratio = reached = None  # None: no baseline to compare with
             if base is not None and base is not f:
-                base_law = PowerLaw(base["a"], base["b"], base["c"], base["r2"], base["n_points"])
+                base_law = PowerLaw.of(base)
                 target = float(base_law(base["student_flops_per_token"] * tokens))
                 needed = law.compute_for(target)
                 reached = needed is not None
@@ -750,7 +755,7 @@ def plot_scaling(runs: list[RunSummary], fits: list[dict], extrapolate: float, p
     for k, r in reversed(list(enumerate(runs))):  # a configuration takes the colour of its first run
         run_color[f"config: {labels[r.identity]}"] = f"C{k % 10}"
     for fit in fits:
-        law = PowerLaw(fit["a"], fit["b"], fit["c"], fit["r2"], fit["n_points"])
+        law = PowerLaw.of(fit)
         lo = min(p[0] for p in fit["points"])
         xs = np.geomspace(lo, fit["compute_max"], 50)
         xe = np.geomspace(fit["compute_max"], fit["compute_max"] * extrapolate, 20)
@@ -886,7 +891,7 @@ def fit_rows(fits: list[dict], extrapolate: float) -> tuple[list[str], list[list
     header = ["fit", "points", "a", "b", "c (irreducible)", "R² (log)", f"L at {extrapolate:g}× compute"]
     rows = []
     for f in fits:
-        law = PowerLaw(f["a"], f["b"], f["c"], f["r2"], f["n_points"])
+        law = PowerLaw.of(f)
         rows.append([f["label"], str(f["n_points"]), f"{f['a']:.4g}", f"{f['b']:.4g}", f"{f['c']:.4g}",
                      f"{f['r2']:.4f}", f"{float(law(f['compute_max'] * extrapolate)):.4f}"])
     return header, rows

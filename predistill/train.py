@@ -43,8 +43,8 @@ from predistill.config import add_config_arguments, config_from_args, from_flat,
 from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
-from predistill.models import ATTN_IMPLS, Dist, count_params, forward_params, head_weight, init_distributed, load_model, \
-    load_tokenizer, model_body, resolve_device, tokenizer_hash, EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX
+from predistill.models import ATTN_IMPLS, EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, Dist, count_params, \
+    forward_params, head_weight, init_distributed, load_model, load_tokenizer, model_body, resolve_device, tokenizer_hash
 from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 from predistill.store import TokenStore
