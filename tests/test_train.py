@@ -304,12 +304,20 @@ def test_ddp_two_ranks_match_one_rank(tiny_store, tmp_path):
 def test_fsdp_two_ranks_match_one_rank_and_resume_from_dcp(tiny_store, tmp_path):
     import shutil
 
+    from safetensors.torch import load_file
+
     one = tmp_path / "one"
-    torchrun_train(1, train_cmd(tiny_store, one, steps=6))
+    torchrun_train(1, train_cmd(tiny_store, one, steps=6, export_every=2))
     fsdp = tmp_path / "fsdp"
-    torchrun_train(2, train_cmd(tiny_store, fsdp, steps=6, save_every=3, fsdp=True))
+    torchrun_train(2, train_cmd(tiny_store, fsdp, steps=6, save_every=3, fsdp=True, export_every=2))
     np.testing.assert_allclose([r["loss"] for r in metrics(fsdp)], [r["loss"] for r in metrics(one)], rtol=1e-5)
     assert (fsdp / "checkpoints" / "step-00000003" / "dcp").is_dir()
+    # a step export gathers the sharded weights: the same model as one rank's at that step
+    for step in ("step-00000002", "step-00000004"):
+        ours, ref = (load_file(d / "exports" / step / "model.safetensors") for d in (fsdp, one))
+        assert ours.keys() == ref.keys()
+        for name in ref:
+            torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
     # an interrupted FSDP run (everything after the step-3 checkpoint lost) resumes from DCP
     resumed = tmp_path / "resumed"
