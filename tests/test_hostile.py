@@ -122,6 +122,13 @@ def recipe(t: Path, extra: str) -> str:
     return str(t / "r.toml")
 
 
+def t5_config(t: Path) -> Path:
+    from transformers import T5Config
+
+    T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16).save_pretrained(t / "t5")
+    return t / "t5"
+
+
 def toml(t: Path, text: str) -> str:
     (t / "c.toml").write_text(text)
     return str(t / "c.toml")
@@ -231,6 +238,9 @@ CASES = [
     ("diversity of a store whose tokens changed", lambda t, a: [
         "diversity", "--store", store_with(t, a, lambda s: overwrite_tokens(s, 7)), "--model", "preset:tiny",
         "--out", str(t / "d.json")], "changed since the store was written"),
+    ("train --model preset:PATH of a config that is no causal LM", lambda t, a: [
+        "train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN[2:], "--model",
+        f"preset:{t5_config(t)}"], "is not a causal LM architecture"),
     ("a recipe stage with a misspelt flag", lambda t, a: ["run", toml(
         t, '[[stage]]\nname = "b"\ncommand = "train"\nargs = { store = "s", out = "{self}", stepz = 2 }\n'),
         "--dry-run"], "stage 'b': predistill: error: unrecognized arguments: --stepz 2"),
