@@ -215,6 +215,8 @@ def staged_dir(out: str | Path, resume: Callable[[Path], bool] | None = None) ->
     staging = out.with_name(out.name + ".partial")
     if staging.exists() and not (resume and resume(staging)):
         shutil.rmtree(staging)
+    elif staging.exists():  # resumed: a temporary the kill cut short must not ride into OUT
+        remove_debris(staging)
     staging.mkdir(parents=True, exist_ok=True)
     try:
         yield staging

@@ -41,3 +41,18 @@ def test_check_output_nothing_to_do_refuse_or_go_on(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PredistillError, match="not a directory"):
         check_output(tmp_path / "file", "fmt", "thing", {}, identity_of)
+
+
+def test_a_resumed_staging_directory_loses_the_temporaries_a_kill_left(tmp_path):
+    """A SIGKILL in the middle of `write_json_atomic` leaves `NAME.PID.tmp`; resuming must not carry it
+    into OUT (prepare's rerun was not byte-identical when the kill hit its progress file)."""
+    from predistill.artifacts import staged_dir
+
+    out = tmp_path / "out"
+    staging = tmp_path / "out.partial"
+    staging.mkdir()
+    (staging / "progress.json").write_text("{}")
+    (staging / "progress.json.4194999.tmp").write_text("{")  # a dead writer's (no such pid)
+    with staged_dir(out, resume=lambda s: (s / "progress.json").is_file()) as tmp:
+        assert (tmp / "progress.json").is_file()  # resumed, not discarded
+        assert not (tmp / "progress.json.4194999.tmp").exists()
