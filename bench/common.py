@@ -42,3 +42,53 @@ def emit(bench: str, readme: dict | None = None, **fields) -> dict:
         with open(os.environ["BENCH_RESULTS"], "a") as f:
             f.write(line + "\n")
     return record
+
+
+class TensorPeak:
+    """Peak bytes of tensor storage allocated inside the `with` block and alive at once: the CPU
+    analogue of torch.cuda.max_memory_allocated. Process RSS on CPU also holds what glibc malloc
+    keeps after a free (it grows step after step with fragmentation), so benchmarks report both.
+    Storages that existed before the block (parameters; views of them) are not counted."""
+
+    def __init__(self, model_tensors=()):
+        self.current = self.peak = 0
+        self.live: dict[int, int] = {}
+        self.before = {t.untyped_storage().data_ptr() for t in model_tensors}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                    tracker.track(tensor)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def track(self, tensor) -> None:
+        import weakref
+
+        import torch
+
+        if not isinstance(tensor, torch.Tensor):
+            return
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.live or key in self.before or storage.nbytes() == 0:
+            return
+        self.live[key] = storage.nbytes()
+        self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self.free, key)  # torch keeps one Python object per storage
+
+    def free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)

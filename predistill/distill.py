@@ -36,7 +36,8 @@ from predistill.crosstok import MappingStats, Speller, VocabMap, align, map_targ
 from predistill.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss, fused_online_lm_kd_loss
 from predistill.logits import FORMAT as LOGITS_FORMAT, LogitsConfig, LogitsStore, TeacherTargets, teacher_targets
 from predistill.losses import lm_loss
-from predistill.models import check_plain_head, forward_params, head_weight, load_model, model_body, tokenizer_hash
+from predistill.models import check_plain_head, final_hidden, forward_params, head_weight, load_model, model_body, \
+    tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 
@@ -224,7 +225,7 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
                                   torch.zeros((0, 1), dtype=torch.bool))
             return self._layout(none, rows, positions, tuple(inputs.shape))
         # right padding needs no attention mask under causal attention
-        hidden = self.body(input_ids=padded.to(self.device)).last_hidden_state
+        hidden = final_hidden(self.body, padded.to(self.device))
         picked = hidden[torch.from_numpy(rows).to(hidden.device), torch.from_numpy(teacher_positions).to(hidden.device)]
         entries = teacher_targets(picked, self.weight, self.truncation)
         entries = TeacherTargets(entries.ids.cpu(), entries.logprobs.cpu(), entries.mask.cpu())
@@ -263,7 +264,7 @@ class OnlineTeacher:
 
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         with torch.no_grad():
-            teacher_hidden = self.body(input_ids=inputs).last_hidden_state
+            teacher_hidden = final_hidden(self.body, inputs)
         return fused_online_lm_kd_loss(hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask,
                                        weights=(1 - alpha, alpha))
 
@@ -319,9 +320,9 @@ class MiniLLM(OnlineTeacher):
         if kd_batch is None:
             return lm_pp.sum(), lm_pp.new_zeros(()), lm_pp, lm_pp.new_zeros(())
         body = model_body(self.student)
-        sample_hidden = body(input_ids=kd_batch[:, :-1]).last_hidden_state
+        sample_hidden = final_hidden(body, kd_batch[:, :-1])
         with torch.no_grad():
-            teacher_hidden = self.body(input_ids=kd_batch[:, :-1]).last_hidden_state
+            teacher_hidden = final_hidden(self.body, kd_batch[:, :-1])
         generated = torch.zeros(kd_batch[:, :-1].shape, dtype=torch.bool, device=kd_batch.device)
         generated[:, self.prefix_len - 1:] = True  # positions whose next token the student sampled
         # the corpus LM term and the KD term on the samples are two passes over different rows

@@ -28,7 +28,7 @@ import torch
 from predistill.artifacts import PredistillError, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ModelInputs
-from predistill.models import DTYPES, load_model, model_body, model_hash, resolve_device, resolve_dtype
+from predistill.models import DTYPES, final_hidden, load_model, model_body, model_hash, resolve_device, resolve_dtype
 from predistill.selection import load_selection
 from predistill.store import TokenStore
 
@@ -68,7 +68,7 @@ def embed(model, inputs: ModelInputs, ids: np.ndarray, batch_size: int, device: 
         tokens, lengths = inputs.batch([inputs.row(i) for i in ids[start:start + batch_size]])
         mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).to(device)
         # right padding under a causal model: no real token sees a pad, so no attention mask is needed
-        hidden = body(input_ids=tokens.to(device)).last_hidden_state.float()
+        hidden = final_hidden(body, tokens.to(device)).float()
         out.append(((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu())
     return torch.cat(out)
 

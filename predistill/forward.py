@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from predistill.artifacts import PredistillError
 from predistill.losses import inference_token_logprobs, token_logprobs
-from predistill.models import head_weight, is_plain_head, model_body, tokenizer_hash
+from predistill.models import final_hidden, head_weight, is_plain_head, model_body, tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
 
@@ -155,7 +155,7 @@ def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consum
                 # Right padding + causal attention: no valid position attends to a pad, so no mask
                 # is needed, and the mask-free call takes the fast causal attention kernel.
                 if plain:
-                    hidden, logits = body(input_ids=tokens, use_cache=False).last_hidden_state, None
+                    hidden, logits = final_hidden(body, tokens), None
                 else:  # a head the chunked kernels do not model: the model's own logits, one batch at a time
                     hidden, logits = None, model(input_ids=tokens, use_cache=False).logits[..., :vocab].float()
                 batch = ForwardBatch(ids=shard.ids[sel], tokens=tokens, lengths=lengths.to(device), hidden=hidden,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK = 1024
+# 512 rows × 49k vocabulary: a 96 MB fp32 logits buffer; 1024 is no faster on CPU (bench/bench_train.py)
+DEFAULT_CHUNK = 512
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -165,9 +166,15 @@ def common_scale(grads: tuple[torch.Tensor, ...], weights: tuple[float, ...], na
 
 
 def scaled_gradients(ctx, scale: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(d hidden, d weight) saved by `fused_head_pass`, times the incoming gradient of the loss."""
+    """(d hidden, d weight) saved by `fused_head_pass`, times the incoming gradient of the loss. Scaled
+    in place: a copy of d(weight) ([V, H], 75 MB at 49k × 384) would live beside the saved one at the
+    step's peak. So backward runs once per forward (no retain_graph)."""
+    if getattr(ctx, "scaled", False):
+        raise RuntimeError("a fused loss's backward ran twice: its stored gradients are scaled in place "
+                           "(retain_graph is not supported)")
+    ctx.scaled = True
     saved = iter(ctx.saved_tensors)
-    return tuple((next(saved) * scale).to(dtype) if need else None for need, dtype in zip(ctx.needs, ctx.dtypes))
+    return tuple(next(saved).mul_(scale).to(dtype) if need else None for need, dtype in zip(ctx.needs, ctx.dtypes))
 
 
 class _FusedLMLoss(torch.autograd.Function):

@@ -432,6 +432,13 @@ def model_body(model):
     return model.get_decoder() if body is model else body
 
 
+def final_hidden(body, input_ids):
+    """The body's final hidden states [B, L, H] for `input_ids`. No KV cache: the default one
+    (config.use_cache) copies every layer's keys and values and keeps them alive to the end of the
+    step, for nothing in a single full-sequence forward."""
+    return body(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 def is_plain_head(model) -> bool:
     """True when logits are exactly hidden @ lm_head.weightᵀ (no bias, soft-capping or scale)."""
     head = model.get_output_embeddings()

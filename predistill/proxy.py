@@ -29,7 +29,7 @@ from tqdm import tqdm
 from predistill.artifacts import PredistillError
 from predistill.config import option
 from predistill.forward import ModelInputs, score_ids
-from predistill.models import check_plain_head, forward_params, load_model, model_body, resolve_device
+from predistill.models import check_plain_head, final_hidden, forward_params, load_model, model_body, resolve_device
 from predistill.selection import top_fraction
 from predistill.store import TokenStore
 
@@ -102,7 +102,7 @@ class DifferenceRegressor(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # right padding + causal attention: valid positions never see the pads (no mask needed)
-        hidden = self.body(input_ids=tokens, use_cache=False).last_hidden_state
+        hidden = final_hidden(self.body, tokens)
         valid = (torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]).to(hidden.dtype)
         pooled = (hidden * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
         return self.head(pooled).squeeze(-1)

@@ -237,8 +237,8 @@ class RunSummary:
 # these are one configuration at several compute budgets (and seeds), and share one scaling fit
 NOT_IDENTITY_KEYS = {"out", "name", "command", "steps", "flops_budget", "epochs", "seed", "eval_every", "eval_instances",
                      "log_every", "save_every", "keep_checkpoints", "export_every", "tensorboard", "progress",
-                     "device", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "attn_impl",
-                     "loss_chunk", "kd_online_chunk", "save_logits"}
+                     "device", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "fused_kernels",
+                     "attn_impl", "loss_chunk", "kd_online_chunk", "save_logits"}
 
 
 # what a method's run shares with the baseline run it is read against (the method's own settings —

@@ -43,8 +43,10 @@ from predistill.config import add_config_arguments, config_from_args, from_flat,
 from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
+from predistill.kernels import fuse_kernels
 from predistill.models import ATTN_IMPLS, EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, Dist, count_params, \
-    forward_params, head_weight, init_distributed, load_model, load_tokenizer, model_body, resolve_device, tokenizer_hash
+    final_hidden, forward_params, head_weight, init_distributed, load_model, load_tokenizer, model_body, resolve_device, \
+    tokenizer_hash
 from predistill.selection import load_selection
 from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
 from predistill.store import TokenStore
@@ -53,8 +55,11 @@ FORMAT = "run"
 CHECKPOINT_PREFIX = "step-"
 # Settings that do not change the trained weights (nor where they live: a run dir may be moved):
 # a rerun may change them and still resume.
+# settings that do not change what a run trains: output, logging, and how the loss is computed (the
+# chunking of the head and the fused kernels move only float rounding); a run resumed with other
+# values of these is still the same run
 NON_RESULT_KEYS = {"out", "save_every", "export_every", "keep_checkpoints", "eval_every", "log_every", "tensorboard",
-                   "command"}
+                   "command", "loss_chunk", "fused_kernels"}
 
 
 @dataclass
@@ -114,6 +119,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the decoder body (GPU speed; the first steps pay the compilation)")
     activation_checkpointing: bool = option(False, "recompute each layer's activations in backward: less memory for "
                                             "large students, ≈ 1/3 more compute")
+    fused_kernels: bool = option(True, "memory-light RMSNorm and SwiGLU MLP (predistill.kernels) where the student "
+                                 "has them (--no-fused-kernels: the model's own forwards)", flag="--no-fused-kernels",
+                                 action="store_false")
     tensorboard: bool = option(False, 'also log to OUT/tensorboard (needs the tensorboard package)')
     device: str = option("auto", 'auto (cuda if available), cpu or cuda')
 
@@ -208,7 +216,7 @@ class LossModel(torch.nn.Module):
 
     def forward(self, inputs, targets, mask, kd_batch=None, kd=None, alpha: float = 0.5):
         """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions."""
-        hidden = model_body(self.lm)(input_ids=inputs).last_hidden_state
+        hidden = final_hidden(model_body(self.lm), inputs)
         weight = head_weight(self.lm, self.vocab_size)  # padded rows are not tokens
         if kd is not None:
             lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
@@ -218,6 +226,14 @@ class LossModel(torch.nn.Module):
         # the gradient is computed in the forward pass, chunk by chunk: no logits are recomputed in backward
         total, nll[keep] = fused_lm_loss(hidden[keep], weight, targets[keep], self.chunk_size)
         return total.float(), nll.new_zeros(()), nll, hidden
+
+
+def prepare_student(model, cfg: TrainConfig) -> None:
+    """What train does to a loaded student before its first step (benchmarks build the same)."""
+    if cfg.fused_kernels:
+        fuse_kernels(model)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def flops_per_token(model, vocab_size: int | None = None) -> int:
@@ -422,8 +438,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
 
     model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
                           attn_impl=cfg.attn_impl)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare_student(model, cfg)
     if model.get_input_embeddings().num_embeddings < store.vocab_size:
         raise PredistillError(f"model {cfg.model} has {model.get_input_embeddings().num_embeddings} embeddings "
                               f"but the store's vocabulary has {store.vocab_size} ids")
@@ -654,7 +669,7 @@ def _finish_logits(saver, store: TokenStore, loss_model: LossModel, cfg: TrainCo
     for start in range(0, len(todo), batch):
         ids = todo[start:start + batch]
         tokens, _ = store.batch(ids)
-        hidden = body(input_ids=tokens.to(device)).last_hidden_state
+        hidden = final_hidden(body, tokens.to(device))
         _save_logits(saver, store, ids, hidden, loss_model.lm)
     saver.finish()
 

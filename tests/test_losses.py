@@ -87,6 +87,16 @@ def test_fused_lm_loss_accumulates_like_any_loss_and_costs_nothing_without_grad(
     assert not total.requires_grad
 
 
+def test_a_fused_loss_backward_runs_once():
+    """Its stored gradients are scaled in place (no second [V, H] copy at the step's peak): a second
+    backward through the same graph would scale them twice, so it is refused."""
+    hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    total, _ = fused_lm_loss(hidden, weight, torch.randint(0, 9, (6,)), 4)
+    (2 * total).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        total.backward()
+
+
 def test_inference_head_equals_the_chunked_loss_head_bit_for_bit():
     """inference_token_logprobs (one reused logits buffer, in-place log-sum-exp; what scoring uses)
     is token_logprobs without its allocations: the same bits, for any chunking."""

@@ -360,9 +360,11 @@ def test_a_number_given_as_temperature_is_static_even_over_a_files_adaptive_mode
     assert 'temperature_mode = "adakd-h"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags", [dict(activation_checkpointing=True), dict(attn_impl="eager")])
+@pytest.mark.parametrize("flags", [dict(activation_checkpointing=True), dict(attn_impl="eager"),
+                                   dict(fused_kernels=False, loss_chunk=64)])
 def test_speed_paths_train_the_same_model(tiny_store, tmp_path, flags):
-    # recomputed activations and another attention kernel change speed and memory, not the numbers
+    # recomputed activations, another attention kernel, the model's own norm/MLP forwards and another
+    # head chunking change speed and memory, not the numbers
     base = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "base"), **{**FAST, "steps": 3}))
     other = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "other"), **{**FAST, "steps": 3}, **flags))
     losses = [[r["loss"] for r in metrics(d)] for d in (base, other)]
