@@ -34,6 +34,7 @@ import torch
 from predistill.artifacts import PredistillError, read_manifest
 from predistill.crosstok import MappingStats, Speller, VocabMap, align, map_targets
 from predistill.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss, fused_online_lm_kd_loss
+from predistill.kernels import fuse_kernels
 from predistill.logits import FORMAT as LOGITS_FORMAT, LogitsConfig, LogitsStore, TeacherTargets, teacher_targets
 from predistill.losses import lm_loss
 from predistill.models import check_plain_head, final_hidden, forward_params, head_weight, load_model, model_body, \
@@ -187,6 +188,7 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         self.model, tokenizer = loaded or load_model(spec)
         check_plain_head(self.model, spec)  # its logits are computed from the body's hidden states
         self.model.to(device).eval().requires_grad_(False)
+        fuse_kernels(self.model)  # the same values, computed in place (predistill.kernels)
         self.body = model_body(self.model)
         self.weight = head_weight(self.model, len(tokenizer))  # padded rows are not tokens
         self.store, self.tokenizer, self.device = store, tokenizer, device
@@ -251,6 +253,7 @@ class OnlineTeacher:
             raise PredistillError(f"online teacher {spec} has tokenizer {tokenizer_hash(tokenizer)[:12]}, but the store "
                                   f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary")
         self.teacher.to(device).eval().requires_grad_(False)
+        fuse_kernels(self.teacher)  # the same values, computed in place (predistill.kernels)
         self.body = model_body(self.teacher)
         self.weight = head_weight(self.teacher, store.vocab_size)  # padded rows are not tokens
         self.kd_cfg = kd_cfg

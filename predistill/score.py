@@ -38,6 +38,7 @@ from predistill.artifacts import MANIFEST, PredistillError, check_output, check_
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, PassStats, ScoreCollector, Shard, \
     plan_shards, run_forward_pass
+from predistill.kernels import fuse_kernels
 from predistill.logits import FORMAT as LOGITS_FORMAT
 from predistill.logits import LogitsConfig, LogitsStoreWriter
 from predistill.models import DTYPES, check_plain_head, forward_params, init_distributed, load_model, model_hash, \
@@ -228,6 +229,7 @@ def run(cfg: ScoreConfig) -> Path:
     model, tokenizer = load_model(cfg.model, preset_tokenizer=preset_tokenizer, seed=cfg.seed, dtype=dtype)
     check_plain_head(model, cfg.model)
     model.to(device).eval()
+    fuse_kernels(model)  # the same values, computed in place (predistill.kernels)
     inputs = ModelInputs(store, tokenizer, cfg.max_len)
     plan = {
         "config": cfg.identity(),

@@ -40,7 +40,7 @@ def loss_and_grads(model, ids):
 @pytest.mark.parametrize("family,swapped", [("llama", 7), ("qwen2", 7), ("mistral", 7), ("mamba", 3)])
 def test_fused_forwards_equal_the_models_own_values_and_gradients(family, swapped):
     """Every norm (2 per layer + the final one) and every SwiGLU MLP is swapped; logits are equal bit
-    for bit, every parameter's gradient to float rounding."""
+    for bit, with autograd and without, every parameter's gradient to float rounding."""
     eager = tiny(family)
     fused = copy.deepcopy(eager)
     assert fuse_kernels(fused) == swapped
@@ -50,6 +50,8 @@ def test_fused_forwards_equal_the_models_own_values_and_gradients(family, swappe
     assert torch.equal(logits, fused_logits)
     for name, g, fg in zip([n for n, _ in eager.named_parameters()], grads, fused_grads):
         torch.testing.assert_close(fg, g, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.inference_mode():  # scoring: the in-place path, the same values
+        assert torch.equal(fused(input_ids=ids).logits, logits)
 
 
 def test_fused_forwards_in_bf16_keep_values_and_track_gradients():
@@ -60,6 +62,8 @@ def test_fused_forwards_in_bf16_keep_values_and_track_gradients():
     logits, grads = loss_and_grads(eager, ids)
     fused_logits, fused_grads = loss_and_grads(fused, ids)
     assert torch.equal(logits, fused_logits)
+    with torch.inference_mode():
+        assert torch.equal(fused(input_ids=ids).logits, logits)
     for g, fg in zip(grads, fused_grads):
         assert fg.dtype == torch.bfloat16
         torch.testing.assert_close(fg.float(), g.float(), rtol=0.05, atol=0.05 * g.float().abs().max().item())
