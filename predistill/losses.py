@@ -71,21 +71,23 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 
 def inference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     chunk_size: int) -> torch.Tensor:
-    """`token_logprobs` for fp32 inference (no autograd), bit for bit: the same matmul and the same steps
-    as torch.logsumexp (amax, exp(x − max), sum, log, + max), but in one logits buffer reused for
-    every chunk and worked on in place. On CPU a fresh chunk-sized buffer (50 MB at 256 × 49k) is
-    mmap'd and page-faulted in for each chunk and each temporary: ~15% of the head's time."""
-    n = hidden.shape[0]
+                             chunk_size: int) -> torch.Tensor:
+    """`token_logprobs` for fp32 inference (no autograd), equal to float rounding and faster on CPU:
+    - the logits are computed transposed, weight @ hᵀ → [V, rows]: with the vocabulary as the GEMM's
+      long side MKL runs ≈ 15% faster than h @ weightᵀ (bench/bench_score.py);
+    - one logits buffer serves every chunk, and the log-sum-exp (max, exp(x − max), sum, log, + max,
+      as torch.logsumexp) works in it in place: a fresh chunk-sized buffer (50 MB at 256 × 49k) is
+      mmap'd and page-faulted in for each chunk and each temporary, ≈ 15% of the head's time."""
+    n, vocab = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    buf = torch.empty((min(chunk_size, n), weight.shape[0]), dtype=torch.float32, device=hidden.device)
+    flat = torch.empty(vocab * min(chunk_size, n), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
         h = hidden[start:start + chunk_size]
-        logits = torch.matmul(h, weight.t(), out=buf[:h.shape[0]])
-        target = logits.gather(1, targets[start:start + chunk_size, None]).squeeze(1)
-        top = logits.amax(dim=1)
-        top_finite = top.masked_fill(top.abs() == float("inf"), 0)  # as logsumexp: ±inf rows stay ±inf/nan
-        lse = logits.sub_(top_finite[:, None]).exp_().sum(dim=1).log_().add_(top_finite)
+        logits = torch.matmul(weight, h.t(), out=flat[:vocab * h.shape[0]].view(vocab, h.shape[0]))
+        target = logits.gather(0, targets[None, start:start + h.shape[0]]).squeeze(0)
+        top = logits.amax(dim=0)
+        top_finite = top.masked_fill(top.abs() == float("inf"), 0)  # as logsumexp: ±inf columns stay ±inf/nan
+        lse = logits.sub_(top_finite).exp_().sum(dim=0).log_().add_(top_finite)
         out[start:start + h.shape[0]] = target - lse
     return out
 

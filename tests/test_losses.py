@@ -97,9 +97,9 @@ def test_a_fused_loss_backward_runs_once():
         total.backward()
 
 
-def test_inference_head_equals_the_chunked_loss_head_bit_for_bit():
-    """inference_token_logprobs (one reused logits buffer, in-place log-sum-exp; what scoring uses)
-    is token_logprobs without its allocations: the same bits, for any chunking."""
+def test_inference_head_equals_the_chunked_loss_head():
+    """inference_token_logprobs (transposed logits in one reused buffer, in-place log-sum-exp; what
+    scoring uses) is token_logprobs without its allocations, for any chunking, to float rounding."""
     from predistill.losses import inference_token_logprobs
 
     g = torch.Generator().manual_seed(0)
@@ -108,5 +108,5 @@ def test_inference_head_equals_the_chunked_loss_head_bit_for_bit():
         hidden = torch.randn(n, 32, generator=g) * 4
         targets = torch.randint(0, 1000, (n,), generator=g)
         with torch.inference_mode():
-            assert torch.equal(inference_token_logprobs(hidden, weight, targets, chunk),
-                               token_logprobs(hidden, weight, targets, chunk))
+            torch.testing.assert_close(inference_token_logprobs(hidden, weight, targets, chunk),
+                                       token_logprobs(hidden, weight, targets, chunk), rtol=1e-6, atol=1e-5)
