@@ -93,6 +93,8 @@ def defined_names(name: str) -> list[str]:
     ("align", "crosstok"),  # which teacher position a student position of another tokenizer learns from
     ("VocabMap", "crosstok"),
     ("model_body", "models"),
+    ("final_hidden", "models"),  # the body's forward (no KV cache)
+    ("fuse_kernels", "kernels"),
     ("model_hash", "models"),
     ("resolve_device", "models"),
     ("resolve_dtype", "models"),
@@ -103,6 +105,15 @@ def defined_names(name: str) -> list[str]:
 ])
 def test_each_concept_is_defined_once(name, home):
     assert defined_names(name) == [home]
+
+
+def test_nothing_but_models_runs_a_body_forward():
+    # models.final_hidden is the one body call: a second would bring back the default KV cache
+    # (every layer's keys and values copied and kept alive for a single full-sequence forward)
+    offenders = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "models"
+                 and any(isinstance(n, ast.Attribute) and n.attr == "last_hidden_state"
+                         for n in ast.walk(ast.parse(p.read_text())))]
+    assert offenders == []
 
 
 def test_nothing_but_models_reads_parameter_counts_for_flops():
