@@ -49,3 +49,25 @@ def test_readme_table_keeps_the_latest_result_of_each_row(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "readme_table.py"), str(results), "--readme",
                            str(readme)], capture_output=True, text=True)
     assert proc.returncode != 0 and "markers" in proc.stderr
+
+
+def test_tensor_peak_counts_the_largest_set_of_tensors_alive_at_once():
+    """bench/common.TensorPeak, the benches' allocator-independent memory measure: what is alive
+    together counts, what was freed before does not, nor do tensors that existed before the block."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import TensorPeak
+
+    weight = torch.zeros(1 << 20)  # 4 MiB, allocated before: not counted, nor are views of it
+    with TensorPeak([weight]) as peak:
+        a = torch.ones(1 << 18)  # 1 MiB
+        b = torch.ones(1 << 19)  # 2 MiB: 3 MiB alive
+        del a, b
+        view = weight.t()  # a view of a tensor from before: nothing new
+        c = view[: 1 << 19].clone()  # 2 MiB alive
+    assert peak.peak == 3 << 20 and peak.current == 2 << 20
+    del c
+    assert peak.current == 0
