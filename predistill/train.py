@@ -54,10 +54,8 @@ from predistill.store import TokenStore
 FORMAT = "run"
 CHECKPOINT_PREFIX = "step-"
 # Settings that do not change the trained weights (nor where they live: a run dir may be moved):
-# a rerun may change them and still resume.
-# settings that do not change what a run trains: output, logging, and how the loss is computed (the
-# chunking of the head and the fused kernels move only float rounding); a run resumed with other
-# values of these is still the same run
+# a rerun may change them and still resume. The head's chunking and the fused kernels move only
+# float rounding, so they are among them.
 NON_RESULT_KEYS = {"out", "save_every", "export_every", "keep_checkpoints", "eval_every", "log_every", "tensorboard",
                    "command", "loss_chunk", "fused_kernels"}
 
