@@ -19,7 +19,10 @@ into --work) scored by `predistill score` as a user runs it (a subprocess: start
 hashing, reading, writing included), by a plain HF loop (a subprocess, `PLAIN_LOOP`), and — the
 ceilings — by the teacher body alone and body + head matmul over the same batches, in-process.
 The sides alternate each round; medians are compared. One more command run, with timing hooks
-(`HOOKED_SCORE`), says where the command's time goes. One JSON line per result.
+(`HOOKED_SCORE`), says where the command's time goes; a torch.profiler pass over the command's
+forward (`op_profile`) says where the forward's goes — GEMMs, attention, the rest — and how fast
+its GEMMs run against this machine's own large-square sgemm (what is left to speed up once they
+match it). One JSON line per result.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def main() -> None:
     p.add_argument("--tokens-per-domain", type=int, default=20000, help="--e2e: store size (prepare's "
                    "--max-tokens-per-domain)")
     p.add_argument("--max-len", type=int, default=256, help="--e2e: prepare's --max-len")
+    p.add_argument("--profile-instances", type=int, default=64, help="--e2e: instances in the op profile")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,15 +118,18 @@ def main() -> None:
 
 # "The code a user would otherwise write": store order, batches of B, right padding, attention mask,
 # full logits → log_softmax → gather → masked mean. Reads the store with numpy only.
+# argv: model_dir store out.npy batch [device (cpu)] [dtype (float32)]; bench/gpu_check.py runs it on a GPU.
 PLAIN_LOOP = r'''
 import json, sys
 import numpy as np, torch
 from transformers import AutoModelForCausalLM
 
 model_dir, store, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-dtype = json.load(open(f"{store}/manifest.json"))["dtype"]
-tokens, offsets = np.fromfile(f"{store}/tokens.bin", dtype=dtype), np.load(f"{store}/offsets.npy")
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+dtype = getattr(torch, sys.argv[6] if len(sys.argv) > 6 else "float32")
+tokens = np.fromfile(f"{store}/tokens.bin", dtype=json.load(open(f"{store}/manifest.json"))["dtype"])
+offsets = np.load(f"{store}/offsets.npy")
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 n, scores = len(offsets) - 1, []
 with torch.no_grad():
     for b0 in range(0, n, batch):
@@ -131,10 +138,11 @@ with torch.no_grad():
         mask = torch.zeros_like(ids)
         for k, r in enumerate(rows):
             ids[k, :len(r)], mask[k, :len(r)] = r, 1
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(ids, attention_mask=mask).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         m = mask[:, 1:].float()
-        scores.append(((logp * m).sum(1) / m.sum(1)).numpy())
+        scores.append(((logp * m).sum(1) / m.sum(1)).cpu().numpy())
 np.save(out, np.concatenate(scores))
 '''
 
@@ -299,6 +307,51 @@ def e2e(args) -> None:
     for part, s in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {s:.2f} | {s / total:.1%} |")
         emit(f"time: {part}", s, "s", share=round(s / total, 4))
+
+    ops = op_profile(model, inputs, args.profile_instances, args.batch)
+    forward = sum(ops["spent"].values())
+    print(f"\n### Where the forward's time goes (torch.profiler, self time, first {args.profile_instances} "
+          "instances)\n")
+    print("| op class | share |\n|---|---:|")
+    for part, s in ops["spent"].items():
+        print(f"| {part} | {s / forward:.1%} |")
+        emit(f"forward share: {part}", s / forward, "fraction")
+    # GEMMs at (or above) the large-square rate leave only the other ops to speed up
+    print(f"\n- GEMMs run at {ops['gemm_gflops']:.0f} GFLOP/s; this machine's 2048³ sgemm at "
+          f"{ops['sgemm_gflops']:.0f} GFLOP/s ({ops['gemm_gflops'] / ops['sgemm_gflops']:.0%})")
+    emit("GEMM rate in the forward", ops["gemm_gflops"], "GFLOP/s")
+    emit("machine sgemm rate (2048³, best of 5)", ops["sgemm_gflops"], "GFLOP/s")
+
+
+def op_profile(model, inputs, n_instances: int, batch: int) -> dict:
+    """Self time by op class in the scoring forward (fused kernels, as the command runs it) over the
+    first `n_instances`, the GEMMs' achieved rate (the profiler's FLOP count), and this machine's
+    large-square fp32 sgemm rate (best of 5, 2048³) for scale."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from predistill.forward import score_ids
+    from predistill.kernels import fuse_kernels
+
+    fuse_kernels(model)
+    ids = np.arange(min(n_instances, len(inputs.store)))
+    score_ids(model, inputs, ids[:batch], batch_size=batch, progress=False)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        score_ids(model, inputs, ids, batch_size=batch, progress=False)
+    spent = {"GEMM (aten::mm/addmm/bmm)": 0.0, "attention (SDPA)": 0.0, "everything else": 0.0}
+    gemm_flops = 0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm"):
+            spent["GEMM (aten::mm/addmm/bmm)"] += seconds
+            gemm_flops += event.flops
+        elif "scaled_dot_product" in event.key:
+            spent["attention (SDPA)"] += seconds
+        else:
+            spent["everything else"] += seconds
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    square = min(clock(lambda: torch.mm(a, b)) for _ in range(5))
+    return {"spent": spent, "gemm_gflops": gemm_flops / spent["GEMM (aten::mm/addmm/bmm)"] / 1e9,
+            "sgemm_gflops": 2 * 2048 ** 3 / square / 1e9}
 
 
 def fresh(path: Path) -> Path:

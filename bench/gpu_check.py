@@ -1,6 +1,6 @@
 """The GPU check: predistill's heavy paths on one device, as a table (run it via gpu_check.sh).
 
-    bash bench/gpu_check.sh [--out DIR]    # on a GPU: at most ~8 minutes on one H100/H200
+    bash bench/gpu_check.sh [--out DIR]    # on a GPU: ~10 minutes on one H100/H200 (estimated)
     bash bench/gpu_check.sh --dry          # the same script on CPU with tiny sizes (the test suite runs it)
 
 What it measures, each through the commands a user runs (`predistill.score.run`, `predistill.train.run`):
@@ -8,7 +8,10 @@ What it measures, each through the commands a user runs (`predistill.score.run`,
    `preset:miniplm-500m` as a larger teacher; the first pass also writes the logits store;
 2. student training tokens/s and MFU: `preset:miniplm-200m`, LM only;
 3. the step time of offline KD (that logits store) and of online KD (SmolLM2-135M as the online
-   teacher) over an LM-only step, and each phase's peak device memory.
+   teacher) over an LM-only step, and each phase's peak device memory;
+4. `predistill score` against the plain HF scoring loop (bench_score.PLAIN_LOOP: store order, right
+   padding, attention mask, full logits → log_softmax), both as subprocesses, start-up included, in
+   the same dtype (bf16), same batch: the scoring ratio issue 13 asks of the GPU.
 MFU = achieved FLOPs/s (2·N per scored token, 6·N per trained token, N = `models.forward_params`)
 over the device's dense bf16 peak (`PEAK_FLOPS`). One JSON line per result goes to OUT/gpu_check.jsonl,
 and the Markdown table to stdout. `--dry` swaps in tiny presets and a few thousand tokens, so the
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -87,6 +92,37 @@ def score_phase(name: str, model: str, store: Path, out: Path, logits_out: Path 
             "peak_memory_gib": peak_memory_gib(), "note": "end to end: load, hash, forward, write"}
 
 
+def score_vs_plain_phase(store: Path, out: Path, batch: int, rounds: int) -> dict:
+    """Both scorers as a user starts them, alternately `rounds` times; medians. The scores agree to the dtype."""
+    import numpy as np
+    from bench_score import PLAIN_LOOP
+
+    from predistill.models import resolve_model
+    from predistill.scores import ScoreTable
+
+    device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+    (out / "plain_loop.py").write_text(PLAIN_LOOP)
+    ours_cmd = [sys.executable, "-m", "predistill", "score", "--model", "smollm2-135m", "--store", str(store),
+                "--out", str(out / "ours"), "--batch-size", str(batch), "--dtype", dtype, "--no-progress"]
+    plain_cmd = [sys.executable, str(out / "plain_loop.py"), resolve_model("smollm2-135m").hf, str(store),
+                 str(out / "plain.npy"), str(batch), device, dtype]
+    seconds: dict[str, list[float]] = {"ours": [], "plain": []}
+    for _ in range(rounds):
+        for side, cmd in (("plain", plain_cmd), ("ours", ours_cmd)):
+            shutil.rmtree(out / "ours", ignore_errors=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            seconds[side].append(time.perf_counter() - t0)
+            if proc.returncode:
+                sys.exit(f"gpu_check: {side} scorer failed:\n{proc.stderr[-3000:]}")
+    ours, plain = (statistics.median(seconds[side]) for side in ("ours", "plain"))
+    max_diff = float(np.nanmax(np.abs(ScoreTable(out / "ours").logprob - np.load(out / "plain.npy"))))
+    n_tokens = int(np.load(store / "offsets.npy")[-1])
+    return {"phase": f"score vs plain HF loop ({dtype}, batch {batch}, subprocesses)", "tokens_per_s": n_tokens / ours,
+            "mfu": None, "seconds": ours, "peak_memory_gib": None, "over_plain_loop": plain / ours,
+            "plain_seconds": plain, "max_abs_score_diff": max_diff, "note": "end to end: start-up included"}
+
+
 def train_phase(name: str, sizes: Sizes, store: Path, out: Path, **kd) -> dict:
     from predistill.train import TrainConfig
     from predistill.train import run as train
@@ -139,16 +175,19 @@ def main() -> None:
     for r in (offline, online):
         r["step_time_over_lm_only"] = r["step_seconds"] / lm["step_seconds"]
     results += [lm, offline, online]
+    results.append(score_vs_plain_phase(store, out, batch=16, rounds=1 if args.dry else 2))
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (dry run: numbers mean nothing)"
     with open(out / "gpu_check.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps({"bench": "gpu_check", "device": device, "dry": args.dry, **r}) + "\n")
     print(f"## GPU check on {device}\n")
-    print("| phase | tokens/s | MFU | step time / LM-only | peak memory (GiB) |\n|---|---:|---:|---:|---:|")
+    print("| phase | tokens/s | MFU | step time / LM-only | × plain loop | peak memory (GiB) |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['phase']} | {fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['mfu'], '.1%')} | "
-              f"{fmt(r.get('step_time_over_lm_only'), '.2f')} | {fmt(r['peak_memory_gib'], '.1f')} |")
+              f"{fmt(r.get('step_time_over_lm_only'), '.2f')} | {fmt(r.get('over_plain_loop'), '.2f')} | "
+              f"{fmt(r['peak_memory_gib'], '.1f')} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """bench/gpu_check.sh --dry: the GPU check's every path (prepare, scoring with a logits store, LM-only,
-offline-KD and online-KD training) runs on CPU with tiny sizes, and writes its table and JSON lines."""
+offline-KD and online-KD training, `predistill score` against the plain HF loop) runs on CPU with tiny
+sizes, and writes its table and JSON lines."""
 
 import json
 import subprocess
@@ -15,10 +16,13 @@ def test_gpu_check_dry_run_writes_its_table(tmp_path):
                           env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
-    assert [r["phase"].split(":")[0] for r in rows] == ["score", "score", "train", "train", "train"]
+    assert [r["phase"].split(" ")[0].rstrip(":") for r in rows] == ["score", "score", "train", "train", "train",
+                                                                      "score"]
     assert all(r["dry"] and r["tokens_per_s"] > 0 for r in rows)
     assert rows[3]["step_time_over_lm_only"] > 0 and rows[4]["step_time_over_lm_only"] > 0
-    assert "| phase | tokens/s | MFU |" in proc.stdout
+    # the two scorers compute the same scores (fp32 on CPU), and the ratio is in the table
+    assert rows[5]["over_plain_loop"] > 0 and rows[5]["max_abs_score_diff"] < 1e-3
+    assert "| phase | tokens/s | MFU | step time / LM-only | × plain loop |" in proc.stdout
 
 
 def test_readme_table_keeps_the_latest_result_of_each_row(tmp_path):
