@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, subprocess_env
 
 
-@pytest.mark.slow  # about a minute: SmolLM2-135M scores and teaches on CPU
+@pytest.mark.slow  # a minute or two: SmolLM2-135M scores (also as two subprocesses) and teaches on CPU
 @pytest.mark.teacher
 def test_gpu_check_dry_run_writes_its_table(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry", "--out", str(tmp_path)],
