@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -95,7 +93,7 @@ def score_phase(name: str, model: str, store: Path, out: Path, logits_out: Path 
 def score_vs_plain_phase(store: Path, out: Path, batch: int, rounds: int) -> dict:
     """Both scorers as a user starts them, alternately `rounds` times; medians. The scores agree to the dtype."""
     import numpy as np
-    from bench_score import PLAIN_LOOP
+    from bench_score import PLAIN_LOOP, fresh, timed_run
 
     from predistill.models import resolve_model
     from predistill.scores import ScoreTable
@@ -109,12 +107,8 @@ def score_vs_plain_phase(store: Path, out: Path, batch: int, rounds: int) -> dic
     seconds: dict[str, list[float]] = {"ours": [], "plain": []}
     for _ in range(rounds):
         for side, cmd in (("plain", plain_cmd), ("ours", ours_cmd)):
-            shutil.rmtree(out / "ours", ignore_errors=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            seconds[side].append(time.perf_counter() - t0)
-            if proc.returncode:
-                sys.exit(f"gpu_check: {side} scorer failed:\n{proc.stderr[-3000:]}")
+            fresh(out / "ours")
+            seconds[side].append(timed_run(cmd))
     ours, plain = (statistics.median(seconds[side]) for side in ("ours", "plain"))
     max_diff = float(np.nanmax(np.abs(ScoreTable(out / "ours").logprob - np.load(out / "plain.npy"))))
     n_tokens = int(np.load(store / "offsets.npy")[-1])
