@@ -218,7 +218,7 @@ def run(cfg: PrepareConfig) -> Path:
                     for instance in chunker.flush():
                         _emit(splits[split], instance, domain, counts[split])
                     stats[split].append({"name": source.name, "kind": source.kind, "location": source.location,
-                                         **counts[split], "n_skipped": n_skipped})
+                                         **counts[split], "n_skipped": n_skipped, **source.provenance()})
                 _save_progress(tmp, plan, splits, stats, domain + 1, 0, 0, 0, None, {})
         finally:
             bar.close()

