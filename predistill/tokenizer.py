@@ -1,5 +1,8 @@
 """`predistill tokenizer`: train a byte-level BPE tokenizer on text sources, save it as an HF
-tokenizer directory (loadable by `AutoTokenizer.from_pretrained` and by every `--tokenizer`)."""
+tokenizer directory (loadable by `AutoTokenizer.from_pretrained` and by every `--tokenizer`).
+
+`--source store:DIR` trains on a token store's text (its train split, each instance decoded exactly
+and split at its EOS tokens): the vocabulary of a student that will read that very corpus."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from pathlib import Path
 from predistill.artifacts import PredistillError, check_output, staged_dir, write_manifest
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.sources import parse_sources
+from predistill.store import TokenStore
+
+STORE_SOURCE = "store:"
 
 EOS = "<|endoftext|>"
 FORMAT = "tokenizer"
@@ -17,7 +23,7 @@ FORMAT = "tokenizer"
 
 @dataclass
 class TokenizerConfig:
-    sources: list[str] = option(default_factory=list, help="text to train on (same specs as `prepare`)",
+    sources: list[str] = option(default_factory=list, help="text to train on (same specs as `prepare`), or store:DIR: a token store's text",
                                 flag="--source", required=True, metavar="SPEC")
     out: str = option("", "directory for the HF tokenizer", required=True)
     vocab_size: int = option(8192, "target vocabulary size, EOS included")
@@ -35,10 +41,13 @@ def run(cfg: TokenizerConfig) -> Path:
         raise PredistillError(f"--vocab-size {cfg.vocab_size} is too small: a byte-level BPE needs > 256")
     out = Path(cfg.out)
     config = asdict(cfg) | {"out": None}
+    stores = [TokenStore(spec.removeprefix(STORE_SOURCE)) for spec in cfg.sources if spec.startswith(STORE_SOURCE)]
+    if stores:  # what a store holds is part of the identity: another store at the same path is other text
+        config["store_hashes"] = [store.hash for store in stores]
     if check_output(out, FORMAT, "tokenizer directory", {"config": config}, lambda m: {"config": m.get("config")}):
         print(f"predistill: {out} is already complete; nothing to do")
         return out
-    sources = parse_sources(cfg.sources, cfg.skip_bad)
+    sources = parse_sources([spec for spec in cfg.sources if not spec.startswith(STORE_SOURCE)], cfg.skip_bad)
     if pretokenized := [s.kind + ":" + s.location for s in sources if s.pretokenized]:
         raise PredistillError(f"{pretokenized[0]} holds token ids, not text: a tokenizer is trained on text sources")
     bpe = Tokenizer(models.BPE())
@@ -51,6 +60,10 @@ def run(cfg: TokenizerConfig) -> Path:
     def texts():
         for source in sources:
             yield from source.documents()
+        for store in stores:
+            eos = store.tokenizer().eos_token
+            for i in range(len(store)):
+                yield from (doc for doc in store.decode(i).split(eos) if doc)
 
     bpe.train_from_iterator(texts(), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=EOS,

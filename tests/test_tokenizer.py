@@ -73,3 +73,18 @@ def test_cli_tokenizer_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["tokenizer", "--source", f"jsonl:{bad}", "--out", str(tmp_path / "t"), "--vocab-size", "100"])
     assert "too small" in capsys.readouterr().err
+
+
+def test_a_tokenizer_trained_on_a_token_stores_text(tiny_store, tmp_path, capsys):
+    from predistill.store import TokenStore
+
+    out = tmp_path / "tok"
+    cli.main(["tokenizer", "--source", f"store:{tiny_store}", "--out", str(out), "--vocab-size", "300"])
+    tok = AutoTokenizer.from_pretrained(out)
+    store = TokenStore(tiny_store)
+    text = store.decode(0).replace(store.tokenizer().eos_token, "")
+    assert len(tok) == 300 and tok.decode(tok.encode(text), clean_up_tokenization_spaces=False) == text
+    assert read_manifest(out, "tokenizer")["config"]["store_hashes"] == [store.hash]
+    capsys.readouterr()
+    cli.main(["tokenizer", "--source", f"store:{tiny_store}", "--out", str(out), "--vocab-size", "300"])
+    assert "already complete" in capsys.readouterr().out
