@@ -9,8 +9,10 @@ else (written by `predistill sample`, read by `train`, `generate` and `sample --
       manifest.json      format "selection", config, store hash, score-table hashes, counts,
                          per-domain keep rates, `selection_sha256`, proxy statistics; complete last
 
-A selection is a view: the ids index the token store whose hash the manifest records, and
-`load_selection` refuses it for any other store.
+A selection is a view: the ids index the token store whose hash the manifest records, or an
+instance-aligned re-tokenisation of it (`prepare --source store:DIR`: instance i spells the same
+text, and the store records DIR's hash as `derived_from`), so students with their own tokenizer
+train on the same selected text; `load_selection` refuses it for any other store.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def read_selection_manifest(directory: str | Path) -> dict:
     return read_manifest(directory, FORMAT, "selection")
 
 
+def _aligned_retokenisation(store: TokenStore, store_hash) -> bool:
+    """Is `store` the instance-by-instance re-tokenisation of the store with hash `store_hash`?"""
+    derived = store.manifest.get("derived_from")
+    return isinstance(derived, dict) and isinstance(store_hash, str) and derived.get("hash") == store_hash
+
+
 def load_selection(directory: str | Path, store: TokenStore | None = None) -> np.ndarray:
     """The kept instance ids of a complete selection (int64, strictly ascending), after every check:
     the file is the one the manifest's sha256 vouches for, a 1-D integer array of unique ids,
@@ -52,7 +60,7 @@ def load_selection(directory: str | Path, store: TokenStore | None = None) -> np
     path = directory / IDS_FILE
     if not path.is_file() or sha256_file(path) != manifest.get("selection_sha256"):
         raise PredistillError(f"{path}: missing or changed since the selection was made; rerun sample")
-    if store is not None:
+    if store is not None and not _aligned_retokenisation(store, manifest.get("store_hash")):
         check_same_store(manifest.get("store_hash", ""), store, f"selection {directory}")
     try:
         ids = np.load(path, allow_pickle=False)

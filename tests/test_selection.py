@@ -53,5 +53,22 @@ def test_a_selection_of_another_store_is_refused(tiny_store, tmp_path):
         load_selection(directory, TokenStore(tiny_store / "val"))
 
 
+def test_a_selection_applies_to_an_instance_aligned_retokenisation_of_its_store(tiny_store, tmp_path, source_specs):
+    # a student with its own tokenizer trains on the same selected text (prepare --source store:DIR)
+    from predistill.prepare import PrepareConfig, run as prepare
+    from predistill.tokenizer import TokenizerConfig, run as train_tokenizer
+
+    other = train_tokenizer(TokenizerConfig(sources=source_specs, out=str(tmp_path / "tok"), vocab_size=300))
+    derived = TokenStore(prepare(PrepareConfig(sources=[f"store:{tiny_store}"], tokenizer=str(other),
+                                               out=str(tmp_path / "derived"))))
+    store = TokenStore(tiny_store)
+    directory = make_selection(tmp_path / "s", [0, 2, 5], store)
+    assert load_selection(directory, derived).tolist() == [0, 2, 5]
+    assert derived.decode(2).replace(derived.tokenizer().eos_token, "") == \
+        store.decode(2).replace(store.tokenizer().eos_token, "")
+    with pytest.raises(PredistillError, match="made from token store"):  # its val split derives from val, not the store
+        load_selection(directory, TokenStore(derived.dir / "val"))
+
+
 def test_top_fraction_keeps_the_floor_of_ratio_n_highest_in_corpus_order():
     assert top_fraction(np.array([0.1, 0.9, np.nan, 0.5]), 0.5).tolist() == [1, 3]
