@@ -61,6 +61,9 @@ class ReportConfig:
     irreducible: str = option("auto", "fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points",
                               choices=("auto", "on", "off"))
     baseline: str = option(BASELINE, "the method every other is compared to, seed by seed, in the seed summary")
+    target_sets: list[str] = option(default_factory=list, help="a held-out set (train --heldout NAME=DIR) that is "
+                                    "not the training pool's mixture: marked as a target in the tables and listed as "
+                                    "such in STEM.json (repeatable)", flag="--target-set", metavar="NAME")
     stem: str = option("report", "file names: OUT/STEM.md, STEM.html, STEM.json (plots in OUT/plots, or OUT/STEM-plots "
                                  "for another stem)")
 
@@ -219,6 +222,7 @@ class RunSummary:
     schedule: str = ""  # what a method's run must share with its baseline's to be compared (model, optimiser, budget)
     heldout_loss: float | None = None
     heldout_source: str | None = None  # "eval" (eval.json) or "train" (manifest final_val_loss)
+    heldout_losses: dict[str, float] = field(default_factory=dict)  # train --heldout NAME=DIR: set → loss
     tasks: dict[str, dict] = field(default_factory=dict)  # task → {"acc", "acc_norm"}
     avg_acc: float | None = None
     teacher_flops_offline: float | None = None
@@ -307,6 +311,8 @@ def summarize_run(run: str) -> RunSummary:
     elif any(_non_finite(v) for v in (evaluation.get("heldout_loss"), manifest.get("final_val_loss"))):
         s.heldout_source = "non-finite"  # a diverged run: shown as such, never as a missing value
         print(f"predistill report: warning: {run_dir}: held-out loss is not finite (a diverged run)", file=sys.stderr)
+    losses = manifest.get("heldout_losses") if isinstance(manifest.get("heldout_losses"), dict) else {}
+    s.heldout_losses = {str(k): v for k, v in losses.items() if _number(v) is not None}
     results = evaluation.get("results") if isinstance(evaluation.get("results"), dict) else {}
     order = (evaluation.get("tasks") or {}).get("evaluated") if isinstance(evaluation.get("tasks"), dict) else None
     order = [t for t in order if t in results] if isinstance(order, list) else []
@@ -589,6 +595,11 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
                  and rs[0].schedule == members[0].schedule]
         base = {r.seed: r for r in groups[bases[0]] if r.seed is not None} if len(bases) == 1 else {}
         pairs = [(r, base[r.seed]) for r in members if r.seed in base]
+        sets = [name for name in members[0].heldout_losses if all(name in r.heldout_losses for r in members)]
+        entry["heldout_sets"] = {name: _set_summary([r.heldout_losses[name] for r in members],
+                                                    [(r.heldout_losses[name], b.heldout_losses[name]) for r, b in pairs
+                                                     if name in b.heldout_losses] if method != baseline else [])
+                                 for name in sets}
         if method != baseline and pairs:
             diffs = [r.heldout_loss - b.heldout_loss for r, b in pairs]
             d_mean, d_std = _mean_std(diffs)
@@ -605,6 +616,42 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
                 "flops_to_reach_baseline_ratio_mean": float(np.mean(reached)) if len(reached) == len(reach) else None}
         out.append(entry)
     return out
+
+
+def _set_summary(losses: list[float], pairs: list[tuple[float, float]]) -> dict:
+    """One held-out set of a seed group: mean ± std over seeds, and the paired difference to the
+    baseline's loss on the same set (mean ± standard error), when there are pairs."""
+    mean, std = _mean_std(losses)
+    paired = None
+    if pairs:
+        diffs = [a - b for a, b in pairs]
+        d_mean, d_std = _mean_std(diffs)
+        se = d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+        paired = {"n_pairs": len(diffs), "diff_mean": d_mean, "diff_se": se, "diffs": diffs,
+                  "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se}
+    return {"mean": mean, "std": std, "paired": paired}
+
+
+def heldout_set_rows(groups: list[dict], baseline: str, targets: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Per held-out set (train --heldout): each seed group's mean loss and paired Δ vs the baseline."""
+    names = list(dict.fromkeys(n for g in groups for n in g.get("heldout_sets", {})))
+    header = ["method", "size", "seeds"] + [f"{n}{' (target)' if n in targets else ''}: loss, Δ vs {baseline}"
+                                            for n in names]
+    rows = []
+    for g in groups:
+        cells = []
+        for name in names:
+            summary = g.get("heldout_sets", {}).get(name)
+            if summary is None:
+                cells.append(DASH)
+                continue
+            cell = f"{summary['mean']:.4f}"
+            if (p := summary["paired"]) is not None:
+                cell += f" ({p['diff_mean']:+.4f}" + (f" ± {p['diff_se']:.4f}" if p["diff_se"] is not None else "")
+                cell += (", " + ("better" if p["diff_mean"] < 0 else "worse") if p["significant"] else "") + ")"
+            cells.append(cell)
+        rows.append([g["label"], g["size"] or DASH, str(g["n_seeds"])] + cells)
+    return header, rows
 
 
 def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
@@ -940,6 +987,9 @@ def run(cfg: ReportConfig) -> Path:
     if not re.fullmatch(r"[\w.-]+", cfg.stem) or cfg.stem.startswith("."):
         raise PredistillError(f"--stem must be a file name stem (letters, digits, '_', '-', '.'), got {cfg.stem!r}")
     runs = [summarize_run(r) for r in cfg.runs]
+    if unknown := [t for t in cfg.target_sets if not any(t in r.heldout_losses for r in runs)]:
+        raise PredistillError(f"--target-set {unknown[0]!r}: no run has a held-out loss on a set of that name "
+                              f"(train --heldout {unknown[0]}=DIR)")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PredistillError(f"--out {out} exists and is not a directory")
@@ -971,6 +1021,10 @@ def run(cfg: ReportConfig) -> Path:
     sections = []
     if seeded:
         sections.append((f"Seeds: mean ± std, and the paired difference to {cfg.baseline}", *seed_rows(groups, cfg.baseline)))
+    if any(g.get("heldout_sets") for g in groups):
+        sections.append((f"Held-out sets: mean loss over seeds (paired Δ vs {cfg.baseline} ± s.e.; "
+                         f"'better'/'worse' beyond {SIGNIFICANT_SE:g} s.e.)",
+                         *heldout_set_rows(groups, cfg.baseline, cfg.target_sets)))
     sections.append(("Comparison", *table_rows(runs)))
     if any(r.tasks for r in runs):
         sections.append(("Task accuracy (acc / acc_norm, %)", *detail_rows(runs)))
@@ -1030,7 +1084,7 @@ def run(cfg: ReportConfig) -> Path:
     summary = [asdict(r) | {"metrics": None} for r in runs]  # the curves stay in each run's metrics.jsonl
     write_json_atomic(out / f"{cfg.stem}.json", {"format": "report", "version": 1, "runs": summary, "seed_groups": groups,
                                                  "fits": fits, "extrapolations": extrapolated, "plots": [f"{plots_name}/{file}" for _, file in plots],
-                                                 "config": asdict(cfg)})
+                                                 "target_sets": cfg.target_sets, "config": asdict(cfg)})
     return out
 
 

@@ -67,6 +67,10 @@ class TrainConfig:
     tokenizer: str | None = option(None, "tokenizer spec (default: the token store's own tokenizer)")
     store: str = option("", 'token store to train on')
     val_store: str | None = option(None, 'held-out token store for val loss (default: STORE/val when it exists)')
+    heldout: list[str] = option(default_factory=list, help="NAME=DIR: a held-out token store scored on all its "
+                                "instances after the last step, its loss recorded under NAME in the manifest's "
+                                "heldout_losses (repeatable: a pool-mixture set and target sets)",
+                                flag="--heldout", metavar="NAME=DIR")
     selection: str | None = option(None, 'selection directory from `predistill sample`: train only on those instances')
     out: str = option("", 'run directory')
     name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
@@ -425,6 +429,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                               "re-tokenise the corpus (`sample --materialize`) or use the store's tokenizer")
     if val_store is not None and val_store.tokenizer_hash != store.tokenizer_hash:
         raise PredistillError(f"val store {val_path} was made with another tokenizer than {cfg.store}")
+    heldout_stores = _heldout_stores(cfg.heldout, store)
 
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
     if check_output(out, FORMAT, "run", result_config(cfg), lambda m: result_config(from_flat(TrainConfig, m["config"])),
@@ -583,6 +588,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     finally:
         bar.close()
         loader.close()
+    heldout_losses = {name: evaluate(wrapped, held, cfg, d, device, autocast, n=len(held))
+                      for name, held in heldout_stores.items()}
     _export(out, model, loss_model, tokenizer, cfg, d)
     if saver is not None and d.main:  # the instances no step saw: one pass of the final model, rank 0 alone
         _finish_logits(saver, store, loss_model, cfg, device)
@@ -596,7 +603,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
             "teacher_flops": flops - student_fpt * tokens_seen, "store_hash": store.hash,
             "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
             "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,
-            "final_val_loss": val_loss}
+            "final_val_loss": val_loss, "heldout_losses": heldout_losses}
             | ({"kd_alignment": kd.alignment(kd_counts)} if hasattr(kd, "take_counts") else {}))
         print(f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
               + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
@@ -607,10 +614,12 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
 
 
 @torch.no_grad()
-def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, autocast) -> float:
-    """MiniPLM's held-out loss: the mean over instances of each instance's mean token NLL."""
+def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, autocast,
+             n: int | None = None) -> float:
+    """MiniPLM's held-out loss: the mean over instances of each instance's mean token NLL, over the
+    first `n` instances (default: --eval-instances)."""
     wrapped.eval()
-    n = min(len(val_store), cfg.eval_instances)
+    n = min(len(val_store), cfg.eval_instances if n is None else n)
     ids = np.arange(n)
     per_rank = math.ceil(n / d.world)
     mine = ids[d.rank * per_rank:(d.rank + 1) * per_rank]
@@ -631,6 +640,23 @@ def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, 
             count += int(valid.sum())
     total, count = d.all_sum([total, count], device)
     return total / max(count, 1)
+
+
+def _heldout_stores(specs: list[str], store: TokenStore) -> dict[str, TokenStore]:
+    """--heldout NAME=DIR: each a complete token store in the training store's tokenizer."""
+    stores: dict[str, TokenStore] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PredistillError(f"--heldout {spec!r}: write NAME=DIR")
+        if name in stores:
+            raise PredistillError(f"--heldout names the set {name!r} twice")
+        stores[name] = TokenStore(path)
+        if len(stores[name]) == 0:
+            raise PredistillError(f"--heldout {name}={path}: the store holds no instance")
+        if stores[name].tokenizer_hash != store.tokenizer_hash:
+            raise PredistillError(f"--heldout {name}={path} was made with another tokenizer than {store.dir}")
+    return stores
 
 
 def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):

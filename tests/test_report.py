@@ -30,7 +30,7 @@ def write_png(path):
 
 def fabricate_run(root, name, *, method, flops, tokens, final_val_loss, params=400_000, eval_json=None,
                   selection=None, kd_logits=None, command=None, loss0=6.0, model="preset:tiny", seed=None,
-                  student_flops_per_token=None, settings=None):
+                  student_flops_per_token=None, settings=None, heldout_losses=None):
     """A run directory following `predistill train`'s contract (manifest, metrics, config, [eval])."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
@@ -53,7 +53,7 @@ def fabricate_run(root, name, *, method, flops, tokens, final_val_loss, params=4
                              "student_flops_per_token": student_flops_per_token,
                              "selection": str(selection) if selection else None,
                              "kd_logits": str(kd_logits) if kd_logits else None, "kd_teacher": None,
-                             "final_val_loss": final_val_loss})
+                             "final_val_loss": final_val_loss, "heldout_losses": heldout_losses or {}})
     if eval_json is not None:
         (run_dir / "eval.json").write_text(json.dumps(eval_json))
     return run_dir
@@ -94,8 +94,11 @@ def runs(tmp_path):
     ]
 
 
-def table_row(md: str, name: str) -> list[str]:
-    line = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
+def table_row(md: str, name: str, section: str = "") -> list[str]:
+    """The cells of the first table row named `name`, after the first heading that starts with `section`."""
+    lines = md.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith(f"## {section}")) if section else 0
+    line = next(line for line in lines[start:] if line.startswith(f"| {name} |"))
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -411,6 +414,30 @@ def test_a_seed_sweep_report_has_the_seed_table_and_its_own_file_names(tmp_path)
     assert all(r["heldout_loss"] and r["flops"] for r in data["runs"])
     assert data["fits"] == []  # one budget per (method, size); the seed means replace 18 per-run curve fits
     assert data["plots"] == ["study-plots/loss_vs_flops_seed_mean.png"]
+
+
+def test_each_heldout_set_gets_its_paired_difference_and_targets_are_named(tmp_path):
+    # PD: no better on the pool's mixture, better by 0.1 on the target set in every seed
+    runs = []
+    for method, pool, manual in (("Pre-Train w/o KD", [4.0, 4.1, 4.2], [5.0, 5.3, 5.1]),
+                                 ("PD", [4.01, 4.09, 4.21], [4.9, 5.2, 5.0])):
+        for seed in (1, 2, 3):
+            runs.append(fabricate_run(tmp_path / "runs", f"{method[:2]}-{seed}", method=method, flops=1e13, tokens=2e5,
+                                      final_val_loss=pool[seed - 1], seed=seed,
+                                      heldout_losses={"pool": pool[seed - 1], "manual": manual[seed - 1]}))
+    out = run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "docs"), stem="web", target_sets=["manual"]))
+    data = json.loads((out / "web.json").read_text())
+    assert data["target_sets"] == ["manual"]
+    assert {r["seed"]: r["heldout_losses"]["manual"] for r in data["runs"] if r["method"] == "PD"} == {
+        1: 4.9, 2: 5.2, 3: 5.0}
+    pd = next(g for g in data["seed_groups"] if g["method"] == "PD")["heldout_sets"]
+    assert pd["manual"]["paired"]["diff_mean"] == pytest.approx(-0.1) and pd["manual"]["paired"]["significant"]
+    assert pd["pool"]["paired"]["diff_mean"] == pytest.approx(0.0033, abs=1e-4) and not pd["pool"]["paired"]["significant"]
+    md = (out / "web.md").read_text()
+    assert "manual (target): loss, Δ vs Pre-Train w/o KD" in md
+    assert table_row(md, "PD", section="Held-out sets")[3] == "5.0333 (-0.1000 ± 0.0000, better)"
+    with pytest.raises(PredistillError, match="--target-set 'web'"):
+        run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "d2"), target_sets=["web"]))
 
 
 def test_single_runs_are_said_to_be_untested_and_a_note_leads_the_page(tmp_path, runs):

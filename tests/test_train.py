@@ -81,6 +81,36 @@ def test_training_lowers_heldout_loss_and_exports_a_loadable_hf_model(tiny_store
     assert generated.shape[1] > prompt.input_ids.shape[1]
 
 
+def test_heldout_sets_are_scored_on_all_their_instances_after_the_last_step(tiny_store, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from predistill.eval import heldout_metrics
+
+    # the sets are scored whole, whatever --eval-instances caps the curve's evaluations at
+    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "seq_len": 64},
+                          heldout=[f"pool={tiny_store / 'val'}", f"train={tiny_store}"]))
+    losses = json.loads((out / "manifest.json").read_text())["heldout_losses"]
+    assert list(losses) == ["pool", "train"]
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")  # the oracle: eval's reading of the export
+    for name, store in (("pool", TokenStore(tiny_store / "val")), ("train", TokenStore(tiny_store))):
+        assert len(store) > FAST["eval_instances"] or name == "pool"
+        expected = heldout_metrics(model, store.tokenizer(), store, progress=False)["heldout_loss"]
+        assert losses[name] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("specs,message", [
+    (["pool"], "write NAME=DIR"),
+    (["a={val}", "a={val}"], "names the set 'a' twice"),
+    (["a={missing}"], "not a token store"),
+])
+def test_bad_heldout_sets_are_refused_before_training(tiny_store, tmp_path, specs, message):
+    fill = {"val": tiny_store / "val", "missing": tmp_path / "nowhere"}
+    with pytest.raises(PredistillError, match=message):
+        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST,
+                        heldout=[spec.format(**fill) for spec in specs]))
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_records_params_tokens_and_flops_as_6ND(tiny_store, tmp_path):
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST))
     manifest = json.loads((out / "manifest.json").read_text())
