@@ -95,7 +95,9 @@ class ReleasedConfig:
 
 
 PRESETS: dict[str, Preset | MambaPreset | ReleasedConfig] = {
-    # tiny CPU sizes for tests and the demo (non-embedding params: ~0.4M, ~3M, ~11M)
+    # tiny CPU sizes for tests and the demo (non-embedding params: ~0.2M, ~0.4M, ~3M, ~11M); micro is
+    # half of tiny: the realistic study's MiniPLM reference (MiniPLM: reference ≈ half the smallest student)
+    "micro": Preset("qwen2", 128, 352, 1, 4, 4, True),
     "tiny": Preset("qwen2", 128, 352, 2, 4, 4, True),
     "mini": Preset("qwen2", 256, 704, 4, 4, 4, True),
     "small": Preset("qwen2", 384, 1056, 6, 6, 6, True),
