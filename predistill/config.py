@@ -5,8 +5,10 @@ is itself a config dataclass nests (`TrainConfig.kd: KDConfig`) and its fields a
 the same flat namespace (`--kd-loss`, `--normkd-t`), so nesting organises the code without
 changing the command line. The flat names (`key`) are also the keys of `--config FILE.toml`, of a
 run's `config.json` and of `--print-config`'s output. Precedence: dataclass default < `--config`
-< flags given on the command line. Declare a field with `option(...)`: its help text, choices and
-flag live beside its default, so each default has exactly one home.
+< flags given on the command line. Declare a field with `option(...)`: its help text, choices,
+flag and range (`interval="[1, inf)"`) live beside its default, so each default has exactly one
+home, and every value — flag, config file, recipe, or a config built in code (`check_ranges`) — is
+checked against the same declaration: a number outside its interval, or not finite, is one line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -28,6 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 C = TypeVar("C")
+MAX_CONFIG_BYTES = 1 << 20  # a --config file is settings, not data
 
 
 class UsageError(PredistillError):
@@ -36,15 +40,62 @@ class UsageError(PredistillError):
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            flag: str | None = None, key: str | None = None, choices: typing.Iterable | None = None,
-           required: bool = False, cli: bool = True, positional: bool = False, **argparse_kwargs: Any) -> Any:
+           required: bool = False, cli: bool = True, positional: bool = False, interval: str | None = None,
+           **argparse_kwargs: Any) -> Any:
     """A config field. `flag`/`key` rename it on the command line / in files (default: the field
     name); `cli=False` keeps it out of both (a value another field derives); `required` fields
-    must be set by a flag or the config file; extra keyword arguments go to `add_argument`."""
+    must be set by a flag or the config file; `interval` ("[0, 1)", "(0, inf)", "[1, inf)") is the
+    range a numeric value must lie in (always finite); extra keyword arguments go to `add_argument`."""
+    if interval is not None:
+        _bounds(interval)  # a malformed declaration fails at import, not at a user's run
     metadata = {"help": help, "flag": flag, "key": key, "choices": tuple(choices) if choices is not None else None,
-                "required": required, "cli": cli, "positional": positional, "argparse": argparse_kwargs}
+                "required": required, "cli": cli, "positional": positional, "interval": interval,
+                "argparse": argparse_kwargs}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def _bounds(interval: str) -> tuple[float, float]:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    if interval[0] not in "[(" or interval[-1] not in "])" or not low <= high:
+        raise ValueError(f"malformed interval {interval!r}")
+    return low, high
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Is `value` finite and inside an interval written like "(0, inf)" or "[0, 1]"?"""
+    low, high = _bounds(interval)
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def _range_text(interval: str, integer: bool) -> str:
+    low, high = _bounds(interval)
+    if integer and high == math.inf:
+        return f"≥ {int(low) + (interval[0] == '(')}"
+    return f"{'' if integer else 'finite and '}in {interval}"
+
+
+def check_value(leaf: "Leaf", value: Any) -> None:
+    """Refuse a value outside its field's declared interval (numbers only; None is "unset")."""
+    interval = leaf.field.metadata.get("interval")
+    if isinstance(value, str):  # a number given as text to a converter-typed setting (`--temperature 0`)
+        try:
+            value = float(value)
+        except ValueError:
+            return  # a name (an adaptive mode), checked where it is used
+    if interval is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not in_interval(value, interval):
+        raise PredistillError(f"{leaf.flag} must be {_range_text(interval, leaf.type is int)}, got {value}")
+
+
+def check_ranges(config: Any) -> None:
+    """Check every declared range of a config (a config built in code gets the CLI's checks)."""
+    for leaf, value in zip(leaves(type(config)), to_flat(config).values()):
+        check_value(leaf, value)
 
 
 def _base_type(tp) -> type:
@@ -109,6 +160,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         meta = leaf.field.metadata
         default = leaf.default()
         help_text = meta.get("help", "")
+        if meta.get("interval"):
+            help_text += f"; {_range_text(meta['interval'], leaf.type is int)}"
         if meta.get("required"):
             help_text += " (required)"
         elif default not in (None, "", []) and "%(default)" not in help_text:
@@ -133,6 +186,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise PredistillError(f"{path}: {path.stat().st_size} bytes is not a config file "
+                                  f"(at most {MAX_CONFIG_BYTES})")
         if path.suffix == ".json":  # a run's own config.json: reruns exactly that run
             loaded = json.loads(path.read_text())
             if isinstance(loaded, dict):
@@ -141,8 +197,13 @@ def _read_file(path: Path) -> dict[str, Any]:
             loaded = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise PredistillError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise PredistillError(f"{path}: is a directory, not a config file") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PredistillError(f"{path}: invalid {path.suffix.lstrip('.').upper() or 'TOML'} ({e})") from None
+    except (ValueError, RecursionError) as e:  # a 5 000-digit number, nesting 100 000 deep
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise PredistillError(f"{path}: unreadable ({reason})") from None
     if not isinstance(loaded, dict):
         raise PredistillError(f"{path}: expected a table of settings")
     return loaded
@@ -153,7 +214,10 @@ def _typed(leaf: Leaf, value: Any, path: Path) -> Any:
     a `type=` converter, e.g. `--temperature normkd`, is applied to strings)."""
     converter = (leaf.field.metadata.get("argparse") or {}).get("type")
     if converter is not None and isinstance(value, str):
-        return converter(value)
+        try:
+            return converter(value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise PredistillError(f"{path}: {leaf.key} = {value!r}: {e}") from None
     if value is None or (leaf.type is float and isinstance(value, int) and not isinstance(value, bool)):
         return float(value) if value is not None else None
     ok = isinstance(value, leaf.type) and not (leaf.type is int and isinstance(value, bool))
@@ -216,6 +280,8 @@ def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
             loaded[key] = _typed(keys[key], value, path)
         values.update(loaded)
     values.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    for key, value in values.items():
+        check_value(keys[key], value)
     for key, leaf in keys.items():
         if leaf.field.metadata.get("required") and values.get(key) in (None, "", []):
             name = leaf.field.metadata.get("argparse", {}).get("metavar", leaf.key) if leaf.field.metadata.get(

@@ -73,12 +73,12 @@ class EvalConfig:
                                      metavar="LIST")
     tasks_dir: str | None = option(None, "where the local tasks are built (and reused); default: the --out file's "
                                    "folder/tasks")
-    batch_size: int = option(8, "sequences per forward pass")
-    limit: int | None = option(None, "evaluate at most N held-out instances and N items per task (default: all)")
-    local_items: int = option(200, "items per local task")
-    seed: int = option(1234, "seed of the local tasks' passage order and distractors")
+    batch_size: int = option(8, "sequences per forward pass", interval="[1, inf)")
+    limit: int | None = option(None, "evaluate at most N held-out instances and N items per task (default: all)", interval="[1, inf)")
+    local_items: int = option(200, "items per local task", interval="[1, inf)")
+    seed: int = option(1234, "seed of the local tasks' passage order and distractors", interval="[0, 4294967295]")
     allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)")
-    num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as the papers report)")
+    num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as the papers report)", interval="[0, inf)")
     exports: bool = option(False, "a run directory: also evaluate every export it wrote during training (train "
                                   "--export-every) into RUN/exports/step-N/eval.json — accuracy over training; an export "
                                   "already evaluated with these settings is kept")

@@ -72,19 +72,19 @@ class GenerateConfig:
                         "(random weights)", required=True)
     store: str = option("", "source token store whose instances' prefixes are the prompts", required=True)
     out: str = option("", "token store to write (work in OUT.shards/ is resumed)", required=True)
-    prefix_len: int = option(32, "store tokens of each instance used as the prompt (shorter instances: all of it)")
+    prefix_len: int = option(32, "store tokens of each instance used as the prompt (shorter instances: all of it)", interval="[1, inf)")
     max_new_tokens: int | None = option(None, "tokens the teacher writes at most per instance (default: fill up to "
-                                        "the store's instance length, max_len + 1 − prefix-len)")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling mass (1.0: off)")
-    top_k: int = option(0, "sample among the k likeliest tokens (0: off)")
+                                        "the store's instance length, max_len + 1 − prefix-len)", interval="[1, inf)")
+    temperature: float = option(1.0, "sampling temperature", interval="(0, inf)")
+    top_p: float = option(1.0, "nucleus sampling mass (1.0: off)", interval="(0, 1]")
+    top_k: int = option(0, "sample among the k likeliest tokens (0: off)", interval="[0, inf)")
     greedy: bool = option(False, "argmax decoding (ignores temperature/top-p/top-k)")
     seed: int = option(0, "sampling seed (each batch is seeded from it and its first instance id) and the weight seed "
-                       "of preset: teachers")
-    batch_size: int = option(8, "prompts generated together")
-    shard_size: int = option(64, "instances per shard, the unit of resume")
+                       "of preset: teachers", interval="[0, 4294967295]")
+    batch_size: int = option(8, "prompts generated together", interval="[1, inf)")
+    shard_size: int = option(64, "instances per shard, the unit of resume", interval="[1, inf)")
     max_instances: int | None = option(None, "continue only N instances, evenly spaced over the store (or the "
-                                       "selection) (default: all)", metavar="N")
+                                       "selection) (default: all)", metavar="N", interval="[1, inf)")
     selection: str | None = option(None, "continue only the instances of a `predistill sample` selection of this store",
                                    metavar="DIR")
     device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N")

@@ -112,17 +112,17 @@ class KDConfig:
     loss: str = option("kld", "KD loss", key="kd_loss", choices=LOSSES)
     # `--temperature normkd` is shorthand for `--temperature-mode normkd` (see __post_init__)
     temperature: float = option(1.0, "teacher temperature τ: a number (static), or normkd, wttm, adakd-sd, adakd-h "
-                                "(adaptive); given as text it sets the mode too", type=str)
+                                "(adaptive); given as text it sets the mode too", type=str, interval="(0, inf)")
     temperature_mode: str = option("static", "static τ or an adaptive mode", choices=TEMPERATURE_MODES)
     tail: str = option("drop", "mass a truncated teacher dropped: drop (renormalise) or bucket (one extra class)",
                        key="kd_tail", choices=TAILS)
-    jsd_beta: float = option(0.5, "β of the generalised JSD loss")
-    normkd_t: float = option(1.0, "NormKD: τ = normkd-t × the std of the teacher logits")
-    wttm_gamma: float = option(0.1, "WTTM: power γ of the transformed teacher p^γ")
-    wttm_beta: float = option(1.0, "WTTM: weight β of the per-position loss weight")
-    adakd_tau_max: float = option(2.0, "AdaKD: largest τ (hardest positions)")
-    adakd_tau_min: float = option(0.1, "AdaKD: smallest τ")
-    adakd_h_max: float = option(4.8, "AdaKD-H: teacher entropy that maps to τ_max")
+    jsd_beta: float = option(0.5, "β of the generalised JSD loss", interval="[0, 1]")
+    normkd_t: float = option(1.0, "NormKD: τ = normkd-t × the std of the teacher logits", interval="(0, inf)")
+    wttm_gamma: float = option(0.1, "WTTM: power γ of the transformed teacher p^γ", interval="(0, inf)")
+    wttm_beta: float = option(1.0, "WTTM: weight β of the per-position loss weight", interval="[0, inf)")
+    adakd_tau_max: float = option(2.0, "AdaKD: largest τ (hardest positions)", interval="(0, inf)")
+    adakd_tau_min: float = option(0.1, "AdaKD: smallest τ", interval="(0, inf)")
+    adakd_h_max: float = option(4.8, "AdaKD-H: teacher entropy that maps to τ_max", interval="(0, inf)")
     vocab_map: str = option("first", "teacher with another tokenizer: a teacher token the student lacks goes to the "
                             "student token its tokenizer reads first in it (first), to the longest student token "
                             "that starts it (prefix), or to the tail (exact); see crosstok",
@@ -130,7 +130,7 @@ class KDConfig:
     # rows per vocabulary pass offline (≈2 [rows × V] fp32 temporaries); train sets it from --loss-chunk
     chunk_size: int = option(DEFAULT_CHUNK, cli=False)
     online_chunk_size: int = option(256, "online KD: rows per vocabulary pass (≈6 [rows × V] temporaries)",
-                                    key="kd_online_chunk")
+                                    key="kd_online_chunk", interval="[1, inf)")
 
     def __post_init__(self):
         # `--temperature` as text (the CLI's, recipes' and old configs' form) decides the mode: a

@@ -123,18 +123,18 @@ class LogitsConfig:
     # byte (≈ 12 B/token; docs/logits.md). top-p-k is PD's own truncation (`mode="topk"`).
     mode: str = option("sample", "sample: RS-KD draws with counts; topk: top-p-then-top-k entries",
                        key="logits_mode", choices=MODES)
-    top_p: float = option(0.95, "topk: probability mass kept")
+    top_p: float = option(0.95, "topk: probability mass kept", interval="(0, 1]")
     # worst case 5·(16+8)+3 bits ≈ 15.4 B/token at V ≤ 65 536 (docs/logits.md)
-    top_k: int = option(5, "topk: at most this many entries")
-    samples: int = option(8, "sample: draws per position")
-    sample_temperature: float = option(1.0, "sample: draw from softmax(z/T); T ≠ 1 also stores log-probs")
+    top_k: int = option(5, "topk: at most this many entries", interval="[1, inf)")
+    samples: int = option(8, "sample: draws per position", interval="[1, inf)")
+    sample_temperature: float = option(1.0, "sample: draw from softmax(z/T); T ≠ 1 also stores log-probs", interval="(0, inf)")
     sample_logprobs: bool = option(False, "sample: store log-probs of the drawn ids at T = 1 too")
-    seed: int = option(0, "sample: seed of the draws (a function of seed and global position)", key="sample_seed")
-    logprob_bits: int = option(8, "bits per stored log-prob")
-    logprob_min: float = option(-12.0, "quantisation range [MIN, 0]; lower log-probs are clipped")
+    seed: int = option(0, "sample: seed of the draws (a function of seed and global position)", key="sample_seed", interval="[0, 4294967295]")
+    logprob_bits: int = option(8, "bits per stored log-prob", interval="[2, 32]")
+    logprob_min: float = option(-12.0, "quantisation range [MIN, 0]; lower log-probs are clipped", interval="(-inf, 0)")
     # None: the writer's caller decides (score: its --shard-size), else DEFAULT_SHARD_INSTANCES
     shard_instances: int | None = option(None, "instances per logits shard; with score, a multiple of --shard-size "
-                                         "(default: --shard-size)", key="logits_shard_size")
+                                         "(default: --shard-size)", key="logits_shard_size", interval="[1, inf)")
 
     def validate(self) -> "LogitsConfig":
         if self.mode not in MODES:

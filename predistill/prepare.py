@@ -47,15 +47,15 @@ class PrepareConfig:
                                 "re-tokenised instance by instance, for cross-tokenizer KD)", flag="--source", required=True, metavar="SPEC")
     tokenizer: str = option("", "tokenizer or model spec: smollm2-135m, an HF directory or hub id", required=True)
     out: str = option("", "token store directory to write", required=True)
-    max_len: int = option(1024, "training context; instances hold ≤ max-len+1 tokens")
-    val_fraction: float = option(0.0, "fraction of each domain's documents held out in OUT/val/")
-    workers: int = option(1, "tokenizer processes")
+    max_len: int = option(1024, "training context; instances hold ≤ max-len+1 tokens", interval="[8, inf)")
+    val_fraction: float = option(0.0, "fraction of each domain's documents held out in OUT/val/", interval="[0, 1)")
+    workers: int = option(1, "tokenizer processes", interval="[1, inf)")
     skip_bad: bool = option(False, "skip (and count, as n_skipped in the manifest) malformed, empty or undecodable "
                             "documents")
     max_tokens_per_domain: int | None = option(None, "stop reading a domain once its train+val instances hold ≥ N "
-                                               "tokens (default: read all)", metavar="N")
+                                               "tokens (default: read all)", metavar="N", interval="[1, inf)")
     checkpoint_tokens: int = option(1 << 24, "make progress durable every N tokens read: a killed prepare resumes "
-                                    "there (the store is the same bytes)", metavar="N")
+                                    "there (the store is the same bytes)", metavar="N", interval="[1, inf)")
 
 
 # Tokenisation runs in worker processes; each builds its tokenizer once from the serialised form.

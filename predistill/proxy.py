@@ -40,13 +40,13 @@ class ProxyConfig:
 
     teacher_model: str = option("", "proxy: teacher model spec (scores the proxy subset)")
     reference_model: str = option("", "proxy: reference model spec (scores the subset; its body is the proxy)")
-    fraction: float = option(0.05, "proxy: fraction of instances scored by teacher and reference", key="proxy_fraction")
+    fraction: float = option(0.05, "proxy: fraction of instances scored by teacher and reference", key="proxy_fraction", interval="(0, 1)")
     check_fraction: float = option(0.05, "proxy: disjoint fraction scored to measure agreement when --teacher/"
-                                   "--reference tables are not given")
-    epochs: int = option(3, "proxy: training epochs over the subset", key="proxy_epochs")
-    lr: float = option(3e-4, "proxy: AdamW learning rate", key="proxy_lr")
-    batch_size: int = option(8, "proxy: instances per forward")
-    max_len: int | None = option(None, "proxy: truncate instances to this many model tokens")
+                                   "--reference tables are not given", interval="[0, 1)")
+    epochs: int = option(3, "proxy: training epochs over the subset", key="proxy_epochs", interval="[1, inf)")
+    lr: float = option(3e-4, "proxy: AdamW learning rate", key="proxy_lr", interval="(0, inf)")
+    batch_size: int = option(8, "proxy: instances per forward", interval="[1, inf)")
+    max_len: int | None = option(None, "proxy: truncate instances to this many model tokens", interval="[1, inf)")
     chunk_size: int = option(256, cli=False)
     seed: int = option(0, cli=False)  # sample's --seed
     device: str = option("auto", "proxy: auto (cuda if available), cpu, cuda")

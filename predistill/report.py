@@ -57,7 +57,7 @@ class ReportConfig:
     out: str = option("", "directory for report.md, report.html, report.json and plots/", required=True)
     title: str = option("predistill report", "page title")
     note: str = option("", "a paragraph shown under the title (what the runs are, where fuller results are)")
-    extrapolate: float = option(DEFAULT_EXTRAPOLATE, "extend the power-law fits to this × the largest fitted compute")
+    extrapolate: float = option(DEFAULT_EXTRAPOLATE, "extend the power-law fits to this × the largest fitted compute", interval="[1, inf)")
     irreducible: str = option("auto", "fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points",
                               choices=("auto", "on", "off"))
     baseline: str = option(BASELINE, "the method every other is compared to, seed by seed, in the seed summary")

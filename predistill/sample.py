@@ -84,23 +84,23 @@ class SampleConfig:
     out: str = option("", "selection directory to write", required=True)
     method: str = option("difference", "difference (MiniPLM), teacher-ppl, random, or proxy (MiniPLM_prx)",
                          choices=METHODS)
-    ratio: float = option(0.5, "fraction α of instances to keep, in (0, 1]")
+    ratio: float = option(0.5, "fraction α of instances to keep, in (0, 1]", interval="(0, 1]")
     store: str | None = option(None, "token store (default: the one the score tables were made from; required for "
                                "random/proxy without tables)")
     teacher: str | None = option(None, "teacher score table (from `predistill score`)")
     reference: str | None = option(None, "reference score table (from `predistill score`)")
     keep: str = option("low-loss", "teacher-ppl: keep the lowest or highest teacher-loss instances", choices=KEEP_ENDS)
-    seed: int = option(0, "seed for random, the proxy subset, and report examples")
+    seed: int = option(0, "seed for random, the proxy subset, and report examples", interval="[0, 4294967295]")
     per_domain: bool = option(False, "keep the ratio of each domain separately (the corpus' domain mix is kept) "
                                      "instead of one global sort")
     complement: bool = option(False, "keep the instances the method drops instead (with random: a held-apart slice "
                                      "disjoint from the one the same seed and ratio keep)")
-    n_examples: int = option(3, "top/bottom/random examples shown in report.md (each)", flag="--examples")
+    n_examples: int = option(3, "top/bottom/random examples shown in report.md (each)", flag="--examples", interval="[0, inf)")
     materialize: str | None = option(None, "also write the kept instances as a new token store in this directory",
                                      metavar="DIR")
     tokenizer: str | None = option(None, "tokenizer spec for --materialize (e.g. another family's)")
     materialize_max_len: int | None = option(None, "re-cut the materialised store into instances of ≤ N+1 tokens "
-                                             "(default: one per kept instance)")
+                                             "(default: one per kept instance)", interval="[8, inf)")
     proxy: ProxyConfig = option(default_factory=ProxyConfig)  # --method proxy: --teacher-model, --proxy-fraction, …
     progress: bool = option(True, "progress bars (--no-progress: none)", flag="--no-progress", action="store_false")
 

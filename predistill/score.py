@@ -59,17 +59,17 @@ class ScoreConfig:
                         "(random weights)", required=True)
     store: str = option("", "token store to score", required=True)
     out: str = option("", "score table directory (resumed if it holds a partial table)", required=True)
-    batch_size: int = option(8, "instances per forward")
-    shard_size: int = option(512, "instances per shard file; the unit of resume and of work per rank")
+    batch_size: int = option(8, "instances per forward", interval="[1, inf)")
+    shard_size: int = option(512, "instances per shard file; the unit of resume and of work per rank", interval="[1, inf)")
     max_len: int | None = option(None, "truncate instances (after re-tokenisation) to this many model tokens "
-                                 "(default: whole instances)")
-    chunk_size: int = option(256, "positions per lm-head chunk; peak logits memory is chunk × vocab × 4 bytes")
+                                 "(default: whole instances)", interval="[1, inf)")
+    chunk_size: int = option(256, "positions per lm-head chunk; peak logits memory is chunk × vocab × 4 bytes", interval="[1, inf)")
     # the switch leaves room for a GPU engine (vLLM prompt_logprobs) beside plain PyTorch
     backend: str = option("torch", "inference engine", choices=BACKENDS)
     device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N")
     dtype: str = option("auto", "weights/activations; auto = float32 on CPU (bf16 is slower there), bfloat16 on "
                         "GPU; log-probs are fp32 either way", choices=DTYPES)
-    seed: int = option(0, "weight seed for preset: models")
+    seed: int = option(0, "weight seed for preset: models", interval="[0, 4294967295]")
     progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false")
     # `--logits-out`: also write the teacher's logits store in the same forward pass. Not part of the
     # score table's identity: the score files are the same with or without it.

@@ -26,8 +26,8 @@ class TokenizerConfig:
     sources: list[str] = option(default_factory=list, help="text to train on (same specs as `prepare`), or store:DIR: a token store's text",
                                 flag="--source", required=True, metavar="SPEC")
     out: str = option("", "directory for the HF tokenizer", required=True)
-    vocab_size: int = option(8192, "target vocabulary size, EOS included")
-    min_frequency: int = option(2, "minimum pair count for a merge")
+    vocab_size: int = option(8192, "target vocabulary size, EOS included", interval="[257, inf)")
+    min_frequency: int = option(2, "minimum pair count for a merge", interval="[0, inf)")
     skip_bad: bool = option(False, "skip (and count) malformed or empty documents")
 
 

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from predistill.artifacts import PredistillError, check_output, write_json_atomic, write_manifest
-from predistill.config import add_config_arguments, config_from_args, from_flat, leaves, option, to_flat
+from predistill.config import add_config_arguments, check_ranges, config_from_args, from_flat, leaves, option, to_flat
 from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
 from predistill.kd import KDConfig
@@ -74,36 +74,36 @@ class TrainConfig:
     selection: str | None = option(None, 'selection directory from `predistill sample`: train only on those instances')
     out: str = option("", 'run directory')
     name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
-    steps: int = option(100, 'optimizer steps')
+    steps: int = option(100, 'optimizer steps', interval="[1, inf)")
     flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D '
-                                              'online)')
+                                              'online)', interval="(0, inf)")
     epochs: float | None = option(None, 'passes over the training instances (the data-limited regime, data repeated); '
-                                        'sets --steps = ⌈epochs · instances / batch size⌉')
-    batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)')
+                                        'sets --steps = ⌈epochs · instances / batch size⌉', interval="(0, inf)")
+    batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)', interval="[1, inf)")
     micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank '
-                                                'batch)')
-    seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens')
-    lr: float = option(6e-4, 'peak learning rate')
+                                                'batch)', interval="[1, inf)")
+    seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens', interval="[1, inf)")
+    lr: float = option(6e-4, 'peak learning rate', interval="(0, inf)")
     lr_schedule: str = option("cosine", 'cosine (MiniPLM: warmup, cosine to lr·min-lr-ratio), wsd (PD) or '
                                         'constant', choices=LR_SCHEDULES)
-    warmup: int = option(0, 'warmup steps for cosine and constant schedules')
-    min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr')
-    warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)')
-    decay_ratio: float = option(0.01, 'WSD decay fraction (LR and alpha)')
-    weight_decay: float = option(0.01, 'AdamW weight decay (on matrices only)')
-    beta1: float = option(0.9, 'AdamW beta1')
-    beta2: float = option(0.98, 'AdamW beta2')
-    eps: float = option(1e-6, 'AdamW epsilon')
-    grad_clip: float = option(1.0, 'gradient-norm clip (0 disables)')
-    seed: int = option(0, 'seed for initialisation and data order')
-    save_every: int = option(0, 'checkpoint every N steps (0: only the final export)')
+    warmup: int = option(0, 'warmup steps for cosine and constant schedules', interval="[0, inf)")
+    min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr', interval="[0, 1]")
+    warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)', interval="[0, 1]")
+    decay_ratio: float = option(0.01, 'WSD decay fraction (LR and alpha)', interval="[0, 1]")
+    weight_decay: float = option(0.01, 'AdamW weight decay (on matrices only)', interval="[0, inf)")
+    beta1: float = option(0.9, 'AdamW beta1', interval="[0, 1)")
+    beta2: float = option(0.98, 'AdamW beta2', interval="[0, 1)")
+    eps: float = option(1e-6, 'AdamW epsilon', interval="(0, inf)")
+    grad_clip: float = option(1.0, 'gradient-norm clip (0 disables)', interval="[0, inf)")
+    seed: int = option(0, 'seed for initialisation and data order', interval="[0, 4294967295]")
+    save_every: int = option(0, 'checkpoint every N steps (0: only the final export)', interval="[0, inf)")
     export_every: int = option(0, 'also write an HF export every N steps to OUT/exports/step-N (accuracy over '
-                                  'training: `eval --exports`); 0: only the final OUT/hf')
-    keep_checkpoints: int = option(2, 'checkpoints to keep')
-    eval_every: int = option(0, 'val loss every N steps (0: only at the end)')
-    eval_instances: int = option(256, 'val instances used for the val loss')
-    log_every: int = option(1, 'metrics.jsonl line every N steps')
-    alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)')
+                                  'training: `eval --exports`); 0: only the final OUT/hf', interval="[0, inf)")
+    keep_checkpoints: int = option(2, 'checkpoints to keep', interval="[1, inf)")
+    eval_every: int = option(0, 'val loss every N steps (0: only at the end)', interval="[0, inf)")
+    eval_instances: int = option(256, 'val instances used for the val loss', interval="[1, inf)")
+    log_every: int = option(1, 'metrics.jsonl line every N steps', interval="[1, inf)")
+    alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)', interval="[0, 1]")
     alpha_schedule: str = option("constant", 'constant, linear-inc, linear-dec, period, wsd, '
                                              'wsd-beta', choices=ALPHA_SCHEDULES)
     kd_logits: str | None = option(None, 'offline teacher logits store (from `predistill score --logits-out`): PD')
@@ -112,8 +112,8 @@ class TrainConfig:
     kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
     save_logits: str | None = option(None, "write this model's own top-p-k logits store while it trains (PD's online logits)")
     minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
-    minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue")
-    loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection')
+    minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue", interval="[1, inf)")
+    loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection', interval="[1, inf)")
     fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun); '
                         'on GPU its parameters compute in bf16, gradients reduce in fp32')
     attn_impl: str = option("auto", "attention kernel: auto (transformers' default, sdpa), sdpa, flash_attention_2, "
@@ -324,14 +324,6 @@ def same_result(saved: dict, cfg: TrainConfig) -> bool:
     return result_config(from_flat(TrainConfig, saved)) == result_config(cfg)
 
 
-def _in_interval(value: float, interval: str) -> bool:
-    """Is `value` finite and inside an interval written like "(0, inf)" or "[0, 1]"?"""
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return math.isfinite(value) and above and below
-
-
 def validate(cfg: TrainConfig) -> None:
     if not cfg.store:
         raise PredistillError("train needs --store")
@@ -341,8 +333,6 @@ def validate(cfg: TrainConfig) -> None:
         raise PredistillError(f"unknown --lr-schedule {cfg.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     if cfg.alpha_schedule not in ALPHA_SCHEDULES:
         raise PredistillError(f"unknown --alpha-schedule {cfg.alpha_schedule!r}; known: {', '.join(ALPHA_SCHEDULES)}")
-    if not 0 <= cfg.alpha <= 1:
-        raise PredistillError(f"--alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.alpha > 0 and not (cfg.kd_logits or cfg.kd_teacher):
         raise PredistillError("--alpha > 0 needs a KD source: --kd-logits DIR or --kd-teacher MODEL")
     if cfg.kd_logits and cfg.kd_teacher:
@@ -351,24 +341,9 @@ def validate(cfg: TrainConfig) -> None:
         raise PredistillError("--minillm needs an online teacher: --kd-teacher MODEL")
     if (cfg.kd_logits or cfg.kd_teacher) and cfg.alpha == 0:
         raise PredistillError("a KD source with --alpha 0 would be ignored; set --alpha")
-    for key in ("steps", "batch_size", "seq_len", "loss_chunk"):
-        if getattr(cfg, key) < 1:
-            raise PredistillError(f"--{key.replace('_', '-')} must be ≥ 1")
-    for key in ("save_every", "export_every", "eval_every"):
-        if getattr(cfg, key) < 0:
-            raise PredistillError(f"--{key.replace('_', '-')} must be ≥ 0 (0: never), got {getattr(cfg, key)}")
-    # numbers that would train silently into NaN weights are refused up front
-    for key, interval in (("lr", "(0, inf)"), ("eps", "(0, inf)"), ("beta1", "[0, 1)"), ("beta2", "[0, 1)"),
-                          ("weight_decay", "[0, inf)"), ("grad_clip", "[0, inf)"), ("min_lr_ratio", "[0, 1]"),
-                          ("warmup_ratio", "[0, 1]"), ("decay_ratio", "[0, 1]")):
-        if not _in_interval(getattr(cfg, key), interval):
-            raise PredistillError(f"--{key.replace('_', '-')} must be finite and in {interval}, got {getattr(cfg, key)}")
-    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
-        raise PredistillError(f"--epochs must be a finite number > 0, got {cfg.epochs}")
+    check_ranges(cfg)  # every declared interval (the CLI checked them too; a config built in code is checked here)
     if cfg.epochs is not None and cfg.flops_budget is not None:
         raise PredistillError("give --epochs or --flops-budget, not both (each sets --steps)")
-    if cfg.flops_budget is not None and not (math.isfinite(cfg.flops_budget) and cfg.flops_budget > 0):
-        raise PredistillError(f"--flops-budget must be a finite number > 0 (omit it to train --steps), got {cfg.flops_budget}")
 
 
 def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
@@ -456,7 +431,11 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     mean_targets = float(np.mean(np.maximum(np.minimum(store.lengths[train_ids], cfg.seq_len + 1) - 1, 0)))
     steps = cfg.steps
     if cfg.flops_budget:
-        steps = max(1, int(cfg.flops_budget // (fpt * cfg.batch_size * mean_targets)))
+        step_flops = fpt * cfg.batch_size * mean_targets
+        steps = int(cfg.flops_budget // step_flops)
+        if steps < 1:  # an empty run is an error, not a complete artifact
+            raise PredistillError(f"--flops-budget {cfg.flops_budget:g} buys no training step (one step costs "
+                                  f"≈ {step_flops:.3g} FLOPs)")
     if cfg.epochs:  # exact: 1.1 epochs of 100 instances in batches of 10 is 11 steps, not ⌈11.000000000000002⌉
         steps = math.ceil(Fraction(str(cfg.epochs)) * len(train_ids) / cfg.batch_size)
     local_batch = cfg.batch_size // d.world

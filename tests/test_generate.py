@@ -277,8 +277,8 @@ def test_cross_tokenizer_teacher(tiny_store, source_specs, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--prefix-len", "0"], "--prefix-len must be ≥ 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
-    (["--temperature", "0"], "--temperature must be > 0"),
-    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--temperature", "0"], "--temperature must be finite and in (0, inf)"),
+    (["--top-p", "1.5"], "--top-p must be finite and in (0, 1]"),
     (["--batch-size", "0"], "--batch-size must be ≥ 1"),
     (["--max-instances", "0"], "--max-instances must be ≥ 1"),
     (["--prefix-len", "65"], "leaves nothing to generate"),

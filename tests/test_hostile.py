@@ -166,9 +166,9 @@ CASES = [
     ("train --weight-decay nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
                                                "--weight-decay", "nan"], "--weight-decay must be finite"),
     ("train --flops-budget nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                               "--flops-budget", "nan"], "--flops-budget must be a finite number"),
+                                               "--flops-budget", "nan"], "--flops-budget must be finite"),
     ("train --flops-budget 0", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                             "--flops-budget", "0"], "--flops-budget must be a finite number > 0"),
+                                             "--flops-budget", "0"], "--flops-budget must be finite and in (0, inf)"),
     ("--config with a string for an integer", lambda t, a: ["train", "--config", toml(t, 'steps = "three"\n'),
                                                              "--store", "S", "--out", "O"], "is not an integer"),
     ("--config JSON that is not an object", lambda t, a: ["train", "--config", json_file(t, "[1, 2]")],
@@ -229,7 +229,7 @@ CASES = [
     ("a recipe stage with nproc_per_node = 0", lambda t, a: ["run", recipe(t, "nproc_per_node = 0\n"), "--dry-run"],
      "nproc_per_node must be an integer ≥ 1"),
     ("train --epochs -1", lambda t, a: ["train", "--store", str(a["store"]), "--epochs", "-1", "--out", str(t / "o"),
-                                        *TRAIN], "--epochs must be a finite number > 0"),
+                                        *TRAIN], "--epochs must be finite and in (0, inf)"),
     ("train --export-every -2", lambda t, a: ["train", "--store", str(a["store"]), "--export-every", "-2",
                                               "--out", str(t / "o"), *TRAIN], "--export-every must be ≥ 0"),
     ("eval --exports of a model that is not a run", lambda t, a: [
@@ -251,7 +251,7 @@ CASES = [
     ("sample --materialize-max-len 0", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
                                                      str(a["reference"]), "--out", str(t / "sel"), "--materialize",
                                                      str(t / "mat"), "--tokenizer", str(a["store"] / "tokenizer"),
-                                                     "--materialize-max-len", "0"], "too small"),
+                                                     "--materialize-max-len", "0"], "--materialize-max-len must be ≥ 8"),
 ]
 
 

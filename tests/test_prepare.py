@@ -331,8 +331,8 @@ def test_bad_documents_fail_cleanly(tmp_path, capsys, bpe_tokenizer, kind, worke
     (["--source", "txt:/nonexistent/*.txt"], "no such file"),
     (["--source", "builtin:shakespeare", "--tokenizer", "/nonexistent/tokenizer"], "no such model directory"),
     (["--source", "builtin:shakespeare", "--tokenizer", "preset:tiny"], "architecture without a tokenizer"),
-    (["--source", "builtin:shakespeare", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
-    (["--source", "builtin:shakespeare", "--max-len", "4"], "--max-len 4 is too small"),
+    (["--source", "builtin:shakespeare", "--val-fraction", "1.5"], "--val-fraction must be finite and in [0, 1)"),
+    (["--source", "builtin:shakespeare", "--max-len", "4"], "--max-len must be ≥ 8"),
 ])
 def test_bad_arguments_fail_cleanly(tmp_path, capsys, bpe_tokenizer, argv, message):
     out = tmp_path / "out"

@@ -72,7 +72,7 @@ def test_cli_tokenizer_bad_input(tmp_path, capsys):
     assert not (tmp_path / "tok").exists() and not (tmp_path / "tok.partial").exists()
     with pytest.raises(SystemExit):
         cli.main(["tokenizer", "--source", f"jsonl:{bad}", "--out", str(tmp_path / "t"), "--vocab-size", "100"])
-    assert "too small" in capsys.readouterr().err
+    assert "--vocab-size must be ≥ 257" in capsys.readouterr().err
 
 
 def test_a_tokenizer_trained_on_a_token_stores_text(tiny_store, tmp_path, capsys):
