@@ -231,6 +231,15 @@ class Source:
         if not isinstance(text, str):
             self._bad(f"{where}: field '{self.field}' is {type(text).__name__}, not a string")
             return None
+        return self._encodable(text, where)
+
+    def _encodable(self, text: str, where: str) -> str | None:
+        """JSON can spell a lone surrogate ("\\ud800"), which is no text: refused like bad UTF-8."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            self._bad(f"{where}: field '{self.field}' holds a lone surrogate at character {e.start} (not valid text)")
+            return None
         return text
 
     def _column(self, names: list[str], where: str) -> None:
@@ -260,7 +269,8 @@ class Source:
         if not isinstance(text, str):
             self._bad(f"{where}: field '{self.field}' is {type(text).__name__}, not a string")
             return
-        yield where, text
+        if (text := self._encodable(text, where)) is not None:
+            yield where, text
 
     def _txt(self):
         for path in self._paths(self.location):

@@ -177,6 +177,7 @@ def one_line_error(spec: str, match: str) -> str:
     (b'{"body": "x"}\n', "missing field 'text'"),
     (b'["text"]\n', "missing field 'text'"),
     (b'{"text": 42}\n', "field 'text' is int, not a string"),
+    (b'{"text": "half a pair \\ud800 here"}\n', "lone surrogate"),
 ])
 def test_bad_jsonl_line_names_file_and_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
