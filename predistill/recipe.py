@@ -175,6 +175,11 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
     except tomllib.TOMLDecodeError as e:
         raise PredistillError(f"{path}: invalid TOML ({e})") from None
     meta = data.get("recipe", {})
+    if not isinstance(meta, dict):
+        raise PredistillError(f"{path}: `recipe` must be a table ([recipe])")
+    for key in ("name", "root"):
+        if key in meta and not (isinstance(meta[key], str) and meta[key]):
+            raise PredistillError(f"{path}: [recipe] {key} must be a non-empty string, got {meta[key]!r}")
     raws = data.get("stage", [])
     if not isinstance(raws, list) or not all(isinstance(r, dict) for r in raws):
         raise PredistillError(f"{path}: `stage` must be an array of tables ([[stage]])")
@@ -185,6 +190,9 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
         name, command = raw.get("name"), raw.get("command")
         if not name or not command:
             raise PredistillError(f"{path}: every [[stage]] needs a name and a command")
+        if not isinstance(name, str) or not isinstance(command, str):
+            raise PredistillError(f"{path}: a [[stage]]'s name and command must be strings, got name = {name!r}, "
+                                  f"command = {command!r}")
         if not re.fullmatch(r"[A-Za-z_][\w-]*", str(name)):
             raise PredistillError(f"{path}: stage name '{name}' must be letters, digits, '_' or '-'")
         if command not in COMMANDS or command in ("run", "demo"):
@@ -224,21 +232,27 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
 
 
 def _toposort(stages: dict[str, Stage], path: Path) -> list[Stage]:
+    """Dependencies first, file order among independent stages; iterative (a recipe may chain
+    thousands of stages), a cycle named stage by stage."""
     ordered, state = [], {}
-
-    def visit(name: str, chain: tuple[str, ...]) -> None:
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "visiting":
-            raise PredistillError(f"{path}: stages form a cycle: {' → '.join(chain + (name,))}")
-        state[name] = "visiting"
-        for dep in stages[name].deps:
-            visit(dep, chain + (name,))
-        state[name] = "done"
-        ordered.append(stages[name])
-
-    for name in stages:  # file order among independent stages
-        visit(name, ())
+    for root in stages:
+        if state.get(root) == "done":
+            continue
+        stack = [(root, iter(stages[root].deps))]
+        state[root] = "visiting"
+        while stack:
+            name, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                state[name] = "done"
+                ordered.append(stages[name])
+            elif state.get(dep) == "visiting":
+                chain = [n for n, _ in stack]
+                raise PredistillError(f"{path}: stages form a cycle: {' → '.join(chain[chain.index(dep):] + [dep])}")
+            elif state.get(dep) != "done":
+                state[dep] = "visiting"
+                stack.append((dep, iter(stages[dep].deps)))
     return ordered
 
 

@@ -161,8 +161,11 @@ def test_bad_matrices_are_refused_with_a_clear_message(tmp_path, body, message):
     ('[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { out = "{nope}" }\n', "unknown stage '{nope}'"),
     ('[[stage]]\nname = "a"\ncommand = "fly"\n', "unknown command 'fly'"),
     ('[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { x = "{b}" }\n'
-     '[[stage]]\nname = "b"\ncommand = "prepare"\nargs = { x = "{a}" }\n', "cycle"),
+     '[[stage]]\nname = "b"\ncommand = "prepare"\nargs = { x = "{a}" }\n', "stages form a cycle: a → b → a"),
     ('[recipe]\nname = "empty"\n', "no [[stage]]"),
+    ('[recipe]\nroot = 5\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "root must be a non-empty string"),
+    ('recipe = 3\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "`recipe` must be a table"),
+    ('[[stage]]\nname = "a"\ncommand = ["train"]\n', "name and command must be strings"),
     ('[[stage]]\nname = "a.b"\ncommand = "prepare"\n', "must be letters"),
     ('[[stage]\n', "invalid TOML"),
 ])
@@ -170,6 +173,14 @@ def test_bad_recipes_are_refused_with_a_clear_message(tmp_path, body, message):
     (tmp_path / "r.toml").write_text(body)
     with pytest.raises(PredistillError, match=message.replace("[", r"\[").replace("{", r"\{").replace("}", r"\}")):
         load_recipe(tmp_path / "r.toml")
+
+
+def test_a_long_chain_of_stages_loads_in_dependency_order(tmp_path):
+    # 1 500 stages, each reading the one before: no recursion limit, one linear pass
+    body = '[[stage]]\nname = "s0"\ncommand = "prepare"\n' + "".join(
+        f'[[stage]]\nname = "s{k}"\ncommand = "prepare"\nargs = {{ x = "{{s{k - 1}}}" }}\n' for k in range(1, 1500))
+    (tmp_path / "r.toml").write_text(body)
+    assert [s.name for s in load_recipe(tmp_path / "r.toml").stages] == [f"s{k}" for k in range(1500)]
 
 
 def test_a_failing_stage_stops_the_run_and_is_not_recorded(corpus, tmp_path):
