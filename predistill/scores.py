@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ FORMAT = "score_table"
 VERSION = 1
 PLAN = "plan.json"
 SHARD_DIR = "shards"
+SHARD_FILE = re.compile(r"shard-\d{5,}\.npy")  # a name inside SHARD_DIR, never a path
 SHARD_DTYPE = np.dtype([("id", "<i8"), ("logprob", "<f4"), ("n_tokens", "<i4")])
 
 
@@ -98,23 +100,66 @@ def finish_table(out: Path, plan: dict, shards: list[Shard]) -> dict | None:
 
 
 class ScoreTable:
-    """A complete score table: `logprob[i]` (float32, NaN for unscorable) and `n_tokens[i]` per instance."""
+    """A complete score table: `logprob[i]` (float32, NaN for unscorable) and `n_tokens[i]` per instance.
+
+    The manifest is checked before any field is used (`_check_manifest`): known version, typed
+    fields, shard files named inside the table, shard rows adding up to the instances; then each
+    shard against its sha256, and its values: ids inside the table, log-probs ≤ 0 or NaN (never
+    ±inf), every instance scored exactly once."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, FORMAT, "score table")
-        n = self.manifest["n_instances"]
+        n = self._check_manifest()
         self.logprob = np.full(n, np.nan, dtype=np.float32)
         self.n_tokens = np.zeros(n, dtype=np.int32)
+        seen = np.zeros(n, dtype=bool)
         for entry in self.manifest["shards"]:
             path = self.dir / SHARD_DIR / entry["file"]
             if not path.is_file() or sha256_file(path) != entry["sha256"]:
                 raise PredistillError(f"{path}: missing or changed since the score table was finished; rescore")
-            rows = np.load(path, allow_pickle=False)
-            if rows.dtype != SHARD_DTYPE or len(rows) and (rows["id"].min() < 0 or rows["id"].max() >= n):
+            try:
+                rows = np.load(path, allow_pickle=False)
+            except ValueError as e:
+                raise PredistillError(f"{path}: unreadable ({e}); rescore") from None
+            if rows.dtype != SHARD_DTYPE or rows.ndim != 1 or len(rows) != entry["n"] or len(rows) and (
+                    rows["id"].min() < 0 or rows["id"].max() >= n):
                 raise PredistillError(f"{path}: not a score shard of this table; rescore")
+            if np.isinf(rows["logprob"]).any() or (rows["logprob"] > 0).any() or (rows["n_tokens"] < 0).any():
+                raise PredistillError(f"{path}: holds a log-prob that cannot be one (+inf, -inf or > 0) or a negative "
+                                      "token count; rescore")
+            if seen[rows["id"]].any() or len(np.unique(rows["id"])) != len(rows):
+                raise PredistillError(f"{path}: scores an instance twice; rescore")
+            seen[rows["id"]] = True
             self.logprob[rows["id"]] = rows["logprob"]
             self.n_tokens[rows["id"]] = rows["n_tokens"]
+
+    def _check_manifest(self) -> int:
+        """The manifest's schema; returns the number of instances."""
+        m, where = self.manifest, f"{self.dir / MANIFEST}"
+        if m.get("version") != VERSION:
+            raise PredistillError(f"{self.dir}: score table version {m.get('version')!r}; this predistill reads "
+                                  f"version {VERSION}")
+        n, shards = m.get("n_instances"), m.get("shards")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise PredistillError(f"{where}: n_instances = {n!r} is not a count (corrupted score table)")
+        for key in ("store_hash", "table_hash"):
+            if not isinstance(m.get(key), str):
+                raise PredistillError(f"{where}: {key} is missing or not a string (corrupted score table)")
+        if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("spec"), str):
+            raise PredistillError(f"{where}: model.spec is missing (corrupted score table)")
+        if not isinstance(shards, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and SHARD_FILE.fullmatch(e["file"])
+                and isinstance(e.get("sha256"), str) and isinstance(e.get("n"), int) and not isinstance(e["n"], bool)
+                and e["n"] >= 0 for e in shards):
+            raise PredistillError(f"{where}: shards must list {{file: shard-NNNNN.npy, sha256, n}} entries inside "
+                                  f"{SHARD_DIR}/ (corrupted score table)")
+        if sum(e["n"] for e in shards) != n:  # before allocating anything of size n
+            raise PredistillError(f"{where}: its shards hold {sum(e['n'] for e in shards)} rows for {n} instances "
+                                  "(corrupted score table)")
+        if table_hash([e["sha256"] for e in shards]) != m["table_hash"]:
+            raise PredistillError(f"{where}: table_hash does not match its shards (corrupted score table)")
+        return n
 
     @property
     def store_hash(self) -> str:

@@ -14,7 +14,9 @@ downstream artifacts (scores, selections, logits) record it and refuse another s
 `chunk_sha256` holds the sha256 of each `chunk_bytes` (64 MiB) piece of tokens.bin: a reader
 verifies a chunk (and that its ids are inside the vocabulary) the first time it reads from it, so a
 store changed in place is refused at a cost of one pass over the chunks read, whatever the store's
-size. (Stores written before checksums existed get the vocabulary check only.)
+size. (Stores written before checksums existed get the vocabulary check only.) `offsets_sha256`
+and `domains_sha256` vouch for the index files, checked at every open (they are small): moved
+instance boundaries are refused even when the total stays the same.
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ class TokenStoreWriter:
         if self._chunk_fill:
             self.chunk_sha256.append(self._chunk_hash.hexdigest())
         offsets = np.concatenate([[0], np.fromfile(self.dir / "ends.part", dtype=np.int64)]).astype(np.int64)
+        domains = np.fromfile(self.dir / "domains.part", dtype=np.int16)
         np.save(self.dir / "offsets.npy", offsets)
-        np.save(self.dir / "domains.npy", np.fromfile(self.dir / "domains.part", dtype=np.int16))
+        np.save(self.dir / "domains.npy", domains)
         (self.dir / "ends.part").unlink()
         (self.dir / "domains.part").unlink()
         self._hash.update(offsets.tobytes())
@@ -123,6 +126,8 @@ class TokenStoreWriter:
             "vocab_size": self.vocab_size, "n_tokens": self.n_tokens,
             "n_instances": self.n_instances, "store_hash": self._hash.hexdigest(),
             "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.chunk_sha256,
+            "offsets_sha256": hashlib.sha256(offsets.tobytes()).hexdigest(),
+            "domains_sha256": hashlib.sha256(domains.tobytes()).hexdigest(),
         }
         write_manifest(self.dir, manifest)
         return manifest
@@ -134,6 +139,9 @@ class TokenStore:
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, FORMAT, "token store")
+        if self.manifest.get("version") != VERSION:
+            raise PredistillError(f"{self.dir}: token store version {self.manifest.get('version')!r}; this predistill "
+                                  f"reads version {VERSION}")
         missing = [k for k in REQUIRED_KEYS if k not in self.manifest]
         if missing:
             raise PredistillError(f"{self.dir}: the manifest lacks {', '.join(missing)} (corrupted store)")
@@ -156,6 +164,18 @@ class TokenStore:
         if len(self.domain_ids) != len(self.offsets) - 1:
             raise PredistillError(f"{self.dir}: domains.npy has {len(self.domain_ids)} entries for "
                                   f"{len(self.offsets) - 1} instances (corrupted store)")
+        for name, array in (("offsets", self.offsets), ("domains", self.domain_ids)):
+            recorded = self.manifest.get(f"{name}_sha256")
+            if recorded is not None and recorded != hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest():
+                raise PredistillError(f"{self.dir}/{name}.npy: changed since the store was written (sha256 mismatch); "
+                                      "rebuild the store")
+        domains = self.manifest.get("domains")
+        if not isinstance(domains, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str)
+                                                    for d in domains):
+            raise PredistillError(f"{self.dir}: the manifest's domains are not a list of named domains (corrupted store)")
+        if len(self.domain_ids) and (self.domain_ids.min() < 0 or self.domain_ids.max() >= len(domains)):
+            raise PredistillError(f"{self.dir}/domains.npy: a domain index outside the manifest's {len(domains)} "
+                                  "domains (corrupted store)")
         size = (self.dir / "tokens.bin").stat().st_size
         if size != n_tokens * self.dtype.itemsize:
             raise PredistillError(f"{self.dir}: tokens.bin has {size} bytes, expected {n_tokens * self.dtype.itemsize}")

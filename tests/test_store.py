@@ -96,6 +96,11 @@ def test_batch_pads_and_reports_lengths(tmp_path):
     (lambda d: _edit_manifest(d, dtype="int16"), "dtype cannot be"),  # same bytes, ids would read negative
     (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe{"), "unreadable manifest"),
     (lambda d: (d / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
+    # instance boundaries moved, the total kept: the store hash covers them, and so does offsets_sha256
+    (lambda d: np.save(d / "offsets.npy", np.array([0, 2, 4, 9, 11], dtype=np.int64)), "offsets.npy: changed since"),
+    (lambda d: np.save(d / "domains.npy", np.array([1, 0, 0, 0], dtype=np.int16)), "domains.npy: changed since"),
+    (lambda d: _edit_manifest(d, version=99), "token store version 99"),
+    (lambda d: _edit_manifest(d, domains="x"), "not a list of named domains"),
 ])
 def test_corrupted_store_is_refused(tmp_path, corrupt, match):
     directory = write_store(tmp_path / "s")
