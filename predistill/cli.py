@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": ("predistill.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),
     "diversity": ("predistill.diversity", "how diverse a corpus (or a selection) is: the Vendi score of model embeddings"),
     "export": ("predistill.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
+    "verify": ("predistill.verify", "check every hash and schema an artifact records, up front"),
     "report": ("predistill.report", "Markdown/HTML comparison table and plots from run directories"),
     "run": ("predistill.recipe", "run a recipe's stages as a DAG, each cached by the hash of its inputs"),
     "demo": ("predistill.demo", "run the built-in demo recipe (MiniPLM and PD vs baselines) and print the report's path"),

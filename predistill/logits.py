@@ -566,6 +566,12 @@ def _numpy_ints(x) -> np.ndarray:
     return np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, np.int64).reshape(-1)
 
 
+def shard_files(directory: Path, n_shards: int) -> list[tuple[Path, Path]]:
+    """(data, marker) of each shard of a logits store."""
+    return [(Path(directory) / "shards" / f"{_shard_name(s)}.bin", Path(directory) / "shards" / f"{_shard_name(s)}.json")
+            for s in range(n_shards)]
+
+
 def _shard_name(s: int) -> str:
     return f"{s:05d}"
 

