@@ -182,6 +182,8 @@ def read_manifest(directory: str | Path, fmt: str, what: str | None = None) -> d
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PredistillError(f"{path}: unreadable manifest ({e})") from None
+    except (ValueError, RecursionError) as e:  # a 5 000-digit number; nesting 100 000 deep
+        raise PredistillError(f"{path}: unreadable manifest ({type(e).__name__})") from None
     if not isinstance(manifest, dict):
         raise PredistillError(f"{path}: unreadable manifest (not a JSON object)")
     if manifest.get("format") != fmt:
@@ -189,6 +191,28 @@ def read_manifest(directory: str | Path, fmt: str, what: str | None = None) -> d
     if manifest.get("complete") is not True:
         raise PredistillError(f"{directory}: {what} is incomplete (its writer was interrupted); rerun it")
     return manifest
+
+
+COUNT = "count"  # a schema type: a non-negative int (never a bool)
+NUMBER = "number"  # a finite int or float (never a bool)
+
+
+def check_fields(manifest: dict, where: str | Path, schema: dict[str, Any]) -> None:
+    """Refuse a manifest whose fields are not what `schema` says (key → type, COUNT or NUMBER),
+    naming the first bad field: what a reader computes with must be what a writer writes."""
+    import math
+
+    for key, expected in schema.items():
+        value = manifest.get(key)
+        if expected == COUNT:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif expected == NUMBER:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            kind = {COUNT: "a count", NUMBER: "a finite number"}.get(expected, getattr(expected, "__name__", expected))
+            raise PredistillError(f"{where}: {key} = {_short(value)} is not {kind} (corrupted artifact)")
 
 
 def is_complete(directory: str | Path, fmt: str) -> bool:

@@ -89,6 +89,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -97,7 +98,7 @@ import numpy as np
 import torch
 
 from predistill import entropy
-from predistill.artifacts import PredistillError, check_plan, read_manifest, read_marker, sha256_file, \
+from predistill.artifacts import COUNT, MANIFEST, NUMBER, PredistillError, check_fields, check_plan, read_manifest, read_marker, sha256_file, \
     write_bytes_atomic, write_manifest, write_shard
 from predistill.config import option
 from predistill.store import TokenStore, check_same_store
@@ -845,8 +846,16 @@ class LogitsStore:
         if self.manifest.get("version") not in READABLE_VERSIONS:
             raise PredistillError(f"{self.dir}: logits store version {self.manifest.get('version')}, "
                                   f"this predistill reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-        self.cfg = LogitsConfig(**self.manifest["config"])
-        self.enc = Encoding.from_manifest(self.manifest["encoding"])
+        self._check_manifest()
+        try:
+            self.cfg = LogitsConfig(**self.manifest["config"])
+            self.enc = Encoding.from_manifest(self.manifest["encoding"])
+        except (TypeError, ValueError) as e:
+            raise PredistillError(f"{self.dir / MANIFEST}: config or encoding unreadable ({e}) "
+                                  "(corrupted logits store)") from None
+        if not isinstance(self.cfg.shard_instances, int) or self.cfg.shard_instances < 1:
+            raise PredistillError(f"{self.dir / MANIFEST}: config.shard_instances is not a count ≥ 1 "
+                                  "(corrupted logits store)")
         self._shards: dict[int, _Shard] = {}
         # sizes at open (a stat per shard): a truncated or missing shard is refused here, not at
         # the training step that first reads it; contents are verified per shard on first read
@@ -869,6 +878,23 @@ class LogitsStore:
         self.tokens = store  # v2 ids are coded against the next token
         if store is not None:
             self.check_store(store)
+
+    def _check_manifest(self) -> None:
+        """The manifest's schema, before any field is used; a declared shard count must fit the files."""
+        where = self.dir / MANIFEST
+        check_fields(self.manifest, where, {
+            "config": dict, "encoding": dict, "n_shards": COUNT, "n_instances": COUNT, "n_positions": COUNT,
+            "total_bytes": COUNT, "vocab_size": COUNT, "store_hash": str, "tokenizer_hash": str,
+            "bytes_per_token": NUMBER})
+        shard_dir = self.dir / "shards"
+        on_disk = len(os.listdir(shard_dir)) if shard_dir.is_dir() else 0
+        if self.manifest["n_shards"] > min(on_disk, max(self.manifest["n_instances"], 1)):
+            raise PredistillError(f"{where}: n_shards = {self.manifest['n_shards']} for {self.manifest['n_instances']} "
+                                  f"instances and {on_disk} files in shards/ (corrupted logits store)")
+        encoding = self.manifest["encoding"]
+        bad = [k for k, v in encoding.items() if not isinstance(v, (bool, int, float, str))]
+        if bad:
+            raise PredistillError(f"{where}: encoding.{bad[0]} is not a scalar (corrupted logits store)")
 
     @property
     def bytes_per_token(self) -> float:

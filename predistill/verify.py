@@ -19,7 +19,8 @@ from predistill.artifacts import MANIFEST, PredistillError, read_manifest, read_
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.logits import FORMAT as LOGITS_FORMAT
 from predistill.logits import LogitsStore, shard_files
-from predistill.models import RUN_FORMAT
+from predistill.rundir import FORMAT as RUN_FORMAT
+from predistill.rundir import check_run_manifest
 from predistill.scores import FORMAT as SCORES_FORMAT
 from predistill.scores import ScoreTable
 from predistill.selection import FORMAT as SELECTION_FORMAT
@@ -65,6 +66,7 @@ def verify_logits(directory: Path) -> str:
 
 def verify_run(directory: Path) -> str:
     manifest = read_manifest(directory, RUN_FORMAT, "run")
+    check_run_manifest(manifest, directory / MANIFEST)
     try:
         config = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
