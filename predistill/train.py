@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from predistill.artifacts import PredistillError, check_output, write_json_atomic, write_manifest
+from predistill.artifacts import COUNT, NUMBER, PredistillError, check_fields, check_output, write_json_atomic, write_manifest
 from predistill.config import add_config_arguments, check_ranges, config_from_args, from_flat, leaves, option, to_flat
 from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
@@ -250,7 +250,7 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
-            and not p.name.endswith(".partial")]
+            and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
     return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
@@ -282,6 +282,35 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist
         for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     d.barrier()
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise PredistillError(f"{path}: unreadable ({type(e).__name__}); the run directory is damaged") from None
+    if not isinstance(value, dict):
+        raise PredistillError(f"{path}: not a JSON object; the run directory is damaged")
+    return value
+
+
+def _resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
+    """A checkpoint is untrusted input: its files load only as tensors (weights_only, safetensors, the
+    restricted DCP reader) and its state is checked before use; anything else is one line naming it."""
+    state = _read_json_object(path / "trainer_state.json")
+    check_fields(state, path / "trainer_state.json", {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
+    if not 0 < state["step"] <= steps or state["step"] != int(path.name.removeprefix(CHECKPOINT_PREFIX)):
+        raise PredistillError(f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
+                              f"{steps}-step run; the run directory is damaged")
+    try:
+        load_checkpoint(path, model, optimizer, fsdp)
+    except PredistillError:
+        raise
+    except Exception as e:  # noqa: BLE001 — torch, safetensors and pickle raise many types for a damaged file
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PredistillError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
+                              "from an earlier one, or the run directory to start over") from None
+    return state
 
 
 def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
@@ -468,9 +497,9 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
     ckpts = checkpoint_dirs(out)
     if ckpts:
-        if not same_result(json.loads((out / "config.json").read_text()), cfg):
+        if not same_result(_read_json_object(out / "config.json"), cfg):
             raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
-        state = load_checkpoint(ckpts[-1], loss_model, optimizer, cfg.fsdp)
+        state = _resume_state(ckpts[-1], loss_model, optimizer, cfg.fsdp, steps)
         start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
         kd_counts = state.get("kd_counts", kd_counts)
         if d.main:

@@ -198,6 +198,26 @@ def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
     assert all(sha256(killed / e) == sha256(ref / e) for e in exports)
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda c, run: (c / "trainer_state.json").write_text("[1]"), "not a JSON object"),
+    (lambda c, run: (c / "trainer_state.json").write_text('{"step": "2", "tokens": 1, "flops": 1.0}'), "step = "),
+    (lambda c, run: (c / "trainer_state.json").write_text('{"step": 999, "tokens": 1, "flops": 1.0}'),
+     "not this checkpoint's step"),
+    (lambda c, run: (c / "optimizer.pt").write_bytes(b"not a tensor file"), "unreadable checkpoint"),
+    (lambda c, run: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:100]),
+     "unreadable checkpoint"),
+    (lambda c, run: (c / "rng.pt").unlink(), "unreadable checkpoint"),
+    (lambda c, run: (run / "config.json").write_text("{" * 3), "is not a run; refusing to overwrite it"),
+])
+def test_a_damaged_checkpoint_is_one_line_on_resume(tiny_store, tmp_path, damage, message):
+    run_dir = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "steps": 4}, save_every=2))
+    (run_dir / "manifest.json").unlink()  # an unfinished run: it resumes from its step-2 checkpoint
+    damage(run_dir / "checkpoints" / "step-00000002", run_dir)
+    with pytest.raises(PredistillError, match=message) as info:
+        run(TrainConfig(store=str(tiny_store), out=str(run_dir), **{**FAST, "steps": 4}, save_every=2))
+    assert "\n" not in str(info.value) and not (run_dir / "manifest.json").exists()
+
+
 def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
     """PD's Fig. 5: `train --export-every`, `eval --exports`, and the report's accuracy-over-training."""
     from predistill.eval import EvalConfig, run as evaluate
