@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/predistill demo --out $(DEMO_OUT)
+
+lint: setup
+	$(VENV)/bin/ruff check predistill tests bench
 
 test: setup
 	$(PY) -m pytest -q -ra tests; rc=$$?; \

@@ -24,10 +24,14 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from predistill.artifacts import PredistillError, read_manifest, write_manifest
+
+if TYPE_CHECKING:  # batches are tensors; torch is imported where they are made
+    import torch
 
 FORMAT = "token_store"
 VERSION = 1

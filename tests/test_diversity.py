@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError, sha256_file, write_manifest
+from predistill.artifacts import sha256_file, write_manifest
 from predistill.cli import main as cli_main
 from predistill.diversity import DiversityConfig, run, vendi_score
 from predistill.models import load_model
