@@ -42,6 +42,15 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def parse_json(text: str | bytes) -> Any:
+    """`json.loads` whose every failure is a ValueError: malformed text, a 5 000-digit number and
+    nesting 100 000 deep alike (a file's word is never trusted to be parseable)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def json_bytes(obj: Any) -> bytes:
     """The canonical JSON encoding of every manifest and marker: sorted keys, so reruns are byte-identical."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
@@ -100,8 +109,8 @@ def read_marker(marker: Path, data: Path, **expect: Any) -> dict | None:
     if not marker.is_file() or not data.is_file():
         return None
     try:
-        content = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        content = parse_json(marker.read_text())
+    except ValueError:  # UnicodeDecodeError is one
         return None
     if not isinstance(content, dict) or any(content.get(k) != v for k, v in expect.items()):
         return None
@@ -125,8 +134,8 @@ def check_plan(directory: Path, plan: dict, what: str, name: str = "plan.json") 
     path = Path(directory) / name
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = parse_json(path.read_text())
+        except ValueError:
             raise PredistillError(f"{path}: unreadable; remove {directory} and rerun") from None
         if old != plan:
             raise PredistillError(f"{directory} holds an unfinished {what}: an interrupted {what} with other settings "
@@ -179,11 +188,9 @@ def read_manifest(directory: str | Path, fmt: str, what: str | None = None) -> d
     if not path.is_file():
         raise PredistillError(f"{directory}: not a {what} (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PredistillError(f"{path}: unreadable manifest ({e})") from None
-    except (ValueError, RecursionError) as e:  # a 5 000-digit number; nesting 100 000 deep
-        raise PredistillError(f"{path}: unreadable manifest ({type(e).__name__})") from None
+        manifest = parse_json(path.read_text())
+    except ValueError as e:  # malformed, undecodable, a 5 000-digit number, nesting 100 000 deep
+        raise PredistillError(f"{path}: unreadable manifest ({str(e).split(';')[0][:200]})") from None
     if not isinstance(manifest, dict):
         raise PredistillError(f"{path}: unreadable manifest (not a JSON object)")
     if manifest.get("format") != fmt:

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import gc
 import importlib
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
+from predistill.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
 from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
@@ -334,7 +333,7 @@ def evaluate_exports(cfg: EvalConfig) -> list[Path]:
 
 def _read_eval(path: Path) -> dict | None:
     try:
-        result = json.loads(path.read_text())
+        result = parse_json(path.read_text())
     except (OSError, ValueError):
         return None
     return result if isinstance(result, dict) and result.get("format") == FORMAT else None

@@ -98,8 +98,21 @@ import numpy as np
 import torch
 
 from predistill import entropy
-from predistill.artifacts import COUNT, MANIFEST, NUMBER, PredistillError, check_fields, check_plan, read_manifest, read_marker, sha256_file, \
-    write_bytes_atomic, write_manifest, write_shard
+from predistill.artifacts import (
+    COUNT,
+    MANIFEST,
+    NUMBER,
+    PredistillError,
+    check_fields,
+    check_plan,
+    parse_json,
+    read_manifest,
+    read_marker,
+    sha256_file,
+    write_bytes_atomic,
+    write_manifest,
+    write_shard,
+)
 from predistill.config import option
 from predistill.store import TokenStore, check_same_store
 
@@ -616,7 +629,11 @@ class LogitsStoreWriter:
     def _prepare_dir(self) -> bool:
         manifest_path = self.dir / "manifest.json"
         if manifest_path.is_file():
-            old = json.loads(manifest_path.read_text())
+            try:
+                old = parse_json(manifest_path.read_text())
+            except ValueError:
+                old = None
+            old = old if isinstance(old, dict) else {}
             if old.get("complete") and {k: old.get(k) for k in self.settings} == self.settings:
                 return True
             raise PredistillError(f"{self.dir} already holds a logits store made with other settings or another "

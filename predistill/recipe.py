@@ -62,7 +62,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from predistill.artifacts import PredistillError, write_json_atomic
+from predistill.artifacts import PredistillError, parse_json, write_json_atomic
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -174,6 +174,11 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
         raise PredistillError(f"{path}: no such recipe") from None
     except tomllib.TOMLDecodeError as e:
         raise PredistillError(f"{path}: invalid TOML ({e})") from None
+    except (ValueError, RecursionError) as e:  # a 5 000-digit number; arrays nested 100 000 deep
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise PredistillError(f"{path}: unreadable recipe ({reason})") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise PredistillError(f"{path}: not a recipe file ({type(e).__name__})") from None
     meta = data.get("recipe", {})
     if not isinstance(meta, dict):
         raise PredistillError(f"{path}: `recipe` must be a table ([recipe])")
@@ -290,8 +295,8 @@ def stage_record(recipe: Recipe, stage: Stage) -> dict:
     for record in (record_path(recipe, stage), recipe.stage_dir(stage.name) / STAGE_RECORD):
         if record.is_file():
             try:
-                content = json.loads(record.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                content = parse_json(record.read_text())
+            except ValueError:
                 return {}
             return content if isinstance(content, dict) else {}
     return {}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predistill.artifacts import MANIFEST, PredistillError, write_json_atomic
+from predistill.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.models import EXPORT_INFO, run_exports
 
@@ -75,7 +75,7 @@ class ReportConfig:
 def _read_json(path: Path) -> dict | None:
     """A JSON object from `path`, or None when it is missing or unreadable (reports never crash)."""
     try:
-        value = json.loads(path.read_text())
+        value = parse_json(path.read_text())
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -90,7 +90,7 @@ def read_metrics(path: Path) -> list[dict]:
         return rows
     for line in lines:
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except ValueError:
             continue
         if isinstance(row, dict):

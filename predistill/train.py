@@ -38,7 +38,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from predistill.artifacts import COUNT, NUMBER, PredistillError, check_fields, check_output, write_json_atomic, write_manifest
+from predistill.artifacts import (
+    COUNT,
+    NUMBER,
+    PredistillError,
+    check_fields,
+    check_output,
+    parse_json,
+    write_json_atomic,
+    write_manifest,
+)
 from predistill.config import add_config_arguments, check_ranges, config_from_args, from_flat, leaves, option, to_flat
 from predistill.crosstok import MappingStats
 from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
@@ -286,8 +295,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist
 
 def _read_json_object(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as e:
+        value = parse_json(path.read_text())
+    except (OSError, ValueError) as e:
         raise PredistillError(f"{path}: unreadable ({type(e).__name__}); the run directory is damaged") from None
     if not isinstance(value, dict):
         raise PredistillError(f"{path}: not a JSON object; the run directory is damaged")
@@ -747,7 +756,7 @@ def _holds_unfinished_run(out: Path) -> bool:
     """Is `out` a run directory this command wrote and did not finish (not some other directory
     that happens to hold a config.json, e.g. an HF model)?"""
     try:
-        saved = json.loads((out / "config.json").read_text())
+        saved = parse_json((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and {"store", "lr_schedule", "seq_len"} <= set(saved)
@@ -759,7 +768,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     rows = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            row = json.loads(line)
+            row = parse_json(line)
         except ValueError:
             continue  # a line cut by the kill, or a corrupt one: the resumed run rewrites those steps
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:

@@ -10,12 +10,11 @@ artifact; the first problem is one line and a non-zero exit.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from predistill.artifacts import MANIFEST, PredistillError, read_manifest, read_marker
+from predistill.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, read_marker
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.logits import FORMAT as LOGITS_FORMAT
 from predistill.logits import LogitsStore, shard_files
@@ -68,7 +67,7 @@ def verify_run(directory: Path) -> str:
     manifest = read_manifest(directory, RUN_FORMAT, "run")
     check_run_manifest(manifest, directory / MANIFEST)
     try:
-        config = json.loads((directory / "config.json").read_text())
+        config = parse_json((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise PredistillError(f"{directory / 'config.json'}: unreadable ({e})") from None
     if not isinstance(config, dict):
@@ -97,8 +96,8 @@ def artifact_format(directory: Path) -> str:
     if not (directory / MANIFEST).is_file():
         raise PredistillError(f"{directory}: not an artifact (no {MANIFEST})")
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except (ValueError, RecursionError) as e:
+        manifest = parse_json((directory / MANIFEST).read_text())
+    except ValueError as e:
         raise PredistillError(f"{directory / MANIFEST}: unreadable manifest ({type(e).__name__})") from None
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt not in VERIFIERS:

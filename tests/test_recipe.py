@@ -166,6 +166,8 @@ def test_bad_matrices_are_refused_with_a_clear_message(tmp_path, body, message):
     ('[recipe]\nroot = 5\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "root must be a non-empty string"),
     ('recipe = 3\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "`recipe` must be a table"),
     ('[[stage]]\nname = "a"\ncommand = ["train"]\n', "name and command must be strings"),
+    ("x = " + "9" * 5000 + "\n", "unreadable recipe"),
+    ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", "unreadable recipe|invalid TOML"),
     ('[[stage]]\nname = "a.b"\ncommand = "prepare"\n', "must be letters"),
     ('[[stage]\n', "invalid TOML"),
 ])

@@ -178,6 +178,8 @@ def one_line_error(spec: str, match: str) -> str:
     (b'["text"]\n', "missing field 'text'"),
     (b'{"text": 42}\n', "field 'text' is int, not a string"),
     (b'{"text": "half a pair \\ud800 here"}\n', "lone surrogate"),
+    (b'{"text": "x", "n": ' + b"9" * 5000 + b'}\n', "malformed JSON"),
+    (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n', "malformed JSON"),
 ])
 def test_bad_jsonl_line_names_file_and_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
