@@ -58,12 +58,14 @@ def json_bytes(obj: Any) -> bytes:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write to a per-process temporary name, fsync, rename: readers (and racing ranks) see all or
-    nothing. A failed write (full disk) removes its temporary; those of killed writers are removed
-    when the directory is resumed (`check_plan`)."""
+    nothing. The temporary is created exclusively and never through a link: whatever sits at its
+    name (a killed writer's leftover, a planted symlink) is unlinked first, itself, not its target.
+    A failed write (full disk) removes its temporary; those of killed writers are removed when the
+    directory is resumed (`check_plan`)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open_exclusive(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -71,6 +73,30 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def open_exclusive(path: str | Path):
+    """A new file opened for writing at `path`, created here and now (O_EXCL, O_NOFOLLOW): an entry
+    already there — a planted symlink included — is removed first, never written through."""
+    path = Path(path)
+    if path.is_symlink() or path.exists():
+        if path.is_dir() and not path.is_symlink():
+            raise PredistillError(f"{path} is a directory; cannot write a temporary file there")
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def open_append_nofollow(path: str | Path):
+    """`path` opened for appending text, refusing a symlink (an output never writes through a link
+    to a file outside it)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError:
+        if Path(path).is_symlink():
+            raise PredistillError(f"{path} is a symbolic link; refusing to write through it") from None
+        raise
+    return os.fdopen(fd, "a")
 
 
 def remove_debris(directory: Path) -> None:
@@ -154,6 +180,12 @@ def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Ca
     `resumable(out)` says it holds this stage's unfinished work — go on (resume). Anything else is
     refused: another identity (naming what differs), or a directory that is not this artifact."""
     out = Path(out)
+    staging = out.with_name(out.name + ".partial")
+    if (staging.exists() or staging.is_symlink()) and not _owned_staging(staging, fmt):
+        raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
+                              "(remove it yourself)")
+    if out.is_symlink():
+        raise PredistillError(f"{out} is a symbolic link; refusing to write through it")
     if not out.exists():
         return False
     if not out.is_dir():
@@ -230,25 +262,82 @@ def is_complete(directory: str | Path, fmt: str) -> bool:
         return False
 
 
+def refuse_links(directory: str | Path) -> None:
+    """Refuse an output holding a symbolic link anywhere inside: a write there could land outside it."""
+    for root, dirs, files in os.walk(directory):  # does not follow links to directories
+        for name in dirs + files:
+            if os.path.islink(os.path.join(root, name)):
+                raise PredistillError(f"{os.path.join(root, name)} is a symbolic link inside an output; refusing to "
+                                      "write through it (replace it with a real file or directory)")
+
+
+STAGING_MARK = ".predistill-staging"  # in OUT.partial: this tool made it, for an artifact of the format it names
+
+
+def owned(path: str | Path, fmt: str) -> bool:
+    """May this tool remove or replace `path` as an artifact of format `fmt`? Yes when nothing is
+    there, or an empty directory, or a directory whose manifest says `fmt` (complete or not); never
+    a symlink, a file, or a directory of anything else — a user's folder, another kind of artifact."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        manifest = parse_json((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == fmt
+
+
+def refuse_unowned(path: str | Path, fmt: str, what: str) -> None:
+    if not owned(path, fmt):
+        raise PredistillError(f"{path} exists and is not a {what} this tool wrote; refusing to remove or "
+                              "overwrite it (choose another output, or remove it yourself)")
+
+
+def _owned_staging(staging: Path, fmt: str) -> bool:
+    if staging.is_symlink() or not staging.is_dir():
+        return False
+    if not any(staging.iterdir()):
+        return True
+    try:
+        return (staging / STAGING_MARK).read_text() == fmt
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def staged_dir(out: str | Path, resume: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def staged_dir(out: str | Path, fmt: str, resume: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield an `OUT.partial` directory; on success replace `OUT` with it atomically.
 
-    A stale `.partial` from a killed run is discarded — unless `resume(staging)` says it holds
-    resumable progress of this very run (`prepare`'s checkpoints), which the body then continues.
-    Stages without `resume` are cheap enough to redo whole, and redoing them from scratch is what
-    makes reruns byte-identical. When the body raises (bad input, Ctrl-C), the staging directory
-    is removed — except a resumable one on Ctrl-C — so a failed run leaves nothing behind; a `.partial` never claims
-    completion (writers put `manifest.json` with `complete: true` last, and `OUT` appears only by
-    rename).
+    Ownership first: an existing `OUT` is replaced only when it is this tool's artifact of the same
+    format (`owned`), and an existing `OUT.partial` is reused or discarded only when it carries this
+    tool's staging mark for `fmt`; anything else is refused before any work. A stale `.partial` from
+    a killed run is discarded — unless `resume(staging)` says it holds resumable progress of this
+    very run (`prepare`'s checkpoints), which the body then continues. Stages without `resume` are
+    cheap enough to redo whole, and redoing them from scratch is what makes reruns byte-identical.
+    When the body raises (bad input, Ctrl-C), the staging directory is removed — except a resumable
+    one on Ctrl-C — so a failed run leaves nothing behind; a `.partial` never claims completion
+    (writers put `manifest.json` with `complete: true` last, and `OUT` appears only by rename).
     """
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
+    what = fmt.replace("_", " ")
+    refuse_unowned(out, fmt, what)
+    if (staging.exists() or staging.is_symlink()) and not _owned_staging(staging, fmt):
+        raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
+                              "(remove it yourself)")
     if staging.exists() and not (resume and resume(staging)):
         shutil.rmtree(staging)
     elif staging.exists():  # resumed: a temporary the kill cut short must not ride into OUT
         remove_debris(staging)
     staging.mkdir(parents=True, exist_ok=True)
+    (staging / STAGING_MARK).write_text(fmt)
     try:
         yield staging
     except BaseException as e:
@@ -257,6 +346,8 @@ def staged_dir(out: str | Path, resume: Callable[[Path], bool] | None = None) ->
         if resume is None or not isinstance(e, KeyboardInterrupt):
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    (staging / STAGING_MARK).unlink()
+    refuse_unowned(out, fmt, what)  # what appeared at OUT while the body ran is not ours to replace either
     if out.exists():
         shutil.rmtree(out)
     os.replace(staging, out)

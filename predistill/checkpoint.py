@@ -5,19 +5,24 @@ crafted file there would run arbitrary code on resume. predistill never unpickle
 plain pickle: `SafeFileSystemReader` reads the metadata with `RestrictedUnpickler`, which resolves
 only the classes DCP's metadata is made of (the dataclasses and enums of
 `torch.distributed.checkpoint.metadata`, storage info, `torch.Size`, dtypes, layouts, paths) and
-refuses every other global. The tensor files themselves are read by DCP with
-`torch.load(weights_only=True)`, which is already restricted.
+refuses every other global. Its data files hold tensors and, for the non-tensor parts of a state
+(an optimizer's param groups), pickled "bytes items", which DCP's default planner loads with
+`torch.load(weights_only=False)` — code execution again; `SafeLoadPlanner` loads them with
+`weights_only=True` (plain containers, numbers, strings, tensors) and refuses anything else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import pathlib
 import pickle
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from predistill.artifacts import PredistillError
@@ -77,3 +82,38 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with bytes items unpickled by `torch.load(weights_only=True)` only (the
+    rest of DefaultLoadPlanner.load_bytes, unchanged)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:  # noqa: BLE001 — an UnpicklingError names the global a crafted payload needed
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise PredistillError(f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({reason}); "
+                                  "refusing to load it (the file may have been crafted to run code)") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def load_dcp(state: dict, directory: str | pathlib.Path) -> None:
+    """`dcp.load` of `state` from `directory` with the safe reader and planner; a failure on any rank
+    (DCP gathers them into a CheckpointException, a BaseException) becomes one PredistillError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=SafeLoadPlanner())
+    except CheckpointException as e:
+        causes = [exc for exc, _ in e.failures.values()]
+        ours = next((c for c in causes if isinstance(c, PredistillError)), None)
+        if ours is not None:
+            raise PredistillError(str(ours)) from None
+        first = causes[0] if causes else e
+        reason = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
+        raise PredistillError(f"{directory}: unreadable checkpoint ({type(first).__name__}: {reason})") from None

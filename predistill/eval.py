@@ -349,6 +349,9 @@ def run(cfg: EvalConfig) -> dict:
     out = Path(cfg.out)
     if out.is_dir() or out.name in ("", ".", ".."):
         raise PredistillError(f"--out {out} is a directory; give the JSON file to write (e.g. RUN/eval.json)")
+    if out.is_symlink() or (out.exists() and _read_eval(out) is None):
+        # replaced only when an earlier eval wrote it: never a store's manifest.json, nor a user's file
+        raise PredistillError(f"--out {out} exists and is not an eval result; refusing to overwrite it")
     if cfg.num_fewshot < 0:
         raise PredistillError(f"--num-fewshot must be ≥ 0, got {cfg.num_fewshot}")
     if cfg.exports:

@@ -38,6 +38,14 @@ def run(cfg: ExportConfig):
     for p in megatron.paths(cfg.out):
         if p.is_dir():
             raise PredistillError(f"{p} is a directory; --out is a file prefix")
+        if p.is_symlink():
+            raise PredistillError(f"{p} is a symbolic link; refusing to write through it")
+    if any(p.exists() for p in megatron.paths(cfg.out)):  # replaced only when it is an indexed dataset itself
+        try:
+            megatron.IndexedDataset(cfg.out)
+        except PredistillError:
+            raise PredistillError(f"{cfg.out}.bin/.idx exist and are not a Megatron indexed dataset; refusing to "
+                                  "overwrite them") from None
     n = len(store)
     # a document ends where an instance's last token is EOS (read from the token array: one pass over the store)
     last = np.asarray(store.tokens[store.offsets[1:] - 1]) if n else np.zeros(0)

@@ -359,7 +359,7 @@ def run(cfg: GenerateConfig) -> Path:
               for _ in names]
     total_flops = 0
     source_ids, all_prompt_lengths = [], []
-    with staged_dir(out) as tmp:
+    with staged_dir(out, STORE_FORMAT) as tmp:
         writer = TokenStoreWriter(tmp, vocab_size)
         for k, shard_ids in enumerate(shards):
             shard = read_shard(work, k, shard_ids, dtype_out)

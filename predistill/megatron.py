@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from predistill.artifacts import PredistillError, write_bytes_atomic
+from predistill.artifacts import PredistillError, open_exclusive, write_bytes_atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -56,7 +56,7 @@ def write(prefix: str | Path, sequences: Iterable[np.ndarray], vocab_size: int,
     lengths: list[int] = []
     tmp_bin = bin_path.with_name(bin_path.name + ".tmp")
     try:
-        with open(tmp_bin, "wb") as f:
+        with open_exclusive(tmp_bin) as f:
             for seq in sequences:
                 seq = np.asarray(seq)
                 if len(seq) and (int(seq.min()) < 0 or int(seq.max()) >= vocab_size):

@@ -190,7 +190,7 @@ def _convert_gguf(spec: str, gguf_path: Path, out: Path, eos: str, install: str)
     tokenizer.clean_up_tokenization_spaces = False  # decode must be exact (" ." stays " .")
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = eos_id
-    with staged_dir(out) as tmp:
+    with staged_dir(out, CONVERTED_FORMAT) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {"format": CONVERTED_FORMAT, "version": 1, "source": str(gguf_path),

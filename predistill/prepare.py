@@ -152,7 +152,7 @@ def run(cfg: PrepareConfig) -> Path:
     total = sum(totals) if all(t is not None for t in totals) and limit is None else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     plan = {"config": config, "tokenizer_hash": tok_info["hash"]}
-    with staged_dir(out, resume=lambda staging: _progress(staging, plan) is not None) as tmp:
+    with staged_dir(out, FORMAT, resume=lambda staging: _progress(staging, plan) is not None) as tmp:
         progress = _progress(tmp, plan) or {}
         names = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
         resume = progress.get("writers", {})
@@ -278,7 +278,7 @@ def _derive(cfg: PrepareConfig, out: Path) -> Path:
         print(f"predistill: {out} is already complete; nothing to do")
         return out
     val = TokenStore(src.dir / "val") if (src.dir / "val").is_dir() else None
-    with staged_dir(out) as tmp:
+    with staged_dir(out, FORMAT) as tmp:
         # val first: the top-level manifest (complete: true) is the last file written
         for split, store, directory in [("val", val, tmp / "val"), ("train", src, tmp)]:
             if store is None:

@@ -54,6 +54,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -101,6 +102,28 @@ def _references(value) -> set[str]:
     if isinstance(value, list):
         return set().union(*(_references(v) for v in value)) if value else set()
     return set()
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
+
+
+def _path_outside(recipe: "Recipe", stage: "Stage") -> str | None:
+    """The first argument that starts at a stage reference and climbs out of where it may point:
+    `{self}/…` must stay in the stage's own directory, `{other}/…` in the root."""
+    for value in (s for v in stage.args.values() for s in _strings(v)):
+        match = REFERENCE.match(value)
+        if match is None:
+            continue
+        own = match.group(1) == "self"
+        base = recipe.stage_dir(stage.name if own else match.group(1))
+        bound = recipe.stage_dir(stage.name) if own else recipe.root
+        target = Path(os.path.normpath(str(base) + "/" + value[match.end():]))
+        if target != bound and bound not in target.parents:
+            return value
+    return None
 
 
 def _matrix(raw: dict, path: Path) -> list[dict]:
@@ -229,6 +252,11 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
     if root.exists() and not root.is_dir():
         raise PredistillError(f"--root {root} exists and is not a directory")
     recipe = Recipe(meta.get("name", path.stem), root, ordered)
+    for stage in ordered:
+        if (outside := _path_outside(recipe, stage)) is not None:
+            raise PredistillError(f"{path}: stage '{stage.name}': {outside!r} leaves "
+                                  f"{'its own directory' if outside.startswith('{self}') else 'the root'}; "
+                                  "a stage writes only under ROOT/NAME and reads other stages only under ROOT")
     for stage in ordered:  # dependencies first, so their hashes exist
         payload = {"command": stage.command, "args": stage.args,
                    "deps": {d: stages[d].hash for d in stage.deps}}
@@ -373,8 +401,12 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> l
             continue
         directory = recipe.stage_dir(stage.name)
         record = stage_record(recipe, stage)
+        if directory.is_symlink() or (directory.exists() and not record and any(directory.iterdir())):
+            # no record says a `predistill run` made it: a user's folder that happens to have the stage's name
+            raise PredistillError(f"{directory} exists but no predistill run made it (no record in "
+                                  f"{recipe.root / RECORDS_DIR}); refusing to remove it: move it, or use another --root")
         if directory.exists() and (record.get("hash") != stage.hash or any(d in ran for d in stage.deps)):
-            # its inputs changed (or were just rewritten, or it is unknown): start clean, nothing stale survives
+            # its inputs changed (or were just rewritten): start clean, nothing stale survives
             shutil.rmtree(directory)
         elif directory.exists():  # killed (or failed) with these inputs: the stage resumes its own work
             print(f"predistill run: {stage.name}: resuming", flush=True)

@@ -995,6 +995,7 @@ def run(cfg: ReportConfig) -> Path:
         raise PredistillError(f"--out {out} exists and is not a directory")
     plots_name = "plots" if cfg.stem == "report" else f"{cfg.stem}-plots"
     plots_dir = out / plots_name
+    _refuse_foreign_outputs(out, cfg.stem, plots_dir)
     if plots_dir.exists():
         shutil.rmtree(plots_dir)  # a rerun must not show plots of runs that are no longer in it
     plots_dir.mkdir(parents=True)
@@ -1086,6 +1087,22 @@ def run(cfg: ReportConfig) -> Path:
                                                  "fits": fits, "extrapolations": extrapolated, "plots": [f"{plots_name}/{file}" for _, file in plots],
                                                  "target_sets": cfg.target_sets, "config": asdict(cfg)})
     return out
+
+
+def _refuse_foreign_outputs(out: Path, stem: str, plots_dir: Path) -> None:
+    """A rerun replaces its own STEM.md/.html/.json and plots (STEM.json, format "report", says a
+    report wrote them); a file or folder of the same name that no report wrote (the user's own
+    plots/, a STEM.md of their own) is refused, never overwritten."""
+    previous = _read_json(out / f"{stem}.json")
+    ours = previous is not None and previous.get("format") == "report"
+    for path in (out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.html"):
+        if (path.exists() or path.is_symlink()) and (not ours or path.is_symlink() or not path.is_file()):
+            raise PredistillError(f"{path} exists and no report wrote it; refusing to overwrite it "
+                                  "(choose another --out or --stem)")
+    if plots_dir.is_symlink() or (plots_dir.exists() and (not plots_dir.is_dir() or any(plots_dir.iterdir()))
+                                  and not ours):
+        raise PredistillError(f"{plots_dir} exists and no report made it; refusing to replace it "
+                              "(choose another --out or --stem)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

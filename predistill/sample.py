@@ -273,7 +273,7 @@ def materialize(cfg: MaterializeConfig, store: TokenStore, progress: bool = True
               "selection_hash": selection_manifest["selection_sha256"], "selection_dir": str(selection_dir.resolve()),
               "method": selection_manifest["config"]["method"], "ratio": selection_manifest["config"]["ratio"]}
     config = asdict(cfg)
-    with staged_dir(Path(cfg.out)) as tmp:
+    with staged_dir(Path(cfg.out), STORE_FORMAT) as tmp:
         # the held-out split first: the top-level manifest (complete) is written last
         if (store.dir / "val").is_dir():
             val = TokenStore(store.dir / "val")
@@ -389,7 +389,7 @@ def run(cfg: SampleConfig) -> Path:
             raise PredistillError(f"--complement of --ratio {cfg.ratio} keeps no instance")
     rates = domain_keep_rates(store, selection)
 
-    with staged_dir(out) as tmp:
+    with staged_dir(out, FORMAT) as tmp:
         np.save(tmp / IDS_FILE, selection, allow_pickle=False)
         np.save(tmp / "scores.npy", np.asarray(score, dtype=np.float32), allow_pickle=False)
         if proxy_result is not None:

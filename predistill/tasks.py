@@ -214,7 +214,7 @@ def build(cfg: LocalTaskConfig) -> Path:
     elif out.exists() and any(out.iterdir()):
         raise PredistillError(f"{out} exists and is not a local tasks directory; choose another --tasks-dir")
     items = build_items(store, cfg)
-    with staged_dir(out) as tmp:
+    with staged_dir(out, FORMAT) as tmp:
         counts = {}
         for name, rows in items.items():
             counts[name] = len(rows)

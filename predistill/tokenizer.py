@@ -69,7 +69,7 @@ def run(cfg: TokenizerConfig) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=EOS,
                                         model_max_length=1 << 30, model_input_names=["input_ids", "attention_mask"],
                                         clean_up_tokenization_spaces=False)  # exact decode
-    with staged_dir(out) as tmp:
+    with staged_dir(out, FORMAT) as tmp:
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, {"format": FORMAT, "version": 1, "config": config, "vocab_size": len(tokenizer),
                              "eos_id": tokenizer.eos_token_id,

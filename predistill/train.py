@@ -44,7 +44,10 @@ from predistill.artifacts import (
     PredistillError,
     check_fields,
     check_output,
+    open_append_nofollow,
     parse_json,
+    refuse_links,
+    write_bytes_atomic,
     write_json_atomic,
     write_manifest,
 )
@@ -324,15 +327,15 @@ def _resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
 
 def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
     if fsdp:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        from predistill.checkpoint import SafeFileSystemReader
+        from predistill.checkpoint import load_dcp
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        # DCP's own reader would unpickle dcp/.metadata with plain pickle (code execution on a crafted file)
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path / "dcp")))
+        # DCP's own reader and planner would unpickle dcp/.metadata and bytes items with plain pickle
+        # (code execution on a crafted file)
+        load_dcp(state, path / "dcp")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         from safetensors.torch import load_model as load_safetensors
@@ -450,6 +453,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
         if d.main:
             print(f"predistill: {out} is already complete; nothing to do")
         return out
+    if out.exists():  # an unfinished run of this config: resumed in place, never through a planted link
+        refuse_links(out)
     d.barrier()  # every rank has judged OUT before any of them writes into it (the online-logits store, say)
 
     model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
@@ -585,7 +590,7 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
                 row["val_loss"] = val_loss
                 wrapped.train()
             if d.main and (done % cfg.log_every == 0 or done == steps or "val_loss" in row):
-                with open(out / "metrics.jsonl", "a") as f:
+                with open_append_nofollow(out / "metrics.jsonl") as f:
                     f.write(json.dumps(row) + "\n")
                 if writer:
                     for k, v in row.items():
@@ -773,7 +778,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut by the kill, or a corrupt one: the resumed run rewrites those steps
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             rows.append(line)
-    path.write_text("".join(r + "\n" for r in rows))
+    write_bytes_atomic(path, "".join(r + "\n" for r in rows).encode())
 
 
 def _tensorboard(out: Path):

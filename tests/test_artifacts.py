@@ -46,13 +46,62 @@ def test_check_output_nothing_to_do_refuse_or_go_on(tmp_path):
 def test_a_resumed_staging_directory_loses_the_temporaries_a_kill_left(tmp_path):
     """A SIGKILL in the middle of `write_json_atomic` leaves `NAME.PID.tmp`; resuming must not carry it
     into OUT (prepare's rerun was not byte-identical when the kill hit its progress file)."""
-    from predistill.artifacts import staged_dir
+    from predistill.artifacts import STAGING_MARK, staged_dir
 
     out = tmp_path / "out"
     staging = tmp_path / "out.partial"
     staging.mkdir()
+    (staging / STAGING_MARK).write_text("fmt")  # this tool's own unfinished "fmt" artifact
     (staging / "progress.json").write_text("{}")
     (staging / "progress.json.4194999.tmp").write_text("{")  # a dead writer's (no such pid)
-    with staged_dir(out, resume=lambda s: (s / "progress.json").is_file()) as tmp:
+    with staged_dir(out, "fmt", resume=lambda s: (s / "progress.json").is_file()) as tmp:
         assert (tmp / "progress.json").is_file()  # resumed, not discarded
         assert not (tmp / "progress.json.4194999.tmp").exists()
+
+
+def test_staging_replaces_only_what_this_tool_wrote(tmp_path):
+    """OUT is replaced only when it is this tool's artifact of the same format; OUT.partial only when
+    it carries this tool's staging mark for that format; anything else is refused before any work."""
+    from predistill.artifacts import MANIFEST, staged_dir, write_manifest
+
+    def stage(out):
+        with staged_dir(out, "fmt") as tmp:
+            write_manifest(tmp, {"format": "fmt"})
+
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "thesis.tex").write_text("years of work")
+    with pytest.raises(PredistillError, match="is not a fmt this tool wrote"):
+        stage(users)
+    assert (users / "thesis.tex").read_text() == "years of work"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    write_manifest(other, {"format": "token_store"})  # this tool's, but another kind of artifact
+    with pytest.raises(PredistillError, match="is not a fmt this tool wrote"):
+        stage(other)
+
+    partial = tmp_path / "mine.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    with pytest.raises(PredistillError, match="is not this tool's unfinished fmt"):
+        stage(tmp_path / "mine")
+    assert (partial / "notes.txt").read_text() == "mine"
+
+    ours = tmp_path / "ours"
+    stage(ours)
+    stage(ours)  # a rerun replaces its own artifact
+    assert sorted(p.name for p in ours.iterdir()) == [MANIFEST]  # the staging mark never reaches OUT
+
+
+def test_temporaries_are_created_exclusively_never_through_a_link(tmp_path):
+    import os
+
+    from predistill.artifacts import write_bytes_atomic
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    target = tmp_path / "out.json"
+    os.symlink(victim, target.with_name(f"out.json.{os.getpid()}.tmp"))  # planted at the temporary's name
+    write_bytes_atomic(target, b"new")
+    assert victim.read_bytes() == b"keep" and target.read_bytes() == b"new"

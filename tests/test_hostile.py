@@ -252,7 +252,48 @@ CASES = [
                                                      str(a["reference"]), "--out", str(t / "sel"), "--materialize",
                                                      str(t / "mat"), "--tokenizer", str(a["store"] / "tokenizer"),
                                                      "--materialize-max-len", "0"], "--materialize-max-len must be ≥ 8"),
+    # --- data loss: a directory or file this tool did not write is never removed, overwritten or written through ---
+    ("eval --tasks-dir at a token store", lambda t, a: [
+        "eval", "--model", str(a["run"]), "--store", str(a["store"] / "val"), "--tasks", "local_lastword",
+        "--out", str(t / "e.json"), "--tasks-dir", str(copy(a["store"], t / "victim"))], "is not a local tasks"),
+    ("eval --out at a store's manifest.json", lambda t, a: [
+        "eval", "--model", str(a["run"]), "--store", str(a["store"] / "val"),
+        "--out", str(copy(a["store"], t / "victim") / "manifest.json")], "is not an eval result"),
+    ("report --out at a folder holding the user's own plots/", lambda t, a: [
+        "report", str(a["run"]), "--out", str(users_folder(t / "docs", "plots/figure.png"))], "no report made it"),
+    ("run: a user's folder with a stage's name under the root", lambda t, a: [
+        "run", toml(t, '[[stage]]\nname = "corpus"\ncommand = "tokenizer"\n'
+                       f'args = {{ source = ["store:{a["store"]}"], out = "{{self}}" }}\n'),
+        "--root", str(users_folder(t / "root", "corpus/notes.txt"))], "no predistill run made it"),
+    ("run: a stage's output path climbing out of its directory", lambda t, a: [
+        "run", toml(t, '[[stage]]\nname = "a"\ncommand = "tokenizer"\n'
+                       'args = { source = ["x"], out = "{self}/../../x" }\n'), "--root", str(t / "root"), "--dry-run"],
+     "leaves its own directory"),
+    ("train resumed through a planted metrics.jsonl link", lambda t, a: [
+        "train", "--store", str(a["store"]), "--out", str(linked_run(t, a)), *TRAIN], "is a symbolic link inside"),
+    ("sample over a user's OUT.partial folder", lambda t, a: [
+        "sample", "--teacher", str(a["teacher"]), "--reference", str(a["reference"]),
+        "--out", str(users_folder(t / "sel.partial", "mine.txt").with_name("sel"))], "is not this tool's unfinished"),
 ]
+
+
+def users_folder(folder: Path, file: str) -> Path:
+    """A folder of the user's, holding one file of theirs."""
+    (folder / file).parent.mkdir(parents=True, exist_ok=True)
+    (folder / file).write_text("the user's own work\n")
+    return folder
+
+
+def linked_run(t: Path, a) -> Path:
+    """An unfinished copy of the run whose metrics.jsonl is a link to a file outside it."""
+    import os
+
+    run = copy(a["run"], t / "run")
+    (run / "manifest.json").unlink()
+    (run / "metrics.jsonl").unlink()
+    (t / "victim.txt").write_text("not the run's\n")
+    os.symlink(t / "victim.txt", run / "metrics.jsonl")
+    return run
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -278,6 +319,17 @@ def test_hostile_input_is_one_line_and_leaves_nothing_complete(case, make, messa
             assert json.loads(data).get("complete") is not True, name
     assert not any(name.endswith(".tmp") for name in after)
     assert {k: sha256_file(v / "manifest.json") for k, v in assets.items() if k != "root"} == shared_before
+
+
+def test_an_export_never_writes_through_a_link_planted_at_its_temporary_name(assets, tmp_path, capsys):
+    import os
+
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"the user's own bytes")
+    os.symlink(victim, tmp_path / "exp.bin.tmp")
+    cli.main(["export", "--store", str(assets["store"]), "--out", str(tmp_path / "exp")])
+    assert victim.read_bytes() == b"the user's own bytes"
+    assert megatron.IndexedDataset(str(tmp_path / "exp")).n_documents > 0
 
 
 def test_a_corrupt_metrics_line_does_not_break_the_report(assets, tmp_path, capsys):
