@@ -16,6 +16,7 @@ directory is being made from, so a rerun with other settings cannot mix shards.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -300,6 +301,19 @@ def refuse_unowned(path: str | Path, fmt: str, what: str) -> None:
                               "overwrite it (choose another output, or remove it yourself)")
 
 
+def lock_dir(directory: str | Path, out: str | Path) -> int:
+    """Hold an exclusive lock on `directory` (an open descriptor; released when it is closed or the
+    process dies, even by SIGKILL): one writer per output at a time, the second told so at once."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PredistillError(f"{out} is being written by another predistill process right now; wait for it to "
+                              "finish or choose another output") from None
+    return fd
+
+
 def _owned_staging(staging: Path, fmt: str) -> bool:
     if staging.is_symlink() or not staging.is_dir():
         return False
@@ -332,22 +346,34 @@ def staged_dir(out: str | Path, fmt: str, resume: Callable[[Path], bool] | None 
     if (staging.exists() or staging.is_symlink()) and not _owned_staging(staging, fmt):
         raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
                               "(remove it yourself)")
-    if staging.exists() and not (resume and resume(staging)):
-        shutil.rmtree(staging)
-    elif staging.exists():  # resumed: a temporary the kill cut short must not ride into OUT
-        remove_debris(staging)
     staging.mkdir(parents=True, exist_ok=True)
-    (staging / STAGING_MARK).write_text(fmt)
+    lock = lock_dir(staging, out)  # the staging directory itself is the lock: kept, never recreated, while held
     try:
-        yield staging
-    except BaseException as e:
-        # an error (bad input, full disk) leaves nothing behind; an interruption of a resumable
-        # stage (Ctrl-C, like SIGKILL) keeps its progress for the rerun
-        if resume is None or not isinstance(e, KeyboardInterrupt):
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    (staging / STAGING_MARK).unlink()
-    refuse_unowned(out, fmt, what)  # what appeared at OUT while the body ran is not ours to replace either
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+        if not (resume and resume(staging)):
+            _empty(staging)  # stale (or new): its contents go, the locked directory stays
+        else:  # resumed: a temporary the kill cut short must not ride into OUT
+            remove_debris(staging)
+        (staging / STAGING_MARK).write_text(fmt)
+        try:
+            yield staging
+        except BaseException as e:
+            # an error (bad input, full disk) leaves nothing behind; an interruption of a resumable
+            # stage (Ctrl-C, like SIGKILL) keeps its progress for the rerun
+            if resume is None or not isinstance(e, KeyboardInterrupt):
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        (staging / STAGING_MARK).unlink()
+        refuse_unowned(out, fmt, what)  # what appeared at OUT while the body ran is not ours to replace either
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        os.close(lock)
+
+
+def _empty(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -151,7 +151,8 @@ def run(cfg: PrepareConfig) -> Path:
     totals = [s.count() for s in sources]
     total = sum(totals) if all(t is not None for t in totals) and limit is None else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    plan = {"config": config, "tokenizer_hash": tok_info["hash"]}
+    # the inputs as they are now: a killed prepare resumed after a source changed starts over
+    plan = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": [s.fingerprint() for s in sources]}
     with staged_dir(out, FORMAT, resume=lambda staging: _progress(staging, plan) is not None) as tmp:
         progress = _progress(tmp, plan) or {}
         names = ["train", "val"] if cfg.val_fraction > 0 else ["train"]

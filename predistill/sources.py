@@ -98,6 +98,20 @@ class Source:
         else:
             packaged.check(self.location)
 
+    def fingerprint(self) -> list:
+        """What the documents' bytes depend on, cheaply (paths, sizes, modification times; package
+        versions for built-ins): a resumed `prepare` whose inputs changed starts over, never mixes."""
+        if self.kind in ("jsonl", "parquet", "txt") or (self.kind == "hf" and not self.streamed):
+            paths = self._paths(self.location) if self.kind != "hf" else self._hf_files()
+        elif self.kind == "megatron":
+            paths = [Path(self.location + ".bin"), Path(self.location + ".idx")]
+        elif self.kind == "builtin":
+            files = {"shakespeare": shakespeare_files, "python": python_stdlib_files}.get(self.location)
+            return [str(p) for p in files()] if files else [packaged.provenance(self.location)]
+        else:
+            return [self.location]  # a hub dataset: its name and split are all there is to know here
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
     def provenance(self) -> dict:
         """What a built-in source's bytes depend on beyond its spec (package versions), for the
         manifest; empty for a source that names its files."""

@@ -436,6 +436,56 @@ def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(tmp_p
     assert not (tmp_path / "resumed.partial").exists()
 
 
+def test_a_resume_after_an_input_changed_starts_over_and_never_mixes_old_and_new_text(tmp_path, bpe_tokenizer,
+                                                                                      corpus, monkeypatch, capsys):
+    import shutil
+
+    import predistill.prepare as prepare_module
+
+    source = tmp_path / "prose.jsonl"
+    shutil.copy(corpus["prose"], source)
+    cfg = dict(sources=[f"prose=jsonl:{source}"], tokenizer=str(bpe_tokenizer), max_len=MAX_LEN, checkpoint_tokens=300)
+    save, n = prepare_module._save_progress, {"checkpoints": 0}
+
+    def save_then_stop(*a, **k):
+        save(*a, **k)
+        n["checkpoints"] += 1
+        if n["checkpoints"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_save_progress", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(PrepareConfig(out=str(tmp_path / "resumed"), **cfg))
+    monkeypatch.undo()
+    with open(source, "a") as f:  # the source is edited while the prepare is down
+        f.write(json.dumps({"text": "A new document written after the kill."}) + "\n")
+    capsys.readouterr()
+    resumed = run(PrepareConfig(out=str(tmp_path / "resumed"), **cfg))
+    assert "resuming" not in capsys.readouterr().err
+    assert file_hashes(resumed) == file_hashes(run(PrepareConfig(out=str(tmp_path / "clean"), **cfg)))
+
+
+def test_a_second_writer_of_one_output_is_refused_while_the_first_holds_it(tmp_path, bpe_tokenizer, corpus):
+    import os
+
+    from predistill.artifacts import STAGING_MARK, lock_dir
+    from predistill.store import FORMAT
+
+    out = tmp_path / "store"
+    staging = tmp_path / "store.partial"
+    staging.mkdir()
+    (staging / STAGING_MARK).write_text(FORMAT)  # what a running prepare into OUT holds
+    held = lock_dir(staging, out)
+    try:
+        with pytest.raises(PredistillError, match="being written by another predistill process"):
+            run(PrepareConfig(sources=[f"jsonl:{corpus['prose']}"], tokenizer=str(bpe_tokenizer), out=str(out)))
+        assert staging.is_dir() and not out.exists()  # the first writer's work is untouched
+    finally:
+        os.close(held)
+    run(PrepareConfig(sources=[f"jsonl:{corpus['prose']}"], tokenizer=str(bpe_tokenizer), out=str(out)))
+    assert (out / "manifest.json").is_file() and not staging.exists()
+
+
 def slow_twin(bpe_tokenizer, out: Path):
     """The test BPE tokenizer as a slow (pure Python) GPT-2 tokenizer: no Rust implementation."""
     from transformers import GPT2Tokenizer
