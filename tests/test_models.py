@@ -104,7 +104,7 @@ def test_small_preset_instantiated_matches_config_arithmetic(bpe_tokenizer):
 def test_presets_need_a_tokenizer_and_a_known_name(bpe_tokenizer):
     with pytest.raises(PredistillError, match="needs a tokenizer"):
         load_model("preset:tiny")
-    with pytest.raises(PredistillError, match="unknown preset 'huge'; known: tiny"):
+    with pytest.raises(PredistillError, match="unknown preset 'huge'; known: micro, tiny"):
         load_model("preset:huge", str(bpe_tokenizer))
     with pytest.raises(PredistillError, match="architecture without a tokenizer"):
         load_tokenizer("preset:tiny")
