@@ -32,6 +32,7 @@ before it, so one large data file cannot fill a domain; files that are not UTF-8
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import importlib.util
 import itertools
@@ -164,11 +165,19 @@ def _reference_manual() -> Iterator[tuple[str, str]]:
         yield f"pydoc_data.topics[{key!r}]", _cut(topics[key])
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_files() -> tuple[tuple[importlib.metadata.Distribution, tuple[tuple[Path, Path], ...]], ...]:
+    """Each distribution with its installed files as (path as recorded, absolute path): read once
+    per process (a RECORD per distribution)."""
+    return tuple((dist, tuple((Path(str(f)), Path(dist.locate_file(f))) for f in (dist.files or [])))
+                 for dist in distributions())
+
+
 def _package_files(kind: str) -> Iterator[tuple[str, str]]:
     wanted = KINDS[kind]
     per_dist = []
-    for dist in distributions():
-        files = sorted(Path(dist.locate_file(f)) for f in (dist.files or []) if wanted(Path(str(f))))
+    for dist, installed in _installed_files():
+        files = sorted(absolute for recorded, absolute in installed if wanted(recorded))
         if kind == "package-docs":
             per_dist.append(itertools.chain(_metadata_body(dist), _texts(files)))
         elif kind == "docstrings":
