@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(VENV)/bin/predistill demo --out $(DEMO_OUT)
+
+# the quick loop while changing a module: everything but the tests marked slow (kills, 2 ranks, benchmarks)
+# and those that need the packaged teacher
+test-fast: setup
+	$(PY) -m pytest -q -x -m "not slow and not teacher" tests
 
 lint: setup
 	$(VENV)/bin/ruff check predistill tests bench

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import kill_train_at_checkpoint, torchrun_train
-from predistill.artifacts import PredistillError
+from predistill.artifacts import STAGING_MARK, PredistillError
 from predistill.cli import main as cli_main
 from predistill.crosstok import EOS_BYTES, MappingStats, Speller, VocabMap, align, map_targets, token_spellings
 from predistill.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss
@@ -371,6 +371,7 @@ def test_a_derived_store_killed_midway_is_redone_to_the_same_bytes(tiny_store, s
     (partial / "val").mkdir(parents=True)
     (partial / "tokens.bin").write_bytes(b"\x00" * 10)
     (partial / "val" / "manifest.json").write_text("{}")
+    (partial / STAGING_MARK).write_text("token_store")  # written first, when the staging directory is made
     prepare(PrepareConfig(sources=[f"store:{tiny_store}"], tokenizer=str(small_bpe), out=str(out)))
     assert not partial.exists()
     for name in ("tokens.bin", "offsets.npy", "manifest.json", "val/tokens.bin", "val/manifest.json"):
@@ -423,6 +424,7 @@ def test_offline_logits_teach_a_student_with_another_tokenizer(derived_store, te
     assert manifest["teacher_flops"] == 0  # the teacher pass was paid offline
 
 
+@pytest.mark.slow
 def test_killed_cross_tokenizer_run_resumes_to_the_same_manifest(derived_store, teacher_logits, tmp_path):
     args = ["--store", str(derived_store), "--kd-logits", str(teacher_logits), "--steps", "10", "--save-every", "2",
             "--kd-vocab-map", "exact", "--kd-tail", "bucket", *FAST]

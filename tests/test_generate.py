@@ -208,6 +208,7 @@ def test_interrupted_run_resumes_identically(sampled, tiny_store, teacher, tmp_p
     assert not out.with_name("resumed.shards").exists()
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_byte_identical(tiny_store, teacher, tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "predistill", "generate", "--model", str(teacher), "--store", str(tiny_store),

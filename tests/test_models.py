@@ -213,6 +213,7 @@ def test_model_body_of_a_class_whose_base_model_is_itself_is_its_decoder():
         torch.testing.assert_close(hidden @ model.get_output_embeddings().weight.T, model(ids).logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, model_type", [("llama-tiny", "llama"), ("mamba-tiny", "mamba")])
 def test_cross_family_presets_train_export_score_and_evaluate(tiny_store, tmp_path, preset, model_type):
     """MiniPLM's students of other families run through every stage a Qwen student does."""

@@ -71,6 +71,7 @@ def test_unknown_builtin_is_one_line():
         parse_source("builtin:nope")
 
 
+@pytest.mark.slow
 def test_prepare_records_the_package_versions_the_bytes_came_from(tmp_path, bpe_tokenizer):
     out = prepare(PrepareConfig(sources=["builtin:licenses", "manual=builtin:reference-manual"],
                                 tokenizer=str(bpe_tokenizer), max_len=64, max_tokens_per_domain=3000,

@@ -137,6 +137,7 @@ def test_finished_run_rerun_is_a_noop(tiny_store, tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_logits_out_added_to_a_finished_table_recomputes_for_the_logits(tiny_store, tmp_path, capsys):
     one = score(tiny_store, tmp_path / "one", tmp_path / "one-logits", shard_size=30, batch_size=4)
     later = score(tiny_store, tmp_path / "later", shard_size=30, batch_size=4)

@@ -172,6 +172,7 @@ def test_data_order_is_deterministic_reshuffles_each_epoch_and_respects_a_select
     assert not np.array_equal(DataOrder(ids, seed=8).global_batch(0, 5), stream[:5])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
     """Killed at its step-6 checkpoint (exports every 2 steps: 2, 4, 6 and maybe 8 already written),
     rerun: the same weights, losses and exports as a run never killed — and exports do not change
