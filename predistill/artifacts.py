@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -240,8 +241,6 @@ NUMBER = "number"  # a finite int or float (never a bool)
 def check_fields(manifest: dict, where: str | Path, schema: dict[str, Any]) -> None:
     """Refuse a manifest whose fields are not what `schema` says (key → type, COUNT or NUMBER),
     naming the first bad field: what a reader computes with must be what a writer writes."""
-    import math
-
     for key, expected in schema.items():
         value = manifest.get(key)
         if expected == COUNT:
