@@ -383,8 +383,29 @@ def check_arguments(name: str, argv: list[str]) -> None:
         raise PredistillError(f"stage '{name}': {e}") from None
 
 
-def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> list[str]:
-    """Run the stages that need it, in order; return the names of the stages that ran."""
+def stage_inputs(recipe: Recipe, stage: Stage) -> list[Path]:
+    """The artifacts a stage reads from other stages that `predistill verify` can check."""
+    from predistill.verify import VERIFIERS
+
+    inputs = []
+    for value in (s for v in stage.args.values() for s in _strings(v)):
+        match = REFERENCE.match(value)
+        if match is None or match.group(1) == "self":
+            continue
+        path = Path(os.path.normpath(str(recipe.stage_dir(match.group(1))) + "/" + value[match.end():]))
+        try:
+            fmt = parse_json((path / "manifest.json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if fmt in VERIFIERS and path not in inputs:
+            inputs.append(path)
+    return inputs
+
+
+def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, verify: bool = False) -> list[str]:
+    """Run the stages that need it, in order; return the names of the stages that ran. With `verify`,
+    every input a stage reads from another stage is checked in full (`predistill verify`) before the
+    stage starts: a corrupted shard is found before hours of work, not during them."""
     from predistill.cli import main as cli_main
 
     ran = []
@@ -399,6 +420,13 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1) -> l
         if not run_it:
             print(f"predistill run: {stage.name}: cached")
             continue
+        if verify and (inputs := stage_inputs(recipe, stage)):
+            try:
+                cli_main(["verify", *map(str, inputs)])
+            except SystemExit as e:
+                if e.code not in (0, None):
+                    raise PredistillError(f"stage '{stage.name}': an input failed `predistill verify` (above); "
+                                          "nothing was run") from None
         directory = recipe.stage_dir(stage.name)
         record = stage_record(recipe, stage)
         if directory.is_symlink() or (directory.exists() and not record and any(directory.iterdir())):
@@ -439,6 +467,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--root", help="directory for the stages' outputs (default: the recipe's `root`)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (cached / run) and the commands, run nothing")
+    p.add_argument("--verify", action="store_true", help="check every input a stage reads from another stage "
+                   "(hashes and schemas, `predistill verify`) before the stage starts")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
                    help="launch every train, score, generate and eval stage with torchrun, N processes (one per device); a stage's "
                         "own nproc_per_node key wins (default 1: in-process)")
@@ -449,7 +479,7 @@ def main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     if args.nproc_per_node < 1:
         raise PredistillError(f"--nproc-per-node must be ≥ 1, got {args.nproc_per_node}")
-    ran = execute(recipe, args.dry_run, args.nproc_per_node)
+    ran = execute(recipe, args.dry_run, args.nproc_per_node, verify=args.verify)
     if not args.dry_run:
         print(f"predistill run: {recipe.name}: {len(ran)} stage(s) ran, {len(recipe.stages) - len(ran)} cached, "
               f"{time.perf_counter() - started:.0f} s; outputs in {recipe.root}")

@@ -44,6 +44,7 @@ from predistill.artifacts import (
     PredistillError,
     check_fields,
     check_output,
+    lock_dir,
     open_append_nofollow,
     parse_json,
     refuse_links,
@@ -427,6 +428,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def run(cfg: TrainConfig, command: str | None = None) -> Path:
+    """Train (or resume) the run `cfg` describes; one writer per run directory at a time."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however training ends
+        return _train(cfg, command, held)
+
+
+def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) -> Path:
     validate(cfg)
     device = resolve_device(cfg.device)
     d = init_distributed(device)
@@ -455,6 +462,11 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
         return out
     if out.exists():  # an unfinished run of this config: resumed in place, never through a planted link
         refuse_links(out)
+    if d.main:  # the main rank holds the directory: a second `train --out` of it is refused at once
+        if not out.exists():
+            out.mkdir(parents=True)
+            held.callback(_remove_if_empty, out)  # a run that fails before writing leaves nothing behind
+        held.callback(os.close, lock_dir(out, out))
     d.barrier()  # every rank has judged OUT before any of them writes into it (the online-logits store, say)
 
     model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
@@ -662,6 +674,11 @@ def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, 
             count += int(valid.sum())
     total, count = d.all_sum([total, count], device)
     return total / max(count, 1)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
 
 
 def _heldout_stores(specs: list[str], store: TokenStore) -> dict[str, TokenStore]:

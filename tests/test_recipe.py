@@ -373,3 +373,30 @@ args = {{ model = "preset:tiny", store = "{{corpus}}", out = "{{self}}/table", s
               if p.is_file() and p.name != "manifest.json" and p.name != "plan.json"}
              for root in (killed, tmp_path / "straight")]
     assert files[0] == files[1]
+
+
+def test_verify_checks_a_stages_inputs_before_it_starts(corpus, bpe_tokenizer, tmp_path, capsys):
+    body = """
+[[stage]]
+name = "corpus"
+command = "prepare"
+args = {{ source = ["jsonl:{prose}"], tokenizer = "{tok}", max_len = 32, out = "{{self}}" }}
+
+[[stage]]
+name = "scores"
+command = "score"
+args = {{ model = "preset:tiny", store = "{{corpus}}", out = "{{self}}", batch_size = {batch} }}
+"""
+    (tmp_path / "r.toml").write_text(body.format(prose=corpus["prose"], tok=bpe_tokenizer, batch=4))
+    execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), verify=True)
+    assert "corpus: token_store ok" in capsys.readouterr().out
+    tokens = tmp_path / "root" / "corpus" / "tokens.bin"
+    data = bytearray(tokens.read_bytes())
+    data[0] ^= 1  # the finished corpus changes on disk; the scores stage is edited, so it must rerun
+    tokens.write_bytes(bytes(data))
+    (tmp_path / "r.toml").write_text(body.format(prose=corpus["prose"], tok=bpe_tokenizer, batch=2))
+    before = sorted(p.name for p in (tmp_path / "root" / "scores").iterdir())
+    with pytest.raises(PredistillError, match="stage 'scores': an input failed `predistill verify`"):
+        execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), verify=True)
+    assert "tokens.bin: chunk 0 changed" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "root" / "scores").iterdir()) == before  # nothing was run or removed

@@ -219,6 +219,30 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(tiny_store, tmp_path, damage
     assert "\n" not in str(info.value) and not (run_dir / "manifest.json").exists()
 
 
+def test_a_second_trainer_of_one_run_directory_is_refused_while_the_first_holds_it(tiny_store, tmp_path):
+    import os
+
+    from predistill.artifacts import lock_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = lock_dir(out, out)  # what a running `train --out run` holds
+    try:
+        with pytest.raises(PredistillError, match="being written by another predistill process"):
+            run(TrainConfig(store=str(tiny_store), out=str(out), **FAST))
+    finally:
+        os.close(held)
+    run(TrainConfig(store=str(tiny_store), out=str(out), **FAST))
+    assert (out / "manifest.json").is_file()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tiny_store, tmp_path):
+    with pytest.raises(PredistillError, match="must split evenly"):
+        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "batch_size": 3},
+                        micro_batch_size=2))
+    assert not (tmp_path / "run").exists()
+
+
 def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
     """PD's Fig. 5: `train --export-every`, `eval --exports`, and the report's accuracy-over-training."""
     from predistill.eval import EvalConfig, run as evaluate
