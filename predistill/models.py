@@ -226,14 +226,18 @@ def _from_pretrained(cls, spec: str, path: str, what: str, **kwargs):
     offline = not local and not hub_reachable()
     try:
         return cls.from_pretrained(path, local_files_only=offline, **kwargs)
-    except (OSError, ValueError) as e:
+    except PredistillError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a damaged directory fails in many ways (a JSON error, an ImportError
+        # from transformers' fallback to another tokenizer class): the reason, one line
         if offline:
             raise PredistillError(
                 f"cannot load {what} '{spec}': not a local directory, not in the Hugging Face cache, and the hub "
                 f"is unreachable (offline); use {SMOLLM2}, a local HF directory, or a cached hub id") from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         reason = reason if len(reason) <= 300 else reason[:300] + " …"  # transformers lists every model type
-        raise PredistillError(f"cannot load {what} '{spec}': {reason}") from None
+        damaged = " (is the directory damaged, or not a {what}?)".format(what=what) if local else ""
+        raise PredistillError(f"cannot load {what} '{spec}': {reason}{damaged}") from None
 
 
 @dataclass(frozen=True)
@@ -375,7 +379,7 @@ def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 
             try:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
             except ValueError as e:  # a released config of a model that is no causal LM (bert, t5, …)
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:300]
                 raise PredistillError(f"'{spec}' is not a causal LM architecture: {reason}") from None
         return model, tokenizer
     path = resolve_model(spec).hf

@@ -271,10 +271,19 @@ CASES = [
      "leaves its own directory"),
     ("train resumed through a planted metrics.jsonl link", lambda t, a: [
         "train", "--store", str(a["store"]), "--out", str(linked_run(t, a)), *TRAIN], "is a symbolic link inside"),
+    ("prepare with a tokenizer directory whose tokenizer.json is damaged", lambda t, a: [
+        "prepare", "--source", "builtin:plays", "--tokenizer", str(damaged_tokenizer(t, a)), "--out", str(t / "o")],
+     "cannot load tokenizer"),
     ("sample over a user's OUT.partial folder", lambda t, a: [
         "sample", "--teacher", str(a["teacher"]), "--reference", str(a["reference"]),
         "--out", str(users_folder(t / "sel.partial", "mine.txt").with_name("sel"))], "is not this tool's unfinished"),
 ]
+
+
+def damaged_tokenizer(t: Path, a) -> Path:
+    tokenizer = copy(a["store"] / "tokenizer", t / "tok")
+    (tokenizer / "tokenizer.json").write_text("{garbage")
+    return tokenizer
 
 
 def users_folder(folder: Path, file: str) -> Path:
