@@ -601,35 +601,33 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
                                                      if name in b.heldout_losses] if method != baseline else [])
                                  for name in sets}
         if method != baseline and pairs:
-            diffs = [r.heldout_loss - b.heldout_loss for r, b in pairs]
-            d_mean, d_std = _mean_std(diffs)
-            se = d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
             reach = []
             for r, b in pairs:
                 c = flops_to_reach(_val_curve(r), b.heldout_loss)
                 reach.append(c / b.flops if c is not None and b.flops else None)
             reached = [x for x in reach if x is not None]
             entry["paired"] = {
-                "n_pairs": len(diffs), "diff_mean": d_mean, "diff_se": se, "diffs": diffs,
-                "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se,
+                **paired_difference([r.heldout_loss - b.heldout_loss for r, b in pairs]),
                 "flops_to_reach_baseline_ratio": reach,
                 "flops_to_reach_baseline_ratio_mean": float(np.mean(reached)) if len(reached) == len(reach) else None}
         out.append(entry)
     return out
 
 
+def paired_difference(diffs: list[float]) -> dict:
+    """Seed-paired differences to the baseline: their mean, standard error, and whether the mean is
+    beyond SIGNIFICANT_SE standard errors."""
+    d_mean, d_std = _mean_std(diffs)
+    se = d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"n_pairs": len(diffs), "diff_mean": d_mean, "diff_se": se, "diffs": diffs,
+            "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se}
+
+
 def _set_summary(losses: list[float], pairs: list[tuple[float, float]]) -> dict:
     """One held-out set of a seed group: mean ± std over seeds, and the paired difference to the
-    baseline's loss on the same set (mean ± standard error), when there are pairs."""
+    baseline's loss on the same set, when there are pairs."""
     mean, std = _mean_std(losses)
-    paired = None
-    if pairs:
-        diffs = [a - b for a, b in pairs]
-        d_mean, d_std = _mean_std(diffs)
-        se = d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-        paired = {"n_pairs": len(diffs), "diff_mean": d_mean, "diff_se": se, "diffs": diffs,
-                  "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se}
-    return {"mean": mean, "std": std, "paired": paired}
+    return {"mean": mean, "std": std, "paired": paired_difference([a - b for a, b in pairs]) if pairs else None}
 
 
 def heldout_set_rows(groups: list[dict], baseline: str, targets: list[str]) -> tuple[list[str], list[list[str]]]:
