@@ -313,6 +313,15 @@ def lock_dir(directory: str | Path, out: str | Path) -> int:
     return fd
 
 
+def hold_output(out: str | Path, held: contextlib.ExitStack) -> None:
+    """One writer at a time for a stage that writes `out` in place (a score table's shards, a run's
+    checkpoints): `out` is created if need be and locked (`lock_dir`) until `held` closes. Under
+    torchrun only one process per job calls it (rank 0): the ranks of one job share the output."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    held.callback(os.close, lock_dir(out, out))
+
+
 def _owned_staging(staging: Path, fmt: str) -> bool:
     if staging.is_symlink() or not staging.is_dir():
         return False

@@ -44,6 +44,7 @@ from predistill.artifacts import (
     PredistillError,
     check_fields,
     check_output,
+    hold_output,
     open_append_nofollow,
     parse_json,
     refuse_links,
@@ -427,6 +428,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def run(cfg: TrainConfig, command: str | None = None) -> Path:
+    with contextlib.ExitStack() as held:  # the output's lock, released however the run ends
+        return _run(cfg, command, held)
+
+
+def _run(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) -> Path:
     validate(cfg)
     device = resolve_device(cfg.device)
     d = init_distributed(device)
@@ -509,6 +515,8 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
     config_json = to_flat(cfg) | {"command": command}
     start_step, tokens_seen, flops = 0, 0, 0.0
     kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
+    if d.main:  # one job writes OUT at a time (its ranks together); a second is refused before it reads a checkpoint
+        hold_output(out, held)
     ckpts = checkpoint_dirs(out)
     if ckpts:
         if not same_result(_read_json_object(out / "config.json"), cfg):
