@@ -274,6 +274,10 @@ CASES = [
     ("sample over a user's OUT.partial folder", lambda t, a: [
         "sample", "--teacher", str(a["teacher"]), "--reference", str(a["reference"]),
         "--out", str(users_folder(t / "sel.partial", "mine.txt").with_name("sel"))], "is not this tool's unfinished"),
+    ("generate over a user's OUT.shards folder", lambda t, a: [
+        "generate", "--model", "preset:tiny", "--store", str(a["store"]),
+        "--out", str(users_folder(t / "gen.shards", "mine.txt").with_name("gen"))], "is not this tool's unfinished "
+                                                                                       "generation"),
 ]
 
 
