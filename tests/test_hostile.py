@@ -388,6 +388,7 @@ LOCKED = [
     ("score into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
                                                                        "--store", str(a["store"]), "--out", str(o),
                                                                        "--shard-size", "64", "--no-progress"]),
+    ("report into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["report", str(a["run"]), "--out", str(o)]),
     ("score resuming OUT", unfinished_table, lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
                                                              "--store", str(a["store"]), "--out", str(o),
                                                              "--shard-size", "64", "--no-progress"]),
@@ -417,4 +418,5 @@ def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_no
     assert len(errors) == 1 and "being written by another predistill process" in errors[0], err[-2000:]
     assert snapshot(tmp_path) == before  # the first writer's work is untouched
     cli.main(command(tmp_path, assets, out))  # once it is released, the output is written (or resumed) as usual
-    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    assert (out / "report.json").is_file() if command(tmp_path, assets, out)[0] == "report" else \
+        json.loads((out / "manifest.json").read_text())["complete"] is True
