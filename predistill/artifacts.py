@@ -315,9 +315,11 @@ def lock_dir(directory: str | Path, out: str | Path) -> int:
 
 def hold_output(out: str | Path, held: contextlib.ExitStack) -> None:
     """One writer at a time for a stage that writes `out` in place (a score table's shards, a run's
-    checkpoints): `out` is created if need be and locked (`lock_dir`) until `held` closes. Under
+    checkpoints): `out` (never a symlink) is created if need be and locked (`lock_dir`) until `held` closes. Under
     torchrun only one process per job calls it (rank 0): the ranks of one job share the output."""
     out = Path(out)
+    if out.is_symlink():  # written in place: through a link, the files would land in the link's target
+        raise PredistillError(f"{out} is a symbolic link; refusing to write through it")
     out.mkdir(parents=True, exist_ok=True)
     held.callback(os.close, lock_dir(out, out))
 

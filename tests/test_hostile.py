@@ -274,6 +274,8 @@ CASES = [
     ("sample over a user's OUT.partial folder", lambda t, a: [
         "sample", "--teacher", str(a["teacher"]), "--reference", str(a["reference"]),
         "--out", str(users_folder(t / "sel.partial", "mine.txt").with_name("sel"))], "is not this tool's unfinished"),
+    ("report --out a link to a user's folder", lambda t, a: [
+        "report", str(a["run"]), "--out", str(linked_folder(t))], "is a symbolic link"),
     ("generate over a user's OUT.shards folder", lambda t, a: [
         "generate", "--model", "preset:tiny", "--store", str(a["store"]),
         "--out", str(users_folder(t / "gen.shards", "mine.txt").with_name("gen"))], "is not this tool's unfinished "
@@ -286,6 +288,14 @@ def users_folder(folder: Path, file: str) -> Path:
     (folder / file).parent.mkdir(parents=True, exist_ok=True)
     (folder / file).write_text("the user's own work\n")
     return folder
+
+
+def linked_folder(t: Path) -> Path:
+    """A link to a folder of the user's."""
+    import os
+
+    os.symlink(users_folder(t / "docs", "notes.txt"), t / "out")
+    return t / "out"
 
 
 def linked_run(t: Path, a) -> Path:
