@@ -313,6 +313,59 @@ def lock_dir(directory: str | Path, out: str | Path) -> int:
     return fd
 
 
+def hold_output(out: str | Path, held: contextlib.ExitStack) -> None:
+    """One writer at a time for a stage that writes `out` in place (a score table's shards, a run's
+    checkpoints): `out` (never a symlink) is created if need be and locked (`lock_dir`) until `held` closes. Under
+    torchrun only one process per job calls it (rank 0): the ranks of one job share the output."""
+    out = Path(out)
+    if out.is_symlink():  # written in place: through a link, the files would land in the link's target
+        raise PredistillError(f"{out} is a symbolic link; refusing to write through it")
+    out.mkdir(parents=True, exist_ok=True)
+    held.callback(os.close, lock_dir(out, out))
+
+
+def owned_work(directory: str | Path, fmt: str) -> bool:
+    """May this tool use or remove `directory` as its own work directory for `fmt` (`OUT.partial`,
+    generate's `OUT.shards`)? Yes when nothing is there, or it is empty, or it carries this tool's
+    staging mark for `fmt` (or holds only the temporaries of a mark being written, another rank's);
+    never a symlink, a file, or a folder of the user's that happens to have the name."""
+    directory = Path(directory)
+    if directory.is_symlink():
+        return False
+    if not directory.exists():
+        return True
+    if not directory.is_dir():
+        return False
+    try:
+        return (directory / STAGING_MARK).read_text() == fmt
+    except OSError:
+        return all(p.name.endswith(".tmp") for p in directory.iterdir())
+
+
+def refuse_foreign_work(directory: str | Path, fmt: str, what: str) -> None:
+    if not owned_work(directory, fmt):
+        raise PredistillError(f"{directory} exists and is not this tool's unfinished {what}; refusing to use or remove "
+                              "it (remove it yourself)")
+
+
+def claim_work(directory: str | Path, fmt: str, what: str) -> Path:
+    """`directory` as this tool's work directory for `fmt`: reused when it carries the staging mark,
+    made (and marked) when absent; anything else is refused (`refuse_foreign_work`)."""
+    directory = Path(directory)
+    refuse_foreign_work(directory, fmt, what)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / STAGING_MARK).is_file():
+        write_bytes_atomic(directory / STAGING_MARK, fmt.encode())
+    return directory
+
+
+def remove_owned_work(directory: str | Path, fmt: str) -> None:
+    """Remove `directory` if it is this tool's work directory for `fmt` (`owned_work`); leave anything else alone."""
+    directory = Path(directory)
+    if directory.is_dir() and owned_work(directory, fmt):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _owned_staging(staging: Path, fmt: str) -> bool:
     if staging.is_symlink() or not staging.is_dir():
         return False

@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from predistill import artifacts
-from predistill.artifacts import PredistillError, check_output, check_plan, is_complete, read_manifest, read_marker, \
-    staged_dir
+from predistill.artifacts import PredistillError, check_output, check_plan, claim_work, is_complete, read_manifest, \
+    read_marker, refuse_foreign_work, remove_owned_work, staged_dir
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.models import DTYPES, Dist, forward_params, init_distributed, load_model, model_hash, rank_and_world, \
     resolve_device, resolve_dtype, tokenizer_hash
@@ -263,10 +263,11 @@ def run(cfg: GenerateConfig) -> Path:
 
     if check_output(out, STORE_FORMAT, "token store", {"config": config, "source_store_hash": store.hash},
                     lambda m: {"config": m.get("config"), "source_store_hash": m.get("source_store_hash")}):
-        shutil.rmtree(work, ignore_errors=True)  # left behind by a run killed after its rename
+        remove_owned_work(work, PLAN_FORMAT)  # left behind by a run killed after its rename (a user's folder stays)
         print(f"predistill: {out} is already complete; nothing to do")
         return out
 
+    refuse_foreign_work(work, PLAN_FORMAT, "generation")  # a user's OUT.shards is never written into or removed
     selection = load_selection(cfg.selection, store) if cfg.selection else None
     ids = choose_instances(len(store), selection, cfg.max_instances)
     if len(ids) == 0:
@@ -307,6 +308,7 @@ def run(cfg: GenerateConfig) -> Path:
     plan = {"format": PLAN_FORMAT, "version": 1, "config": config, "max_new_tokens": max_new,
             "store_hash": store.hash, "teacher_hash": model_hash(model), "tokenizer_hash": tok_info["hash"],
             "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "n_instances": len(ids)}
+    claim_work(work, PLAN_FORMAT, "generation")
     check_plan(work, plan, "generation")
 
     shards = [ids[s:s + cfg.shard_size] for s in range(0, len(ids), cfg.shard_size)]
@@ -410,7 +412,7 @@ def run(cfg: GenerateConfig) -> Path:
             "n_generated_tokens": sum(c["n_generated_tokens"] for c in counts),
             "flops": total_flops,
         })
-    shutil.rmtree(work, ignore_errors=True)
+    remove_owned_work(work, PLAN_FORMAT)
     ranks.barrier()
     return out
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import json
 import math
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predistill.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
+from predistill.artifacts import MANIFEST, PredistillError, hold_output, parse_json, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.models import EXPORT_INFO, run_exports
 
@@ -976,6 +977,11 @@ FOOTNOTES = ("Held-out loss: mean over held-out instances of the per-instance me
 
 
 def run(cfg: ReportConfig) -> Path:
+    with contextlib.ExitStack() as held:  # the output's lock, released however the report ends
+        return _run(cfg, held)
+
+
+def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
     if not cfg.runs:
         raise PredistillError("report needs at least one run directory")
     if cfg.extrapolate < 1:
@@ -993,6 +999,7 @@ def run(cfg: ReportConfig) -> Path:
         raise PredistillError(f"--out {out} exists and is not a directory")
     plots_name = "plots" if cfg.stem == "report" else f"{cfg.stem}-plots"
     plots_dir = out / plots_name
+    hold_output(out, held)  # one report writes OUT at a time: its files are judged and replaced under the lock
     _refuse_foreign_outputs(out, cfg.stem, plots_dir)
     if plots_dir.exists():
         shutil.rmtree(plots_dir)  # a rerun must not show plots of runs that are no longer in it

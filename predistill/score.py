@@ -27,6 +27,7 @@ counting the pass's FLOPs again; see docs/score.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from predistill.artifacts import MANIFEST, PredistillError, check_output, check_plan, read_manifest, write_manifest
+from predistill.artifacts import MANIFEST, PredistillError, check_output, check_plan, hold_output, read_manifest, \
+    write_manifest
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, PassStats, ScoreCollector, Shard, \
     plan_shards, run_forward_pass
@@ -205,6 +207,11 @@ def _report_stats(stats: PassStats, rank: int, note: str) -> None:
 
 def run(cfg: ScoreConfig) -> Path:
     """Score every instance of `cfg.store` with `cfg.model` into the score table `cfg.out`."""
+    with contextlib.ExitStack() as held:  # the output's lock, released however the run ends
+        return _run(cfg, held)
+
+
+def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     out = Path(cfg.out)
     if cfg.backend not in BACKENDS:
         raise PredistillError(f"--backend {cfg.backend!r} is not available; choose from {', '.join(BACKENDS)}")
@@ -275,6 +282,8 @@ def run(cfg: ScoreConfig) -> Path:
         _annotate_logits(logits.dir, scored_with, 2 * plan["model"]["forward_params"] * finished["n_positions"])
         return out
 
+    if rank == 0:  # one job writes OUT at a time (its ranks together); a second is refused before it writes
+        hold_output(out, held)
     check_plan(out, plan, "score table")
     # Ranks started by hand without a rendezvous score their share; the last to finish (or a
     # rerun) completes the table.

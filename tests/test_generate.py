@@ -322,6 +322,7 @@ def test_bad_inputs_are_refused(tiny_store, teacher, tmp_path, capsys):
     # an unfinished generation with other settings is not silently mixed with this one
     generate_work = tmp_path / "o4.shards"
     generate_work.mkdir()
+    (generate_work / ".predistill-staging").write_text("generate_plan")  # this tool's, from another run
     (generate_work / "plan.json").write_text(json.dumps({"format": "generate_plan", "config": {"seed": 99}}))
     fails(["--store", str(tiny_store), "--out", str(tmp_path / "o4"), "--max-instances", "2"], "unfinished generation")
     assert not (tmp_path / "o4").exists()

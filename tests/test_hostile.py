@@ -277,6 +277,12 @@ CASES = [
     ("sample over a user's OUT.partial folder", lambda t, a: [
         "sample", "--teacher", str(a["teacher"]), "--reference", str(a["reference"]),
         "--out", str(users_folder(t / "sel.partial", "mine.txt").with_name("sel"))], "is not this tool's unfinished"),
+    ("report --out a link to a user's folder", lambda t, a: [
+        "report", str(a["run"]), "--out", str(linked_folder(t))], "is a symbolic link"),
+    ("generate over a user's OUT.shards folder", lambda t, a: [
+        "generate", "--model", "preset:tiny", "--store", str(a["store"]),
+        "--out", str(users_folder(t / "gen.shards", "mine.txt").with_name("gen"))], "is not this tool's unfinished "
+                                                                                       "generation"),
 ]
 
 
@@ -291,6 +297,14 @@ def users_folder(folder: Path, file: str) -> Path:
     (folder / file).parent.mkdir(parents=True, exist_ok=True)
     (folder / file).write_text("the user's own work\n")
     return folder
+
+
+def linked_folder(t: Path) -> Path:
+    """A link to a folder of the user's."""
+    import os
+
+    os.symlink(users_folder(t / "docs", "notes.txt"), t / "out")
+    return t / "out"
 
 
 def linked_run(t: Path, a) -> Path:
@@ -368,3 +382,60 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(assets, tmp_path, cap
     assert len(errors) == 1 and "No space left on device" in errors[0]
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert not (out / "manifest.json").exists()
+
+
+def unfinished_run(t: Path, a) -> Path:
+    """An unfinished copy of the run (a killed `train` leaves no manifest)."""
+    run = copy(a["run"], t / "run")
+    (run / "manifest.json").unlink()
+    return run
+
+
+def unfinished_table(t: Path, a) -> Path:
+    """An unfinished copy of the teacher's score table (a killed `score` leaves its plan and shards, no manifest)."""
+    table = copy(a["teacher"], t / "table")
+    (table / "manifest.json").unlink()
+    return table
+
+
+# (case, the output another writer holds, the command that must be refused while it does)
+LOCKED = [
+    ("train into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["train", "--store", str(a["store"]),
+                                                                       "--out", str(o), *TRAIN]),
+    ("train resuming OUT", unfinished_run, lambda t, a, o: ["train", "--store", str(a["store"]), "--out", str(o),
+                                                           *TRAIN]),
+    ("score into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
+                                                                       "--store", str(a["store"]), "--out", str(o),
+                                                                       "--shard-size", "64", "--no-progress"]),
+    ("report into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["report", str(a["run"]), "--out", str(o)]),
+    ("score resuming OUT", unfinished_table, lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
+                                                             "--store", str(a["store"]), "--out", str(o),
+                                                             "--shard-size", "64", "--no-progress"]),
+]
+
+
+@pytest.mark.parametrize("case, output, command", LOCKED, ids=[c[0] for c in LOCKED])
+def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_nothing(case, output, command, assets,
+                                                                                      tmp_path, capsys):
+    import os
+
+    from predistill.artifacts import lock_dir
+
+    out = output(tmp_path, assets)
+    out.mkdir(exist_ok=True)
+    before = snapshot(tmp_path)
+    held = lock_dir(out, out)  # what the first writer (another process) holds while it works
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(command(tmp_path, assets, out))
+    finally:
+        os.close(held)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("predistill")]
+    assert len(errors) == 1 and "being written by another predistill process" in errors[0], err[-2000:]
+    assert snapshot(tmp_path) == before  # the first writer's work is untouched
+    cli.main(command(tmp_path, assets, out))  # once it is released, the output is written (or resumed) as usual
+    assert (out / "report.json").is_file() if command(tmp_path, assets, out)[0] == "report" else \
+        json.loads((out / "manifest.json").read_text())["complete"] is True
