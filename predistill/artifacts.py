@@ -183,7 +183,7 @@ def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Ca
     refused: another identity (naming what differs), or a directory that is not this artifact."""
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
-    if (staging.exists() or staging.is_symlink()) and not _owned_staging(staging, fmt):
+    if (staging.exists() or staging.is_symlink()) and not owned_work(staging, fmt):
         raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
                               "(remove it yourself)")
     if out.is_symlink():
@@ -366,17 +366,6 @@ def remove_owned_work(directory: str | Path, fmt: str) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _owned_staging(staging: Path, fmt: str) -> bool:
-    if staging.is_symlink() or not staging.is_dir():
-        return False
-    if not any(staging.iterdir()):
-        return True
-    try:
-        return (staging / STAGING_MARK).read_text() == fmt
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def staged_dir(out: str | Path, fmt: str, resume: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield an `OUT.partial` directory; on success replace `OUT` with it atomically.
@@ -395,7 +384,7 @@ def staged_dir(out: str | Path, fmt: str, resume: Callable[[Path], bool] | None 
     staging = out.with_name(out.name + ".partial")
     what = fmt.replace("_", " ")
     refuse_unowned(out, fmt, what)
-    if (staging.exists() or staging.is_symlink()) and not _owned_staging(staging, fmt):
+    if (staging.exists() or staging.is_symlink()) and not owned_work(staging, fmt):
         raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
                               "(remove it yourself)")
     staging.mkdir(parents=True, exist_ok=True)
