@@ -14,16 +14,20 @@ Student side: log q_S at the retained ids, normalised with the log-sum-exp over 
 (`predistill.losses.gather_logprobs`, chunked, memory-light backward): the [tokens × vocab] logits
 are never materialised.
 
-Dropped tail mass (`tail`):
-- `drop`: F is renormalised over the retained ids; the student's retained log-probs are used as
-  they are (their probabilities sum to < 1, the rest is ignored).
-- `bucket`: one extra category holds the rest of the mass on both sides: the teacher's
-  1 − Σ p_T (from its full-vocabulary log-probs, floored at TAIL_FLOOR so that rkl stays finite
-  when the entries carry all the mass) and the student's 1 − Σ q_S (exact, from the full
-  vocabulary). The temperature is applied to the K+1 categories' log-probs (the tail's mass at
+Dropped tail mass (`tail`): a truncated teacher leaves out the rest of the vocabulary, and the
+student's mass there is always counted, as one extra category (1 − Σ q_S over the entries, exact,
+from the full vocabulary), so that every loss below is a divergence between two distributions over
+the K entries + that category: ≥ 0, 0 exactly when the student equals the target, which is its
+minimiser over the student's logits (tests/test_kd_properties.py).
+- `drop`: the target F is the teacher renormalised over its entries: its mass on the extra category
+  is 0 (for rkl, which divides by it, floored at TAIL_FLOOR). nll and kld are unchanged by the
+  extra category (teacher weight 0); rkl, jsd, tvd and mse see the student's dropped mass.
+- `bucket`: the extra category holds the teacher's own dropped mass 1 − Σ p_T (from its
+  full-vocabulary log-probs, floored at TAIL_FLOOR so that rkl stays finite when the entries carry
+  all the mass). The temperature is applied to the K+1 categories' log-probs (the tail's mass at
   τ ≠ 1 is not known from a truncated teacher; this treats the tail as one token).
-Sampled entries (RS-KD) carry weights that sum to 1, so their tail is empty: `bucket` then only adds
-the student's tail, which nll/kld ignore (teacher weight 0).
+Sampled entries (RS-KD) carry weights that sum to 1, so their tail is empty and both modes agree
+up to the floor. An online teacher has the full vocabulary: nothing is dropped, `tail` does not apply.
 
 Losses (per position; F, log F teacher; q, log q student; sums over the retained ids [+ bucket]):
 - `nll`: −Σ F log q (the paper's NLL; PD's preliminary experiment)
@@ -78,6 +82,7 @@ costs about an LM-only step); `kd_loss` alone gives the same KD value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -271,20 +276,28 @@ def kd_terms(s_logq: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | 
     acc = torch.promote_types(s_logq.dtype, torch.float32)
     s = s_logq.to(acc)
     t = t_logits.to(acc)
-    if bucket:
-        if mask is None:
-            mask = torch.ones_like(t, dtype=torch.bool)
+    if mask is None:  # the full vocabulary: nothing dropped
         with torch.no_grad():
-            t_tail = (1 - (t.exp() * mask).sum(-1)).clamp(min=TAIL_FLOOR)
-            t = torch.cat([t, t_tail.log()[:, None]], dim=-1)
+            log_f = torch.log_softmax(t / tau[:, None].to(acc), dim=-1)
+            f = log_f.exp()
+        m = 1.0
+    else:
+        with torch.no_grad():
+            if bucket:  # the teacher's dropped mass is one more category, tempered with the others
+                t_tail = (1 - (t.exp() * mask).sum(-1)).clamp(min=TAIL_FLOOR)
+                log_f = _masked_log_softmax(torch.cat([t, t_tail.log()[:, None]], dim=-1) / tau[:, None].to(acc),
+                                            torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1))
+                f = log_f.exp()
+            else:  # drop: renormalised over the entries, nothing on the extra category
+                log_f = torch.cat([_masked_log_softmax(t / tau[:, None].to(acc), mask),
+                                   torch.full_like(t[:, :1], math.log(TAIL_FLOOR))], dim=-1)
+                f = torch.cat([log_f[:, :-1].exp(), torch.zeros_like(t[:, :1])], dim=-1)
+        # the student's mass outside the entries, log(1 − Σ q), exact to fp32
         s_lse = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1)
-        s_tail = torch.log(-torch.expm1(s_lse.clamp(max=-TAIL_FLOOR)))  # log(1 − Σ q), exact to fp32
-        s = torch.cat([s, s_tail[:, None]], dim=-1)
+        s = torch.cat([s, torch.log(-torch.expm1(s_lse.clamp(max=-TAIL_FLOOR)))[:, None]], dim=-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-    with torch.no_grad():
-        log_f = _masked_log_softmax(t / tau[:, None].to(acc), mask)
-        f = log_f.exp() if mask is None else log_f.exp() * mask
-    m = 1.0 if mask is None else mask.to(acc)
+        f = f * mask
+        m = mask.to(acc)
     if cfg.loss not in KD_LOSSES:
         raise PredistillError(f"unknown kd loss {cfg.loss!r}; known: {', '.join(LOSSES)}")
     return KD_LOSSES[cfg.loss](f, log_f, s, m, cfg)

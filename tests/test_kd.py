@@ -56,16 +56,24 @@ def ref_tau(t: torch.Tensor, cfg: KDConfig) -> float:
 
 
 def ref_row_loss(logq_full: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, tau: float, cfg: KDConfig,
-                 bucket: bool) -> torch.Tensor:
+                 tail: str | None) -> torch.Tensor:
+    """One row's loss over the entries plus the rest of the vocabulary as one category (`tail` None:
+    the teacher covers the whole vocabulary, there is no rest)."""
     s = logq_full[ids]
-    if bucket:
-        t_tail = max(1 - t.exp().sum().item(), 1e-8)
-        t = torch.cat([t, torch.tensor([math.log(t_tail)], dtype=t.dtype)])
+    if tail is not None:
         rest = torch.ones(len(logq_full), dtype=torch.bool)
         rest[ids] = False
         s = torch.cat([s, torch.logsumexp(logq_full[rest], 0, keepdim=True)])  # Σ of the other ids
-    log_f = torch.log_softmax(t / tau, 0)  # log of softmax; its exp may underflow to 0 at small τ
+    if tail == "bucket":  # the teacher's dropped mass, tempered with the entries
+        t_tail = max(1 - t.exp().sum().item(), 1e-8)
+        log_f = torch.log_softmax(torch.cat([t, torch.tensor([math.log(t_tail)], dtype=t.dtype)]) / tau, 0)
+    elif tail == "drop":  # renormalised over the entries: zero mass on the rest (log floored for rkl)
+        log_f = torch.cat([torch.log_softmax(t / tau, 0), torch.tensor([math.log(1e-8)], dtype=t.dtype)])
+    else:
+        log_f = torch.log_softmax(t / tau, 0)  # log of softmax; its exp may underflow to 0 at small τ
     f = log_f.exp()
+    if tail == "drop":
+        f = torch.cat([f[:-1], torch.zeros(1, dtype=f.dtype)])
     q = s.exp()
     if cfg.loss == "nll":
         return -(f * s).sum()
@@ -105,7 +113,7 @@ def ref_offline(hidden, weight, targets: TeacherTargets, cfg: KDConfig, position
         z = h[r] @ w.t()
         if cfg.temperature_mode == "normkd":
             z = z / tau
-        row = ref_row_loss(torch.log_softmax(z, 0), ids, t, tau, cfg, cfg.tail == "bucket")
+        row = ref_row_loss(torch.log_softmax(z, 0), ids, t, tau, cfg, cfg.tail)
         losses.append(row * ref_weight(t, tau, cfg))
     mean = torch.stack(losses).mean()
     mean.backward()
@@ -123,7 +131,7 @@ def ref_online(hs, ws, ht, wt, cfg: KDConfig):
         if cfg.temperature_mode == "normkd":
             z = z / tau
         t = torch.log_softmax(z_t, 0)  # full vocabulary: logits and log-probs give the same F
-        row = ref_row_loss(torch.log_softmax(z, 0), torch.arange(len(z_t)), t, tau, cfg, bucket=False)
+        row = ref_row_loss(torch.log_softmax(z, 0), torch.arange(len(z_t)), t, tau, cfg, tail=None)
         losses.append(row * ref_weight(z_t, tau, cfg))
     mean = torch.stack(losses).mean()
     mean.backward()
