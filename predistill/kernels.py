@@ -57,7 +57,12 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_gate, w_up, w_down, gate, up = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x_dtype, w_dtype = saved[0].dtype, saved[1].dtype
+        # the forward's compute dtype (bf16 under autocast, where x and the weights are fp32): backward
+        # runs outside autocast, so it casts as autocast did
+        x, w_gate, w_up, w_down, gate, up = (t.to(saved[4].dtype) for t in saved)
+        grad_out = grad_out.to(gate.dtype)
         rows = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731 — [..., D] → [N, D] for weight gradients
         act = F.silu(gate)
         grad_w_down = rows(grad_out).t() @ rows(act * up)
@@ -65,7 +70,8 @@ class _SwiGLU(torch.autograd.Function):
         grad_up = grad_hidden * act
         grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
         grad_x = grad_gate @ w_gate + grad_up @ w_up
-        return grad_x, rows(grad_gate).t() @ rows(x), rows(grad_up).t() @ rows(x), grad_w_down
+        return (grad_x.to(x_dtype), (rows(grad_gate).t() @ rows(x)).to(w_dtype),
+                (rows(grad_up).t() @ rows(x)).to(w_dtype), grad_w_down.to(w_dtype))
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

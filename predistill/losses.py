@@ -117,7 +117,11 @@ def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_size:
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    reuse = hidden.dtype == weight.dtype == acc
+    # under autocast (train --precision bf16) the matmuls compute in its dtype, as the body's do; the
+    # `out=` and in-place forms below would not be autocast, so they are used only without it
+    device = hidden.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    reuse = autocast is None and hidden.dtype == weight.dtype == acc
     buf = torch.empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=acc, device=hidden.device) \
         if reuse and hidden.shape[0] else None
     for start in range(0, hidden.shape[0], chunk_size):
@@ -129,7 +133,9 @@ def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_size:
             continue
         if need_h:
             grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-        if need_w:
+        if need_w and autocast is not None:
+            grad_w += grad_logits.t() @ h  # autocast: a product in its dtype, summed in fp32
+        elif need_w:
             grad_w.addmm_(grad_logits.t(), h.to(acc))
     ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
     ctx.needs, ctx.dtypes = (need_h, need_w), (hidden.dtype, weight.dtype)

@@ -71,6 +71,7 @@ CHECKPOINT_PREFIX = "step-"
 # float rounding, so they are among them.
 NON_RESULT_KEYS = {"out", "save_every", "export_every", "keep_checkpoints", "eval_every", "log_every", "tensorboard",
                    "command", "loss_chunk", "fused_kernels"}
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -128,9 +129,12 @@ class TrainConfig:
     minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue", interval="[1, inf)")
     loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection', interval="[1, inf)")
     fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun); '
-                        'on GPU its parameters compute in bf16, gradients reduce in fp32')
+                        'its parameters compute in bf16 under --precision bf16 (GPU default), gradients reduce in fp32')
     attn_impl: str = option("auto", "attention kernel: auto (transformers' default, sdpa), sdpa, flash_attention_2, "
                             "eager", choices=ATTN_IMPLS)
+    precision: str = option("auto", "bf16: forward and backward under bfloat16 autocast (fp32 weights, optimizer and "
+                            "losses); fp32: none; auto: bf16 on GPU, fp32 on CPU. On a CPU with avx512_bf16 or AMX, "
+                            "bf16 is faster too (bench/bench_train.py)", choices=PRECISIONS)
     compile: bool = option(False, "torch.compile the decoder body (GPU speed; the first steps pay the compilation)")
     activation_checkpointing: bool = option(False, "recompute each layer's activations in backward: less memory for "
                                             "large students, ≈ 1/3 more compute")
@@ -249,6 +253,11 @@ def prepare_student(model, cfg: TrainConfig) -> None:
         fuse_kernels(model)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def bf16_compute(precision: str, device: torch.device) -> bool:
+    """--precision: does the step compute in bfloat16 (autocast)? `auto`: on a GPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def flops_per_token(model, vocab_size: int | None = None) -> int:
@@ -507,9 +516,9 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     if cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        # bf16 compute, fp32 master weights and gradient reduction (fp32 on CPU, where bf16 is slower)
+        # bf16 compute, fp32 master weights and gradient reduction (--precision)
         precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                     if device.type == "cuda" else MixedPrecisionPolicy())
+                     if bf16_compute(cfg.precision, device) else MixedPrecisionPolicy())
         for layer in model_body(model).layers:
             fully_shard(layer, mp_policy=precision)
         fully_shard(loss_model, mp_policy=precision)
@@ -541,7 +550,8 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
 
     writer = _tensorboard(out) if cfg.tensorboard and d.main else None
     order = DataOrder(train_ids, cfg.seed)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16_compute(cfg.precision, device)
+                else contextlib.nullcontext())
     loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda")
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
     val_loss = None

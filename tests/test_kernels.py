@@ -69,6 +69,23 @@ def test_fused_forwards_in_bf16_keep_values_and_track_gradients():
         torch.testing.assert_close(fg.float(), g.float(), rtol=0.05, atol=0.05 * g.float().abs().max().item())
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_forwards_under_autocast_match_the_models_own(family):
+    """train --precision bf16: fp32 weights, bf16 autocast. The fused backward runs outside autocast
+    and casts as autocast did: its gradients are fp32, as eager's are, and close to them."""
+    eager = tiny(family)
+    fused = copy.deepcopy(eager)
+    fuse_kernels(fused)
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, grads = loss_and_grads(eager, ids)
+        fused_logits, fused_grads = loss_and_grads(fused, ids)
+    assert torch.equal(logits, fused_logits)
+    for g, fg in zip(grads, fused_grads):
+        assert fg.dtype == g.dtype == torch.float32
+        torch.testing.assert_close(fg, g, rtol=0.05, atol=0.05 * g.abs().max().item())
+
+
 def test_a_variant_formula_keeps_its_own_forward():
     """Gemma's norm scales by 1 + weight and its MLP uses GELU; a look-alike module (the attributes
     of an RMSNorm, another formula) is left alone too: the probe finds the difference."""

@@ -71,6 +71,33 @@ def test_fused_lm_loss_equals_cross_entropy_in_values_and_gradients(chunk, needs
             assert got is None
 
 
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_fused_lm_loss_under_autocast_computes_the_head_in_bf16_like_eager(chunk):
+    """train --precision bf16: the head's matmuls in bf16 (as autocast does for eager cross-entropy),
+    the softmax and the loss in fp32, fp32 gradients for fp32 weights."""
+    torch.manual_seed(0)
+    n, h, v = 50, 16, 97
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = (torch.randn(v, h) * 0.3).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, rows = fused_lm_loss(hidden, weight, targets, chunk)
+        logits = hidden @ weight.t()
+    total.backward()
+    fused = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    assert logits.dtype == torch.bfloat16
+    reference = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    reference.sum().backward()
+    assert total.dtype == torch.float32 and fused[1].dtype == torch.float32
+    torch.testing.assert_close(rows, reference.detach(), rtol=1e-5, atol=1e-5)  # the same bf16 logits
+    for got, want in zip(fused, (hidden.grad, weight.grad)):
+        torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    with torch.no_grad():  # fp32 differs from it by bf16 rounding, not more
+        full = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    assert 0 < (rows - full).abs().max() < 0.05
+
+
 def test_fused_lm_loss_accumulates_like_any_loss_and_costs_nothing_without_grad():
     torch.manual_seed(1)
     hidden = torch.randn(20, 8, requires_grad=True)

@@ -446,6 +446,20 @@ def test_speed_paths_train_the_same_model(tiny_store, tmp_path, flags):
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
+def test_bf16_precision_trains_deterministically_and_close_to_fp32(tiny_store, tmp_path):
+    """--precision bf16 (autocast; a GPU's default): the same weights twice, losses within bf16
+    rounding of fp32's; the setting is part of what a run is (no resume across it)."""
+    fp32 = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "fp32"), **{**FAST, "steps": 4}))
+    bf16 = [run(TrainConfig(store=str(tiny_store), out=str(tmp_path / name), precision="bf16", **{**FAST, "steps": 4}))
+            for name in ("a", "b")]
+    assert sha256(bf16[0] / "hf" / "model.safetensors") == sha256(bf16[1] / "hf" / "model.safetensors")
+    losses = [[r["loss"] for r in metrics(d)] for d in (fp32, bf16[0])]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
+    assert losses[1] != losses[0]  # it did compute in bf16
+    with pytest.raises(PredistillError, match="another config"):
+        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "fp32"), precision="bf16", **{**FAST, "steps": 4}))
+
+
 @pytest.mark.slow  # torch.compile on CPU compiles C++ kernels
 def test_compiled_layers_train_the_same_model(tiny_store, tmp_path):
     base = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "base"), **{**FAST, "steps": 2}))
