@@ -25,6 +25,7 @@ import importlib
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -77,7 +78,14 @@ class EvalConfig:
     local_items: int = option(200, "items per local task", interval="[1, inf)")
     seed: int = option(1234, "seed of the local tasks' passage order and distractors", interval="[0, 4294967295]")
     allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)")
-    num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as the papers report)", interval="[0, inf)")
+    num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as MiniPLM reports)", interval="[0, inf)")
+    fewshot: list[str] = option(default_factory=list, help="TASK=N: N examples per prompt for this task (a group: all "
+                                "its subtasks), overriding --num-fewshot (repeatable: PD's protocol sets them per task). "
+                                "A task whose lm-eval config fixes 0 shots keeps 0; each result records the shots used",
+                                flag="--fewshot", metavar="TASK=N")
+    task_path: list[str] = option(default_factory=list, help="a folder of lm-eval task/group YAML files to register "
+                                  "(lm-eval's include_path; repeatable): your own tasks, or groups over local and "
+                                  "lm-eval tasks", flag="--task-path", metavar="DIR")
     exports: bool = option(False, "a run directory: also evaluate every export it wrote during training (train "
                                   "--export-every) into RUN/exports/step-N/eval.json — accuracy over training; an export "
                                   "already evaluated with these settings is kept")
@@ -234,22 +242,45 @@ def _lm_eval():
     return lm_eval
 
 
-def task_manager(tasks: list[str], local_dir: Path | None):
-    """A TaskManager that knows `tasks`: only the needed lm-eval folders when every task is a paper
-    or local one, else lm-eval's whole index. Unknown names raise a PredistillError."""
+def task_manager(tasks: list[str], local_dir: Path | None, task_paths: list[str] = ()):
+    """A TaskManager that knows `tasks`: only the needed folders (the paper's, the local tasks',
+    `task_paths`) when they define every task and load, else lm-eval's whole index too (30 s).
+    Unknown names raise a PredistillError."""
     _lm_eval()
     import lm_eval.tasks
 
+    for folder in task_paths:
+        if not Path(folder).is_dir():
+            raise PredistillError(f"--task-path {folder}: not a directory of lm-eval task YAML files")
     package_tasks = Path(lm_eval.tasks.__file__).parent
-    paths = ([str(local_dir)] if local_dir else []) + sorted(
+    paths = ([str(local_dir)] if local_dir else []) + [str(Path(p).resolve()) for p in task_paths] + sorted(
         {str(package_tasks / PAPER_TASKS[t]) for t in tasks if t in PAPER_TASKS})
-    known_only = all(t in PAPER_TASKS or t in LOCAL_TASKS for t in tasks)
-    manager = lm_eval.tasks.TaskManager(include_path=paths or None, include_defaults=not known_only)
+    manager = lm_eval.tasks.TaskManager(include_path=paths or None, include_defaults=False)
+    own = [t for t in tasks if t not in PAPER_TASKS and t not in LOCAL_TASKS]
+    if any(t not in manager.all_tasks for t in own) or not _loads(manager, own):
+        # a task of lm-eval's own, or a group of yours over one of them
+        manager = lm_eval.tasks.TaskManager(include_path=paths or None, include_defaults=True)
     unknown = [t for t in tasks if t not in manager.all_tasks and t not in LOCAL_TASKS]
     if unknown:
-        raise PredistillError(f"unknown task(s): {', '.join(unknown)} (not in lm-eval {LM_EVAL_VERSION}; "
-                              f"aliases: {', '.join(TASK_ALIASES)}; local: {', '.join(LOCAL_TASKS)})")
+        raise PredistillError(f"unknown task(s): {', '.join(unknown)} (not in lm-eval {LM_EVAL_VERSION}"
+                              f"{' or --task-path' if task_paths else ''}; aliases: {', '.join(TASK_ALIASES)}; "
+                              f"local: {', '.join(LOCAL_TASKS)})")
     return manager
+
+
+def _names_local_task(task_paths: list[str]) -> bool:
+    """Does a YAML file under --task-path name a local task (a group over them needs them built)?"""
+    pattern = re.compile(rf"\b({'|'.join(LOCAL_TASKS)})\b")
+    return any(pattern.search(f.read_text(errors="replace")) for folder in task_paths if Path(folder).is_dir()
+               for f in sorted(Path(folder).rglob("*.yaml")))
+
+
+def _loads(manager, tasks: list[str]) -> bool:
+    try:
+        manager.load(tasks)
+    except Exception:  # noqa: BLE001 — a name this manager cannot resolve; the caller widens it
+        return False
+    return True
 
 
 def reachable_tasks(manager, tasks: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -268,38 +299,111 @@ def reachable_tasks(manager, tasks: list[str]) -> tuple[list[str], dict[str, str
     return ok, skipped
 
 
-def _metric(task_results: dict, name: str) -> float | None:
-    value = task_results.get(f"{name},none")
-    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+def fewshot_table(specs: list[str], tasks: list[str]) -> dict[str, int]:
+    """--fewshot TASK=N → {task: N}, each task one of `tasks` (after alias expansion)."""
+    table: dict[str, int] = {}
+    for spec in specs:
+        task, sep, shots = spec.partition("=")
+        if not sep or not task or not shots.strip().isdigit():
+            raise PredistillError(f"--fewshot {spec!r}: write TASK=N with N ≥ 0")
+        if task not in tasks:
+            raise PredistillError(f"--fewshot {spec!r}: {task} is not among the evaluated --tasks")
+        if task in table:
+            raise PredistillError(f"--fewshot names the task {task!r} twice")
+        table[task] = int(shots)
+    return table
 
 
-def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int | None, *, device: str = "cpu",
-                dtype: str = "float32", num_fewshot: int = 0) -> dict[str, dict]:
-    """lm-eval's zero-shot results per task: acc, acc_norm (multiple choice), perplexity
-    (last-word tasks), their standard errors, and the number of items."""
-    import lm_eval
+# the metric a paper reports for a task, in this order: MiniPLM's and PD's multiple-choice tasks
+# (acc_norm where lm-eval has it), then generation tasks (GSM8K: exact match of the answer line)
+HEADLINE = ("acc_norm", "acc", "exact_match")
 
-    results = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": hf, "dtype": dtype}, tasks=tasks, device=device,
-        batch_size=batch_size, limit=limit, task_manager=manager, log_samples=False, num_fewshot=num_fewshot,
-        # 0: no bootstrap (it forks a process pool); acc's standard error is closed-form, below
-        bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+
+def _metrics(task_results: dict) -> dict[str, float]:
+    """Every metric lm-eval reported: `name` for the unfiltered one, `name,filter` for the others
+    (GSM8K: exact_match,strict-match and exact_match,flexible-extract)."""
     out = {}
-    for task in tasks:
-        r = results["results"][task]
-        n = int(results["n-samples"][task]["effective"])
-        row = {"acc": _metric(r, "acc"), "acc_norm": _metric(r, "acc_norm"),
-               "perplexity": _metric(r, "perplexity"), "n": n}
-        for key in ("acc", "acc_norm"):  # binomial standard error of a mean of 0/1 outcomes
-            p = row[key]
-            row[f"{key}_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if p is not None and n > 1 else None
-        out[task] = row
+    for key, value in task_results.items():
+        name, sep, filt = key.partition(",")
+        if not sep or name.endswith("_stderr") or not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        out[name if filt == "none" else key] = float(value)
     return out
 
 
+def _row(metrics: dict[str, float], n: int, shots: int | None) -> dict:
+    """One task's result: acc, acc_norm, perplexity, exact_match (the strict filter where there
+    are several), the binomial standard errors, all metrics, the items and the shots."""
+    exact = metrics.get("exact_match", metrics.get("exact_match,strict-match",
+                        next((v for k, v in metrics.items() if k.startswith("exact_match,")), None)))
+    row = {"acc": metrics.get("acc"), "acc_norm": metrics.get("acc_norm"), "perplexity": metrics.get("perplexity"),
+           "exact_match": exact, "n": n, "num_fewshot": shots, "metrics": metrics}
+    for key in ("acc", "acc_norm", "exact_match"):  # binomial standard error of a mean of 0/1 outcomes
+        p = row[key]
+        row[f"{key}_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if p is not None and n > 1 else None
+    return row
+
+
+def _leaves(results: dict, task: str) -> list[str]:
+    """The tasks under `task` (itself when it is not a group), nested groups expanded."""
+    children = results.get("group_subtasks", {}).get(task)
+    if not children:
+        return [task]
+    return [leaf for child in children for leaf in _leaves(results, child)]
+
+
+def task_rows(results: dict, tasks: list[str]) -> dict[str, dict]:
+    """lm-eval's results per requested task. A group gets its aggregate — lm-eval's own when its
+    YAML declares `aggregate_metric_list`, else the item-weighted mean of its subtasks' metrics
+    (perplexity excepted) — and a row per subtask under `subtasks`."""
+    counts = {t: int(c["effective"]) for t, c in results["n-samples"].items()}
+    shots = results.get("n-shot", {})
+    leaf_rows = {t: _row(_metrics(results["results"][t]), counts[t], shots.get(t)) for t in counts}
+    out = {}
+    for task in tasks:
+        if task in leaf_rows:
+            out[task] = leaf_rows[task]
+            continue
+        leaves = _leaves(results, task)
+        n = sum(counts[t] for t in leaves)
+        metrics = _metrics(results["results"].get(task, {}))
+        aggregate = "lm-eval" if metrics else "item-weighted mean of the subtasks"
+        if not metrics:
+            names = {k for t in leaves for k in leaf_rows[t]["metrics"] if not k.startswith("perplexity")}
+            for name in sorted(names):
+                have = [t for t in leaves if name in leaf_rows[t]["metrics"]]
+                weight = sum(counts[t] for t in have)
+                if weight:
+                    metrics[name] = sum(leaf_rows[t]["metrics"][name] * counts[t] for t in have) / weight
+        group_shots = {shots.get(t) for t in leaves}
+        out[task] = {**_row(metrics, n, group_shots.pop() if len(group_shots) == 1 else None),
+                     "aggregate": aggregate, "subtasks": {t: leaf_rows[t] for t in leaves}}
+    return out
+
+
+def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int | None, *, device: str = "cpu",
+                dtype: str = "float32", num_fewshot: int = 0, fewshot: dict[str, int] | None = None) -> dict[str, dict]:
+    """lm-eval's results per task (see `task_rows`), one `simple_evaluate` per distinct shot count."""
+    import lm_eval
+
+    by_shots: dict[int, list[str]] = {}
+    for task in tasks:
+        by_shots.setdefault((fewshot or {}).get(task, num_fewshot), []).append(task)
+    out = {}
+    for shots, group in by_shots.items():
+        results = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": hf, "dtype": dtype}, tasks=group, device=device,
+            batch_size=batch_size, limit=limit, task_manager=manager, log_samples=False, num_fewshot=shots,
+            # 0: no bootstrap (it forks a process pool); acc's standard error is closed-form, in _row
+            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        out.update(task_rows(results, group))
+    return {task: out[task] for task in tasks}
+
+
 def average_accuracy(results: dict[str, dict]) -> float | None:
-    """The papers' headline: mean over tasks of acc_norm where a task has it, else acc."""
-    values = [r["acc_norm"] if r.get("acc_norm") is not None else r.get("acc") for r in results.values()]
+    """The papers' headline: mean over tasks of acc_norm where a task has it, else acc, else exact
+    match (a group counts once, with its aggregate)."""
+    values = [next((r.get(k) for k in HEADLINE if r.get(k) is not None), None) for r in results.values()]
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
@@ -365,17 +469,18 @@ def run(cfg: EvalConfig) -> dict:
 
     # Tasks are resolved (and local ones built) before the model loads: a typo fails in a second.
     tasks = expand_tasks(cfg.tasks) if cfg.tasks else []
+    shots = fewshot_table(cfg.fewshot, tasks)
     local_dir = None
     manager = None
     evaluated: list[str] = []
     skipped: dict[str, str] = {}
     with hub_offline(not cfg.allow_download):
         if tasks and ranks.main:  # the local tasks are built and lm-eval run by rank 0
-            if any(t in LOCAL_TASKS for t in tasks):
+            if any(t in LOCAL_TASKS for t in tasks) or _names_local_task(cfg.task_path):
                 local_dir = build_local_tasks(LocalTaskConfig(
                     store=str(store.dir), out=cfg.tasks_dir or str(out.parent / "tasks"),
                     seed=cfg.seed, n_items=cfg.local_items))
-            manager = task_manager(tasks, local_dir)
+            manager = task_manager(tasks, local_dir, cfg.task_path)
             evaluated, skipped = reachable_tasks(manager, tasks)
             for task, reason in skipped.items():
                 print(f"predistill: skipping task {task}: {reason}", flush=True)
@@ -391,7 +496,8 @@ def run(cfg: EvalConfig) -> dict:
         gc.collect()  # lm-eval loads its own copy
 
         results = (run_lm_eval(ref.hf, evaluated, manager, cfg.batch_size, cfg.limit, device=str(device),
-                               dtype=str(dtype).removeprefix("torch."), num_fewshot=cfg.num_fewshot)
+                               dtype=str(dtype).removeprefix("torch."), num_fewshot=cfg.num_fewshot,
+                               fewshot=shots)
                    if evaluated else {})
     ranks.barrier()  # the others wait for rank 0's lm-eval
     if not ranks.main:
@@ -442,7 +548,8 @@ def main(args: argparse.Namespace) -> None:
         return
     line = f"predistill: wrote {cfg.out}: heldout_loss {r['heldout_loss']:.4f} over {r['n_instances']} instances"
     for task, m in r["results"].items():
-        line += f"; {task} acc {m['acc']:.3f}" + (f" acc_norm {m['acc_norm']:.3f}" if m["acc_norm"] is not None else "")
+        line += f"; {task} " + " ".join(f"{k} {m[k]:.3f}" for k in ("acc", "acc_norm", "exact_match")
+                                        if m.get(k) is not None)
     if r["tasks"]["skipped"]:
         line += f"; skipped {len(r['tasks']['skipped'])} task(s) (see the JSON)"
     print(line)

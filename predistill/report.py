@@ -224,7 +224,8 @@ class RunSummary:
     heldout_loss: float | None = None
     heldout_source: str | None = None  # "eval" (eval.json) or "train" (manifest final_val_loss)
     heldout_losses: dict[str, float] = field(default_factory=dict)  # train --heldout NAME=DIR: set → loss
-    tasks: dict[str, dict] = field(default_factory=dict)  # task → {"acc", "acc_norm"}
+    tasks: dict[str, dict] = field(default_factory=dict)  # task → {"acc", "acc_norm", "exact_match"}
+    subtasks: dict[str, dict] = field(default_factory=dict)  # group task → {subtask → the same}
     avg_acc: float | None = None
     teacher_flops_offline: float | None = None
     teacher_flops_sources: list[str] = field(default_factory=list)
@@ -320,10 +321,13 @@ def summarize_run(run: str) -> RunSummary:
     for task in order + sorted(t for t in results if t not in order):  # eval's task order (eval.json sorts keys)
         if isinstance(results[task], dict):
             r = results[task]
-            s.tasks[task] = {"acc": _number(r.get("acc")), "acc_norm": _number(r.get("acc_norm"))}
+            s.tasks[task] = {k: _number(r.get(k)) for k in TASK_METRICS}
+            subtasks = r.get("subtasks") if isinstance(r.get("subtasks"), dict) else {}
+            s.subtasks[task] = {str(t): {k: _number(v.get(k)) for k in TASK_METRICS}
+                                for t, v in subtasks.items() if isinstance(v, dict)}
     s.avg_acc = _number(evaluation.get("avg_acc"))
     if s.avg_acc is None and s.tasks:
-        values = [v["acc_norm"] if v["acc_norm"] is not None else v["acc"] for v in s.tasks.values()]
+        values = [headline_metric(v) for v in s.tasks.values()]
         values = [v for v in values if v is not None]
         s.avg_acc = float(np.mean(values)) if values else None
 
@@ -908,6 +912,15 @@ def task_columns(runs: list[RunSummary]) -> list[str]:
     return names
 
 
+TASK_METRICS = ("acc", "acc_norm", "exact_match")
+
+
+def headline_metric(metrics: dict) -> float | None:
+    """The number a paper reports for a task: acc_norm where the task has it, else acc, else exact
+    match (GSM8K)."""
+    return next((metrics[k] for k in ("acc_norm", "acc", "exact_match") if metrics.get(k) is not None), None)
+
+
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     """The comparison table: header and formatted cells. Task cells hold acc_norm when the task
     has it, else acc (the papers' convention), in %."""
@@ -916,9 +929,7 @@ def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
               *tasks, "avg acc", "teacher FLOPs offline", "logits B/token"]
     rows = []
     for r in runs:
-        headline = [fmt_acc(None if t not in r.tasks else
-                            (r.tasks[t]["acc_norm"] if r.tasks[t]["acc_norm"] is not None else r.tasks[t]["acc"]))
-                    for t in tasks]
+        headline = [fmt_acc(None if t not in r.tasks else headline_metric(r.tasks[t])) for t in tasks]
         params = DASH if r.params is None else f"{fmt_count(r.params)} ({fmt_count(r.params_non_embedding)})"
         rows.append([r.name, r.method or DASH, params, fmt_sci(r.flops), fmt_count(r.tokens), fmt_loss(r),
                      *headline, fmt_acc(r.avg_acc), fmt_sci(r.teacher_flops_offline),
@@ -927,9 +938,14 @@ def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
 
 
 def detail_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    """acc and acc_norm of every task, for every run."""
-    header = ["run", "task", "acc", "acc_norm"]
-    rows = [[r.name, t, fmt_acc(v["acc"]), fmt_acc(v["acc_norm"])] for r in runs for t, v in r.tasks.items()]
+    """Every metric of every task for every run, a group's subtasks under it (`group / subtask`)."""
+    header = ["run", "task", *TASK_METRICS]
+    rows = []
+    for r in runs:
+        for t, v in r.tasks.items():
+            rows.append([r.name, t, *(fmt_acc(v[k]) for k in TASK_METRICS)])
+            rows += [[r.name, f"{t} / {sub}", *(fmt_acc(w[k]) for k in TASK_METRICS)]
+                     for sub, w in r.subtasks.get(t, {}).items()]
     return header, rows
 
 
@@ -968,7 +984,7 @@ SEED_NOTE = ("Seeds: a run's seed fixes its initial weights and data order; runs
              "loss, divided by that {baseline} run's FLOPs (< 1: compute saved; mean over seeds).")
 FOOTNOTES = ("Held-out loss: mean over held-out instances of the per-instance mean token NLL (MiniPLM), "
              "from `RUN/eval.json`; † = the run's own final validation loss (no eval.json). Task columns: "
-             "acc_norm where the task has it, else acc, in %; avg acc = their plain mean. Training FLOPs: "
+             "acc_norm where the task has it, else acc, else exact match, in %; avg acc = their plain mean. Training FLOPs: "
              "6·N·D (+ 2·N_teacher·D for an online teacher). Teacher FLOPs offline: teacher/reference inference "
              "recorded by the selection, its score tables and the logits store. – = not available.")
 
@@ -1033,7 +1049,7 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
                          *heldout_set_rows(groups, cfg.baseline, cfg.target_sets)))
     sections.append(("Comparison", *table_rows(runs)))
     if any(r.tasks for r in runs):
-        sections.append(("Task accuracy (acc / acc_norm, %)", *detail_rows(runs)))
+        sections.append(("Task accuracy (acc / acc_norm / exact match, %; a group: its aggregate, then each subtask)", *detail_rows(runs)))
     if any(r.over_training for r in runs):
         sections.append(("Over training: the exports' evaluations (train --export-every, eval --exports)",
                          ["run", "step", "tokens", "training FLOPs", "held-out loss", "avg acc"],

@@ -13,7 +13,8 @@ import torch
 
 from predistill import cli
 from predistill.artifacts import PredistillError, write_manifest
-from predistill.eval import PAPER_TASKS, EvalConfig, heldout_metrics, heldout_sequences, run
+from predistill.eval import PAPER_TASKS, EvalConfig, average_accuracy, fewshot_table, heldout_metrics, \
+    heldout_sequences, run, task_rows
 from predistill.models import load_model, resolve_model
 from predistill.store import TokenStore
 from predistill.tasks import CONTINUATION, LASTWORD
@@ -145,6 +146,82 @@ def test_clear_errors(tmp_path, tiny_model_dir, tiny_store, monkeypatch, capsys)
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("predistill eval: error:") and "\n" not in err
+
+
+def test_fewshot_flags_name_evaluated_tasks_once_with_a_count():
+    assert fewshot_table(["gsm8k=8", "mmlu=5"], ["mmlu", "gsm8k"]) == {"gsm8k": 8, "mmlu": 5}
+    for specs, match in ((["gsm8k"], "TASK=N"), (["gsm8k=-1"], "TASK=N"), (["gsm8k=x"], "TASK=N"),
+                         (["arc_easy=5"], "not among"), (["gsm8k=5", "gsm8k=8"], "twice")):
+        with pytest.raises(PredistillError, match=match):
+            fewshot_table(specs, ["gsm8k"])
+
+
+def lm_eval_results(leaves: dict[str, tuple[dict, int]], groups: dict[str, list[str]],
+                    aggregates: dict[str, dict] | None = None, shots: int = 0) -> dict:
+    """The parts of `lm_eval.simple_evaluate`'s return value that eval reads (as lm-eval 0.4.13
+    writes them: `metric,filter` keys, a group's own entry holds only its declared aggregate)."""
+    results = {t: {"alias": t, **metrics} for t, (metrics, _) in leaves.items()}
+    results |= {g: {"alias": g, **(aggregates or {}).get(g, {})} for g in groups}
+    return {"results": results, "group_subtasks": groups,
+            "n-samples": {t: {"original": n, "effective": n} for t, (_, n) in leaves.items()},
+            "n-shot": {t: shots for t in [*leaves, *groups]}}
+
+
+def test_a_group_gets_its_item_weighted_aggregate_and_a_row_per_subtask():
+    leaves = {"sub_a": ({"acc,none": 0.5, "acc_stderr,none": "N/A", "acc_norm,none": 0.25}, 10),
+              "sub_b": ({"acc,none": 0.8, "acc_norm,none": 0.5, "perplexity,none": 12.0}, 30),
+              "sub_c": ({"acc,none": 0.2}, 20)}
+    # a nested group: outer = [inner, sub_c], inner = [sub_a, sub_b]; no declared aggregate
+    rows = task_rows(lm_eval_results(leaves, {"outer": ["inner", "sub_c"], "inner": ["sub_a", "sub_b"]}),
+                     ["outer", "sub_b"])
+    outer = rows["outer"]
+    assert outer["n"] == 60 and outer["aggregate"] == "item-weighted mean of the subtasks"
+    assert outer["acc"] == pytest.approx((0.5 * 10 + 0.8 * 30 + 0.2 * 20) / 60)
+    assert outer["acc_norm"] == pytest.approx((0.25 * 10 + 0.5 * 30) / 40)  # over the subtasks that have it
+    assert outer["perplexity"] is None  # perplexities do not average
+    assert list(outer["subtasks"]) == ["sub_a", "sub_b", "sub_c"]
+    assert outer["subtasks"]["sub_b"] == rows["sub_b"] and rows["sub_b"]["perplexity"] == 12.0
+    assert rows["sub_b"]["acc_stderr"] == pytest.approx((0.8 * 0.2 / 29) ** 0.5)
+    # an aggregate the group's YAML declares is lm-eval's, taken as it is
+    declared = task_rows(lm_eval_results(leaves, {"g": ["sub_a", "sub_b"]}, {"g": {"acc,none": 0.123}}), ["g"])["g"]
+    assert declared["acc"] == 0.123 and declared["aggregate"] == "lm-eval" and declared["acc_norm"] is None
+
+
+def test_generation_metrics_are_collected_and_count_in_the_average():
+    gsm8k = {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+             "exact_match,flexible-extract": 0.5}
+    rows = task_rows(lm_eval_results({"gsm8k": (gsm8k, 8)}, {}, shots=8), ["gsm8k"])
+    row = rows["gsm8k"]
+    assert row["metrics"] == {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.5}
+    assert row["exact_match"] == 0.25 and row["acc"] is None and row["num_fewshot"] == 8
+    assert average_accuracy(rows | {"arc": {"acc": 0.5, "acc_norm": 0.75}}) == pytest.approx((0.25 + 0.75) / 2)
+
+
+@pytest.mark.slow
+def test_a_local_group_task_and_per_task_shots_through_lm_eval(tmp_path, tiny_model_dir, tiny_store):
+    import yaml
+
+    groups = tmp_path / "groups"
+    groups.mkdir()
+    (groups / "both.yaml").write_text(yaml.safe_dump({"group": "local_both", "task": [LASTWORD, CONTINUATION]}))
+    common = dict(model=str(tiny_model_dir), store=str(tiny_store / "val"), local_items=8, batch_size=8, limit=4,
+                  tasks_dir=str(tmp_path / "tasks"))
+    alone = run(EvalConfig(out=str(tmp_path / "alone.json"), tasks=["local"], **common))["results"]
+    grouped = run(EvalConfig(out=str(tmp_path / "group.json"), tasks=["local_both"], task_path=[str(groups)],
+                             **common))
+    both = grouped["results"]["local_both"]
+    assert grouped["tasks"]["evaluated"] == ["local_both"] and both["n"] == 8
+    for task in (LASTWORD, CONTINUATION):  # the subtasks score as they do alone
+        assert {k: both["subtasks"][task][k] for k in ("acc", "acc_norm", "n")} == \
+            {k: alone[task][k] for k in ("acc", "acc_norm", "n")}
+    assert both["acc"] == pytest.approx((alone[LASTWORD]["acc"] + alone[CONTINUATION]["acc"]) / 2)
+    assert both["acc_norm"] == alone[CONTINUATION]["acc_norm"]
+    # per-task shots: each task records the examples its prompts had
+    shot = run(EvalConfig(out=str(tmp_path / "shots.json"), tasks=["local"], fewshot=[f"{LASTWORD}=2"], **common))
+    assert shot["results"][LASTWORD]["num_fewshot"] == 2 and shot["results"][CONTINUATION]["num_fewshot"] == 0
+    assert shot["results"][CONTINUATION]["acc"] == alone[CONTINUATION]["acc"]
+    with pytest.raises(PredistillError, match="--task-path"):
+        run(EvalConfig(out=str(tmp_path / "x.json"), tasks=["local_both"], task_path=[str(tmp_path / "nope")], **common))
 
 
 def lm_eval_pair_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
