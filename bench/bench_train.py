@@ -136,21 +136,31 @@ def ours(model, activation_checkpointing: bool = False):
     return loss_model, make_optimizer(loss_model, cfg)
 
 
-def throughput(preset: str, steps: int = 6, batch: int = 8, seq: int = 256) -> float:
+def throughput(preset: str, steps: int = 6, batch: int = 8, seq: int = 256, precisions=("fp32",)) -> dict[str, float]:
+    """tokens/s of `train`'s step per precision (`train --precision`), the precisions alternating
+    step by step on copies of one model, so a noisy machine slows them alike."""
+    import contextlib
+    import copy
+
     import torch
 
-    loss_model, opt = ours(vocab_model(preset))
+    model = vocab_model(preset)
+    loops = {p: ours(copy.deepcopy(model)) for p in precisions}
     inputs = torch.randint(0, VOCAB, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.bool)
-    times = []
+    times: dict[str, list[float]] = {p: [] for p in precisions}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
-        (lm_sum / mask.sum()).backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
-    return batch * seq / (sum(times[1:]) / len(times[1:]))  # first step warms up allocators
+        for precision, (loss_model, opt) in loops.items():
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            t0 = time.perf_counter()
+            with autocast:
+                lm_sum, _, _, _ = loss_model(inputs, inputs, mask)
+            (lm_sum / mask.sum()).backward()
+            opt.step()
+            opt.zero_grad()
+            times[precision].append(time.perf_counter() - t0)
+    # the first step warms up allocators
+    return {p: batch * seq / (sum(t[1:]) / len(t[1:])) for p, t in times.items()}
 
 
 class SyntheticLogits:
@@ -231,6 +241,8 @@ def main(parts: list[str]) -> None:
         step_part()
     if "kd" in parts:
         kd_part()
+    if "precision" in parts:
+        precision_part()
     if "throughput" in parts:
         throughput_part()
 
@@ -314,9 +326,27 @@ def throughput_part() -> None:
     print("## Training throughput (batch 8 × 256 tokens, fp32, CPU)\n")
     print("| preset | tokens/s |\n|---|---|")
     for preset in ("tiny", "small"):
-        tps = throughput(preset)
+        tps = throughput(preset)["fp32"]
         print(f"| {preset} | {tps:.0f} |")
         emit("train_throughput", preset=preset, batch=8, seq=256, tokens_per_s=round(tps))
+
+
+def precision_part() -> None:
+    """`train --precision bf16` (autocast) against fp32 on this CPU: the speed-up it buys where the
+    CPU has bf16 instructions (avx512_bf16, AMX), and what it costs where it has none."""
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    print(f"## bf16 autocast vs fp32 training step (batch 8 × 256, SmolLM2's vocabulary, CPU: {isa})\n")
+    print("| preset | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |\n|---|---|---|---|")
+    for preset in ("tiny", "small"):
+        tps = throughput(preset, steps=5, precisions=("fp32", "bf16"))
+        ratio = tps["bf16"] / tps["fp32"]
+        print(f"| {preset} | {tps['fp32']:.0f} | {tps['bf16']:.0f} | {ratio:.2f}× |")
+        emit("train_bf16_vs_fp32", preset=preset, batch=8, seq=256, cpu=isa, fp32_tokens_per_s=round(tps["fp32"]),
+             bf16_tokens_per_s=round(tps["bf16"]), ratio=round(ratio, 2),
+             readme={"what": f"`train --precision bf16` vs fp32 step (`preset:{preset}`, 49k vocab, CPU {isa})",
+                     "result": f"**{ratio:.2f}×** the tokens/s", "goal": "> 1× where the CPU has bf16 instructions"})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,7 +456,7 @@ if __name__ == "__main__":
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--tokens-per-domain", type=int, default=40000)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--parts", nargs="+", default=["loss", "step", "kd", "throughput"],
-                        choices=["loss", "step", "kd", "throughput"], help="without --e2e: which parts to run")
+    parser.add_argument("--parts", nargs="+", default=["loss", "step", "kd", "throughput", "precision"],
+                        choices=["loss", "step", "kd", "throughput", "precision"], help="without --e2e: which parts to run")
     cli_args = parser.parse_args()
     e2e(cli_args) if cli_args.e2e else main(cli_args.parts)

@@ -34,6 +34,15 @@ C = TypeVar("C")
 MAX_CONFIG_BYTES = 1 << 20  # a --config file is settings, not data
 
 
+@typing.runtime_checkable
+class CheckedConfig(typing.Protocol):
+    """A config whose command refuses some combinations of settings. `check` raises a PredistillError
+    for each, reading nothing from disk; `resolve_config` calls it, so a recipe's dry run refuses
+    what the real run would (and the command calls it again for a config built in code)."""
+
+    def check(self) -> None: ...
+
+
 class UsageError(PredistillError):
     """A command line that cannot run (a required setting missing): the CLI exits 2, as argparse does."""
 
@@ -288,9 +297,12 @@ def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
                 "positional") else leaf.flag
             raise UsageError(f"the following arguments are required: {name} (on the command line or in --config)")
     try:
-        return from_flat(cls, values)
+        cfg = from_flat(cls, values)
     except TypeError as e:
         raise PredistillError(f"invalid settings: {e}") from None
+    if isinstance(cfg, CheckedConfig):
+        cfg.check()
+    return cfg
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from predistill.artifacts import (
@@ -144,7 +146,32 @@ class TrainConfig:
     tensorboard: bool = option(False, 'also log to OUT/tensorboard (needs the tensorboard package)')
     device: str = option("auto", 'auto (cuda if available), cpu or cuda')
 
-
+    def check(self) -> None:
+        """What this config's run would refuse, before anything is read (a recipe's dry run calls it)."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PredistillError(f"unknown --lr-schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+        if self.alpha_schedule not in ALPHA_SCHEDULES:
+            raise PredistillError(f"unknown --alpha-schedule {self.alpha_schedule!r}; known: {', '.join(ALPHA_SCHEDULES)}")
+        if self.alpha > 0 and not (self.kd_logits or self.kd_teacher):
+            raise PredistillError("--alpha > 0 needs a KD source: --kd-logits DIR or --kd-teacher MODEL")
+        if self.kd_logits and self.kd_teacher:
+            raise PredistillError("give one KD source: --kd-logits or --kd-teacher, not both")
+        if self.minillm and not self.kd_teacher:
+            raise PredistillError("--minillm needs an online teacher: --kd-teacher MODEL")
+        if (self.kd_logits or self.kd_teacher) and self.alpha == 0:
+            raise PredistillError("a KD source with --alpha 0 would be ignored; set --alpha")
+        check_ranges(self)  # every declared interval (the CLI checked them too; a config built in code is checked here)
+        if self.epochs is not None and self.flops_budget is not None:
+            raise PredistillError("give --epochs or --flops-budget, not both (each sets --steps)")
+        if self.minillm and self.fsdp:
+            raise PredistillError("--minillm samples from the whole student; use it without --fsdp (DDP)")
+        if self.minillm and self.kd.loss != "rkl":
+            raise PredistillError(f"MiniLLM optimises the reverse KL; use --kd-loss rkl (got {self.kd.loss})")
+        if self.attn_impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise PredistillError("--attn-impl flash_attention_2 needs the flash-attn package (a CUDA build): "
+                                  "pip install flash-attn; or use --attn-impl sdpa")
+        if self.kd_logits or self.kd_teacher:
+            dataclasses.replace(self.kd, chunk_size=self.loss_chunk).validate()
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -375,28 +402,6 @@ def same_result(saved: dict, cfg: TrainConfig) -> bool:
     return result_config(from_flat(TrainConfig, saved)) == result_config(cfg)
 
 
-def validate(cfg: TrainConfig) -> None:
-    if not cfg.store:
-        raise PredistillError("train needs --store")
-    if not cfg.out:
-        raise PredistillError("train needs --out")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise PredistillError(f"unknown --lr-schedule {cfg.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
-    if cfg.alpha_schedule not in ALPHA_SCHEDULES:
-        raise PredistillError(f"unknown --alpha-schedule {cfg.alpha_schedule!r}; known: {', '.join(ALPHA_SCHEDULES)}")
-    if cfg.alpha > 0 and not (cfg.kd_logits or cfg.kd_teacher):
-        raise PredistillError("--alpha > 0 needs a KD source: --kd-logits DIR or --kd-teacher MODEL")
-    if cfg.kd_logits and cfg.kd_teacher:
-        raise PredistillError("give one KD source: --kd-logits or --kd-teacher, not both")
-    if cfg.minillm and not cfg.kd_teacher:
-        raise PredistillError("--minillm needs an online teacher: --kd-teacher MODEL")
-    if (cfg.kd_logits or cfg.kd_teacher) and cfg.alpha == 0:
-        raise PredistillError("a KD source with --alpha 0 would be ignored; set --alpha")
-    check_ranges(cfg)  # every declared interval (the CLI checked them too; a config built in code is checked here)
-    if cfg.epochs is not None and cfg.flops_budget is not None:
-        raise PredistillError("give --epochs or --flops-budget, not both (each sets --steps)")
-
-
 def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
     """The KD source the config names (predistill.distill), or None."""
     if not (cfg.kd_logits or cfg.kd_teacher):
@@ -443,7 +448,11 @@ def run(cfg: TrainConfig, command: str | None = None) -> Path:
 
 
 def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) -> Path:
-    validate(cfg)
+    if not cfg.store:
+        raise PredistillError("train needs --store")
+    if not cfg.out:
+        raise PredistillError("train needs --out")
+    cfg.check()
     device = resolve_device(cfg.device)
     d = init_distributed(device)
     # nothing in a step draws from the global RNG (init and sampling fork their own), but it is saved
@@ -635,8 +644,8 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     heldout_losses = {name: evaluate(wrapped, held, cfg, d, device, autocast, n=len(held))
                       for name, held in heldout_stores.items()}
     _export(out, model, loss_model, tokenizer, cfg, d)
-    if saver is not None and d.main:  # the instances no step saw: one pass of the final model, rank 0 alone
-        _finish_logits(saver, store, loss_model, cfg, device)
+    if saver is not None and (d.main or cfg.fsdp):  # the instances no step saw: one pass of the final model
+        _finish_logits(saver, store, wrapped, loss_model, cfg, device, d)
     if d.main:
         write_manifest(out, {
             "format": FORMAT, "version": 1, "config": config_json, "method": method_label(cfg), "model": cfg.model,
@@ -713,8 +722,6 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
     model trains on it (then the rest with the final model); whole instances, DDP ranks too."""
     from predistill.logits import LogitsConfig, LogitsStoreWriter
 
-    if cfg.fsdp:
-        raise PredistillError("--save-logits needs each rank to hold the whole model; use it without --fsdp (DDP)")
     if int(store.lengths.max()) > cfg.seq_len + 1:
         raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
     # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
@@ -727,24 +734,44 @@ def _save_logits(saver, store: TokenStore, ids, hidden, lm, d: Dist | None = Non
     """Under DDP every rank computes the entries of its own micro-batch and rank 0 stores them all,
     in rank order: the first sighting of an instance wins, as in a one-rank run."""
     tokens, lengths = store.batch(ids)
-    batch = saver.entries_of_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
+    weight = lm.get_output_embeddings().weight.detach()
+    if isinstance(weight, DTensor):  # FSDP: every rank gathers the whole head (all ranks are here)
+        weight = weight.full_tensor()
+    batch = saver.entries_of_hidden(ids, hidden.detach(), weight[:store.vocab_size], tokens, lengths)
     for part in (d.gather(batch) if d is not None else [batch]):
         if part is not None and (d is None or d.main):
             saver.accept(*part)
 
 
 @torch.no_grad()
-def _finish_logits(saver, store: TokenStore, loss_model: LossModel, cfg: TrainConfig, device) -> None:
+def _finish_logits(saver, store: TokenStore, wrapped, loss_model: LossModel, cfg: TrainConfig, device,
+                   d: Dist) -> None:
+    """The instances no step saw, through the final model: rank 0 alone — or, under FSDP, whose
+    forward needs every rank, all ranks, each a share of rank 0's list (padded with an instance
+    rank 0 stores first, so that every rank runs as many forwards)."""
     loss_model.eval()
-    body = model_body(loss_model.lm)
-    todo = saver.todo_instances()
-    batch = cfg.micro_batch_size or cfg.batch_size
-    for start in range(0, len(todo), batch):
-        ids = todo[start:start + batch]
+    if not cfg.fsdp:
+        todo = saver.todo_instances()
+        batch = cfg.micro_batch_size or cfg.batch_size
+        for start in range(0, len(todo), batch):
+            ids = todo[start:start + batch]
+            tokens, _ = store.batch(ids)
+            hidden = final_hidden(model_body(loss_model.lm), tokens.to(device))
+            _save_logits(saver, store, ids, hidden, loss_model.lm)
+        saver.finish()
+        return
+    todo = d.gather(saver.todo_instances() if d.main else None)[0]
+    chunk = (cfg.micro_batch_size or cfg.batch_size // d.world) * d.world
+    for start in range(0, len(todo), chunk):
+        ids = todo[start:start + chunk][d.rank::d.world]
+        ids = ids if len(ids) else todo[start:start + 1]
         tokens, _ = store.batch(ids)
-        hidden = final_hidden(body, tokens.to(device))
-        _save_logits(saver, store, ids, hidden, loss_model.lm)
-    saver.finish()
+        tokens = tokens.to(device)
+        # through the root module: FSDP gathers the embedding and final norm in its forward hooks
+        _, _, _, hidden = wrapped(tokens, tokens, torch.zeros_like(tokens, dtype=torch.bool))
+        _save_logits(saver, store, ids, hidden, loss_model.lm, d)
+    if d.main:
+        saver.finish()
 
 
 def _grad_sync(wrapped, fsdp: bool, enabled: bool):

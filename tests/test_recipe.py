@@ -217,6 +217,16 @@ def test_a_dry_run_parses_every_stage_as_its_command_would(tmp_path):
     (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "eval"\nargs = { out = "{self}/e.json" }\n')
     with pytest.raises(PredistillError, match="stage 'lm': the following arguments are required: --model"):
         execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
+    # combinations the command refuses (its config's `check`) are refused by the dry run too
+    for args, refusal in (('minillm = true, kd_teacher = "t", kd_loss = "rkl", alpha = 0.5, fsdp = true',
+                           "--minillm samples from the whole student"),
+                          ('minillm = true, kd_teacher = "t", kd_loss = "kld", alpha = 0.5', "reverse KL"),
+                          ('epochs = 1, flops_budget = 1e9', "not both"),
+                          ('kd_logits = "x", alpha = 0.5, temperature = "-1"', "temperature")):
+        (tmp_path / "r.toml").write_text(f'[[stage]]\nname = "lm"\ncommand = "train"\n'
+                                         f'args = {{ store = "s", out = "{{self}}", {args} }}\n')
+        with pytest.raises(PredistillError, match=f"stage 'lm': .*{refusal}"):
+            execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
 
 
 def covered_stage_patterns(recipe_file: Path) -> list[str]:

@@ -469,21 +469,27 @@ def test_compiled_layers_train_the_same_model(tiny_store, tmp_path):
 
 
 @pytest.mark.slow  # torchrun: one and two gloo ranks
-def test_online_logits_from_two_ddp_ranks_match_one_rank(tiny_store, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_online_logits_from_two_ranks_match_one_rank(tiny_store, tmp_path, sharding):
+    """PD's online logits (--save-logits) from two DDP or FSDP ranks: the store one rank writes.
+    FSDP is how a 9B teacher trains; its head is gathered for the entries, and the instances no step
+    saw go through the final model on both ranks."""
     from predistill.logits import LogitsStore
 
-    # the same micro-batch compositions on one rank (2 × 4) and on two ranks (1 × 4 each)
+    # the same micro-batch compositions on one rank (2 × 4) and on two ranks (1 × 4 each); 4 steps of 8
+    # leave some instances unseen, for the final model
     for name, nproc in (("one", 1), ("two", 2)):
         torchrun_train(nproc, train_cmd(tiny_store, tmp_path / name, steps=4, seq_len=64, batch_size=8, micro_batch_size=4,
-                                   save_logits=str(tmp_path / name / "logits")))
+                                   save_logits=str(tmp_path / name / "logits"), fsdp=sharding == "fsdp" and nproc == 2))
     stores = {name: LogitsStore(tmp_path / name / "logits", TokenStore(tiny_store)) for name in ("one", "two")}
     assert stores["two"].manifest["n_positions"] == stores["one"].manifest["n_positions"]
+    assert len(TokenStore(tiny_store)) > 4 * 8  # the final model's pass had work
     same = total = 0
     step = stores["one"].manifest["encoding"]["logprob_max_abs_error"] * 2
     for i in range(len(TokenStore(tiny_store))):
         a, b = stores["one"].instance_entries(i), stores["two"].instance_entries(i)
         total += 1
-        if a.ids.tolist() == b.ids.tolist():  # DDP's summed gradients differ from one rank's in rounding only
+        if a.ids.tolist() == b.ids.tolist():  # summed gradients over ranks differ from one rank's in rounding only
             same += 1
             assert np.abs(a.logprobs - b.logprobs).max() <= step + 1e-6
     assert same >= 0.95 * total
