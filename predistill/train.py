@@ -127,6 +127,9 @@ class TrainConfig:
                                           'counted')
     kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
     save_logits: str | None = option(None, "write this model's own top-p-k logits store while it trains (PD's online logits)")
+    save_logits_top_p: float = option(0.95, "--save-logits: probability mass kept (PD: 0.95)", interval="(0, 1]")
+    save_logits_top_k: int = option(100, "--save-logits: at most this many entries per position (PD §3.1: 100)",
+                                    interval="[1, 65535]")
     minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
     minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue", interval="[1, inf)")
     loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection', interval="[1, inf)")
@@ -725,7 +728,8 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
     if int(store.lengths.max()) > cfg.seq_len + 1:
         raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
     # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
-    return LogitsStoreWriter(cfg.save_logits, store, LogitsConfig(mode="topk"), vocab_size=store.vocab_size,
+    truncation = LogitsConfig(mode="topk", top_p=cfg.save_logits_top_p, top_k=cfg.save_logits_top_k)
+    return LogitsStoreWriter(cfg.save_logits, store, truncation, vocab_size=store.vocab_size,
                              teacher=f"online:{cfg.model}")
 
 

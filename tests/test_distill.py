@@ -145,9 +145,11 @@ def test_inconsistent_kd_settings_are_refused(tiny_store, tmp_path, kwargs, mess
 def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_store, tmp_path):
     store = TokenStore(tiny_store)
     saved = tmp_path / "online-logits"
+    truncation = LogitsConfig(mode="topk", top_p=0.9, top_k=7)  # PD's top-p-k, as the run is told
     teacher_run = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "t"), save_logits=str(saved),
-                                  **{**FAST, "steps": 3}))
+                                  save_logits_top_p=0.9, save_logits_top_k=7, **{**FAST, "steps": 3}))
     logits = LogitsStore(saved, store)
+    assert (logits.manifest["config"]["top_p"], logits.manifest["config"]["top_k"]) == (0.9, 7)
     assert logits.n_positions == int((store.lengths - 1).sum())
     assert manifest(teacher_run)["save_logits"] == str(saved)
 
@@ -159,7 +161,7 @@ def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_stor
     final, _ = load_model(str(teacher_run / "hf"))
     with torch.no_grad():
         logits_full = final(input_ids=torch.from_numpy(store[unseen].astype(np.int64))[None]).logits[0, :-1]
-    direct = compute_entries(logits_full, LogitsConfig(mode="topk"))
+    direct = compute_entries(logits_full, truncation)
     stored = logits.instance_entries(unseen)
     np.testing.assert_array_equal(stored.ids, direct.ids)
     np.testing.assert_allclose(stored.logprobs, direct.logprobs, atol=logits.manifest["encoding"]["logprob_max_abs_error"])

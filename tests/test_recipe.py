@@ -245,7 +245,7 @@ def covered_stage_patterns(recipe_file: Path) -> list[str]:
 
 @pytest.mark.parametrize("name, must_have", [
     ("miniplm-paper.toml", {"lm_200m", "lm_500m", "lm_1_2b", "miniplm_vanilla_kd_1_2b", "miniplm_prx_200m",
-                            "miniplm_llama_212m", "miniplm_mamba_130m", "miniplm_200m_ratio-ratio0p25",
+                            "miniplm_llama_212m", "miniplm_mamba_130m", "miniplm_200m_ratio-ratio0p3",
                             "lm_200m_limited", "diversity_seqkd"}),
     ("pd-paper.toml", {"lm_330m", "pd_6_8b", "pd_6_8b_t32", "pd_3_8b_500b", "eval_pd_3_8b_500b", "pd_online_1_9b"}),
 ])
@@ -264,9 +264,37 @@ def test_paper_recipes_cover_what_their_headers_list(name, must_have):
         store = argv["miniplm_llama_212m"][argv["miniplm_llama_212m"].index("--store") + 1]
         assert store.endswith("selection_llama/store")  # the refined corpus in the student's own tokenizer
         assert "--tokenizer" in argv["selection_llama"] and "--materialize" in argv["selection_llama"]
+        assert {flag(argv[n], "--ratio") for n in argv if n.startswith("selection_ratio-")} == \
+            {"0.3", "0.4", "0.6", "0.7", "0.9"}  # Fig. 9's grid, 0.5 being the main selection
+        assert flag(argv["selection_prx"], "--proxy-fraction") == "0.045"
     else:
         assert "--exports" in argv["eval_pd_3_8b_500b"] and "--export-every" in argv["pd_3_8b_500b"]
         assert "--save-logits" in argv["teacher_online"]
+        # what the header says, setting by setting: §3.1's setup (Table 1), PD*, the α grid, the online store
+        assert (flag(argv["teacher_k100"], "--top-p"), flag(argv["teacher_k100"], "--top-k")) == ("0.95", "100")
+        assert (flag(argv["teacher"], "--top-p"), flag(argv["teacher"], "--top-k")) == ("0.95", "50")
+        prelim = {"--kd-loss": "nll", "--temperature": "1.0", "--alpha": "1.0", "--lr-schedule": "cosine",
+                  "--batch-size": "2048", "--steps": "11920", "--warmup-ratio": "0.01", "--min-lr-ratio": "0.1"}
+        assert {k: flag(argv["pd_prelim_1_9b"], k) for k in prelim} == prelim
+        assert "--kd-logits" not in argv["lm_prelim_1_9b"] and flag(argv["lm_prelim_1_9b"], "--lr-schedule") == "cosine"
+        pd_star = {"--kd-loss": "kld", "--temperature": "2.0", "--alpha": "0.9", "--alpha-schedule": "wsd",
+                   "--lr-schedule": "wsd", "--batch-size": "4096", "--steps": "6100"}
+        assert {k: flag(argv["pd_1_9b"], k) for k in pd_star} == pd_star
+        assert sorted(flag(argv[n], "--alpha") for n in argv if n.startswith("pd_alpha_1_9b-")) == \
+            ["0.1", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95"]  # Table 4 (1.0 = pd_prelim_1_9b)
+        assert {flag(argv[n], "--alpha-schedule") for n in argv if n.startswith("pd_sched_1_9b-")} == \
+            {"linear-inc", "linear-dec", "period"}
+        assert (flag(argv["pd_wsdbeta_wsd_1_9b"], "--alpha-schedule"), flag(argv["pd_wsdalpha_cos_1_9b"], "--lr-schedule")) \
+            == ("wsd-beta", "cosine")
+        assert flag(argv["teacher_online"], "--save-logits-top-k") == "50" and flag(argv["pd_online_1_9b"], "--alpha") == "0.1"
+        for n in (n for n in argv if n.startswith("eval_")):  # the paper's shots per task
+            assert [argv[n][i + 1] for i, a in enumerate(argv[n]) if a == "--fewshot"] == \
+                ["mmlu=6", "ceval-valid=5", "gsm8k=8"], n
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    """The value a command line gives `name` (None when absent)."""
+    return argv[argv.index(name) + 1] if name in argv else None
 
 
 def test_a_killed_stage_is_resumed_not_wiped_and_a_changed_one_starts_clean(corpus, bpe_tokenizer, tmp_path):
