@@ -754,6 +754,37 @@ def plot_over_training(runs: list[RunSummary], path: Path) -> bool:
     return _save(fig, path)
 
 
+def plot_accuracy_scaling(runs: list[RunSummary], path: Path) -> bool:
+    """MiniPLM's Fig. 1: average accuracy against training FLOPs (a) and against model size (b), a
+    line per method through its sizes (seeds averaged). Drawn when some method has an average
+    accuracy at two sizes or more."""
+    points: dict[str, dict[float, list[tuple[float, float]]]] = {}  # method → size (params) → (flops, acc)
+    for r in runs:
+        if r.avg_acc is not None and r.flops and r.params:
+            points.setdefault(r.method or r.name, {}).setdefault(float(r.params), []).append(
+                (float(r.flops), 100 * r.avg_acc))
+    if not any(len(sizes) > 1 for sizes in points.values()):
+        return False
+    plt = _plt()
+    fig, (by_flops, by_size) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for k, (method, sizes) in enumerate(points.items()):
+        params = sorted(sizes)
+        flops = [float(np.mean([f for f, _ in sizes[n]])) for n in params]
+        acc = [float(np.mean([a for _, a in sizes[n]])) for n in params]
+        style = dict(color=f"C{k % 10}", ms=5, lw=1.3, label=method)
+        by_flops.plot(flops, acc, "o-", **style)
+        by_size.plot(params, acc, "o-", **style)
+    for ax, xlabel, title in ((by_flops, "training FLOPs", "(a) accuracy vs training compute"),
+                              (by_size, "parameters", "(b) accuracy vs model size")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("average accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_curves(runs: list[RunSummary], x_key: str, path: Path) -> bool:
     """Training loss (line) and validation loss (markers) of every run against `x_key`."""
     plt = _plt()
@@ -1035,6 +1066,8 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
             plots.append(("Loss vs training FLOPs", "loss_vs_flops.png"))
     if (fits or not seeded) and plot_scaling(runs, fits, cfg.extrapolate, plots_dir / "scaling.png"):
         plots.append(("Held-out loss vs compute: power-law fits and extrapolation", "scaling.png"))
+    if plot_accuracy_scaling(runs, plots_dir / "accuracy_scaling.png"):
+        plots.append(("Average accuracy vs training FLOPs and vs model size (MiniPLM's Fig. 1)", "accuracy_scaling.png"))
     if plot_over_training(runs, plots_dir / "accuracy_over_training.png"):
         plots.append(("Downstream accuracy over training", "accuracy_over_training.png"))
     for s in score_plots(runs, plots_dir):

@@ -446,3 +446,19 @@ def test_single_runs_are_said_to_be_untested_and_a_note_leads_the_page(tmp_path,
     assert md[2] == "See docs/study.md."
     assert any("not tested against seed noise" in line for line in md)
     assert "See docs/study.md." in (out / "report.html").read_text()
+
+
+def test_accuracy_over_compute_and_size_is_drawn_when_methods_span_sizes(tmp_path):
+    """MiniPLM's Fig. 1a/1b: a method with an average accuracy at two sizes gets a line in both panels."""
+    def evaluated(acc):
+        return {"heldout_loss": 3.0, "avg_acc": acc, "tasks": {"evaluated": ["t"]}, "results": {"t": {"acc": acc}}}
+
+    runs = [fabricate_run(tmp_path / "runs", f"{method}-{params}", method=method, flops=params * 3e7, tokens=2e5,
+                          final_val_loss=3.0, params=params, eval_json=evaluated(acc))
+            for method, params, acc in (("Pre-Train w/o KD", 400_000, 0.30), ("Pre-Train w/o KD", 1_600_000, 0.34),
+                                        ("MiniPLM", 400_000, 0.32), ("MiniPLM", 1_600_000, 0.37))]
+    out = run(ReportConfig(runs=[str(r) for r in runs], out=str(tmp_path / "report")))
+    assert (out / "plots" / "accuracy_scaling.png").read_bytes()[:8] == PNG_MAGIC
+    assert "](plots/accuracy_scaling.png)" in (out / "report.md").read_text()
+    one_size = run(ReportConfig(runs=[str(r) for r in runs[::2]], out=str(tmp_path / "one")))
+    assert not (one_size / "plots" / "accuracy_scaling.png").exists()
