@@ -17,6 +17,7 @@ COMMANDS = {
     "prepare": ("predistill.prepare", "turn text sources (or a Megatron dataset) into a token store"),
     "score": ("predistill.score", "mean token log-prob of every instance under a model (MiniPLM scoring)"),
     "sample": ("predistill.sample", "select instances by Difference Sampling (or a baseline); report; materialise"),
+    "sft-data": ("predistill.sft", "instruction/chat jsonl → a token store whose loss mask marks the responses (SFT)"),
     "generate": ("predistill.generate", "SeqKD data: teacher continuations of corpus prefixes, as a token store"),
     "train": ("predistill.train", "pre-train a causal LM (from scratch or not) on a token store, with optional KD"),
     "eval": ("predistill.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),

@@ -5,6 +5,9 @@
                       (uint16 when the vocabulary fits in 65 536 ids, else uint32)
       offsets.npy     int64, n_instances + 1 boundaries: instance i is tokens[offsets[i]:offsets[i+1]]
       domains.npy     int16, n_instances: index into manifest["domains"]
+      loss_mask.bin   optional, uint8 per token: 1 where the token is a training target (SFT data:
+                      the responses; `predistill sft-data`), 0 where it is only context. A store
+                      without it trains on every token
       tokenizer/      the HF tokenizer that made the ids (so any stage can decode)
       manifest.json   format "token_store", config, tokenizer hash, counts, store_hash, complete
       val/            optional held-out store, same layout
@@ -16,7 +19,9 @@ verifies a chunk (and that its ids are inside the vocabulary) the first time it 
 store changed in place is refused at a cost of one pass over the chunks read, whatever the store's
 size. (Stores written before checksums existed get the vocabulary check only.) `offsets_sha256`
 and `domains_sha256` vouch for the index files, checked at every open (they are small): moved
-instance boundaries are refused even when the total stays the same.
+instance boundaries are refused even when the total stays the same. `loss_mask_sha256` vouches for
+loss_mask.bin, checked in full the first time a mask is read; a masked store's `store_hash` covers
+its mask too (the same tokens with another mask train another model).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from predistill.artifacts import PredistillError, read_manifest, write_manifest
+from predistill.artifacts import PredistillError, read_manifest, sha256_file, write_manifest
 
 if TYPE_CHECKING:  # batches are tensors; torch is imported where they are made
     import torch
@@ -38,6 +43,9 @@ VERSION = 1
 UINT16_VOCAB_LIMIT = 1 << 16
 CHUNK_BYTES = 1 << 26  # the unit of integrity checks on read
 REQUIRED_KEYS = ("dtype", "n_tokens", "n_instances", "vocab_size", "eos_id", "store_hash", "tokenizer")
+
+
+LOSS_MASK = "loss_mask.bin"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -52,11 +60,14 @@ class TokenStoreWriter:
     resumed: `checkpoint()` makes what was appended durable and returns the counts that
     `TokenStoreWriter(..., resume=counts)` truncates back to (hashes are rebuilt from the files)."""
 
-    def __init__(self, directory: str | Path, vocab_size: int, resume: dict | None = None):
+    def __init__(self, directory: str | Path, vocab_size: int, resume: dict | None = None, loss_mask: bool = False):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = token_dtype(vocab_size)
         self.vocab_size = vocab_size
+        if loss_mask and resume:
+            raise ValueError("a store with a loss mask is written in one go (sft-data), not resumed")
+        self._mask = open(self.dir / LOSS_MASK, "wb") if loss_mask else None
         self._hash = hashlib.sha256()
         self._chunk_hash, self._chunk_fill, self.chunk_sha256 = hashlib.sha256(), 0, []
         self.n_tokens, self._n_instances = 0, 0
@@ -93,9 +104,11 @@ class TokenStoreWriter:
                 self.chunk_sha256.append(self._chunk_hash.hexdigest())
                 self._chunk_hash, self._chunk_fill = hashlib.sha256(), 0
 
-    def append(self, ids: np.ndarray, domain: int) -> None:
+    def append(self, ids: np.ndarray, domain: int, loss_mask: np.ndarray | None = None) -> None:
         if len(ids) == 0:
             return
+        if (loss_mask is None) != (self._mask is None) or (loss_mask is not None and len(loss_mask) != len(ids)):
+            raise ValueError("a loss mask, one entry per token, for every instance of a masked store (and only there)")
         ids = np.asarray(ids)
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise PredistillError(f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} "
@@ -108,6 +121,8 @@ class TokenStoreWriter:
         self._n_instances += 1
         self._ends.write(np.int64(self.n_tokens).tobytes())
         self._domains.write(np.int16(domain).tobytes())
+        if self._mask is not None:
+            self._mask.write((np.asarray(loss_mask) != 0).astype(np.uint8).tobytes())
 
     @property
     def n_instances(self) -> int:
@@ -125,13 +140,20 @@ class TokenStoreWriter:
         (self.dir / "ends.part").unlink()
         (self.dir / "domains.part").unlink()
         self._hash.update(offsets.tobytes())
+        masked = {}
+        if self._mask is not None:
+            self._mask.close()
+            mask_sha256 = sha256_file(self.dir / LOSS_MASK)
+            self._hash.update(mask_sha256.encode())
+            masked = {"loss_mask_sha256": mask_sha256,
+                      "n_target_tokens": int(np.count_nonzero(np.fromfile(self.dir / LOSS_MASK, dtype=np.uint8)))}
         manifest = {
             "format": FORMAT, "version": VERSION, **manifest, "dtype": self.dtype.name,
             "vocab_size": self.vocab_size, "n_tokens": self.n_tokens,
             "n_instances": self.n_instances, "store_hash": self._hash.hexdigest(),
             "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.chunk_sha256,
             "offsets_sha256": hashlib.sha256(offsets.tobytes()).hexdigest(),
-            "domains_sha256": hashlib.sha256(domains.tobytes()).hexdigest(),
+            "domains_sha256": hashlib.sha256(domains.tobytes()).hexdigest(), **masked,
         }
         write_manifest(self.dir, manifest)
         return manifest
@@ -195,6 +217,15 @@ class TokenStore:
             raise PredistillError(f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
                                   f"{n_chunks} chunks of tokens.bin (corrupted store)")
         self._verified = np.zeros(n_chunks, dtype=bool)
+        self._loss_mask = None  # memory-mapped and checked on first use
+        recorded = self.manifest.get("loss_mask_sha256")
+        if recorded is not None and not isinstance(recorded, str):
+            raise PredistillError(f"{self.dir}: the manifest's loss_mask_sha256 is not a checksum (corrupted store)")
+        if recorded is not None and not (self.dir / LOSS_MASK).is_file():
+            raise PredistillError(f"{self.dir}: the manifest records a loss mask but {LOSS_MASK} is missing")
+        if recorded is not None and (self.dir / LOSS_MASK).stat().st_size != n_tokens:
+            raise PredistillError(f"{self.dir}/{LOSS_MASK} has {(self.dir / LOSS_MASK).stat().st_size} bytes, "
+                                  f"expected one per token ({n_tokens})")
 
     def _check_manifest_types(self) -> None:
         """What the reader computes with must be what a writer writes (one-line errors, not tracebacks)."""
@@ -237,8 +268,10 @@ class TokenStore:
             self._verified[c] = True
 
     def verify_all(self) -> None:
-        """Every chunk now (what reads do lazily): `predistill verify`."""
+        """Every chunk now (what reads do lazily), and the loss mask: `predistill verify`."""
         self._verify(0, self.manifest["n_tokens"])
+        if self.has_loss_mask and len(self):
+            self.loss_mask(0)
 
     # identity -------------------------------------------------------------------------------
     @property
@@ -281,6 +314,23 @@ class TokenStore:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         self._verify(start, end)
         return self.tokens[start:end]
+
+    @property
+    def has_loss_mask(self) -> bool:
+        return self.manifest.get("loss_mask_sha256") is not None
+
+    def loss_mask(self, i: int) -> np.ndarray:
+        """Instance i's targets (uint8 per token, 1 = trained on); a store without a mask: all ones."""
+        if not self.has_loss_mask:
+            return np.ones(int(self.lengths[i]), dtype=np.uint8)
+        if self._loss_mask is None:
+            path = self.dir / LOSS_MASK
+            if sha256_file(path) != self.manifest["loss_mask_sha256"]:
+                raise PredistillError(f"{path}: changed since the store was written (sha256 mismatch); rebuild the store")
+            self._loss_mask = np.memmap(path, dtype=np.uint8, mode="r") if self.manifest["n_tokens"] else \
+                np.zeros(0, dtype=np.uint8)
+        i %= len(self)
+        return self._loss_mask[int(self.offsets[i]):int(self.offsets[i + 1])]
 
     def batch(self, ids, max_len: int | None = None, pad_id: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
         """Instances `ids` as a right-padded LongTensor [B, L] and their lengths [B].

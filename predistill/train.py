@@ -211,6 +211,10 @@ def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[
     tokens, lengths = store.batch(ids, max_len=seq_len + 1)
     positions = torch.arange(tokens.shape[1] - 1)
     mask = positions[None, :] < (lengths - 1)[:, None]
+    if store.has_loss_mask:  # SFT data: only the targets its mask marks (the responses) are trained on
+        for row, i in enumerate(ids):
+            targets = torch.from_numpy(store.loss_mask(int(i))[1:seq_len + 1].astype(bool))
+            mask[row, :len(targets)] &= targets
     batch = (tokens[:, :-1], tokens[:, 1:], mask)
     return tuple(t.pin_memory() for t in batch) if pin else batch
 
@@ -244,6 +248,8 @@ class StepLoader:
 
 
 def n_targets(store: TokenStore, ids, seq_len: int) -> int:
+    if store.has_loss_mask:
+        return int(sum(np.count_nonzero(store.loss_mask(int(i))[1:seq_len + 1]) for i in ids))
     return int(np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0).sum())
 
 

@@ -274,7 +274,7 @@ def test_paper_recipes_cover_what_their_headers_list(name, must_have):
         assert (flag(argv["teacher_k100"], "--top-p"), flag(argv["teacher_k100"], "--top-k")) == ("0.95", "100")
         assert (flag(argv["teacher"], "--top-p"), flag(argv["teacher"], "--top-k")) == ("0.95", "50")
         prelim = {"--kd-loss": "nll", "--temperature": "1.0", "--alpha": "1.0", "--lr-schedule": "cosine",
-                  "--batch-size": "2048", "--steps": "11920", "--warmup-ratio": "0.01", "--min-lr-ratio": "0.1"}
+                  "--batch-size": "2048", "--steps": "11920", "--warmup": "119", "--min-lr-ratio": "0.1"}
         assert {k: flag(argv["pd_prelim_1_9b"], k) for k in prelim} == prelim
         assert "--kd-logits" not in argv["lm_prelim_1_9b"] and flag(argv["lm_prelim_1_9b"], "--lr-schedule") == "cosine"
         pd_star = {"--kd-loss": "kld", "--temperature": "2.0", "--alpha": "0.9", "--alpha-schedule": "wsd",
@@ -287,6 +287,12 @@ def test_paper_recipes_cover_what_their_headers_list(name, must_have):
         assert (flag(argv["pd_wsdbeta_wsd_1_9b"], "--alpha-schedule"), flag(argv["pd_wsdalpha_cos_1_9b"], "--lr-schedule")) \
             == ("wsd-beta", "cosine")
         assert flag(argv["teacher_online"], "--save-logits-top-k") == "50" and flag(argv["pd_online_1_9b"], "--alpha") == "0.1"
+        sft = {"--batch-size": "256", "--lr": "4e-05", "--min-lr-ratio": "0.1", "--lr-schedule": "cosine",
+               "--warmup": "191", "--steps": "19073"}  # §A.1, and Table 1's models fine-tuned before evaluation
+        for kind in ("lm", "pd"):
+            assert {k: flag(argv[f"sft_{kind}_prelim_1_9b"], k) for k in sft} == sft
+            assert flag(argv[f"sft_{kind}_prelim_1_9b"], "--model").endswith(f"{kind}_prelim_1_9b")
+            assert flag(argv[f"sft_{kind}_prelim_1_9b"], "--store").endswith("sft_data")
         for n in (n for n in argv if n.startswith("eval_")):  # the paper's shots per task
             assert [argv[n][i + 1] for i, a in enumerate(argv[n]) if a == "--fewshot"] == \
                 ["mmlu=6", "ceval-valid=5", "gsm8k=8"], n
