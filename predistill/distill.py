@@ -184,11 +184,13 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
     teacher (predistill.retokenize), the teacher runs on it, and its ONLINE_CROSS_TOP_K most probable
     tokens at each aligned position are mapped onto the student's vocabulary."""
 
-    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, loaded=None):
+    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, loaded=None, shard: bool = False):
         self.model, tokenizer = loaded or load_model(spec)
         check_plain_head(self.model, spec)  # its logits are computed from the body's hidden states
         self.model.to(device).eval().requires_grad_(False)
         fuse_kernels(self.model)  # the same values, computed in place (predistill.kernels)
+        if shard:
+            shard_for_inference(self.model)
         self.body = model_body(self.model)
         self.weight = head_weight(self.model, len(tokenizer))  # padded rows are not tokens
         self.store, self.tokenizer, self.device = store, tokenizer, device
@@ -234,16 +236,28 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         return self._layout(entries, rows, positions, tuple(inputs.shape))
 
 
-def online_teacher(spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int):
+def online_teacher(spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, shard: bool = False):
     """Vanilla KD's source, the teacher loaded once: its tokenizer decides whether positions need aligning."""
     model, tokenizer = load_model(spec)
     if tokenizer_hash(tokenizer) != store.tokenizer_hash:
-        return OnlineCrossTokenizer(spec, store, kd_cfg, device, loaded=(model, tokenizer))
-    return OnlineTeacher(spec, store, kd_cfg, device, chunk_size, loaded=(model, tokenizer))
+        return OnlineCrossTokenizer(spec, store, kd_cfg, device, loaded=(model, tokenizer), shard=shard)
+    return OnlineTeacher(spec, store, kd_cfg, device, chunk_size, loaded=(model, tokenizer), shard=shard)
+
+
+def shard_for_inference(model) -> None:
+    """FSDP2 over the teacher's decoder layers, for inference beside an FSDP student (train --fsdp):
+    each rank holds 1/world of them, gathered one layer at a time in the forward. The embeddings,
+    final norm and head (used outside the forward, by the fused KD losses) stay whole on every rank.
+    Every rank runs the teacher on every micro-batch, so the gathers line up."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model_body(model).layers:
+        fully_shard(layer)
 
 
 class OnlineTeacher:
-    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, loaded=None):
+    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, loaded=None,
+                 shard: bool = False):
         if kd_cfg.loss == "uld":
             raise PredistillError("--kd-loss uld is for teachers whose probabilities cannot be compared id by id "
                                   "(another tokenizer, or a logits store); with one shared vocabulary use a KD loss")
@@ -254,6 +268,8 @@ class OnlineTeacher:
                                   f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary")
         self.teacher.to(device).eval().requires_grad_(False)
         fuse_kernels(self.teacher)  # the same values, computed in place (predistill.kernels)
+        if shard:
+            shard_for_inference(self.teacher)
         self.body = model_body(self.teacher)
         self.weight = head_weight(self.teacher, store.vocab_size)  # padded rows are not tokens
         self.kd_cfg = kd_cfg

@@ -425,7 +425,8 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
         return distill.CrossTokenizerLogits(cfg.kd_logits, store, kd_cfg)
     if cfg.minillm:
         return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
-    return distill.online_teacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk)
+    # beside an FSDP student the teacher is sharded too: a 9B/32B teacher fits only that way
+    return distill.online_teacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, shard=cfg.fsdp)
 
 
 def method_label(cfg: TrainConfig) -> str:

@@ -211,3 +211,42 @@ def test_minillm_needs_reverse_kl_and_a_teacher(tiny_store, teacher_dir, tmp_pat
                         minillm=True, alpha=0.5, **FAST))
     with pytest.raises(PredistillError, match="needs an online teacher"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "b"), minillm=True, **FAST))
+
+
+@pytest.mark.slow  # torchrun: one and two gloo ranks
+def test_an_online_teacher_beside_an_fsdp_student_is_sharded_and_trains_the_same_run(tiny_store, teacher_dir, tmp_path):
+    """Vanilla KD under --fsdp: the teacher's layers are sharded over the ranks too (a 9B/32B teacher
+    fits only that way) and two ranks train what one rank does."""
+    from conftest import torchrun_train
+
+    args = ["--store", str(tiny_store), "--model", "preset:tiny", "--steps", "4", "--batch-size", "4",
+            "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-instances", "8", "--kd-teacher", str(teacher_dir),
+            "--kd-loss", "kld", "--alpha", "0.5"]
+    torchrun_train(1, [*args, "--out", str(tmp_path / "one")])
+    torchrun_train(2, [*args, "--out", str(tmp_path / "two"), "--fsdp"])
+    losses = [[json.loads(line)["kd_loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("one", "two")]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_sharding_for_inference_keeps_the_teachers_outputs(teacher_dir, tmp_path):
+    """One gloo rank: the sharded teacher's hidden states are the whole teacher's, its head untouched."""
+    import os
+
+    import torch.distributed as dist
+
+    from predistill.distill import shard_for_inference
+    from predistill.models import final_hidden, model_body
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        whole, _ = load_model(str(teacher_dir))
+        sharded, _ = load_model(str(teacher_dir))
+        shard_for_inference(sharded)
+        ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(final_hidden(model_body(sharded), ids), final_hidden(model_body(whole), ids))
+        assert type(sharded.get_output_embeddings().weight) is torch.nn.Parameter  # not a DTensor
+    finally:
+        dist.destroy_process_group()
