@@ -444,7 +444,6 @@ def _read_eval(path: Path) -> dict | None:
 
 
 def run(cfg: EvalConfig) -> dict:
-    started = time.time()
     if not cfg.out:
         raise PredistillError("eval needs --out FILE.json")
 
@@ -519,7 +518,6 @@ def run(cfg: EvalConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "notes": notes,
         "config": asdict(cfg),
-        "seconds": round(time.time() - started, 2),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
@@ -543,10 +541,12 @@ def main(args: argparse.Namespace) -> None:
     cfg = config_from_args(EvalConfig, args)
     if cfg is None:
         return
+    started = time.time()
     r = run(cfg)
     if not r:  # not rank 0: rank 0 writes and reports
         return
-    line = f"predistill: wrote {cfg.out}: heldout_loss {r['heldout_loss']:.4f} over {r['n_instances']} instances"
+    line = (f"predistill: wrote {cfg.out} in {time.time() - started:.1f}s: heldout_loss {r['heldout_loss']:.4f} "
+            f"over {r['n_instances']} instances")
     for task, m in r["results"].items():
         line += f"; {task} " + " ".join(f"{k} {m[k]:.3f}" for k in ("acc", "acc_norm", "exact_match")
                                         if m.get(k) is not None)

@@ -101,3 +101,37 @@ def test_proxy_refuses_a_store_too_small_for_its_subsets(tiny_store, models):
                       check_fraction=0.6, progress=False)
     with pytest.raises(PredistillError, match="too few for a proxy subset"):
         run_proxy(cfg, TokenStore(tiny_store), ratio=0.5)
+
+
+@pytest.mark.slow  # three proxy selections in subprocesses
+def test_a_killed_proxy_selection_reruns_to_the_same_bytes(tiny_store, models, tmp_path):
+    """MiniPLM_prx killed mid-way (SIGKILL while it works in OUT.partial) and rerun writes what a
+    run never killed writes, byte for byte (no clock in the artifact)."""
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return [sys.executable, "-m", "predistill", "sample", "--method", "proxy", "--store", str(tiny_store),
+                "--teacher-model", models["teacher"], "--reference-model", models["reference"], "--ratio", "0.5",
+                "--proxy-fraction", "0.2", "--proxy-epochs", "2", "--out", str(out), "--no-progress"]
+
+    def files(out):
+        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(out.rglob("*")) if p.is_file()}
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "clean"), check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed.partial").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists()  # nothing claims completion
+    subprocess.run(command(killed), check=True, capture_output=True, env=env)
+    assert files(killed) == files(tmp_path / "clean")
