@@ -506,7 +506,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto`: fp32 on CPU (bf16 is slower there), bf16 on GPU."""
+    """`auto`: fp32 on CPU (exact, and the faster one unless the CPU has bf16 instructions), bf16 on GPU."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -69,7 +69,7 @@ class ScoreConfig:
     # the switch leaves room for a GPU engine (vLLM prompt_logprobs) beside plain PyTorch
     backend: str = option("torch", "inference engine", choices=BACKENDS)
     device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N")
-    dtype: str = option("auto", "weights/activations; auto = float32 on CPU (bf16 is slower there), bfloat16 on "
+    dtype: str = option("auto", "weights/activations; auto = float32 on CPU (bfloat16 is faster only on CPUs with bf16 instructions), bfloat16 on "
                         "GPU; log-probs are fp32 either way", choices=DTYPES)
     seed: int = option(0, "weight seed for preset: models", interval="[0, 4294967295]")
     progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false")
