@@ -229,16 +229,20 @@ def test_an_online_teacher_beside_an_fsdp_student_is_sharded_and_trains_the_same
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
-def test_sharding_for_inference_keeps_the_teachers_outputs(teacher_dir, tmp_path):
+def test_sharding_for_inference_keeps_the_teachers_outputs(teacher_dir, tmp_path, monkeypatch):
     """One gloo rank: the sharded teacher's hidden states are the whole teacher's, its head untouched."""
-    import os
+    import socket
 
     import torch.distributed as dist
 
     from predistill.distill import shard_for_inference
     from predistill.models import final_hidden, model_body
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    with socket.socket() as s:  # a free port; the environment is restored after the test (other tests spawn ranks)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         whole, _ = load_model(str(teacher_dir))

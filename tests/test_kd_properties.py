@@ -104,7 +104,7 @@ def online_case(loss: str, c: int):
     teacher = torch.randn(ROWS, V, generator=torch.Generator().manual_seed(c), dtype=torch.float64) * 1.5
     tau = teacher_temperature(teacher, None, cfg)
     eye = torch.eye(V, dtype=torch.float64)
-    return (lambda z: online_kd_loss(z, eye, teacher, eye, cfg)[1]), torch.softmax(teacher / tau[:, None], -1)
+    return (lambda z, part=1: online_kd_loss(z, eye, teacher, eye, cfg)[part]), torch.softmax(teacher / tau[:, None], -1)
 
 
 def assert_floor_reached_only_at_target(loss_of_logits, target_categories: torch.Tensor, target: torch.Tensor,
@@ -148,4 +148,5 @@ def test_an_online_teachers_loss_is_at_least_its_floor_and_reaches_it_at_its_sof
 @pytest.mark.parametrize("loss,c", ONLINE_CASES)
 def test_minimising_an_online_teachers_loss_reaches_its_softmax(loss, c):
     loss_of_logits, target = online_case(loss, c)
-    assert (minimise(loss_of_logits) - target).abs().max() < 2e-2
+    # the mean over positions carries the gradient (its per-position values are for reporting)
+    assert (minimise(lambda z: loss_of_logits(z, part=0)) - target).abs().max() < 2e-2
