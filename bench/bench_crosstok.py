@@ -122,7 +122,7 @@ def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
     out = work / "gemma_online"
     shutil.rmtree(out, ignore_errors=True)
     train(TrainConfig(out=str(out), steps=8, log_every=1, store=str(root / "pool" / "store"), kd_teacher="gemma3-270m",
-                      alpha=0.5, **STUDENT))
+                      alpha=0.5, alpha_schedule="constant", **STUDENT))
     seconds, tokens_per_s = step_seconds(out, warmup=2)
     manifest = json.loads((out / "manifest.json").read_text())
     emit("crosstok_gemma", what="online KD from gemma3-270m into preset:tiny (SmolLM2 tokenizer), per step",

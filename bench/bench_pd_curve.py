@@ -61,7 +61,7 @@ CORPUS = dict(sources=["builtin:shakespeare", "builtin:python"], tokenizer=TEACH
               val_fraction=0.25, max_tokens_per_domain=19000)
 # recipes/demo.toml, stage "pd" (eval_every left out: only the final val loss is used)
 STUDENT = dict(model="preset:tiny", flops_budget=1.2e12, batch_size=16, seq_len=128, lr=3e-3, lr_schedule="wsd",
-               eval_instances=256)
+               decay_ratio=0.01, eval_instances=256)  # the 1% decay its published curve used
 PD = dict(kd=KDConfig(loss="kld", temperature=2.0), alpha=0.9, alpha_schedule="wsd")
 
 

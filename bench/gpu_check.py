@@ -163,9 +163,9 @@ def main() -> None:
     ]
     lm = train_phase(f"train: {sizes.student}, LM only", sizes, store, out / "lm")
     offline = train_phase("train: + offline KD (logits store)", sizes, store, out / "offline-kd",
-                          kd_logits=str(out / "logits"), alpha=0.5)
+                          kd_logits=str(out / "logits"), alpha=0.5, alpha_schedule="constant")
     online = train_phase("train: + online KD (SmolLM2-135M)", sizes, store, out / "online-kd",
-                         kd_teacher="smollm2-135m", alpha=0.5)
+                         kd_teacher="smollm2-135m", alpha=0.5, alpha_schedule="constant")
     for r in (offline, online):
         r["step_time_over_lm_only"] = r["step_seconds"] / lm["step_seconds"]
     results += [lm, offline, online]

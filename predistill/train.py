@@ -100,12 +100,13 @@ class TrainConfig:
                                                 'batch)', interval="[1, inf)")
     seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens', interval="[1, inf)")
     lr: float = option(6e-4, 'peak learning rate', interval="(0, inf)")
-    lr_schedule: str = option("cosine", 'cosine (MiniPLM: warmup, cosine to lr·min-lr-ratio), wsd (PD) or '
-                                        'constant', choices=LR_SCHEDULES)
+    # WSD with a 20% decay, and WSD-α below: PD's configuration as the studies measured it (docs/study-web-analysis.md)
+    lr_schedule: str = option("wsd", 'wsd (PD: warmup, stable, cosine decay over --decay-ratio), cosine (MiniPLM: '
+                                     'warmup, cosine to lr·min-lr-ratio) or constant', choices=LR_SCHEDULES)
     warmup: int = option(0, 'warmup steps for cosine and constant schedules', interval="[0, inf)")
     min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr', interval="[0, 1]")
     warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)', interval="[0, 1]")
-    decay_ratio: float = option(0.01, 'WSD decay fraction (LR and alpha)', interval="[0, 1]")
+    decay_ratio: float = option(0.2, 'WSD decay fraction (LR and alpha)', interval="[0, 1]")
     weight_decay: float = option(0.01, 'AdamW weight decay (on matrices only)', interval="[0, inf)")
     beta1: float = option(0.9, 'AdamW beta1', interval="[0, 1)")
     beta2: float = option(0.98, 'AdamW beta2', interval="[0, 1)")
@@ -120,8 +121,8 @@ class TrainConfig:
     eval_instances: int = option(256, 'val instances used for the val loss', interval="[1, inf)")
     log_every: int = option(1, 'metrics.jsonl line every N steps', interval="[1, inf)")
     alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)', interval="[0, 1]")
-    alpha_schedule: str = option("constant", 'constant, linear-inc, linear-dec, period, wsd, '
-                                             'wsd-beta', choices=ALPHA_SCHEDULES)
+    alpha_schedule: str = option("wsd", 'wsd (PD: α warms up from 0, holds, decays with the LR), constant, '
+                                        'linear-inc, linear-dec, period, wsd-beta', choices=ALPHA_SCHEDULES)
     kd_logits: str | None = option(None, 'offline teacher logits store (from `predistill score --logits-out`): PD')
     kd_teacher: str | None = option(None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are '
                                           'counted')

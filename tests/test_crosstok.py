@@ -395,8 +395,9 @@ def test_derived_store_refusals(tiny_store, small_bpe, tmp_path, capsys, extra, 
 # ---------------------------------------------------------------------------------------------
 # train: offline logits of the teacher's store, and an online teacher, across tokenizers
 # ---------------------------------------------------------------------------------------------
+# α held constant: these tests check the KD term from the first step (the default WSD-α starts at 0)
 FAST = ["--model", "preset:tiny", "--batch-size", "4", "--seq-len", "48", "--lr", "3e-3", "--eval-instances", "8",
-        "--alpha", "0.5"]
+        "--alpha", "0.5", "--alpha-schedule", "constant"]
 
 
 @pytest.fixture(scope="module")

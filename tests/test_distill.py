@@ -68,7 +68,7 @@ def test_offline_kd_composes_lm_and_kd_losses_and_costs_no_teacher_flops(tiny_st
 def test_offline_kd_moves_the_student_towards_the_teacher(tiny_store, logits_dir, tmp_path):
     """Same seed, same data: with α = 1 the student's KD loss falls far more than without KD."""
     kd = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "kd"), kd_logits=str(logits_dir), alpha=1.0,
-                         kd=KDConfig(loss="kld"), **{**FAST, "steps": 12}))
+                         alpha_schedule="constant", kd=KDConfig(loss="kld"), **{**FAST, "steps": 12}))
     assert metrics(kd)[-1]["kd_loss"] < 0.6 * metrics(kd)[0]["kd_loss"]
 
 
@@ -92,7 +92,7 @@ def test_online_teacher_nll_is_full_vocabulary_soft_cross_entropy(tiny_store, te
     from predistill.train import DataOrder, make_batch
 
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "vkd"), kd_teacher=str(teacher_dir), alpha=1.0,
-                          kd=KDConfig(loss="nll"), **{**FAST, "steps": 1}))
+                          alpha_schedule="constant", kd=KDConfig(loss="nll"), **{**FAST, "steps": 1}))
     store = TokenStore(tiny_store)
     student, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
     teacher, _ = load_model(str(teacher_dir))
@@ -178,7 +178,8 @@ def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_d
 
     prefix = 16
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "minillm"), kd_teacher=str(teacher_dir),
-                          kd=KDConfig(loss="rkl"), minillm=True, minillm_prefix=prefix, alpha=0.5, **{**FAST, "steps": 1}))
+                          kd=KDConfig(loss="rkl"), minillm=True, minillm_prefix=prefix, alpha=0.5,
+                          alpha_schedule="constant", **{**FAST, "steps": 1}))
     m = manifest(out)
     assert m["method"] == "MiniLLM"
 
@@ -221,7 +222,7 @@ def test_an_online_teacher_beside_an_fsdp_student_is_sharded_and_trains_the_same
 
     args = ["--store", str(tiny_store), "--model", "preset:tiny", "--steps", "4", "--batch-size", "4",
             "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-instances", "8", "--kd-teacher", str(teacher_dir),
-            "--kd-loss", "kld", "--alpha", "0.5"]
+            "--kd-loss", "kld", "--alpha", "0.5", "--alpha-schedule", "constant"]
     torchrun_train(1, [*args, "--out", str(tmp_path / "one")])
     torchrun_train(2, [*args, "--out", str(tmp_path / "two"), "--fsdp"])
     losses = [[json.loads(line)["kd_loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -25,7 +25,9 @@ from predistill.store import TokenStore
 from predistill.train import TrainConfig
 from predistill.train import run as train
 
-TRAIN = ["--model", "preset:tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-instances", "4"]
+# α held constant: 2 steps of the default WSD-α would both have α = 0 (warmup, decay) and never read the logits
+TRAIN = ["--model", "preset:tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-instances", "4",
+         "--alpha-schedule", "constant"]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from predistill.train import TrainConfig
 from predistill.train import run as train
 
 PAD = 64
-FAST = dict(model="preset:tiny", steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_instances=8)
+FAST = dict(model="preset:tiny", steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_instances=8, alpha_schedule="constant")
 
 
 def save_padded_twin(model, tokenizer, out):

@@ -296,10 +296,10 @@ def test_rerunning_a_finished_run_is_a_noop_and_another_config_is_refused(tiny_s
 
 def test_config_file_flags_override_it_and_print_config_round_trips(tiny_store, tmp_path, capsys):
     toml = tmp_path / "run.toml"
-    toml.write_text(f'store = "{tiny_store}"\nsteps = 5\nlr = 0.01\nlr_schedule = "wsd"\n')
+    toml.write_text(f'store = "{tiny_store}"\nsteps = 5\nlr = 0.01\nlr_schedule = "cosine"\n')
     cli_main(["train", "--config", str(toml), "--lr", "0.002", "--out", str(tmp_path / "x"), "--print-config"])
     printed = capsys.readouterr().out
-    assert 'lr = 0.002' in printed and 'steps = 5' in printed and 'lr_schedule = "wsd"' in printed
+    assert 'lr = 0.002' in printed and 'steps = 5' in printed and 'lr_schedule = "cosine"' in printed
     assert '# selection = (unset)' in printed
     again = tmp_path / "again.toml"
     again.write_text(printed)
