@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from predistill.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, staged_dir, write_manifest
 
@@ -425,6 +426,8 @@ def head_weight(model, vocab_size: int) -> torch.Tensor:
     student, scoring, KD, logits stores, sampling — is over these rows only, so padding never
     carries probability mass, is never stored and is never a target."""
     weight = model.get_output_embeddings().weight
+    if isinstance(weight, DTensor):  # FSDP, outside its forward: the whole head
+        weight = weight.full_tensor()
     if weight.shape[0] < vocab_size:
         raise PredistillError(f"the model predicts {weight.shape[0]} ids, fewer than the vocabulary's {vocab_size}")
     return weight if weight.shape[0] == vocab_size else weight[:vocab_size]

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from predistill.artifacts import (
@@ -746,10 +745,8 @@ def _save_logits(saver, store: TokenStore, ids, hidden, lm, d: Dist | None = Non
     """Under DDP every rank computes the entries of its own micro-batch and rank 0 stores them all,
     in rank order: the first sighting of an instance wins, as in a one-rank run."""
     tokens, lengths = store.batch(ids)
-    weight = lm.get_output_embeddings().weight.detach()
-    if isinstance(weight, DTensor):  # FSDP: every rank gathers the whole head (all ranks are here)
-        weight = weight.full_tensor()
-    batch = saver.entries_of_hidden(ids, hidden.detach(), weight[:store.vocab_size], tokens, lengths)
+    # under FSDP every rank gathers the whole head here (all ranks are here)
+    batch = saver.entries_of_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
     for part in (d.gather(batch) if d is not None else [batch]):
         if part is not None and (d is None or d.main):
             saver.accept(*part)
