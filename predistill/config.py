@@ -14,7 +14,9 @@ checked against the same declaration: a number outside its interval, or not fini
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import enum
 import json
 import math
 import sys
@@ -43,6 +45,56 @@ class CheckedConfig(typing.Protocol):
     def check(self) -> None: ...
 
 
+class Effect(enum.Enum):
+    """What a setting does to the artifact its command writes. Declared once, on the field
+    (`option(..., effect=...)`), so that every identity — "is this output the one asked for?",
+    "may this run resume?", "are these two runs one configuration?" — is one call of `identity`
+    instead of a hand-kept list of keys."""
+
+    RESULT = "result"  # another value makes another artifact (the default)
+    MEASURE = "measure"  # what is measured and recorded beside the result (held-out sets, a by-product
+    # written on the way): part of the artifact, not of what a comparison of methods groups by
+    ROUNDING = "rounding"  # how the same thing is computed (device, kernels, micro-batching, chunking):
+    # moves float rounding only
+    NONE = "none"  # where and how often things are written or shown (paths, checkpoint cadence, progress),
+    # and by-products written elsewhere with an identity of their own (`score --logits-out`)
+
+
+# what an output's identity leaves out by default: a rerun may differ in these and reuse (or resume) it
+EXECUTION = frozenset({Effect.NONE, Effect.ROUNDING})
+
+
+def effect_of(f: dataclasses.Field) -> Effect:
+    return f.metadata.get("effect", Effect.RESULT)
+
+
+def identity(config: Any, ignore: typing.Collection[Effect] = EXECUTION, *, blank: bool = False) -> dict[str, Any]:
+    """The settings of `config` whose declared effect is not in `ignore`, shaped like
+    `dataclasses.asdict` (nested configs nested; a nested config whose own field is ignored goes
+    whole): what an artifact records as the config that made it, and compares on a rerun.
+    `blank`: the ignored settings stay, as None (a manifest that names every setting)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if effect_of(f) in ignore:
+            if blank:
+                out[f.name] = None
+        else:
+            out[f.name] = identity(value, ignore, blank=blank) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+def keys_with_effect(cls: type, ignore: typing.Collection[Effect] = EXECUTION) -> list[str]:
+    """The flat keys (`leaves`) of `cls` whose effect, and every enclosing field's, is not in `ignore`."""
+    return [leaf.key for leaf in leaves(cls) if not any(e in ignore for e in leaf.effects)]
+
+
+def flat_identity(values: dict[str, Any], cls: type, ignore: typing.Collection[Effect] = EXECUTION) -> dict[str, Any]:
+    """`identity` over flat settings (a run's config.json): the keys of `cls` not ignored; keys that
+    are not settings of `cls` (the command line, a removed option) are no part of it."""
+    return {k: values.get(k) for k in keys_with_effect(cls, ignore)}
+
+
 class UsageError(PredistillError):
     """A command line that cannot run (a required setting missing): the CLI exits 2, as argparse does."""
 
@@ -50,16 +102,17 @@ class UsageError(PredistillError):
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            flag: str | None = None, key: str | None = None, choices: typing.Iterable | None = None,
            required: bool = False, cli: bool = True, positional: bool = False, interval: str | None = None,
-           **argparse_kwargs: Any) -> Any:
+           effect: Effect = Effect.RESULT, **argparse_kwargs: Any) -> Any:
     """A config field. `flag`/`key` rename it on the command line / in files (default: the field
     name); `cli=False` keeps it out of both (a value another field derives); `required` fields
     must be set by a flag or the config file; `interval` ("[0, 1)", "(0, inf)", "[1, inf)") is the
-    range a numeric value must lie in (always finite); extra keyword arguments go to `add_argument`."""
+    range a numeric value must lie in (always finite); `effect` what the setting does to the
+    command's artifact (`Effect`, for `identity`); extra keyword arguments go to `add_argument`."""
     if interval is not None:
         _bounds(interval)  # a malformed declaration fails at import, not at a user's run
     metadata = {"help": help, "flag": flag, "key": key, "choices": tuple(choices) if choices is not None else None,
                 "required": required, "cli": cli, "positional": positional, "interval": interval,
-                "argparse": argparse_kwargs}
+                "effect": effect, "argparse": argparse_kwargs}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -130,6 +183,7 @@ class Leaf:
     key: str
     field: dataclasses.Field
     type: type
+    effects: tuple[Effect, ...] = ()  # the declared effect of each field on `path`, outermost first
 
     @property
     def flag(self) -> str:
@@ -149,9 +203,9 @@ def leaves(cls: type) -> Iterator[Leaf]:
         tp = _base_type(hints[f.name])
         if dataclasses.is_dataclass(tp):
             for leaf in leaves(tp):
-                yield Leaf((f.name, *leaf.path), leaf.key, leaf.field, leaf.type)
+                yield Leaf((f.name, *leaf.path), leaf.key, leaf.field, leaf.type, (effect_of(f), *leaf.effects))
         else:
-            yield Leaf((f.name,), f.metadata.get("key") or f.name, f, tp)
+            yield Leaf((f.name,), f.metadata.get("key") or f.name, f, tp, (effect_of(f),))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from predistill.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
 from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
 from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
     resolve_dtype, resolve_model, run_exports, tokenizer_hash
@@ -65,19 +65,20 @@ class EvalConfig:
     model: str = option("", "a `predistill train` run directory (its hf/ export is used), an HF model directory, "
                         "smollm2-135m, or a hub id", required=True)
     store: str = option("", "held-out token store (a training store with a val/ split means that split)", required=True)
-    out: str = option("", "JSON file to write (recipes use RUN/eval.json)", required=True)
+    out: str = option("", "JSON file to write (recipes use RUN/eval.json)", required=True, effect=Effect.NONE)
     tasks: list[str] | None = option(None, "run lm-eval on these comma-separated tasks; alone: `default` = the MiniPLM "
                                      "paper's nine (skipped with a note when their data is not in the local HF cache) "
                                      f"+ the local tasks. Aliases: paper, local ({', '.join(LOCAL_TASKS)}); any lm-eval "
                                      "task name", nargs="?", const=["default"], type=_task_list, action=None,
                                      metavar="LIST")
     tasks_dir: str | None = option(None, "where the local tasks are built (and reused); default: the --out file's "
-                                   "folder/tasks")
-    batch_size: int = option(8, "sequences per forward pass", interval="[1, inf)")
+                                   "folder/tasks", effect=Effect.NONE)
+    batch_size: int = option(8, "sequences per forward pass", interval="[1, inf)", effect=Effect.ROUNDING)
     limit: int | None = option(None, "evaluate at most N held-out instances and N items per task (default: all)", interval="[1, inf)")
     local_items: int = option(200, "items per local task", interval="[1, inf)")
     seed: int = option(1234, "seed of the local tasks' passage order and distractors", interval="[0, 4294967295]")
-    allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)")
+    allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)",
+                                  effect=Effect.NONE)
     num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as MiniPLM reports)", interval="[0, inf)")
     fewshot: list[str] = option(default_factory=list, help="TASK=N: N examples per prompt for this task (a group: all "
                                 "its subtasks), overriding --num-fewshot (repeatable: PD's protocol sets them per task). "
@@ -88,10 +89,12 @@ class EvalConfig:
                                   "lm-eval tasks", flag="--task-path", metavar="DIR")
     exports: bool = option(False, "a run directory: also evaluate every export it wrote during training (train "
                                   "--export-every) into RUN/exports/step-N/eval.json — accuracy over training; an export "
-                                  "already evaluated with these settings is kept")
-    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N; held-out loss and lm-eval")
+                                  "already evaluated with these settings is kept", effect=Effect.NONE)
+    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N; held-out loss and lm-eval",
+                         effect=Effect.ROUNDING)
+    # compared as the resolved dtype (what `auto` became on this device), recorded beside the config
     dtype: str = option("auto", "weights/activations; auto = float32 on CPU, bfloat16 on GPU (log-probs are fp32)",
-                        choices=DTYPES)
+                        choices=DTYPES, effect=Effect.ROUNDING)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,11 +414,6 @@ def average_accuracy(results: dict[str, dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-# settings that do not change what an evaluation measures (the device and dtype are compared as the
-# resolved dtype): an export evaluated with the same others is kept
-NOT_MEASURING = ("model", "out", "exports", "device", "dtype", "batch_size", "tasks_dir", "allow_download")
-
-
 def evaluate_exports(cfg: EvalConfig) -> list[Path]:
     """`--exports`: each step export of the run, into its own eval.json (the local tasks shared with
     the final model's, so every point is scored on the same items)."""
@@ -424,15 +422,21 @@ def evaluate_exports(cfg: EvalConfig) -> list[Path]:
         raise PredistillError(f"--exports needs a `predistill train` run directory, not {cfg.model}")
     tasks_dir = cfg.tasks_dir or str(Path(cfg.out).parent / "tasks")
     dtype = str(resolve_dtype(cfg.dtype, resolve_device(cfg.device))).removeprefix("torch.")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_MEASURING}
+    # an export evaluated with the same measuring settings (and dtype) is kept; the model is the export itself
+    settings = _measuring(to_flat(cfg))
     done = []
     for export in run_exports(Path(ref.run)):
         previous = _read_eval(export / "eval.json") or {}
         config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
-        if previous.get("dtype") != dtype or {k: v for k, v in config.items() if k not in NOT_MEASURING} != settings:
+        if previous.get("dtype") != dtype or _measuring(config) != settings:
             run(replace(cfg, model=str(export), out=str(export / "eval.json"), exports=False, tasks_dir=tasks_dir))
         done.append(export)
     return done
+
+
+def _measuring(config: dict) -> dict:
+    """What an evaluation with these (flat) settings measures, whatever model it is given."""
+    return {k: v for k, v in flat_identity(config, EvalConfig).items() if k != "model"}
 
 
 def _read_eval(path: Path) -> dict | None:

@@ -46,7 +46,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ import numpy as np
 from predistill import artifacts
 from predistill.artifacts import PredistillError, check_output, check_plan, claim_work, is_complete, read_manifest, \
     read_marker, refuse_foreign_work, remove_owned_work, staged_dir
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.models import DTYPES, Dist, forward_params, init_distributed, load_model, model_hash, rank_and_world, \
     resolve_device, resolve_dtype, tokenizer_hash
 from predistill.retokenize import retokenize, write_retokenized
@@ -71,7 +71,7 @@ class GenerateConfig:
     model: str = option("", "teacher spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME "
                         "(random weights)", required=True)
     store: str = option("", "source token store whose instances' prefixes are the prompts", required=True)
-    out: str = option("", "token store to write (work in OUT.shards/ is resumed)", required=True)
+    out: str = option("", "token store to write (work in OUT.shards/ is resumed)", required=True, effect=Effect.NONE)
     prefix_len: int = option(32, "store tokens of each instance used as the prompt (shorter instances: all of it)", interval="[1, inf)")
     max_new_tokens: int | None = option(None, "tokens the teacher writes at most per instance (default: fill up to "
                                         "the store's instance length, max_len + 1 − prefix-len)", interval="[1, inf)")
@@ -87,14 +87,15 @@ class GenerateConfig:
                                        "selection) (default: all)", metavar="N", interval="[1, inf)")
     selection: str | None = option(None, "continue only the instances of a `predistill sample` selection of this store",
                                    metavar="DIR")
-    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N")
+    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N", effect=Effect.ROUNDING)
     dtype: str = option("auto", "teacher weights/activations; auto = float32 on CPU, bfloat16 on GPU", choices=DTYPES)
-    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false")
+    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false",
+                            effect=Effect.NONE)
 
     def identity(self) -> dict:
         """The settings that change the output (recorded as the store's `config`; a finished store
-        is reused only when they match). Paths of the output, device and progress do not count."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("out", "progress", "device")}
+        is reused only when they match)."""
+        out = identity(self)
         if self.greedy:  # sampling knobs mean nothing for greedy decoding
             out.update(temperature=None, top_p=None, top_k=None)
         return out

@@ -88,7 +88,7 @@ from dataclasses import dataclass
 import torch
 
 from predistill.artifacts import PredistillError
-from predistill.config import option
+from predistill.config import Effect, option
 from predistill.crosstok import VOCAB_MAPS
 from predistill.logits import TeacherTargets
 from predistill.losses import DEFAULT_CHUNK, common_scale, fused_head_pass, gather_logprobs, gathered, \
@@ -135,7 +135,7 @@ class KDConfig:
     # rows per vocabulary pass offline (≈2 [rows × V] fp32 temporaries); train sets it from --loss-chunk
     chunk_size: int = option(DEFAULT_CHUNK, cli=False)
     online_chunk_size: int = option(256, "online KD: rows per vocabulary pass (≈6 [rows × V] temporaries)",
-                                    key="kd_online_chunk", interval="[1, inf)")
+                                    key="kd_online_chunk", interval="[1, inf)", effect=Effect.ROUNDING)
 
     def __post_init__(self):
         # `--temperature` as text (the CLI's, recipes' and old configs' form) decides the mode: a

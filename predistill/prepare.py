@@ -25,7 +25,7 @@ import multiprocessing as mp
 import os
 import sys
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from predistill.artifacts import PredistillError, check_output, parse_json, read_manifest, staged_dir, write_json_atomic
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.chunking import Chunker, boundary_table, encode_document, encode_document_slow
 from predistill.sources import Source, parse_sources
 from predistill.store import FORMAT, TokenStoreWriter
@@ -45,16 +45,17 @@ class PrepareConfig:
                                 "megatron:PREFIX; prefix NAME= to name the domain; or store:DIR alone (a token store "
                                 "re-tokenised instance by instance, for cross-tokenizer KD)", flag="--source", required=True, metavar="SPEC")
     tokenizer: str = option("", "tokenizer or model spec: smollm2-135m, an HF directory or hub id", required=True)
-    out: str = option("", "token store directory to write", required=True)
+    out: str = option("", "token store directory to write", required=True, effect=Effect.NONE)
     max_len: int = option(1024, "training context; instances hold ≤ max-len+1 tokens", interval="[8, inf)")
     val_fraction: float = option(0.0, "fraction of each domain's documents held out in OUT/val/", interval="[0, 1)")
-    workers: int = option(1, "tokenizer processes", interval="[1, inf)")
+    workers: int = option(1, "tokenizer processes", interval="[1, inf)", effect=Effect.ROUNDING)  # the same bytes
     skip_bad: bool = option(False, "skip (and count, as n_skipped in the manifest) malformed, empty or undecodable "
                             "documents")
     max_tokens_per_domain: int | None = option(None, "stop reading a domain once its train+val instances hold ≥ N "
                                                "tokens (default: read all)", metavar="N", interval="[1, inf)")
     checkpoint_tokens: int = option(1 << 24, "make progress durable every N tokens read: a killed prepare resumes "
-                                    "there (the store is the same bytes)", metavar="N", interval="[1, inf)")
+                                    "there (the store is the same bytes)", metavar="N", interval="[1, inf)",
+                                    effect=Effect.NONE)
 
 
 # Tokenisation runs in worker processes; each builds its tokenizer once from the serialised form.
@@ -137,9 +138,8 @@ def run(cfg: PrepareConfig) -> Path:
         return _derive(cfg, out)
     sources = parse_sources(cfg.sources, cfg.skip_bad)  # also checks that every source can be read
     tokenizer, tok_info = _tokenizer(cfg.tokenizer)
-    # neither the worker count nor the output path changes the content: a store is the same
-    # bytes wherever it was written and however many processes tokenised it
-    config = asdict(cfg) | {"workers": None, "out": None, "checkpoint_tokens": None}
+    # a store is the same bytes wherever it was written and however many processes tokenised it
+    config = identity(cfg, blank=True)
     if check_output(out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"]},
                     lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")}):
         print(f"predistill: {out} is already complete; nothing to do")

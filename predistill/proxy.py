@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from predistill.artifacts import PredistillError
-from predistill.config import option
+from predistill.config import Effect, option
 from predistill.forward import ModelInputs, score_ids
 from predistill.models import check_plain_head, final_hidden, forward_params, load_model, model_body, resolve_device
 from predistill.selection import top_fraction
@@ -50,7 +50,7 @@ class ProxyConfig:
     chunk_size: int = option(256, cli=False)
     seed: int = option(0, cli=False)  # sample's --seed
     device: str = option("auto", "proxy: auto (cuda if available), cpu, cuda")
-    progress: bool = option(True, cli=False)  # sample's --no-progress
+    progress: bool = option(True, cli=False, effect=Effect.NONE)  # sample's --no-progress
 
 
 @dataclass

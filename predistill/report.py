@@ -39,6 +39,7 @@ import numpy as np
 from predistill.artifacts import MANIFEST, PredistillError, hold_output, parse_json, write_json_atomic
 from predistill.config import add_config_arguments, config_from_args, option
 from predistill.models import EXPORT_INFO, run_exports
+from predistill.rundir import BUDGET_KEYS, configuration_keys
 
 DASH = "–"
 # MiniPLM's scaling figures fit the loss-vs-compute curve and read it past the trained range.
@@ -239,27 +240,19 @@ class RunSummary:
     over_training: list[dict] = field(default_factory=list)
 
 
-# config keys that set a run's budget, seed or execution, not what it trains: runs that differ only in
-# these are one configuration at several compute budgets (and seeds), and share one scaling fit
-NOT_IDENTITY_KEYS = {"out", "name", "command", "steps", "flops_budget", "epochs", "seed", "eval_every", "eval_instances",
-                     "log_every", "save_every", "keep_checkpoints", "export_every", "tensorboard", "progress",
-                     "device", "micro_batch_size", "fsdp", "compile", "activation_checkpointing", "fused_kernels",
-                     "attn_impl", "loss_chunk", "kd_online_chunk", "save_logits"}
-
-
 # what a method's run shares with the baseline run it is read against (the method's own settings —
 # selection, KD source, store — differ by design); the budget is compared for per-run curves only
 SCHEDULE_KEYS = ("model", "batch_size", "seq_len", "lr", "lr_schedule", "warmup", "warmup_ratio", "decay_ratio",
                  "min_lr_ratio", "val_store", "steps", "flops_budget", "epochs")
-BUDGET_KEYS = ("steps", "flops_budget", "epochs")
 
 
 def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str:
-    """The configuration as a key: without NOT_IDENTITY_KEYS (but with those in `keep`)."""
+    """The configuration as a key (`rundir.configuration_keys`): runs that differ only in budget,
+    seed, execution or what they measure share it (but not in the axes named in `keep`)."""
     if not config:
         return json.dumps({"method": s.method or s.name, "model": s.model})
-    return json.dumps({k: v for k, v in config.items() if k not in NOT_IDENTITY_KEYS or k in keep}
-                      | {"method": s.method}, sort_keys=True, default=str)
+    return json.dumps({k: config.get(k) for k in configuration_keys(keep)} | {"method": s.method},
+                      sort_keys=True, default=str)
 
 
 def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from predistill.artifacts import PredistillError, check_output, read_manifest, sha256_file, staged_dir, \
     write_manifest
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.models import load_tokenizer, tokenizer_hash
 from predistill.proxy import ProxyConfig, run_proxy
 from predistill.retokenize import write_retokenized
@@ -81,7 +81,7 @@ NEEDS_TABLES = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher
 
 @dataclass
 class SampleConfig:
-    out: str = option("", "selection directory to write", required=True)
+    out: str = option("", "selection directory to write", required=True, effect=Effect.NONE)
     method: str = option("difference", "difference (MiniPLM), teacher-ppl, random, or proxy (MiniPLM_prx)",
                          choices=METHODS)
     ratio: float = option(0.5, "fraction α of instances to keep, in (0, 1]", interval="(0, 1]")
@@ -96,28 +96,26 @@ class SampleConfig:
     complement: bool = option(False, "keep the instances the method drops instead (with random: a held-apart slice "
                                      "disjoint from the one the same seed and ratio keep)")
     n_examples: int = option(3, "top/bottom/random examples shown in report.md (each)", flag="--examples", interval="[0, inf)")
+    # materialisation is a by-product (a store with its own identity): it does not change which instances are kept
     materialize: str | None = option(None, "also write the kept instances as a new token store in this directory",
-                                     metavar="DIR")
-    tokenizer: str | None = option(None, "tokenizer spec for --materialize (e.g. another family's)")
+                                     metavar="DIR", effect=Effect.NONE)
+    tokenizer: str | None = option(None, "tokenizer spec for --materialize (e.g. another family's)",
+                                   effect=Effect.NONE)
     materialize_max_len: int | None = option(None, "re-cut the materialised store into instances of ≤ N+1 tokens "
-                                             "(default: one per kept instance)", interval="[8, inf)")
-    proxy: ProxyConfig = option(default_factory=ProxyConfig)  # --method proxy: --teacher-model, --proxy-fraction, …
-    progress: bool = option(True, "progress bars (--no-progress: none)", flag="--no-progress", action="store_false")
+                                             "(default: one per kept instance)", interval="[8, inf)", effect=Effect.NONE)
+    # --method proxy: --teacher-model, --proxy-fraction, … (in the identity only for that method)
+    proxy: ProxyConfig = option(default_factory=ProxyConfig, effect=Effect.NONE)
+    progress: bool = option(True, "progress bars (--no-progress: none)", flag="--no-progress", action="store_false",
+                            effect=Effect.NONE)
 
     def proxy_config(self) -> ProxyConfig:
         """The proxy's settings; its seed and progress are the command's own."""
         return dataclasses.replace(self.proxy, seed=self.seed, progress=self.progress)
 
     def identity(self) -> dict:
-        """The fields that define the selection (what a rerun must match to be a no-op)."""
-        # materialisation is a by-product: it does not change which instances are kept
-        skip = ("out", "progress", "materialize", "tokenizer", "materialize_max_len")
-        config = {k: v for k, v in asdict(self).items() if k not in skip}
-        config["proxy"] = None
-        if self.method == "proxy":
-            config["proxy"] = asdict(self.proxy_config())
-            config["proxy"].pop("progress")
-        return config
+        """The fields that define the selection (what a rerun must match to be a no-op); the proxy's
+        settings only when the method is the proxy."""
+        return identity(self) | {"proxy": identity(self.proxy_config()) if self.method == "proxy" else None}
 
 
 def _looks_swapped(teacher: np.ndarray, reference: np.ndarray) -> str | None:
@@ -414,8 +412,8 @@ def _maybe_materialize(cfg: SampleConfig, out: Path, store: TokenStore) -> None:
     mcfg = MaterializeConfig(selection=str(out), tokenizer=cfg.tokenizer, out=cfg.materialize,
                              max_len=cfg.materialize_max_len)
     target = Path(cfg.materialize)
-    identity = {"config": asdict(mcfg), "selection_hash": read_selection_manifest(out)["selection_sha256"]}
-    if check_output(target, STORE_FORMAT, "token store", identity,
+    wanted = {"config": asdict(mcfg), "selection_hash": read_selection_manifest(out)["selection_sha256"]}
+    if check_output(target, STORE_FORMAT, "token store", wanted,
                     lambda m: {"config": m.get("config"), "selection_hash": (m.get("source") or {}).get("selection_hash")}):
         print(f"predistill: {target} is already complete; nothing to do", file=sys.stderr)
         return

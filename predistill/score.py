@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ import torch
 
 from predistill.artifacts import MANIFEST, PredistillError, check_output, check_plan, hold_output, read_manifest, \
     write_manifest
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, PassStats, ScoreCollector, Shard, \
     plan_shards, run_forward_pass
 from predistill.kernels import fuse_kernels
@@ -60,7 +60,8 @@ class ScoreConfig:
     model: str = option("", "model spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME "
                         "(random weights)", required=True)
     store: str = option("", "token store to score", required=True)
-    out: str = option("", "score table directory (resumed if it holds a partial table)", required=True)
+    out: str = option("", "score table directory (resumed if it holds a partial table)", required=True,
+                      effect=Effect.NONE)
     batch_size: int = option(8, "instances per forward", interval="[1, inf)")
     shard_size: int = option(512, "instances per shard file; the unit of resume and of work per rank", interval="[1, inf)")
     max_len: int | None = option(None, "truncate instances (after re-tokenisation) to this many model tokens "
@@ -68,21 +69,22 @@ class ScoreConfig:
     chunk_size: int = option(256, "positions per lm-head chunk; peak logits memory is chunk × vocab × 4 bytes", interval="[1, inf)")
     # the switch leaves room for a GPU engine (vLLM prompt_logprobs) beside plain PyTorch
     backend: str = option("torch", "inference engine", choices=BACKENDS)
-    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N")
+    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N", effect=Effect.ROUNDING)
     dtype: str = option("auto", "weights/activations; auto = float32 on CPU (bfloat16 is faster only on CPUs with bf16 instructions), bfloat16 on "
                         "GPU; log-probs are fp32 either way", choices=DTYPES)
     seed: int = option(0, "weight seed for preset: models", interval="[0, 4294967295]")
-    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false")
+    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false",
+                            effect=Effect.NONE)
     # `--logits-out`: also write the teacher's logits store in the same forward pass. Not part of the
-    # score table's identity: the score files are the same with or without it.
+    # score table's identity (the score files are the same with or without it): the store has its own.
     logits_out: str | None = option(None, "also write the teacher's logits store here, in the same forward pass "
-                                    "as the scores (docs/logits.md)", metavar="LDIR")
-    logits: LogitsConfig | None = option(default_factory=LogitsConfig)  # --logits-mode, --top-k, --samples, …
+                                    "as the scores (docs/logits.md)", metavar="LDIR", effect=Effect.NONE)
+    logits: LogitsConfig | None = option(default_factory=LogitsConfig,  # --logits-mode, --top-k, --samples, …
+                                         effect=Effect.NONE)
 
     def identity(self) -> dict:
         """The fields that change the scores: a rerun must match them to reuse finished shards."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("out", "progress", "device", "logits_out", "logits")}
+        return identity(self)
 
     def logits_config(self) -> LogitsConfig:
         """The logits store's settings; its shards default to the score shards."""

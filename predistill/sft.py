@@ -29,13 +29,13 @@ no target token left are skipped and counted. The store is written in one go, in
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from predistill.artifacts import PredistillError, check_output, parse_json, sha256_file, staged_dir
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.store import FORMAT, TokenStoreWriter
 
 TEMPLATES = ("auto", "chat", "plain")
@@ -47,10 +47,10 @@ PLAIN_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant
 class SFTDataConfig:
     data: list[str] = option(default_factory=list, help="jsonl file of records (messages / prompt+response / "
                              "instruction+output / text); repeatable, read in order", flag="--data", required=True,
-                             metavar="FILE")
+                             metavar="FILE", effect=Effect.NONE)  # what counts is their content, `inputs`
     tokenizer: str = option("", "the student's tokenizer: a run directory's hf/, an HF directory, or a model spec",
                             required=True)
-    out: str = option("", "token store directory to write", required=True)
+    out: str = option("", "token store directory to write", required=True, effect=Effect.NONE)
     template: str = option("auto", "chat: the tokenizer's chat template; plain: User:/Assistant: lines; auto: chat "
                            "when the tokenizer has a template", choices=TEMPLATES)
     max_len: int = option(2048, "training context; instances hold ≤ max-len+1 tokens (longer records are cut)",
@@ -162,15 +162,15 @@ def run(cfg: SFTDataConfig) -> Path:
         raise PredistillError(f"--template chat: the tokenizer {cfg.tokenizer} has no chat template; use --template plain")
     if tokenizer.eos_token_id is None:
         raise PredistillError(f"the tokenizer {cfg.tokenizer} has no EOS token")
-    config = asdict(cfg) | {"out": None, "data": None, "template": template}
+    config = identity(cfg, blank=True) | {"template": template}
     inputs = []  # the data's content: the same records under another path are the same store
     for path in cfg.data:
         try:
             inputs.append(sha256_file(path))
         except OSError as e:
             raise PredistillError(f"--data {path}: cannot read it ({e.strerror or e})") from None
-    identity = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": inputs}
-    if check_output(out, FORMAT, "token store", identity, lambda m: {
+    wanted = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": inputs}
+    if check_output(out, FORMAT, "token store", wanted, lambda m: {
             "config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"), "inputs": m.get("inputs")}):
         print(f"predistill: {out} is already complete; nothing to do")
         return out

@@ -30,12 +30,13 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from predistill.artifacts import PredistillError, read_manifest, staged_dir, write_manifest
+from predistill.config import Effect, identity, option
 from predistill.store import TokenStore
 
 FORMAT = "local_tasks"
@@ -55,8 +56,9 @@ _SENTENCE_END = re.compile(r"[.!?](?= )")
 
 @dataclass
 class LocalTaskConfig:
-    store: str = ""  # held-out token store the passages come from
-    out: str = ""  # tasks directory to write
+    # the identity is the content (the store's hash, recorded beside the config), not the paths
+    store: str = option("", effect=Effect.NONE)  # held-out token store the passages come from
+    out: str = option("", effect=Effect.NONE)  # tasks directory to write
     seed: int = 1234
     n_items: int = 200  # per task (fewer when the store has fewer usable passages)
     n_choices: int = 4
@@ -202,7 +204,7 @@ def build(cfg: LocalTaskConfig) -> Path:
         raise PredistillError(f"the number of local task items must be ≥ 1, got {cfg.n_items}")
     store = TokenStore(cfg.store)
     out = Path(cfg.out).resolve()
-    config = asdict(cfg) | {"store": None, "out": None}  # identity is the content, not the paths
+    config = identity(cfg, blank=True)
     if (out / "manifest.json").is_file():
         try:
             old = read_manifest(out, FORMAT, "local tasks directory")

@@ -7,11 +7,11 @@ and split at its EOS tokens): the vocabulary of a student that will read that ve
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from predistill.artifacts import PredistillError, check_output, staged_dir, write_manifest
-from predistill.config import add_config_arguments, config_from_args, option
+from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.sources import parse_sources
 from predistill.store import TokenStore
 
@@ -25,7 +25,7 @@ FORMAT = "tokenizer"
 class TokenizerConfig:
     sources: list[str] = option(default_factory=list, help="text to train on (same specs as `prepare`), or store:DIR: a token store's text",
                                 flag="--source", required=True, metavar="SPEC")
-    out: str = option("", "directory for the HF tokenizer", required=True)
+    out: str = option("", "directory for the HF tokenizer", required=True, effect=Effect.NONE)
     vocab_size: int = option(8192, "target vocabulary size, EOS included", interval="[257, inf)")
     min_frequency: int = option(2, "minimum pair count for a merge", interval="[0, inf)")
     skip_bad: bool = option(False, "skip (and count) malformed or empty documents")
@@ -40,7 +40,7 @@ def run(cfg: TokenizerConfig) -> Path:
     if cfg.vocab_size < 257:
         raise PredistillError(f"--vocab-size {cfg.vocab_size} is too small: a byte-level BPE needs > 256")
     out = Path(cfg.out)
-    config = asdict(cfg) | {"out": None}
+    config = identity(cfg, blank=True)
     stores = [TokenStore(spec.removeprefix(STORE_SOURCE)) for spec in cfg.sources if spec.startswith(STORE_SOURCE)]
     if stores:  # what a store holds is part of the identity: another store at the same path is other text
         config["store_hashes"] = [store.hash for store in stores]

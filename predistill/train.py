@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -53,130 +51,19 @@ from predistill.artifacts import (
     write_json_atomic,
     write_manifest,
 )
-from predistill.config import add_config_arguments, check_ranges, config_from_args, from_flat, leaves, option, to_flat
+from predistill.config import add_config_arguments, config_from_args, from_flat, to_flat
 from predistill.crosstok import MappingStats
-from predistill.losses import DEFAULT_CHUNK, fused_lm_loss
-from predistill.kd import KDConfig
+from predistill.losses import fused_lm_loss
 from predistill.kernels import fuse_kernels
-from predistill.models import ATTN_IMPLS, EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, Dist, count_params, \
+from predistill.models import EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, Dist, count_params, \
     final_hidden, forward_params, head_weight, init_distributed, load_model, load_tokenizer, model_body, resolve_device, \
     tokenizer_hash
 from predistill.selection import load_selection
-from predistill.schedules import ALPHA_SCHEDULES, LR_SCHEDULES, alpha_at, lr_at
+from predistill.rundir import FORMAT, TrainConfig, result_identity, same_result
+from predistill.schedules import alpha_at, lr_at
 from predistill.store import TokenStore
 
-FORMAT = "run"
 CHECKPOINT_PREFIX = "step-"
-# Settings that do not change the trained weights (nor where they live: a run dir may be moved):
-# a rerun may change them and still resume. The head's chunking and the fused kernels move only
-# float rounding, so they are among them.
-NON_RESULT_KEYS = {"out", "save_every", "export_every", "keep_checkpoints", "eval_every", "log_every", "tensorboard",
-                   "command", "loss_chunk", "fused_kernels"}
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-@dataclass
-class TrainConfig:
-    model: str = option("preset:tiny", 'model spec: preset:NAME (from scratch), an HF directory or hub id, '
-                                       'smollm2-135m')
-    tokenizer: str | None = option(None, "tokenizer spec (default: the token store's own tokenizer)")
-    store: str = option("", 'token store to train on')
-    val_store: str | None = option(None, 'held-out token store for val loss (default: STORE/val when it exists)')
-    heldout: list[str] = option(default_factory=list, help="NAME=DIR: a held-out token store scored on all its "
-                                "instances after the last step, its loss recorded under NAME in the manifest's "
-                                "heldout_losses (repeatable: a pool-mixture set and target sets)",
-                                flag="--heldout", metavar="NAME=DIR")
-    selection: str | None = option(None, 'selection directory from `predistill sample`: train only on those instances')
-    out: str = option("", 'run directory')
-    name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
-    steps: int = option(100, 'optimizer steps', interval="[1, inf)")
-    flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D '
-                                              'online)', interval="(0, inf)")
-    epochs: float | None = option(None, 'passes over the training instances (the data-limited regime, data repeated); '
-                                        'sets --steps = ⌈epochs · instances / batch size⌉', interval="(0, inf)")
-    batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)', interval="[1, inf)")
-    micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank '
-                                                'batch)', interval="[1, inf)")
-    seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens', interval="[1, inf)")
-    lr: float = option(6e-4, 'peak learning rate', interval="(0, inf)")
-    # WSD with a 20% decay, and WSD-α below: PD's configuration as the studies measured it (docs/study-web-analysis.md)
-    lr_schedule: str = option("wsd", 'wsd (PD: warmup, stable, cosine decay over --decay-ratio), cosine (MiniPLM: '
-                                     'warmup, cosine to lr·min-lr-ratio) or constant', choices=LR_SCHEDULES)
-    warmup: int = option(0, 'warmup steps for cosine and constant schedules', interval="[0, inf)")
-    min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr', interval="[0, 1]")
-    warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)', interval="[0, 1]")
-    decay_ratio: float = option(0.2, 'WSD decay fraction (LR and alpha)', interval="[0, 1]")
-    weight_decay: float = option(0.01, 'AdamW weight decay (on matrices only)', interval="[0, inf)")
-    beta1: float = option(0.9, 'AdamW beta1', interval="[0, 1)")
-    beta2: float = option(0.98, 'AdamW beta2', interval="[0, 1)")
-    eps: float = option(1e-6, 'AdamW epsilon', interval="(0, inf)")
-    grad_clip: float = option(1.0, 'gradient-norm clip (0 disables)', interval="[0, inf)")
-    seed: int = option(0, 'seed for initialisation and data order', interval="[0, 4294967295]")
-    save_every: int = option(0, 'checkpoint every N steps (0: only the final export)', interval="[0, inf)")
-    export_every: int = option(0, 'also write an HF export every N steps to OUT/exports/step-N (accuracy over '
-                                  'training: `eval --exports`); 0: only the final OUT/hf', interval="[0, inf)")
-    keep_checkpoints: int = option(2, 'checkpoints to keep', interval="[1, inf)")
-    eval_every: int = option(0, 'val loss every N steps (0: only at the end)', interval="[0, inf)")
-    eval_instances: int = option(256, 'val instances used for the val loss', interval="[1, inf)")
-    log_every: int = option(1, 'metrics.jsonl line every N steps', interval="[1, inf)")
-    alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)', interval="[0, 1]")
-    alpha_schedule: str = option("wsd", 'wsd (PD: α warms up from 0, holds, decays with the LR), constant, '
-                                        'linear-inc, linear-dec, period, wsd-beta', choices=ALPHA_SCHEDULES)
-    kd_logits: str | None = option(None, 'offline teacher logits store (from `predistill score --logits-out`): PD')
-    kd_teacher: str | None = option(None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are '
-                                          'counted')
-    kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
-    save_logits: str | None = option(None, "write this model's own top-p-k logits store while it trains (PD's online logits)")
-    save_logits_top_p: float = option(0.95, "--save-logits: probability mass kept (PD: 0.95)", interval="(0, 1]")
-    save_logits_top_k: int = option(100, "--save-logits: at most this many entries per position (PD §3.1: 100)",
-                                    interval="[1, 65535]")
-    minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
-    minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue", interval="[1, inf)")
-    loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection', interval="[1, inf)")
-    fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun); '
-                        'its parameters compute in bf16 under --precision bf16 (GPU default), gradients reduce in fp32')
-    attn_impl: str = option("auto", "attention kernel: auto (transformers' default, sdpa), sdpa, flash_attention_2, "
-                            "eager", choices=ATTN_IMPLS)
-    precision: str = option("auto", "bf16: forward and backward under bfloat16 autocast (fp32 weights, optimizer and "
-                            "losses); fp32: none; auto: bf16 on GPU, fp32 on CPU. On a CPU with avx512_bf16 or AMX, "
-                            "bf16 is faster too (bench/bench_train.py)", choices=PRECISIONS)
-    compile: bool = option(False, "torch.compile the decoder body (GPU speed; the first steps pay the compilation)")
-    activation_checkpointing: bool = option(False, "recompute each layer's activations in backward: less memory for "
-                                            "large students, ≈ 1/3 more compute")
-    fused_kernels: bool = option(True, "memory-light RMSNorm and SwiGLU MLP (predistill.kernels) where the student "
-                                 "has them (--no-fused-kernels: the model's own forwards)", flag="--no-fused-kernels",
-                                 action="store_false")
-    tensorboard: bool = option(False, 'also log to OUT/tensorboard (needs the tensorboard package)')
-    device: str = option("auto", 'auto (cuda if available), cpu or cuda')
-
-    def check(self) -> None:
-        """What this config's run would refuse, before anything is read (a recipe's dry run calls it)."""
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise PredistillError(f"unknown --lr-schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
-        if self.alpha_schedule not in ALPHA_SCHEDULES:
-            raise PredistillError(f"unknown --alpha-schedule {self.alpha_schedule!r}; known: {', '.join(ALPHA_SCHEDULES)}")
-        if self.alpha > 0 and not (self.kd_logits or self.kd_teacher):
-            raise PredistillError("--alpha > 0 needs a KD source: --kd-logits DIR or --kd-teacher MODEL")
-        if self.kd_logits and self.kd_teacher:
-            raise PredistillError("give one KD source: --kd-logits or --kd-teacher, not both")
-        if self.minillm and not self.kd_teacher:
-            raise PredistillError("--minillm needs an online teacher: --kd-teacher MODEL")
-        if (self.kd_logits or self.kd_teacher) and self.alpha == 0:
-            raise PredistillError("a KD source with --alpha 0 would be ignored; set --alpha")
-        check_ranges(self)  # every declared interval (the CLI checked them too; a config built in code is checked here)
-        if self.epochs is not None and self.flops_budget is not None:
-            raise PredistillError("give --epochs or --flops-budget, not both (each sets --steps)")
-        if self.minillm and self.fsdp:
-            raise PredistillError("--minillm samples from the whole student; use it without --fsdp (DDP)")
-        if self.minillm and self.kd.loss != "rkl":
-            raise PredistillError(f"MiniLLM optimises the reverse KL; use --kd-loss rkl (got {self.kd.loss})")
-        if self.attn_impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise PredistillError("--attn-impl flash_attention_2 needs the flash-attn package (a CUDA build): "
-                                  "pip install flash-attn; or use --attn-impl sdpa")
-        if self.kd_logits or self.kd_teacher:
-            dataclasses.replace(self.kd, chunk_size=self.loss_chunk).validate()
-
-
 # --- data ---------------------------------------------------------------------------------------
 
 class DataOrder:
@@ -397,20 +284,6 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 
 # --- the run ------------------------------------------------------------------------------------
 
-def result_config(cfg: TrainConfig) -> dict:
-    result = {k: v for k, v in to_flat(cfg).items() if k not in NON_RESULT_KEYS}
-    if not (cfg.kd_logits or cfg.kd_teacher):  # no KD source: no KD setting (or its default) changes the run
-        for leaf in leaves(TrainConfig):
-            if leaf.path[0] == "kd":
-                result.pop(leaf.key)
-    return result
-
-
-def same_result(saved: dict, cfg: TrainConfig) -> bool:
-    """Does a saved config (a run's config.json) train the same weights as `cfg`?"""
-    return result_config(from_flat(TrainConfig, saved)) == result_config(cfg)
-
-
 def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
     """The KD source the config names (predistill.distill), or None."""
     if not (cfg.kd_logits or cfg.kd_teacher):
@@ -483,7 +356,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     heldout_stores = _heldout_stores(cfg.heldout, store)
 
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
-    if check_output(out, FORMAT, "run", result_config(cfg), lambda m: result_config(from_flat(TrainConfig, m["config"])),
+    if check_output(out, FORMAT, "run", result_identity(cfg), lambda m: result_identity(from_flat(TrainConfig, m["config"])),
                     resumable=_holds_unfinished_run):
         if d.main:
             print(f"predistill: {out} is already complete; nothing to do")
@@ -551,8 +424,12 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
     ckpts = checkpoint_dirs(out)
     if ckpts:
-        if not same_result(_read_json_object(out / "config.json"), cfg):
+        saved = _read_json_object(out / "config.json")
+        if not same_result(saved, cfg):
             raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
+        if saved.get("fsdp", False) != cfg.fsdp:  # the same weights, another checkpoint format (DCP under FSDP)
+            raise PredistillError(f"{out} holds checkpoints written {'with' if saved.get('fsdp') else 'without'} "
+                                  f"--fsdp; resume it {'with' if saved.get('fsdp') else 'without'} --fsdp")
         state = _resume_state(ckpts[-1], loss_model, optimizer, cfg.fsdp, steps)
         start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
         kd_counts = state.get("kd_counts", kd_counts)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from predistill.kernels import fuse_kernels
-from predistill.train import TrainConfig, prepare_student, result_config
+from predistill.rundir import result_identity
+from predistill.train import TrainConfig, prepare_student
 
 
 def tiny(family: str):
@@ -120,4 +121,4 @@ def test_train_fuses_unless_told_not_to_and_either_way_trains_the_same_run():
     prepare_student(off, TrainConfig(fused_kernels=False))
     assert "forward" in vars(on.model.layers[0].mlp) and "forward" not in vars(off.model.layers[0].mlp)
     # float rounding apart, the same weights: a run resumed with the other setting is the same run
-    assert result_config(TrainConfig(fused_kernels=False, loss_chunk=64)) == result_config(TrainConfig())
+    assert result_identity(TrainConfig(fused_kernels=False, loss_chunk=64)) == result_identity(TrainConfig())

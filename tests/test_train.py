@@ -274,12 +274,12 @@ def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_pat
 
 def test_kd_settings_do_not_tell_lm_only_runs_apart():
     from predistill.kd import KDConfig
-    from predistill.train import result_config
+    from predistill.rundir import result_identity
 
     plain = TrainConfig(store="s", out="o")
-    assert result_config(plain) == result_config(TrainConfig(store="s", out="o", kd=KDConfig(vocab_map="exact")))
+    assert result_identity(plain) == result_identity(TrainConfig(store="s", out="o", kd=KDConfig(vocab_map="exact")))
     distilled = dict(store="s", out="o", kd_logits="l", alpha=0.5)
-    assert result_config(TrainConfig(**distilled)) != result_config(
+    assert result_identity(TrainConfig(**distilled)) != result_identity(
         TrainConfig(**distilled, kd=KDConfig(vocab_map="exact")))
 
 
