@@ -37,6 +37,7 @@ from predistill.config import Effect, add_config_arguments, config_from_args, fl
 from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
 from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
     resolve_dtype, resolve_model, run_exports, tokenizer_hash
+from predistill.sharding import owns
 from predistill.store import TokenStore
 from predistill.tasks import LOCAL_TASKS, LocalTaskConfig
 from predistill.tasks import build as build_local_tasks
@@ -179,7 +180,7 @@ def instance_nll(model, store: TokenStore, tokenizer, sequences: list[np.ndarray
     model.eval()
     inputs = ModelInputs(store, tokenizer, rows=sequences)
     collector = ScoreCollector()
-    shards = plan_shards(len(sequences), SHARD_SIZE)[ranks.rank::ranks.world]
+    shards = [shard for shard in plan_shards(len(sequences), SHARD_SIZE) if owns(ranks, shard.index)]
     run_forward_pass(model, inputs, shards, [collector], batch_size=batch_size, progress=progress and ranks.main,
                      desc="held-out loss")
     ids = np.arange(len(sequences))

@@ -55,10 +55,11 @@ from predistill import artifacts
 from predistill.artifacts import PredistillError, check_output, check_plan, claim_work, is_complete, read_manifest, \
     read_marker, refuse_foreign_work, remove_owned_work, staged_dir
 from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.models import DTYPES, Dist, forward_params, init_distributed, load_model, model_hash, rank_and_world, \
+from predistill.models import DTYPES, forward_params, init_distributed, load_model, model_hash, rank_and_world, \
     resolve_device, resolve_dtype, tokenizer_hash
 from predistill.retokenize import retokenize, write_retokenized
 from predistill.selection import load_selection, read_selection_manifest
+from predistill.sharding import finish_by_last_rank, owns
 from predistill.store import FORMAT as STORE_FORMAT
 from predistill.store import TokenStore, TokenStoreWriter, token_dtype
 
@@ -318,7 +319,7 @@ def run(cfg: GenerateConfig) -> Path:
     rank, world = rank_and_world()
     ranks = init_distributed(device, need_group=False)
     pending = [k for k, shard_ids in enumerate(shards)
-               if k % world == rank and read_shard(work, k, shard_ids, dtype_out) is None]
+               if owns(ranks, k) and read_shard(work, k, shard_ids, dtype_out) is None]
     if world == 1:  # one process assembles whatever is done; a lock of killed ranks means nothing now
         (work / "assemble.lock").unlink(missing_ok=True)
     if len(pending) < len(shards):
@@ -352,82 +353,76 @@ def run(cfg: GenerateConfig) -> Path:
     finally:
         bar.close()
 
-    if world > 1 and not _assembles(ranks, work, shards, dtype_out):
-        ranks.barrier()  # with a rendezvous: until rank 0 has assembled the store
-        return out
+    def assemble(others_may_be_writing: bool) -> bool:
+        if others_may_be_writing and not _claim_assembly(work, shards, dtype_out):
+            return False
+        names = store.domain_names
+        counts = [{"n_documents": 0, "n_instances": 0, "n_tokens": 0, "n_prompt_tokens": 0, "n_generated_tokens": 0}
+                  for _ in names]
+        total_flops = 0
+        source_ids, all_prompt_lengths = [], []
+        with staged_dir(out, STORE_FORMAT) as tmp:
+            writer = TokenStoreWriter(tmp, vocab_size)
+            for k, shard_ids in enumerate(shards):
+                shard = read_shard(work, k, shard_ids, dtype_out)
+                if shard is None:
+                    raise PredistillError(f"{work}: shard {k} vanished or changed while assembling; rerun")
+                total_flops += shard["flops"]
+                bounds = np.concatenate([[0], np.cumsum(shard["lengths"])])
+                for j, i in enumerate(shard_ids):
+                    row = shard["tokens"][bounds[j]:bounds[j + 1]]
+                    d = int(store.domain_ids[int(i)])
+                    writer.append(row, d)
+                    c = counts[d]
+                    c["n_instances"] += 1
+                    c["n_tokens"] += len(row)
+                    c["n_documents"] += int((row == eos_id).sum())
+                    c["n_prompt_tokens"] += shard["prompt_lengths"][j]
+                    c["n_generated_tokens"] += len(row) - shard["prompt_lengths"][j]
+                source_ids.extend(int(i) for i in shard_ids)
+                all_prompt_lengths.extend(shard["prompt_lengths"])
+            np.save(tmp / "source_ids.npy", np.asarray(source_ids, dtype=np.int64))
+            np.save(tmp / "prompt_lengths.npy", np.asarray(all_prompt_lengths, dtype=np.int64))
+            if retokenized:
+                tokenizer.save_pretrained(tmp / "tokenizer")
+            else:
+                shutil.copytree(store.dir / "tokenizer", tmp / "tokenizer")
+            source_val = store.dir / "val"
+            if source_val.is_dir():  # before the top-level manifest: that one is written last
+                _write_val(TokenStore(source_val), tmp / "val", retokenized, tokenizer, tok_info)
+            meta = store.manifest["domains"]
+            domains = [{"name": name, "kind": "generated", "location": (meta[d] or {}).get("location"), **counts[d]}
+                       for d, name in enumerate(names)]
+            generation = {"prefix_len": cfg.prefix_len, "max_new_tokens": max_new, "greedy": cfg.greedy,
+                          "temperature": config["temperature"], "top_p": config["top_p"], "top_k": config["top_k"],
+                          "seed": cfg.seed, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
+                          "dtype": str(dtype).removeprefix("torch."), "suppressed_ids": len(suppress)}
+            writer.finish({
+                "split": "train", "config": config, "tokenizer": tok_info, "eos_id": eos_id, "domains": domains,
+                "n_documents": sum(c["n_documents"] for c in counts),
+                "source_store_hash": store.hash,
+                "source": {"store_hash": store.hash, "store_dir": str(store.dir.resolve()),
+                           "selection": cfg.selection,
+                           "selection_hash": (read_selection_manifest(cfg.selection).get("selection_sha256")
+                                              if cfg.selection else None),
+                           "n_instances": len(store), "retokenized": retokenized},
+                "generation": generation,
+                "teacher": {"spec": cfg.model, "weights_hash": plan["teacher_hash"], "forward_params": n_params},
+                "n_prompt_tokens": sum(c["n_prompt_tokens"] for c in counts),
+                "n_generated_tokens": sum(c["n_generated_tokens"] for c in counts),
+                "flops": total_flops,
+            })
+        remove_owned_work(work, PLAN_FORMAT)
+        return True
 
-    # assemble ---------------------------------------------------------------------------------
-    names = store.domain_names
-    counts = [{"n_documents": 0, "n_instances": 0, "n_tokens": 0, "n_prompt_tokens": 0, "n_generated_tokens": 0}
-              for _ in names]
-    total_flops = 0
-    source_ids, all_prompt_lengths = [], []
-    with staged_dir(out, STORE_FORMAT) as tmp:
-        writer = TokenStoreWriter(tmp, vocab_size)
-        for k, shard_ids in enumerate(shards):
-            shard = read_shard(work, k, shard_ids, dtype_out)
-            if shard is None:
-                raise PredistillError(f"{work}: shard {k} vanished or changed while assembling; rerun")
-            total_flops += shard["flops"]
-            bounds = np.concatenate([[0], np.cumsum(shard["lengths"])])
-            for j, i in enumerate(shard_ids):
-                row = shard["tokens"][bounds[j]:bounds[j + 1]]
-                d = int(store.domain_ids[int(i)])
-                writer.append(row, d)
-                c = counts[d]
-                c["n_instances"] += 1
-                c["n_tokens"] += len(row)
-                c["n_documents"] += int((row == eos_id).sum())
-                c["n_prompt_tokens"] += shard["prompt_lengths"][j]
-                c["n_generated_tokens"] += len(row) - shard["prompt_lengths"][j]
-            source_ids.extend(int(i) for i in shard_ids)
-            all_prompt_lengths.extend(shard["prompt_lengths"])
-        np.save(tmp / "source_ids.npy", np.asarray(source_ids, dtype=np.int64))
-        np.save(tmp / "prompt_lengths.npy", np.asarray(all_prompt_lengths, dtype=np.int64))
-        if retokenized:
-            tokenizer.save_pretrained(tmp / "tokenizer")
-        else:
-            shutil.copytree(store.dir / "tokenizer", tmp / "tokenizer")
-        source_val = store.dir / "val"
-        if source_val.is_dir():  # before the top-level manifest: that one is written last
-            _write_val(TokenStore(source_val), tmp / "val", retokenized, tokenizer, tok_info)
-        meta = store.manifest["domains"]
-        domains = [{"name": name, "kind": "generated", "location": (meta[d] or {}).get("location"), **counts[d]}
-                   for d, name in enumerate(names)]
-        generation = {"prefix_len": cfg.prefix_len, "max_new_tokens": max_new, "greedy": cfg.greedy,
-                      "temperature": config["temperature"], "top_p": config["top_p"], "top_k": config["top_k"],
-                      "seed": cfg.seed, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-                      "dtype": str(dtype).removeprefix("torch."), "suppressed_ids": len(suppress)}
-        writer.finish({
-            "split": "train", "config": config, "tokenizer": tok_info, "eos_id": eos_id, "domains": domains,
-            "n_documents": sum(c["n_documents"] for c in counts),
-            "source_store_hash": store.hash,
-            "source": {"store_hash": store.hash, "store_dir": str(store.dir.resolve()),
-                       "selection": cfg.selection,
-                       "selection_hash": (read_selection_manifest(cfg.selection).get("selection_sha256")
-                                          if cfg.selection else None),
-                       "n_instances": len(store), "retokenized": retokenized},
-            "generation": generation,
-            "teacher": {"spec": cfg.model, "weights_hash": plan["teacher_hash"], "forward_params": n_params},
-            "n_prompt_tokens": sum(c["n_prompt_tokens"] for c in counts),
-            "n_generated_tokens": sum(c["n_generated_tokens"] for c in counts),
-            "flops": total_flops,
-        })
-    remove_owned_work(work, PLAN_FORMAT)
-    ranks.barrier()
+    finish_by_last_rank(ranks, assemble, "generate", f"the store {out}")
     return out
 
 
-def _assembles(d: Dist, work: Path, shards: list[np.ndarray], dtype: np.dtype) -> bool:
-    """Does this rank assemble the store? With a rendezvous rank 0 does, after every rank is done;
-    ranks started by hand without one: the first to find every shard done and take the lock (a
-    plain rerun assembles whatever is left)."""
-    if d.group:
-        d.barrier()
-        return d.rank == 0
+def _claim_assembly(work: Path, shards: list[np.ndarray], dtype: np.dtype) -> bool:
+    """Ranks started by hand without a rendezvous: does this one assemble the store? The first to
+    find every shard done and take the lock does (a plain rerun assembles whatever is left)."""
     if any(read_shard(work, k, shard_ids, dtype) is None for k, shard_ids in enumerate(shards)):
-        print(f"predistill generate: rank {d.rank} done; other ranks' shards remain (the last one to finish, "
-              "or a rerun, writes the store)", file=sys.stderr)
         return False
     try:
         os.close(os.open(work / "assemble.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))

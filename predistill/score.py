@@ -46,6 +46,7 @@ from predistill.logits import LogitsConfig, LogitsStoreWriter
 from predistill.models import DTYPES, check_plain_head, forward_params, init_distributed, load_model, model_hash, \
     rank_and_world, resolve_device, resolve_dtype, tokenizer_hash
 from predistill.scores import FORMAT, PLAN, SHARD_DIR, finish_table, markers_hash, shard_marker, write_score_shard
+from predistill.sharding import finish_by_last_rank, owns
 from predistill.store import TokenStore
 
 BACKENDS = ("torch",)
@@ -287,13 +288,11 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     if rank == 0:  # one job writes OUT at a time (its ranks together); a second is refused before it writes
         hold_output(out, held)
     check_plan(out, plan, "score table")
-    # Ranks started by hand without a rendezvous score their share; the last to finish (or a
-    # rerun) completes the table.
     d = init_distributed(device, need_group=False)
     # a rank owns whole logits shards (each the score shards [k·g, (k+1)·g)), so that no logits
     # shard is fed by two processes; without --logits-out, g = 1 and shard s goes to rank s mod W
     group = cfg.logits_config().shard_instances // cfg.shard_size if logits is not None else 1
-    mine = [s for s in shards if (s.index // group) % world == rank]
+    mine = [s for s in shards if owns(d, s.index, group)]
     writer = ShardScoreWriter(out, cfg.chunk_size)
     consumers: list[ForwardConsumer] = [writer]
     if logits is not None:
@@ -301,15 +300,9 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     stats = run_forward_pass(model, inputs, mine, consumers, batch_size=cfg.batch_size,
                              progress=cfg.progress and rank == 0, desc=desc)
     _report_stats(stats, rank, "")
-    if d.group:
-        d.barrier()
-        if rank == 0 and not _complete(out, plan, shards, logits, others_may_be_writing=False):
-            raise PredistillError(f"{out}: shards missing after every rank finished")
-        d.barrier()
-    elif not _complete(out, plan, shards, logits, others_may_be_writing=world > 1):
-        remaining = sum(shard_marker(out / SHARD_DIR, s) is None for s in shards)
-        print(f"predistill score: rank {rank} done; {remaining} shards remain for other ranks "
-              "(the last one to finish, or a rerun, completes the table)", file=sys.stderr)
+    finish_by_last_rank(d, lambda others_may_be_writing: _complete(out, plan, shards, logits,
+                                                                   others_may_be_writing=others_may_be_writing),
+                        "score", f"the score table {out}")
     return out
 
 
