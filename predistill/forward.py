@@ -25,6 +25,7 @@ from predistill.artifacts import PredistillError
 from predistill.losses import inference_token_logprobs, token_logprobs
 from predistill.models import final_hidden, head_weight, is_plain_head, model_body, tokenizer_hash
 from predistill.retokenize import retokenize
+from predistill.sharding import shard_name
 from predistill.store import TokenStore
 
 
@@ -64,7 +65,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:05d}"
+        return shard_name(self.index)
 
 
 def plan_shards(n_instances: int, shard_size: int) -> list[Shard]:

@@ -59,7 +59,7 @@ from predistill.models import DTYPES, forward_params, init_distributed, load_mod
     resolve_device, resolve_dtype, tokenizer_hash
 from predistill.retokenize import retokenize, write_retokenized
 from predistill.selection import load_selection, read_selection_manifest
-from predistill.sharding import finish_by_last_rank, owns
+from predistill.sharding import finish_by_last_rank, owns, shard_name
 from predistill.store import FORMAT as STORE_FORMAT
 from predistill.store import TokenStore, TokenStoreWriter, token_dtype
 
@@ -166,15 +166,9 @@ def batch_seed(seed: int, first_id: int) -> int:
 # shards
 # ------------------------------------------------------------------------------------------------
 
-
-
-def _shard_name(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
 def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict | None:
     """A finished shard (marker + tokens) if its marker vouches for its .bin as it is on disk."""
-    done, data = work / f"{_shard_name(index)}.done", work / f"{_shard_name(index)}.bin"
+    done, data = work / f"{shard_name(index)}.done", work / f"{shard_name(index)}.bin"
     marker = read_marker(done, data, ids=ids.tolist())
     if marker is None:
         return None
@@ -188,7 +182,7 @@ def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict
 def write_shard(work: Path, index: int, ids: np.ndarray, rows: list[np.ndarray], prompt_lengths: list[int],
                 dtype: np.dtype, flops: int) -> None:
     data = np.concatenate(rows).astype(dtype).tobytes() if rows else b""
-    artifacts.write_shard(work / f"{_shard_name(index)}.bin", work / f"{_shard_name(index)}.done", data, ids=ids.tolist(),
+    artifacts.write_shard(work / f"{shard_name(index)}.bin", work / f"{shard_name(index)}.done", data, ids=ids.tolist(),
                 lengths=[len(r) for r in rows], prompt_lengths=prompt_lengths, flops=flops)
 
 

@@ -19,6 +19,11 @@ from predistill.artifacts import PredistillError
 from predistill.models import Dist
 
 
+def shard_name(index: int) -> str:
+    """The file stem of shard `index` of a sharded stage's work (`shard-00042`)."""
+    return f"shard-{index:05d}"
+
+
 def owns(d: Dist, index: int, group: int = 1) -> bool:
     """Is shard `index` this rank's? Shards go round-robin over the ranks in runs of `group` (a
     rank that writes one shard of a coarser artifact owns every shard that feeds it)."""
