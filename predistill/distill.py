@@ -1,12 +1,6 @@
 """KD sources for `predistill train`: where L_kd's teacher signal comes from.
 
-A KD source has
-- `flops_per_token`: teacher FLOPs spent per trained token at training time (0 when offline);
-- `batch(ids, inputs)`: what its loss needs for a micro-batch, read before the forward;
-- `losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)` → (Σ L_lm, Σ L_kd, L_lm and L_kd
-  per position [B, L]), computed from the student's final hidden states and lm-head weight without
-  [B·L × V] logits; the sums carry the gradients and enter the loss as (1 − α)·Σ L_lm + α·Σ L_kd
-  (times any common factor), the per-position values are for logging.
+A KD source is a `KDSource` (the protocol below: the one interface `train` uses).
 
 Five sources:
 - `OfflineLogits` (PD): a logits store written by `predistill score --logits-out` (or by a model
@@ -27,6 +21,7 @@ with every source but the same-vocabulary online teacher, where plain KD needs n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,6 +36,33 @@ from predistill.models import check_plain_head, final_hidden, forward_params, he
     tokenizer_hash
 from predistill.retokenize import retokenize
 from predistill.store import TokenStore
+
+
+class KDSource(Protocol):
+    """Where L_kd's teacher signal comes from. The sources below subclass it; a new source is one
+    more subclass and one more branch in `train.build_kd_source`."""
+
+    flops_per_token: int  # teacher FLOPs spent per trained token at training time (0 when offline)
+
+    def batch(self, ids: np.ndarray, inputs: torch.Tensor) -> Any:
+        """What `losses` needs for a micro-batch of instances `ids`, read before the forward."""
+        ...
+
+    def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
+        """(Σ L_lm, Σ L_kd, L_lm and L_kd per position [B, L]) from the student's final hidden
+        states and lm-head weight, without [B·L × V] logits; the sums carry the gradients and enter
+        the loss as (1 − α)·Σ L_lm + α·Σ L_kd (times any common factor), the per-position values
+        are for logging."""
+        ...
+
+    def take_counts(self) -> list[float] | None:
+        """Counters since the last call that `train` sums over ranks and the run (a cross-tokenizer
+        source's aligned positions and mapped mass); None: the source keeps none."""
+        return None
+
+    def alignment(self, counts: list[float]) -> dict | None:
+        """What the run manifest records of the counters summed over the run (`kd_alignment`)."""
+        return None
 
 
 def forward_flops_per_token(model, vocab_size: int | None = None) -> int:
@@ -65,7 +87,7 @@ def open_logits(path: str, store: TokenStore) -> LogitsStore:
     return logits
 
 
-class OfflineLogits:
+class OfflineLogits(KDSource):
     flops_per_token = 0  # the teacher pass was paid offline; its FLOPs are in the score table's manifest
 
     def __init__(self, path: str, store: TokenStore, kd_cfg: KDConfig):
@@ -84,7 +106,7 @@ def logits_store_source(path: str) -> str:
     return read_manifest(path, LOGITS_FORMAT, "logits store")["store_hash"]
 
 
-class _AcrossTokenizers:
+class _AcrossTokenizers(KDSource):
     """What both cross-tokenizer sources share: the two spellers, the vocabulary map, the counts, and
     laying the teacher's entries at aligned positions out as a batch's targets in student ids."""
 
@@ -255,7 +277,7 @@ def shard_for_inference(model) -> None:
         fully_shard(layer)
 
 
-class OnlineTeacher:
+class OnlineTeacher(KDSource):
     def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, loaded=None,
                  shard: bool = False):
         if kd_cfg.loss == "uld":

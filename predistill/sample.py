@@ -30,6 +30,7 @@ import dataclasses
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -49,11 +50,11 @@ EXCERPT_CHARS = 300
 
 
 # ------------------------------------------------------------------------------------------------
-# sampling methods: a registry (name → per-instance score, higher = kept first)
+# sampling methods: a registry (name → SamplingMethod; its score per instance, higher = kept first)
 # ------------------------------------------------------------------------------------------------
-# A new method is one function here taking (n, teacher, reference, keep, seed) and one entry in
-# SCORE_METHODS; `--method`'s choices come from this table. `proxy` (MiniPLM_prx) is the one
-# method that runs models itself (proxy.py).
+# A new method is one scoring function here taking (n, teacher, reference, keep, seed) and one
+# entry in METHODS; `--method`'s choices, the score tables it needs and its report come from that
+# entry. `proxy` (MiniPLM_prx) is the one method that runs models itself (proxy.py).
 
 def difference_scores(teacher: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """MiniPLM's score: mean log p_T − mean log p_ref (= NLL_ref − NLL_T), fp32."""
@@ -73,10 +74,23 @@ def _random(n, teacher, reference, keep, seed):
     return np.random.default_rng(seed).random(n).astype(np.float32)
 
 
-SCORE_METHODS = {"difference": _difference, "teacher-ppl": _teacher_ppl, "random": _random}
-METHODS = (*SCORE_METHODS, "proxy")
-# the score tables each method needs
-NEEDS_TABLES = {"difference": ("teacher", "reference"), "teacher-ppl": ("teacher",), "random": (), "proxy": ()}
+@dataclass(frozen=True)
+class SamplingMethod:
+    """One way to rank a corpus's instances for selection."""
+    score: Callable[[int, np.ndarray, np.ndarray, str, int], np.ndarray] | None  # None: the proxy's own models
+    tables: tuple[str, ...]  # the score tables it reads (`--teacher`, `--reference`)
+    score_name: str  # what report.md calls its score
+    difference: bool = False  # its score is MiniPLM's difference (report.md reads kept/dropped as hard/easy/noisy)
+    keeps_either_end: bool = False  # `--keep high-loss` negates its score (teacher-ppl)
+
+
+METHODS: dict[str, SamplingMethod] = {
+    "difference": SamplingMethod(_difference, ("teacher", "reference"), "difference (log p_T − log p_ref)",
+                                 difference=True),
+    "teacher-ppl": SamplingMethod(_teacher_ppl, ("teacher",), "teacher mean log-prob", keeps_either_end=True),
+    "random": SamplingMethod(_random, (), "random key"),
+    "proxy": SamplingMethod(None, (), "proxy-predicted difference", difference=True),
+}
 
 
 @dataclass
@@ -197,9 +211,8 @@ def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.
     n = len(store)
     kept_mask = np.zeros(n, dtype=bool)
     kept_mask[selection] = True
-    score_name = {"difference": "difference (log p_T − log p_ref)", "proxy": "proxy-predicted difference",
-                  "teacher-ppl": "teacher mean log-prob" + (" (negated)" if cfg.keep == "high-loss" else ""),
-                  "random": "random key"}[cfg.method]
+    method = METHODS[cfg.method]
+    score_name = method.score_name + (" (negated)" if method.keeps_either_end and cfg.keep == "high-loss" else "")
     lines = [f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}" + (", per domain" if cfg.per_domain else "")
              + (", complement" if cfg.complement else ""), "",
              f"- token store: `{store.dir}` ({store.hash[:12]}), {n} instances, {int(store.lengths.sum())} tokens",
@@ -228,7 +241,7 @@ def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.
     def kind(i: int) -> str:
         # MiniPLM's picture: high difference = hard and valuable; low difference = easy (both models
         # predict it well) or noisy (hard for the teacher too)
-        if cfg.method not in ("difference", "proxy"):
+        if not method.difference:
             return ""
         if kept_mask[i]:
             return "hard and valuable (the teacher predicts it far better than the reference)"
@@ -305,7 +318,8 @@ def run(cfg: SampleConfig) -> Path:
         raise PredistillError(f"--materialize-max-len {cfg.materialize_max_len} is too small (need ≥ 8)")
     if cfg.n_examples < 0:
         raise PredistillError(f"--examples must be ≥ 0, got {cfg.n_examples}")
-    needs = NEEDS_TABLES[cfg.method]
+    method = METHODS[cfg.method]
+    needs = method.tables
     if needs and any(getattr(cfg, role) is None for role in needs):
         raise PredistillError(f"--method {cfg.method} needs " + " and ".join(f"--{r}" for r in needs)
                               + (" score tables" if len(needs) > 1 else " score table"))
@@ -346,7 +360,7 @@ def run(cfg: SampleConfig) -> Path:
     extra: dict = {}
     proxy_stats = None
     proxy_result = None
-    if cfg.method == "proxy":
+    if method.score is None:  # the proxy
         full = difference_scores(teacher, reference) if teacher_table and reference_table else None
         proxy_result = run_proxy(cfg.proxy_config(), store, cfg.ratio, full)
         score = proxy_result.predicted
@@ -368,11 +382,11 @@ def run(cfg: SampleConfig) -> Path:
                                 f"{s['teacher_flops_ratio_full_over_spent']:.1f}× less)",
                  "proxy training MSE by epoch (standardised)": ", ".join(f"{x:.3f}" for x in s["epoch_mse"])}
     else:
-        score = SCORE_METHODS[cfg.method](n, teacher, reference, cfg.keep, cfg.seed)
-        if cfg.method == "difference" and (swapped := _looks_swapped(teacher, reference)):
+        score = method.score(n, teacher, reference, cfg.keep, cfg.seed)
+        if method.difference and (swapped := _looks_swapped(teacher, reference)):
             print(f"predistill sample: warning: {swapped}", file=sys.stderr)
             extra["warning"] = swapped
-        if cfg.method in ("difference", "teacher-ppl"):
+        if method.tables:
             unscored = int(np.isnan(score).sum())
             if unscored:
                 extra["instances without a predicted token (ranked last)"] = unscored

@@ -53,6 +53,7 @@ from predistill.artifacts import (
 )
 from predistill.config import add_config_arguments, config_from_args, from_flat, to_flat
 from predistill.crosstok import MappingStats
+from predistill import distill
 from predistill.losses import fused_lm_loss
 from predistill.kernels import fuse_kernels
 from predistill.models import EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, Dist, count_params, \
@@ -284,12 +285,10 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 
 # --- the run ------------------------------------------------------------------------------------
 
-def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device):
+def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device) -> distill.KDSource | None:
     """The KD source the config names (predistill.distill), or None."""
     if not (cfg.kd_logits or cfg.kd_teacher):
         return None
-    from predistill import distill
-
     kd_cfg = dataclasses.replace(cfg.kd, chunk_size=cfg.loss_chunk).validate()
     if cfg.kd_logits:
         # logits of this very store, or of the store this one was re-tokenised from (another tokenizer)
@@ -482,8 +481,9 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                                                        cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
             # across tokenizers: this step's aligned positions and mapped teacher mass, over all ranks
-            step_counts = d.all_sum(step_kd.take_counts(), device) if hasattr(step_kd, "take_counts") else None
+            step_counts = step_kd.take_counts() if step_kd is not None else None
             if step_counts is not None:
+                step_counts = d.all_sum(step_counts, device)
                 kd_counts = [a + b for a, b in zip(kd_counts, step_counts)]
             if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
                 # every rank sees the same global sums and norm, so all stop here together
@@ -544,7 +544,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
             "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,
             "final_val_loss": val_loss, "heldout_losses": heldout_losses}
-            | ({"kd_alignment": kd.alignment(kd_counts)} if hasattr(kd, "take_counts") else {}))
+            | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {}))
         print(f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
               + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
     if writer:

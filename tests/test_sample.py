@@ -96,6 +96,25 @@ def test_baselines_teacher_ppl_and_random(tables, tiny_store, tmp_path):
     assert np.all(np.diff(r1) > 0)
 
 
+def test_a_new_sampling_method_is_one_function_and_one_registry_entry(tables, monkeypatch, tmp_path):
+    # docs/architecture.md's recipe, followed literally: the selection, its checks and its report work
+    from predistill import sample as sample_module
+
+    def reference_ppl(n, teacher, reference, keep, seed):  # keep what the small reference finds hardest
+        return -np.asarray(reference, dtype=np.float32)
+
+    monkeypatch.setitem(sample_module.METHODS, "reference-ppl",
+                        sample_module.SamplingMethod(reference_ppl, ("reference",), "negated reference log-prob"))
+    with pytest.raises(PredistillError, match="needs --reference score table"):
+        sample(tmp_path / "none", method="reference-ppl", teacher=str(tables["teacher"]))
+    out = sample(tmp_path / "sel", method="reference-ppl", reference=str(tables["reference"]), ratio=0.25)
+    r = ScoreTable(tables["reference"]).logprob
+    kept = load_selection(out)
+    assert len(kept) == math.floor(0.25 * len(r))
+    assert r[kept].max() <= r[np.setdiff1d(np.arange(len(r)), kept)].min()
+    assert "negated reference log-prob" in (out / "report.md").read_text()
+
+
 def test_per_domain_keeps_each_domains_ratio_and_its_best(tables, tiny_store, tmp_path):
     store = TokenStore(tiny_store)
     t, r = ScoreTable(tables["teacher"]).logprob, ScoreTable(tables["reference"]).logprob
