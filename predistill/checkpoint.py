@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
+import os
 import pathlib
 import pickle
 
@@ -72,6 +73,7 @@ class SafeFileSystemReader(FileSystemReader):
 
     def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
         rank = kwargs.get("rank")
+        path: str | os.PathLike
         if hasattr(self, "_get_metadata_path"):
             path = self._get_metadata_path(rank)
         else:  # older torch: one metadata file per checkpoint
@@ -80,6 +82,7 @@ class SafeFileSystemReader(FileSystemReader):
             metadata = load_metadata(stream)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
+        assert metadata.storage_meta is not None  # set just above where it was missing
         metadata.storage_meta.load_id = self.load_id
         return metadata
 

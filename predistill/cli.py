@@ -30,13 +30,19 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """The top-level parser, which keeps each subcommand's parser (for its usage line in errors)."""
+
+    command_parsers: dict[str, argparse.ArgumentParser]
+
+
+def build_parser(command: str | None = None) -> Parser:
     """The parser; only `command`'s module is imported (the others' imports cost seconds)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="predistill", description="Pre-training knowledge distillation: MiniPLM Difference Sampling and "
         "logits-based pre-training distillation (PD). One subcommand per pipeline stage; see docs/<command>.md.")
     parser.add_argument("--version", action="version", version=f"predistill {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
     parser.command_parsers = {}
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

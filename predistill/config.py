@@ -73,7 +73,7 @@ def identity(config: Any, ignore: typing.Collection[Effect] = EXECUTION, *, blan
     `dataclasses.asdict` (nested configs nested; a nested config whose own field is ignored goes
     whole): what an artifact records as the config that made it, and compares on a rerun.
     `blank`: the ignored settings stay, as None (a manifest that names every setting)."""
-    out = {}
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if effect_of(f) in ignore:
@@ -191,7 +191,10 @@ class Leaf:
 
     def default(self) -> Any:
         f = self.field
-        return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        assert f.default_factory is not dataclasses.MISSING, f"setting {self.key!r} has no default"
+        return f.default_factory()
 
 
 def leaves(cls: type) -> Iterator[Leaf]:

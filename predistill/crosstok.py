@@ -171,9 +171,9 @@ class VocabMap:
         for tid, spelled in enumerate(teacher.spellings):
             if not spelled:
                 continue
-            sid = index.get(spelled)
-            if sid is not None:
-                self.to_student[tid], self.exact[tid] = sid, True
+            exact_sid = index.get(spelled)
+            if exact_sid is not None:
+                self.to_student[tid], self.exact[tid] = exact_sid, True
             elif rule != "exact":
                 first = _first_prefix(spelled, student) if rule == "first" else None
                 self.to_student[tid] = first if first is not None else _longest_prefix(spelled, index, longest)

@@ -193,7 +193,8 @@ class CrossTokenizerLogits(_AcrossTokenizers):
             instances.append(np.full(len(at), i))
             teacher_positions.append(where[at])
         entries = self.logits.read(np.concatenate(instances), np.concatenate(teacher_positions))
-        return self._layout(entries, np.concatenate(rows), np.concatenate(positions), tuple(inputs.shape))
+        return self._layout(entries, np.concatenate(rows), np.concatenate(positions),
+                            (inputs.shape[0], inputs.shape[1]))
 
 
 # an online teacher of another tokenizer is truncated to its most probable tokens before the mapping,
@@ -249,13 +250,13 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         if not len(rows):  # nothing to distil in this micro-batch (LM loss only)
             none = TeacherTargets(torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1)),
                                   torch.zeros((0, 1), dtype=torch.bool))
-            return self._layout(none, rows, positions, tuple(inputs.shape))
+            return self._layout(none, rows, positions, (inputs.shape[0], inputs.shape[1]))
         # right padding needs no attention mask under causal attention
         hidden = final_hidden(self.body, padded.to(self.device))
         picked = hidden[torch.from_numpy(rows).to(hidden.device), torch.from_numpy(teacher_positions).to(hidden.device)]
         entries = teacher_targets(picked, self.weight, self.truncation)
         entries = TeacherTargets(entries.ids.cpu(), entries.logprobs.cpu(), entries.mask.cpu())
-        return self._layout(entries, rows, positions, tuple(inputs.shape))
+        return self._layout(entries, rows, positions, (inputs.shape[0], inputs.shape[1]))
 
 
 def online_teacher(spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, shard: bool = False):
@@ -344,7 +345,7 @@ class MiniLLM(OnlineTeacher):
         if not keep.any():
             return None
         prompts = inputs[keep][:, :self.prefix_len]
-        new_tokens = int(min(lengths[keep].max(), inputs.shape[1] + 1)) - self.prefix_len
+        new_tokens = min(int(lengths[keep].max()), inputs.shape[1] + 1) - self.prefix_len
         was_training = self.student.training
         self.student.eval()
         with torch.random.fork_rng(devices=[]):

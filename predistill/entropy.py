@@ -158,15 +158,16 @@ class Decoder:
         length, symbol = self.length[entry], self.symbol[entry]
         esc = self.code.n_direct - 1
         step = (length + np.where(symbol == esc, self.code.raw_bits, 0)).tolist()
-        starts, p, end = [], 0, b1 - b0
+        start_list: list[int] = []
+        p, end = 0, b1 - b0
         while p < end:
             if step[p] == 0:
                 raise ValueError("invalid code in stream (corrupt data)")
-            starts.append(p)
+            start_list.append(p)
             p += step[p]
         if p != end:
             raise ValueError("block does not end on a code boundary (corrupt data)")
-        starts = np.asarray(starts, np.int64)
+        starts = np.asarray(start_list, np.int64)
         values = symbol[starts]
         escaped = np.flatnonzero(values == esc)
         if len(escaped) and self.code.raw_bits:

@@ -29,6 +29,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -246,7 +247,7 @@ def _lm_eval():
     return lm_eval
 
 
-def task_manager(tasks: list[str], local_dir: Path | None, task_paths: list[str] = ()):
+def task_manager(tasks: list[str], local_dir: Path | None, task_paths: Sequence[str] = ()):
     """A TaskManager that knows `tasks`: only the needed folders (the paper's, the local tasks',
     `task_paths`) when they define every task and load, else lm-eval's whole index too (30 s).
     Unknown names raise a PredistillError."""
@@ -272,7 +273,7 @@ def task_manager(tasks: list[str], local_dir: Path | None, task_paths: list[str]
     return manager
 
 
-def _names_local_task(task_paths: list[str]) -> bool:
+def _names_local_task(task_paths: Sequence[str]) -> bool:
     """Does a YAML file under --task-path name a local task (a group over them needs them built)?"""
     pattern = re.compile(rf"\b({'|'.join(LOCAL_TASKS)})\b")
     return any(pattern.search(f.read_text(errors="replace")) for folder in task_paths if Path(folder).is_dir()
@@ -340,8 +341,9 @@ def _row(metrics: dict[str, float], n: int, shots: int | None) -> dict:
     are several), the binomial standard errors, all metrics, the items and the shots."""
     exact = metrics.get("exact_match", metrics.get("exact_match,strict-match",
                         next((v for k, v in metrics.items() if k.startswith("exact_match,")), None)))
-    row = {"acc": metrics.get("acc"), "acc_norm": metrics.get("acc_norm"), "perplexity": metrics.get("perplexity"),
-           "exact_match": exact, "n": n, "num_fewshot": shots, "metrics": metrics}
+    row: dict[str, Any] = {"acc": metrics.get("acc"), "acc_norm": metrics.get("acc_norm"),
+                           "perplexity": metrics.get("perplexity"), "exact_match": exact, "n": n,
+                           "num_fewshot": shots, "metrics": metrics}
     for key in ("acc", "acc_norm", "exact_match"):  # binomial standard error of a mean of 0/1 outcomes
         p = row[key]
         row[f"{key}_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if p is not None and n > 1 else None
@@ -407,8 +409,8 @@ def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int 
 def average_accuracy(results: dict[str, dict]) -> float | None:
     """The papers' headline: mean over tasks of acc_norm where a task has it, else acc, else exact
     match (a group counts once, with its aggregate)."""
-    values = [next((r.get(k) for k in HEADLINE if r.get(k) is not None), None) for r in results.values()]
-    values = [v for v in values if v is not None]
+    headline = [next((r.get(k) for k in HEADLINE if r.get(k) is not None), None) for r in results.values()]
+    values = [v for v in headline if v is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -428,7 +430,9 @@ def evaluate_exports(cfg: EvalConfig) -> list[Path]:
     done = []
     for export in run_exports(Path(ref.run)):
         previous = _read_eval(export / "eval.json") or {}
-        config = previous.get("config") if isinstance(previous.get("config"), dict) else {}
+        config = previous.get("config")
+        if not isinstance(config, dict):
+            config = {}
         if previous.get("dtype") != dtype or _measuring(config) != settings:
             run(replace(cfg, model=str(export), out=str(export / "eval.json"), exports=False, tasks_dir=tasks_dir))
         done.append(export)

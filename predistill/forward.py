@@ -42,7 +42,7 @@ class ModelInputs:
         self.pad_id = tokenizer.eos_token_id
         self.rows = rows  # precomputed rows of instances 0..len(rows)-1 (already re-tokenised/truncated)
 
-    def row(self, i: int) -> np.ndarray:
+    def row(self, i: int | np.integer) -> np.ndarray:
         if self.rows is not None:
             return np.asarray(self.rows[int(i)], dtype=np.int64)
         ids = self.store[int(i)]
@@ -185,10 +185,12 @@ def mean_logprobs(batch: ForwardBatch, chunk_size: int = 256) -> tuple[np.ndarra
     targets = tokens[:, 1:][predicted]
     if batch.logits is not None:
         logp = torch.log_softmax(batch.logits[:, :-1][predicted], dim=-1).gather(1, targets[:, None]).squeeze(1)
-    elif hidden.dtype == torch.float32 and batch.lm_head_weight.dtype == torch.float32:
-        logp = inference_token_logprobs(hidden[:, :-1][predicted], batch.lm_head_weight, targets, chunk_size)
     else:
-        logp = token_logprobs(hidden[:, :-1][predicted], batch.lm_head_weight, targets, chunk_size)
+        assert hidden is not None  # a batch without logits has hidden states
+        if hidden.dtype == torch.float32 and batch.lm_head_weight.dtype == torch.float32:
+            logp = inference_token_logprobs(hidden[:, :-1][predicted], batch.lm_head_weight, targets, chunk_size)
+        else:
+            logp = token_logprobs(hidden[:, :-1][predicted], batch.lm_head_weight, targets, chunk_size)
     rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(predicted)[predicted]
     sums = torch.zeros(tokens.shape[0], dtype=torch.float64, device=tokens.device).index_add_(0, rows, logp.double())
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -354,7 +354,8 @@ def run(cfg: GenerateConfig) -> Path:
         counts = [{"n_documents": 0, "n_instances": 0, "n_tokens": 0, "n_prompt_tokens": 0, "n_generated_tokens": 0}
                   for _ in names]
         total_flops = 0
-        source_ids, all_prompt_lengths = [], []
+        source_ids: list[int] = []
+        all_prompt_lengths = []
         with staged_dir(out, STORE_FORMAT) as tmp:
             writer = TokenStoreWriter(tmp, vocab_size)
             for k, shard_ids in enumerate(shards):

@@ -150,7 +150,8 @@ class KDConfig:
     @classmethod
     def from_temperature(cls, temperature: str | float, **kwargs) -> "KDConfig":
         """A validated config from `--temperature` as the CLI takes it (a number or a mode name)."""
-        return cls(temperature=temperature, **kwargs).validate()
+        # the dataclass __init__ is typed from the field (float); __post_init__ turns text into τ and mode
+        return cls(temperature=temperature, **kwargs).validate()  # type: ignore[arg-type]
 
     def validate(self) -> "KDConfig":
         if self.loss not in LOSSES:
@@ -280,7 +281,7 @@ def kd_terms(s_logq: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | 
         with torch.no_grad():
             log_f = torch.log_softmax(t / tau[:, None].to(acc), dim=-1)
             f = log_f.exp()
-        m = 1.0
+        m: float | torch.Tensor = 1.0
     else:
         with torch.no_grad():
             if bucket:  # the teacher's dropped mass is one more category, tempered with the others

@@ -108,7 +108,14 @@ def _candidate(module: torch.nn.Module):
 
 
 def _probe(module: torch.nn.Module) -> torch.Tensor:
-    width = module.weight.shape[0] if hasattr(module, "variance_epsilon") else module.gate_proj.in_features
+    if hasattr(module, "variance_epsilon"):
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)  # `_candidate` found a 1-d Parameter
+        width = weight.shape[0]
+    else:
+        gate = module.gate_proj
+        assert isinstance(gate, torch.nn.Linear)  # `_candidate` found Linear projections
+        width = gate.in_features
     param = next(module.parameters())
     generator = torch.Generator(device=param.device).manual_seed(0)
     return torch.randn(2, 3, width, generator=generator, device=param.device, dtype=param.dtype)

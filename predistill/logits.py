@@ -203,7 +203,7 @@ class Entries:
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.n)]).astype(np.int64)
 
-    def split(self, positions_per_part: Sequence[int]) -> list["Entries"]:
+    def split(self, positions_per_part: Sequence[int] | np.ndarray) -> list["Entries"]:
         """Cut into consecutive parts of the given numbers of positions."""
         parts, off = [], self.offsets
         p = 0
@@ -354,9 +354,12 @@ class TeacherTargets:
 def entry_logweights(entries: Entries, cfg: LogitsConfig) -> np.ndarray:
     """Per entry, the log of the teacher probability the KD loss should use (see TeacherTargets)."""
     if cfg.mode == "topk":
+        assert entries.logprobs is not None  # topk entries carry log-probs
         return entries.logprobs.astype(np.float32)
+    assert entries.counts is not None  # sample entries carry counts
     log_w = np.log(entries.counts.astype(np.float64))
     if cfg.sample_temperature != 1.0:
+        assert entries.logprobs is not None  # stored at T ≠ 1 (cfg.stores_logprobs)
         # draws came from q ∝ p^(1/T): importance weight p/q ∝ p^(1 − 1/T), self-normalised below
         log_w = log_w + (1.0 - 1.0 / cfg.sample_temperature) * entries.logprobs.astype(np.float64)
     rows = np.repeat(np.arange(len(entries.n)), entries.n)
@@ -546,12 +549,14 @@ def encode_shard(entries: Entries, inst_positions: np.ndarray, enc: Encoding,
                         (f"{name}_inst_bits", bit_off.astype("<i8").tobytes())])
 
     if enc.entropy_coded:
+        assert symbols is not None and next_tokens is not None, "v2 needs the id symbols and the next tokens"
         huffman("ids", symbols.values(entries.ids, np.repeat(next_tokens, entries.n)), enc.id_direct,
                 enc.id_raw_bits)
     else:
         streams.append(("ids", pack_bits(entries.ids, enc.id_bits)))
     clipped = 0
     if enc.logprob_bits:
+        assert entries.logprobs is not None  # logprob_bits > 0: the config stores log-probs
         clipped = int((entries.logprobs < enc.logprob_min).sum())
         streams.append(("logprobs", pack_bits(quantize_logprobs(entries.logprobs, enc.logprob_bits, enc.logprob_min),
                                               enc.logprob_bits)))
@@ -600,6 +605,8 @@ class LogitsStoreWriter:
         if cfg.shard_instances is None:
             cfg = replace(cfg, shard_instances=DEFAULT_SHARD_INSTANCES)
         self.cfg = cfg.validate()
+        assert cfg.shard_instances is not None  # the default was filled in above
+        self.shard_instances: int = cfg.shard_instances
         if vocab_size < store.vocab_size:
             raise PredistillError(f"teacher vocabulary {vocab_size} is smaller than the token store's {store.vocab_size}")
         self.vocab_size = vocab_size
@@ -613,7 +620,7 @@ class LogitsStoreWriter:
         self.chunk_rows = chunk_rows
         self.lengths = store.lengths.astype(np.int64)
         self.n_positions = np.maximum(self.lengths - 1, 0)
-        self.n_shards = math.ceil(len(store) / cfg.shard_instances) if len(store) else 0
+        self.n_shards = math.ceil(len(store) / self.shard_instances) if len(store) else 0
         self.settings = {"format": FORMAT, "version": VERSION, "config": asdict(cfg),
                          "store_hash": store.hash, "tokenizer_hash": store.tokenizer_hash,
                          "vocab_size": vocab_size, "teacher": teacher, "encoding": self.enc.describe()}
@@ -646,8 +653,8 @@ class LogitsStoreWriter:
         return False
 
     def _shard_range(self, s: int) -> tuple[int, int]:
-        a = s * self.cfg.shard_instances
-        return a, min(a + self.cfg.shard_instances, len(self.store))
+        a = s * self.shard_instances
+        return a, min(a + self.shard_instances, len(self.store))
 
     def _shard_done(self, s: int) -> bool:
         marker = self.dir / "shards" / f"{_shard_name(s)}.json"
@@ -657,7 +664,7 @@ class LogitsStoreWriter:
         """Instance ids (ascending) the caller still has to feed: those of unfinished shards."""
         if self.complete:
             return np.zeros(0, np.int64)
-        parts = [np.arange(*self._shard_range(s)) for s in np.flatnonzero(~self._done)]
+        parts = [np.arange(*self._shard_range(int(s))) for s in np.flatnonzero(~self._done)]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     # feeding -----------------------------------------------------------------------------------
@@ -687,8 +694,8 @@ class LogitsStoreWriter:
 
     def accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries) -> None:
         """Store computed entries; instances already stored or buffered keep their first sighting."""
-        new = np.array([not self._done[int(i) // self.cfg.shard_instances]
-                        and int(i) not in self._pending.get(int(i) // self.cfg.shard_instances, {}) for i in inst],
+        new = np.array([not self._done[int(i) // self.shard_instances]
+                        and int(i) not in self._pending.get(int(i) // self.shard_instances, {}) for i in inst],
                        dtype=bool)
         if not new.all():
             parts = entries.split(npos)
@@ -728,7 +735,7 @@ class LogitsStoreWriter:
                                   f"but the batch gives {lengths[b]}: the logits store needs every position")
         wanted, seen = [], set()
         for b, i in enumerate(instance_ids):
-            s = i // self.cfg.shard_instances
+            s = i // self.shard_instances
             if self._done[s] or int(i) in self._pending.get(s, {}) or int(i) in seen:
                 continue  # already written or buffered: the first sighting wins
             if tokens is not None and not np.array_equal(torch.as_tensor(tokens[b, :lengths[b]]).cpu().numpy(),
@@ -738,18 +745,18 @@ class LogitsStoreWriter:
             wanted.append(b)
         if not wanted:
             return None, None, None, None
-        wanted = np.asarray(wanted)
-        inst, npos = instance_ids[wanted], self.n_positions[instance_ids[wanted]]
+        picked = np.asarray(wanted)
+        inst, npos = instance_ids[picked], self.n_positions[instance_ids[picked]]
         if npos.max(initial=0) > width:
             raise PredistillError(f"batch is {width} positions wide but instance lengths need {npos.max()}")
-        rows = np.concatenate([b * width + np.arange(p) for b, p in zip(wanted, npos)]).astype(np.int64)
+        rows = np.concatenate([b * width + np.arange(p) for b, p in zip(picked, npos)]).astype(np.int64)
         local = np.concatenate([np.arange(p) for p in npos]).astype(np.int64)
         keys = global_positions(self.store, np.repeat(inst, npos), local)
         return torch.from_numpy(rows), keys, inst, npos
 
     def _accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries) -> None:
         for i, part in zip(inst, entries.split(npos)):
-            s = int(i) // self.cfg.shard_instances
+            s = int(i) // self.shard_instances
             self._pending.setdefault(s, {})[int(i)] = part
             a, b = self._shard_range(s)
             if len(self._pending[s]) == b - a:
@@ -778,7 +785,7 @@ class LogitsStoreWriter:
             self._done[s] = self._shard_done(int(s))
         # a store with no positions at all still gets its (empty) shards written here
         for s in np.flatnonzero(~self._done):
-            a, b = self._shard_range(s)
+            a, b = self._shard_range(int(s))
             if self.n_positions[a:b].sum() == 0:
                 for i in range(a, b):
                     self._pending.setdefault(int(s), {})[i] = Entries.empty(self.cfg)
@@ -873,6 +880,7 @@ class LogitsStore:
         if not isinstance(self.cfg.shard_instances, int) or self.cfg.shard_instances < 1:
             raise PredistillError(f"{self.dir / MANIFEST}: config.shard_instances is not a count ≥ 1 "
                                   "(corrupted logits store)")
+        self.shard_instances: int = self.cfg.shard_instances
         self._shards: dict[int, _Shard] = {}
         # sizes at open (a stat per shard): a truncated or missing shard is refused here, not at
         # the training step that first reads it; contents are verified per shard on first read
@@ -937,13 +945,13 @@ class LogitsStore:
         return self._shards[s]
 
     def n_positions_of(self, instance_id: int) -> int:
-        sh = self._shard(instance_id // self.cfg.shard_instances)
+        sh = self._shard(instance_id // self.shard_instances)
         local = instance_id - sh.first
         return int(sh.pos_off[local + 1] - sh.pos_off[local])
 
     def instance_entries(self, instance_id: int) -> Entries:
         """All entries of one instance, decoded (quantised log-probs), positions in order."""
-        sh = self._shard(int(instance_id) // self.cfg.shard_instances)
+        sh = self._shard(int(instance_id) // self.shard_instances)
         local = int(instance_id) - sh.first
         p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
         e0, e1 = int(sh.entry_off[local]), int(sh.entry_off[local + 1])
@@ -970,6 +978,7 @@ class LogitsStore:
             if self.tokens is None:
                 raise _needs_token_store(self.dir)
             next_tokens = np.asarray(self.tokens[sh.first + local], np.int64)[entry_pos + 1]
+            assert self.symbols is not None  # read in __init__ for an entropy-coded store
             ids = self.symbols.ids(sh.coded("ids", local, idx), next_tokens)
         else:
             ids = unpack_bits(sh.sections["ids"], self.enc.id_bits, idx)
@@ -995,7 +1004,7 @@ class LogitsStore:
         order = np.argsort(instance_ids, kind="stable")
         uniq, first = np.unique(instance_ids[order], return_index=True)
         for inst, rows in zip(uniq, np.split(order, first[1:])):
-            sh = self._shard(int(inst) // self.cfg.shard_instances)
+            sh = self._shard(int(inst) // self.shard_instances)
             local = int(inst) - sh.first
             p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
             t = positions[rows]

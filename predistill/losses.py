@@ -127,15 +127,15 @@ def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_size:
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
-        logits = torch.matmul(h, weight.t(), out=buf[:h.shape[0]]) if reuse else _chunk_logits(h, weight)
+        logits = torch.matmul(h, weight.t(), out=buf[:h.shape[0]]) if buf is not None else _chunk_logits(h, weight)
         grad_logits = chunk_grad(rows, logits, need_h or need_w)
         if grad_logits is None:
             continue
-        if need_h:
+        if grad_h is not None:  # need_h
             grad_h[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
-        if need_w and autocast is not None:
+        if grad_w is not None and autocast is not None:  # need_w
             grad_w += grad_logits.t() @ h  # autocast: a product in its dtype, summed in fp32
-        elif need_w:
+        elif grad_w is not None:
             grad_w.addmm_(grad_logits.t(), h.to(acc))
     ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
     ctx.needs, ctx.dtypes = (need_h, need_w), (hidden.dtype, weight.dtype)
@@ -183,7 +183,8 @@ def scaled_gradients(ctx, scale: torch.Tensor) -> tuple[torch.Tensor | None, tor
                            "(retain_graph is not supported)")
     ctx.scaled = True
     saved = iter(ctx.saved_tensors)
-    return tuple(next(saved).mul_(scale).to(dtype) if need else None for need, dtype in zip(ctx.needs, ctx.dtypes))
+    grad_h, grad_w = (next(saved).mul_(scale).to(dtype) if need else None for need, dtype in zip(ctx.needs, ctx.dtypes))
+    return grad_h, grad_w
 
 
 class _FusedLMLoss(torch.autograd.Function):

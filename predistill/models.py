@@ -183,12 +183,14 @@ def _convert_gguf(spec: str, gguf_path: Path, out: Path, eos: str, install: str)
     # save_pretrained writes a plain checkpoint that loads without gguf.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # torch types Module.__setattr__ values as Tensor | Module; these are plain attributes transformers sets
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     eos_id = tokenizer.convert_tokens_to_ids(eos)
     tokenizer.bos_token = tokenizer.eos_token = tokenizer.pad_token = eos
     tokenizer.add_bos_token = False
     tokenizer.clean_up_tokenization_spaces = False  # decode must be exact (" ." stays " .")
+    assert model.generation_config is not None  # a causal LM loaded by from_pretrained has one
     for cfg in (model.config, model.generation_config):
         cfg.bos_token_id = cfg.eos_token_id = cfg.pad_token_id = eos_id
     with staged_dir(out, CONVERTED_FORMAT) as tmp:
@@ -319,8 +321,8 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
     """A transformers config for preset `name` with `tokenizer`'s vocabulary."""
     from transformers import AutoConfig, LlamaConfig, MambaConfig, Qwen2Config
 
-    if isinstance(PRESETS.get(name), ReleasedConfig):
-        name = PRESETS[name].source
+    if isinstance(released := PRESETS.get(name), ReleasedConfig):
+        name = released.source
     if name not in PRESETS and ("/" in name or name.endswith(".json") or Path(name).is_dir()):
         # a released model's architecture (a config.json, its directory or hub id), trained from scratch:
         # MiniPLM's Llama3.1-212M student is published only as a config (no table gives its shape)
@@ -338,6 +340,7 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
             vocab_size=len(tokenizer), hidden_size=p.hidden, num_hidden_layers=p.layers, state_size=p.state,
             conv_kernel=p.conv, expand=p.expand, tie_word_embeddings=p.tied, bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+    assert isinstance(p, Preset)  # a ReleasedConfig was replaced by its source (a hub id) above
     common = dict(
         vocab_size=len(tokenizer), hidden_size=p.hidden, intermediate_size=p.ffn,
         num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.kv_heads,

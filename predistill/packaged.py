@@ -32,6 +32,7 @@ before it, so one large data file cannot fill a domain; files that are not UTF-8
 from __future__ import annotations
 
 import ast
+import email.message
 import functools
 import importlib.metadata
 import importlib.util
@@ -40,7 +41,7 @@ import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, cast
 
 from predistill.artifacts import PredistillError
 
@@ -169,13 +170,13 @@ def _reference_manual() -> Iterator[tuple[str, str]]:
 def _installed_files() -> tuple[tuple[importlib.metadata.Distribution, tuple[tuple[Path, Path], ...]], ...]:
     """Each distribution with its installed files as (path as recorded, absolute path): read once
     per process (a RECORD per distribution)."""
-    return tuple((dist, tuple((Path(str(f)), Path(dist.locate_file(f))) for f in (dist.files or [])))
+    return tuple((dist, tuple((Path(str(f)), Path(str(dist.locate_file(f)))) for f in (dist.files or [])))
                  for dist in distributions())
 
 
 def _package_files(kind: str) -> Iterator[tuple[str, str]]:
     wanted = KINDS[kind]
-    per_dist = []
+    per_dist: list[Iterator[tuple[str, str]]] = []
     for dist, installed in _installed_files():
         files = sorted(absolute for recorded, absolute in installed if wanted(recorded))
         if kind == "package-docs":
@@ -221,9 +222,11 @@ def _cut(text: str) -> str:
 
 
 def _metadata_body(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, str]]:
-    body = dist.metadata.get_payload() or dist.metadata.get("Description")  # metadata 2.1+: the body
+    # the PackageMetadata protocol declares neither method; the object is an email.message.Message
+    metadata = cast(email.message.Message, dist.metadata)
+    body = metadata.get_payload() or metadata.get("Description")  # metadata 2.1+: the body
     if isinstance(body, str) and body.strip():
-        yield f"{dist.metadata['Name']} METADATA", _cut(body)
+        yield f"{metadata['Name']} METADATA", _cut(body)
 
 
 def _docstrings(paths: Iterable[Path]) -> Iterator[tuple[str, str]]:

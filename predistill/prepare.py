@@ -75,6 +75,7 @@ def _init_worker(tokenizer, is_boundary: np.ndarray | None = None) -> None:
 
 def _encode_item(item: tuple[str | np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, int]:
     text, n_skipped = item
+    assert _worker_is_boundary is not None  # set by `_init_worker` in every worker
     if isinstance(text, np.ndarray):  # already ids (megatron:): checked, not encoded; cuts at word boundaries
         vocab = len(_worker_is_boundary)
         if len(text) and (int(text.min()) < 0 or int(text.max()) >= vocab):
@@ -149,7 +150,8 @@ def run(cfg: PrepareConfig) -> Path:
     eos = tokenizer.eos_token_id
     limit = cfg.max_tokens_per_domain
     totals = [s.count() for s in sources]
-    total = sum(totals) if all(t is not None for t in totals) and limit is None else None
+    known = [t for t in totals if t is not None]
+    total = sum(known) if len(known) == len(totals) and limit is None else None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the inputs as they are now: a killed prepare resumed after a source changed starts over
     plan = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": [s.fingerprint() for s in sources]}

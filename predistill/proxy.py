@@ -155,8 +155,8 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     for role, spec in (("teacher", cfg.teacher_model), ("reference", cfg.reference_model)):
         model, tok = load(spec)
         inputs = ModelInputs(store, tok, cfg.max_len)
-        logprob, _, stats = score_ids(model, inputs, scored_ids, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
-                                      progress=cfg.progress, desc=f"proxy: {role} subset")
+        logprob, _, _ = score_ids(model, inputs, scored_ids, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
+                                  progress=cfg.progress, desc=f"proxy: {role} subset")
         scored[role] = dict(zip(scored_ids.tolist(), logprob))
         tokens_per_id = _forward_tokens(inputs, scored_ids)
         p = forward_params(model)

@@ -152,7 +152,7 @@ def _instance_name(name: str, values: dict) -> str:
 def _expand(value, values: dict, sweeps: dict[str, list[dict]], stage: str, path: Path):
     """An arg with the stage's matrix values put in, and references to sweeps made instance names."""
     if isinstance(value, list):
-        out = []
+        out: list = []
         for item in value:
             out += _expand_text(item, values, sweeps, stage, path) if isinstance(item, str) else [item]
         return out
@@ -267,7 +267,8 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
 def _toposort(stages: dict[str, Stage], path: Path) -> list[Stage]:
     """Dependencies first, file order among independent stages; iterative (a recipe may chain
     thousands of stages), a cycle named stage by stage."""
-    ordered, state = [], {}
+    ordered: list[Stage] = []
+    state: dict[str, str] = {}
     for root in stages:
         if state.get(root) == "done":
             continue
@@ -439,11 +440,11 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, veri
         elif directory.exists():  # killed (or failed) with these inputs: the stage resumes its own work
             print(f"predistill run: {stage.name}: resuming", flush=True)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        record = record_path(recipe, stage)
-        record.parent.mkdir(parents=True, exist_ok=True)
+        record_file = record_path(recipe, stage)
+        record_file.parent.mkdir(parents=True, exist_ok=True)
         (directory / STAGE_RECORD).unlink(missing_ok=True)
         # recorded before it runs, so a killed stage is resumed (not wiped) by the next `predistill run`
-        write_json_atomic(record, {"hash": stage.hash, "command": line, "complete": False})
+        write_json_atomic(record_file, {"hash": stage.hash, "command": line, "complete": False})
         print(f"predistill run: {stage.name}: {line}", flush=True)
         started = time.perf_counter()
         try:
@@ -457,8 +458,8 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, veri
             if e.code not in (0, None):
                 raise PredistillError(f"stage '{stage.name}' failed (exit {e.code}); fix it and rerun: "
                                       "finished stages are kept") from None
-        write_json_atomic(record, {"hash": stage.hash, "command": line, "complete": True,
-                                   "seconds": round(time.perf_counter() - started, 1)})
+        write_json_atomic(record_file, {"hash": stage.hash, "command": line, "complete": True,
+                                        "seconds": round(time.perf_counter() - started, 1)})
         ran.append(stage.name)
     return ran
 

@@ -33,6 +33,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def _read_json(path: Path) -> dict | None:
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl as a list of objects; malformed lines (a run killed mid-write) are skipped."""
-    rows = []
+    rows: list[dict] = []
     try:
         lines = path.read_text(errors="replace").splitlines()  # a corrupt byte spoils one line, not the report
     except OSError:
@@ -117,6 +118,11 @@ def _non_finite(value) -> bool:
 
 def _number(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _object(value: Any) -> dict:
+    """`value` when it is a JSON object, else {} (a field a manifest may lack, or hold malformed)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _referenced_artifacts(manifest: dict, base: Path) -> list[Path]:
@@ -192,10 +198,10 @@ def _store_provenance(store: Path | None, depth: int = 8) -> list[Path]:
     while store is not None and depth > 0 and store not in found:
         manifest = _read_json(store / MANIFEST) or {}
         found.append(store)
-        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        source = _object(manifest.get("source"))
         if isinstance(source.get("selection_dir"), str) and Path(source["selection_dir"]).is_dir():
             found.append(Path(source["selection_dir"]))
-        derived = manifest.get("derived_from") if isinstance(manifest.get("derived_from"), dict) else {}
+        derived = _object(manifest.get("derived_from"))
         upstream = derived.get("path") or source.get("store_dir")
         store = Path(upstream) if isinstance(upstream, str) and Path(upstream).is_dir() else None
         depth -= 1
@@ -213,9 +219,9 @@ class RunSummary:
     model: str | None = None
     size: str | None = None  # the model's short name: preset:tiny → tiny, a directory → its name
     seed: int | None = None  # initialisation and data order (train's --seed): runs with one seed are paired
-    params: int | None = None
-    params_non_embedding: int | None = None
-    steps: int | None = None
+    params: float | None = None  # counts, read as numbers (`_number`)
+    params_non_embedding: float | None = None
+    steps: float | None = None
     tokens: float | None = None
     flops: float | None = None
     student_flops_per_token: float | None = None  # 6·N of the student alone (C of MiniPLM's C(D) = 6·N·D)
@@ -284,7 +290,7 @@ def summarize_run(run: str) -> RunSummary:
         s.size = s.model.removeprefix("preset:").rstrip("/").removesuffix("/config.json").rsplit("/", 1)[-1]
     seed = config.get("seed")
     s.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else None
-    params = manifest.get("params") if isinstance(manifest.get("params"), dict) else {}
+    params = _object(manifest.get("params"))
     s.params = _number(params.get("total"))
     s.params_non_embedding = _number(params.get("non_embedding"))
     s.steps = _number(manifest.get("steps"))
@@ -306,22 +312,22 @@ def summarize_run(run: str) -> RunSummary:
     elif any(_non_finite(v) for v in (evaluation.get("heldout_loss"), manifest.get("final_val_loss"))):
         s.heldout_source = "non-finite"  # a diverged run: shown as such, never as a missing value
         print(f"predistill report: warning: {run_dir}: held-out loss is not finite (a diverged run)", file=sys.stderr)
-    losses = manifest.get("heldout_losses") if isinstance(manifest.get("heldout_losses"), dict) else {}
+    losses = _object(manifest.get("heldout_losses"))
     s.heldout_losses = {str(k): v for k, v in losses.items() if _number(v) is not None}
-    results = evaluation.get("results") if isinstance(evaluation.get("results"), dict) else {}
-    order = (evaluation.get("tasks") or {}).get("evaluated") if isinstance(evaluation.get("tasks"), dict) else None
-    order = [t for t in order if t in results] if isinstance(order, list) else []
+    results = _object(evaluation.get("results"))
+    evaluated = _object(evaluation.get("tasks")).get("evaluated")
+    order = [t for t in evaluated if t in results] if isinstance(evaluated, list) else []
     for task in order + sorted(t for t in results if t not in order):  # eval's task order (eval.json sorts keys)
         if isinstance(results[task], dict):
             r = results[task]
             s.tasks[task] = {k: _number(r.get(k)) for k in TASK_METRICS}
-            subtasks = r.get("subtasks") if isinstance(r.get("subtasks"), dict) else {}
+            subtasks = _object(r.get("subtasks"))
             s.subtasks[task] = {str(t): {k: _number(v.get(k)) for k in TASK_METRICS}
                                 for t, v in subtasks.items() if isinstance(v, dict)}
     s.avg_acc = _number(evaluation.get("avg_acc"))
     if s.avg_acc is None and s.tasks:
-        values = [headline_metric(v) for v in s.tasks.values()]
-        values = [v for v in values if v is not None]
+        headlines = [headline_metric(v) for v in s.tasks.values()]
+        values = [v for v in headlines if v is not None]
         s.avg_acc = float(np.mean(values)) if values else None
 
     s.over_training = evaluations_over_training(run_dir, s)
@@ -565,6 +571,11 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
     return None
 
 
+def _heldout(r: RunSummary) -> float:
+    assert r.heldout_loss is not None  # `seed_groups` groups only runs with a held-out loss
+    return r.heldout_loss
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
@@ -582,8 +593,9 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
     out = []
     for variant, members in groups.items():
         method, size = members[0].method or members[0].name, members[0].size
-        losses = [r.heldout_loss for r in members]
+        losses = [_heldout(r) for r in members]
         mean, std = _mean_std(losses)
+        entry: dict[str, Any]  # its values: numbers, lists, the paired and per-set summaries
         entry = {"method": method, "label": labels[variant], "size": size, "n_seeds": len(members),
                  "seeds": [r.seed for r in members], "heldout_loss_mean": mean, "heldout_loss_std": std,
                  "flops_mean": float(np.mean([r.flops for r in members])) if all(r.flops for r in members) else None,
@@ -601,11 +613,11 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
         if method != baseline and pairs:
             reach = []
             for r, b in pairs:
-                c = flops_to_reach(_val_curve(r), b.heldout_loss)
+                c = flops_to_reach(_val_curve(r), _heldout(b))
                 reach.append(c / b.flops if c is not None and b.flops else None)
             reached = [x for x in reach if x is not None]
             entry["paired"] = {
-                **paired_difference([r.heldout_loss - b.heldout_loss for r, b in pairs]),
+                **paired_difference([_heldout(r) - _heldout(b) for r, b in pairs]),
                 "flops_to_reach_baseline_ratio": reach,
                 "flops_to_reach_baseline_ratio_mean": float(np.mean(reached)) if len(reached) == len(reach) else None}
         out.append(entry)

@@ -77,6 +77,7 @@ def write_retokenized(src: TokenStore, ids: np.ndarray, directory: str | Path, t
                 if len(row):
                     emit(row, d)
             else:
+                assert is_boundary is not None  # computed above for a max_len (callers require ≥ 8)
                 for other in [o for o in chunkers if o != d]:
                     for piece in chunkers.pop(other).flush():
                         emit(piece, other)

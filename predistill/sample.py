@@ -172,7 +172,7 @@ def _histogram(path: Path, values: np.ndarray, kept_mask: np.ndarray, title: str
 
     ok = np.isfinite(values)
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    bins = np.histogram_bin_edges(values[ok], bins=40) if ok.any() else 10
+    bins = np.histogram_bin_edges(values[ok], bins=40).tolist() if ok.any() else 10  # hist types bins a Sequence
     ax.hist(values[ok & ~kept_mask], bins=bins, alpha=0.6, label="dropped", color="tab:gray")
     ax.hist(values[ok & kept_mask], bins=bins, alpha=0.6, label="kept", color="tab:blue")
     ax.set_title(title)
@@ -250,7 +250,7 @@ def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.
         return "easy (both models predict it)" if teacher[i] >= median_t else "noisy (hard for the teacher too)"
 
     rng = np.random.default_rng(cfg.seed)
-    random_ids = np.sort(rng.choice(n, size=min(k, n), replace=False)) if n else []
+    random_ids: np.ndarray | list[int] = np.sort(rng.choice(n, size=min(k, n), replace=False)) if n else []
     lines += ["", f"## Top {k} by {score_name}", ""] + _examples(store, by_score[:k], teacher, reference, score, kept_mask, kind)
     lines += ["", f"## Bottom {k} by {score_name}", ""] + _examples(store, by_score[::-1][:k], teacher, reference, score,
                                                                     kept_mask, kind)
@@ -423,6 +423,7 @@ def run(cfg: SampleConfig) -> Path:
 def _maybe_materialize(cfg: SampleConfig, out: Path, store: TokenStore) -> None:
     if cfg.materialize is None:
         return
+    assert cfg.tokenizer is not None  # run() refuses --materialize without --tokenizer
     mcfg = MaterializeConfig(selection=str(out), tokenizer=cfg.tokenizer, out=cfg.materialize,
                              max_len=cfg.materialize_max_len)
     target = Path(cfg.materialize)

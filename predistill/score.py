@@ -31,6 +31,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,6 +154,9 @@ class LogitsStoreConsumer(ForwardConsumer):
         want = self.todo[batch.ids]
         if not want.any():
             return
+        if batch.hidden is None:  # a soft-capped or scaled head (models.is_plain_head): the pass gave logits
+            raise PredistillError("--logits-out needs a model whose lm head is a plain linear projection (no logit "
+                                  "soft-capping or scaling): its entries are computed from the final hidden states")
         if want.all():
             ids, hidden, tokens, lengths = batch.ids, batch.hidden, batch.tokens, batch.lengths
         else:
@@ -181,6 +185,7 @@ def _annotate_logits(ldir: Path, scored_with: dict, flops: int | None) -> None:
 def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs) -> LogitsStoreWriter:
     """Check that a logits store can be made in this pass and open its writer (refusals are one line)."""
     lcfg = cfg.logits_config()
+    assert cfg.logits_out is not None and lcfg.shard_instances is not None  # the caller checks; filled in
     ldir, out = Path(cfg.logits_out), Path(cfg.out)
     if ldir.resolve() == out.resolve():
         raise PredistillError(f"--logits-out {ldir} is the score table's --out; choose another directory")
@@ -241,7 +246,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     model.to(device).eval()
     fuse_kernels(model)  # the same values, computed in place (predistill.kernels)
     inputs = ModelInputs(store, tokenizer, cfg.max_len)
-    plan = {
+    plan: dict[str, Any] = {
         "config": cfg.identity(),
         "model": {"spec": cfg.model, "hash": model_hash(model),
                   "forward_params": forward_params(model, len(tokenizer)),
@@ -271,6 +276,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
         if world > 1:
             raise PredistillError(f"{out} is already complete: its logits-only pass runs in one process "
                                   "(without torchrun / RANK / WORLD_SIZE)")
+        assert logits is not None  # a complete table without --logits-out returned above
         scored_with = {"score_table": str(out.resolve()), "table_hash": manifest["table_hash"],
                        "teacher_pass": "separate"}
         current = read_manifest(logits.dir, LOGITS_FORMAT, "logits store") if logits.complete else {}
@@ -282,6 +288,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
                                  progress=cfg.progress, desc=f"{desc} (logits)")
         _report_stats(stats, rank, " (logits only: the score table was already complete)")
         finished = logits.finish()
+        assert finished is not None  # None only while other writers may be writing
         _annotate_logits(logits.dir, scored_with, 2 * plan["model"]["forward_params"] * finished["n_positions"])
         return out
 
@@ -291,7 +298,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     d = init_distributed(device, need_group=False)
     # a rank owns whole logits shards (each the score shards [k·g, (k+1)·g)), so that no logits
     # shard is fed by two processes; without --logits-out, g = 1 and shard s goes to rank s mod W
-    group = cfg.logits_config().shard_instances // cfg.shard_size if logits is not None else 1
+    group = logits.shard_instances // cfg.shard_size if logits is not None else 1
     mine = [s for s in shards if owns(d, s.index, group)]
     writer = ShardScoreWriter(out, cfg.chunk_size)
     consumers: list[ForwardConsumer] = [writer]

@@ -65,9 +65,10 @@ def table_hash(shard_hashes: list[str]) -> str:
 def markers_hash(out: Path, shards: list[Shard]) -> str | None:
     """The table's `table_hash` from its shard markers (None while a shard is missing)."""
     markers = [shard_marker(Path(out) / SHARD_DIR, s) for s in shards]
-    if any(m is None for m in markers):
+    found = [m for m in markers if m is not None]
+    if len(found) < len(markers):
         return None
-    return table_hash([m["sha256"] for m in markers])
+    return table_hash([m["sha256"] for m in found])
 
 
 def finish_table(out: Path, plan: dict, shards: list[Shard]) -> dict | None:

@@ -69,7 +69,8 @@ class TokenStoreWriter:
             raise ValueError("a store with a loss mask is written in one go (sft-data), not resumed")
         self._mask = open(self.dir / LOSS_MASK, "wb") if loss_mask else None
         self._hash = hashlib.sha256()
-        self._chunk_hash, self._chunk_fill, self.chunk_sha256 = hashlib.sha256(), 0, []
+        self.chunk_sha256: list[str] = []
+        self._chunk_hash, self._chunk_fill = hashlib.sha256(), 0
         self.n_tokens, self._n_instances = 0, 0
         mode = "r+b" if resume else "wb"
         self._tokens = open(self.dir / "tokens.bin", mode)
@@ -209,7 +210,7 @@ class TokenStore:
         self.tokens = (np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
                        if n_tokens else np.zeros(0, dtype=self.dtype))
         self._tokenizer = None
-        self._lengths = None
+        self._lengths: np.ndarray | None = None
         self._chunk_tokens = self.manifest.get("chunk_bytes", CHUNK_BYTES) // self.dtype.itemsize
         n_chunks = -(-n_tokens // self._chunk_tokens)
         self._chunk_sha256 = self.manifest.get("chunk_sha256")
@@ -217,7 +218,7 @@ class TokenStore:
             raise PredistillError(f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
                                   f"{n_chunks} chunks of tokens.bin (corrupted store)")
         self._verified = np.zeros(n_chunks, dtype=bool)
-        self._loss_mask = None  # memory-mapped and checked on first use
+        self._loss_mask: np.ndarray | None = None  # memory-mapped and checked on first use
         recorded = self.manifest.get("loss_mask_sha256")
         if recorded is not None and not isinstance(recorded, str):
             raise PredistillError(f"{self.dir}: the manifest's loss_mask_sha256 is not a checksum (corrupted store)")

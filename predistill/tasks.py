@@ -158,7 +158,7 @@ def build_items(store: TokenStore, cfg: LocalTaskConfig) -> dict[str, list[dict]
             lastword.append({"id": len(lastword), "instance": instance, **item})
         if len(splits) < cfg.n_items and (split := continuation_split(text, cfg)):
             splits.append({"instance": instance, "domain": domain, **split})
-    continuation = []
+    continuation: list[dict] = []
     for k, split in enumerate(splits):
         distractors = _pick_distractors(k, splits, cfg)
         if len(distractors) < cfg.n_choices - 1:

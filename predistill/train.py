@@ -32,6 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -64,6 +65,9 @@ from predistill.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.schedules import alpha_at, lr_at
 from predistill.store import TokenStore
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 CHECKPOINT_PREFIX = "step-"
 # --- data ---------------------------------------------------------------------------------------
 
@@ -92,7 +96,8 @@ class DataOrder:
 
 def make_batch(store: TokenStore, ids, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, mask) for instances `ids`, right-padded; mask marks real targets."""
-    return tuple(t.to(device, non_blocking=True) for t in cpu_batch(store, ids, seq_len))
+    inputs, targets, mask = (t.to(device, non_blocking=True) for t in cpu_batch(store, ids, seq_len))
+    return inputs, targets, mask
 
 
 def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[torch.Tensor, ...]:
@@ -150,7 +155,7 @@ class LossModel(torch.nn.Module):
     pads that follow them.
     """
 
-    def __init__(self, lm: torch.nn.Module, chunk_size: int, vocab_size: int | None = None):
+    def __init__(self, lm: PreTrainedModel, chunk_size: int, vocab_size: int | None = None):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
@@ -266,7 +271,7 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
         from predistill.checkpoint import load_dcp
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         # DCP's own reader and planner would unpickle dcp/.metadata and bytes items with plain pickle
         # (code execution on a crafted file)
         load_dcp(state, path / "dcp")
@@ -295,6 +300,7 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device) -> disti
         if distill.logits_store_source(cfg.kd_logits) == store.hash:
             return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg)
         return distill.CrossTokenizerLogits(cfg.kd_logits, store, kd_cfg)
+    assert cfg.kd_teacher  # without --kd-logits, --kd-teacher (checked above)
     if cfg.minillm:
         return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
     # beside an FSDP student the teacher is sharded too: a 9B/32B teacher fits only that way
@@ -578,8 +584,8 @@ def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, 
             valid = mask.sum(1) > 0
             total += float(per_instance[valid].sum())
             count += int(valid.sum())
-    total, count = d.all_sum([total, count], device)
-    return total / max(count, 1)
+    total_sum, count_sum = d.all_sum([total, count], device)
+    return total_sum / max(count_sum, 1)
 
 
 def _remove_if_empty(directory: Path) -> None:
@@ -613,6 +619,7 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
         raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
     # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
     truncation = LogitsConfig(mode="topk", top_p=cfg.save_logits_top_p, top_k=cfg.save_logits_top_k)
+    assert cfg.save_logits  # called only with --save-logits
     return LogitsStoreWriter(cfg.save_logits, store, truncation, vocab_size=store.vocab_size,
                              teacher=f"online:{cfg.model}")
 
