@@ -23,13 +23,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(VENV)/bin/predistill demo --out $(DEMO_OUT)
 
-# the quick loop while changing a module: everything but the tests marked slow (kills, 2 ranks, benchmarks)
-# and those that need the packaged teacher
+# the quick loop while changing a module: everything but the tests marked slow (kills, 2 ranks, benchmarks,
+# end-to-end passes) and those that need the packaged teacher, one pytest-xdist worker per core
 test-fast: setup
-	$(PY) -m pytest -q -x -m "not slow and not teacher" tests
+	$(PY) -m pytest -q -x -n 2 -m "not slow and not teacher" tests
 
+# ruff (pyflakes, syntax) and mypy (pyproject.toml's [tool.mypy]) over the package: CI runs both before the tests
 lint: setup
 	$(VENV)/bin/ruff check predistill tests bench
+	$(PY) -m mypy
 
 test: setup
 	$(PY) -m pytest -q -ra tests; rc=$$?; \

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Tests never reach the network: hub ids resolve from the local cache or fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test-fast` runs one worker per core: one thread each
+    torch.set_num_threads(1)
 
 
 @contextlib.contextmanager

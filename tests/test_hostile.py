@@ -406,9 +406,10 @@ LOCKED = [
                                                                        "--out", str(o), *TRAIN]),
     ("train resuming OUT", unfinished_run, lambda t, a, o: ["train", "--store", str(a["store"]), "--out", str(o),
                                                            *TRAIN]),
-    ("score into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
-                                                                       "--store", str(a["store"]), "--out", str(o),
-                                                                       "--shard-size", "64", "--no-progress"]),
+    pytest.param("score into a fresh OUT", lambda t, a: t / "o",
+                 lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1", "--store", str(a["store"]),
+                                  "--out", str(o), "--shard-size", "64", "--no-progress"],
+                 marks=pytest.mark.slow),  # a whole scoring pass once the lock is released
     ("report into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["report", str(a["run"]), "--out", str(o)]),
     ("score resuming OUT", unfinished_table, lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
                                                              "--store", str(a["store"]), "--out", str(o),
@@ -416,7 +417,8 @@ LOCKED = [
 ]
 
 
-@pytest.mark.parametrize("case, output, command", LOCKED, ids=[c[0] for c in LOCKED])
+@pytest.mark.parametrize("case, output, command", LOCKED,
+                         ids=[c.values[0] if hasattr(c, "values") else c[0] for c in LOCKED])
 def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_nothing(case, output, command, assets,
                                                                                       tmp_path, capsys):
     import os

@@ -64,6 +64,7 @@ def test_the_twin_really_is_padded_and_would_dominate_unmasked(teachers, tiny_st
     assert forward_params(model, len(tokenizer)) == forward_params(model) - PAD * model.config.hidden_size
 
 
+@pytest.mark.slow  # two full scoring passes with logits
 def test_scores_and_logits_of_a_padded_teacher_equal_the_unpadded_ones(teachers, tiny_store, tmp_path):
     runs = {}
     for name in ("plain", "padded"):

@@ -419,6 +419,7 @@ args = {{ model = "preset:tiny", store = "{{corpus}}", out = "{{self}}/table", s
     assert files[0] == files[1]
 
 
+@pytest.mark.slow  # a recipe run end to end
 def test_verify_checks_a_stages_inputs_before_it_starts(corpus, bpe_tokenizer, tmp_path, capsys):
     body = """
 [[stage]]

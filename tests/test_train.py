@@ -243,6 +243,7 @@ def test_a_run_that_fails_before_writing_leaves_no_directory(tiny_store, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a run with exports, each evaluated
 def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
     """PD's Fig. 5: `train --export-every`, `eval --exports`, and the report's accuracy-over-training."""
     from predistill.eval import EvalConfig, run as evaluate
