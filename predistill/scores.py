@@ -12,7 +12,7 @@ Defined here and nowhere else (written by `predistill score`, read by `sample` a
       manifest.json              format "score_table", config, model/tokenizer/store hashes, shard list,
                                  counts, FLOPs; `complete: true` written last
 
-Shard s holds instances [s·shard_size, (s+1)·shard_size) (`forward.plan_shards`). Each shard is
+Shard s holds instances [s·shard_size, (s+1)·shard_size) (`sharding.plan_shards`). Each shard is
 written atomically and then its marker; a shard counts as done only when its marker's sha256
 matches the data on disk (`artifacts.read_marker`).
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from predistill.artifacts import MANIFEST, PredistillError, json_bytes, read_manifest, read_marker, sha256_file, \
     write_bytes_atomic, write_shard
-from predistill.forward import Shard
+from predistill.sharding import Shard
 from predistill.store import TokenStore, check_same_store
 
 FORMAT = "score_table"

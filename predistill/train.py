@@ -57,9 +57,9 @@ from predistill.crosstok import MappingStats
 from predistill import distill
 from predistill.losses import fused_lm_loss
 from predistill.kernels import fuse_kernels
-from predistill.models import EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, Dist, count_params, \
-    final_hidden, forward_params, head_weight, init_distributed, load_model, load_tokenizer, model_body, resolve_device, \
-    tokenizer_hash
+from predistill.models import EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, count_params, final_hidden, \
+    forward_params, head_weight, load_model, load_tokenizer, model_body, resolve_device, tokenizer_hash
+from predistill.sharding import Dist, init_distributed
 from predistill.selection import load_selection
 from predistill.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.schedules import alpha_at, lr_at

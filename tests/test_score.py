@@ -15,7 +15,8 @@ import torch
 from predistill.artifacts import PredistillError
 from predistill.cli import main as cli_main
 from predistill.models import load_model, load_tokenizer
-from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, plan_shards, run_forward_pass
+from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, run_forward_pass
+from predistill.sharding import plan_shards
 from predistill.retokenize import retokenize
 from predistill.score import ScoreConfig, ShardScoreWriter, run
 from predistill.scores import FORMAT, ScoreTable
