@@ -29,8 +29,8 @@ from pathlib import Path
 
 from common import emit
 
-from predistill.kd import KDConfig
-from predistill.train import TrainConfig, run as train
+from predistill.training.kd import KDConfig
+from predistill.stages.train import TrainConfig, run as train
 
 STUDENT = dict(model="preset:tiny", batch_size=8, seq_len=192, lr=3e-3, lr_schedule="wsd", decay_ratio=0.2,
                eval_every=0, eval_instances=8, seed=1)
@@ -57,8 +57,8 @@ def step_seconds(run_dir: Path, warmup: int = 5) -> tuple[float, float]:
 def vocab_maps(root: Path) -> None:
     """How the map rules differ for SmolLM2's vocabulary → the study's 8k BPE: of the teacher tokens
     the student lacks, how many get another student token from `first` than from `prefix`."""
-    from predistill.crosstok import Speller, VocabMap
-    from predistill.store import TokenStore
+    from predistill.text.crosstok import Speller, VocabMap
+    from predistill.formats.store import TokenStore
 
     teacher = Speller.of(TokenStore(root / "pool" / "store").tokenizer())
     student = Speller.of(TokenStore(root / "pool_bpe").tokenizer())
@@ -76,12 +76,12 @@ def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
     import numpy as np
     import torch
 
-    from predistill.crosstok import Speller, VocabMap, align, map_targets
-    from predistill.distill import ONLINE_CROSS_TOP_K
-    from predistill.logits import LogitsConfig, teacher_targets
-    from predistill.models import load_model, model_body
-    from predistill.retokenize import retokenize
-    from predistill.store import TokenStore
+    from predistill.text.crosstok import Speller, VocabMap, align, map_targets
+    from predistill.training.distill import ONLINE_CROSS_TOP_K
+    from predistill.formats.logits import LogitsConfig, teacher_targets
+    from predistill.modeling.models import load_model, model_body
+    from predistill.text.retokenize import retokenize
+    from predistill.formats.store import TokenStore
 
     store = TokenStore(root / "heldout" / "store")
     smollm2, s_tok = load_model("smollm2-135m")

@@ -1,4 +1,4 @@
-"""KD loss: peak memory and time of predistill.kd vs a naive full-logits implementation.
+"""KD loss: peak memory and time of predistill.training.kd vs a naive full-logits implementation.
 
     python bench/bench_kd_loss.py [--rows 4096] [--vocab 49152] [--hidden 576] [--k 8] [--reps 2]
 
@@ -33,8 +33,8 @@ import time
 import torch
 from common import emit
 
-from predistill.kd import KDConfig, fused_lm_kd_loss, kd_terms, online_kd_loss, teacher_temperature
-from predistill.logits import TeacherTargets
+from predistill.training.kd import KDConfig, fused_lm_kd_loss, kd_terms, online_kd_loss, teacher_temperature
+from predistill.formats.logits import TeacherTargets
 
 CFG = KDConfig(loss="kld", temperature=2.0)
 

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from common import emit
 
-from predistill.logits import LogitsConfig, LogitsStore, LogitsStoreWriter
-from predistill.models import load_model
-from predistill.prepare import PrepareConfig
-from predistill.prepare import run as prepare
-from predistill.sources import parse_sources
-from predistill.store import TokenStore
+from predistill.formats.logits import LogitsConfig, LogitsStore, LogitsStoreWriter
+from predistill.modeling.models import load_model
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
+from predistill.text.sources import parse_sources
+from predistill.formats.store import TokenStore
 
 DEFAULT_SETTINGS = [
     *(LogitsConfig(mode="topk", top_p=0.95, top_k=k) for k in (1, 2, 4, 5, 8, 16, 50)),

@@ -39,15 +39,15 @@ import numpy as np
 import torch
 from common import emit
 
-from predistill.artifacts import read_manifest
-from predistill.kd import KDConfig
-from predistill.logits import LogitsConfig, LogitsStoreWriter
-from predistill.models import load_model
-from predistill.prepare import PrepareConfig
-from predistill.prepare import run as prepare
-from predistill.store import TokenStore
-from predistill.train import TrainConfig
-from predistill.train import run as train
+from predistill.core.artifacts import read_manifest
+from predistill.training.kd import KDConfig
+from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
+from predistill.modeling.models import load_model
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig
+from predistill.stages.train import run as train
 
 TEACHER = "smollm2-135m"
 DEFAULT = LogitsConfig()  # the store default (RS-KD, 8 draws)

@@ -11,8 +11,8 @@ import time
 
 from common import emit
 
-from predistill.chunking import boundary_table, encode_document
-from predistill.models import load_tokenizer
+from predistill.text.chunking import boundary_table, encode_document
+from predistill.modeling.models import load_tokenizer
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ Both paths score the same random right-padded batch (lengths seq/2..seq) and mus
 - ablation: ours but with the attention mask (isolates the chunked-head gain);
 - ours:   the body once without a mask (right padding + causal attention make it exact), then
           the lm head in chunks of `--chunk` positions, only at predicted positions
-          (predistill.score.mean_logprobs): the [B, L, V] logits never exist.
+          (predistill.stages.score.mean_logprobs): the [B, L, V] logits never exist.
 The two are measured alternately, `--rounds` times each, and the medians compared, so a load
 spike on a shared CPU hits both. The ratio is the headline (goal ≥ 1.3× on CPU).
 
@@ -41,8 +41,8 @@ import common
 import numpy as np
 import torch
 
-from predistill.forward import ForwardBatch, mean_logprobs
-from predistill.models import load_model, model_body
+from predistill.training.forward import ForwardBatch, mean_logprobs
+from predistill.modeling.models import load_model, model_body
 
 
 def naive_scores(model, tokens, lengths):
@@ -153,7 +153,7 @@ import json, os, sys, time
 t_main = time.time()
 spent = {"process start (interpreter)": t_main - float(os.environ["BENCH_SPAWN"])}
 start = time.perf_counter()
-import predistill.cli, predistill.forward as fw, predistill.models as md, predistill.score as sc, predistill.store as st
+import predistill.cli, predistill.training.forward as fw, predistill.modeling.models as md, predistill.stages.score as sc, predistill.formats.store as st
 import transformers, transformers.models.llama.modeling_llama  # transformers' lazy imports, here rather than in load
 transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 spent["imports (torch, transformers, predistill)"] = time.perf_counter() - start
@@ -211,11 +211,11 @@ def timed_run(cmd: list[str], env: dict | None = None) -> float:
 
 
 def e2e(args) -> None:
-    from predistill.forward import ModelInputs, score_ids
-    from predistill.sharding import plan_shards
-    from predistill.models import resolve_model
-    from predistill.scores import ScoreTable
-    from predistill.store import TokenStore
+    from predistill.training.forward import ModelInputs, score_ids
+    from predistill.core.sharding import plan_shards
+    from predistill.modeling.models import resolve_model
+    from predistill.formats.scores import ScoreTable
+    from predistill.formats.store import TokenStore
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -330,8 +330,8 @@ def op_profile(model, inputs, n_instances: int, batch: int) -> dict:
     large-square fp32 sgemm rate (best of 5, 2048³) for scale."""
     from torch.profiler import ProfilerActivity, profile
 
-    from predistill.forward import score_ids
-    from predistill.kernels import fuse_kernels
+    from predistill.training.forward import score_ids
+    from predistill.modeling.kernels import fuse_kernels
 
     fuse_kernels(model)
     ids = np.arange(min(n_instances, len(inputs.store)))

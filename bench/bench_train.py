@@ -7,7 +7,7 @@ Part 3: the step time of LM + offline KD (top-5 entries, one shared vocabulary p
 LM-only step, alternating in one process.
 Part 1: tokens/s of `predistill train`'s step (forward + chunked loss + backward + AdamW) for the
 `tiny` and `small` (~10M non-embedding) presets with the SmolLM2 vocabulary (49 152).
-Part 2: LM loss on [N × H] hidden states with a [V × H] head, chunked (predistill.losses) vs
+Part 2: LM loss on [N × H] hidden states with a [V × H] head, chunked (predistill.training.losses) vs
 naive (logits → cross_entropy), values and gradients compared. Each variant runs in a fresh
 subprocess; its peak memory is the process's peak RSS minus its RSS just before the loss, so
 the two numbers are comparable within one run even on a noisy machine.
@@ -63,7 +63,7 @@ def step_memory(loop: str) -> dict[str, float]:
 
 LOSS_CHILD = r"""
 import json, resource, sys, time, torch
-from predistill.losses import fused_lm_loss, lm_loss
+from predistill.training.losses import fused_lm_loss, lm_loss
 variant, n, h, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
 hidden = torch.randn(n, h, requires_grad=True)
@@ -101,7 +101,7 @@ def train_step(model, opt, inputs, mask) -> None:
     user writes it (`model(ids).logits` → cross-entropy)."""
     import torch
 
-    from predistill.train import LossModel
+    from predistill.stages.train import LossModel
 
     if isinstance(model, LossModel):
         lm_sum, _, _, _ = model(inputs, inputs, mask)
@@ -118,7 +118,7 @@ def vocab_model(preset: str):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from predistill.models import load_model
+    from predistill.modeling.models import load_model
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")), eos_token="t0")
@@ -128,7 +128,7 @@ def vocab_model(preset: str):
 def ours(model, activation_checkpointing: bool = False):
     """(LossModel, optimizer) built from a loaded student as `train` builds them (fused kernels,
     optional activation checkpointing, the default loss chunk, fused AdamW)."""
-    from predistill.train import LossModel, TrainConfig, make_optimizer, prepare_student
+    from predistill.stages.train import LossModel, TrainConfig, make_optimizer, prepare_student
 
     cfg = TrainConfig(lr=1e-4, activation_checkpointing=activation_checkpointing)
     prepare_student(model, cfg)
@@ -170,8 +170,8 @@ class SyntheticLogits:
     def __init__(self, batch: int, seq: int, k: int = 5):
         import torch
 
-        from predistill.kd import KDConfig
-        from predistill.logits import TeacherTargets
+        from predistill.training.kd import KDConfig
+        from predistill.formats.logits import TeacherTargets
 
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, VOCAB, (batch, seq, k), generator=g)
@@ -180,7 +180,7 @@ class SyntheticLogits:
         self.cfg = KDConfig.from_temperature("2.0", loss="kld")
 
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
-        from predistill.kd import fused_lm_kd_loss
+        from predistill.training.kd import fused_lm_kd_loss
 
         return fused_lm_kd_loss(hidden, weight, targets, self.targets, self.cfg, mask, weights=(1 - alpha, alpha))
 
@@ -390,7 +390,7 @@ def e2e(args) -> None:
     import statistics
     from pathlib import Path
 
-    from predistill.models import load_model
+    from predistill.modeling.models import load_model
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -401,7 +401,7 @@ def e2e(args) -> None:
                         "builtin:python", "--tokenizer", "smollm2-135m", "--max-len", str(args.seq),
                         "--max-tokens-per-domain", str(args.tokens_per_domain), "--out", str(store)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from predistill.store import TokenStore
+    from predistill.formats.store import TokenStore
 
     model, _ = load_model(f"preset:{args.preset}", TokenStore(store).tokenizer())
     model.config.save_pretrained(work / "config")  # the plain script builds the same architecture

@@ -3,7 +3,7 @@
     bash bench/gpu_check.sh [--out DIR]    # on a GPU: ~10 minutes on one H100/H200 (estimated)
     bash bench/gpu_check.sh --dry          # the same script on CPU with tiny sizes (the test suite runs it)
 
-What it measures, each through the commands a user runs (`predistill.score.run`, `predistill.train.run`):
+What it measures, each through the commands a user runs (`predistill.stages.score.run`, `predistill.stages.train.run`):
 1. teacher scoring tokens/s and MFU: SmolLM2-135M (bf16), and a randomly initialised
    `preset:miniplm-500m` as a larger teacher; the first pass also writes the logits store;
 2. student training tokens/s and MFU: `preset:miniplm-200m`, LM only;
@@ -74,9 +74,9 @@ def mfu(flops_per_s: float) -> float | None:
 
 
 def score_phase(name: str, model: str, store: Path, out: Path, logits_out: Path | None = None) -> dict:
-    from predistill.artifacts import read_manifest
-    from predistill.score import ScoreConfig
-    from predistill.score import run as score
+    from predistill.core.artifacts import read_manifest
+    from predistill.stages.score import ScoreConfig
+    from predistill.stages.score import run as score
 
     reset_memory()
     t0 = time.perf_counter()
@@ -95,8 +95,8 @@ def score_vs_plain_phase(store: Path, out: Path, batch: int, rounds: int) -> dic
     import numpy as np
     from bench_score import PLAIN_LOOP, fresh, timed_run
 
-    from predistill.models import resolve_model
-    from predistill.scores import ScoreTable
+    from predistill.modeling.models import resolve_model
+    from predistill.formats.scores import ScoreTable
 
     device, dtype = ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
     (out / "plain_loop.py").write_text(PLAIN_LOOP)
@@ -118,8 +118,8 @@ def score_vs_plain_phase(store: Path, out: Path, batch: int, rounds: int) -> dic
 
 
 def train_phase(name: str, sizes: Sizes, store: Path, out: Path, **kd) -> dict:
-    from predistill.train import TrainConfig
-    from predistill.train import run as train
+    from predistill.stages.train import TrainConfig
+    from predistill.stages.train import run as train
 
     reset_memory()
     run_dir = train(TrainConfig(model=sizes.student, store=str(store), out=str(out), steps=sizes.steps,
@@ -150,8 +150,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from predistill.prepare import PrepareConfig
-    from predistill.prepare import run as prepare
+    from predistill.stages.prepare import PrepareConfig
+    from predistill.stages.prepare import run as prepare
 
     store = prepare(PrepareConfig(sources=["builtin:shakespeare", "builtin:python"], tokenizer="smollm2-135m",
                                   out=str(out / "store"), max_len=sizes.max_len,

@@ -22,17 +22,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit  # noqa: E402
 
-from predistill.eval import EvalConfig  # noqa: E402
-from predistill.eval import run as evaluate  # noqa: E402
-from predistill.report import BASELINE, summarize_run  # noqa: E402
+from predistill.stages.eval import EvalConfig  # noqa: E402
+from predistill.stages.eval import run as evaluate  # noqa: E402
+from predistill.stages.report import BASELINE, summarize_run  # noqa: E402
 
 
 def selection_by_domain(root: Path) -> None:
     """Per domain of the pool: mean teacher and reference log-probs, their difference, and the share
     of instances the study's selection kept (why Difference Sampling keeps what it keeps)."""
-    from predistill.scores import ScoreTable
-    from predistill.selection import load_selection
-    from predistill.store import TokenStore
+    from predistill.formats.scores import ScoreTable
+    from predistill.formats.selection import load_selection
+    from predistill.formats.store import TokenStore
 
     selection = load_selection(root / "selection")
     teacher = ScoreTable(root / "teacher" / "scores")
@@ -55,7 +55,7 @@ def selection_by_domain(root: Path) -> None:
 def unigram_heldout(pool_dir: Path, heldout_dir: str) -> float:
     """The held-out loss (per-instance mean token NLL) of the pool's unigram distribution (add-0.01
     smoothing): the level a student must get well below to have learned anything past token counts."""
-    from predistill.store import TokenStore
+    from predistill.formats.store import TokenStore
 
     pool, held = TokenStore(pool_dir), TokenStore(heldout_dir)
     counts = np.zeros(pool.vocab_size)

@@ -8,25 +8,25 @@ import shlex
 import sys
 
 from predistill import __version__
-from predistill.artifacts import PredistillError
-from predistill.config import UsageError
+from predistill.core.artifacts import PredistillError
+from predistill.core.config import UsageError
 
 # subcommand → (module, one-line help). A stage appears here only once it is built.
 COMMANDS = {
-    "tokenizer": ("predistill.tokenizer", "train a byte-level BPE tokenizer on text sources"),
-    "prepare": ("predistill.prepare", "turn text sources (or a Megatron dataset) into a token store"),
-    "score": ("predistill.score", "mean token log-prob of every instance under a model (MiniPLM scoring)"),
-    "sample": ("predistill.sample", "select instances by Difference Sampling (or a baseline); report; materialise"),
-    "sft-data": ("predistill.sft", "instruction/chat jsonl → a token store whose loss mask marks the responses (SFT)"),
-    "generate": ("predistill.generate", "SeqKD data: teacher continuations of corpus prefixes, as a token store"),
-    "train": ("predistill.train", "pre-train a causal LM (from scratch or not) on a token store, with optional KD"),
-    "eval": ("predistill.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),
-    "diversity": ("predistill.diversity", "how diverse a corpus (or a selection) is: the Vendi score of model embeddings"),
-    "export": ("predistill.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
-    "verify": ("predistill.verify", "check every hash and schema an artifact records, up front"),
-    "report": ("predistill.report", "Markdown/HTML comparison table and plots from run directories"),
-    "run": ("predistill.recipe", "run a recipe's stages as a DAG, each cached by the hash of its inputs"),
-    "demo": ("predistill.demo", "run the built-in demo recipe (MiniPLM and PD vs baselines) and print the report's path"),
+    "tokenizer": ("predistill.stages.tokenizer", "train a byte-level BPE tokenizer on text sources"),
+    "prepare": ("predistill.stages.prepare", "turn text sources (or a Megatron dataset) into a token store"),
+    "score": ("predistill.stages.score", "mean token log-prob of every instance under a model (MiniPLM scoring)"),
+    "sample": ("predistill.stages.sample", "select instances by Difference Sampling (or a baseline); report; materialise"),
+    "sft-data": ("predistill.stages.sft", "instruction/chat jsonl → a token store whose loss mask marks the responses (SFT)"),
+    "generate": ("predistill.stages.generate", "SeqKD data: teacher continuations of corpus prefixes, as a token store"),
+    "train": ("predistill.stages.train", "pre-train a causal LM (from scratch or not) on a token store, with optional KD"),
+    "eval": ("predistill.stages.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),
+    "diversity": ("predistill.stages.diversity", "how diverse a corpus (or a selection) is: the Vendi score of model embeddings"),
+    "export": ("predistill.stages.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
+    "verify": ("predistill.stages.verify", "check every hash and schema an artifact records, up front"),
+    "report": ("predistill.stages.report", "Markdown/HTML comparison table and plots from run directories"),
+    "run": ("predistill.stages.recipe", "run a recipe's stages as a DAG, each cached by the hash of its inputs"),
+    "demo": ("predistill.stages.demo", "run the built-in demo recipe (MiniPLM and PD vs baselines) and print the report's path"),
 }
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from predistill.prepare import PrepareConfig
-from predistill.prepare import run as prepare
-from predistill.tokenizer import TokenizerConfig
-from predistill.tokenizer import run as train_tokenizer
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

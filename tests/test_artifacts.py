@@ -2,7 +2,7 @@
 
 import pytest
 
-from predistill.artifacts import (PredistillError, check_output, check_plan, read_marker, write_manifest,
+from predistill.core.artifacts import (PredistillError, check_output, check_plan, read_marker, write_manifest,
                                   write_shard)
 
 
@@ -46,7 +46,7 @@ def test_check_output_nothing_to_do_refuse_or_go_on(tmp_path):
 def test_a_resumed_staging_directory_loses_the_temporaries_a_kill_left(tmp_path):
     """A SIGKILL in the middle of `write_json_atomic` leaves `NAME.PID.tmp`; resuming must not carry it
     into OUT (prepare's rerun was not byte-identical when the kill hit its progress file)."""
-    from predistill.artifacts import STAGING_MARK, staged_dir
+    from predistill.core.artifacts import STAGING_MARK, staged_dir
 
     out = tmp_path / "out"
     staging = tmp_path / "out.partial"
@@ -62,7 +62,7 @@ def test_a_resumed_staging_directory_loses_the_temporaries_a_kill_left(tmp_path)
 def test_staging_replaces_only_what_this_tool_wrote(tmp_path):
     """OUT is replaced only when it is this tool's artifact of the same format; OUT.partial only when
     it carries this tool's staging mark for that format; anything else is refused before any work."""
-    from predistill.artifacts import MANIFEST, staged_dir, write_manifest
+    from predistill.core.artifacts import MANIFEST, staged_dir, write_manifest
 
     def stage(out):
         with staged_dir(out, "fmt") as tmp:
@@ -97,7 +97,7 @@ def test_staging_replaces_only_what_this_tool_wrote(tmp_path):
 def test_temporaries_are_created_exclusively_never_through_a_link(tmp_path):
     import os
 
-    from predistill.artifacts import write_bytes_atomic
+    from predistill.core.artifacts import write_bytes_atomic
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")

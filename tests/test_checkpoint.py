@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
-from predistill.checkpoint import METADATA_FILE, SafeFileSystemReader
+from predistill.core.artifacts import PredistillError
+from predistill.modeling.checkpoint import METADATA_FILE, SafeFileSystemReader
 
 
 class RunsCode:
@@ -71,7 +71,7 @@ def test_a_bytes_item_pointed_at_a_pickled_payload_is_refused_and_runs_nothing(t
 
     import torch.distributed.checkpoint as dcp
 
-    from predistill.checkpoint import load_dcp
+    from predistill.modeling.checkpoint import load_dcp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -99,7 +99,7 @@ def test_a_bytes_item_pointed_at_a_pickled_payload_is_refused_and_runs_nothing(t
 def test_plain_bytes_items_still_load(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from predistill.checkpoint import load_dcp
+    from predistill.modeling.checkpoint import load_dcp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

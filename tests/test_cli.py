@@ -43,7 +43,7 @@ def test_missing_required_flag_is_a_usage_error(capsys):
 
 def ranged_settings():
     """(command, leaf) for every setting of every stage that declares an interval."""
-    from predistill.config import leaves
+    from predistill.core.config import leaves
 
     for command in cli.COMMANDS:
         parser = cli.build_parser(command).command_parsers[command]
@@ -55,7 +55,7 @@ def ranged_settings():
 
 def outside(interval: str, integer: bool) -> list[str]:
     """Values just outside an interval, and the non-finite ones."""
-    from predistill.config import _bounds
+    from predistill.core.config import _bounds
 
     low, high = _bounds(interval)
     step = 1 if integer else 1e-9 * max(1.0, abs(low))
@@ -66,7 +66,7 @@ def outside(interval: str, integer: bool) -> list[str]:
 
 
 def test_the_class_declares_ranges_on_every_numeric_setting():
-    from predistill.config import leaves
+    from predistill.core.config import leaves
 
     unranged = []
     for command in cli.COMMANDS:

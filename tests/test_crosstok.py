@@ -1,4 +1,4 @@
-"""Distillation across tokenizers (predistill.crosstok, distill's cross-tokenizer sources, `prepare
+"""Distillation across tokenizers (predistill.text.crosstok, distill's cross-tokenizer sources, `prepare
 --source store:`): alignment on hand-made spellings, spellings of real tokenizers, the vocabulary
 map, the mapped loss and ULD against direct references, and the whole path through `train`."""
 
@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from conftest import kill_train_at_checkpoint, torchrun_train
-from predistill.artifacts import STAGING_MARK, PredistillError
+from predistill.core.artifacts import STAGING_MARK, PredistillError
 from predistill.cli import main as cli_main
-from predistill.crosstok import EOS_BYTES, MappingStats, Speller, VocabMap, align, map_targets, token_spellings
-from predistill.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss
-from predistill.logits import TeacherTargets
-from predistill.prepare import PrepareConfig, run as prepare
-from predistill.store import TokenStore
-from predistill.tokenizer import TokenizerConfig, run as train_tokenizer
+from predistill.text.crosstok import EOS_BYTES, MappingStats, Speller, VocabMap, align, map_targets, token_spellings
+from predistill.training.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss
+from predistill.formats.logits import TeacherTargets
+from predistill.stages.prepare import PrepareConfig, run as prepare
+from predistill.formats.store import TokenStore
+from predistill.stages.tokenizer import TokenizerConfig, run as train_tokenizer
 
 EOS = 0
 
@@ -128,7 +128,7 @@ def sentencepiece_like():
 
 
 def test_byte_level_spellings_spell_the_text_exactly(bpe_tokenizer):
-    from predistill.models import load_tokenizer
+    from predistill.modeling.models import load_tokenizer
 
     tok = load_tokenizer(str(bpe_tokenizer))
     sp = Speller.of(tok)
@@ -150,7 +150,7 @@ def test_sentencepiece_spellings_map_the_space_marker_and_byte_fallback(sentence
 @pytest.mark.parametrize("pair", ["bpe-small", "bpe-sentencepiece"])
 def test_every_aligned_pair_of_real_tokenisations_has_read_the_same_text(pair, bpe_tokenizer, small_bpe,
                                                                         sentencepiece_like):
-    from predistill.models import load_tokenizer
+    from predistill.modeling.models import load_tokenizer
 
     a = load_tokenizer(str(bpe_tokenizer))
     b = load_tokenizer(str(small_bpe)) if pair == "bpe-small" else sentencepiece_like
@@ -242,7 +242,7 @@ def _dense_reference_kd(hidden, weight, t_probs, to_student, next_tokens, alpha,
 
 @pytest.mark.parametrize("rule, tail", [("prefix", "drop"), ("exact", "bucket"), ("exact", "drop"), ("first", "drop")])
 def test_mapped_kd_loss_equals_a_direct_dense_implementation(rule, tail):
-    from predistill.distill import _AcrossTokenizers
+    from predistill.training.distill import _AcrossTokenizers
 
     student = speller("a", "b", "ab", " ", " a", "ba")
     student.first_token = {" ab": 5, "bab": 3, "aa": 1}.get  # " a|b", "ab|ab", "a|a"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
-from predistill.distill import forward_flops_per_token
-from predistill.kd import KDConfig
-from predistill.logits import LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries
-from predistill.models import load_model
-from predistill.store import TokenStore
-from predistill.train import TrainConfig, flops_per_token, run
+from predistill.core.artifacts import PredistillError
+from predistill.training.distill import forward_flops_per_token
+from predistill.training.kd import KDConfig
+from predistill.formats.logits import LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries
+from predistill.modeling.models import load_model
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig, flops_per_token, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,7 +89,7 @@ def test_period_schedule_runs_kd_on_every_fourth_step_only(tiny_store, teacher_d
 
 def test_online_teacher_nll_is_full_vocabulary_soft_cross_entropy(tiny_store, teacher_dir, tmp_path):
     """Vanilla KD's first-step loss equals −Σ_V p_T log q_S computed directly from both models."""
-    from predistill.train import DataOrder, make_batch
+    from predistill.stages.train import DataOrder, make_batch
 
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "vkd"), kd_teacher=str(teacher_dir), alpha=1.0,
                           alpha_schedule="constant", kd=KDConfig(loss="nll"), **{**FAST, "steps": 1}))
@@ -107,8 +107,8 @@ def test_online_teacher_nll_is_full_vocabulary_soft_cross_entropy(tiny_store, te
 
 def test_logits_from_another_store_are_refused_naming_both_hashes(tiny_store, logits_dir, tmp_path, source_specs,
                                                                   bpe_tokenizer):
-    from predistill.prepare import PrepareConfig
-    from predistill.prepare import run as prepare
+    from predistill.stages.prepare import PrepareConfig
+    from predistill.stages.prepare import run as prepare
 
     other = prepare(PrepareConfig(sources=source_specs[:1], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "other"),
                                   max_len=64))
@@ -119,8 +119,8 @@ def test_logits_from_another_store_are_refused_naming_both_hashes(tiny_store, lo
 
 def test_minillm_with_a_teacher_of_another_tokenizer_is_refused(tiny_store, tmp_path, corpus):
     # (Vanilla KD across tokenizers is aligned and mapped: tests/test_crosstok.py)
-    from predistill.tokenizer import TokenizerConfig
-    from predistill.tokenizer import run as train_tokenizer
+    from predistill.stages.tokenizer import TokenizerConfig
+    from predistill.stages.tokenizer import run as train_tokenizer
 
     other_tok = train_tokenizer(TokenizerConfig(sources=[f"jsonl:{corpus['code']}"], out=str(tmp_path / "tok"),
                                                 vocab_size=300))
@@ -154,7 +154,7 @@ def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_stor
     assert manifest(teacher_run)["save_logits"] == str(saved)
 
     # instances the 3 steps never reached were written by the final model: check one directly
-    from predistill.train import DataOrder
+    from predistill.stages.train import DataOrder
 
     seen = set(np.concatenate([DataOrder(np.arange(len(store)), 0).global_batch(s, 4) for s in range(3)]).tolist())
     unseen = next(i for i in range(len(store)) if i not in seen)
@@ -174,7 +174,7 @@ def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_stor
 def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_dir, tmp_path):
     """The first step's KD loss equals Σ KL(q_S ‖ p_T) over the generated positions of samples drawn
     from the initial student with the run's seed, over the corpus tokens of the batch."""
-    from predistill.train import DataOrder, make_batch
+    from predistill.stages.train import DataOrder, make_batch
 
     prefix = 16
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "minillm"), kd_teacher=str(teacher_dir),
@@ -236,8 +236,8 @@ def test_sharding_for_inference_keeps_the_teachers_outputs(teacher_dir, tmp_path
 
     import torch.distributed as dist
 
-    from predistill.distill import shard_for_inference
-    from predistill.models import final_hidden, model_body
+    from predistill.training.distill import shard_for_inference
+    from predistill.modeling.models import final_hidden, model_body
 
     with socket.socket() as s:  # a free port; the environment is restored after the test (other tests spawn ranks)
         s.bind(("127.0.0.1", 0))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import sha256_file, write_manifest
+from predistill.core.artifacts import sha256_file, write_manifest
 from predistill.cli import main as cli_main
-from predistill.diversity import DiversityConfig, run, vendi_score
-from predistill.models import load_model
-from predistill.store import TokenStore
+from predistill.stages.diversity import DiversityConfig, run, vendi_score
+from predistill.modeling.models import load_model
+from predistill.formats.store import TokenStore
 
 
 def test_vendi_score_counts_effectively_distinct_items():

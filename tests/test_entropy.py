@@ -1,11 +1,11 @@
-"""predistill.entropy: Huffman-coded integer streams with per-block random access."""
+"""predistill.formats.entropy: Huffman-coded integer streams with per-block random access."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from predistill import entropy
+from predistill.formats import entropy
 
 
 def round_trip(values, n_direct, raw_bits, blocks):

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from predistill import cli
-from predistill.artifacts import PredistillError, write_manifest
-from predistill.eval import PAPER_TASKS, EvalConfig, average_accuracy, fewshot_table, heldout_metrics, \
+from predistill.core.artifacts import PredistillError, write_manifest
+from predistill.stages.eval import PAPER_TASKS, EvalConfig, average_accuracy, fewshot_table, heldout_metrics, \
     heldout_sequences, run, task_rows
-from predistill.models import load_model, resolve_model
-from predistill.store import TokenStore
-from predistill.tasks import CONTINUATION, LASTWORD
-from predistill.tokenizer import TokenizerConfig
-from predistill.tokenizer import run as train_tokenizer
+from predistill.modeling.models import load_model, resolve_model
+from predistill.formats.store import TokenStore
+from predistill.formats.tasks import CONTINUATION, LASTWORD
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""predistill/generate.py: SeqKD data — teacher continuations of corpus prefixes as a token store."""
+"""predistill/stages/generate.py: SeqKD data — teacher continuations of corpus prefixes as a token store."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from predistill import generate as gen
-from predistill.artifacts import PredistillError, is_complete, sha256_file, write_manifest
+from predistill.stages import generate as gen
+from predistill.core.artifacts import PredistillError, is_complete, sha256_file, write_manifest
 from predistill.cli import main as cli_main
-from predistill.generate import GenerateConfig, run
-from predistill.models import forward_params, load_model, load_tokenizer, tokenizer_hash
-from predistill.store import TokenStore
-from predistill.tokenizer import TokenizerConfig
-from predistill.tokenizer import run as train_tokenizer
+from predistill.stages.generate import GenerateConfig, run
+from predistill.modeling.models import forward_params, load_model, load_tokenizer, tokenizer_hash
+from predistill.formats.store import TokenStore
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 from conftest import REPO, single_thread, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def save_teacher(tokenizer_dir: Path, out: Path, store: Path, seed: int = 0, ste
     """A tiny teacher as a plain HF directory, briefly trained on `store` (re-tokenised when its
     tokenizer differs) so that its predictions depend on the context like a real LM's: a random
     model's near-uniform, context-blind argmaxes would make the batching tests vacuous."""
-    from predistill.forward import ModelInputs
+    from predistill.training.forward import ModelInputs
 
     model, tokenizer = load_model("preset:tiny", tokenizer=str(tokenizer_dir), seed=seed)
     inputs = ModelInputs(TokenStore(store), tokenizer, max_len=48)
@@ -237,8 +237,8 @@ def test_sigkilled_cli_run_resumes_byte_identical(tiny_store, teacher, tmp_path)
 
 
 def test_student_trains_on_the_generated_store(sampled, tmp_path):
-    from predistill.train import TrainConfig
-    from predistill.train import run as train
+    from predistill.stages.train import TrainConfig
+    from predistill.stages.train import run as train
 
     run_dir = train(TrainConfig(model="preset:tiny", store=str(sampled), out=str(tmp_path / "student"), steps=3,
                                 batch_size=2, seq_len=32))

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predistill import cli, megatron
-from predistill.artifacts import sha256_file, write_manifest
-from predistill.logits import LogitsConfig
-from predistill.score import ScoreConfig
-from predistill.score import run as score
-from predistill.store import TokenStore
-from predistill.train import TrainConfig
-from predistill.train import run as train
+from predistill import cli
+from predistill.formats import megatron
+from predistill.core.artifacts import sha256_file, write_manifest
+from predistill.formats.logits import LogitsConfig
+from predistill.stages.score import ScoreConfig
+from predistill.stages.score import run as score
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig
+from predistill.stages.train import run as train
 
 # α held constant: 2 steps of the default WSD-α would both have α = 0 (warmup, decay) and never read the logits
 TRAIN = ["--model", "preset:tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-instances", "4",
@@ -369,7 +370,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(assets, tmp_path, cap
     import errno
     import os
 
-    import predistill.artifacts as artifacts
+    import predistill.core.artifacts as artifacts
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -423,7 +424,7 @@ def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_no
                                                                                       tmp_path, capsys):
     import os
 
-    from predistill.artifacts import lock_dir
+    from predistill.core.artifacts import lock_dir
 
     out = output(tmp_path, assets)
     out.mkdir(exist_ok=True)

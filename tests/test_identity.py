@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from predistill.config import EXECUTION, Effect, flat_identity, from_flat, identity, keys_with_effect, leaves, \
+from predistill.core.config import EXECUTION, Effect, flat_identity, from_flat, identity, keys_with_effect, leaves, \
     option, to_flat
-from predistill.rundir import DESIGN_AXES, TrainConfig, configuration_keys, result_identity
+from predistill.training.rundir import DESIGN_AXES, TrainConfig, configuration_keys, result_identity
 
 
 @dataclasses.dataclass

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from predistill.artifacts import PredistillError
-from predistill.kd import KD_LOSSES, TEMPERATURE_MODES, KDConfig, kd_loss, lm_kd_loss, online_kd_loss
-from predistill.logits import TeacherTargets
-from predistill.losses import lm_loss
+from predistill.core.artifacts import PredistillError
+from predistill.training.kd import KD_LOSSES, TEMPERATURE_MODES, KDConfig, kd_loss, lm_kd_loss, online_kd_loss
+from predistill.formats.logits import TeacherTargets
+from predistill.training.losses import lm_loss
 
 LOSSES = tuple(KD_LOSSES)  # the per-entry losses; ULD (sorted probabilities) is pinned in test_crosstok.py
 
@@ -188,7 +188,7 @@ def test_fused_online_lm_kd_equals_naive_full_logits(loss, mode):
     """The online path with the LM loss in the same pass and the gradient computed in the forward:
     values and gradients equal (1−α)·cross-entropy + α·KD on full [rows, V] logits (float64
     reference), padding excluded, for every loss × temperature mode."""
-    from predistill.kd import fused_online_lm_kd_loss
+    from predistill.training.kd import fused_online_lm_kd_loss
 
     g = torch.Generator().manual_seed(9)
     hs, ws = torch.randn(2, 4, H, generator=g), torch.randn(V, H, generator=g) * 0.4
@@ -217,7 +217,7 @@ def test_fused_online_lm_kd_equals_naive_full_logits(loss, mode):
 
 
 def test_fused_online_accumulates_over_micro_batches_and_costs_nothing_without_grad():
-    from predistill.kd import fused_online_lm_kd_loss
+    from predistill.training.kd import fused_online_lm_kd_loss
 
     g = torch.Generator().manual_seed(4)
     hs, ws = torch.randn(6, H, generator=g), torch.randn(V, H, generator=g)
@@ -374,7 +374,7 @@ def test_fused_lm_kd_loss_equals_the_recomputing_one_in_values_and_gradients(los
     """The gradient computed in the forward pass (fused_lm_kd_loss) is the one autograd gets through
     lm_kd_loss, for every loss × temperature × tail, with rows the teacher has nothing for and
     padding; the two sums may be weighed freely (α schedules)."""
-    from predistill.kd import fused_lm_kd_loss
+    from predistill.training.kd import fused_lm_kd_loss
 
     hidden, weight, targets = make_case(seed=23, n_rows=10)
     hidden, targets = hidden.view(2, 5, H), targets.reshape(2, 5, K)
@@ -399,7 +399,7 @@ def test_fused_lm_kd_loss_equals_the_recomputing_one_in_values_and_gradients(los
 
 
 def test_fused_lm_kd_loss_refuses_a_loss_that_weighs_its_sums_otherwise():
-    from predistill.kd import fused_lm_kd_loss
+    from predistill.training.kd import fused_lm_kd_loss
 
     hidden, weight, targets = make_case(seed=5, n_rows=4)
     h = hidden.clone().requires_grad_()

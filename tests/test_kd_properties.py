@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
-from predistill.kd import KD_LOSSES, KDConfig, kd_loss, online_kd_loss, teacher_temperature
-from predistill.logits import TeacherTargets
+from predistill.training.kd import KD_LOSSES, KDConfig, kd_loss, online_kd_loss, teacher_temperature
+from predistill.formats.logits import TeacherTargets
 
 V, K, ROWS = 10, 4, 5
 TAILS = ("drop", "bucket")

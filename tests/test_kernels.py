@@ -1,4 +1,4 @@
-"""predistill.kernels: the fused RMSNorm / SwiGLU forwards change memory, not results."""
+"""predistill.modeling.kernels: the fused RMSNorm / SwiGLU forwards change memory, not results."""
 
 import copy
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from predistill.kernels import fuse_kernels
-from predistill.rundir import result_identity
-from predistill.train import TrainConfig, prepare_student
+from predistill.modeling.kernels import fuse_kernels
+from predistill.training.rundir import result_identity
+from predistill.stages.train import TrainConfig, prepare_student
 
 
 def tiny(family: str):

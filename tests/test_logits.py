@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
-from predistill.logits import (P_SLACK, Encoding, LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries,
+from predistill.core.artifacts import PredistillError
+from predistill.formats.logits import (P_SLACK, Encoding, LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries,
                                dequantize_logprobs, entries_to_targets, global_positions, pack_bits,
                                quantize_logprobs, sample_entries, teacher_targets, truncate_top_p_k, unpack_bits)
-from predistill.store import TokenStore, TokenStoreWriter
+from predistill.formats.store import TokenStore, TokenStoreWriter
 
 VOCAB, HID = 300, 16  # 300 ids → 9-bit ids: exercises the generic bit packer
 
@@ -283,8 +283,8 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     import test_logits as t
-    from predistill.logits import LogitsStoreWriter
-    from predistill.store import TokenStore
+    from predistill.formats.logits import LogitsStoreWriter
+    from predistill.formats.store import TokenStore
     store = TokenStore({store!r})
     writer = LogitsStoreWriter({out!r}, store, t.TOPK, vocab_size=t.VOCAB, teacher="fake")
     original = writer._write_shard
@@ -387,7 +387,7 @@ def test_teacher_targets_for_an_online_truncated_teacher():
 @pytest.mark.teacher
 @pytest.mark.slow
 def test_stored_entries_equal_smollm2_top_p_k(tmp_path, smollm2_tiny_store):
-    from predistill.models import load_model
+    from predistill.modeling.models import load_model
 
     store = TokenStore(smollm2_tiny_store)
     model, _ = load_model("smollm2-135m")
@@ -457,7 +457,7 @@ def test_version_1_stores_stay_readable(tmp_path, store, cfg, monkeypatch):
     reads back the same entries as today's version 2 (whose size is measured by
     bench/bench_logits_bytes.py: at this toy size the per-shard code tables dominate)."""
     v2 = write_store(tmp_path / "v2", store, cfg)
-    import predistill.logits as logits_module
+    import predistill.formats.logits as logits_module
 
     current = logits_module.Encoding.of
     monkeypatch.setattr(logits_module, "VERSION", 1)

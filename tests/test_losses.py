@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from predistill.losses import fused_lm_loss, gather_logprobs, lm_loss, token_logprobs
+from predistill.training.losses import fused_lm_loss, gather_logprobs, lm_loss, token_logprobs
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])
@@ -127,7 +127,7 @@ def test_a_fused_loss_backward_runs_once():
 def test_inference_head_equals_the_chunked_loss_head():
     """inference_token_logprobs (transposed logits in one reused buffer, in-place log-sum-exp; what
     scoring uses) is token_logprobs without its allocations, for any chunking, to float rounding."""
-    from predistill.losses import inference_token_logprobs
+    from predistill.training.losses import inference_token_logprobs
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(1000, 32, generator=g)

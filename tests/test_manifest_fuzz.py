@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from predistill import cli
-from predistill.store import TokenStore
-from predistill.train import TrainConfig, run as train
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig, run as train
 from test_logits import make_store, write_store
 from test_scores import make_table
 from test_selection import make_selection
@@ -48,7 +48,7 @@ def artifacts(tmp_path_factory, tiny_store):
     root = tmp_path_factory.mktemp("fuzz")
     store = TokenStore(tiny_store)
     logits_store = make_store(root / "lstore", seed=0)
-    from predistill.logits import LogitsConfig
+    from predistill.formats.logits import LogitsConfig
 
     write_store(root / "logits", logits_store, LogitsConfig(mode="sample", samples=4, shard_instances=4))
     return {

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from predistill import cli, megatron
-from predistill.artifacts import PredistillError
-from predistill.export import ExportConfig
-from predistill.export import run as export
-from predistill.models import load_tokenizer
-from predistill.prepare import PrepareConfig
-from predistill.prepare import run as prepare
-from predistill.store import TokenStore
+from predistill import cli
+from predistill.formats import megatron
+from predistill.core.artifacts import PredistillError
+from predistill.stages.export import ExportConfig
+from predistill.stages.export import run as export
+from predistill.modeling.models import load_tokenizer
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
+from predistill.formats.store import TokenStore
 
 
 def read_layout(prefix: Path) -> dict:

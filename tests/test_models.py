@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
-from predistill.models import PRESETS, MambaPreset, Preset, count_params, load_model, load_tokenizer, model_body, preset_config
+from predistill.core.artifacts import PredistillError
+from predistill.modeling.models import PRESETS, MambaPreset, Preset, count_params, load_model, load_tokenizer, model_body, preset_config
 
 QWEN_VOCAB = 151_936  # the MiniPLM students' vocabulary: their size names include the embedding
 
@@ -133,7 +133,7 @@ def test_a_released_config_is_a_from_scratch_architecture_with_the_tokenizers_vo
 def test_the_llama_212m_preset_reads_miniplms_released_config(monkeypatch, tmp_path, bpe_tokenizer):
     """Offline and not cached, it fails in one line naming the hub id; with the config at hand
     (here: a stand-in directory in its place), it builds what the config says."""
-    import predistill.models as models
+    import predistill.modeling.models as models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -181,7 +181,7 @@ Devoutly to be wish'd."""
 def test_smollm2_converts_to_a_plain_hf_directory(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from predistill.models import smollm2_dir
+    from predistill.modeling.models import smollm2_dir
 
     monkeypatch.setenv("PREDISTILL_CACHE", str(tmp_path / "cache"))
     directory = smollm2_dir()
@@ -219,11 +219,11 @@ def test_cross_family_presets_train_export_score_and_evaluate(tiny_store, tmp_pa
     """MiniPLM's students of other families run through every stage a Qwen student does."""
     from transformers import AutoModelForCausalLM
 
-    from predistill.eval import EvalConfig, run as evaluate
-    from predistill.score import ScoreConfig, run as score
-    from predistill.scores import ScoreTable
-    from predistill.store import TokenStore
-    from predistill.train import TrainConfig, run as train
+    from predistill.stages.eval import EvalConfig, run as evaluate
+    from predistill.stages.score import ScoreConfig, run as score
+    from predistill.formats.scores import ScoreTable
+    from predistill.formats.store import TokenStore
+    from predistill.stages.train import TrainConfig, run as train
 
     out = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), model=f"preset:{preset}", steps=12,
                             batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_every=6, eval_instances=16))

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from predistill import packaged
-from predistill.prepare import PrepareConfig, run as prepare
-from predistill.sources import parse_source
+from predistill.text import packaged
+from predistill.stages.prepare import PrepareConfig, run as prepare
+from predistill.text.sources import parse_source
 
 SOME = 40  # documents read per source: enough to see each kind, quick
 
@@ -65,7 +65,7 @@ def test_round_robin_takes_one_of_each_in_turn():
 
 
 def test_unknown_builtin_is_one_line():
-    from predistill.artifacts import PredistillError
+    from predistill.core.artifacts import PredistillError
 
     with pytest.raises(PredistillError, match="unknown built-in source 'nope'"):
         parse_source("builtin:nope")

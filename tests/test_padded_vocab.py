@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.distill import MiniLLM
-from predistill.generate import GenerateConfig
-from predistill.generate import run as generate
-from predistill.kd import KDConfig
-from predistill.logits import LogitsConfig, LogitsStore
-from predistill.models import forward_params, head_weight, load_model
-from predistill.score import ScoreConfig
-from predistill.score import run as score
-from predistill.scores import ScoreTable
-from predistill.store import TokenStore
-from predistill.train import TrainConfig
-from predistill.train import run as train
+from predistill.training.distill import MiniLLM
+from predistill.stages.generate import GenerateConfig
+from predistill.stages.generate import run as generate
+from predistill.training.kd import KDConfig
+from predistill.formats.logits import LogitsConfig, LogitsStore
+from predistill.modeling.models import forward_params, head_weight, load_model
+from predistill.stages.score import ScoreConfig
+from predistill.stages.score import run as score
+from predistill.formats.scores import ScoreTable
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig
+from predistill.stages.train import run as train
 
 PAD = 64
 FAST = dict(model="preset:tiny", steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_instances=8, alpha_schedule="constant")

@@ -17,11 +17,11 @@ import pytest
 from conftest import make_code, make_prose, write_jsonl
 
 from predistill import cli
-from predistill.artifacts import PredistillError
-from predistill.models import load_tokenizer, tokenizer_hash
-from predistill.chunking import Chunker, boundary_table
-from predistill.prepare import PrepareConfig, _is_val, run
-from predistill.store import TokenStore
+from predistill.core.artifacts import PredistillError
+from predistill.modeling.models import load_tokenizer, tokenizer_hash
+from predistill.text.chunking import Chunker, boundary_table
+from predistill.stages.prepare import PrepareConfig, _is_val, run
+from predistill.formats.store import TokenStore
 
 MAX_LEN = 64
 
@@ -400,7 +400,7 @@ def test_smollm2_store_of_the_builtin_corpus_retokenizes(tmp_path):
 @pytest.mark.parametrize("where", ["right after a checkpoint", "between checkpoints", "in the second domain"])
 def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(tmp_path, bpe_tokenizer, corpus,
                                                                            monkeypatch, capsys, where):
-    import predistill.prepare as prepare_module
+    import predistill.stages.prepare as prepare_module
 
     cfg = dict(sources=[f"prose=jsonl:{corpus['prose']}", f"code=jsonl:{corpus['code']}"], tokenizer=str(bpe_tokenizer),
                max_len=MAX_LEN, val_fraction=0.1, checkpoint_tokens=300)
@@ -440,7 +440,7 @@ def test_a_resume_after_an_input_changed_starts_over_and_never_mixes_old_and_new
                                                                                       corpus, monkeypatch, capsys):
     import shutil
 
-    import predistill.prepare as prepare_module
+    import predistill.stages.prepare as prepare_module
 
     source = tmp_path / "prose.jsonl"
     shutil.copy(corpus["prose"], source)
@@ -468,8 +468,8 @@ def test_a_resume_after_an_input_changed_starts_over_and_never_mixes_old_and_new
 def test_a_second_writer_of_one_output_is_refused_while_the_first_holds_it(tmp_path, bpe_tokenizer, corpus):
     import os
 
-    from predistill.artifacts import STAGING_MARK, lock_dir
-    from predistill.store import FORMAT
+    from predistill.core.artifacts import STAGING_MARK, lock_dir
+    from predistill.formats.store import FORMAT
 
     out = tmp_path / "store"
     staging = tmp_path / "store.partial"

@@ -1,4 +1,4 @@
-"""predistill/proxy.py: MiniPLM_prx — a proxy predicts the difference score from a scored subset."""
+"""predistill/training/proxy.py: MiniPLM_prx — a proxy predicts the difference score from a scored subset."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from predistill.cli import main as cli_main
-from predistill.models import load_model
-from predistill.proxy import ProxyConfig, rankdata, run_proxy, spearman
-from predistill.score import ScoreConfig
-from predistill.scores import ScoreTable
-from predistill.selection import load_selection, top_fraction
-from predistill.score import run as score
-from predistill.store import TokenStore
+from predistill.modeling.models import load_model
+from predistill.training.proxy import ProxyConfig, rankdata, run_proxy, spearman
+from predistill.stages.score import ScoreConfig
+from predistill.formats.scores import ScoreTable
+from predistill.formats.selection import load_selection, top_fraction
+from predistill.stages.score import run as score
+from predistill.formats.store import TokenStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,7 +95,7 @@ def test_sample_method_proxy_against_full_difference_sampling(tiny_store, models
 
 
 def test_proxy_refuses_a_store_too_small_for_its_subsets(tiny_store, models):
-    from predistill.artifacts import PredistillError
+    from predistill.core.artifacts import PredistillError
 
     cfg = ProxyConfig(teacher_model=models["teacher"], reference_model=models["reference"], fraction=0.6,
                       check_fraction=0.6, progress=False)

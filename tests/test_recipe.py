@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
-from predistill.artifacts import PredistillError
-from predistill.recipe import RECIPES_DIR, execute, load_recipe, plan, record_path, stage_argv
+from predistill.core.artifacts import PredistillError
+from predistill.stages.recipe import RECIPES_DIR, execute, load_recipe, plan, record_path, stage_argv
 
 
 def write_recipe(path: Path, corpus: dict, *, vocab: int = 300, steps: int = 2, code_max_len: int = 48) -> Path:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from predistill import cli
-from predistill.artifacts import PredistillError, write_manifest
-from predistill.report import (ReportConfig, fit_power_law, flops_to_reach, reconstruct_command, run, scaling_fits,
+from predistill.core.artifacts import PredistillError, write_manifest
+from predistill.stages.report import (ReportConfig, fit_power_law, flops_to_reach, reconstruct_command, run, scaling_fits,
                                seed_groups, summarize_run)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -350,7 +350,7 @@ def test_cli_report(tmp_path, runs, capsys):
 def test_a_diverged_run_is_shown_as_such_not_as_missing(tmp_path, capsys):
     diverged = fabricate_run(tmp_path, "nan", method="PD", flops=1e12, tokens=1e6, final_val_loss=float("nan"))
     fine = fabricate_run(tmp_path, "ok", method="Pre-Train w/o KD", flops=1e12, tokens=1e6, final_val_loss=5.0)
-    from predistill.report import ReportConfig, run as report
+    from predistill.stages.report import ReportConfig, run as report
 
     out = report(ReportConfig(runs=[str(diverged), str(fine)], out=str(tmp_path / "report")))
     assert "non-finite (diverged)" in table_row((out / "report.md").read_text(), "nan")

@@ -1,4 +1,4 @@
-"""predistill/sample.py: Difference Sampling, baselines, the report, cross-family materialisation."""
+"""predistill/stages/sample.py: Difference Sampling, baselines, the report, cross-family materialisation."""
 
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
+from predistill.core.artifacts import PredistillError
 from predistill.cli import main as cli_main
-from predistill.models import load_model, load_tokenizer
-from predistill.prepare import PrepareConfig
-from predistill.prepare import run as prepare
-from predistill.sample import SampleConfig, run
-from predistill.score import ScoreConfig
-from predistill.scores import ScoreTable
-from predistill.selection import load_selection, top_fraction
-from predistill.score import run as score
-from predistill.store import TokenStore
-from predistill.tokenizer import TokenizerConfig
-from predistill.tokenizer import run as train_tokenizer
+from predistill.modeling.models import load_model, load_tokenizer
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
+from predistill.stages.sample import SampleConfig, run
+from predistill.stages.score import ScoreConfig
+from predistill.formats.scores import ScoreTable
+from predistill.formats.selection import load_selection, top_fraction
+from predistill.stages.score import run as score
+from predistill.formats.store import TokenStore
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_baselines_teacher_ppl_and_random(tables, tiny_store, tmp_path):
 
 def test_a_new_sampling_method_is_one_function_and_one_registry_entry(tables, monkeypatch, tmp_path):
     # docs/architecture.md's recipe, followed literally: the selection, its checks and its report work
-    from predistill import sample as sample_module
+    from predistill.stages import sample as sample_module
 
     def reference_ppl(n, teacher, reference, keep, seed):  # keep what the small reference finds hardest
         return -np.asarray(reference, dtype=np.float32)
@@ -279,7 +279,7 @@ def test_selection_with_packaged_teacher_equals_plain_hf_recomputation(tmp_path)
 
 
 def test_a_teacher_worse_than_its_reference_on_most_instances_looks_swapped():
-    from predistill.sample import _looks_swapped
+    from predistill.stages.sample import _looks_swapped
 
     reference = np.linspace(-8, -2, 50).astype(np.float32)
     assert "swapped" in _looks_swapped(reference - 1.0, reference)

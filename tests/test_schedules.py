@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from predistill.schedules import alpha_at, lr_at
+from predistill.training.schedules import alpha_at, lr_at
 
 TOTAL = 1000  # WSD: 100 warmup steps (10%), 10 decay steps (1%)
 

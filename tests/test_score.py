@@ -1,4 +1,4 @@
-"""predistill/score.py: MiniPLM's per-instance mean log-prob, the score table, resume, ranks, hook."""
+"""predistill/stages/score.py: MiniPLM's per-instance mean log-prob, the score table, resume, ranks, hook."""
 
 from __future__ import annotations
 
@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
+from predistill.core.artifacts import PredistillError
 from predistill.cli import main as cli_main
-from predistill.models import load_model, load_tokenizer
-from predistill.forward import ForwardBatch, ForwardConsumer, ModelInputs, run_forward_pass
-from predistill.sharding import plan_shards
-from predistill.retokenize import retokenize
-from predistill.score import ScoreConfig, ShardScoreWriter, run
-from predistill.scores import FORMAT, ScoreTable
-from predistill.store import TokenStore
-from predistill.tokenizer import TokenizerConfig
-from predistill.tokenizer import run as train_tokenizer
+from predistill.modeling.models import load_model, load_tokenizer
+from predistill.training.forward import ForwardBatch, ForwardConsumer, ModelInputs, run_forward_pass
+from predistill.core.sharding import plan_shards
+from predistill.text.retokenize import retokenize
+from predistill.stages.score import ScoreConfig, ShardScoreWriter, run
+from predistill.formats.scores import FORMAT, ScoreTable
+from predistill.formats.store import TokenStore
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 from conftest import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,8 +84,8 @@ def test_rerun_skips_finished_shards_and_redoes_a_corrupt_one(tiny_store, tmp_pa
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    import predistill.artifacts as artifacts
-    import predistill.score as score
+    import predistill.core.artifacts as artifacts
+    import predistill.stages.score as score
     mode, store, out = sys.argv[1:4]
     calls = {"n": 0}
     if mode == "mid-batch":

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from predistill.cli import main as cli_main
-from predistill.logits import P_SLACK, LogitsConfig, LogitsStore
-from predistill.models import load_model, load_tokenizer
-from predistill.score import ScoreConfig, run
-from predistill.scores import ScoreTable
-from predistill.store import TokenStore
-from predistill.tokenizer import TokenizerConfig
-from predistill.tokenizer import run as train_tokenizer
+from predistill.formats.logits import P_SLACK, LogitsConfig, LogitsStore
+from predistill.modeling.models import load_model, load_tokenizer
+from predistill.stages.score import ScoreConfig, run
+from predistill.formats.scores import ScoreTable
+from predistill.formats.store import TokenStore
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 from conftest import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")

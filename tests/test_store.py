@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.artifacts import PredistillError
-from predistill.store import TokenStore, TokenStoreWriter, check_same_store, token_dtype
+from predistill.core.artifacts import PredistillError
+from predistill.formats.store import TokenStore, TokenStoreWriter, check_same_store, token_dtype
 
 INSTANCES = [[5, 6, 7], [1], [9, 8, 7, 6, 5], [2, 0]]
 
@@ -153,7 +153,7 @@ def test_an_id_outside_the_vocabulary_is_refused_when_read_even_without_checksum
 
 
 def test_chunk_checksums_cover_the_whole_file(tmp_path, monkeypatch):
-    import predistill.store as store_module
+    import predistill.formats.store as store_module
 
     monkeypatch.setattr(store_module, "CHUNK_BYTES", 8)  # 4 uint16 ids per chunk: 11 ids → 3 chunks
     store = TokenStore(write_store(tmp_path / "s"))

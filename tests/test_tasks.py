@@ -8,9 +8,9 @@ import re
 import pytest
 import yaml
 
-from predistill.artifacts import PredistillError
-from predistill.store import TokenStore
-from predistill.tasks import (CONTINUATION, LASTWORD, LocalTaskConfig, build, continuation_split, item_counts,
+from predistill.core.artifacts import PredistillError
+from predistill.formats.store import TokenStore
+from predistill.formats.tasks import (CONTINUATION, LASTWORD, LocalTaskConfig, build, continuation_split, item_counts,
                               lastword_item, passages)
 
 SMALL = dict(min_context_chars=20, max_context_chars=200, min_choice_chars=5, max_choice_chars=60)

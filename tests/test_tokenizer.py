@@ -8,9 +8,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from predistill import cli
-from predistill.artifacts import read_manifest
-from predistill.models import load_tokenizer
-from predistill.tokenizer import EOS
+from predistill.core.artifacts import read_manifest
+from predistill.modeling.models import load_tokenizer
+from predistill.stages.tokenizer import EOS
 
 TEXTS = ["Hello, world!", "  leading spaces\tand tabs\n\nnewlines ", "naïve café — 日本語 🤖 ∑x²",
          "def f(x):\n    return x ** 2  # comment\n", "<|endoftext|> is a special token", "\x00\x7f\u200b"]
@@ -76,7 +76,7 @@ def test_cli_tokenizer_bad_input(tmp_path, capsys):
 
 
 def test_a_tokenizer_trained_on_a_token_stores_text(tiny_store, tmp_path, capsys):
-    from predistill.store import TokenStore
+    from predistill.formats.store import TokenStore
 
     out = tmp_path / "tok"
     cli.main(["tokenizer", "--source", f"store:{tiny_store}", "--out", str(out), "--vocab-size", "300"])

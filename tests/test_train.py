@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import kill_train_at_checkpoint, torchrun_train
-from predistill.artifacts import PredistillError
+from predistill.core.artifacts import PredistillError
 from predistill.cli import main as cli_main
-from predistill.models import count_params, load_model
-from predistill.store import TokenStore
-from predistill.train import DataOrder, LossModel, TrainConfig, flops_per_token, make_batch, run
+from predistill.modeling.models import count_params, load_model
+from predistill.formats.store import TokenStore
+from predistill.stages.train import DataOrder, LossModel, TrainConfig, flops_per_token, make_batch, run
 
 FAST = dict(model="preset:tiny", steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_instances=16)
 
@@ -84,7 +84,7 @@ def test_training_lowers_heldout_loss_and_exports_a_loadable_hf_model(tiny_store
 def test_heldout_sets_are_scored_on_all_their_instances_after_the_last_step(tiny_store, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from predistill.eval import heldout_metrics
+    from predistill.stages.eval import heldout_metrics
 
     # the sets are scored whole, whatever --eval-instances caps the curve's evaluations at
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "seq_len": 64},
@@ -140,7 +140,7 @@ def test_flops_budget_sets_the_number_of_steps(tiny_store, tmp_path):
 
 def test_epochs_set_the_steps_and_the_manifest_counts_the_passes_over_the_data(tiny_store, tmp_path):
     """The data-limited regime: a selection of 14 instances repeated 3 times, every instance seen 3 times."""
-    from predistill.artifacts import sha256_file, write_manifest
+    from predistill.core.artifacts import sha256_file, write_manifest
 
     store = TokenStore(tiny_store)
     ids = np.arange(0, 28, 2, dtype=np.int64)
@@ -222,7 +222,7 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(tiny_store, tmp_path, damage
 def test_a_second_trainer_of_one_run_directory_is_refused_while_the_first_holds_it(tiny_store, tmp_path):
     import os
 
-    from predistill.artifacts import lock_dir
+    from predistill.core.artifacts import lock_dir
 
     out = tmp_path / "run"
     out.mkdir()
@@ -246,8 +246,8 @@ def test_a_run_that_fails_before_writing_leaves_no_directory(tiny_store, tmp_pat
 @pytest.mark.slow  # a run with exports, each evaluated
 def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
     """PD's Fig. 5: `train --export-every`, `eval --exports`, and the report's accuracy-over-training."""
-    from predistill.eval import EvalConfig, run as evaluate
-    from predistill.report import ReportConfig, run as report
+    from predistill.stages.eval import EvalConfig, run as evaluate
+    from predistill.stages.report import ReportConfig, run as report
 
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST, export_every=3))
     for step in (3, 6):
@@ -274,8 +274,8 @@ def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_pat
 
 
 def test_kd_settings_do_not_tell_lm_only_runs_apart():
-    from predistill.kd import KDConfig
-    from predistill.rundir import result_identity
+    from predistill.training.kd import KDConfig
+    from predistill.training.rundir import result_identity
 
     plain = TrainConfig(store="s", out="o")
     assert result_identity(plain) == result_identity(TrainConfig(store="s", out="o", kd=KDConfig(vocab_map="exact")))
@@ -342,7 +342,7 @@ def test_bad_input_is_one_line_error(tiny_store, tmp_path, capsys, args, message
 
 
 def test_selection_trains_only_on_the_selected_instances(tiny_store, tmp_path):
-    from predistill.artifacts import sha256_file, write_manifest
+    from predistill.core.artifacts import sha256_file, write_manifest
 
     store = TokenStore(tiny_store)
     sel = tmp_path / "sel"
@@ -475,7 +475,7 @@ def test_online_logits_from_two_ranks_match_one_rank(tiny_store, tmp_path, shard
     """PD's online logits (--save-logits) from two DDP or FSDP ranks: the store one rank writes.
     FSDP is how a 9B teacher trains; its head is gathered for the entries, and the instances no step
     saw go through the final model on both ranks."""
-    from predistill.logits import LogitsStore
+    from predistill.formats.logits import LogitsStore
 
     # the same micro-batch compositions on one rank (2 × 4) and on two ranks (1 × 4 each); 4 steps of 8
     # leave some instances unseen, for the final model

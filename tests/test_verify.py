@@ -3,9 +3,9 @@
 import pytest
 
 from predistill import cli
-from predistill.logits import shard_files
-from predistill.store import TokenStore
-from predistill.train import TrainConfig, run as train
+from predistill.formats.logits import shard_files
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig, run as train
 from test_scores import make_table
 from test_selection import make_selection
 
@@ -36,7 +36,7 @@ def test_a_changed_token_chunk_is_found_before_any_stage_reads_it(tiny_store, tm
 
 
 def test_a_changed_logits_shard_is_found_up_front(tmp_path, capsys):
-    from predistill.logits import LogitsConfig
+    from predistill.formats.logits import LogitsConfig
     from test_logits import make_store, write_store
 
     store = make_store(tmp_path / "store", seed=0)

@@ -1,0 +1,1 @@
+"""On-disk formats, each in one module with its writer and its checked reader."""

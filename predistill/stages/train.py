@@ -1,0 +1,745 @@
+"""`predistill train`: pre-train a causal LM on a token store — one explicit loop.
+
+Teachers for the demo, MiniPLM reference models and every student go through this loop. The
+objective is `(1 − α(step))·L_lm + α(step)·L_kd`; the LM loss is computed from the model's final
+hidden states in chunks (predistill.training.losses), so [batch × seq × vocab] logits never exist. A KD
+source (see build_kd_source) supplies L_kd; with none, α must be 0.
+
+Determinism: the data order is a pure function of (seed, step): epoch e visits the training ids
+in the permutation drawn from rng(seed, e), and global batch s is the slice [s·B, (s+1)·B) of
+that endless stream. A checkpoint therefore needs only the step to resume the data exactly.
+Losses are normalised by the number of target tokens in the *global* batch, so any split into
+ranks and micro-batches computes the same gradient.
+
+Run dir (the contract `eval` and `report` read):
+    OUT/config.json         resolved TrainConfig (+ "command")
+    OUT/metrics.jsonl       one JSON object per logged step
+    OUT/checkpoints/step-NNNNNNNN/   model, optimizer, RNG, trainer state (last few kept)
+    OUT/hf/                 final save_pretrained export with the tokenizer (safetensors)
+    OUT/manifest.json       format "run": params, tokens, FLOPs, identities, complete flag last
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from predistill.core.artifacts import (
+    COUNT,
+    NUMBER,
+    PredistillError,
+    check_fields,
+    check_output,
+    lock_dir,
+    open_append_nofollow,
+    parse_json,
+    refuse_links,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_manifest,
+)
+from predistill.core.config import add_config_arguments, config_from_args, from_flat, to_flat
+from predistill.text.crosstok import MappingStats
+from predistill.training import distill
+from predistill.training.losses import fused_lm_loss
+from predistill.modeling.kernels import fuse_kernels
+from predistill.modeling.models import EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, count_params, final_hidden, \
+    forward_params, head_weight, load_model, load_tokenizer, model_body, resolve_device, tokenizer_hash
+from predistill.core.sharding import Dist, init_distributed
+from predistill.formats.selection import load_selection
+from predistill.training.rundir import FORMAT, TrainConfig, result_identity, same_result
+from predistill.training.schedules import alpha_at, lr_at
+from predistill.formats.store import TokenStore
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+CHECKPOINT_PREFIX = "step-"
+# --- data ---------------------------------------------------------------------------------------
+
+class DataOrder:
+    """Global batch s = items [s·B, (s+1)·B) of the endless stream of per-epoch permutations."""
+
+    def __init__(self, ids: np.ndarray, seed: int):
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.seed = seed
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._epochs:
+            self._epochs = {e: np.random.default_rng([self.seed, e]).permutation(self.ids)}
+        return self._epochs[e]
+
+    def global_batch(self, step: int, batch_size: int) -> np.ndarray:
+        n = len(self.ids)
+        positions = np.arange(step * batch_size, (step + 1) * batch_size)
+        out = np.empty(batch_size, dtype=np.int64)
+        for e in np.unique(positions // n):
+            sel = positions // n == e
+            out[sel] = self.epoch(int(e))[positions[sel] % n]
+        return out
+
+
+def make_batch(store: TokenStore, ids, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, targets, mask) for instances `ids`, right-padded; mask marks real targets."""
+    inputs, targets, mask = (t.to(device, non_blocking=True) for t in cpu_batch(store, ids, seq_len))
+    return inputs, targets, mask
+
+
+def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[torch.Tensor, ...]:
+    tokens, lengths = store.batch(ids, max_len=seq_len + 1)
+    positions = torch.arange(tokens.shape[1] - 1)
+    mask = positions[None, :] < (lengths - 1)[:, None]
+    if store.has_loss_mask:  # SFT data: only the targets its mask marks (the responses) are trained on
+        for row, i in enumerate(ids):
+            targets = torch.from_numpy(store.loss_mask(int(i))[1:seq_len + 1].astype(bool))
+            mask[row, :len(targets)] &= targets
+    batch = (tokens[:, :-1], tokens[:, 1:], mask)
+    return tuple(t.pin_memory() for t in batch) if pin else batch
+
+
+class StepLoader:
+    """A step's micro-batches, built on the CPU one step ahead in a background thread, so the
+    device never waits on numpy. What a step gets is a function of the step alone (DataOrder)."""
+
+    def __init__(self, store: TokenStore, order: DataOrder, cfg, d, local_batch: int, micro: int, pin: bool):
+        self.store, self.order, self.cfg, self.d = store, order, cfg, d
+        self.local_batch, self.micro, self.pin = local_batch, micro, pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.pending: dict[int, Future] = {}
+
+    def _build(self, step: int):
+        batch_ids = self.order.global_batch(step, self.cfg.batch_size)
+        local = batch_ids[self.d.rank * self.local_batch:(self.d.rank + 1) * self.local_batch]
+        micro_ids = [local[m:m + self.micro] for m in range(0, self.local_batch, self.micro)]
+        return (max(n_targets(self.store, batch_ids, self.cfg.seq_len), 1), micro_ids,
+                [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin) for ids in micro_ids])
+
+    def get(self, step: int, steps: int):
+        """(global target count, micro-batch ids, CPU tensors) of `step`; starts building step + 1."""
+        future = self.pending.pop(step, None) or self.pool.submit(self._build, step)
+        if step + 1 < steps:
+            self.pending[step + 1] = self.pool.submit(self._build, step + 1)
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def n_targets(store: TokenStore, ids, seq_len: int) -> int:
+    if store.has_loss_mask:
+        return int(sum(np.count_nonzero(store.loss_mask(int(i))[1:seq_len + 1]) for i in ids))
+    return int(np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0).sum())
+
+
+# --- model --------------------------------------------------------------------------------------
+
+class LossModel(torch.nn.Module):
+    """A causal LM whose forward returns loss sums, so DDP/FSDP see all compute inside forward.
+
+    Right padding needs no attention mask: under causal attention, real positions never see the
+    pads that follow them.
+    """
+
+    def __init__(self, lm: PreTrainedModel, chunk_size: int, vocab_size: int | None = None):
+        super().__init__()
+        self.lm = lm
+        self.chunk_size = chunk_size
+        # the tokenizer's ids (default: every row of the head); rows past them are padding
+        self.vocab_size = vocab_size or lm.get_output_embeddings().weight.shape[0]
+
+    def forward(self, inputs, targets, mask, kd_batch=None, kd=None, alpha: float = 0.5):
+        """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions."""
+        hidden = final_hidden(model_body(self.lm), inputs)
+        weight = head_weight(self.lm, self.vocab_size)  # padded rows are not tokens
+        if kd is not None:
+            lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
+            return lm_sum, kd_sum, nll, hidden
+        keep = mask.bool()
+        nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+        # the gradient is computed in the forward pass, chunk by chunk: no logits are recomputed in backward
+        total, nll[keep] = fused_lm_loss(hidden[keep], weight, targets[keep], self.chunk_size)
+        return total.float(), nll.new_zeros(()), nll, hidden
+
+
+def prepare_student(model, cfg: TrainConfig) -> None:
+    """What train does to a loaded student before its first step (benchmarks build the same)."""
+    if cfg.fused_kernels:
+        fuse_kernels(model)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def bf16_compute(precision: str, device: torch.device) -> bool:
+    """--precision: does the step compute in bfloat16 (autocast)? `auto`: on a GPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def flops_per_token(model, vocab_size: int | None = None) -> int:
+    """A training step costs 6·N per trained token (N: `models.forward_params`)."""
+    return 6 * forward_params(model, vocab_size)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
+            and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist, fsdp: bool, keep: int) -> None:
+    root = out / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = final.with_name(final.name + ".partial")
+    if d.main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    elif d.main:
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if d.main:
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+        write_json_atomic(tmp / "trainer_state.json", state)  # its presence marks the checkpoint whole
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = parse_json(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PredistillError(f"{path}: unreadable ({type(e).__name__}); the run directory is damaged") from None
+    if not isinstance(value, dict):
+        raise PredistillError(f"{path}: not a JSON object; the run directory is damaged")
+    return value
+
+
+def _resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
+    """A checkpoint is untrusted input: its files load only as tensors (weights_only, safetensors, the
+    restricted DCP reader) and its state is checked before use; anything else is one line naming it."""
+    state = _read_json_object(path / "trainer_state.json")
+    check_fields(state, path / "trainer_state.json", {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
+    if not 0 < state["step"] <= steps or state["step"] != int(path.name.removeprefix(CHECKPOINT_PREFIX)):
+        raise PredistillError(f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
+                              f"{steps}-step run; the run directory is damaged")
+    try:
+        load_checkpoint(path, model, optimizer, fsdp)
+    except PredistillError:
+        raise
+    except Exception as e:  # noqa: BLE001 — torch, safetensors and pickle raise many types for a damaged file
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PredistillError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
+                              "from an earlier one, or the run directory to start over") from None
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from predistill.modeling.checkpoint import load_dcp
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        # DCP's own reader and planner would unpickle dcp/.metadata and bytes items with plain pickle
+        # (code execution on a crafted file)
+        load_dcp(state, path / "dcp")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        from safetensors.torch import load_model as load_safetensors
+
+        load_safetensors(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device) -> distill.KDSource | None:
+    """The KD source the config names (predistill.training.distill), or None."""
+    if not (cfg.kd_logits or cfg.kd_teacher):
+        return None
+    kd_cfg = dataclasses.replace(cfg.kd, chunk_size=cfg.loss_chunk).validate()
+    if cfg.kd_logits:
+        # logits of this very store, or of the store this one was re-tokenised from (another tokenizer)
+        if distill.logits_store_source(cfg.kd_logits) == store.hash:
+            return distill.OfflineLogits(cfg.kd_logits, store, kd_cfg)
+        return distill.CrossTokenizerLogits(cfg.kd_logits, store, kd_cfg)
+    assert cfg.kd_teacher  # without --kd-logits, --kd-teacher (checked above)
+    if cfg.minillm:
+        return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
+    # beside an FSDP student the teacher is sharded too: a 9B/32B teacher fits only that way
+    return distill.online_teacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, shard=cfg.fsdp)
+
+
+def method_label(cfg: TrainConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    if cfg.alpha > 0 and cfg.kd_teacher:
+        base = "MiniLLM" if cfg.minillm else "Vanilla KD"
+        return f"MiniPLM + {base}" if cfg.selection else base
+    if cfg.alpha > 0 and cfg.kd_logits:
+        return "MiniPLM + PD" if cfg.selection else "PD"
+    return "MiniPLM" if cfg.selection else "Pre-Train w/o KD"
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, weight decay on matrices only. The fused kernel (one pass over each parameter instead of
+    a dozen foreach passes) is about 3× faster on CPU (bench/bench_train.py); FSDP's sharded
+    parameters keep the default implementation."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=not cfg.fsdp or None)
+
+
+def run(cfg: TrainConfig, command: str | None = None) -> Path:
+    """Train (or resume) the run `cfg` describes; one writer per run directory at a time."""
+    with contextlib.ExitStack() as held:  # the run directory's lock, released however training ends
+        return _train(cfg, command, held)
+
+
+def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) -> Path:
+    if not cfg.store:
+        raise PredistillError("train needs --store")
+    if not cfg.out:
+        raise PredistillError("train needs --out")
+    cfg.check()
+    device = resolve_device(cfg.device)
+    d = init_distributed(device)
+    # nothing in a step draws from the global RNG (init and sampling fork their own), but it is saved
+    # in checkpoints: seeded, two identical runs write identical checkpoint directories
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+
+    store = TokenStore(cfg.store)
+    val_path = cfg.val_store or (str(Path(cfg.store) / "val") if (Path(cfg.store) / "val").is_dir() else None)
+    val_store = TokenStore(val_path) if val_path else None
+    train_ids = load_selection(cfg.selection, store) if cfg.selection else np.arange(len(store))
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else store.tokenizer()
+    if tokenizer_hash(tokenizer) != store.tokenizer_hash:
+        raise PredistillError(f"tokenizer {cfg.tokenizer} is not the one that made {cfg.store}; "
+                              "re-tokenise the corpus (`sample --materialize`) or use the store's tokenizer")
+    if val_store is not None and val_store.tokenizer_hash != store.tokenizer_hash:
+        raise PredistillError(f"val store {val_path} was made with another tokenizer than {cfg.store}")
+    heldout_stores = _heldout_stores(cfg.heldout, store)
+
+    # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
+    if check_output(out, FORMAT, "run", result_identity(cfg), lambda m: result_identity(from_flat(TrainConfig, m["config"])),
+                    resumable=_holds_unfinished_run):
+        if d.main:
+            print(f"predistill: {out} is already complete; nothing to do")
+        return out
+    if out.exists():  # an unfinished run of this config: resumed in place, never through a planted link
+        refuse_links(out)
+    if d.main:  # the main rank holds the directory: a second `train --out` of it is refused at once
+        if not out.exists():
+            out.mkdir(parents=True)
+            held.callback(_remove_if_empty, out)  # a run that fails before writing leaves nothing behind
+        held.callback(os.close, lock_dir(out, out))
+    d.barrier()  # every rank has judged OUT before any of them writes into it (the online-logits store, say)
+
+    model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
+                          attn_impl=cfg.attn_impl)
+    prepare_student(model, cfg)
+    if model.get_input_embeddings().num_embeddings < store.vocab_size:
+        raise PredistillError(f"model {cfg.model} has {model.get_input_embeddings().num_embeddings} embeddings "
+                              f"but the store's vocabulary has {store.vocab_size} ids")
+    model.to(device)
+    params = count_params(model)
+    student_fpt = flops_per_token(model, store.vocab_size)
+    kd = build_kd_source(cfg, store, model, device)
+    # FLOPs per token when KD runs (α > 0); steps with α = 0 skip the teacher and cost student_fpt
+    fpt = student_fpt + (kd.flops_per_token if kd is not None else 0)
+    saver = _logits_saver(cfg, store, model, d) if cfg.save_logits else None
+
+    mean_targets = float(np.mean(np.maximum(np.minimum(store.lengths[train_ids], cfg.seq_len + 1) - 1, 0)))
+    steps = cfg.steps
+    if cfg.flops_budget:
+        step_flops = fpt * cfg.batch_size * mean_targets
+        steps = int(cfg.flops_budget // step_flops)
+        if steps < 1:  # an empty run is an error, not a complete artifact
+            raise PredistillError(f"--flops-budget {cfg.flops_budget:g} buys no training step (one step costs "
+                                  f"≈ {step_flops:.3g} FLOPs)")
+    if cfg.epochs:  # exact: 1.1 epochs of 100 instances in batches of 10 is 11 steps, not ⌈11.000000000000002⌉
+        steps = math.ceil(Fraction(str(cfg.epochs)) * len(train_ids) / cfg.batch_size)
+    local_batch = cfg.batch_size // d.world
+    micro = cfg.micro_batch_size or local_batch
+    if cfg.batch_size % d.world or local_batch % micro:
+        raise PredistillError(f"--batch-size {cfg.batch_size} must split evenly into {d.world} ranks × "
+                              f"micro-batches of {micro}")
+
+    loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size)
+    if cfg.compile:  # layer by layer (as torchtitan does): HF's body has Python-side logic between layers
+        for layer in model_body(model).layers:
+            layer.compile()
+    wrapped: torch.nn.Module = loss_model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 compute, fp32 master weights and gradient reduction (--precision)
+        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                     if bf16_compute(cfg.precision, device) else MixedPrecisionPolicy())
+        for layer in model_body(model).layers:
+            fully_shard(layer, mp_policy=precision)
+        fully_shard(loss_model, mp_policy=precision)
+    elif d.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(loss_model)
+
+    optimizer = make_optimizer(loss_model, cfg)
+
+    config_json = to_flat(cfg) | {"command": command}
+    start_step, tokens_seen, flops = 0, 0, 0.0
+    kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
+    ckpts = checkpoint_dirs(out)
+    if ckpts:
+        saved = _read_json_object(out / "config.json")
+        if not same_result(saved, cfg):
+            raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
+        if saved.get("fsdp", False) != cfg.fsdp:  # the same weights, another checkpoint format (DCP under FSDP)
+            raise PredistillError(f"{out} holds checkpoints written {'with' if saved.get('fsdp') else 'without'} "
+                                  f"--fsdp; resume it {'with' if saved.get('fsdp') else 'without'} --fsdp")
+        state = _resume_state(ckpts[-1], loss_model, optimizer, cfg.fsdp, steps)
+        start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
+        kd_counts = state.get("kd_counts", kd_counts)
+        if d.main:
+            _truncate_metrics(out / "metrics.jsonl", start_step)
+            print(f"predistill: resuming {out} from step {start_step}")
+    elif d.main:  # a fresh start: nothing of an earlier attempt may pass for this run's
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / RUN_EXPORTS, ignore_errors=True)
+    if d.main:
+        write_json_atomic(out / "config.json", config_json)
+    d.barrier()
+
+    writer = _tensorboard(out) if cfg.tensorboard and d.main else None
+    order = DataOrder(train_ids, cfg.seed)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16_compute(cfg.precision, device)
+                else contextlib.nullcontext())
+    loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda")
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
+    val_loss = None
+    wrapped.train()
+    try:  # the bar ends its line before an error is printed
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            lr = lr_at(cfg.lr_schedule, step, steps, cfg.lr, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio,
+                       warmup_ratio=cfg.warmup_ratio, decay_ratio=cfg.decay_ratio)
+            alpha = alpha_at(cfg.alpha_schedule, step, steps, cfg.alpha, warmup_ratio=cfg.warmup_ratio,
+                             decay_ratio=cfg.decay_ratio) if kd is not None else 0.0
+            step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            global_targets, micro_ids, cpu_batches = loader.get(step, steps)
+            lm_total = kd_total = 0.0
+            n_micro = len(micro_ids)
+            for m, (ids, batch) in enumerate(zip(micro_ids, cpu_batches)):
+                inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch)
+                kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
+                with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
+                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd, alpha)
+                    # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
+                    loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
+                loss.backward()
+                if saver is not None:
+                    _save_logits(saver, store, ids, hidden, loss_model.lm, d)
+                lm_total += lm_sum.item()
+                kd_total += kd_sum.item()
+            # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(),
+                                                       cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
+            # across tokenizers: this step's aligned positions and mapped teacher mass, over all ranks
+            step_counts = step_kd.take_counts() if step_kd is not None else None
+            if step_counts is not None:
+                step_counts = d.all_sum(step_counts, device)
+                kd_counts = [a + b for a, b in zip(kd_counts, step_counts)]
+            if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
+                # every rank sees the same global sums and norm, so all stop here together
+                raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
+                                      f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
+                                      f"checkpoint in {out} is the last good state (check the data, or rerun into a "
+                                      "new --out with a lower --lr)")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens_seen += global_targets
+            flops += (fpt if step_kd is not None else student_fpt) * global_targets
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            row = {"step": done, "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
+                   "lm_loss": lm_total / global_targets, "kd_loss": kd_total / global_targets if step_kd else None,
+                   "lr": lr, "alpha": alpha, "tokens": tokens_seen, "flops": flops,
+                   "tokens_per_s": global_targets / elapsed, "grad_norm": float(grad_norm)}
+            if step_counts is not None:
+                row |= {f"kd_{k}": v for k, v in MappingStats(*step_counts).summary().items()}
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == steps:
+                val_loss = evaluate(wrapped, val_store, cfg, d, device, autocast) if val_store else None
+                row["val_loss"] = val_loss
+                wrapped.train()
+            if d.main and (done % cfg.log_every == 0 or done == steps or "val_loss" in row):
+                with open_append_nofollow(out / "metrics.jsonl") as f:
+                    f.write(json.dumps(row) + "\n")
+                if writer:
+                    for k, v in row.items():
+                        if v is not None and k != "step":
+                            writer.add_scalar(k, v, done)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if cfg.export_every and done % cfg.export_every == 0 and done < steps:
+                # before the checkpoint of the same step: a resumed run has every export up to its checkpoint
+                _export(out, model, loss_model, tokenizer, cfg, d,
+                        Path(RUN_EXPORTS) / f"{STEP_EXPORT_PREFIX}{done:08d}",
+                        {"step": done, "tokens": tokens_seen, "flops": flops, "val_loss": row.get("val_loss")})
+            if cfg.save_every and done % cfg.save_every == 0 and done < steps:
+                save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops,
+                                                                   "kd_counts": kd_counts},
+                                d, cfg.fsdp, cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        loader.close()
+    heldout_losses = {name: evaluate(wrapped, held, cfg, d, device, autocast, n=len(held))
+                      for name, held in heldout_stores.items()}
+    _export(out, model, loss_model, tokenizer, cfg, d)
+    if saver is not None and (d.main or cfg.fsdp):  # the instances no step saw: one pass of the final model
+        _finish_logits(saver, store, wrapped, loss_model, cfg, device, d)
+    if d.main:
+        write_manifest(out, {
+            "format": FORMAT, "version": 1, "config": config_json, "method": method_label(cfg), "model": cfg.model,
+            "params": params, "flops_per_token": fpt, "student_flops_per_token": student_fpt,
+            "steps": steps, "tokens": tokens_seen, "flops": flops,
+            # passes over the training instances (> 1: data repeated, the data-limited regime)
+            "train_instances": len(train_ids), "epochs": steps * cfg.batch_size / len(train_ids),
+            "teacher_flops": flops - student_fpt * tokens_seen, "store_hash": store.hash,
+            "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
+            "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,
+            "final_val_loss": val_loss, "heldout_losses": heldout_losses}
+            | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {}))
+        print(f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
+              + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
+    if writer:
+        writer.close()
+    d.barrier()
+    return out
+
+
+@torch.no_grad()
+def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, autocast,
+             n: int | None = None) -> float:
+    """MiniPLM's held-out loss: the mean over instances of each instance's mean token NLL, over the
+    first `n` instances (default: --eval-instances)."""
+    wrapped.eval()
+    n = min(len(val_store), cfg.eval_instances if n is None else n)
+    ids = np.arange(n)
+    per_rank = math.ceil(n / d.world)
+    mine = ids[d.rank * per_rank:(d.rank + 1) * per_rank]
+    total, count = 0.0, 0
+    batch = cfg.micro_batch_size or max(cfg.batch_size // d.world, 1)
+    # every rank runs the same number of forwards (FSDP needs all ranks in each one)
+    for start in range(0, per_rank, batch):
+        chunk = mine[start:start + batch]
+        if len(chunk) == 0:
+            chunk = ids[:1]
+        inputs, targets, mask = make_batch(val_store, chunk, cfg.seq_len, device)
+        with autocast:
+            _, _, nll, _ = wrapped(inputs, targets, mask)
+        if start < len(mine):
+            per_instance = nll.sum(1) / mask.sum(1).clamp(min=1)
+            valid = mask.sum(1) > 0
+            total += float(per_instance[valid].sum())
+            count += int(valid.sum())
+    total_sum, count_sum = d.all_sum([total, count], device)
+    return total_sum / max(count_sum, 1)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
+def _heldout_stores(specs: list[str], store: TokenStore) -> dict[str, TokenStore]:
+    """--heldout NAME=DIR: each a complete token store in the training store's tokenizer."""
+    stores: dict[str, TokenStore] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PredistillError(f"--heldout {spec!r}: write NAME=DIR")
+        if name in stores:
+            raise PredistillError(f"--heldout names the set {name!r} twice")
+        stores[name] = TokenStore(path)
+        if len(stores[name]) == 0:
+            raise PredistillError(f"--heldout {name}={path}: the store holds no instance")
+        if stores[name].tokenizer_hash != store.tokenizer_hash:
+            raise PredistillError(f"--heldout {name}={path} was made with another tokenizer than {store.dir}")
+    return stores
+
+
+def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
+    """PD's online logits: this model's own top-p-k store, each instance taken the first time the
+    model trains on it (then the rest with the final model); whole instances, DDP ranks too."""
+    from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
+
+    if int(store.lengths.max()) > cfg.seq_len + 1:
+        raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
+    # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
+    truncation = LogitsConfig(mode="topk", top_p=cfg.save_logits_top_p, top_k=cfg.save_logits_top_k)
+    assert cfg.save_logits  # called only with --save-logits
+    return LogitsStoreWriter(cfg.save_logits, store, truncation, vocab_size=store.vocab_size,
+                             teacher=f"online:{cfg.model}")
+
+
+@torch.no_grad()
+def _save_logits(saver, store: TokenStore, ids, hidden, lm, d: Dist | None = None) -> None:
+    """Under DDP every rank computes the entries of its own micro-batch and rank 0 stores them all,
+    in rank order: the first sighting of an instance wins, as in a one-rank run."""
+    tokens, lengths = store.batch(ids)
+    # under FSDP every rank gathers the whole head here (all ranks are here)
+    batch = saver.entries_of_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
+    for part in (d.gather(batch) if d is not None else [batch]):
+        if part is not None and (d is None or d.main):
+            saver.accept(*part)
+
+
+@torch.no_grad()
+def _finish_logits(saver, store: TokenStore, wrapped, loss_model: LossModel, cfg: TrainConfig, device,
+                   d: Dist) -> None:
+    """The instances no step saw, through the final model: rank 0 alone — or, under FSDP, whose
+    forward needs every rank, all ranks, each a share of rank 0's list (padded with an instance
+    rank 0 stores first, so that every rank runs as many forwards)."""
+    loss_model.eval()
+    if not cfg.fsdp:
+        todo = saver.todo_instances()
+        batch = cfg.micro_batch_size or cfg.batch_size
+        for start in range(0, len(todo), batch):
+            ids = todo[start:start + batch]
+            tokens, _ = store.batch(ids)
+            hidden = final_hidden(model_body(loss_model.lm), tokens.to(device))
+            _save_logits(saver, store, ids, hidden, loss_model.lm)
+        saver.finish()
+        return
+    todo = d.gather(saver.todo_instances() if d.main else None)[0]
+    chunk = (cfg.micro_batch_size or cfg.batch_size // d.world) * d.world
+    for start in range(0, len(todo), chunk):
+        ids = todo[start:start + chunk][d.rank::d.world]
+        ids = ids if len(ids) else todo[start:start + 1]
+        tokens, _ = store.batch(ids)
+        tokens = tokens.to(device)
+        # through the root module: FSDP gathers the embedding and final norm in its forward hooks
+        _, _, _, hidden = wrapped(tokens, tokens, torch.zeros_like(tokens, dtype=torch.bool))
+        _save_logits(saver, store, ids, hidden, loss_model.lm, d)
+    if d.main:
+        saver.finish()
+
+
+def _grad_sync(wrapped, fsdp: bool, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch."""
+    if fsdp:
+        wrapped.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and not enabled:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist, name: Path = Path(RUN_EXPORT),
+            info: dict | None = None) -> None:
+    """OUT/NAME (OUT/hf): a plain transformers directory (safetensors + tokenizer), written atomically."""
+    if cfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(loss_model.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.main:
+        return
+    target = out / name
+    tmp = target.with_name(target.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if cfg.fsdp:
+        plain, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048))
+        plain.load_state_dict(full)
+        plain.save_pretrained(tmp, safe_serialization=True)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if info is not None:
+        write_json_atomic(tmp / EXPORT_INFO, info)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def _holds_unfinished_run(out: Path) -> bool:
+    """Is `out` a run directory this command wrote and did not finish (not some other directory
+    that happens to hold a config.json, e.g. an HF model)?"""
+    try:
+        saved = parse_json((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"store", "lr_schedule", "seq_len"} <= set(saved)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = parse_json(line)
+        except ValueError:
+            continue  # a line cut by the kill, or a corrupt one: the resumed run rewrites those steps
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line)
+    write_bytes_atomic(path, "".join(r + "\n" for r in rows).encode())
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PredistillError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, TrainConfig)
+
+
+def main(args: argparse.Namespace) -> None:
+    if cfg := config_from_args(TrainConfig, args):
+        run(cfg, command=getattr(args, "command_line", None))
