@@ -28,8 +28,10 @@ demo: setup
 test-fast: setup
 	$(PY) -m pytest -q -x -n 2 -m "not slow and not teacher" tests
 
-# ruff (pyflakes, syntax) and mypy (pyproject.toml's [tool.mypy]) over the package: CI runs both before the tests
+# ruff (format, and lint: pyflakes, imports, pyupgrade, bugbear) and mypy (pyproject.toml's [tool.mypy]):
+# CI runs them before the tests; `ruff format predistill tests bench` fixes the layout
 lint: setup
+	$(VENV)/bin/ruff format --check predistill tests bench
 	$(VENV)/bin/ruff check predistill tests bench
 	$(PY) -m mypy
 

@@ -29,16 +29,27 @@ from pathlib import Path
 
 from common import emit
 
+from predistill.stages.train import TrainConfig
+from predistill.stages.train import run as train
 from predistill.training.kd import KDConfig
-from predistill.stages.train import TrainConfig, run as train
 
-STUDENT = dict(model="preset:tiny", batch_size=8, seq_len=192, lr=3e-3, lr_schedule="wsd", decay_ratio=0.2,
-               eval_every=0, eval_instances=8, seed=1)
+STUDENT = dict(
+    model="preset:tiny",
+    batch_size=8,
+    seq_len=192,
+    lr=3e-3,
+    lr_schedule="wsd",
+    decay_ratio=0.2,
+    eval_every=0,
+    eval_instances=8,
+    seed=1,
+)
 
 
 def configs(root: Path) -> dict[str, dict]:
-    pd = dict(kd_logits=str(root / "teacher" / "logits"), kd=KDConfig(vocab_map="first"), alpha=0.9,
-              alpha_schedule="wsd")
+    pd = dict(
+        kd_logits=str(root / "teacher" / "logits"), kd=KDConfig(vocab_map="first"), alpha=0.9, alpha_schedule="wsd"
+    )
     return {
         "LM only, shared 49k vocabulary": dict(store=str(root / "pool" / "store")),
         "PD, shared 49k vocabulary": dict(store=str(root / "pool" / "store"), **pd),
@@ -57,17 +68,25 @@ def step_seconds(run_dir: Path, warmup: int = 5) -> tuple[float, float]:
 def vocab_maps(root: Path) -> None:
     """How the map rules differ for SmolLM2's vocabulary → the study's 8k BPE: of the teacher tokens
     the student lacks, how many get another student token from `first` than from `prefix`."""
-    from predistill.text.crosstok import Speller, VocabMap
     from predistill.formats.store import TokenStore
+    from predistill.text.crosstok import Speller, VocabMap
 
     teacher = Speller.of(TokenStore(root / "pool" / "store").tokenizer())
     student = Speller.of(TokenStore(root / "pool_bpe").tokenizer())
     first, prefix = (VocabMap(teacher, student, rule) for rule in ("first", "prefix"))
     lacking = ~first.exact & (first.to_student >= 0)
-    emit("crosstok_vocab", what="teacher ids spelled exactly by a student token", value=int(first.exact.sum()),
-         of=len(first.to_student))
-    emit("crosstok_vocab", what="of the others, share where first ≠ prefix",
-         value=round(float((first.to_student != prefix.to_student)[lacking].mean()), 4), of=int(lacking.sum()))
+    emit(
+        "crosstok_vocab",
+        what="teacher ids spelled exactly by a student token",
+        value=int(first.exact.sum()),
+        of=len(first.to_student),
+    )
+    emit(
+        "crosstok_vocab",
+        what="of the others, share where first ≠ prefix",
+        value=round(float((first.to_student != prefix.to_student)[lacking].mean()), 4),
+        of=int(lacking.sum()),
+    )
 
 
 def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
@@ -76,20 +95,24 @@ def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
     import numpy as np
     import torch
 
-    from predistill.text.crosstok import Speller, VocabMap, align, map_targets
-    from predistill.training.distill import ONLINE_CROSS_TOP_K
     from predistill.formats.logits import LogitsConfig, teacher_targets
-    from predistill.modeling.models import load_model, model_body
-    from predistill.text.retokenize import retokenize
     from predistill.formats.store import TokenStore
+    from predistill.modeling.models import load_model, model_body
+    from predistill.text.crosstok import Speller, VocabMap, align, map_targets
+    from predistill.text.retokenize import retokenize
+    from predistill.training.distill import ONLINE_CROSS_TOP_K
 
     store = TokenStore(root / "heldout" / "store")
     smollm2, s_tok = load_model("smollm2-135m")
     gemma, g_tok = load_model("gemma3-270m")
     student, teacher = Speller.of(s_tok), Speller.of(g_tok)
     maps = {rule: VocabMap(teacher, student, rule) for rule in ("exact", "first", "prefix")}
-    emit("crosstok_gemma", what="Gemma ids whose spelling is a SmolLM2 token",
-         value=round(float(maps["exact"].exact.mean()), 4), teacher_ids=len(maps["exact"].to_student))
+    emit(
+        "crosstok_gemma",
+        what="Gemma ids whose spelling is a SmolLM2 token",
+        value=round(float(maps["exact"].exact.mean()), 4),
+        teacher_ids=len(maps["exact"].to_student),
+    )
     top = LogitsConfig(mode="topk", top_p=1.0, top_k=ONLINE_CROSS_TOP_K)
     positions = aligned = 0
     mass = {rule: [0.0, 0.0] for rule in maps}
@@ -112,23 +135,48 @@ def gemma_case(root: Path, work: Path, n_instances: int = 24) -> None:
             _, kept, mapped = map_targets(entries, vocab)
             mass[rule][0] += kept
             mass[rule][1] += mapped
-    emit("crosstok_gemma", what="SmolLM2 positions aligned with a Gemma position", value=round(aligned / positions, 4),
-         positions=positions, instances=n_instances)
+    emit(
+        "crosstok_gemma",
+        what="SmolLM2 positions aligned with a Gemma position",
+        value=round(aligned / positions, 4),
+        positions=positions,
+        instances=n_instances,
+    )
     for rule, (kept, mapped) in mass.items():
-        emit("crosstok_gemma", what=f"Gemma top-{ONLINE_CROSS_TOP_K} mass mapped ({rule})", value=round(mapped / kept, 4))
+        emit(
+            "crosstok_gemma", what=f"Gemma top-{ONLINE_CROSS_TOP_K} mass mapped ({rule})", value=round(mapped / kept, 4)
+        )
     for name, total in nll.items():  # the same text; the first token of each instance is not predicted
-        emit("crosstok_gemma", what=f"{name} held-out bits per byte (no BOS)", value=round(total / n_bytes / math.log(2), 4))
+        emit(
+            "crosstok_gemma",
+            what=f"{name} held-out bits per byte (no BOS)",
+            value=round(total / n_bytes / math.log(2), 4),
+        )
     del smollm2, gemma
     out = work / "gemma_online"
     shutil.rmtree(out, ignore_errors=True)
-    train(TrainConfig(out=str(out), steps=8, log_every=1, store=str(root / "pool" / "store"), kd_teacher="gemma3-270m",
-                      alpha=0.5, alpha_schedule="constant", **STUDENT))
+    train(
+        TrainConfig(
+            out=str(out),
+            steps=8,
+            log_every=1,
+            store=str(root / "pool" / "store"),
+            kd_teacher="gemma3-270m",
+            alpha=0.5,
+            alpha_schedule="constant",
+            **STUDENT,
+        )
+    )
     seconds, tokens_per_s = step_seconds(out, warmup=2)
     manifest = json.loads((out / "manifest.json").read_text())
-    emit("crosstok_gemma", what="online KD from gemma3-270m into preset:tiny (SmolLM2 tokenizer), per step",
-         seconds_per_step=round(seconds, 3), tokens_per_s=round(tokens_per_s),
-         teacher_flops_per_token=manifest["flops_per_token"] - manifest["student_flops_per_token"],
-         kd_alignment=manifest["kd_alignment"])
+    emit(
+        "crosstok_gemma",
+        what="online KD from gemma3-270m into preset:tiny (SmolLM2 tokenizer), per step",
+        seconds_per_step=round(seconds, 3),
+        tokens_per_s=round(tokens_per_s),
+        teacher_flops_per_token=manifest["flops_per_token"] - manifest["student_flops_per_token"],
+        kd_alignment=manifest["kd_alignment"],
+    )
 
 
 def main() -> None:
@@ -148,12 +196,24 @@ def main() -> None:
         train(TrainConfig(out=str(out), steps=args.steps, log_every=1, **STUDENT, **cfg))
         seconds, tokens_per_s = step_seconds(out)
         results[name] = seconds
-        emit("crosstok_step", what=name, seconds_per_step=round(seconds, 4), tokens_per_s=round(tokens_per_s),
-             steps=args.steps)
+        emit(
+            "crosstok_step",
+            what=name,
+            seconds_per_step=round(seconds, 4),
+            tokens_per_s=round(tokens_per_s),
+            steps=args.steps,
+        )
     ratio = results["PD across tokenizers, own 8k BPE"] / results["PD, shared 49k vocabulary"]
-    emit("crosstok_step", what="PD step time, own 8k BPE ÷ shared 49k vocabulary", value=round(ratio, 3),
-         readme={"what": "PD step across tokenizers (own 8k BPE) vs sharing the teacher's 49k vocabulary, same text",
-                 "result": f"{ratio:.2f}× the time per step", "goal": "the alignment costs less than the vocabulary saves"})
+    emit(
+        "crosstok_step",
+        what="PD step time, own 8k BPE ÷ shared 49k vocabulary",
+        value=round(ratio, 3),
+        readme={
+            "what": "PD step across tokenizers (own 8k BPE) vs sharing the teacher's 49k vocabulary, same text",
+            "result": f"{ratio:.2f}× the time per step",
+            "goal": "the alignment costs less than the vocabulary saves",
+        },
+    )
 
 
 if __name__ == "__main__":

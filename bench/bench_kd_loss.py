@@ -33,8 +33,8 @@ import time
 import torch
 from common import emit
 
-from predistill.training.kd import KDConfig, fused_lm_kd_loss, kd_terms, online_kd_loss, teacher_temperature
 from predistill.formats.logits import TeacherTargets
+from predistill.training.kd import KDConfig, fused_lm_kd_loss, kd_terms, online_kd_loss, teacher_temperature
 
 CFG = KDConfig(loss="kld", temperature=2.0)
 
@@ -91,8 +91,13 @@ def child(args) -> None:
     loss = run_impl(args.case, args.impl, h, w, extra)
     loss.backward()
     peak = peak_rss_mb() - base
-    out = {"peak_mb": peak, "loss": loss.item(), "grad_h": h.grad[:64].tolist(), "grad_w_norm": w.grad.norm().item(),
-           "grad_w_row": w.grad[int(extra.ids[0, 0]) if args.case == "offline" else 0].tolist()}
+    out = {
+        "peak_mb": peak,
+        "loss": loss.item(),
+        "grad_h": h.grad[:64].tolist(),
+        "grad_w_norm": w.grad.norm().item(),
+        "grad_w_row": w.grad[int(extra.ids[0, 0]) if args.case == "offline" else 0].tolist(),
+    }
     times = []
     for _ in range(args.reps):
         h.grad = w.grad = None
@@ -104,9 +109,27 @@ def child(args) -> None:
 
 
 def spawn(args, case: str, impl: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--case", case, "--impl", impl, "--rows", str(args.rows),
-           "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--k", str(args.k), "--reps", str(args.reps),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--case",
+        case,
+        "--impl",
+        impl,
+        "--rows",
+        str(args.rows),
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--k",
+        str(args.k),
+        "--reps",
+        str(args.reps),
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -127,30 +150,53 @@ def main() -> None:
         child(args)
         return
     cases = ("offline", "online") if args.case == "both" else (args.case,)
-    print(f"`python bench/bench_kd_loss.py {' '.join(sys.argv[1:])}` — rows {args.rows}, vocab {args.vocab}, "
-          f"hidden {args.hidden}, K {args.k}, chunk {CFG.chunk_size} rows offline / {CFG.online_chunk_size} online, "
-          f"{args.threads} threads, kld τ=2\n")
-    print("| case | naive peak MB | ours peak MB | memory ratio | naive s | ours s | time ratio | max |Δloss| | max |Δgrad| |")
+    print(
+        f"`python bench/bench_kd_loss.py {' '.join(sys.argv[1:])}` — rows {args.rows}, vocab {args.vocab}, "
+        f"hidden {args.hidden}, K {args.k}, chunk {CFG.chunk_size} rows offline / {CFG.online_chunk_size} online, "
+        f"{args.threads} threads, kld τ=2\n"
+    )
+    print(
+        "| case | naive peak MB | ours peak MB | memory ratio | naive s | ours s | time ratio | max |Δloss| | max |Δgrad| |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for case in cases:
         naive, ours = spawn(args, case, "naive"), spawn(args, case, "ours")
         d_loss = abs(naive["loss"] - ours["loss"])
-        d_grad = max(max(abs(a - b) for a, b in zip(naive["grad_h"][r], ours["grad_h"][r])) for r in range(len(ours["grad_h"])))
+        d_grad = max(
+            max(abs(a - b) for a, b in zip(naive["grad_h"][r], ours["grad_h"][r])) for r in range(len(ours["grad_h"]))
+        )
         d_grad = max(d_grad, max(abs(a - b) for a, b in zip(naive["grad_w_row"], ours["grad_w_row"])))
-        print(f"| {case} | {naive['peak_mb']:.0f} | {ours['peak_mb']:.0f} | {ours['peak_mb'] / naive['peak_mb']:.3f} | "
-              f"{naive['seconds']:.2f} | {ours['seconds']:.2f} | {ours['seconds'] / naive['seconds']:.2f} | "
-              f"{d_loss:.2e} | {d_grad:.2e} |")
+        print(
+            f"| {case} | {naive['peak_mb']:.0f} | {ours['peak_mb']:.0f} | {ours['peak_mb'] / naive['peak_mb']:.3f} | "
+            f"{naive['seconds']:.2f} | {ours['seconds']:.2f} | {ours['seconds'] / naive['seconds']:.2f} | "
+            f"{d_loss:.2e} | {d_grad:.2e} |"
+        )
         mem, time_ratio = ours["peak_mb"] / naive["peak_mb"], ours["seconds"] / naive["seconds"]
-        what = {"offline": f"offline KD loss (kld, τ=2, K={args.k}) vs naive full logits",
-                "online": "online (Vanilla) KD loss vs naive full logits of both models"}[case]
-        emit("kd_loss", case=case, rows=args.rows, vocab=args.vocab, hidden=args.hidden, naive_peak_mb=round(naive["peak_mb"]),
-             ours_peak_mb=round(ours["peak_mb"]), memory_ratio=round(mem, 3), naive_s=round(naive["seconds"], 3),
-             ours_s=round(ours["seconds"], 3), time_ratio=round(time_ratio, 3), max_loss_diff=d_loss,
-             max_grad_diff=d_grad,
-             readme={"what": f"{what} ({args.rows} rows, V={args.vocab})",
-                     "result": f"peak memory **{mem:.2f}×**, time **{time_ratio:.2f}×**, values and gradients "
-                               f"equal (max |Δ| {max(d_loss, d_grad):.0e})",
-                     "goal": "≤ 0.25× memory, ≤ 1.2× time"})
+        what = {
+            "offline": f"offline KD loss (kld, τ=2, K={args.k}) vs naive full logits",
+            "online": "online (Vanilla) KD loss vs naive full logits of both models",
+        }[case]
+        emit(
+            "kd_loss",
+            case=case,
+            rows=args.rows,
+            vocab=args.vocab,
+            hidden=args.hidden,
+            naive_peak_mb=round(naive["peak_mb"]),
+            ours_peak_mb=round(ours["peak_mb"]),
+            memory_ratio=round(mem, 3),
+            naive_s=round(naive["seconds"], 3),
+            ours_s=round(ours["seconds"], 3),
+            time_ratio=round(time_ratio, 3),
+            max_loss_diff=d_loss,
+            max_grad_diff=d_grad,
+            readme={
+                "what": f"{what} ({args.rows} rows, V={args.vocab})",
+                "result": f"peak memory **{mem:.2f}×**, time **{time_ratio:.2f}×**, values and gradients "
+                f"equal (max |Δ| {max(d_loss, d_grad):.0e})",
+                "goal": "≤ 0.25× memory, ≤ 1.2× time",
+            },
+        )
 
 
 if __name__ == "__main__":

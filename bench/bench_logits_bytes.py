@@ -28,11 +28,11 @@ import torch
 from common import emit
 
 from predistill.formats.logits import LogitsConfig, LogitsStore, LogitsStoreWriter
+from predistill.formats.store import TokenStore
 from predistill.modeling.models import load_model
 from predistill.stages.prepare import PrepareConfig
 from predistill.stages.prepare import run as prepare
 from predistill.text.sources import parse_sources
-from predistill.formats.store import TokenStore
 
 DEFAULT_SETTINGS = [
     *(LogitsConfig(mode="topk", top_p=0.95, top_k=k) for k in (1, 2, 4, 5, 8, 16, 50)),
@@ -67,7 +67,7 @@ def teacher_hidden(store: TokenStore, cache: Path) -> tuple[dict[int, torch.Tens
     model, _ = load_model("smollm2-135m")
     model.eval()
     hidden = {}
-    for ids, tokens, lengths in store.iter_batches(1):
+    for ids, tokens, _lengths in store.iter_batches(1):
         hidden[int(ids[0])] = model.model(input_ids=tokens).last_hidden_state[0]
     weight = model.lm_head.weight.detach().clone()
     torch.save({"store_hash": store.hash, "hidden": hidden, "weight": weight}, cache)
@@ -75,7 +75,9 @@ def teacher_hidden(store: TokenStore, cache: Path) -> tuple[dict[int, torch.Tens
 
 
 @torch.no_grad()
-def fidelity(store: TokenStore, logits: LogitsStore, hidden: dict[int, torch.Tensor], weight: torch.Tensor) -> tuple[float, float]:
+def fidelity(
+    store: TokenStore, logits: LogitsStore, hidden: dict[int, torch.Tensor], weight: torch.Tensor
+) -> tuple[float, float]:
     """(mean retained teacher mass, mean KL(p ‖ stored distribution renormalised over its entries))."""
     mass, kl, n = 0.0, 0.0, 0
     for i in range(len(store)):
@@ -94,8 +96,9 @@ def fidelity(store: TokenStore, logits: LogitsStore, hidden: dict[int, torch.Ten
     return mass / n, kl / n
 
 
-def measure(settings: list[LogitsConfig], store_dir: Path, hidden: dict[int, torch.Tensor], weight: torch.Tensor,
-            work: Path) -> list[dict]:
+def measure(
+    settings: list[LogitsConfig], store_dir: Path, hidden: dict[int, torch.Tensor], weight: torch.Tensor, work: Path
+) -> list[dict]:
     """One row per setting: the manifest's bytes/token and entries/position, plus fidelity."""
     store = TokenStore(store_dir)
     rows = []
@@ -116,14 +119,22 @@ def measure(settings: list[LogitsConfig], store_dir: Path, hidden: dict[int, tor
             reader.read_batch(np.arange(len(store)), length)
         read_us = (time.perf_counter() - start) / 5 / manifest["n_positions"] * 1e6
         print(f"{describe(cfg)}: {manifest['bytes_per_token']:.2f} B/token", file=sys.stderr, flush=True)
-        rows.append({"setting": describe(cfg),
-                     "entries_per_position": manifest["entries_per_position"],
-                     "bytes_per_token": manifest["bytes_per_token"],
-                     "id_order_bytes_per_token": manifest.get("id_order_bytes", 0) / manifest["n_positions"],
-                     "version": manifest["version"], "retained_mass": mass, "kl_renorm": kl,
-                     "logprob_max_abs_error": manifest["encoding"].get("logprob_max_abs_error"),
-                     "logprob_clipped": manifest["logprob_clipped"], "write_s": seconds, "read_us_per_position": read_us,
-                     "config": asdict(cfg)})
+        rows.append(
+            {
+                "setting": describe(cfg),
+                "entries_per_position": manifest["entries_per_position"],
+                "bytes_per_token": manifest["bytes_per_token"],
+                "id_order_bytes_per_token": manifest.get("id_order_bytes", 0) / manifest["n_positions"],
+                "version": manifest["version"],
+                "retained_mass": mass,
+                "kl_renorm": kl,
+                "logprob_max_abs_error": manifest["encoding"].get("logprob_max_abs_error"),
+                "logprob_clipped": manifest["logprob_clipped"],
+                "write_s": seconds,
+                "read_us_per_position": read_us,
+                "config": asdict(cfg),
+            }
+        )
     return rows
 
 
@@ -138,8 +149,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=3000, help="teacher tokens to measure on (default 3000)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--settings", nargs="+", default=None,
-                   help="only these settings (names as printed, e.g. 'sample N=8' 'top-0.95-50, lp 8 bit')")
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="only these settings (names as printed, e.g. 'sample N=8' 'top-0.95-50, lp 8 bit')",
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_logits_"))
@@ -148,37 +163,56 @@ def main() -> None:
     store = TokenStore(store_dir)
     start = time.perf_counter()
     hidden, weight = teacher_hidden(store, work / "teacher_hidden.pt")
-    print(f"teacher forward: {store.manifest['n_tokens']} tokens in {len(store)} instances, "
-          f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
+    print(
+        f"teacher forward: {store.manifest['n_tokens']} tokens in {len(store)} instances, "
+        f"{time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
     settings = [c for c in DEFAULT_SETTINGS if args.settings is None or describe(c) in args.settings]
     rows = measure(settings, store_dir, hidden, weight, work)
     n_positions = int(sum(store.lengths - 1))
-    print(f"`{' '.join(['python', *sys.argv])}` — smollm2-135m teacher, {n_positions} positions "
-          f"(builtin:shakespeare + builtin:python), vocab {weight.shape[0]} (16-bit ids)\n")
+    print(
+        f"`{' '.join(['python', *sys.argv])}` — smollm2-135m teacher, {n_positions} positions "
+        f"(builtin:shakespeare + builtin:python), vocab {weight.shape[0]} (16-bit ids)\n"
+    )
     # the id ranking (version 2) is one file per store, 16 KB for a 49k vocabulary: its share shrinks
     # with the store, so it is shown apart from the per-position bytes
-    print("| setting | entries/pos | bytes/token | of which id ranking | teacher mass kept | KL(p‖stored), nats | "
-          "lp max err | read µs/pos |")
+    print(
+        "| setting | entries/pos | bytes/token | of which id ranking | teacher mass kept | KL(p‖stored), nats | "
+        "lp max err | read µs/pos |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         err = "—" if r["logprob_max_abs_error"] is None else f"{r['logprob_max_abs_error']:.4f}"
         mass = f"{r['retained_mass']:.3f}"
-        print(f"| {r['setting']} | {r['entries_per_position']:.2f} | {r['bytes_per_token']:.2f} | "
-              f"{r['id_order_bytes_per_token']:.2f} | {mass} | {r['kl_renorm']:.4f} | {err} | "
-              f"{r['read_us_per_position']:.2f} |")
+        print(
+            f"| {r['setting']} | {r['entries_per_position']:.2f} | {r['bytes_per_token']:.2f} | "
+            f"{r['id_order_bytes_per_token']:.2f} | {mass} | {r['kl_renorm']:.4f} | {err} | "
+            f"{r['read_us_per_position']:.2f} |"
+        )
     by_name = {r["setting"]: r for r in rows}
     default = by_name.get(describe(LogitsConfig()))
     for r in rows:
         readme = None
         if r is default:
-            others = "; ".join(f"{name}: {by_name[name]['bytes_per_token']:.2f}" for name in
-                               ("top-0.95-5, lp 8 bit", "top-0.95-50, lp 8 bit", "sample N=4") if name in by_name)
-            readme = {"what": f"stored teacher signal (logits store v{r['version']}), SmolLM2-135M on "
-                              f"{n_positions} positions of Shakespeare + Python",
-                      "result": f"default RS-KD 8 samples: **{r['bytes_per_token']:.2f} B/token** (of which the "
-                                f"store's id ranking {r['id_order_bytes_per_token']:.2f}); {others} B/token",
-                      "goal": "≤ 8 B/token"}
-        emit("logits_bytes", readme=readme, positions=n_positions, **{k: v for k, v in r.items() if k not in ("config", "bench")})
+            others = "; ".join(
+                f"{name}: {by_name[name]['bytes_per_token']:.2f}"
+                for name in ("top-0.95-5, lp 8 bit", "top-0.95-50, lp 8 bit", "sample N=4")
+                if name in by_name
+            )
+            readme = {
+                "what": f"stored teacher signal (logits store v{r['version']}), SmolLM2-135M on "
+                f"{n_positions} positions of Shakespeare + Python",
+                "result": f"default RS-KD 8 samples: **{r['bytes_per_token']:.2f} B/token** (of which the "
+                f"store's id ranking {r['id_order_bytes_per_token']:.2f}); {others} B/token",
+                "goal": "≤ 8 B/token",
+            }
+        emit(
+            "logits_bytes",
+            readme=readme,
+            positions=n_positions,
+            **{k: v for k, v in r.items() if k not in ("config", "bench")},
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

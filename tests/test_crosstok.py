@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import kill_train_at_checkpoint, torchrun_train
-from predistill.core.artifacts import STAGING_MARK, PredistillError
+
 from predistill.cli import main as cli_main
+from predistill.core.artifacts import STAGING_MARK, PredistillError
+from predistill.formats.logits import TeacherTargets
+from predistill.formats.store import TokenStore
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
+from predistill.stages.tokenizer import TokenizerConfig
+from predistill.stages.tokenizer import run as train_tokenizer
 from predistill.text.crosstok import EOS_BYTES, MappingStats, Speller, VocabMap, align, map_targets, token_spellings
 from predistill.training.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss
-from predistill.formats.logits import TeacherTargets
-from predistill.stages.prepare import PrepareConfig, run as prepare
-from predistill.formats.store import TokenStore
-from predistill.stages.tokenizer import TokenizerConfig, run as train_tokenizer
 
 EOS = 0
 
@@ -99,8 +101,11 @@ def test_nothing_aligns_past_the_first_byte_where_the_two_texts_differ():
 # ---------------------------------------------------------------------------------------------
 # spellings of real tokenizers
 # ---------------------------------------------------------------------------------------------
-TEXTS = ["Hello wörld, naïve café — 東京 is   big.\n\n  def f(x):\n\treturn x  ",
-         "To be, or not to be: that is the question.", "emoji 🙂 and tabs\t\tend"]
+TEXTS = [
+    "Hello wörld, naïve café — 東京 is   big.\n\n  def f(x):\n\treturn x  ",
+    "To be, or not to be: that is the question.",
+    "emoji 🙂 and tabs\t\tend",
+]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +124,9 @@ def sentencepiece_like():
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
     bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
-    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    bpe.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     bytes_alphabet = [f"<0x{b:02X}>" for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>", *bytes_alphabet])
     bpe.train_from_iterator(TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20, trainer=trainer)
@@ -148,8 +154,9 @@ def test_sentencepiece_spellings_map_the_space_marker_and_byte_fallback(sentence
 
 
 @pytest.mark.parametrize("pair", ["bpe-small", "bpe-sentencepiece"])
-def test_every_aligned_pair_of_real_tokenisations_has_read_the_same_text(pair, bpe_tokenizer, small_bpe,
-                                                                        sentencepiece_like):
+def test_every_aligned_pair_of_real_tokenisations_has_read_the_same_text(
+    pair, bpe_tokenizer, small_bpe, sentencepiece_like
+):
     from predistill.modeling.models import load_tokenizer
 
     a = load_tokenizer(str(bpe_tokenizer))
@@ -171,7 +178,7 @@ def test_every_aligned_pair_of_real_tokenisations_has_read_the_same_text(pair, b
     where = align(s, t, Speller.of(a), Speller.of(b), teacher_positions=len(t))
     assert (where >= 0).mean() > 0.3
     for i in np.flatnonzero(where >= 0):
-        assert read(a, s[:i + 1]) == read(b, t[:where[i] + 1])
+        assert read(a, s[: i + 1]) == read(b, t[: where[i] + 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +214,10 @@ def test_mapped_targets_sum_entries_that_land_on_one_student_token_and_drop_unma
     ids = torch.tensor([[2, 3, 4, 1], [5, 1, 0, 0]])  # "ab", "abc", "zz", "a" | "c", "a"
     mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
     mapped, retained, kept = map_targets(TeacherTargets(ids, torch.where(mask, p.log(), 0), mask), vocab)
-    got = [{int(i): round(float(w), 6) for i, w, m in zip(*row) if m}
-           for row in zip(mapped.ids, mapped.logprobs.exp(), mapped.mask)]
+    got = [
+        {int(i): round(float(w), 6) for i, w, m in zip(*row) if m}
+        for row in zip(mapped.ids, mapped.logprobs.exp(), mapped.mask)
+    ]
     assert got == [{2: 0.7, 1: 0.1}, {3: 0.5, 1: 0.25}]
     assert retained == pytest.approx(1.75) and kept == pytest.approx(1.55)
 
@@ -265,15 +274,16 @@ def test_mapped_kd_loss_equals_a_direct_dense_implementation(rule, tail):
     weight = (torch.randn(len(student.spellings), h, generator=g) * 0.5).requires_grad_()
     next_tokens = torch.randint(0, len(student.spellings), (2, 4), generator=g)
     alpha = 0.7
-    lm_sum, kd_sum, _, kd_pp = fused_lm_kd_loss(hidden, weight, next_tokens, laid, source.kd_cfg,
-                                                weights=(1 - alpha, alpha))
+    lm_sum, kd_sum, _, kd_pp = fused_lm_kd_loss(
+        hidden, weight, next_tokens, laid, source.kd_cfg, weights=(1 - alpha, alpha)
+    )
     ((1 - alpha) * lm_sum + alpha * kd_sum).backward()
 
     dense = torch.zeros(rows, len(teacher.spellings)).scatter_(1, top.indices, top.values)
     flat = batch_rows * 4 + positions
-    ref_lm, ref_kd, ref_gh, ref_gw = _dense_reference_kd(hidden.reshape(8, h)[flat], weight, dense,
-                                                         source.vocab.to_student, next_tokens.reshape(-1)[flat],
-                                                         alpha, tail)
+    ref_lm, ref_kd, ref_gh, ref_gw = _dense_reference_kd(
+        hidden.reshape(8, h)[flat], weight, dense, source.vocab.to_student, next_tokens.reshape(-1)[flat], alpha, tail
+    )
     assert kd_pp.reshape(-1)[flat].double().numpy() == pytest.approx(ref_kd.numpy(), abs=1e-5)
     # positions without teacher entries (1 of row 0, 2 of row 1) get the LM loss only
     assert kd_pp.reshape(-1)[[1, 6]].tolist() == [0.0, 0.0]
@@ -332,9 +342,13 @@ def test_uld_equals_sorted_probability_distance_written_out(sampled):
 
 def test_uld_refuses_a_temperature():
     with pytest.raises(PredistillError, match="τ = 1"):
-        fused_lm_uld_loss(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, dtype=torch.long),
-                          TeacherTargets(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)),
-                          KDConfig.from_temperature("2.0", loss="uld"))
+        fused_lm_uld_loss(
+            torch.zeros(1, 2),
+            torch.zeros(3, 2),
+            torch.zeros(1, dtype=torch.long),
+            TeacherTargets(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)),
+            KDConfig.from_temperature("2.0", loss="uld"),
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,15 +392,28 @@ def test_a_derived_store_killed_midway_is_redone_to_the_same_bytes(tiny_store, s
         assert (out / name).read_bytes() == (derived_store / name).read_bytes()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--source", "builtin:python"], "cannot be mixed"),
-    (["--val-fraction", "0.1"], "drop --val-fraction"),
-    (["--max-tokens-per-domain", "100"], "drop --max-tokens-per-domain"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--source", "builtin:python"], "cannot be mixed"),
+        (["--val-fraction", "0.1"], "drop --val-fraction"),
+        (["--max-tokens-per-domain", "100"], "drop --max-tokens-per-domain"),
+    ],
+)
 def test_derived_store_refusals(tiny_store, small_bpe, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
-        cli_main(["prepare", "--source", f"store:{tiny_store}", "--tokenizer", str(small_bpe),
-                  "--out", str(tmp_path / "o"), *extra])
+        cli_main(
+            [
+                "prepare",
+                "--source",
+                f"store:{tiny_store}",
+                "--tokenizer",
+                str(small_bpe),
+                "--out",
+                str(tmp_path / "o"),
+                *extra,
+            ]
+        )
     err = capsys.readouterr().err
     assert e.value.code != 0 and message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -396,15 +423,45 @@ def test_derived_store_refusals(tiny_store, small_bpe, tmp_path, capsys, extra, 
 # train: offline logits of the teacher's store, and an online teacher, across tokenizers
 # ---------------------------------------------------------------------------------------------
 # α held constant: these tests check the KD term from the first step (the default WSD-α starts at 0)
-FAST = ["--model", "preset:tiny", "--batch-size", "4", "--seq-len", "48", "--lr", "3e-3", "--eval-instances", "8",
-        "--alpha", "0.5", "--alpha-schedule", "constant"]
+FAST = [
+    "--model",
+    "preset:tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "48",
+    "--lr",
+    "3e-3",
+    "--eval-instances",
+    "8",
+    "--alpha",
+    "0.5",
+    "--alpha-schedule",
+    "constant",
+]
 
 
 @pytest.fixture(scope="module")
 def teacher_logits(tmp_path_factory, tiny_store) -> Path:
     out = tmp_path_factory.mktemp("teacher")
-    cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(out / "scores"),
-              "--logits-out", str(out / "logits"), "--logits-mode", "topk", "--top-k", "8", "--no-progress"])
+    cli_main(
+        [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(out / "scores"),
+            "--logits-out",
+            str(out / "logits"),
+            "--logits-mode",
+            "topk",
+            "--top-k",
+            "8",
+            "--no-progress",
+        ]
+    )
     return out / "logits"
 
 
@@ -414,8 +471,20 @@ def _run(args: list[str]) -> None:
 
 def test_offline_logits_teach_a_student_with_another_tokenizer(derived_store, teacher_logits, tmp_path):
     out = tmp_path / "run"
-    cli_main(["train", "--store", str(derived_store), "--out", str(out), "--kd-logits", str(teacher_logits),
-              "--steps", "3", *FAST])
+    cli_main(
+        [
+            "train",
+            "--store",
+            str(derived_store),
+            "--out",
+            str(out),
+            "--kd-logits",
+            str(teacher_logits),
+            "--steps",
+            "3",
+            *FAST,
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     alignment = manifest["kd_alignment"]
     assert 0.3 < alignment["aligned_fraction"] <= 1 and 0.5 < alignment["mapped_mass"] <= 1 + 1e-9
@@ -427,34 +496,77 @@ def test_offline_logits_teach_a_student_with_another_tokenizer(derived_store, te
 
 @pytest.mark.slow
 def test_killed_cross_tokenizer_run_resumes_to_the_same_manifest(derived_store, teacher_logits, tmp_path):
-    args = ["--store", str(derived_store), "--kd-logits", str(teacher_logits), "--steps", "10", "--save-every", "2",
-            "--kd-vocab-map", "exact", "--kd-tail", "bucket", *FAST]
+    args = [
+        "--store",
+        str(derived_store),
+        "--kd-logits",
+        str(teacher_logits),
+        "--steps",
+        "10",
+        "--save-every",
+        "2",
+        "--kd-vocab-map",
+        "exact",
+        "--kd-tail",
+        "bucket",
+        *FAST,
+    ]
     _run(["--out", str(tmp_path / "ref"), *args])
     killed = tmp_path / "killed"
     kill_train_at_checkpoint(["--out", str(killed), *args], killed, 4)
     _run(["--out", str(killed), *args])
     ref, got = (json.loads((d / "manifest.json").read_text()) for d in (tmp_path / "ref", killed))
     assert got["kd_alignment"] == ref["kd_alignment"]
-    assert (killed / "hf" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "hf" / "model.safetensors").read_bytes()
+    assert (killed / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "hf" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_uld_trains_across_tokenizers(derived_store, teacher_logits, tmp_path):
     out = tmp_path / "uld"
-    cli_main(["train", "--store", str(derived_store), "--out", str(out), "--kd-logits", str(teacher_logits),
-              "--kd-loss", "uld", "--steps", "2", *FAST])
+    cli_main(
+        [
+            "train",
+            "--store",
+            str(derived_store),
+            "--out",
+            str(out),
+            "--kd-logits",
+            str(teacher_logits),
+            "--kd-loss",
+            "uld",
+            "--steps",
+            "2",
+            *FAST,
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kd_alignment"]["aligned_fraction"] > 0.3 and manifest["kd_alignment"]["mapped_mass"] is None
 
 
-def test_a_store_not_derived_from_the_logits_store_is_refused_naming_both_hashes(tiny_store, small_bpe, teacher_logits,
-                                                                                  tmp_path, capsys):
+def test_a_store_not_derived_from_the_logits_store_is_refused_naming_both_hashes(
+    tiny_store, small_bpe, teacher_logits, tmp_path, capsys
+):
     fresh = tmp_path / "fresh.jsonl"
     fresh.write_text(json.dumps({"text": "a text the teacher never saw. " * 20}) + "\n")
-    other = prepare(PrepareConfig(sources=[f"jsonl:{fresh}"], tokenizer=str(small_bpe), out=str(tmp_path / "other"),
-                                  max_len=32))
+    other = prepare(
+        PrepareConfig(sources=[f"jsonl:{fresh}"], tokenizer=str(small_bpe), out=str(tmp_path / "other"), max_len=32)
+    )
     with pytest.raises(SystemExit) as e:
-        cli_main(["train", "--store", str(other), "--out", str(tmp_path / "r"), "--kd-logits", str(teacher_logits),
-                  "--steps", "1", *FAST])
+        cli_main(
+            [
+                "train",
+                "--store",
+                str(other),
+                "--out",
+                str(tmp_path / "r"),
+                "--kd-logits",
+                str(teacher_logits),
+                "--steps",
+                "1",
+                *FAST,
+            ]
+        )
     err = capsys.readouterr().err
     made_from = json.loads((teacher_logits / "manifest.json").read_text())["store_hash"]
     assert e.value.code != 0 and made_from[:12] in err and TokenStore(other).hash[:12] in err
@@ -465,16 +577,46 @@ def test_a_store_not_derived_from_the_logits_store_is_refused_naming_both_hashes
 def teacher_run(tmp_path_factory, tiny_store) -> Path:
     """A trained tiny model with the 512-token BPE: an HF teacher of another tokenizer than `small_bpe`."""
     out = tmp_path_factory.mktemp("teacher_run") / "run"
-    cli_main(["train", "--store", str(tiny_store), "--out", str(out), "--model", "preset:tiny", "--steps", "2",
-              "--batch-size", "4", "--seq-len", "32", "--eval-instances", "4"])
+    cli_main(
+        [
+            "train",
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(out),
+            "--model",
+            "preset:tiny",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--eval-instances",
+            "4",
+        ]
+    )
     return out
 
 
-def test_an_online_teacher_with_another_tokenizer_is_aligned_and_its_flops_counted(derived_store, teacher_run,
-                                                                                   tmp_path):
+def test_an_online_teacher_with_another_tokenizer_is_aligned_and_its_flops_counted(
+    derived_store, teacher_run, tmp_path
+):
     out = tmp_path / "online"
-    cli_main(["train", "--store", str(derived_store), "--out", str(out), "--kd-teacher", str(teacher_run),
-              "--steps", "2", *FAST])
+    cli_main(
+        [
+            "train",
+            "--store",
+            str(derived_store),
+            "--out",
+            str(out),
+            "--kd-teacher",
+            str(teacher_run),
+            "--steps",
+            "2",
+            *FAST,
+        ]
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     teacher_params = json.loads((teacher_run / "manifest.json").read_text())["params"]["total"]
     # 2·N_teacher per teacher token; the teacher's tokens are longer (512 vs 300 ids): fewer of them
@@ -485,20 +627,45 @@ def test_an_online_teacher_with_another_tokenizer_is_aligned_and_its_flops_count
 
 def test_uld_with_a_same_vocabulary_online_teacher_is_refused(tiny_store, teacher_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cli_main(["train", "--store", str(tiny_store), "--out", str(tmp_path / "r"), "--kd-teacher", str(teacher_run),
-                  "--kd-loss", "uld", "--steps", "1", *FAST])
+        cli_main(
+            [
+                "train",
+                "--store",
+                str(tiny_store),
+                "--out",
+                str(tmp_path / "r"),
+                "--kd-teacher",
+                str(teacher_run),
+                "--kd-loss",
+                "uld",
+                "--steps",
+                "1",
+                *FAST,
+            ]
+        )
     assert "uld" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # torchrun: one and two gloo ranks
 def test_two_ranks_align_and_count_like_one(derived_store, teacher_logits, tmp_path):
-    args = ["--store", str(derived_store), "--kd-logits", str(teacher_logits), "--steps", "3", *FAST,
-            "--batch-size", "4"]
+    args = [
+        "--store",
+        str(derived_store),
+        "--kd-logits",
+        str(teacher_logits),
+        "--steps",
+        "3",
+        *FAST,
+        "--batch-size",
+        "4",
+    ]
     torchrun_train(1, ["--out", str(tmp_path / "one"), *args, "--micro-batch-size", "2"])
     torchrun_train(2, ["--out", str(tmp_path / "two"), *args, "--micro-batch-size", "1"])
     one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
     counts = ("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum")
     assert [two["kd_alignment"][k] for k in counts] == pytest.approx([one["kd_alignment"][k] for k in counts], rel=1e-9)
-    rows = [[json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("one", "two")]
+    rows = [
+        [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("one", "two")
+    ]
     np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5)

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from predistill.core.artifacts import PredistillError
+from predistill.formats.logits import LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries
+from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_model
+from predistill.stages.train import TrainConfig, flops_per_token, run
 from predistill.training.distill import forward_flops_per_token
 from predistill.training.kd import KDConfig
-from predistill.formats.logits import LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries
-from predistill.modeling.models import load_model
-from predistill.formats.store import TokenStore
-from predistill.stages.train import TrainConfig, flops_per_token, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,8 +35,13 @@ def logits_dir(tiny_store, teacher_dir, tmp_path_factory) -> Path:
     store = TokenStore(tiny_store)
     teacher, _ = load_model(str(teacher_dir))
     out = tmp_path_factory.mktemp("logits") / "logits"
-    writer = LogitsStoreWriter(out, store, LogitsConfig(mode="topk", top_k=8, shard_instances=64),
-                               vocab_size=teacher.get_output_embeddings().weight.shape[0], teacher=str(teacher_dir))
+    writer = LogitsStoreWriter(
+        out,
+        store,
+        LogitsConfig(mode="topk", top_k=8, shard_instances=64),
+        vocab_size=teacher.get_output_embeddings().weight.shape[0],
+        teacher=str(teacher_dir),
+    )
     with torch.no_grad():
         for ids, tokens, lengths in store.iter_batches(16):
             hidden = teacher.model(input_ids=tokens).last_hidden_state
@@ -54,8 +59,17 @@ def manifest(out: Path) -> dict:
 
 
 def test_offline_kd_composes_lm_and_kd_losses_and_costs_no_teacher_flops(tiny_store, logits_dir, tmp_path):
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "pd"), kd_logits=str(logits_dir), alpha=0.9,
-                          alpha_schedule="constant", kd=KDConfig(temperature=2.0), **FAST))
+    out = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "pd"),
+            kd_logits=str(logits_dir),
+            alpha=0.9,
+            alpha_schedule="constant",
+            kd=KDConfig(temperature=2.0),
+            **FAST,
+        )
+    )
     rows = metrics(out)
     for r in rows:
         assert r["kd_loss"] is not None and r["kd_loss"] > 0
@@ -67,14 +81,32 @@ def test_offline_kd_composes_lm_and_kd_losses_and_costs_no_teacher_flops(tiny_st
 
 def test_offline_kd_moves_the_student_towards_the_teacher(tiny_store, logits_dir, tmp_path):
     """Same seed, same data: with α = 1 the student's KD loss falls far more than without KD."""
-    kd = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "kd"), kd_logits=str(logits_dir), alpha=1.0,
-                         alpha_schedule="constant", kd=KDConfig(loss="kld"), **{**FAST, "steps": 12}))
+    kd = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "kd"),
+            kd_logits=str(logits_dir),
+            alpha=1.0,
+            alpha_schedule="constant",
+            kd=KDConfig(loss="kld"),
+            **{**FAST, "steps": 12},
+        )
+    )
     assert metrics(kd)[-1]["kd_loss"] < 0.6 * metrics(kd)[0]["kd_loss"]
 
 
 def test_period_schedule_runs_kd_on_every_fourth_step_only(tiny_store, teacher_dir, tmp_path):
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "vkd"), kd_teacher=str(teacher_dir), alpha=0.9,
-                          alpha_schedule="period", kd=KDConfig(loss="nll"), **{**FAST, "steps": 8}))
+    out = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "vkd"),
+            kd_teacher=str(teacher_dir),
+            alpha=0.9,
+            alpha_schedule="period",
+            kd=KDConfig(loss="nll"),
+            **{**FAST, "steps": 8},
+        )
+    )
     rows = metrics(out)
     assert [r["alpha"] for r in rows] == [0, 0, 0, 0.9] * 2
     assert [r["kd_loss"] is not None for r in rows] == [False, False, False, True] * 2
@@ -91,8 +123,17 @@ def test_online_teacher_nll_is_full_vocabulary_soft_cross_entropy(tiny_store, te
     """Vanilla KD's first-step loss equals −Σ_V p_T log q_S computed directly from both models."""
     from predistill.stages.train import DataOrder, make_batch
 
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "vkd"), kd_teacher=str(teacher_dir), alpha=1.0,
-                          alpha_schedule="constant", kd=KDConfig(loss="nll"), **{**FAST, "steps": 1}))
+    out = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "vkd"),
+            kd_teacher=str(teacher_dir),
+            alpha=1.0,
+            alpha_schedule="constant",
+            kd=KDConfig(loss="nll"),
+            **{**FAST, "steps": 1},
+        )
+    )
     store = TokenStore(tiny_store)
     student, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
     teacher, _ = load_model(str(teacher_dir))
@@ -105,13 +146,15 @@ def test_online_teacher_nll_is_full_vocabulary_soft_cross_entropy(tiny_store, te
     assert metrics(out)[0]["kd_loss"] == pytest.approx(expected.item(), rel=1e-4)
 
 
-def test_logits_from_another_store_are_refused_naming_both_hashes(tiny_store, logits_dir, tmp_path, source_specs,
-                                                                  bpe_tokenizer):
+def test_logits_from_another_store_are_refused_naming_both_hashes(
+    tiny_store, logits_dir, tmp_path, source_specs, bpe_tokenizer
+):
     from predistill.stages.prepare import PrepareConfig
     from predistill.stages.prepare import run as prepare
 
-    other = prepare(PrepareConfig(sources=source_specs[:1], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "other"),
-                                  max_len=64))
+    other = prepare(
+        PrepareConfig(sources=source_specs[:1], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "other"), max_len=64)
+    )
     with pytest.raises(PredistillError) as e:
         run(TrainConfig(store=str(other), out=str(tmp_path / "x"), kd_logits=str(logits_dir), alpha=0.5, **FAST))
     assert TokenStore(tiny_store).hash[:12] in str(e.value) and TokenStore(other).hash[:12] in str(e.value)
@@ -122,21 +165,34 @@ def test_minillm_with_a_teacher_of_another_tokenizer_is_refused(tiny_store, tmp_
     from predistill.stages.tokenizer import TokenizerConfig
     from predistill.stages.tokenizer import run as train_tokenizer
 
-    other_tok = train_tokenizer(TokenizerConfig(sources=[f"jsonl:{corpus['code']}"], out=str(tmp_path / "tok"),
-                                                vocab_size=300))
+    other_tok = train_tokenizer(
+        TokenizerConfig(sources=[f"jsonl:{corpus['code']}"], out=str(tmp_path / "tok"), vocab_size=300)
+    )
     teacher, tok = load_model("preset:tiny", str(other_tok))
     teacher.save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
     with pytest.raises(PredistillError, match="one shared vocabulary"):
-        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "x"), kd_teacher=str(tmp_path / "teacher"),
-                        alpha=0.5, minillm=True, kd=KDConfig(loss="rkl"), **FAST))
+        run(
+            TrainConfig(
+                store=str(tiny_store),
+                out=str(tmp_path / "x"),
+                kd_teacher=str(tmp_path / "teacher"),
+                alpha=0.5,
+                minillm=True,
+                kd=KDConfig(loss="rkl"),
+                **FAST,
+            )
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(alpha=0.5), "needs a KD source"),
-    (dict(kd_teacher="x", kd_logits="y", alpha=0.5), "not both"),
-    (dict(kd_logits="y"), "--alpha 0 would be ignored"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(alpha=0.5), "needs a KD source"),
+        (dict(kd_teacher="x", kd_logits="y", alpha=0.5), "not both"),
+        (dict(kd_logits="y"), "--alpha 0 would be ignored"),
+    ],
+)
 def test_inconsistent_kd_settings_are_refused(tiny_store, tmp_path, kwargs, message):
     with pytest.raises(PredistillError, match=message):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "x"), **{**FAST, **kwargs}))
@@ -146,8 +202,16 @@ def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_stor
     store = TokenStore(tiny_store)
     saved = tmp_path / "online-logits"
     truncation = LogitsConfig(mode="topk", top_p=0.9, top_k=7)  # PD's top-p-k, as the run is told
-    teacher_run = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "t"), save_logits=str(saved),
-                                  save_logits_top_p=0.9, save_logits_top_k=7, **{**FAST, "steps": 3}))
+    teacher_run = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "t"),
+            save_logits=str(saved),
+            save_logits_top_p=0.9,
+            save_logits_top_k=7,
+            **{**FAST, "steps": 3},
+        )
+    )
     logits = LogitsStore(saved, store)
     assert (logits.manifest["config"]["top_p"], logits.manifest["config"]["top_k"]) == (0.9, 7)
     assert logits.n_positions == int((store.lengths - 1).sum())
@@ -164,10 +228,15 @@ def test_save_logits_writes_a_complete_aligned_store_a_student_can_use(tiny_stor
     direct = compute_entries(logits_full, truncation)
     stored = logits.instance_entries(unseen)
     np.testing.assert_array_equal(stored.ids, direct.ids)
-    np.testing.assert_allclose(stored.logprobs, direct.logprobs, atol=logits.manifest["encoding"]["logprob_max_abs_error"])
+    np.testing.assert_allclose(
+        stored.logprobs, direct.logprobs, atol=logits.manifest["encoding"]["logprob_max_abs_error"]
+    )
 
-    student = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "s"), kd_logits=str(saved), alpha=0.5,
-                              **{**FAST, "steps": 2}))
+    student = run(
+        TrainConfig(
+            store=str(tiny_store), out=str(tmp_path / "s"), kd_logits=str(saved), alpha=0.5, **{**FAST, "steps": 2}
+        )
+    )
     assert manifest(student)["method"] == "PD"
 
 
@@ -177,9 +246,19 @@ def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_d
     from predistill.stages.train import DataOrder, make_batch
 
     prefix = 16
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "minillm"), kd_teacher=str(teacher_dir),
-                          kd=KDConfig(loss="rkl"), minillm=True, minillm_prefix=prefix, alpha=0.5,
-                          alpha_schedule="constant", **{**FAST, "steps": 1}))
+    out = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "minillm"),
+            kd_teacher=str(teacher_dir),
+            kd=KDConfig(loss="rkl"),
+            minillm=True,
+            minillm_prefix=prefix,
+            alpha=0.5,
+            alpha_schedule="constant",
+            **{**FAST, "steps": 1},
+        )
+    )
     m = manifest(out)
     assert m["method"] == "MiniLLM"
 
@@ -194,11 +273,20 @@ def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_d
     student.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(hash((0, *map(int, ids))) % (1 << 63))
-        samples = student.generate(inputs[keep][:, :prefix], attention_mask=torch.ones_like(inputs[keep][:, :prefix]),
-                                   do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new,
-                                   min_new_tokens=new, pad_token_id=store.eos_id, use_model_defaults=False)
-        log_q = torch.log_softmax(student(input_ids=samples[:, :-1]).logits, -1)[:, prefix - 1:]
-        log_p = torch.log_softmax(teacher(input_ids=samples[:, :-1]).logits, -1)[:, prefix - 1:]
+        samples = student.generate(
+            inputs[keep][:, :prefix],
+            attention_mask=torch.ones_like(inputs[keep][:, :prefix]),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=store.eos_id,
+            use_model_defaults=False,
+        )
+        log_q = torch.log_softmax(student(input_ids=samples[:, :-1]).logits, -1)[:, prefix - 1 :]
+        log_p = torch.log_softmax(teacher(input_ids=samples[:, :-1]).logits, -1)[:, prefix - 1 :]
     rkl = (log_q.exp() * (log_q - log_p)).sum(-1).sum()
     assert metrics(out)[0]["kd_loss"] == pytest.approx(rkl.item() / mask.sum().item(), rel=1e-4)
 
@@ -208,8 +296,17 @@ def test_minillm_is_reverse_kl_on_the_students_own_samples(tiny_store, teacher_d
 
 def test_minillm_needs_reverse_kl_and_a_teacher(tiny_store, teacher_dir, tmp_path):
     with pytest.raises(PredistillError, match="reverse KL"):
-        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "a"), kd_teacher=str(teacher_dir), kd=KDConfig(loss="kld"),
-                        minillm=True, alpha=0.5, **FAST))
+        run(
+            TrainConfig(
+                store=str(tiny_store),
+                out=str(tmp_path / "a"),
+                kd_teacher=str(teacher_dir),
+                kd=KDConfig(loss="kld"),
+                minillm=True,
+                alpha=0.5,
+                **FAST,
+            )
+        )
     with pytest.raises(PredistillError, match="needs an online teacher"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "b"), minillm=True, **FAST))
 
@@ -220,13 +317,38 @@ def test_an_online_teacher_beside_an_fsdp_student_is_sharded_and_trains_the_same
     fits only that way) and two ranks train what one rank does."""
     from conftest import torchrun_train
 
-    args = ["--store", str(tiny_store), "--model", "preset:tiny", "--steps", "4", "--batch-size", "4",
-            "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-instances", "8", "--kd-teacher", str(teacher_dir),
-            "--kd-loss", "kld", "--alpha", "0.5", "--alpha-schedule", "constant"]
+    args = [
+        "--store",
+        str(tiny_store),
+        "--model",
+        "preset:tiny",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--lr",
+        "3e-3",
+        "--warmup",
+        "1",
+        "--eval-instances",
+        "8",
+        "--kd-teacher",
+        str(teacher_dir),
+        "--kd-loss",
+        "kld",
+        "--alpha",
+        "0.5",
+        "--alpha-schedule",
+        "constant",
+    ]
     torchrun_train(1, [*args, "--out", str(tmp_path / "one")])
     torchrun_train(2, [*args, "--out", str(tmp_path / "two"), "--fsdp"])
-    losses = [[json.loads(line)["kd_loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-              for name in ("one", "two")]
+    losses = [
+        [json.loads(line)["kd_loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    ]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
 
 
@@ -236,8 +358,8 @@ def test_sharding_for_inference_keeps_the_teachers_outputs(teacher_dir, tmp_path
 
     import torch.distributed as dist
 
-    from predistill.training.distill import shard_for_inference
     from predistill.modeling.models import final_hidden, model_body
+    from predistill.training.distill import shard_for_inference
 
     with socket.socket() as s:  # a free port; the environment is restored after the test (other tests spawn ranks)
         s.bind(("127.0.0.1", 0))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.core.artifacts import sha256_file, write_manifest
 from predistill.cli import main as cli_main
-from predistill.stages.diversity import DiversityConfig, run, vendi_score
-from predistill.modeling.models import load_model
+from predistill.core.artifacts import sha256_file, write_manifest
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_model
+from predistill.stages.diversity import DiversityConfig, run, vendi_score
 
 
 def test_vendi_score_counts_effectively_distinct_items():
@@ -30,22 +30,32 @@ def test_vendi_score_counts_effectively_distinct_items():
 
 def test_diversity_embeds_a_seeded_sample_as_the_plain_model_would(tiny_store, tmp_path):
     out = tmp_path / "d.json"
-    result = run(DiversityConfig(store=str(tiny_store), model="preset:tiny", out=str(out), sample=12, seed=3,
-                                 batch_size=5))
+    result = run(
+        DiversityConfig(store=str(tiny_store), model="preset:tiny", out=str(out), sample=12, seed=3, batch_size=5)
+    )
     store = TokenStore(tiny_store)
     ids = np.sort(np.random.default_rng(3).choice(np.arange(len(store)), 12, replace=False))
     model, _ = load_model("preset:tiny", store.tokenizer())
     with torch.no_grad():
-        plain = torch.stack([model.model(input_ids=torch.tensor(np.array(store[i][:512]), dtype=torch.long)[None])
-                            .last_hidden_state[0].mean(0) for i in ids])
+        plain = torch.stack(
+            [
+                model.model(input_ids=torch.tensor(np.array(store[i][:512]), dtype=torch.long)[None])
+                .last_hidden_state[0]
+                .mean(0)
+                for i in ids
+            ]
+        )
     assert result["vendi_score"] == pytest.approx(vendi_score(plain), rel=1e-5)
     assert 1 <= result["vendi_score"] <= 12 and result["n_instances"] == 12
     unit = torch.nn.functional.normalize(plain.double(), dim=1)
     off_diagonal = (unit @ unit.T).sum() - 12
     assert result["mean_cosine_similarity"] == pytest.approx(float(off_diagonal / (12 * 11)), rel=1e-5)
     assert json.loads(out.read_text()) == result
-    again = run(DiversityConfig(store=str(tiny_store), model="preset:tiny", out=str(tmp_path / "e.json"), sample=12,
-                                seed=3, batch_size=5))
+    again = run(
+        DiversityConfig(
+            store=str(tiny_store), model="preset:tiny", out=str(tmp_path / "e.json"), sample=12, seed=3, batch_size=5
+        )
+    )
     assert again["vendi_score"] == result["vendi_score"]  # deterministic
 
 
@@ -54,18 +64,25 @@ def test_a_selection_is_measured_alone(tiny_store, tmp_path):
     sel = tmp_path / "sel"
     sel.mkdir()
     np.save(sel / "selection.npy", np.array([4, 9], dtype=np.int64))
-    write_manifest(sel, {"format": "selection", "store_hash": store.hash,
-                         "selection_sha256": sha256_file(sel / "selection.npy")})
-    result = run(DiversityConfig(store=str(tiny_store), selection=str(sel), model="preset:tiny",
-                                 out=str(tmp_path / "d.json"), sample=50))
+    write_manifest(
+        sel, {"format": "selection", "store_hash": store.hash, "selection_sha256": sha256_file(sel / "selection.npy")}
+    )
+    result = run(
+        DiversityConfig(
+            store=str(tiny_store), selection=str(sel), model="preset:tiny", out=str(tmp_path / "d.json"), sample=50
+        )
+    )
     assert result["n_instances"] == 2 and result["pool_instances"] == 2 and 1 <= result["vendi_score"] <= 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sample", "1"], "--sample must be ≥ 2"),
-    (["--store", "/nonexistent"], "not a token store"),
-    (["--out", "TMP"], "is a directory"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sample", "1"], "--sample must be ≥ 2"),
+        (["--store", "/nonexistent"], "not a token store"),
+        (["--out", "TMP"], "is a directory"),
+    ],
+)
 def test_bad_input_is_one_line_error(tiny_store, tmp_path, capsys, args, message):
     base = {"--store": str(tiny_store), "--model": "preset:tiny", "--out": str(tmp_path / "d.json")}
     for flag, value in zip(args[::2], args[1::2]):

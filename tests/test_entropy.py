@@ -22,8 +22,7 @@ def round_trip(values, n_direct, raw_bits, blocks):
 def test_any_block_decodes_to_its_values_with_escapes(seed):
     rng = np.random.default_rng(seed)
     # mostly small (direct symbols), some ≥ 63 (escaped: raw 17-bit value after the escape code)
-    values = np.where(rng.random(3000) < 0.9, np.minimum(rng.zipf(1.3, 3000) - 1, 99999),
-                      rng.integers(0, 70000, 3000))
+    values = np.where(rng.random(3000) < 0.9, np.minimum(rng.zipf(1.3, 3000) - 1, 99999), rng.integers(0, 70000, 3000))
     cuts = np.unique(np.concatenate([[0, 3000], rng.integers(0, 3000, 40)]))
     decoded, _ = round_trip(values, 64, 17, cuts)
     for (a, b), got in zip(zip(cuts[:-1], cuts[1:]), decoded):

@@ -13,11 +13,19 @@ import torch
 
 from predistill import cli
 from predistill.core.artifacts import PredistillError, write_manifest
-from predistill.stages.eval import PAPER_TASKS, EvalConfig, average_accuracy, fewshot_table, heldout_metrics, \
-    heldout_sequences, run, task_rows
-from predistill.modeling.models import load_model, resolve_model
 from predistill.formats.store import TokenStore
 from predistill.formats.tasks import CONTINUATION, LASTWORD
+from predistill.modeling.models import load_model, resolve_model
+from predistill.stages.eval import (
+    PAPER_TASKS,
+    EvalConfig,
+    average_accuracy,
+    fewshot_table,
+    heldout_metrics,
+    heldout_sequences,
+    run,
+    task_rows,
+)
 from predistill.stages.tokenizer import TokenizerConfig
 from predistill.stages.tokenizer import run as train_tokenizer
 
@@ -40,8 +48,9 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
 @pytest.fixture(scope="module")
 def other_tokenizer(tmp_path_factory, source_specs):
     """A second BPE with another vocabulary: a 'cross-family' tokenizer for the same text."""
-    return train_tokenizer(TokenizerConfig(sources=source_specs, out=str(tmp_path_factory.mktemp("tok2") / "bpe300"),
-                                           vocab_size=300))
+    return train_tokenizer(
+        TokenizerConfig(sources=source_specs, out=str(tmp_path_factory.mktemp("tok2") / "bpe300"), vocab_size=300)
+    )
 
 
 def plain_heldout_loss(model, sequences) -> float:
@@ -68,7 +77,11 @@ def test_heldout_loss_equals_plain_computation(tiny_model_dir, tiny_store):
     total = sum(len(s) - 1 for s in sequences)
     assert result["heldout_token_loss"] != pytest.approx(result["heldout_loss"], abs=1e-9)
     assert set(result["heldout_loss_by_domain"]) == {"prose", "code"}
-    assert min(result["heldout_loss_by_domain"].values()) < result["heldout_loss"] < max(result["heldout_loss_by_domain"].values())
+    assert (
+        min(result["heldout_loss_by_domain"].values())
+        < result["heldout_loss"]
+        < max(result["heldout_loss_by_domain"].values())
+    )
     assert total == result["n_tokens"]
 
 
@@ -100,10 +113,23 @@ def test_cross_tokenizer_store_is_retokenised(tmp_path, tiny_store, other_tokeni
 def make_run_dir(root, model_dir, complete=True):
     run_dir = root / "run"
     shutil.copytree(model_dir, run_dir / "hf")
-    write_manifest(run_dir, {"format": "run", "method": "MiniPLM", "model": "preset:tiny",
-                             "params": {"total": 1, "non_embedding": 1}, "steps": 3, "tokens": 10, "flops": 1e9,
-                             "store_hash": "x", "selection": None, "kd_logits": None, "kd_teacher": None,
-                             "final_val_loss": 5.0})
+    write_manifest(
+        run_dir,
+        {
+            "format": "run",
+            "method": "MiniPLM",
+            "model": "preset:tiny",
+            "params": {"total": 1, "non_embedding": 1},
+            "steps": 3,
+            "tokens": 10,
+            "flops": 1e9,
+            "store_hash": "x",
+            "selection": None,
+            "kd_logits": None,
+            "kd_teacher": None,
+            "final_val_loss": 5.0,
+        },
+    )
     if not complete:
         manifest = json.loads((run_dir / "manifest.json").read_text())
         (run_dir / "manifest.json").write_text(json.dumps(manifest | {"complete": False}))
@@ -129,17 +155,32 @@ def test_clear_errors(tmp_path, tiny_model_dir, tiny_store, monkeypatch, capsys)
     with pytest.raises(PredistillError, match="no such token store"):
         run(EvalConfig(model=str(tiny_model_dir), store=str(tmp_path / "nostore"), out=str(tmp_path / "e.json")))
     with pytest.raises(PredistillError, match="incomplete"):
-        run(EvalConfig(model=str(make_run_dir(tmp_path, tiny_model_dir, complete=False)), store=val,
-                       out=str(tmp_path / "e.json")))
+        run(
+            EvalConfig(
+                model=str(make_run_dir(tmp_path, tiny_model_dir, complete=False)),
+                store=val,
+                out=str(tmp_path / "e.json"),
+            )
+        )
     # unknown names would make lm-eval index all its tasks (30 s); the local folder is enough to say no
     import lm_eval.tasks
 
     real = lm_eval.tasks.TaskManager
-    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda include_path=None, include_defaults=True: real(
-        include_path=include_path, include_defaults=False))
+    monkeypatch.setattr(
+        lm_eval.tasks,
+        "TaskManager",
+        lambda include_path=None, include_defaults=True: real(include_path=include_path, include_defaults=False),
+    )
     with pytest.raises(PredistillError, match="unknown task.*hellaswagg"):
-        run(EvalConfig(model=str(tiny_model_dir), store=val, out=str(tmp_path / "e.json"), tasks=["hellaswagg", "local"],
-                       tasks_dir=str(tmp_path / "tasks")))
+        run(
+            EvalConfig(
+                model=str(tiny_model_dir),
+                store=val,
+                out=str(tmp_path / "e.json"),
+                tasks=["hellaswagg", "local"],
+                tasks_dir=str(tmp_path / "tasks"),
+            )
+        )
     # the CLI prints one line and exits 1
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", "--model", str(tmp_path / "missing"), "--store", val, "--out", str(tmp_path / "e.json")])
@@ -150,30 +191,45 @@ def test_clear_errors(tmp_path, tiny_model_dir, tiny_store, monkeypatch, capsys)
 
 def test_fewshot_flags_name_evaluated_tasks_once_with_a_count():
     assert fewshot_table(["gsm8k=8", "mmlu=5"], ["mmlu", "gsm8k"]) == {"gsm8k": 8, "mmlu": 5}
-    for specs, match in ((["gsm8k"], "TASK=N"), (["gsm8k=-1"], "TASK=N"), (["gsm8k=x"], "TASK=N"),
-                         (["arc_easy=5"], "not among"), (["gsm8k=5", "gsm8k=8"], "twice")):
+    for specs, match in (
+        (["gsm8k"], "TASK=N"),
+        (["gsm8k=-1"], "TASK=N"),
+        (["gsm8k=x"], "TASK=N"),
+        (["arc_easy=5"], "not among"),
+        (["gsm8k=5", "gsm8k=8"], "twice"),
+    ):
         with pytest.raises(PredistillError, match=match):
             fewshot_table(specs, ["gsm8k"])
 
 
-def lm_eval_results(leaves: dict[str, tuple[dict, int]], groups: dict[str, list[str]],
-                    aggregates: dict[str, dict] | None = None, shots: int = 0) -> dict:
+def lm_eval_results(
+    leaves: dict[str, tuple[dict, int]],
+    groups: dict[str, list[str]],
+    aggregates: dict[str, dict] | None = None,
+    shots: int = 0,
+) -> dict:
     """The parts of `lm_eval.simple_evaluate`'s return value that eval reads (as lm-eval 0.4.13
     writes them: `metric,filter` keys, a group's own entry holds only its declared aggregate)."""
     results = {t: {"alias": t, **metrics} for t, (metrics, _) in leaves.items()}
     results |= {g: {"alias": g, **(aggregates or {}).get(g, {})} for g in groups}
-    return {"results": results, "group_subtasks": groups,
-            "n-samples": {t: {"original": n, "effective": n} for t, (_, n) in leaves.items()},
-            "n-shot": {t: shots for t in [*leaves, *groups]}}
+    return {
+        "results": results,
+        "group_subtasks": groups,
+        "n-samples": {t: {"original": n, "effective": n} for t, (_, n) in leaves.items()},
+        "n-shot": {t: shots for t in [*leaves, *groups]},
+    }
 
 
 def test_a_group_gets_its_item_weighted_aggregate_and_a_row_per_subtask():
-    leaves = {"sub_a": ({"acc,none": 0.5, "acc_stderr,none": "N/A", "acc_norm,none": 0.25}, 10),
-              "sub_b": ({"acc,none": 0.8, "acc_norm,none": 0.5, "perplexity,none": 12.0}, 30),
-              "sub_c": ({"acc,none": 0.2}, 20)}
+    leaves = {
+        "sub_a": ({"acc,none": 0.5, "acc_stderr,none": "N/A", "acc_norm,none": 0.25}, 10),
+        "sub_b": ({"acc,none": 0.8, "acc_norm,none": 0.5, "perplexity,none": 12.0}, 30),
+        "sub_c": ({"acc,none": 0.2}, 20),
+    }
     # a nested group: outer = [inner, sub_c], inner = [sub_a, sub_b]; no declared aggregate
-    rows = task_rows(lm_eval_results(leaves, {"outer": ["inner", "sub_c"], "inner": ["sub_a", "sub_b"]}),
-                     ["outer", "sub_b"])
+    rows = task_rows(
+        lm_eval_results(leaves, {"outer": ["inner", "sub_c"], "inner": ["sub_a", "sub_b"]}), ["outer", "sub_b"]
+    )
     outer = rows["outer"]
     assert outer["n"] == 60 and outer["aggregate"] == "item-weighted mean of the subtasks"
     assert outer["acc"] == pytest.approx((0.5 * 10 + 0.8 * 30 + 0.2 * 20) / 60)
@@ -188,8 +244,11 @@ def test_a_group_gets_its_item_weighted_aggregate_and_a_row_per_subtask():
 
 
 def test_generation_metrics_are_collected_and_count_in_the_average():
-    gsm8k = {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
-             "exact_match,flexible-extract": 0.5}
+    gsm8k = {
+        "exact_match,strict-match": 0.25,
+        "exact_match_stderr,strict-match": 0.1,
+        "exact_match,flexible-extract": 0.5,
+    }
     rows = task_rows(lm_eval_results({"gsm8k": (gsm8k, 8)}, {}, shots=8), ["gsm8k"])
     row = rows["gsm8k"]
     assert row["metrics"] == {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.5}
@@ -204,16 +263,22 @@ def test_a_local_group_task_and_per_task_shots_through_lm_eval(tmp_path, tiny_mo
     groups = tmp_path / "groups"
     groups.mkdir()
     (groups / "both.yaml").write_text(yaml.safe_dump({"group": "local_both", "task": [LASTWORD, CONTINUATION]}))
-    common = dict(model=str(tiny_model_dir), store=str(tiny_store / "val"), local_items=8, batch_size=8, limit=4,
-                  tasks_dir=str(tmp_path / "tasks"))
+    common = dict(
+        model=str(tiny_model_dir),
+        store=str(tiny_store / "val"),
+        local_items=8,
+        batch_size=8,
+        limit=4,
+        tasks_dir=str(tmp_path / "tasks"),
+    )
     alone = run(EvalConfig(out=str(tmp_path / "alone.json"), tasks=["local"], **common))["results"]
-    grouped = run(EvalConfig(out=str(tmp_path / "group.json"), tasks=["local_both"], task_path=[str(groups)],
-                             **common))
+    grouped = run(EvalConfig(out=str(tmp_path / "group.json"), tasks=["local_both"], task_path=[str(groups)], **common))
     both = grouped["results"]["local_both"]
     assert grouped["tasks"]["evaluated"] == ["local_both"] and both["n"] == 8
     for task in (LASTWORD, CONTINUATION):  # the subtasks score as they do alone
-        assert {k: both["subtasks"][task][k] for k in ("acc", "acc_norm", "n")} == \
-            {k: alone[task][k] for k in ("acc", "acc_norm", "n")}
+        assert {k: both["subtasks"][task][k] for k in ("acc", "acc_norm", "n")} == {
+            k: alone[task][k] for k in ("acc", "acc_norm", "n")
+        }
     assert both["acc"] == pytest.approx((alone[LASTWORD]["acc"] + alone[CONTINUATION]["acc"]) / 2)
     assert both["acc_norm"] == alone[CONTINUATION]["acc_norm"]
     # per-task shots: each task records the examples its prompts had
@@ -221,7 +286,9 @@ def test_a_local_group_task_and_per_task_shots_through_lm_eval(tmp_path, tiny_mo
     assert shot["results"][LASTWORD]["num_fewshot"] == 2 and shot["results"][CONTINUATION]["num_fewshot"] == 0
     assert shot["results"][CONTINUATION]["acc"] == alone[CONTINUATION]["acc"]
     with pytest.raises(PredistillError, match="--task-path"):
-        run(EvalConfig(out=str(tmp_path / "x.json"), tasks=["local_both"], task_path=[str(tmp_path / "nope")], **common))
+        run(
+            EvalConfig(out=str(tmp_path / "x.json"), tasks=["local_both"], task_path=[str(tmp_path / "nope")], **common)
+        )
 
 
 def lm_eval_pair_loglikelihood(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
@@ -244,8 +311,17 @@ def lm_eval_pair_loglikelihood(model, tokenizer, context: str, continuation: str
 @pytest.mark.slow
 def test_lm_eval_runs_local_tasks_offline_and_matches_a_hand_computation(tmp_path, tiny_model_dir, tiny_store):
     env_before = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    result = run(EvalConfig(model=str(tiny_model_dir), store=str(tiny_store / "val"), out=str(tmp_path / "eval.json"),
-                            tasks=["default"], local_items=8, batch_size=8, limit=4))
+    result = run(
+        EvalConfig(
+            model=str(tiny_model_dir),
+            store=str(tiny_store / "val"),
+            out=str(tmp_path / "eval.json"),
+            tasks=["default"],
+            local_items=8,
+            batch_size=8,
+            limit=4,
+        )
+    )
     assert {k: os.environ.get(k) for k in env_before} == env_before  # offline mode is scoped to the run
     assert result["tasks"]["evaluated"] == [LASTWORD, CONTINUATION]
     # the paper's nine are not in this machine's HF cache: skipped with the reason, not failed
@@ -280,8 +356,11 @@ def test_a_model_with_non_finite_weights_is_an_error_not_a_nan_result(tiny_model
     model.save_pretrained(tmp_path / "broken", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "broken")
     with pytest.raises(PredistillError, match="held-out loss is not finite"):
-        run(EvalConfig(model=str(tmp_path / "broken"), store=str(tiny_store / "val"), out=str(tmp_path / "e.json"),
-                       limit=4))
+        run(
+            EvalConfig(
+                model=str(tmp_path / "broken"), store=str(tiny_store / "val"), out=str(tmp_path / "e.json"), limit=4
+            )
+        )
     assert not (tmp_path / "e.json").exists()
 
 
@@ -293,8 +372,17 @@ def test_two_ranks_give_the_same_heldout_loss_as_one(tiny_model_dir, tiny_store,
     from conftest import subprocess_env
 
     def evaluate(out, launcher):
-        args = ["-m", "predistill", "eval", "--model", str(tiny_model_dir), "--store", str(tiny_store / "val"),
-                "--out", str(out)]
+        args = [
+            "-m",
+            "predistill",
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--store",
+            str(tiny_store / "val"),
+            "--out",
+            str(out),
+        ]
         subprocess.run([sys.executable, *launcher, *args], env=subprocess_env(), check=True, capture_output=True)
         return json.loads(out.read_text())
 

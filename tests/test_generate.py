@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, single_thread, subprocess_env
 
-from predistill.stages import generate as gen
-from predistill.core.artifacts import PredistillError, is_complete, sha256_file, write_manifest
 from predistill.cli import main as cli_main
-from predistill.stages.generate import GenerateConfig, run
-from predistill.modeling.models import forward_params, load_model, load_tokenizer, tokenizer_hash
+from predistill.core.artifacts import PredistillError, is_complete, sha256_file, write_manifest
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import forward_params, load_model, load_tokenizer, tokenizer_hash
+from predistill.stages import generate as gen
+from predistill.stages.generate import GenerateConfig, run
 from predistill.stages.tokenizer import TokenizerConfig
 from predistill.stages.tokenizer import run as train_tokenizer
-from conftest import REPO, single_thread, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,24 +79,41 @@ def greedy_reference(model, prompt: np.ndarray, max_new: int, eos: int) -> np.nd
     """One plain, unbatched `model.generate` call (no padding): the independent recomputation."""
     x = torch.as_tensor(prompt, dtype=torch.long)[None]
     with torch.no_grad():
-        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new,
-                           eos_token_id=eos, pad_token_id=eos, top_k=None, top_p=None, temperature=None)
-    new = y[0, x.shape[1]:].numpy()
+        y = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            do_sample=False,
+            max_new_tokens=max_new,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+        )
+    new = y[0, x.shape[1] :].numpy()
     ends = np.flatnonzero(new == eos)
-    return np.concatenate([prompt, new[:ends[0] + 1] if len(ends) else new])
+    return np.concatenate([prompt, new[: ends[0] + 1] if len(ends) else new])
 
 
 def make_selection(directory: Path, store: TokenStore, ids) -> Path:
     directory.mkdir(parents=True)
     np.save(directory / "selection.npy", np.asarray(ids, dtype=np.int64))
-    write_manifest(directory, {"format": "selection", "version": 1, "store_hash": store.hash,
-                               "selection_sha256": sha256_file(directory / "selection.npy")})
+    write_manifest(
+        directory,
+        {
+            "format": "selection",
+            "version": 1,
+            "store_hash": store.hash,
+            "selection_sha256": sha256_file(directory / "selection.npy"),
+        },
+    )
     return directory
 
 
 # ------------------------------------------------------------------------------------------------
 # the output store
 # ------------------------------------------------------------------------------------------------
+
 
 def test_output_store_prefixes_counts_and_manifest(sampled, tiny_store, teacher):
     src, out = TokenStore(tiny_store), TokenStore(sampled)
@@ -113,8 +130,8 @@ def test_output_store_prefixes_counts_and_manifest(sampled, tiny_store, teacher)
     for k, i in enumerate(source_ids):
         row, prefix = out[k], src[int(i)][:PREFIX]
         assert prompt_lengths[k] == len(prefix)
-        assert row[:len(prefix)].tolist() == prefix.tolist()  # the instance starts with the source prefix
-        new = row[len(prefix):]
+        assert row[: len(prefix)].tolist() == prefix.tolist()  # the instance starts with the source prefix
+        new = row[len(prefix) :]
         assert 1 <= len(new) <= 65 - PREFIX  # default: fill up to the store's max_len + 1 = 65 tokens
         # generation stops at the first EOS and keeps it; otherwise it ran to the token budget
         assert eos not in new[:-1].tolist()
@@ -159,8 +176,18 @@ def test_greedy_equals_unbatched_generate_with_a_selection(tiny_store, teacher, 
     assert len(short) >= 2, "the fixture store should have a few short instances"
     ids = np.sort(np.concatenate([short, long]))
     sel = make_selection(tmp_path / "sel", src, ids)
-    out = generate(tiny_store, tmp_path / "greedy", teacher, greedy=True, selection=str(sel), prefix_len=56,
-                   max_new_tokens=20, batch_size=5, shard_size=10, max_instances=None)
+    out = generate(
+        tiny_store,
+        tmp_path / "greedy",
+        teacher,
+        greedy=True,
+        selection=str(sel),
+        prefix_len=56,
+        max_new_tokens=20,
+        batch_size=5,
+        shard_size=10,
+        max_instances=None,
+    )
     store = TokenStore(out)
     assert np.load(out / "source_ids.npy").tolist() == ids.tolist()
     prompt_lengths = np.load(out / "prompt_lengths.npy")
@@ -197,8 +224,10 @@ def test_interrupted_run_resumes_identically(sampled, tiny_store, teacher, tmp_p
     monkeypatch.setattr(gen, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         generate(tiny_store, out, teacher)
-    assert not out.exists() and sorted(p.name for p in out.with_name("resumed.shards").glob("*.done")) == \
-        ["shard-00000.done", "shard-00001.done"]
+    assert not out.exists() and sorted(p.name for p in out.with_name("resumed.shards").glob("*.done")) == [
+        "shard-00000.done",
+        "shard-00001.done",
+    ]
     monkeypatch.setattr(gen, "write_shard", real_write)
     batches = []
     monkeypatch.setattr(gen, "generate_batch", lambda *a, **kw: batches.append(1) or real_batch(*a, **kw))
@@ -211,9 +240,31 @@ def test_interrupted_run_resumes_identically(sampled, tiny_store, teacher, tmp_p
 @pytest.mark.slow
 def test_sigkilled_cli_run_resumes_byte_identical(tiny_store, teacher, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, "-m", "predistill", "generate", "--model", str(teacher), "--store", str(tiny_store),
-            "--out", str(out), "--prefix-len", str(PREFIX), "--max-new-tokens", "24", "--max-instances", "24",
-            "--batch-size", "2", "--shard-size", "2", "--seed", "5", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "predistill",
+        "generate",
+        "--model",
+        str(teacher),
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(out),
+        "--prefix-len",
+        str(PREFIX),
+        "--max-new-tokens",
+        "24",
+        "--max-instances",
+        "24",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--seed",
+        "5",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(args, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     work = out.with_name("killed.shards")
     deadline = time.monotonic() + 240
@@ -226,12 +277,34 @@ def test_sigkilled_cli_run_resumes_byte_identical(tiny_store, teacher, tmp_path)
     assert proc.returncode == -signal.SIGKILL
     n_done = len(list(work.glob("*.done")))
     assert 1 <= n_done < 12 and not is_complete(out, "token_store")
-    resumed = run(GenerateConfig(model=str(teacher), store=str(tiny_store), out=str(out), prefix_len=PREFIX,
-                                 max_new_tokens=24, max_instances=24, batch_size=2, shard_size=2, seed=5,
-                                 progress=False))
-    straight = run(GenerateConfig(model=str(teacher), store=str(tiny_store), out=str(tmp_path / "straight"),
-                                  prefix_len=PREFIX, max_new_tokens=24, max_instances=24, batch_size=2,
-                                  shard_size=2, seed=5, progress=False))
+    resumed = run(
+        GenerateConfig(
+            model=str(teacher),
+            store=str(tiny_store),
+            out=str(out),
+            prefix_len=PREFIX,
+            max_new_tokens=24,
+            max_instances=24,
+            batch_size=2,
+            shard_size=2,
+            seed=5,
+            progress=False,
+        )
+    )
+    straight = run(
+        GenerateConfig(
+            model=str(teacher),
+            store=str(tiny_store),
+            out=str(tmp_path / "straight"),
+            prefix_len=PREFIX,
+            max_new_tokens=24,
+            max_instances=24,
+            batch_size=2,
+            shard_size=2,
+            seed=5,
+            progress=False,
+        )
+    )
     assert tree_bytes(resumed) == tree_bytes(straight)
     assert len(TokenStore(resumed)) == 24
 
@@ -240,8 +313,11 @@ def test_student_trains_on_the_generated_store(sampled, tmp_path):
     from predistill.stages.train import TrainConfig
     from predistill.stages.train import run as train
 
-    run_dir = train(TrainConfig(model="preset:tiny", store=str(sampled), out=str(tmp_path / "student"), steps=3,
-                                batch_size=2, seq_len=32))
+    run_dir = train(
+        TrainConfig(
+            model="preset:tiny", store=str(sampled), out=str(tmp_path / "student"), steps=3, batch_size=2, seq_len=32
+        )
+    )
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["store_hash"] == TokenStore(sampled).hash
     assert manifest["tokens"] > 0 and np.isfinite(manifest["final_val_loss"])  # evaluated on the real val split
@@ -260,9 +336,10 @@ def test_cross_tokenizer_teacher(tiny_store, source_specs, tmp_path):
     prompt_lengths = np.load(out / "prompt_lengths.npy")
     for k, i in enumerate(np.load(out / "source_ids.npy")):
         # the prompt is the source prefix's text, in the teacher's tokens
-        src_text = src.tokenizer().decode(src[int(i)][:10].tolist(), skip_special_tokens=False,
-                                          clean_up_tokenization_spaces=False)
-        prompt = store[k][:prompt_lengths[k]].tolist()
+        src_text = src.tokenizer().decode(
+            src[int(i)][:10].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        prompt = store[k][: prompt_lengths[k]].tolist()
         assert teacher_tok.decode(prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False) == src_text
         assert prompt == teacher_tok.encode(src_text, add_special_tokens=False)
         assert 1 <= len(store[k]) - prompt_lengths[k] <= 12
@@ -275,15 +352,19 @@ def test_cross_tokenizer_teacher(tiny_store, source_specs, tmp_path):
 # bad input
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, message", [
-    (["--prefix-len", "0"], "--prefix-len must be ≥ 1"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
-    (["--temperature", "0"], "--temperature must be finite and in (0, inf)"),
-    (["--top-p", "1.5"], "--top-p must be finite and in (0, 1]"),
-    (["--batch-size", "0"], "--batch-size must be ≥ 1"),
-    (["--max-instances", "0"], "--max-instances must be ≥ 1"),
-    (["--prefix-len", "65"], "leaves nothing to generate"),
-])
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prefix-len", "0"], "--prefix-len must be ≥ 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be ≥ 1"),
+        (["--temperature", "0"], "--temperature must be finite and in (0, inf)"),
+        (["--top-p", "1.5"], "--top-p must be finite and in (0, 1]"),
+        (["--batch-size", "0"], "--batch-size must be ≥ 1"),
+        (["--max-instances", "0"], "--max-instances must be ≥ 1"),
+        (["--prefix-len", "65"], "leaves nothing to generate"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(tiny_store, teacher, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -315,9 +396,14 @@ def test_bad_inputs_are_refused(tiny_store, teacher, tmp_path, capsys):
     # a selection of another store (its val split) is refused, naming both hashes
     val = TokenStore(tiny_store / "val")
     sel = make_selection(tmp_path / "sel", val, [0, 1])
-    fails(["--store", str(tiny_store), "--out", str(tmp_path / "o2"), "--selection", str(sel)], "was made from token store")
-    fails(["--store", str(tiny_store), "--out", str(tmp_path / "o3"), "--model", str(tmp_path / "no_model")],
-          "no such model directory")
+    fails(
+        ["--store", str(tiny_store), "--out", str(tmp_path / "o2"), "--selection", str(sel)],
+        "was made from token store",
+    )
+    fails(
+        ["--store", str(tiny_store), "--out", str(tmp_path / "o3"), "--model", str(tmp_path / "no_model")],
+        "no such model directory",
+    )
     assert not any(is_complete(tmp_path / o, "token_store") or (tmp_path / o).exists() for o in ("o2", "o3"))
     # an unfinished generation with other settings is not silently mixed with this one
     generate_work = tmp_path / "o4.shards"
@@ -332,20 +418,64 @@ def test_bad_inputs_are_refused(tiny_store, teacher, tmp_path, capsys):
 @pytest.mark.parametrize("launch", ["torchrun", "by hand"])
 def test_two_ranks_generate_the_same_store_as_one(tiny_store, teacher, tmp_path, launch):
     def args(out):
-        return ["-m", "predistill", "generate", "--model", str(teacher), "--store", str(tiny_store), "--out", str(out),
-                "--prefix-len", str(PREFIX), "--max-new-tokens", "12", "--max-instances", "12", "--batch-size", "2",
-                "--shard-size", "2", "--seed", "5", "--no-progress"]
+        return [
+            "-m",
+            "predistill",
+            "generate",
+            "--model",
+            str(teacher),
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(out),
+            "--prefix-len",
+            str(PREFIX),
+            "--max-new-tokens",
+            "12",
+            "--max-instances",
+            "12",
+            "--batch-size",
+            "2",
+            "--shard-size",
+            "2",
+            "--seed",
+            "5",
+            "--no-progress",
+        ]
 
-    subprocess.run([sys.executable, *args(tmp_path / "one")], cwd=REPO, env=subprocess_env(), check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, *args(tmp_path / "one")], cwd=REPO, env=subprocess_env(), check=True, capture_output=True
+    )
     if launch == "torchrun":
-        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                   *args(tmp_path / "two")], cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc-per-node=2",
+                    *args(tmp_path / "two"),
+                ],
+                cwd=REPO,
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        ]
     else:
-        procs = [subprocess.Popen([sys.executable, *args(tmp_path / "two")], cwd=REPO,
-                                  env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *args(tmp_path / "two")],
+                cwd=REPO,
+                env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in (0, 1)
+        ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]

@@ -17,18 +17,30 @@ import numpy as np
 import pytest
 
 from predistill import cli
-from predistill.formats import megatron
 from predistill.core.artifacts import sha256_file, write_manifest
+from predistill.formats import megatron
 from predistill.formats.logits import LogitsConfig
+from predistill.formats.store import TokenStore
 from predistill.stages.score import ScoreConfig
 from predistill.stages.score import run as score
-from predistill.formats.store import TokenStore
 from predistill.stages.train import TrainConfig
 from predistill.stages.train import run as train
 
 # α held constant: 2 steps of the default WSD-α would both have α = 0 (warmup, decay) and never read the logits
-TRAIN = ["--model", "preset:tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-instances", "4",
-         "--alpha-schedule", "constant"]
+TRAIN = [
+    "--model",
+    "preset:tiny",
+    "--steps",
+    "2",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--eval-instances",
+    "4",
+    "--alpha-schedule",
+    "constant",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +50,37 @@ def assets(tmp_path_factory, tiny_store):
     shutil.copytree(tiny_store, store)
     tables = {}
     for role, seed in (("teacher", 1), ("reference", 2)):
-        tables[role] = score(ScoreConfig(model="preset:tiny", seed=seed, store=str(store), out=str(root / role),
-                                         progress=False, shard_size=64,
-                                         logits_out=str(root / "logits") if role == "teacher" else None,
-                                         logits=LogitsConfig(mode="topk")))
-    run_dir = train(TrainConfig(store=str(store), out=str(root / "run"), model="preset:tiny", steps=2, batch_size=2,
-                                seq_len=32, eval_instances=4))
-    return {"root": root, "store": store, "teacher": tables["teacher"], "reference": tables["reference"],
-            "logits": root / "logits", "run": run_dir}
+        tables[role] = score(
+            ScoreConfig(
+                model="preset:tiny",
+                seed=seed,
+                store=str(store),
+                out=str(root / role),
+                progress=False,
+                shard_size=64,
+                logits_out=str(root / "logits") if role == "teacher" else None,
+                logits=LogitsConfig(mode="topk"),
+            )
+        )
+    run_dir = train(
+        TrainConfig(
+            store=str(store),
+            out=str(root / "run"),
+            model="preset:tiny",
+            steps=2,
+            batch_size=2,
+            seq_len=32,
+            eval_instances=4,
+        )
+    )
+    return {
+        "root": root,
+        "store": store,
+        "teacher": tables["teacher"],
+        "reference": tables["reference"],
+        "logits": root / "logits",
+        "run": run_dir,
+    }
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -79,8 +114,14 @@ def edited_selection(t: Path, a) -> str:
     sel = t / "sel"
     sel.mkdir()
     np.save(sel / "selection.npy", np.arange(0, 10, dtype=np.int64))
-    write_manifest(sel, {"format": "selection", "store_hash": json.loads((a["store"] / "manifest.json").read_text())
-                         ["store_hash"], "selection_sha256": sha256_file(sel / "selection.npy")})
+    write_manifest(
+        sel,
+        {
+            "format": "selection",
+            "store_hash": json.loads((a["store"] / "manifest.json").read_text())["store_hash"],
+            "selection_sha256": sha256_file(sel / "selection.npy"),
+        },
+    )
     np.save(sel / "selection.npy", np.arange(10, 20, dtype=np.int64))  # edited after "sampling"
     return str(sel)
 
@@ -145,147 +186,552 @@ def incomplete_run(t: Path, a) -> str:
 
 CASES = [
     # --- outputs that cannot be written ---
-    ("prepare --out under a file", lambda t, a: ["prepare", "--source", "builtin:python", "--tokenizer",
-                                                 str(a["store"] / "tokenizer"), "--out", file_at(t) + "/x"],
-     "Not a directory"),
-    ("train --out FILE", lambda t, a: ["train", "--store", str(a["store"]), "--out", file_at(t), *TRAIN],
-     "not a directory"),
-    ("train --out a foreign directory", lambda t, a: ["train", "--store", str(a["store"]), "--out", foreign_dir(t),
-                                                       *TRAIN], "is not a run"),
-    ("eval --out DIR", lambda t, a: ["eval", "--model", str(a["run"]), "--store", str(a["store"]), "--out", str(t)],
-     "is a directory"),
+    (
+        "prepare --out under a file",
+        lambda t, a: [
+            "prepare",
+            "--source",
+            "builtin:python",
+            "--tokenizer",
+            str(a["store"] / "tokenizer"),
+            "--out",
+            file_at(t) + "/x",
+        ],
+        "Not a directory",
+    ),
+    (
+        "train --out FILE",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", file_at(t), *TRAIN],
+        "not a directory",
+    ),
+    (
+        "train --out a foreign directory",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", foreign_dir(t), *TRAIN],
+        "is not a run",
+    ),
+    (
+        "eval --out DIR",
+        lambda t, a: ["eval", "--model", str(a["run"]), "--store", str(a["store"]), "--out", str(t)],
+        "is a directory",
+    ),
     ("report --out FILE", lambda t, a: ["report", str(a["run"]), "--out", file_at(t)], "not a directory"),
-    ("run --root FILE", lambda t, a: ["run", "recipes/demo.toml", "--root", file_at(t), "--dry-run"],
-     "not a directory"),
+    (
+        "run --root FILE",
+        lambda t, a: ["run", "recipes/demo.toml", "--root", file_at(t), "--dry-run"],
+        "not a directory",
+    ),
     # --- numbers that would train into NaN ---
-    ("train --lr nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--lr", "nan"],
-     "--lr must be finite"),
-    ("train --lr inf", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--lr", "inf"],
-     "--lr must be finite"),
-    ("train --eps nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                      "--eps", "nan"], "--eps must be finite"),
-    ("train --beta1 2", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                      "--beta1", "2"], "--beta1 must be finite and in [0, 1)"),
-    ("train --weight-decay nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                               "--weight-decay", "nan"], "--weight-decay must be finite"),
-    ("train --flops-budget nan", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                               "--flops-budget", "nan"], "--flops-budget must be finite"),
-    ("train --flops-budget 0", lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN,
-                                             "--flops-budget", "0"], "--flops-budget must be finite and in (0, inf)"),
-    ("--config with a string for an integer", lambda t, a: ["train", "--config", toml(t, 'steps = "three"\n'),
-                                                             "--store", "S", "--out", "O"], "is not an integer"),
-    ("--config JSON that is not an object", lambda t, a: ["train", "--config", json_file(t, "[1, 2]")],
-     "expected a table of settings"),
-    ("--config with an unknown choice", lambda t, a: ["score", "--config", toml(t, 'logits_mode = "all"\n'),
-                                                       "--model", "m", "--store", "s", "--out", "o"], "choose from"),
+    (
+        "train --lr nan",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--lr", "nan"],
+        "--lr must be finite",
+    ),
+    (
+        "train --lr inf",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--lr", "inf"],
+        "--lr must be finite",
+    ),
+    (
+        "train --eps nan",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--eps", "nan"],
+        "--eps must be finite",
+    ),
+    (
+        "train --beta1 2",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--beta1", "2"],
+        "--beta1 must be finite and in [0, 1)",
+    ),
+    (
+        "train --weight-decay nan",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--weight-decay", "nan"],
+        "--weight-decay must be finite",
+    ),
+    (
+        "train --flops-budget nan",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--flops-budget", "nan"],
+        "--flops-budget must be finite",
+    ),
+    (
+        "train --flops-budget 0",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN, "--flops-budget", "0"],
+        "--flops-budget must be finite and in (0, inf)",
+    ),
+    (
+        "--config with a string for an integer",
+        lambda t, a: ["train", "--config", toml(t, 'steps = "three"\n'), "--store", "S", "--out", "O"],
+        "is not an integer",
+    ),
+    (
+        "--config JSON that is not an object",
+        lambda t, a: ["train", "--config", json_file(t, "[1, 2]")],
+        "expected a table of settings",
+    ),
+    (
+        "--config with an unknown choice",
+        lambda t, a: [
+            "score",
+            "--config",
+            toml(t, 'logits_mode = "all"\n'),
+            "--model",
+            "m",
+            "--store",
+            "s",
+            "--out",
+            "o",
+        ],
+        "choose from",
+    ),
     # --- artifacts changed or broken after they were written ---
-    ("tokens.bin changed in place", lambda t, a: ["train", "--store", store_with(t, a, lambda s: overwrite_tokens(s, 7)),
-                                                  "--out", str(t / "o"), *TRAIN], "changed since the store was written"),
-    ("store manifest without dtype", lambda t, a: ["train", "--store", store_with(
-        t, a, lambda s: edit_json(s / "manifest.json", dtype=None)), "--out", str(t / "o"), *TRAIN], "lacks dtype"),
-    ("selection.npy edited after sampling", lambda t, a: ["train", "--store", str(a["store"]), "--selection",
-                                                          edited_selection(t, a), "--out", str(t / "o"), *TRAIN],
-     "changed since the selection was made"),
-    ("logits shard with zeroed bytes", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
-        t, a, lambda d: (d / "00000.bin").write_bytes(bytes(300) + (d / "00000.bin").read_bytes()[300:])),
-        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "changed since the logits store was written"),
-    ("logits shard truncated", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
-        t, a, lambda d: (d / "00000.bin").write_bytes((d / "00000.bin").read_bytes()[:-50])),
-        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "missing or truncated"),
-    ("logits id ranking edited (two ids swapped)", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits",
-        logits_with(t, a, lambda d: swap_first_ids(d.parent / "id_order.bin")),
-        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "id_order.bin: changed since the logits store was written"),
-    ("logits marker corrupt", lambda t, a: ["train", "--store", str(a["store"]), "--kd-logits", logits_with(
-        t, a, lambda d: (d / "00000.json").write_text("{not json")),
-        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "changed since the logits store was written"),
-    ("an unfinished run given to eval", lambda t, a: ["eval", "--model", incomplete_run(t, a), "--store",
-                                                      str(a["store"]), "--out", str(t / "e.json")],
-     "unfinished run directory"),
-    ("a directory without a model given to eval", lambda t, a: ["eval", "--model", str(a["store"]), "--store",
-                                                                str(a["store"]), "--out", str(t / "e.json")],
-     "no config.json"),
-    ("prepare --checkpoint-tokens 0", lambda t, a: ["prepare", "--source", "builtin:python", "--tokenizer",
-                                                    str(a["store"] / "tokenizer"), "--out", str(t / "o"),
-                                                    "--checkpoint-tokens", "0"], "--checkpoint-tokens must be ≥ 1"),
-    ("prepare from a Megatron dataset whose .bin is cut short", lambda t, a: [
-        "prepare", "--source", "megatron:" + truncated_megatron(t, a), "--tokenizer", str(a["store"] / "tokenizer"),
-        "--out", str(t / "o")], "holds 30 bytes, the index's lengths say 32"),
-    ("prepare --source store: of a store whose tokens changed", lambda t, a: [
-        "prepare", "--source", "store:" + store_with(t, a, lambda s: overwrite_tokens(s, 7)), "--tokenizer",
-        str(a["store"] / "tokenizer"), "--out", str(t / "o")], "changed since the store was written"),
-    ("prepare --source store: beside a text source", lambda t, a: [
-        "prepare", "--source", f"store:{a['store']}", "--source", "builtin:python", "--tokenizer",
-        str(a["store"] / "tokenizer"), "--out", str(t / "o")], "cannot be mixed with other --source specs"),
-    ("train --kd-logits with a store neither its own nor re-tokenised from it", lambda t, a: [
-        "train", "--store", str(a["store"] / "val"), "--kd-logits", str(a["logits"]), "--alpha", "0.5",
-        "--out", str(t / "o"), *TRAIN], "is neither that store nor re-tokenised from it"),
-    ("train --kd-loss uld with a temperature", lambda t, a: [
-        "train", "--store", str(a["store"]), "--kd-logits", str(a["logits"]), "--kd-loss", "uld", "--temperature", "2",
-        "--alpha", "0.5", "--out", str(t / "o"), *TRAIN], "--kd-loss uld compares probabilities at τ = 1"),
-    ("a recipe matrix stage referred to as one path", lambda t, a: ["run", recipe(
-        t, 'matrix = { seed = [1, 2] }\n[[stage]]\nname = "b"\ncommand = "report"\nargs = { _ = "{a}", out = "{self}" }\n'),
-        "--dry-run"], "names 2 instances of a matrix stage"),
-    ("eval --num-fewshot -1", lambda t, a: ["eval", "--model", str(a["run"]), "--store", str(a["store"]),
-                                            "--out", str(t / "e.json"), "--num-fewshot", "-1"], "--num-fewshot must be ≥ 0"),
-    ("run --nproc-per-node 0", lambda t, a: ["run", "recipes/demo.toml", "--root", str(t / "r"), "--dry-run",
-                                             "--nproc-per-node", "0"], "--nproc-per-node must be ≥ 1"),
-    ("a recipe stage with nproc_per_node = 0", lambda t, a: ["run", recipe(t, "nproc_per_node = 0\n"), "--dry-run"],
-     "nproc_per_node must be an integer ≥ 1"),
-    ("train --epochs -1", lambda t, a: ["train", "--store", str(a["store"]), "--epochs", "-1", "--out", str(t / "o"),
-                                        *TRAIN], "--epochs must be finite and in (0, inf)"),
-    ("train --export-every -2", lambda t, a: ["train", "--store", str(a["store"]), "--export-every", "-2",
-                                              "--out", str(t / "o"), *TRAIN], "--export-every must be ≥ 0"),
-    ("eval --exports of a model that is not a run", lambda t, a: [
-        "eval", "--model", str(a["run"] / "hf"), "--store", str(a["store"]), "--out", str(t / "e.json"), "--exports"],
-     "--exports needs a `predistill train` run directory"),
-    ("diversity of a store whose tokens changed", lambda t, a: [
-        "diversity", "--store", store_with(t, a, lambda s: overwrite_tokens(s, 7)), "--model", "preset:tiny",
-        "--out", str(t / "d.json")], "changed since the store was written"),
-    ("train --model preset:PATH of a config that is no causal LM", lambda t, a: [
-        "train", "--store", str(a["store"]), "--out", str(t / "o"), *TRAIN[2:], "--model",
-        f"preset:{t5_config(t)}"], "is not a causal LM architecture"),
-    ("a recipe stage with a misspelt flag", lambda t, a: ["run", toml(
-        t, '[[stage]]\nname = "b"\ncommand = "train"\nargs = { store = "s", out = "{self}", stepz = 2 }\n'),
-        "--dry-run"], "stage 'b': predistill: error: unrecognized arguments: --stepz 2"),
+    (
+        "tokens.bin changed in place",
+        lambda t, a: [
+            "train",
+            "--store",
+            store_with(t, a, lambda s: overwrite_tokens(s, 7)),
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "changed since the store was written",
+    ),
+    (
+        "store manifest without dtype",
+        lambda t, a: [
+            "train",
+            "--store",
+            store_with(t, a, lambda s: edit_json(s / "manifest.json", dtype=None)),
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "lacks dtype",
+    ),
+    (
+        "selection.npy edited after sampling",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--selection",
+            edited_selection(t, a),
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "changed since the selection was made",
+    ),
+    (
+        "logits shard with zeroed bytes",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--kd-logits",
+            logits_with(
+                t, a, lambda d: (d / "00000.bin").write_bytes(bytes(300) + (d / "00000.bin").read_bytes()[300:])
+            ),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "changed since the logits store was written",
+    ),
+    (
+        "logits shard truncated",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--kd-logits",
+            logits_with(t, a, lambda d: (d / "00000.bin").write_bytes((d / "00000.bin").read_bytes()[:-50])),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "missing or truncated",
+    ),
+    (
+        "logits id ranking edited (two ids swapped)",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--kd-logits",
+            logits_with(t, a, lambda d: swap_first_ids(d.parent / "id_order.bin")),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "id_order.bin: changed since the logits store was written",
+    ),
+    (
+        "logits marker corrupt",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--kd-logits",
+            logits_with(t, a, lambda d: (d / "00000.json").write_text("{not json")),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "changed since the logits store was written",
+    ),
+    (
+        "an unfinished run given to eval",
+        lambda t, a: ["eval", "--model", incomplete_run(t, a), "--store", str(a["store"]), "--out", str(t / "e.json")],
+        "unfinished run directory",
+    ),
+    (
+        "a directory without a model given to eval",
+        lambda t, a: ["eval", "--model", str(a["store"]), "--store", str(a["store"]), "--out", str(t / "e.json")],
+        "no config.json",
+    ),
+    (
+        "prepare --checkpoint-tokens 0",
+        lambda t, a: [
+            "prepare",
+            "--source",
+            "builtin:python",
+            "--tokenizer",
+            str(a["store"] / "tokenizer"),
+            "--out",
+            str(t / "o"),
+            "--checkpoint-tokens",
+            "0",
+        ],
+        "--checkpoint-tokens must be ≥ 1",
+    ),
+    (
+        "prepare from a Megatron dataset whose .bin is cut short",
+        lambda t, a: [
+            "prepare",
+            "--source",
+            "megatron:" + truncated_megatron(t, a),
+            "--tokenizer",
+            str(a["store"] / "tokenizer"),
+            "--out",
+            str(t / "o"),
+        ],
+        "holds 30 bytes, the index's lengths say 32",
+    ),
+    (
+        "prepare --source store: of a store whose tokens changed",
+        lambda t, a: [
+            "prepare",
+            "--source",
+            "store:" + store_with(t, a, lambda s: overwrite_tokens(s, 7)),
+            "--tokenizer",
+            str(a["store"] / "tokenizer"),
+            "--out",
+            str(t / "o"),
+        ],
+        "changed since the store was written",
+    ),
+    (
+        "prepare --source store: beside a text source",
+        lambda t, a: [
+            "prepare",
+            "--source",
+            f"store:{a['store']}",
+            "--source",
+            "builtin:python",
+            "--tokenizer",
+            str(a["store"] / "tokenizer"),
+            "--out",
+            str(t / "o"),
+        ],
+        "cannot be mixed with other --source specs",
+    ),
+    (
+        "train --kd-logits with a store neither its own nor re-tokenised from it",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"] / "val"),
+            "--kd-logits",
+            str(a["logits"]),
+            "--alpha",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "is neither that store nor re-tokenised from it",
+    ),
+    (
+        "train --kd-loss uld with a temperature",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--kd-logits",
+            str(a["logits"]),
+            "--kd-loss",
+            "uld",
+            "--temperature",
+            "2",
+            "--alpha",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],
+        "--kd-loss uld compares probabilities at τ = 1",
+    ),
+    (
+        "a recipe matrix stage referred to as one path",
+        lambda t, a: [
+            "run",
+            recipe(
+                t,
+                'matrix = { seed = [1, 2] }\n[[stage]]\nname = "b"\ncommand = "report"\nargs = { _ = "{a}", out = "{self}" }\n',
+            ),
+            "--dry-run",
+        ],
+        "names 2 instances of a matrix stage",
+    ),
+    (
+        "eval --num-fewshot -1",
+        lambda t, a: [
+            "eval",
+            "--model",
+            str(a["run"]),
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "e.json"),
+            "--num-fewshot",
+            "-1",
+        ],
+        "--num-fewshot must be ≥ 0",
+    ),
+    (
+        "run --nproc-per-node 0",
+        lambda t, a: ["run", "recipes/demo.toml", "--root", str(t / "r"), "--dry-run", "--nproc-per-node", "0"],
+        "--nproc-per-node must be ≥ 1",
+    ),
+    (
+        "a recipe stage with nproc_per_node = 0",
+        lambda t, a: ["run", recipe(t, "nproc_per_node = 0\n"), "--dry-run"],
+        "nproc_per_node must be an integer ≥ 1",
+    ),
+    (
+        "train --epochs -1",
+        lambda t, a: ["train", "--store", str(a["store"]), "--epochs", "-1", "--out", str(t / "o"), *TRAIN],
+        "--epochs must be finite and in (0, inf)",
+    ),
+    (
+        "train --export-every -2",
+        lambda t, a: ["train", "--store", str(a["store"]), "--export-every", "-2", "--out", str(t / "o"), *TRAIN],
+        "--export-every must be ≥ 0",
+    ),
+    (
+        "eval --exports of a model that is not a run",
+        lambda t, a: [
+            "eval",
+            "--model",
+            str(a["run"] / "hf"),
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "e.json"),
+            "--exports",
+        ],
+        "--exports needs a `predistill train` run directory",
+    ),
+    (
+        "diversity of a store whose tokens changed",
+        lambda t, a: [
+            "diversity",
+            "--store",
+            store_with(t, a, lambda s: overwrite_tokens(s, 7)),
+            "--model",
+            "preset:tiny",
+            "--out",
+            str(t / "d.json"),
+        ],
+        "changed since the store was written",
+    ),
+    (
+        "train --model preset:PATH of a config that is no causal LM",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "o"),
+            *TRAIN[2:],
+            "--model",
+            f"preset:{t5_config(t)}",
+        ],
+        "is not a causal LM architecture",
+    ),
+    (
+        "a recipe stage with a misspelt flag",
+        lambda t, a: [
+            "run",
+            toml(t, '[[stage]]\nname = "b"\ncommand = "train"\nargs = { store = "s", out = "{self}", stepz = 2 }\n'),
+            "--dry-run",
+        ],
+        "stage 'b': predistill: error: unrecognized arguments: --stepz 2",
+    ),
     # --- silent acceptances, now refused ---
-    ("sample --examples -1", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
-                                           str(a["reference"]), "--out", str(t / "sel"), "--examples", "-1"],
-     "--examples must be ≥ 0"),
-    ("sample --materialize-max-len 0", lambda t, a: ["sample", "--teacher", str(a["teacher"]), "--reference",
-                                                     str(a["reference"]), "--out", str(t / "sel"), "--materialize",
-                                                     str(t / "mat"), "--tokenizer", str(a["store"] / "tokenizer"),
-                                                     "--materialize-max-len", "0"], "--materialize-max-len must be ≥ 8"),
+    (
+        "sample --examples -1",
+        lambda t, a: [
+            "sample",
+            "--teacher",
+            str(a["teacher"]),
+            "--reference",
+            str(a["reference"]),
+            "--out",
+            str(t / "sel"),
+            "--examples",
+            "-1",
+        ],
+        "--examples must be ≥ 0",
+    ),
+    (
+        "sample --materialize-max-len 0",
+        lambda t, a: [
+            "sample",
+            "--teacher",
+            str(a["teacher"]),
+            "--reference",
+            str(a["reference"]),
+            "--out",
+            str(t / "sel"),
+            "--materialize",
+            str(t / "mat"),
+            "--tokenizer",
+            str(a["store"] / "tokenizer"),
+            "--materialize-max-len",
+            "0",
+        ],
+        "--materialize-max-len must be ≥ 8",
+    ),
     # --- data loss: a directory or file this tool did not write is never removed, overwritten or written through ---
-    ("eval --tasks-dir at a token store", lambda t, a: [
-        "eval", "--model", str(a["run"]), "--store", str(a["store"] / "val"), "--tasks", "local_lastword",
-        "--out", str(t / "e.json"), "--tasks-dir", str(copy(a["store"], t / "victim"))], "is not a local tasks"),
-    ("eval --out at a store's manifest.json", lambda t, a: [
-        "eval", "--model", str(a["run"]), "--store", str(a["store"] / "val"),
-        "--out", str(copy(a["store"], t / "victim") / "manifest.json")], "is not an eval result"),
-    ("report --out at a folder holding the user's own plots/", lambda t, a: [
-        "report", str(a["run"]), "--out", str(users_folder(t / "docs", "plots/figure.png"))], "no report made it"),
-    ("run: a user's folder with a stage's name under the root", lambda t, a: [
-        "run", toml(t, '[[stage]]\nname = "corpus"\ncommand = "tokenizer"\n'
-                       f'args = {{ source = ["store:{a["store"]}"], out = "{{self}}" }}\n'),
-        "--root", str(users_folder(t / "root", "corpus/notes.txt"))], "no predistill run made it"),
-    ("run: a stage's output path climbing out of its directory", lambda t, a: [
-        "run", toml(t, '[[stage]]\nname = "a"\ncommand = "tokenizer"\n'
-                       'args = { source = ["x"], out = "{self}/../../x" }\n'), "--root", str(t / "root"), "--dry-run"],
-     "leaves its own directory"),
-    ("train resumed through a planted metrics.jsonl link", lambda t, a: [
-        "train", "--store", str(a["store"]), "--out", str(linked_run(t, a)), *TRAIN], "is a symbolic link inside"),
-    ("prepare with a tokenizer directory whose tokenizer.json is damaged", lambda t, a: [
-        "prepare", "--source", "builtin:plays", "--tokenizer", str(damaged_tokenizer(t, a)), "--out", str(t / "o")],
-     "cannot load tokenizer"),
-    ("sample over a user's OUT.partial folder", lambda t, a: [
-        "sample", "--teacher", str(a["teacher"]), "--reference", str(a["reference"]),
-        "--out", str(users_folder(t / "sel.partial", "mine.txt").with_name("sel"))], "is not this tool's unfinished"),
-    ("report --out a link to a user's folder", lambda t, a: [
-        "report", str(a["run"]), "--out", str(linked_folder(t))], "is a symbolic link"),
-    ("generate over a user's OUT.shards folder", lambda t, a: [
-        "generate", "--model", "preset:tiny", "--store", str(a["store"]),
-        "--out", str(users_folder(t / "gen.shards", "mine.txt").with_name("gen"))], "is not this tool's unfinished "
-                                                                                       "generation"),
+    (
+        "eval --tasks-dir at a token store",
+        lambda t, a: [
+            "eval",
+            "--model",
+            str(a["run"]),
+            "--store",
+            str(a["store"] / "val"),
+            "--tasks",
+            "local_lastword",
+            "--out",
+            str(t / "e.json"),
+            "--tasks-dir",
+            str(copy(a["store"], t / "victim")),
+        ],
+        "is not a local tasks",
+    ),
+    (
+        "eval --out at a store's manifest.json",
+        lambda t, a: [
+            "eval",
+            "--model",
+            str(a["run"]),
+            "--store",
+            str(a["store"] / "val"),
+            "--out",
+            str(copy(a["store"], t / "victim") / "manifest.json"),
+        ],
+        "is not an eval result",
+    ),
+    (
+        "report --out at a folder holding the user's own plots/",
+        lambda t, a: ["report", str(a["run"]), "--out", str(users_folder(t / "docs", "plots/figure.png"))],
+        "no report made it",
+    ),
+    (
+        "run: a user's folder with a stage's name under the root",
+        lambda t, a: [
+            "run",
+            toml(
+                t,
+                '[[stage]]\nname = "corpus"\ncommand = "tokenizer"\n'
+                f'args = {{ source = ["store:{a["store"]}"], out = "{{self}}" }}\n',
+            ),
+            "--root",
+            str(users_folder(t / "root", "corpus/notes.txt")),
+        ],
+        "no predistill run made it",
+    ),
+    (
+        "run: a stage's output path climbing out of its directory",
+        lambda t, a: [
+            "run",
+            toml(
+                t, '[[stage]]\nname = "a"\ncommand = "tokenizer"\nargs = { source = ["x"], out = "{self}/../../x" }\n'
+            ),
+            "--root",
+            str(t / "root"),
+            "--dry-run",
+        ],
+        "leaves its own directory",
+    ),
+    (
+        "train resumed through a planted metrics.jsonl link",
+        lambda t, a: ["train", "--store", str(a["store"]), "--out", str(linked_run(t, a)), *TRAIN],
+        "is a symbolic link inside",
+    ),
+    (
+        "prepare with a tokenizer directory whose tokenizer.json is damaged",
+        lambda t, a: [
+            "prepare",
+            "--source",
+            "builtin:plays",
+            "--tokenizer",
+            str(damaged_tokenizer(t, a)),
+            "--out",
+            str(t / "o"),
+        ],
+        "cannot load tokenizer",
+    ),
+    (
+        "sample over a user's OUT.partial folder",
+        lambda t, a: [
+            "sample",
+            "--teacher",
+            str(a["teacher"]),
+            "--reference",
+            str(a["reference"]),
+            "--out",
+            str(users_folder(t / "sel.partial", "mine.txt").with_name("sel")),
+        ],
+        "is not this tool's unfinished",
+    ),
+    (
+        "report --out a link to a user's folder",
+        lambda t, a: ["report", str(a["run"]), "--out", str(linked_folder(t))],
+        "is a symbolic link",
+    ),
+    (
+        "generate over a user's OUT.shards folder",
+        lambda t, a: [
+            "generate",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(users_folder(t / "gen.shards", "mine.txt").with_name("gen")),
+        ],
+        "is not this tool's unfinished generation",
+    ),
 ]
 
 
@@ -378,8 +824,9 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporaries(assets, tmp_path, cap
     monkeypatch.setattr(artifacts.os, "fsync", no_space)  # every atomic write fails as on a full disk
     out = tmp_path / "scores"
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["score", "--model", "preset:tiny", "--store", str(assets["store"]), "--out", str(out),
-                  "--no-progress"])
+        cli.main(
+            ["score", "--model", "preset:tiny", "--store", str(assets["store"]), "--out", str(out), "--no-progress"]
+        )
     assert exit_info.value.code == 1
     errors = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("predistill")]
     assert len(errors) == 1 and "No space left on device" in errors[0]
@@ -403,25 +850,63 @@ def unfinished_table(t: Path, a) -> Path:
 
 # (case, the output another writer holds, the command that must be refused while it does)
 LOCKED = [
-    ("train into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["train", "--store", str(a["store"]),
-                                                                       "--out", str(o), *TRAIN]),
-    ("train resuming OUT", unfinished_run, lambda t, a, o: ["train", "--store", str(a["store"]), "--out", str(o),
-                                                           *TRAIN]),
-    pytest.param("score into a fresh OUT", lambda t, a: t / "o",
-                 lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1", "--store", str(a["store"]),
-                                  "--out", str(o), "--shard-size", "64", "--no-progress"],
-                 marks=pytest.mark.slow),  # a whole scoring pass once the lock is released
+    (
+        "train into a fresh OUT",
+        lambda t, a: t / "o",
+        lambda t, a, o: ["train", "--store", str(a["store"]), "--out", str(o), *TRAIN],
+    ),
+    (
+        "train resuming OUT",
+        unfinished_run,
+        lambda t, a, o: ["train", "--store", str(a["store"]), "--out", str(o), *TRAIN],
+    ),
+    pytest.param(
+        "score into a fresh OUT",
+        lambda t, a: t / "o",
+        lambda t, a, o: [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--seed",
+            "1",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(o),
+            "--shard-size",
+            "64",
+            "--no-progress",
+        ],
+        marks=pytest.mark.slow,
+    ),  # a whole scoring pass once the lock is released
     ("report into a fresh OUT", lambda t, a: t / "o", lambda t, a, o: ["report", str(a["run"]), "--out", str(o)]),
-    ("score resuming OUT", unfinished_table, lambda t, a, o: ["score", "--model", "preset:tiny", "--seed", "1",
-                                                             "--store", str(a["store"]), "--out", str(o),
-                                                             "--shard-size", "64", "--no-progress"]),
+    (
+        "score resuming OUT",
+        unfinished_table,
+        lambda t, a, o: [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--seed",
+            "1",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(o),
+            "--shard-size",
+            "64",
+            "--no-progress",
+        ],
+    ),
 ]
 
 
-@pytest.mark.parametrize("case, output, command", LOCKED,
-                         ids=[c.values[0] if hasattr(c, "values") else c[0] for c in LOCKED])
-def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_nothing(case, output, command, assets,
-                                                                                      tmp_path, capsys):
+@pytest.mark.parametrize(
+    "case, output, command", LOCKED, ids=[c.values[0] if hasattr(c, "values") else c[0] for c in LOCKED]
+)
+def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_nothing(
+    case, output, command, assets, tmp_path, capsys
+):
     import os
 
     from predistill.core.artifacts import lock_dir
@@ -442,5 +927,8 @@ def test_a_second_writer_of_an_output_written_in_place_is_refused_and_changes_no
     assert len(errors) == 1 and "being written by another predistill process" in errors[0], err[-2000:]
     assert snapshot(tmp_path) == before  # the first writer's work is untouched
     cli.main(command(tmp_path, assets, out))  # once it is released, the output is written (or resumed) as usual
-    assert (out / "report.json").is_file() if command(tmp_path, assets, out)[0] == "report" else \
-        json.loads((out / "manifest.json").read_text())["complete"] is True
+    assert (
+        (out / "report.json").is_file()
+        if command(tmp_path, assets, out)[0] == "report"
+        else json.loads((out / "manifest.json").read_text())["complete"] is True
+    )

@@ -7,8 +7,17 @@ import json
 
 import pytest
 
-from predistill.core.config import EXECUTION, Effect, flat_identity, from_flat, identity, keys_with_effect, leaves, \
-    option, to_flat
+from predistill.core.config import (
+    EXECUTION,
+    Effect,
+    flat_identity,
+    from_flat,
+    identity,
+    keys_with_effect,
+    leaves,
+    option,
+    to_flat,
+)
 from predistill.training.rundir import DESIGN_AXES, TrainConfig, configuration_keys, result_identity
 
 
@@ -36,8 +45,12 @@ class Outer:
 def test_identity_keeps_what_changes_the_artifact_shaped_like_asdict():
     cfg = Outer(heldout=["a=b"])
     assert identity(cfg) == {"lr": 0.1, "heldout": ["a=b"], "inner": {"size": 4}}
-    assert identity(cfg, ignore={Effect.NONE}) == {"lr": 0.1, "device": "cpu", "heldout": ["a=b"],
-                                                   "inner": {"size": 4, "chunk": 64}}
+    assert identity(cfg, ignore={Effect.NONE}) == {
+        "lr": 0.1,
+        "device": "cpu",
+        "heldout": ["a=b"],
+        "inner": {"size": 4, "chunk": 64},
+    }
     assert identity(cfg, ignore={Effect.ROUNDING})["side"] == {"path": ""}
     assert identity(cfg, ignore=()) == dataclasses.asdict(cfg)
     identity(cfg)["heldout"].append("c=d")  # a copy: the config is not changed through it
@@ -82,8 +95,21 @@ def test_a_train_rerun_resumes_across_execution_settings_and_nothing_else(leaf):
 
 def test_the_execution_settings_of_train_are_the_ones_that_move_only_rounding_or_bookkeeping():
     execution = {leaf.key for leaf in leaves(TrainConfig) if _effect(leaf) in EXECUTION}
-    assert {"out", "save_every", "keep_checkpoints", "log_every", "eval_every", "loss_chunk", "fused_kernels",
-            "micro_batch_size", "fsdp", "compile", "attn_impl", "device", "kd_online_chunk"} <= execution
+    assert {
+        "out",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "eval_every",
+        "loss_chunk",
+        "fused_kernels",
+        "micro_batch_size",
+        "fsdp",
+        "compile",
+        "attn_impl",
+        "device",
+        "kd_online_chunk",
+    } <= execution
     assert not execution & {"lr", "batch_size", "seq_len", "seed", "steps", "precision", "kd_loss", "store"}
 
 

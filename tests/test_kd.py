@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from predistill.core.artifacts import PredistillError
-from predistill.training.kd import KD_LOSSES, TEMPERATURE_MODES, KDConfig, kd_loss, lm_kd_loss, online_kd_loss
 from predistill.formats.logits import TeacherTargets
+from predistill.training.kd import KD_LOSSES, TEMPERATURE_MODES, KDConfig, kd_loss, lm_kd_loss, online_kd_loss
 from predistill.training.losses import lm_loss
 
 LOSSES = tuple(KD_LOSSES)  # the per-entry losses; ULD (sorted probabilities) is pinned in test_crosstok.py
@@ -55,8 +55,9 @@ def ref_tau(t: torch.Tensor, cfg: KDConfig) -> float:
     return min(max(tau, cfg.adakd_tau_min), cfg.adakd_tau_max)
 
 
-def ref_row_loss(logq_full: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, tau: float, cfg: KDConfig,
-                 tail: str | None) -> torch.Tensor:
+def ref_row_loss(
+    logq_full: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, tau: float, cfg: KDConfig, tail: str | None
+) -> torch.Tensor:
     """One row's loss over the entries plus the rest of the vocabulary as one category (`tail` None:
     the teacher covers the whole vocabulary, there is no rest)."""
     s = logq_full[ids]
@@ -94,7 +95,7 @@ def ref_row_loss(logq_full: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, ta
 
 def ref_weight(t: torch.Tensor, tau: float, cfg: KDConfig) -> float:
     if cfg.temperature_mode == "normkd":
-        return tau ** 2
+        return tau**2
     if cfg.temperature_mode == "wttm":
         return cfg.wttm_beta * (torch.softmax(t, 0) ** cfg.wttm_gamma).sum().item()
     return 1.0
@@ -125,7 +126,7 @@ def ref_online(hs, ws, ht, wt, cfg: KDConfig):
     w = ws.double().detach().requires_grad_()
     losses = []
     for r in range(h.shape[0]):
-        z_t = (ht[r].double() @ wt.double().t())
+        z_t = ht[r].double() @ wt.double().t()
         tau = ref_tau(z_t, cfg)
         z = h[r] @ w.t()
         if cfg.temperature_mode == "normkd":
@@ -147,8 +148,9 @@ def ours_offline(hidden, weight, targets, cfg, position_mask=None):
 
 
 def assert_close(ours, ref, what):
-    assert torch.allclose(ours.double(), ref, atol=ATOL, rtol=1e-5), \
+    assert torch.allclose(ours.double(), ref, atol=ATOL, rtol=1e-5), (
         f"{what}: max diff {(ours.double() - ref).abs().max().item():.3g}"
+    )
 
 
 CASES = list(itertools.product(LOSSES, TEMPERATURE_MODES, ("drop", "bucket")))
@@ -304,7 +306,7 @@ def test_sampled_entries_use_counts_as_weights():
     """Sampled entries: teacher weights count/N, so nll = −Σ (c/N) log q (RS-KD's estimator)."""
     hidden, weight, _ = make_case(seed=8, n_rows=3)
     ids = torch.tensor([[3, 9, 0], [5, 0, 0], [1, 2, 7]])
-    counts = torch.tensor([[5., 3., 0.], [8., 0., 0.], [2., 2., 4.]])
+    counts = torch.tensor([[5.0, 3.0, 0.0], [8.0, 0.0, 0.0], [2.0, 2.0, 4.0]])
     mask = counts > 0
     targets = TeacherTargets(ids, torch.where(mask, (counts / 8).clamp(min=1e-9).log(), torch.zeros(())), mask)
     logq = torch.log_softmax(hidden @ weight.t(), -1).gather(1, ids)
@@ -343,7 +345,9 @@ def test_bad_config_and_shapes_are_refused():
         online_kd_loss(hidden, weight, hidden, weight[:-1], KDConfig())
 
 
-@pytest.mark.parametrize("mode,tail", [("static", "drop"), ("adakd-h", "bucket"), ("normkd", "drop"), ("wttm", "bucket")])
+@pytest.mark.parametrize(
+    "mode,tail", [("static", "drop"), ("adakd-h", "bucket"), ("normkd", "drop"), ("wttm", "bucket")]
+)
 def test_fused_lm_kd_equals_separate_losses(mode, tail):
     """One vocabulary pass for LM + KD gives the values and gradients of lm_loss and kd_loss."""
     hidden, weight, targets = make_case(seed=21, n_rows=8)

@@ -21,8 +21,8 @@ import math
 import pytest
 import torch
 
-from predistill.training.kd import KD_LOSSES, KDConfig, kd_loss, online_kd_loss, teacher_temperature
 from predistill.formats.logits import TeacherTargets
+from predistill.training.kd import KD_LOSSES, KDConfig, kd_loss, online_kd_loss, teacher_temperature
 
 V, K, ROWS = 10, 4, 5
 TAILS = ("drop", "bucket")
@@ -104,11 +104,14 @@ def online_case(loss: str, c: int):
     teacher = torch.randn(ROWS, V, generator=torch.Generator().manual_seed(c), dtype=torch.float64) * 1.5
     tau = teacher_temperature(teacher, None, cfg)
     eye = torch.eye(V, dtype=torch.float64)
-    return (lambda z, part=1: online_kd_loss(z, eye, teacher, eye, cfg)[part]), torch.softmax(teacher / tau[:, None], -1)
+    return (lambda z, part=1: online_kd_loss(z, eye, teacher, eye, cfg)[part]), torch.softmax(
+        teacher / tau[:, None], -1
+    )
 
 
-def assert_floor_reached_only_at_target(loss_of_logits, target_categories: torch.Tensor, target: torch.Tensor,
-                                        loss: str, seed: int):
+def assert_floor_reached_only_at_target(
+    loss_of_logits, target_categories: torch.Tensor, target: torch.Tensor, loss: str, seed: int
+):
     low = floor(loss, target_categories)
     g = torch.Generator().manual_seed(100 + seed)
     for _ in range(5):  # ≥ its floor at random students, and strictly above it
@@ -126,8 +129,9 @@ ONLINE_CASES = list(itertools.product(KD_LOSSES, range(len(CONFIGS))))
 @pytest.mark.parametrize("loss,tail,c", CASES)
 def test_a_truncated_teachers_loss_is_at_least_its_floor_and_reaches_it_at_the_target(loss, tail, c):
     cfg, targets, target = case(loss, tail, c)
-    assert_floor_reached_only_at_target(lambda z: offline(z, targets, cfg), categories(target, targets), target,
-                                        loss, c)
+    assert_floor_reached_only_at_target(
+        lambda z: offline(z, targets, cfg), categories(target, targets), target, loss, c
+    )
 
 
 @pytest.mark.slow

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from predistill.modeling.kernels import fuse_kernels
-from predistill.training.rundir import result_identity
 from predistill.stages.train import TrainConfig, prepare_student
+from predistill.training.rundir import result_identity
 
 
 def tiny(family: str):
@@ -16,16 +16,24 @@ def tiny(family: str):
     import transformers as tf
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=97, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2)
-    config = {"llama": lambda: tf.LlamaConfig(**shape),
-              "qwen2": lambda: tf.Qwen2Config(**shape, tie_word_embeddings=True),
-              "mistral": lambda: tf.MistralConfig(**shape),
-              "gemma": lambda: tf.GemmaConfig(**shape, head_dim=8),
-              "mamba": lambda: tf.MambaConfig(vocab_size=97, hidden_size=32, state_size=4, num_hidden_layers=2)}[family]()
+    shape = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    config = {
+        "llama": lambda: tf.LlamaConfig(**shape),
+        "qwen2": lambda: tf.Qwen2Config(**shape, tie_word_embeddings=True),
+        "mistral": lambda: tf.MistralConfig(**shape),
+        "gemma": lambda: tf.GemmaConfig(**shape, head_dim=8),
+        "mamba": lambda: tf.MambaConfig(vocab_size=97, hidden_size=32, state_size=4, num_hidden_layers=2),
+    }[family]()
     model = tf.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms initialise to ones; a random weight makes their gradient non-trivial
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model

@@ -14,9 +14,23 @@ import pytest
 import torch
 
 from predistill.core.artifacts import PredistillError
-from predistill.formats.logits import (P_SLACK, Encoding, LogitsConfig, LogitsStore, LogitsStoreWriter, compute_entries,
-                               dequantize_logprobs, entries_to_targets, global_positions, pack_bits,
-                               quantize_logprobs, sample_entries, teacher_targets, truncate_top_p_k, unpack_bits)
+from predistill.formats.logits import (
+    P_SLACK,
+    Encoding,
+    LogitsConfig,
+    LogitsStore,
+    LogitsStoreWriter,
+    compute_entries,
+    dequantize_logprobs,
+    entries_to_targets,
+    global_positions,
+    pack_bits,
+    quantize_logprobs,
+    sample_entries,
+    teacher_targets,
+    truncate_top_p_k,
+    unpack_bits,
+)
 from predistill.formats.store import TokenStore, TokenStoreWriter
 
 VOCAB, HID = 300, 16  # 300 ids → 9-bit ids: exercises the generic bit packer
@@ -52,7 +66,7 @@ def feed(writer: LogitsStoreWriter, store: TokenStore, ids, batch_size: int = 3)
     for batch_ids, tokens, lengths in store.iter_batches(batch_size, ids=ids):
         hidden = torch.zeros(len(batch_ids), tokens.shape[1], HID)
         for b, i in enumerate(batch_ids):
-            hidden[b, :lengths[b]] = hidden_of(int(i), int(lengths[b]))
+            hidden[b, : lengths[b]] = hidden_of(int(i), int(lengths[b]))
         writer.add_hidden(batch_ids, hidden, LM_HEAD, tokens, lengths)
 
 
@@ -69,8 +83,9 @@ def files_of(directory: Path) -> dict[str, bytes]:
 TOPK = LogitsConfig(mode="topk", top_p=0.9, top_k=5, shard_instances=4)
 SAMPLE = LogitsConfig(mode="sample", samples=6, shard_instances=4, seed=3)
 # hot draws reach rare ids: a wider log-prob range so that nothing is clipped
-SAMPLE_T2 = LogitsConfig(mode="sample", samples=6, sample_temperature=2.0, shard_instances=4,
-                         logprob_bits=12, logprob_min=-60.0)
+SAMPLE_T2 = LogitsConfig(
+    mode="sample", samples=6, sample_temperature=2.0, shard_instances=4, logprob_bits=12, logprob_min=-60.0
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,11 +141,11 @@ def test_truncation_edge_semantics():
     assert e.split([1] * len(logits))[uniform].ids.tolist() == [0, 1, 2, 3]
     assert e.split([1] * len(logits))[tie].ids.tolist() == [3, 7, 100, 250]
     # uniform at p = 0.5 over 300 ids keeps exactly 150 (the slack absorbs fp32 rounding)
-    assert truncate_top_p_k(logits[uniform:uniform + 1], 0.5, VOCAB).n.tolist() == [150]
+    assert truncate_top_p_k(logits[uniform : uniform + 1], 0.5, VOCAB).n.tolist() == [150]
     # a top-2 pair with ~all the mass: p = 0.95 keeps both, p = 0.4 one; the one-hot row keeps one
-    assert truncate_top_p_k(logits[two:two + 1], 0.95, 50).ids.tolist() == [17, 42]
-    assert truncate_top_p_k(logits[two:two + 1], 0.4, 50).n.tolist() == [1]
-    assert truncate_top_p_k(logits[one_hot:one_hot + 1], 0.99, 50).ids.tolist() == [123]
+    assert truncate_top_p_k(logits[two : two + 1], 0.95, 50).ids.tolist() == [17, 42]
+    assert truncate_top_p_k(logits[two : two + 1], 0.4, 50).n.tolist() == [1]
+    assert truncate_top_p_k(logits[one_hot : one_hot + 1], 0.99, 50).ids.tolist() == [123]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +169,7 @@ def test_sampling_with_temperature_reweights_to_the_teacher():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     p = torch.softmax(logits, 0).numpy()
     cfg = LogitsConfig(mode="sample", samples=32, sample_temperature=2.0)
-    entries = sample_entries(logits.expand(3000, -1), cfg.samples, np.arange(3000), temperature=2.0,
-                             keep_logprobs=True)
+    entries = sample_entries(logits.expand(3000, -1), cfg.samples, np.arange(3000), temperature=2.0, keep_logprobs=True)
     targets = entries_to_targets(entries, cfg)
     estimate = np.zeros(len(p))
     np.add.at(estimate, targets.ids[targets.mask].numpy(), targets.weights[targets.mask].numpy())
@@ -168,7 +182,7 @@ def test_sampling_depends_only_on_seed_and_position():
     logits = torch.randn(10, VOCAB, generator=g)
     keys = np.arange(500, 510)
     batched = sample_entries(logits, 8, keys, seed=5)
-    single = [sample_entries(logits[r:r + 1], 8, keys[r:r + 1], seed=5) for r in range(10)]
+    single = [sample_entries(logits[r : r + 1], 8, keys[r : r + 1], seed=5) for r in range(10)]
     assert batched.ids.tolist() == sum((s.ids.tolist() for s in single), [])
     assert batched.counts.tolist() == sum((s.counts.tolist() for s in single), [])
     other_seed = sample_entries(logits, 8, keys, seed=6)
@@ -194,7 +208,9 @@ def test_logprob_quantisation_within_stated_error(bits, lo):
     decoded = dequantize_logprobs(quantize_logprobs(lp, bits, lo), bits, lo)
     step = -lo / ((1 << bits) - 1)
     inside = lp >= lo
-    bound = Encoding.of(LogitsConfig(mode="topk", logprob_bits=bits, logprob_min=lo), VOCAB).describe()["logprob_max_abs_error"]
+    bound = Encoding.of(LogitsConfig(mode="topk", logprob_bits=bits, logprob_min=lo), VOCAB).describe()[
+        "logprob_max_abs_error"
+    ]
     assert step / 2 <= bound < step / 2 + 1e-5
     assert np.abs(decoded[inside] - np.minimum(lp[inside], 0)).max() <= bound
     assert decoded[~inside].tolist() == [lo]  # clipped, and counted by the writer
@@ -206,7 +222,9 @@ def test_logprob_quantisation_within_stated_error(bits, lo):
 def direct_targets(store: TokenStore, cfg: LogitsConfig, i: int):
     n_pos = int(store.lengths[i]) - 1
     logits = hidden_of(i, n_pos + 1)[:n_pos] @ LM_HEAD.t()
-    return entries_to_targets(compute_entries(logits, cfg, global_positions(store, np.full(n_pos, i), np.arange(n_pos))), cfg)
+    return entries_to_targets(
+        compute_entries(logits, cfg, global_positions(store, np.full(n_pos, i), np.arange(n_pos))), cfg
+    )
 
 
 @pytest.mark.parametrize("cfg", [TOPK, SAMPLE, SAMPLE_T2], ids=["topk", "sample", "sample-T2"])
@@ -226,7 +244,7 @@ def test_store_round_trip(tmp_path, store, cfg):
     batch = reader.read_batch(np.arange(len(store)), length)
     for i in range(len(store)):
         n_pos = int(store.lengths[i]) - 1
-        assert not batch.mask[i, max(n_pos, 0):].any()  # positions an instance lacks are padding
+        assert not batch.mask[i, max(n_pos, 0) :].any()  # positions an instance lacks are padding
         if n_pos <= 0:
             continue
         expected = direct_targets(store, cfg, i)
@@ -302,8 +320,13 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, store):
     write_store(tmp_path / "full", store, TOPK)
     out = tmp_path / "killed"
     script = KILLER.format(tests=str(Path(__file__).parent), store=str(store.dir), out=str(out))
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (out / "shards" / "00000.json").is_file() and not (out / "shards" / "00001.json").exists()
     assert not (out / "manifest.json").exists()
@@ -357,10 +380,17 @@ def test_online_logits_saving_first_sighting_wins(tmp_path, store):
     writer = LogitsStoreWriter(tmp_path / "online", store, TOPK, vocab_size=VOCAB, teacher="fake")
     order = np.random.default_rng(0).permutation(len(store))
     for step, start in enumerate(range(0, len(store), 4)):
-        ids = np.concatenate([order[start:start + 4], order[:1]])  # instance order[0] comes back each step
+        ids = np.concatenate([order[start : start + 4], order[:1]])  # instance order[0] comes back each step
         tokens, lengths = store.batch(ids)
-        logits = torch.stack([torch.nn.functional.pad(hidden_of(int(i), int(n)), (0, 0, 0, tokens.shape[1] - int(n)))
-                              for i, n in zip(ids, lengths)]) @ LM_HEAD.t()
+        logits = (
+            torch.stack(
+                [
+                    torch.nn.functional.pad(hidden_of(int(i), int(n)), (0, 0, 0, tokens.shape[1] - int(n)))
+                    for i, n in zip(ids, lengths)
+                ]
+            )
+            @ LM_HEAD.t()
+        )
         if step:
             logits[-1] = torch.randn_like(logits[-1])  # a later sighting differs: it must be ignored
         writer.add_logits(ids, logits, lengths, tokens)
@@ -368,7 +398,9 @@ def test_online_logits_saving_first_sighting_wins(tmp_path, store):
     ref, online = LogitsStore(tmp_path / "ref", store), LogitsStore(tmp_path / "online", store)
     for i in range(len(store)):
         a, b = ref.instance_entries(i), online.instance_entries(i)
-        assert a.ids.tolist() == b.ids.tolist() and np.abs(a.logprobs - b.logprobs).max(initial=0) <= ref.cfg.logprob_step
+        assert (
+            a.ids.tolist() == b.ids.tolist() and np.abs(a.logprobs - b.logprobs).max(initial=0) <= ref.cfg.logprob_step
+        )
 
 
 def test_teacher_targets_for_an_online_truncated_teacher():
@@ -393,8 +425,9 @@ def test_stored_entries_equal_smollm2_top_p_k(tmp_path, smollm2_tiny_store):
     model, _ = load_model("smollm2-135m")
     model.eval()
     cfg = LogitsConfig(mode="topk", top_p=0.95, top_k=8, shard_instances=2)
-    writer = LogitsStoreWriter(tmp_path / "logits", store, cfg, vocab_size=model.lm_head.weight.shape[0],
-                               teacher="smollm2-135m")
+    writer = LogitsStoreWriter(
+        tmp_path / "logits", store, cfg, vocab_size=model.lm_head.weight.shape[0], teacher="smollm2-135m"
+    )
     with torch.no_grad():
         for ids, tokens, lengths in store.iter_batches(2):
             mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
@@ -423,8 +456,12 @@ def test_stored_entries_equal_smollm2_top_p_k(tmp_path, smollm2_tiny_store):
                 same = part.n[0] == n_ref and part.ids.tolist() == order[:n_ref].tolist()
                 if not same:
                     boundary = values[min(part.n[0], n_ref) - 1]
-                    assert (abs(cum[n_ref - 1] - cfg.top_p) < 1e-4 or
-                            (teacher_at - boundary).abs().min() < 1e-4), (i, t, part.ids, order[:n_ref])
+                    assert abs(cum[n_ref - 1] - cfg.top_p) < 1e-4 or (teacher_at - boundary).abs().min() < 1e-4, (
+                        i,
+                        t,
+                        part.ids,
+                        order[:n_ref],
+                    )
                 n_checked += 1
                 n_exact += same
     assert n_checked == manifest["n_positions"] > 40
@@ -461,8 +498,18 @@ def test_version_1_stores_stay_readable(tmp_path, store, cfg, monkeypatch):
 
     current = logits_module.Encoding.of
     monkeypatch.setattr(logits_module, "VERSION", 1)
-    monkeypatch.setattr(logits_module.Encoding, "of", staticmethod(lambda c, v: Encoding(
-        **{k: getattr(current(c, v), k) for k in ("id_bits", "n_bits", "count_bits", "logprob_bits", "logprob_min")})))
+    monkeypatch.setattr(
+        logits_module.Encoding,
+        "of",
+        staticmethod(
+            lambda c, v: Encoding(
+                **{
+                    k: getattr(current(c, v), k)
+                    for k in ("id_bits", "n_bits", "count_bits", "logprob_bits", "logprob_min")
+                }
+            )
+        ),
+    )
     v1 = write_store(tmp_path / "v1", store, cfg)
     monkeypatch.undo()
     assert (v1["version"], v2["version"]) == (1, 2)

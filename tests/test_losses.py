@@ -135,5 +135,9 @@ def test_inference_head_equals_the_chunked_loss_head():
         hidden = torch.randn(n, 32, generator=g) * 4
         targets = torch.randint(0, 1000, (n,), generator=g)
         with torch.inference_mode():
-            torch.testing.assert_close(inference_token_logprobs(hidden, weight, targets, chunk),
-                                       token_logprobs(hidden, weight, targets, chunk), rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(
+                inference_token_logprobs(hidden, weight, targets, chunk),
+                token_logprobs(hidden, weight, targets, chunk),
+                rtol=1e-6,
+                atol=1e-5,
+            )

@@ -8,13 +8,14 @@ import random
 import shutil
 
 import pytest
-
-from predistill import cli
-from predistill.formats.store import TokenStore
-from predistill.stages.train import TrainConfig, run as train
 from test_logits import make_store, write_store
 from test_scores import make_table
 from test_selection import make_selection
+
+from predistill import cli
+from predistill.formats.store import TokenStore
+from predistill.stages.train import TrainConfig
+from predistill.stages.train import run as train
 
 N_MUTATIONS = 40
 
@@ -22,7 +23,7 @@ N_MUTATIONS = 40
 DEEP = "__nested_100000_deep__"  # written as text: the encoder itself cannot nest that deep
 
 
-REPLACEMENTS = [None, True, -1, 0, 10 ** 30, 1e308, float("nan"), "x", "", [], {}, [1, "a"], {"a": 1}]
+REPLACEMENTS = [None, True, -1, 0, 10**30, 1e308, float("nan"), "x", "", [], {}, [1, "a"], {"a": 1}]
 
 
 def mutate(manifest: dict, rng: random.Random) -> dict:
@@ -66,7 +67,7 @@ def test_a_randomly_mutated_manifest_is_one_line_or_harmless(artifacts, kind, tm
     original = json.loads((artifacts[kind] / "manifest.json").read_text())
     work = tmp_path / "a"
     outcomes = []
-    for k in range(N_MUTATIONS):
+    for _ in range(N_MUTATIONS):
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(artifacts[kind], work)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from predistill import cli
-from predistill.formats import megatron
 from predistill.core.artifacts import PredistillError
+from predistill.formats import megatron
+from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_tokenizer
 from predistill.stages.export import ExportConfig
 from predistill.stages.export import run as export
-from predistill.modeling.models import load_tokenizer
 from predistill.stages.prepare import PrepareConfig
 from predistill.stages.prepare import run as prepare
-from predistill.formats.store import TokenStore
 
 
 def read_layout(prefix: Path) -> dict:
@@ -32,7 +32,7 @@ def read_layout(prefix: Path) -> dict:
     assert len(data) == 34 + 12 * n + 8 * n_docs
     dtype = {4: "<i4", 8: "<u2"}[code]
     tokens = np.fromfile(f"{prefix}.bin", dtype=dtype)
-    seqs = [tokens[p // np.dtype(dtype).itemsize:][:ln] for p, ln in zip(pointers, lengths)]
+    seqs = [tokens[p // np.dtype(dtype).itemsize :][:ln] for p, ln in zip(pointers, lengths)]
     return {"version": version, "code": code, "sequences": seqs, "document_indices": docs.tolist()}
 
 
@@ -45,8 +45,13 @@ def write_layout(prefix: Path, documents: list[list[list[int]]], code: int = 4) 
     lengths = np.asarray([len(s) for s in seqs], "<i4")
     pointers = np.concatenate([[0], np.cumsum(lengths * np.dtype(dtype).itemsize)[:-1]]).astype("<i8")
     doc_indices = np.concatenate([[0], ends]).astype("<i8")
-    Path(f"{prefix}.idx").write_bytes(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(seqs), len(doc_indices))
-                                      + lengths.tobytes() + pointers.tobytes() + doc_indices.tobytes())
+    Path(f"{prefix}.idx").write_bytes(
+        b"MMIDIDX\x00\x00"
+        + struct.pack("<QBQQ", 1, code, len(seqs), len(doc_indices))
+        + lengths.tobytes()
+        + pointers.tobytes()
+        + doc_indices.tobytes()
+    )
 
 
 def test_a_store_round_trips_through_the_megatron_layout_token_for_token(tiny_store, bpe_tokenizer, tmp_path):
@@ -62,8 +67,14 @@ def test_a_store_round_trips_through_the_megatron_layout_token_for_token(tiny_st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.bin", "corpus.idx"]  # no temporaries left
 
     # and back: the same token stream (each document keeps its one EOS)
-    back = prepare(PrepareConfig(sources=[f"megatron:{tmp_path / 'corpus'}"], tokenizer=str(bpe_tokenizer),
-                                 out=str(tmp_path / "back"), max_len=store.manifest["config"]["max_len"]))
+    back = prepare(
+        PrepareConfig(
+            sources=[f"megatron:{tmp_path / 'corpus'}"],
+            tokenizer=str(bpe_tokenizer),
+            out=str(tmp_path / "back"),
+            max_len=store.manifest["config"]["max_len"],
+        )
+    )
     imported = TokenStore(back)
     original = np.concatenate([store[i] for i in range(len(store))])
     assert np.array_equal(np.concatenate([imported[i] for i in range(len(imported))]), original)
@@ -78,27 +89,49 @@ def test_an_independently_written_dataset_imports(bpe_tokenizer, tmp_path):
     write_layout(tmp_path / "ext", [[a[:5], a[5:]], [b + [eos]]], code=4)
     ds = megatron.IndexedDataset(tmp_path / "ext")
     assert len(ds) == 3 and ds.n_documents == 2
-    store = TokenStore(prepare(PrepareConfig(sources=[f"megatron:{tmp_path / 'ext'}"], tokenizer=str(bpe_tokenizer),
-                                             out=str(tmp_path / "s"), max_len=512)))
+    store = TokenStore(
+        prepare(
+            PrepareConfig(
+                sources=[f"megatron:{tmp_path / 'ext'}"],
+                tokenizer=str(bpe_tokenizer),
+                out=str(tmp_path / "s"),
+                max_len=512,
+            )
+        )
+    )
     assert store[0].tolist() == a + [eos] + b + [eos]  # documents joined, one EOS each
     assert store.domain_names == ["ext"] and store.manifest["domains"][0]["n_documents"] == 2
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda p: Path(f"{p}.bin").write_bytes(Path(f"{p}.bin").read_bytes()[:-2]), "ext.bin holds"),
-    (lambda p: Path(f"{p}.idx").write_bytes(b"XXIDIDX\x00\x00" + Path(f"{p}.idx").read_bytes()[9:]), "no MMIDIDX header"),
-    (lambda p: Path(f"{p}.idx").write_bytes(Path(f"{p}.idx").read_bytes() + bytes(2)),
-     "(per-sequence modes: a multimodal dataset"),
-    (lambda p: Path(f"{p}.idx").unlink(), "no ext.idx"),
-    (lambda p: write_layout(p, [[[1, 2], [3]]], code=7), "cannot hold token ids"),
-    (lambda p: write_layout(p, [[[1, 2, 10_000]]]), "outside the tokenizer's vocabulary"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda p: Path(f"{p}.bin").write_bytes(Path(f"{p}.bin").read_bytes()[:-2]), "ext.bin holds"),
+        (
+            lambda p: Path(f"{p}.idx").write_bytes(b"XXIDIDX\x00\x00" + Path(f"{p}.idx").read_bytes()[9:]),
+            "no MMIDIDX header",
+        ),
+        (
+            lambda p: Path(f"{p}.idx").write_bytes(Path(f"{p}.idx").read_bytes() + bytes(2)),
+            "(per-sequence modes: a multimodal dataset",
+        ),
+        (lambda p: Path(f"{p}.idx").unlink(), "no ext.idx"),
+        (lambda p: write_layout(p, [[[1, 2], [3]]], code=7), "cannot hold token ids"),
+        (lambda p: write_layout(p, [[[1, 2, 10_000]]]), "outside the tokenizer's vocabulary"),
+    ],
+)
 def test_a_bad_dataset_is_one_clear_error(corrupt, message, bpe_tokenizer, tmp_path):
     write_layout(tmp_path / "ext", [[[1, 2], [3]]])
     corrupt(tmp_path / "ext")
     with pytest.raises(PredistillError, match=message.replace("(", r"\(")):
-        prepare(PrepareConfig(sources=[f"megatron:{tmp_path / 'ext'}"], tokenizer=str(bpe_tokenizer),
-                              out=str(tmp_path / "s"), max_len=64))
+        prepare(
+            PrepareConfig(
+                sources=[f"megatron:{tmp_path / 'ext'}"],
+                tokenizer=str(bpe_tokenizer),
+                out=str(tmp_path / "s"),
+                max_len=64,
+            )
+        )
     assert not (tmp_path / "s").exists()
 
 

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from predistill.core.artifacts import PredistillError
-from predistill.modeling.models import PRESETS, MambaPreset, Preset, count_params, load_model, load_tokenizer, model_body, preset_config
+from predistill.modeling.models import (
+    PRESETS,
+    MambaPreset,
+    Preset,
+    count_params,
+    load_model,
+    load_tokenizer,
+    model_body,
+    preset_config,
+)
 
 QWEN_VOCAB = 151_936  # the MiniPLM students' vocabulary: their size names include the embedding
 
@@ -61,7 +70,12 @@ def test_every_mamba_preset_config_matches_the_table(name):
     c = preset_config(name, _Vocab(50_280))
     assert c.model_type == "mamba"
     assert (c.hidden_size, c.num_hidden_layers, c.state_size, c.conv_kernel, c.expand) == (
-        p.hidden, p.layers, p.state, p.conv, p.expand)
+        p.hidden,
+        p.layers,
+        p.state,
+        p.conv,
+        p.expand,
+    )
     assert c.intermediate_size == p.expand * p.hidden and c.tie_word_embeddings == p.tied
 
 
@@ -87,8 +101,16 @@ def test_every_preset_config_matches_the_table(name):
         assert c.num_key_value_heads < c.num_attention_heads  # grouped-query attention
 
 
-@pytest.mark.parametrize("name, size", [("miniplm-104m", 104e6), ("miniplm-200m", 200e6), ("miniplm-300m", 300e6),
-                                        ("miniplm-500m", 500e6), ("miniplm-1.2b", 1.2e9)])
+@pytest.mark.parametrize(
+    "name, size",
+    [
+        ("miniplm-104m", 104e6),
+        ("miniplm-200m", 200e6),
+        ("miniplm-300m", 300e6),
+        ("miniplm-500m", 500e6),
+        ("miniplm-1.2b", 1.2e9),
+    ],
+)
 def test_miniplm_presets_roughly_match_their_names(name, size):
     c = preset_config(name, _Vocab(QWEN_VOCAB))
     embedding = QWEN_VOCAB * c.hidden_size * (1 if c.tie_word_embeddings else 2)
@@ -205,8 +227,17 @@ def test_model_body_of_a_class_whose_base_model_is_itself_is_its_decoder():
     # Gemma3ForCausalLM names no base-model attribute: base_model is the CausalLM, logits and all
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                               num_attention_heads=2, num_key_value_heads=1, head_dim=16))
+    model = Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+        )
+    )
     ids = torch.randint(0, 64, (1, 7))
     with torch.no_grad():
         hidden = model_body(model)(input_ids=ids).last_hidden_state
@@ -219,14 +250,29 @@ def test_cross_family_presets_train_export_score_and_evaluate(tiny_store, tmp_pa
     """MiniPLM's students of other families run through every stage a Qwen student does."""
     from transformers import AutoModelForCausalLM
 
-    from predistill.stages.eval import EvalConfig, run as evaluate
-    from predistill.stages.score import ScoreConfig, run as score
     from predistill.formats.scores import ScoreTable
     from predistill.formats.store import TokenStore
-    from predistill.stages.train import TrainConfig, run as train
+    from predistill.stages.eval import EvalConfig
+    from predistill.stages.eval import run as evaluate
+    from predistill.stages.score import ScoreConfig
+    from predistill.stages.score import run as score
+    from predistill.stages.train import TrainConfig
+    from predistill.stages.train import run as train
 
-    out = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), model=f"preset:{preset}", steps=12,
-                            batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_every=6, eval_instances=16))
+    out = train(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "run"),
+            model=f"preset:{preset}",
+            steps=12,
+            batch_size=4,
+            seq_len=32,
+            lr=3e-3,
+            warmup=2,
+            eval_every=6,
+            eval_instances=16,
+        )
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[-1] < val[0]
@@ -237,15 +283,29 @@ def test_cross_family_presets_train_export_score_and_evaluate(tiny_store, tmp_pa
     assert exported.config.model_type == model_type
 
     store = TokenStore(tiny_store)
-    table = ScoreTable(score(ScoreConfig(model=str(out), store=str(tiny_store), out=str(tmp_path / "scores"),
-                                         batch_size=4, progress=False)))
+    table = ScoreTable(
+        score(
+            ScoreConfig(
+                model=str(out), store=str(tiny_store), out=str(tmp_path / "scores"), batch_size=4, progress=False
+            )
+        )
+    )
     ids = torch.as_tensor(np.asarray(store[3], dtype=np.int64))[None]
     with torch.no_grad():
         logprobs = torch.log_softmax(exported(ids).logits.float(), -1)[0, :-1]
     plain = logprobs.gather(1, ids[0, 1:, None]).mean().item()
     assert table.logprob[3] == pytest.approx(plain, abs=1e-4)
 
-    result = evaluate(EvalConfig(model=str(out), store=str(tiny_store / "val"), out=str(tmp_path / "eval.json"),
-                                 tasks=["default"], local_items=4, limit=4, batch_size=4))
+    result = evaluate(
+        EvalConfig(
+            model=str(out),
+            store=str(tiny_store / "val"),
+            out=str(tmp_path / "eval.json"),
+            tasks=["default"],
+            local_items=4,
+            limit=4,
+            batch_size=4,
+        )
+    )
     assert math.isfinite(result["heldout_loss"]) and result["heldout_loss"] > 0
     assert result["tasks"]["evaluated"] and all(0 <= r["acc"] <= 1 for r in result["results"].values())

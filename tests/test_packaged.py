@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from predistill.stages.prepare import PrepareConfig
+from predistill.stages.prepare import run as prepare
 from predistill.text import packaged
-from predistill.stages.prepare import PrepareConfig, run as prepare
 from predistill.text.sources import parse_source
 
 SOME = 40  # documents read per source: enough to see each kind, quick
@@ -30,7 +31,7 @@ def test_kinds_hold_what_they_name():
     records = [w for w, _ in first("install-records", 200)]
     assert all(w.rsplit("/", 1)[-1] in packaged.RECORD_NAMES for w in records)
     assert all(w.endswith(".pyi") for w, _ in first("stubs"))
-    assert all(w.endswith(("(docstrings)")) for w, _ in first("docstrings"))
+    assert all(w.endswith("(docstrings)") for w, _ in first("docstrings"))
     code = [w for w, _ in first("stdlib-code", 10_000)]
     assert code and all(w.endswith(".py") and "/pydoc_data/" not in w for w in code)
 
@@ -73,9 +74,15 @@ def test_unknown_builtin_is_one_line():
 
 @pytest.mark.slow
 def test_prepare_records_the_package_versions_the_bytes_came_from(tmp_path, bpe_tokenizer):
-    out = prepare(PrepareConfig(sources=["builtin:licenses", "manual=builtin:reference-manual"],
-                                tokenizer=str(bpe_tokenizer), max_len=64, max_tokens_per_domain=3000,
-                                out=str(tmp_path / "store")))
+    out = prepare(
+        PrepareConfig(
+            sources=["builtin:licenses", "manual=builtin:reference-manual"],
+            tokenizer=str(bpe_tokenizer),
+            max_len=64,
+            max_tokens_per_domain=3000,
+            out=str(tmp_path / "store"),
+        )
+    )
     domains = {d["name"]: d for d in json.loads((out / "manifest.json").read_text())["domains"]}
     versions = domains["licenses"]["packages"]
     assert versions["numpy"] == __import__("numpy").__version__ and "predistill" not in versions

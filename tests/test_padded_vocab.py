@@ -12,21 +12,23 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.training.distill import MiniLLM
-from predistill.stages.generate import GenerateConfig
-from predistill.stages.generate import run as generate
-from predistill.training.kd import KDConfig
 from predistill.formats.logits import LogitsConfig, LogitsStore
-from predistill.modeling.models import forward_params, head_weight, load_model
-from predistill.stages.score import ScoreConfig
-from predistill.stages.score import run as score
 from predistill.formats.scores import ScoreTable
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import forward_params, head_weight, load_model
+from predistill.stages.generate import GenerateConfig
+from predistill.stages.generate import run as generate
+from predistill.stages.score import ScoreConfig
+from predistill.stages.score import run as score
 from predistill.stages.train import TrainConfig
 from predistill.stages.train import run as train
+from predistill.training.distill import MiniLLM
+from predistill.training.kd import KDConfig
 
 PAD = 64
-FAST = dict(model="preset:tiny", steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_instances=8, alpha_schedule="constant")
+FAST = dict(
+    model="preset:tiny", steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_instances=8, alpha_schedule="constant"
+)
 
 
 def save_padded_twin(model, tokenizer, out):
@@ -34,7 +36,7 @@ def save_padded_twin(model, tokenizer, out):
     model.resize_token_embeddings(len(tokenizer) + PAD, mean_resizing=False)
     with torch.no_grad():
         weight = model.get_output_embeddings().weight
-        weight[len(tokenizer):] = 10 * weight[:PAD]  # for any hidden state, some padded row outscores every token
+        weight[len(tokenizer) :] = 10 * weight[:PAD]  # for any hidden state, some padded row outscores every token
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -59,7 +61,7 @@ def test_the_twin_really_is_padded_and_would_dominate_unmasked(teachers, tiny_st
     with torch.no_grad():
         ids = torch.from_numpy(TokenStore(tiny_store)[0][:16].astype(np.int64))[None]
         probs = torch.softmax(model(input_ids=ids).logits, -1)
-    assert probs[..., len(tokenizer):].sum(-1).min() > 0.5  # the unmasked softmax: padding takes the mass
+    assert probs[..., len(tokenizer) :].sum(-1).min() > 0.5  # the unmasked softmax: padding takes the mass
     assert head_weight(model, len(tokenizer)).shape[0] == len(tokenizer)
     assert forward_params(model, len(tokenizer)) == forward_params(model) - PAD * model.config.hidden_size
 
@@ -68,9 +70,17 @@ def test_the_twin_really_is_padded_and_would_dominate_unmasked(teachers, tiny_st
 def test_scores_and_logits_of_a_padded_teacher_equal_the_unpadded_ones(teachers, tiny_store, tmp_path):
     runs = {}
     for name in ("plain", "padded"):
-        out = score(ScoreConfig(model=str(teachers[name]), store=str(tiny_store), out=str(tmp_path / name / "scores"),
-                                logits_out=str(tmp_path / name / "logits"), logits=LogitsConfig(mode="topk", top_k=8),
-                                shard_size=64, progress=False))
+        out = score(
+            ScoreConfig(
+                model=str(teachers[name]),
+                store=str(tiny_store),
+                out=str(tmp_path / name / "scores"),
+                logits_out=str(tmp_path / name / "logits"),
+                logits=LogitsConfig(mode="topk", top_k=8),
+                shard_size=64,
+                progress=False,
+            )
+        )
         runs[name] = (ScoreTable(out), LogitsStore(tmp_path / name / "logits", TokenStore(tiny_store)))
     (plain_table, plain_logits), (padded_table, padded_logits) = runs["plain"], runs["padded"]
     np.testing.assert_array_equal(padded_table.logprob, plain_table.logprob)
@@ -88,8 +98,16 @@ def metrics(run_dir):
 def test_online_kd_from_a_padded_teacher_equals_the_unpadded_teacher(teachers, tiny_store, tmp_path):
     losses = {}
     for name in ("plain", "padded"):
-        out = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / name), kd_teacher=str(teachers[name]),
-                                alpha=0.5, kd=KDConfig(loss="kld"), **FAST))
+        out = train(
+            TrainConfig(
+                store=str(tiny_store),
+                out=str(tmp_path / name),
+                kd_teacher=str(teachers[name]),
+                alpha=0.5,
+                kd=KDConfig(loss="kld"),
+                **FAST,
+            )
+        )
         losses[name] = [(r["lm_loss"], r["kd_loss"]) for r in metrics(out)]
     np.testing.assert_allclose(losses["padded"], losses["plain"], rtol=1e-6)
 
@@ -99,16 +117,31 @@ def test_a_padded_student_trains_like_its_unpadded_self(teachers, tiny_store, tm
     # padded rows take no mass, so losses equal those of the same student unpadded
     store = TokenStore(tiny_store)
     logits = tmp_path / "logits"
-    score(ScoreConfig(model=str(teachers["padded"]), store=str(tiny_store), out=str(tmp_path / "scores"),
-                      logits_out=str(logits), shard_size=64, progress=False))
+    score(
+        ScoreConfig(
+            model=str(teachers["padded"]),
+            store=str(tiny_store),
+            out=str(tmp_path / "scores"),
+            logits_out=str(logits),
+            shard_size=64,
+            progress=False,
+        )
+    )
     student, tokenizer = load_model("preset:tiny", store.tokenizer(), seed=0)
     student.save_pretrained(tmp_path / "student", safe_serialization=True)
     tokenizer.save_pretrained(tmp_path / "student")
     save_padded_twin(student, tokenizer, tmp_path / "student-padded")
     losses = {}
     for name in ("student", "student-padded"):
-        out = train(TrainConfig(store=str(tiny_store), out=str(tmp_path / f"run-{name}"), kd_logits=str(logits),
-                                alpha=0.5, **{**FAST, "model": str(tmp_path / name)}))
+        out = train(
+            TrainConfig(
+                store=str(tiny_store),
+                out=str(tmp_path / f"run-{name}"),
+                kd_logits=str(logits),
+                alpha=0.5,
+                **{**FAST, "model": str(tmp_path / name)},
+            )
+        )
         losses[name] = [(r["lm_loss"], r["kd_loss"]) for r in metrics(out)]
     np.testing.assert_allclose(losses["student-padded"], losses["student"], rtol=1e-5)
 
@@ -126,7 +159,16 @@ def test_minillm_never_samples_a_padding_row(teachers, tiny_store, tmp_path):
 
 
 def test_generation_from_a_padded_teacher_stays_in_the_vocabulary(teachers, tiny_store, tmp_path):
-    out = generate(GenerateConfig(model=str(teachers["padded"]), store=str(tiny_store), out=str(tmp_path / "gen"),
-                                  prefix_len=4, max_new_tokens=12, max_instances=8, progress=False))
+    out = generate(
+        GenerateConfig(
+            model=str(teachers["padded"]),
+            store=str(tiny_store),
+            out=str(tmp_path / "gen"),
+            prefix_len=4,
+            max_new_tokens=12,
+            max_instances=8,
+            progress=False,
+        )
+    )
     generated = TokenStore(out)
     assert all(int(generated[i].max()) < generated.vocab_size for i in range(len(generated)))

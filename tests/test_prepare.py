@@ -18,10 +18,10 @@ from conftest import make_code, make_prose, write_jsonl
 
 from predistill import cli
 from predistill.core.artifacts import PredistillError
-from predistill.modeling.models import load_tokenizer, tokenizer_hash
-from predistill.text.chunking import Chunker, boundary_table
-from predistill.stages.prepare import PrepareConfig, _is_val, run
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_tokenizer, tokenizer_hash
+from predistill.stages.prepare import PrepareConfig, _is_val, run
+from predistill.text.chunking import Chunker, boundary_table
 
 MAX_LEN = 64
 
@@ -33,8 +33,11 @@ def only_built_stages(monkeypatch):
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def domain_docs(path: Path) -> list[str]:
@@ -57,6 +60,7 @@ def assert_no_complete_store(out: Path) -> None:
 
 
 # -- chunking semantics -----------------------------------------------------------------------
+
 
 def test_instances_concatenate_back_to_the_documents(tiny_store, corpus, bpe_tokenizer):
     tok = load_tokenizer(str(bpe_tokenizer))
@@ -101,7 +105,7 @@ def test_cuts_land_after_a_boundary_when_one_exists_in_the_second_half(tiny_stor
         pos = 0
         for k, i in enumerate(ids):
             instance = store[int(i)]
-            w = can_end[pos:pos + window]
+            w = can_end[pos : pos + window]
             if k == len(ids) - 1:
                 assert len(instance) == len(w)  # the remainder is flushed whole
             else:
@@ -188,15 +192,25 @@ def test_decoded_instances_retokenize_to_the_same_ids(tiny_store):
 
 # -- determinism, reruns, crash safety ----------------------------------------------------------
 
+
 def test_workers_give_identical_files(tmp_path, source_specs, bpe_tokenizer, tiny_store):
-    out = run(PrepareConfig(sources=source_specs, tokenizer=str(bpe_tokenizer), out=str(tmp_path / "w2"),
-                            max_len=MAX_LEN, val_fraction=0.1, workers=2))
+    out = run(
+        PrepareConfig(
+            sources=source_specs,
+            tokenizer=str(bpe_tokenizer),
+            out=str(tmp_path / "w2"),
+            max_len=MAX_LEN,
+            val_fraction=0.1,
+            workers=2,
+        )
+    )
     assert file_hashes(out) == file_hashes(tiny_store)  # tiny_store was made with one worker
 
 
 def test_rerun_is_a_noop_and_other_configs_are_refused(tmp_path, source_specs, bpe_tokenizer, capsys):
-    cfg = PrepareConfig(sources=source_specs, tokenizer=str(bpe_tokenizer), out=str(tmp_path / "s"),
-                        max_len=MAX_LEN, val_fraction=0.1)
+    cfg = PrepareConfig(
+        sources=source_specs, tokenizer=str(bpe_tokenizer), out=str(tmp_path / "s"), max_len=MAX_LEN, val_fraction=0.1
+    )
     out = run(cfg)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     capsys.readouterr()
@@ -221,13 +235,28 @@ def test_rerun_is_a_noop_and_other_configs_are_refused(tmp_path, source_specs, b
 def test_sigkill_leaves_nothing_complete_and_rerun_is_byte_identical(tmp_path, bpe_tokenizer, checkpoint):
     big = write_jsonl(tmp_path / "big.jsonl", make_prose(2500, seed=3))
     code = write_jsonl(tmp_path / "code.jsonl", make_code(200, seed=4))
-    args = ["prepare", "--source", f"jsonl:{big}", "--source", f"jsonl:{code}", "--tokenizer", str(bpe_tokenizer),
-            "--max-len", str(MAX_LEN), "--val-fraction", "0.05"]
+    args = [
+        "prepare",
+        "--source",
+        f"jsonl:{big}",
+        "--source",
+        f"jsonl:{code}",
+        "--tokenizer",
+        str(bpe_tokenizer),
+        "--max-len",
+        str(MAX_LEN),
+        "--val-fraction",
+        "0.05",
+    ]
     args += ["--checkpoint-tokens", str(checkpoint)] if checkpoint else []
     out = tmp_path / "killed"
     partial = tmp_path / "killed.partial"
-    proc = subprocess.Popen([sys.executable, "-m", "predistill", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "predistill", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -259,8 +288,25 @@ def test_sigkill_leaves_nothing_complete_and_rerun_is_byte_identical(tmp_path, b
 
 def test_max_tokens_per_domain(tmp_path, source_specs, bpe_tokenizer, corpus, capsys):
     out = tmp_path / "capped"
-    cli.main(["prepare", "--source", source_specs[0], "--source", source_specs[1], "--tokenizer", str(bpe_tokenizer),
-              "--out", str(out), "--max-len", str(MAX_LEN), "--val-fraction", "0.1", "--max-tokens-per-domain", "2000"])
+    cli.main(
+        [
+            "prepare",
+            "--source",
+            source_specs[0],
+            "--source",
+            source_specs[1],
+            "--tokenizer",
+            str(bpe_tokenizer),
+            "--out",
+            str(out),
+            "--max-len",
+            str(MAX_LEN),
+            "--val-fraction",
+            "0.1",
+            "--max-tokens-per-domain",
+            "2000",
+        ]
+    )
     assert "wrote" in capsys.readouterr().out
     train, val = TokenStore(out), TokenStore(out / "val")
     assert train.manifest["config"]["max_tokens_per_domain"] == 2000
@@ -272,11 +318,29 @@ def test_max_tokens_per_domain(tmp_path, source_specs, bpe_tokenizer, corpus, ca
         assert 0 < n_docs < len(docs)
         # the first n_docs documents, and just enough of them: one fewer would stay under the cap
         assert total == len(encoded_stream(tok, docs[:n_docs])) >= 2000
-        assert len(encoded_stream(tok, docs[:n_docs - 1])) < 2000
+        assert len(encoded_stream(tok, docs[: n_docs - 1])) < 2000
     # the same with two workers: identical files
-    cli.main(["prepare", "--source", source_specs[0], "--source", source_specs[1], "--tokenizer", str(bpe_tokenizer),
-              "--out", str(tmp_path / "capped2"), "--max-len", str(MAX_LEN), "--val-fraction", "0.1",
-              "--max-tokens-per-domain", "2000", "--workers", "2"])
+    cli.main(
+        [
+            "prepare",
+            "--source",
+            source_specs[0],
+            "--source",
+            source_specs[1],
+            "--tokenizer",
+            str(bpe_tokenizer),
+            "--out",
+            str(tmp_path / "capped2"),
+            "--max-len",
+            str(MAX_LEN),
+            "--val-fraction",
+            "0.1",
+            "--max-tokens-per-domain",
+            "2000",
+            "--workers",
+            "2",
+        ]
+    )
     assert file_hashes(out) == file_hashes(tmp_path / "capped2")
 
 
@@ -314,8 +378,18 @@ def test_bad_documents_fail_cleanly(tmp_path, capsys, bpe_tokenizer, kind, worke
     line, message = BAD_LINES[kind]
     path = bad_corpus(tmp_path, line)
     out = tmp_path / "out"
-    argv = ["--source", f"jsonl:{path}", "--tokenizer", str(bpe_tokenizer), "--out", str(out),
-            "--max-len", "32", "--workers", str(workers)]
+    argv = [
+        "--source",
+        f"jsonl:{path}",
+        "--tokenizer",
+        str(bpe_tokenizer),
+        "--out",
+        str(out),
+        "--max-len",
+        "32",
+        "--workers",
+        str(workers),
+    ]
     err = prepare_fails(capsys, argv)
     assert f"{path}{message}" in err and "--skip-bad" in err
     assert_no_complete_store(out)
@@ -325,15 +399,18 @@ def test_bad_documents_fail_cleanly(tmp_path, capsys, bpe_tokenizer, kind, worke
     assert m["domains"][0]["n_skipped"] == 1 and m["n_documents"] == 40
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--source", "csv:x.csv"], "unknown source 'csv:x.csv'"),
-    (["--source", "builtin:klingon"], "unknown built-in source 'klingon'"),
-    (["--source", "txt:/nonexistent/*.txt"], "no such file"),
-    (["--source", "builtin:shakespeare", "--tokenizer", "/nonexistent/tokenizer"], "no such model directory"),
-    (["--source", "builtin:shakespeare", "--tokenizer", "preset:tiny"], "architecture without a tokenizer"),
-    (["--source", "builtin:shakespeare", "--val-fraction", "1.5"], "--val-fraction must be finite and in [0, 1)"),
-    (["--source", "builtin:shakespeare", "--max-len", "4"], "--max-len must be ≥ 8"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--source", "csv:x.csv"], "unknown source 'csv:x.csv'"),
+        (["--source", "builtin:klingon"], "unknown built-in source 'klingon'"),
+        (["--source", "txt:/nonexistent/*.txt"], "no such file"),
+        (["--source", "builtin:shakespeare", "--tokenizer", "/nonexistent/tokenizer"], "no such model directory"),
+        (["--source", "builtin:shakespeare", "--tokenizer", "preset:tiny"], "architecture without a tokenizer"),
+        (["--source", "builtin:shakespeare", "--val-fraction", "1.5"], "--val-fraction must be finite and in [0, 1)"),
+        (["--source", "builtin:shakespeare", "--max-len", "4"], "--max-len must be ≥ 8"),
+    ],
+)
 def test_bad_arguments_fail_cleanly(tmp_path, capsys, bpe_tokenizer, argv, message):
     out = tmp_path / "out"
     if "--tokenizer" not in argv:
@@ -345,21 +422,34 @@ def test_bad_arguments_fail_cleanly(tmp_path, capsys, bpe_tokenizer, argv, messa
 def test_unknown_hub_tokenizer_fails_fast_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.time()
-    err = prepare_fails(capsys, ["--source", "builtin:shakespeare", "--tokenizer", "no-such-model-xyz",
-                                 "--out", str(tmp_path / "out")])
+    err = prepare_fails(
+        capsys, ["--source", "builtin:shakespeare", "--tokenizer", "no-such-model-xyz", "--out", str(tmp_path / "out")]
+    )
     assert "cannot load tokenizer 'no-such-model-xyz'" in err and time.time() - start < 30
     assert_no_complete_store(tmp_path / "out")
 
 
 def test_too_few_documents_for_the_val_split(tmp_path, capsys, bpe_tokenizer):
     path = write_jsonl(tmp_path / "few.jsonl", make_prose(3, seed=6))
-    err = prepare_fails(capsys, ["--source", f"jsonl:{path}", "--tokenizer", str(bpe_tokenizer),
-                                 "--out", str(tmp_path / "out"), "--val-fraction", "0.1"])
+    err = prepare_fails(
+        capsys,
+        [
+            "--source",
+            f"jsonl:{path}",
+            "--tokenizer",
+            str(bpe_tokenizer),
+            "--out",
+            str(tmp_path / "out"),
+            "--val-fraction",
+            "0.1",
+        ],
+    )
     assert "holds out no document" in err
     assert_no_complete_store(tmp_path / "out")
 
 
 # -- other source kinds and the real teacher tokenizer ---------------------------------------------
+
 
 def test_prepare_reads_parquet_and_hf_sources(tmp_path, bpe_tokenizer):
     import pyarrow as pa
@@ -369,8 +459,14 @@ def test_prepare_reads_parquet_and_hf_sources(tmp_path, bpe_tokenizer):
     docs = make_prose(12, seed=7)
     pq.write_table(pa.table({"text": docs}), tmp_path / "p.parquet")
     write_hf_dataset(tmp_path / "ds", [{"text": d} for d in docs])
-    out = run(PrepareConfig(sources=[f"a=parquet:{tmp_path / 'p.parquet'}", f"b=hf:{tmp_path / 'ds'}"],
-                            tokenizer=str(bpe_tokenizer), out=str(tmp_path / "out"), max_len=MAX_LEN))
+    out = run(
+        PrepareConfig(
+            sources=[f"a=parquet:{tmp_path / 'p.parquet'}", f"b=hf:{tmp_path / 'ds'}"],
+            tokenizer=str(bpe_tokenizer),
+            out=str(tmp_path / "out"),
+            max_len=MAX_LEN,
+        )
+    )
     store = TokenStore(out)
     assert store.domain_names == ["a", "b"]
     a, b = (np.concatenate([store[int(i)] for i in np.flatnonzero(store.domain_ids == d)]) for d in (0, 1))
@@ -380,9 +476,17 @@ def test_prepare_reads_parquet_and_hf_sources(tmp_path, bpe_tokenizer):
 @pytest.mark.teacher
 @pytest.mark.slow
 def test_smollm2_store_of_the_builtin_corpus_retokenizes(tmp_path):
-    out = run(PrepareConfig(sources=["builtin:shakespeare", "builtin:python"], tokenizer="smollm2-135m",
-                            out=str(tmp_path / "s"), max_len=256, val_fraction=0.5, workers=2,
-                            max_tokens_per_domain=60_000))
+    out = run(
+        PrepareConfig(
+            sources=["builtin:shakespeare", "builtin:python"],
+            tokenizer="smollm2-135m",
+            out=str(tmp_path / "s"),
+            max_len=256,
+            val_fraction=0.5,
+            workers=2,
+            max_tokens_per_domain=60_000,
+        )
+    )
     store = TokenStore(out)
     m = store.manifest
     assert m["vocab_size"] == 49152 and m["dtype"] == "uint16" and m["eos_id"] == 0
@@ -398,12 +502,18 @@ def test_smollm2_store_of_the_builtin_corpus_retokenizes(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["right after a checkpoint", "between checkpoints", "in the second domain"])
-def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(tmp_path, bpe_tokenizer, corpus,
-                                                                           monkeypatch, capsys, where):
+def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(
+    tmp_path, bpe_tokenizer, corpus, monkeypatch, capsys, where
+):
     import predistill.stages.prepare as prepare_module
 
-    cfg = dict(sources=[f"prose=jsonl:{corpus['prose']}", f"code=jsonl:{corpus['code']}"], tokenizer=str(bpe_tokenizer),
-               max_len=MAX_LEN, val_fraction=0.1, checkpoint_tokens=300)
+    cfg = dict(
+        sources=[f"prose=jsonl:{corpus['prose']}", f"code=jsonl:{corpus['code']}"],
+        tokenizer=str(bpe_tokenizer),
+        max_len=MAX_LEN,
+        val_fraction=0.1,
+        checkpoint_tokens=300,
+    )
     clean = run(PrepareConfig(out=str(tmp_path / "clean"), **cfg))
     n = {"checkpoints": 0, "emitted": 0}
     save, emit = prepare_module._save_progress, prepare_module._emit
@@ -436,8 +546,9 @@ def test_an_interrupted_prepare_resumes_from_its_checkpoint_byte_identical(tmp_p
     assert not (tmp_path / "resumed.partial").exists()
 
 
-def test_a_resume_after_an_input_changed_starts_over_and_never_mixes_old_and_new_text(tmp_path, bpe_tokenizer,
-                                                                                      corpus, monkeypatch, capsys):
+def test_a_resume_after_an_input_changed_starts_over_and_never_mixes_old_and_new_text(
+    tmp_path, bpe_tokenizer, corpus, monkeypatch, capsys
+):
     import shutil
 
     import predistill.stages.prepare as prepare_module
@@ -495,13 +606,20 @@ def slow_twin(bpe_tokenizer, out: Path):
     (out / "vocab.json").write_text(json.dumps(model["vocab"]))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return GPT2Tokenizer(str(out / "vocab.json"), str(out / "merges.txt"), eos_token="<|endoftext|>",
-                         unk_token="<|endoftext|>", bos_token="<|endoftext|>", add_prefix_space=False)
+    return GPT2Tokenizer(
+        str(out / "vocab.json"),
+        str(out / "merges.txt"),
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        add_prefix_space=False,
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_slow_only_tokenizer_is_loaded_with_a_warning_and_prepares_a_store(bpe_tokenizer, corpus, tmp_path,
-                                                                             monkeypatch, capsys, workers):
+def test_a_slow_only_tokenizer_is_loaded_with_a_warning_and_prepares_a_store(
+    bpe_tokenizer, corpus, tmp_path, monkeypatch, capsys, workers
+):
     import transformers
 
     slow = slow_twin(bpe_tokenizer, tmp_path / "slow")
@@ -510,8 +628,15 @@ def test_a_slow_only_tokenizer_is_loaded_with_a_warning_and_prepares_a_store(bpe
     tokenizer = load_tokenizer(str(tmp_path / "slow"))
     assert "no fast (Rust) implementation" in capsys.readouterr().err
     assert tokenizer_hash(tokenizer) == tokenizer_hash(slow_twin(bpe_tokenizer, tmp_path / "again"))
-    out = run(PrepareConfig(sources=[f"jsonl:{corpus['prose']}"], tokenizer=str(tmp_path / "slow"),
-                            out=str(tmp_path / "store"), max_len=MAX_LEN, workers=workers))
+    out = run(
+        PrepareConfig(
+            sources=[f"jsonl:{corpus['prose']}"],
+            tokenizer=str(tmp_path / "slow"),
+            out=str(tmp_path / "store"),
+            max_len=MAX_LEN,
+            workers=workers,
+        )
+    )
     store = TokenStore(out)
     assert store.tokenizer_hash == tokenizer_hash(tokenizer) and len(store) > 10
     assert max(store.lengths) <= MAX_LEN + 1

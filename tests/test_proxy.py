@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from predistill.cli import main as cli_main
-from predistill.modeling.models import load_model
-from predistill.training.proxy import ProxyConfig, rankdata, run_proxy, spearman
-from predistill.stages.score import ScoreConfig
 from predistill.formats.scores import ScoreTable
 from predistill.formats.selection import load_selection, top_fraction
-from predistill.stages.score import run as score
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_model
+from predistill.stages.score import ScoreConfig
+from predistill.stages.score import run as score
+from predistill.training.proxy import ProxyConfig, rankdata, run_proxy, spearman
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,8 +44,15 @@ def test_rankdata_and_spearman_match_known_values():
 
 def test_proxy_runs_end_to_end_and_reports_cost_and_agreement(tiny_store, models):
     store = TokenStore(tiny_store)
-    cfg = ProxyConfig(teacher_model=models["teacher"], reference_model=models["reference"], fraction=0.1,
-                      check_fraction=0.1, epochs=2, batch_size=8, progress=False)
+    cfg = ProxyConfig(
+        teacher_model=models["teacher"],
+        reference_model=models["reference"],
+        fraction=0.1,
+        check_fraction=0.1,
+        epochs=2,
+        batch_size=8,
+        progress=False,
+    )
     result = run_proxy(cfg, store, ratio=0.5)
     n = len(store)
     s = result.stats
@@ -55,8 +62,9 @@ def test_proxy_runs_end_to_end_and_reports_cost_and_agreement(tiny_store, models
     assert len(s["epoch_mse"]) == 2 and all(np.isfinite(s["epoch_mse"]))
     # cost: the proxy path spends less than scoring everything with teacher and reference
     f = s["flops"]
-    assert s["flops_spent"] == pytest.approx(f["teacher_subset"] + f["reference_subset"] + f["proxy_train"]
-                                             + f["proxy_predict"])
+    assert s["flops_spent"] == pytest.approx(
+        f["teacher_subset"] + f["reference_subset"] + f["proxy_train"] + f["proxy_predict"]
+    )
     assert s["flops_spent"] < s["flops_full_scoring"]
     assert s["teacher_flops_ratio_full_over_spent"] == pytest.approx(f["teacher_full"] / f["teacher_subset"])
     assert 8 < s["teacher_flops_ratio_full_over_spent"] < 12  # ≈ 1/fraction of the tokens
@@ -69,13 +77,37 @@ def test_proxy_runs_end_to_end_and_reports_cost_and_agreement(tiny_store, models
 
 @pytest.mark.slow  # two full score tables plus the proxy path
 def test_sample_method_proxy_against_full_difference_sampling(tiny_store, models, tmp_path):
-    tables = {role: score(ScoreConfig(model=spec, store=str(tiny_store), out=str(tmp_path / f"{role}-scores"),
-                                      progress=False))
-              for role, spec in models.items()}
+    tables = {
+        role: score(
+            ScoreConfig(model=spec, store=str(tiny_store), out=str(tmp_path / f"{role}-scores"), progress=False)
+        )
+        for role, spec in models.items()
+    }
     out = tmp_path / "sel"
-    cli_main(["sample", "--method", "proxy", "--teacher-model", models["teacher"], "--reference-model",
-              models["reference"], "--teacher", str(tables["teacher"]), "--reference", str(tables["reference"]),
-              "--ratio", "0.5", "--proxy-fraction", "0.2", "--proxy-epochs", "1", "--out", str(out), "--no-progress"])
+    cli_main(
+        [
+            "sample",
+            "--method",
+            "proxy",
+            "--teacher-model",
+            models["teacher"],
+            "--reference-model",
+            models["reference"],
+            "--teacher",
+            str(tables["teacher"]),
+            "--reference",
+            str(tables["reference"]),
+            "--ratio",
+            "0.5",
+            "--proxy-fraction",
+            "0.2",
+            "--proxy-epochs",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     store = TokenStore(tiny_store)
     selection = load_selection(out, store)
     assert len(selection) == len(store) // 2
@@ -97,8 +129,13 @@ def test_sample_method_proxy_against_full_difference_sampling(tiny_store, models
 def test_proxy_refuses_a_store_too_small_for_its_subsets(tiny_store, models):
     from predistill.core.artifacts import PredistillError
 
-    cfg = ProxyConfig(teacher_model=models["teacher"], reference_model=models["reference"], fraction=0.6,
-                      check_fraction=0.6, progress=False)
+    cfg = ProxyConfig(
+        teacher_model=models["teacher"],
+        reference_model=models["reference"],
+        fraction=0.6,
+        check_fraction=0.6,
+        progress=False,
+    )
     with pytest.raises(PredistillError, match="too few for a proxy subset"):
         run_proxy(cfg, TokenStore(tiny_store), ratio=0.5)
 
@@ -115,13 +152,36 @@ def test_a_killed_proxy_selection_reruns_to_the_same_bytes(tiny_store, models, t
     import time
 
     def command(out):
-        return [sys.executable, "-m", "predistill", "sample", "--method", "proxy", "--store", str(tiny_store),
-                "--teacher-model", models["teacher"], "--reference-model", models["reference"], "--ratio", "0.5",
-                "--proxy-fraction", "0.2", "--proxy-epochs", "2", "--out", str(out), "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "predistill",
+            "sample",
+            "--method",
+            "proxy",
+            "--store",
+            str(tiny_store),
+            "--teacher-model",
+            models["teacher"],
+            "--reference-model",
+            models["reference"],
+            "--ratio",
+            "0.5",
+            "--proxy-fraction",
+            "0.2",
+            "--proxy-epochs",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
 
     def files(out):
-        return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(out.rglob("*")) if p.is_file()}
+        return {
+            p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*"))
+            if p.is_file()
+        }
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "clean"), check=True, capture_output=True, env=env)

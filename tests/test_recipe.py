@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,10 +94,27 @@ args = { _ = ["{a}", "{a}/val"], out = "{self}" }
 """)
     recipe = load_recipe(recipe_file, tmp_path / "root")
     a, b = recipe.stages
-    assert stage_argv(recipe, a) == ["prepare", "--source", "txt:x", "--source", "txt:y", "--tokenizer", "t",
-                                     "--out", str(tmp_path / "root" / "a"), "--skip-bad", "--workers", "2"]
-    assert stage_argv(recipe, b) == ["report", str(tmp_path / "root" / "a"), str(tmp_path / "root" / "a" / "val"),
-                                     "--out", str(tmp_path / "root" / "b")]
+    assert stage_argv(recipe, a) == [
+        "prepare",
+        "--source",
+        "txt:x",
+        "--source",
+        "txt:y",
+        "--tokenizer",
+        "t",
+        "--out",
+        str(tmp_path / "root" / "a"),
+        "--skip-bad",
+        "--workers",
+        "2",
+    ]
+    assert stage_argv(recipe, b) == [
+        "report",
+        str(tmp_path / "root" / "a"),
+        str(tmp_path / "root" / "a" / "val"),
+        "--out",
+        str(tmp_path / "root" / "b"),
+    ]
     assert b.deps == ["a"]
 
 
@@ -126,51 +143,88 @@ args = { _ = ["{lm}"], out = "{self}" }
     root = tmp_path / "root"
     recipe = load_recipe(recipe_file, root)
     names = [s.name for s in recipe.stages]
-    assert names == ["data", "lm-sizetiny-seed1", "lm-sizetiny-seed2", "lm-sizemini-seed1", "lm-sizemini-seed2",
-                     "ev-seed2-sizemini", "rep"]
+    assert names == [
+        "data",
+        "lm-sizetiny-seed1",
+        "lm-sizetiny-seed2",
+        "lm-sizemini-seed1",
+        "lm-sizemini-seed2",
+        "ev-seed2-sizemini",
+        "rep",
+    ]
     stages = {s.name: s for s in recipe.stages}
     assert stage_argv(recipe, stages["lm-sizemini-seed1"]) == [
-        "train", "--model", "preset:mini", "--store", str(root / "data"), "--out", str(root / "lm-sizemini-seed1"),
-        "--seed", "1", "--lr", "0.003"]
+        "train",
+        "--model",
+        "preset:mini",
+        "--store",
+        str(root / "data"),
+        "--out",
+        str(root / "lm-sizemini-seed1"),
+        "--seed",
+        "1",
+        "--lr",
+        "0.003",
+    ]
     assert stages["ev-seed2-sizemini"].deps == ["data", "lm-sizemini-seed2"]  # its own instance, not all four
     assert stage_argv(recipe, stages["rep"])[1:5] == [str(root / n) for n in names[1:5]]  # a list: every instance
     assert len({s.hash for s in recipe.stages}) == len(names)
 
 
-@pytest.mark.parametrize("body, message", [
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 2] }\n'
-     '[[stage]]\nname = "b"\ncommand = "report"\nargs = { out = "{a}" }\n', "names 2 instances of a matrix stage"),
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 2] }\n'
-     '[[stage]]\nname = "b"\ncommand = "report"\nmatrix = { seed = [3] }\nargs = { out = "{a}" }\n',
-     "no instance of matrix stage 'a'"),
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [] }\n', "non-empty list"),
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 1] }\n', "repeats a value"),
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = ["x/y"] }\n', "must be a number or a string"),
-    ('[[stage]]\nname = "seed"\ncommand = "prepare"\n[[stage]]\nname = "a"\ncommand = "prepare"\n'
-     'matrix = { seed = [1] }\n', "is also a stage's name"),
-    ('[[stage]]\nname = "a-seed1"\ncommand = "prepare"\n[[stage]]\nname = "a"\ncommand = "prepare"\n'
-     'matrix = { seed = [1] }\n', "used twice"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            '[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 2] }\n'
+            '[[stage]]\nname = "b"\ncommand = "report"\nargs = { out = "{a}" }\n',
+            "names 2 instances of a matrix stage",
+        ),
+        (
+            '[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 2] }\n'
+            '[[stage]]\nname = "b"\ncommand = "report"\nmatrix = { seed = [3] }\nargs = { out = "{a}" }\n',
+            "no instance of matrix stage 'a'",
+        ),
+        ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [] }\n', "non-empty list"),
+        ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = [1, 1] }\n', "repeats a value"),
+        ('[[stage]]\nname = "a"\ncommand = "prepare"\nmatrix = { seed = ["x/y"] }\n', "must be a number or a string"),
+        (
+            '[[stage]]\nname = "seed"\ncommand = "prepare"\n[[stage]]\nname = "a"\ncommand = "prepare"\n'
+            'matrix = { seed = [1] }\n',
+            "is also a stage's name",
+        ),
+        (
+            '[[stage]]\nname = "a-seed1"\ncommand = "prepare"\n[[stage]]\nname = "a"\ncommand = "prepare"\n'
+            'matrix = { seed = [1] }\n',
+            "used twice",
+        ),
+    ],
+)
 def test_bad_matrices_are_refused_with_a_clear_message(tmp_path, body, message):
     (tmp_path / "r.toml").write_text(body)
     with pytest.raises(PredistillError, match=re.escape(message)):
         load_recipe(tmp_path / "r.toml")
 
 
-@pytest.mark.parametrize("body, message", [
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { out = "{nope}" }\n', "unknown stage '{nope}'"),
-    ('[[stage]]\nname = "a"\ncommand = "fly"\n', "unknown command 'fly'"),
-    ('[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { x = "{b}" }\n'
-     '[[stage]]\nname = "b"\ncommand = "prepare"\nargs = { x = "{a}" }\n', "stages form a cycle: a → b → a"),
-    ('[recipe]\nname = "empty"\n', "no [[stage]]"),
-    ('[recipe]\nroot = 5\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "root must be a non-empty string"),
-    ('recipe = 3\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "`recipe` must be a table"),
-    ('[[stage]]\nname = "a"\ncommand = ["train"]\n', "name and command must be strings"),
-    ("x = " + "9" * 5000 + "\n", "unreadable recipe"),
-    ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", "unreadable recipe|invalid TOML"),
-    ('[[stage]]\nname = "a.b"\ncommand = "prepare"\n', "must be letters"),
-    ('[[stage]\n', "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { out = "{nope}" }\n', "unknown stage '{nope}'"),
+        ('[[stage]]\nname = "a"\ncommand = "fly"\n', "unknown command 'fly'"),
+        (
+            '[[stage]]\nname = "a"\ncommand = "prepare"\nargs = { x = "{b}" }\n'
+            '[[stage]]\nname = "b"\ncommand = "prepare"\nargs = { x = "{a}" }\n',
+            "stages form a cycle: a → b → a",
+        ),
+        ('[recipe]\nname = "empty"\n', "no [[stage]]"),
+        ('[recipe]\nroot = 5\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "root must be a non-empty string"),
+        ('recipe = 3\n[[stage]]\nname = "a"\ncommand = "prepare"\n', "`recipe` must be a table"),
+        ('[[stage]]\nname = "a"\ncommand = ["train"]\n', "name and command must be strings"),
+        ("x = " + "9" * 5000 + "\n", "unreadable recipe"),
+        ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", "unreadable recipe|invalid TOML"),
+        ('[[stage]]\nname = "a.b"\ncommand = "prepare"\n', "must be letters"),
+        ('[[stage]\n', "invalid TOML"),
+    ],
+)
 def test_bad_recipes_are_refused_with_a_clear_message(tmp_path, body, message):
     (tmp_path / "r.toml").write_text(body)
     with pytest.raises(PredistillError, match=message.replace("[", r"\[").replace("{", r"\{").replace("}", r"\}")):
@@ -180,7 +234,8 @@ def test_bad_recipes_are_refused_with_a_clear_message(tmp_path, body, message):
 def test_a_long_chain_of_stages_loads_in_dependency_order(tmp_path):
     # 1 500 stages, each reading the one before: no recursion limit, one linear pass
     body = '[[stage]]\nname = "s0"\ncommand = "prepare"\n' + "".join(
-        f'[[stage]]\nname = "s{k}"\ncommand = "prepare"\nargs = {{ x = "{{s{k - 1}}}" }}\n' for k in range(1, 1500))
+        f'[[stage]]\nname = "s{k}"\ncommand = "prepare"\nargs = {{ x = "{{s{k - 1}}}" }}\n' for k in range(1, 1500)
+    )
     (tmp_path / "r.toml").write_text(body)
     assert [s.name for s in load_recipe(tmp_path / "r.toml").stages] == [f"s{k}" for k in range(1500)]
 
@@ -206,25 +261,32 @@ def test_shipped_recipes_parse_and_dry_run(name, tmp_path, capsys):
 
 
 def test_a_dry_run_parses_every_stage_as_its_command_would(tmp_path):
-    (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "train"\n'
-                                     'args = { store = "s", out = "{self}", stepz = 3 }\n')
+    (tmp_path / "r.toml").write_text(
+        '[[stage]]\nname = "lm"\ncommand = "train"\nargs = { store = "s", out = "{self}", stepz = 3 }\n'
+    )
     with pytest.raises(PredistillError, match="stage 'lm': .*unrecognized arguments: --stepz 3"):
         execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
-    (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "train"\n'
-                                     'args = { store = "s", out = "{self}", steps = "many" }\n')
+    (tmp_path / "r.toml").write_text(
+        '[[stage]]\nname = "lm"\ncommand = "train"\nargs = { store = "s", out = "{self}", steps = "many" }\n'
+    )
     with pytest.raises(PredistillError, match="stage 'lm': .*invalid int value: 'many'"):
         execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
     (tmp_path / "r.toml").write_text('[[stage]]\nname = "lm"\ncommand = "eval"\nargs = { out = "{self}/e.json" }\n')
     with pytest.raises(PredistillError, match="stage 'lm': the following arguments are required: --model"):
         execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
     # combinations the command refuses (its config's `check`) are refused by the dry run too
-    for args, refusal in (('minillm = true, kd_teacher = "t", kd_loss = "rkl", alpha = 0.5, fsdp = true',
-                           "--minillm samples from the whole student"),
-                          ('minillm = true, kd_teacher = "t", kd_loss = "kld", alpha = 0.5', "reverse KL"),
-                          ('epochs = 1, flops_budget = 1e9', "not both"),
-                          ('kd_logits = "x", alpha = 0.5, temperature = "-1"', "temperature")):
-        (tmp_path / "r.toml").write_text(f'[[stage]]\nname = "lm"\ncommand = "train"\n'
-                                         f'args = {{ store = "s", out = "{{self}}", {args} }}\n')
+    for args, refusal in (
+        (
+            'minillm = true, kd_teacher = "t", kd_loss = "rkl", alpha = 0.5, fsdp = true',
+            "--minillm samples from the whole student",
+        ),
+        ('minillm = true, kd_teacher = "t", kd_loss = "kld", alpha = 0.5', "reverse KL"),
+        ('epochs = 1, flops_budget = 1e9', "not both"),
+        ('kd_logits = "x", alpha = 0.5, temperature = "-1"', "temperature"),
+    ):
+        (tmp_path / "r.toml").write_text(
+            f'[[stage]]\nname = "lm"\ncommand = "train"\nargs = {{ store = "s", out = "{{self}}", {args} }}\n'
+        )
         with pytest.raises(PredistillError, match=f"stage 'lm': .*{refusal}"):
             execute(load_recipe(tmp_path / "r.toml", tmp_path / "root"), dry_run=True)
 
@@ -232,7 +294,7 @@ def test_a_dry_run_parses_every_stage_as_its_command_would(tmp_path):
 def covered_stage_patterns(recipe_file: Path) -> list[str]:
     """The stage names a paper recipe's header says it covers: `name`, `prefix_*`, `a_{x,y}_b`."""
     header = recipe_file.read_text().split("[recipe]")[0]
-    covers = header[header.index("# Covers"):header.index("# Leaves out")]
+    covers = header[header.index("# Covers") : header.index("# Leaves out")]
     patterns = []
     for token in re.findall(r"(?:[a-z0-9_*]|\{[a-z0-9_,]+\})+", covers):
         if "_" not in token or token.startswith("_") or token[0].isdigit():
@@ -243,12 +305,27 @@ def covered_stage_patterns(recipe_file: Path) -> list[str]:
     return patterns
 
 
-@pytest.mark.parametrize("name, must_have", [
-    ("miniplm-paper.toml", {"lm_200m", "lm_500m", "lm_1_2b", "miniplm_vanilla_kd_1_2b", "miniplm_prx_200m",
-                            "miniplm_llama_212m", "miniplm_mamba_130m", "miniplm_200m_ratio-ratio0p3",
-                            "lm_200m_limited", "diversity_seqkd"}),
-    ("pd-paper.toml", {"lm_330m", "pd_6_8b", "pd_6_8b_t32", "pd_3_8b_500b", "eval_pd_3_8b_500b", "pd_online_1_9b"}),
-])
+@pytest.mark.parametrize(
+    "name, must_have",
+    [
+        (
+            "miniplm-paper.toml",
+            {
+                "lm_200m",
+                "lm_500m",
+                "lm_1_2b",
+                "miniplm_vanilla_kd_1_2b",
+                "miniplm_prx_200m",
+                "miniplm_llama_212m",
+                "miniplm_mamba_130m",
+                "miniplm_200m_ratio-ratio0p3",
+                "lm_200m_limited",
+                "diversity_seqkd",
+            },
+        ),
+        ("pd-paper.toml", {"lm_330m", "pd_6_8b", "pd_6_8b_t32", "pd_3_8b_500b", "eval_pd_3_8b_500b", "pd_online_1_9b"}),
+    ],
+)
 def test_paper_recipes_cover_what_their_headers_list(name, must_have):
     recipe = load_recipe(RECIPES_DIR / name, Path("/tmp/root"))
     names = [st.name for st in recipe.stages]
@@ -260,12 +337,19 @@ def test_paper_recipes_cover_what_their_headers_list(name, must_have):
     argv = {st.name: stage_argv(recipe, st) for st in recipe.stages}
     if name == "miniplm-paper.toml":
         assert "--epochs" in argv["lm_200m_limited"] and "--epochs" in argv["miniplm_200m_limited"]
-        assert argv["miniplm_mamba_130m"][argv["miniplm_mamba_130m"].index("--model") + 1] == "preset:miniplm-mamba-130m"
+        assert (
+            argv["miniplm_mamba_130m"][argv["miniplm_mamba_130m"].index("--model") + 1] == "preset:miniplm-mamba-130m"
+        )
         store = argv["miniplm_llama_212m"][argv["miniplm_llama_212m"].index("--store") + 1]
         assert store.endswith("selection_llama/store")  # the refined corpus in the student's own tokenizer
         assert "--tokenizer" in argv["selection_llama"] and "--materialize" in argv["selection_llama"]
-        assert {flag(argv[n], "--ratio") for n in argv if n.startswith("selection_ratio-")} == \
-            {"0.3", "0.4", "0.6", "0.7", "0.9"}  # Fig. 9's grid, 0.5 being the main selection
+        assert {flag(argv[n], "--ratio") for n in argv if n.startswith("selection_ratio-")} == {
+            "0.3",
+            "0.4",
+            "0.6",
+            "0.7",
+            "0.9",
+        }  # Fig. 9's grid, 0.5 being the main selection
         assert flag(argv["selection_prx"], "--proxy-fraction") == "0.045"
     else:
         assert "--exports" in argv["eval_pd_3_8b_500b"] and "--export-every" in argv["pd_3_8b_500b"]
@@ -273,29 +357,68 @@ def test_paper_recipes_cover_what_their_headers_list(name, must_have):
         # what the header says, setting by setting: §3.1's setup (Table 1), PD*, the α grid, the online store
         assert (flag(argv["teacher_k100"], "--top-p"), flag(argv["teacher_k100"], "--top-k")) == ("0.95", "100")
         assert (flag(argv["teacher"], "--top-p"), flag(argv["teacher"], "--top-k")) == ("0.95", "50")
-        prelim = {"--kd-loss": "nll", "--temperature": "1.0", "--alpha": "1.0", "--lr-schedule": "cosine",
-                  "--batch-size": "2048", "--steps": "11920", "--warmup": "119", "--min-lr-ratio": "0.1"}
+        prelim = {
+            "--kd-loss": "nll",
+            "--temperature": "1.0",
+            "--alpha": "1.0",
+            "--lr-schedule": "cosine",
+            "--batch-size": "2048",
+            "--steps": "11920",
+            "--warmup": "119",
+            "--min-lr-ratio": "0.1",
+        }
         assert {k: flag(argv["pd_prelim_1_9b"], k) for k in prelim} == prelim
         assert "--kd-logits" not in argv["lm_prelim_1_9b"] and flag(argv["lm_prelim_1_9b"], "--lr-schedule") == "cosine"
-        pd_star = {"--kd-loss": "kld", "--temperature": "2.0", "--alpha": "0.9", "--alpha-schedule": "wsd",
-                   "--lr-schedule": "wsd", "--batch-size": "4096", "--steps": "6100"}
+        pd_star = {
+            "--kd-loss": "kld",
+            "--temperature": "2.0",
+            "--alpha": "0.9",
+            "--alpha-schedule": "wsd",
+            "--lr-schedule": "wsd",
+            "--batch-size": "4096",
+            "--steps": "6100",
+        }
         assert {k: flag(argv["pd_1_9b"], k) for k in pd_star} == pd_star
-        assert sorted(flag(argv[n], "--alpha") for n in argv if n.startswith("pd_alpha_1_9b-")) == \
-            ["0.1", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95"]  # Table 4 (1.0 = pd_prelim_1_9b)
-        assert {flag(argv[n], "--alpha-schedule") for n in argv if n.startswith("pd_sched_1_9b-")} == \
-            {"linear-inc", "linear-dec", "period"}
-        assert (flag(argv["pd_wsdbeta_wsd_1_9b"], "--alpha-schedule"), flag(argv["pd_wsdalpha_cos_1_9b"], "--lr-schedule")) \
-            == ("wsd-beta", "cosine")
-        assert flag(argv["teacher_online"], "--save-logits-top-k") == "50" and flag(argv["pd_online_1_9b"], "--alpha") == "0.1"
-        sft = {"--batch-size": "256", "--lr": "4e-05", "--min-lr-ratio": "0.1", "--lr-schedule": "cosine",
-               "--warmup": "191", "--steps": "19073"}  # §A.1, and Table 1's models fine-tuned before evaluation
+        assert sorted(flag(argv[n], "--alpha") for n in argv if n.startswith("pd_alpha_1_9b-")) == [
+            "0.1",
+            "0.5",
+            "0.6",
+            "0.7",
+            "0.8",
+            "0.9",
+            "0.95",
+        ]  # Table 4 (1.0 = pd_prelim_1_9b)
+        assert {flag(argv[n], "--alpha-schedule") for n in argv if n.startswith("pd_sched_1_9b-")} == {
+            "linear-inc",
+            "linear-dec",
+            "period",
+        }
+        assert (
+            flag(argv["pd_wsdbeta_wsd_1_9b"], "--alpha-schedule"),
+            flag(argv["pd_wsdalpha_cos_1_9b"], "--lr-schedule"),
+        ) == ("wsd-beta", "cosine")
+        assert (
+            flag(argv["teacher_online"], "--save-logits-top-k") == "50"
+            and flag(argv["pd_online_1_9b"], "--alpha") == "0.1"
+        )
+        sft = {
+            "--batch-size": "256",
+            "--lr": "4e-05",
+            "--min-lr-ratio": "0.1",
+            "--lr-schedule": "cosine",
+            "--warmup": "191",
+            "--steps": "19073",
+        }  # §A.1, and Table 1's models fine-tuned before evaluation
         for kind in ("lm", "pd"):
             assert {k: flag(argv[f"sft_{kind}_prelim_1_9b"], k) for k in sft} == sft
             assert flag(argv[f"sft_{kind}_prelim_1_9b"], "--model").endswith(f"{kind}_prelim_1_9b")
             assert flag(argv[f"sft_{kind}_prelim_1_9b"], "--store").endswith("sft_data")
         for n in (n for n in argv if n.startswith("eval_")):  # the paper's shots per task
-            assert [argv[n][i + 1] for i, a in enumerate(argv[n]) if a == "--fewshot"] == \
-                ["mmlu=6", "ceval-valid=5", "gsm8k=8"], n
+            assert [argv[n][i + 1] for i, a in enumerate(argv[n]) if a == "--fewshot"] == [
+                "mmlu=6",
+                "ceval-valid=5",
+                "gsm8k=8",
+            ], n
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -333,7 +456,8 @@ args = {{ source = ["jsonl:{corpus['prose']}"], tokenizer = "{bpe_tokenizer}", o
 
 
 def train_recipe(path: Path, corpus, bpe_tokenizer, nproc: int | None = None, steps: int = 120) -> Path:
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [[stage]]
 name = "corpus"
 command = "prepare"
@@ -343,7 +467,9 @@ args = {{ source = ["jsonl:{corpus['prose']}"], tokenizer = "{bpe_tokenizer}", o
 name = "lm"
 command = "train"
 args = {{ store = "{{corpus}}", out = "{{self}}", model = "preset:tiny", steps = {steps}, batch_size = 8, seq_len = 32, save_every = 3, eval_instances = 8 }}
-""" + (f"nproc_per_node = {nproc}\n" if nproc else ""))
+"""
+        + (f"nproc_per_node = {nproc}\n" if nproc else "")
+    )
     return path
 
 
@@ -354,8 +480,9 @@ def test_a_recipe_killed_inside_training_resumes_and_ends_byte_identical(corpus,
     subprocess.run([*command, str(tmp_path / "straight")], env=subprocess_env(), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, str(killed)], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*command, str(killed)], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
     while not (killed / "lm" / "checkpoints" / "step-00000003").is_dir():
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
@@ -368,8 +495,9 @@ def test_a_recipe_killed_inside_training_resumes_and_ends_byte_identical(corpus,
     rerun = subprocess.run([*command, str(killed)], env=subprocess_env(), check=True, capture_output=True, text=True)
     assert "lm: resuming" in rerun.stdout and "corpus: cached" in rerun.stdout
     assert "resuming" in rerun.stdout.split("lm: resuming", 1)[1]  # train itself resumed from a checkpoint
-    assert ((killed / "lm" / "hf" / "model.safetensors").read_bytes()
-            == (tmp_path / "straight" / "lm" / "hf" / "model.safetensors").read_bytes())
+    assert (killed / "lm" / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "straight" / "lm" / "hf" / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.slow  # torchrun with two gloo ranks
@@ -401,8 +529,9 @@ args = {{ model = "preset:tiny", store = "{{corpus}}", out = "{{self}}/table", s
     command = [sys.executable, "-m", "predistill", "run", str(tmp_path / "r.toml"), "--root"]
     subprocess.run([*command, str(tmp_path / "straight")], env=subprocess_env(), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, str(killed)], env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*command, str(killed)], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
     while not list((killed / "scores" / "table" / "shards").glob("*.done")):
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
@@ -413,9 +542,14 @@ args = {{ model = "preset:tiny", store = "{{corpus}}", out = "{{self}}/table", s
     assert not (killed / "scores" / "table" / "manifest.json").exists()
     rerun = subprocess.run([*command, str(killed)], env=subprocess_env(), check=True, capture_output=True, text=True)
     assert "scores: resuming" in rerun.stdout and "shards already done" in rerun.stderr
-    files = [{p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "scores" / "table").rglob("*"))
-              if p.is_file() and p.name != "manifest.json" and p.name != "plan.json"}
-             for root in (killed, tmp_path / "straight")]
+    files = [
+        {
+            p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted((root / "scores" / "table").rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and p.name != "plan.json"
+        }
+        for root in (killed, tmp_path / "straight")
+    ]
     assert files[0] == files[1]
 
 

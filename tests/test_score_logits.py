@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env
 
 from predistill.cli import main as cli_main
 from predistill.formats.logits import P_SLACK, LogitsConfig, LogitsStore
-from predistill.modeling.models import load_model, load_tokenizer
-from predistill.stages.score import ScoreConfig, run
 from predistill.formats.scores import ScoreTable
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_model, load_tokenizer
+from predistill.stages.score import ScoreConfig, run
 from predistill.stages.tokenizer import TokenizerConfig
 from predistill.stages.tokenizer import run as train_tokenizer
-from conftest import subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +37,17 @@ def mtimes(directory: Path) -> dict:
 
 
 def score(store, out, logits_out=None, model="preset:tiny", logits=None, **kw) -> Path:
-    return run(ScoreConfig(model=model, store=str(store), out=str(out), progress=False,
-                           logits_out=None if logits_out is None else str(logits_out), logits=logits, **kw))
+    return run(
+        ScoreConfig(
+            model=model,
+            store=str(store),
+            out=str(out),
+            progress=False,
+            logits_out=None if logits_out is None else str(logits_out),
+            logits=logits,
+            **kw,
+        )
+    )
 
 
 def check_top_p_k(reader: LogitsStore, store: TokenStore, model, cfg: LogitsConfig, err: float, instances) -> None:
@@ -90,8 +99,14 @@ def test_one_pass_writes_scores_and_logits(tiny_store, tmp_path):
     assert m["scored_with"] == {"score_table": str(out.resolve()), "table_hash": table.hash, "teacher_pass": "shared"}
     model, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
     model.eval()
-    check_top_p_k(reader, store, model, LogitsConfig(mode="topk"), m["encoding"]["logprob_max_abs_error"],
-                  [0, 1, 31, 32, len(store) // 2, len(store) - 1])
+    check_top_p_k(
+        reader,
+        store,
+        model,
+        LogitsConfig(mode="topk"),
+        m["encoding"]["logprob_max_abs_error"],
+        [0, 1, 31, 32, len(store) // 2, len(store) - 1],
+    )
 
 
 def test_scores_are_unchanged_by_logits_out(tiny_store, tmp_path):
@@ -101,17 +116,50 @@ def test_scores_are_unchanged_by_logits_out(tiny_store, tmp_path):
 
 
 def test_the_cli_default_store_is_rs_kd_with_8_draws(tiny_store, tmp_path):
-    cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(tmp_path / "s"),
-              "--logits-out", str(tmp_path / "l"), "--no-progress"])
+    cli_main(
+        [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(tmp_path / "s"),
+            "--logits-out",
+            str(tmp_path / "l"),
+            "--no-progress",
+        ]
+    )
     cfg = LogitsStore(tmp_path / "l", TokenStore(tiny_store)).cfg
     assert (cfg.mode, cfg.samples) == ("sample", 8)
 
 
 def test_sample_mode_and_cli_flags(tiny_store, tmp_path, capsys):
     out, ldir = tmp_path / "scores", tmp_path / "logits"
-    cli_main(["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(out), "--logits-out",
-              str(ldir), "--logits-mode", "sample", "--samples", "6", "--sample-seed", "3", "--shard-size", "25",
-              "--logits-shard-size", "50", "--no-progress"])
+    cli_main(
+        [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(out),
+            "--logits-out",
+            str(ldir),
+            "--logits-mode",
+            "sample",
+            "--samples",
+            "6",
+            "--sample-seed",
+            "3",
+            "--shard-size",
+            "25",
+            "--logits-shard-size",
+            "50",
+            "--no-progress",
+        ]
+    )
     assert "bytes/token" in capsys.readouterr().out
     store = TokenStore(tiny_store)
     reader = LogitsStore(ldir, store)
@@ -151,8 +199,11 @@ def test_logits_out_added_to_a_finished_table_recomputes_for_the_logits(tiny_sto
     m = json.loads((tmp_path / "later-logits" / "manifest.json").read_text())
     table = ScoreTable(later).manifest
     # a second teacher pass: its FLOPs are its own (2 · forward params · positions)
-    assert m["scored_with"] == {"score_table": str(later.resolve()), "table_hash": table["table_hash"],
-                                "teacher_pass": "separate"}
+    assert m["scored_with"] == {
+        "score_table": str(later.resolve()),
+        "table_hash": table["table_hash"],
+        "teacher_pass": "separate",
+    }
     assert m["flops"] == table["flops"] == 2 * table["model"]["forward_params"] * m["n_positions"]
     # and a rerun is a no-op
     before = mtimes(tmp_path / "later-logits")
@@ -171,9 +222,29 @@ def test_sigkill_after_first_score_shard_then_rerun_gives_identical_files(tiny_s
     shutil.rmtree(out)
     shutil.rmtree(ldir)
     # the same paths: manifests (which name the score table) compare byte for byte as well
-    args = [sys.executable, "-m", "predistill", "score", "--model", "preset:tiny", "--store", str(tiny_store),
-            "--out", str(out), "--logits-out", str(ldir), "--logits-mode", "topk", "--shard-size", "8",
-            "--batch-size", "3", "--logits-shard-size", "16", "--no-progress"]
+    args = [
+        sys.executable,
+        "-m",
+        "predistill",
+        "score",
+        "--model",
+        "preset:tiny",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(out),
+        "--logits-out",
+        str(ldir),
+        "--logits-mode",
+        "topk",
+        "--shard-size",
+        "8",
+        "--batch-size",
+        "3",
+        "--logits-shard-size",
+        "16",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not (out / "shards" / "shard-00000.done").exists():
@@ -204,32 +275,56 @@ def cli_error(capsys, argv) -> str:
 
 
 def test_retokenised_scoring_with_logits_out_is_refused(tiny_store, tmp_path, source_specs, capsys):
-    tokenizer = load_tokenizer(str(train_tokenizer(TokenizerConfig(sources=source_specs, out=str(tmp_path / "tok"),
-                                                                   vocab_size=384))))
+    tokenizer = load_tokenizer(
+        str(train_tokenizer(TokenizerConfig(sources=source_specs, out=str(tmp_path / "tok"), vocab_size=384)))
+    )
     model, _ = load_model("preset:tiny", tokenizer, seed=3)
     model.save_pretrained(tmp_path / "other")
     tokenizer.save_pretrained(tmp_path / "other")
     ldir = tmp_path / "logits"
-    err = cli_error(capsys, ["score", "--model", str(tmp_path / "other"), "--store", str(tiny_store),
-                             "--out", str(tmp_path / "scores"), "--logits-out", str(ldir), "--no-progress"])
+    err = cli_error(
+        capsys,
+        [
+            "score",
+            "--model",
+            str(tmp_path / "other"),
+            "--store",
+            str(tiny_store),
+            "--out",
+            str(tmp_path / "scores"),
+            "--logits-out",
+            str(ldir),
+            "--no-progress",
+        ],
+    )
     assert "--logits-out needs the store's own tokenizer" in err and "re-tokenised" in err
     assert not ldir.exists() and not (tmp_path / "scores").exists()
 
 
 def test_other_refusals(tiny_store, tmp_path, capsys):
-    base = ["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(tmp_path / "s"),
-            "--no-progress"]
+    base = [
+        "score",
+        "--model",
+        "preset:tiny",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(tmp_path / "s"),
+        "--no-progress",
+    ]
     assert "--max-len" in cli_error(capsys, [*base, "--logits-out", str(tmp_path / "l"), "--max-len", "16"])
-    err = cli_error(capsys, [*base, "--logits-out", str(tmp_path / "l"), "--shard-size", "32",
-                             "--logits-shard-size", "16"])
+    err = cli_error(
+        capsys, [*base, "--logits-out", str(tmp_path / "l"), "--shard-size", "32", "--logits-shard-size", "16"]
+    )
     assert "multiple of --shard-size" in err
     assert "is the score table's --out" in cli_error(capsys, [*base, "--logits-out", str(tmp_path / "s")])
     assert "--top-k" in cli_error(capsys, [*base, "--logits-out", str(tmp_path / "l"), "--top-k", "0"])
     # a logits store with other settings is not overwritten
     score(tiny_store, tmp_path / "s", tmp_path / "l", shard_size=64)
     capsys.readouterr()
-    assert "other settings" in cli_error(capsys, [*base, "--logits-out", str(tmp_path / "l"), "--shard-size", "64",
-                                                  "--top-k", "3"])
+    assert "other settings" in cli_error(
+        capsys, [*base, "--logits-out", str(tmp_path / "l"), "--shard-size", "64", "--top-k", "3"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +334,15 @@ def test_other_refusals(tiny_store, tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_logits_equal_its_own_top_p_k(tmp_path, smollm2_tiny_store):
     store = TokenStore(smollm2_tiny_store)
-    score(store.dir, tmp_path / "scores", tmp_path / "logits", model="smollm2-135m", shard_size=2, batch_size=2,
-          logits=LogitsConfig(mode="topk"))
+    score(
+        store.dir,
+        tmp_path / "scores",
+        tmp_path / "logits",
+        model="smollm2-135m",
+        shard_size=2,
+        batch_size=2,
+        logits=LogitsConfig(mode="topk"),
+    )
     reader = LogitsStore(tmp_path / "logits", store)
     m = reader.manifest
     assert m["config"]["top_p"] == 0.95 and m["config"]["top_k"] == 5 and m["n_positions"] > 40

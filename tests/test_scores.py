@@ -56,15 +56,18 @@ def test_an_infinite_log_prob_is_refused_even_with_recomputed_hashes(tmp_path):
         ScoreTable(out)
 
 
-@pytest.mark.parametrize("changes,message", [
-    ({"shards": []}, "0 rows for 10 instances"),
-    ({"n_instances": 10 ** 12}, "rows for 1000000000000 instances"),
-    ({"n_instances": "10"}, "is not a count"),
-    ({"version": 99}, "version 99"),
-    ({"table_hash": "0" * 64}, "table_hash does not match"),
-    ({"model": None}, "model.spec is missing"),
-    ({"shards": [{"file": "shard-00000.npy"}]}, "must list"),
-])
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"shards": []}, "0 rows for 10 instances"),
+        ({"n_instances": 10**12}, "rows for 1000000000000 instances"),
+        ({"n_instances": "10"}, "is not a count"),
+        ({"version": 99}, "version 99"),
+        ({"table_hash": "0" * 64}, "table_hash does not match"),
+        ({"model": None}, "model.spec is missing"),
+        ({"shards": [{"file": "shard-00000.npy"}]}, "must list"),
+    ],
+)
 def test_a_manifest_that_cannot_be_this_table_is_one_line(tmp_path, changes, message):
     out = make_table(tmp_path / "t")
     rewrite(out, **changes)

@@ -10,19 +10,25 @@ import torch
 
 from predistill import cli
 from predistill.core.artifacts import PredistillError
+from predistill.formats.store import TokenStore
 from predistill.modeling.models import load_model, load_tokenizer
 from predistill.stages.sft import SFTDataConfig, encode_chat, encode_plain
 from predistill.stages.sft import run as sft_data
-from predistill.formats.store import TokenStore
 from predistill.stages.train import TrainConfig, make_batch
 from predistill.stages.train import run as train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECORDS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-                  {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
-                  {"role": "assistant", "content": "Green, and red."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "Green, and red."},
+        ]
+    },
     {"prompt": "Add two and two.", "response": "Four."},
     {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
     {"text": "Plain pre-training text is trained on in full."},
@@ -35,9 +41,17 @@ def write_jsonl(path, rows):
 
 
 def test_plain_template_masks_exactly_the_responses_and_their_eos(tmp_path, bpe_tokenizer):
-    store = TokenStore(sft_data(SFTDataConfig(data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))],
-                                              tokenizer=str(bpe_tokenizer), out=str(tmp_path / "sft"),
-                                              template="plain", max_len=256)))
+    store = TokenStore(
+        sft_data(
+            SFTDataConfig(
+                data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))],
+                tokenizer=str(bpe_tokenizer),
+                out=str(tmp_path / "sft"),
+                template="plain",
+                max_len=256,
+            )
+        )
+    )
     tok = load_tokenizer(str(bpe_tokenizer))
     assert len(store) == 4 and store.has_loss_mask
     targets = [tok.decode(store[i][store.loss_mask(i).astype(bool)]) for i in range(4)]
@@ -51,8 +65,10 @@ def test_plain_template_masks_exactly_the_responses_and_their_eos(tmp_path, bpe_
 
 def test_chat_template_spans_are_what_each_assistant_turn_adds(bpe_tokenizer):
     tok = load_tokenizer(str(bpe_tokenizer))
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     messages = RECORDS[0]["messages"]
     ids, mask = encode_chat(tok, messages, "test")
     assert ids == tok.apply_chat_template(messages, tokenize=True)
@@ -67,16 +83,31 @@ def test_chat_template_spans_are_what_each_assistant_turn_adds(bpe_tokenizer):
 
 def test_training_on_the_store_counts_only_response_tokens(tmp_path, bpe_tokenizer):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS[:3] * 4)
-    store_dir = sft_data(SFTDataConfig(data=[str(data)], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "sft"),
-                                       template="plain", max_len=64))
+    store_dir = sft_data(
+        SFTDataConfig(
+            data=[str(data)], tokenizer=str(bpe_tokenizer), out=str(tmp_path / "sft"), template="plain", max_len=64
+        )
+    )
     store = TokenStore(store_dir)
     ids = np.arange(4)
     inputs, targets, mask = make_batch(store, ids, 64, "cpu")
     assert int(mask.sum()) == sum(int(store.loss_mask(i)[1:].sum()) for i in ids)
     # the first step's loss is the mean NLL over the response targets of the first batch, by hand
-    out = train(TrainConfig(model="preset:tiny", tokenizer=str(bpe_tokenizer), store=str(store_dir),
-                            out=str(tmp_path / "run"), steps=1, batch_size=4, seq_len=64, lr=1e-9, warmup=0,
-                            eval_instances=4, seed=0))
+    out = train(
+        TrainConfig(
+            model="preset:tiny",
+            tokenizer=str(bpe_tokenizer),
+            store=str(store_dir),
+            out=str(tmp_path / "run"),
+            steps=1,
+            batch_size=4,
+            seq_len=64,
+            lr=1e-9,
+            warmup=0,
+            eval_instances=4,
+            seed=0,
+        )
+    )
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     from predistill.stages.train import DataOrder
 
@@ -90,29 +121,52 @@ def test_training_on_the_store_counts_only_response_tokens(tmp_path, bpe_tokeniz
 
 
 def test_bad_data_is_one_line_and_leaves_nothing(tmp_path, bpe_tokenizer, capsys):
-    cases = [('{"messages": [{"role": "user", "content": "hi"}]}', "nothing to train on"),
-             ('{"messages": [{"role": "bot", "content": "hi"}]}', "role"),
-             ('{"prompt": "x"}', "must be strings"),
-             ('{"foo": 1}', "needs messages"),
-             ('not json', "not a JSON record"),
-             ('[1, 2]', "JSON object")]
+    cases = [
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "nothing to train on"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}', "role"),
+        ('{"prompt": "x"}', "must be strings"),
+        ('{"foo": 1}', "needs messages"),
+        ('not json', "not a JSON record"),
+        ('[1, 2]', "JSON object"),
+    ]
     for k, (line, message) in enumerate(cases):
         (tmp_path / "bad.jsonl").write_text(line + "\n")
         out = tmp_path / f"out{k}"
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(["sft-data", "--data", str(tmp_path / "bad.jsonl"), "--tokenizer", str(bpe_tokenizer),
-                      "--out", str(out)])
+            cli.main(
+                [
+                    "sft-data",
+                    "--data",
+                    str(tmp_path / "bad.jsonl"),
+                    "--tokenizer",
+                    str(bpe_tokenizer),
+                    "--out",
+                    str(out),
+                ]
+            )
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 1 and message in err and "\n" not in err, (line, err)
         assert not out.exists() and not (tmp_path / f"out{k}.partial").exists()
     with pytest.raises(PredistillError, match="no chat template"):
-        sft_data(SFTDataConfig(data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))], tokenizer=str(bpe_tokenizer),
-                               out=str(tmp_path / "x"), template="chat"))
+        sft_data(
+            SFTDataConfig(
+                data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))],
+                tokenizer=str(bpe_tokenizer),
+                out=str(tmp_path / "x"),
+                template="chat",
+            )
+        )
 
 
 def test_a_changed_mask_file_is_refused_on_read(tmp_path, bpe_tokenizer):
-    store_dir = sft_data(SFTDataConfig(data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))],
-                                       tokenizer=str(bpe_tokenizer), out=str(tmp_path / "sft"), template="plain"))
+    store_dir = sft_data(
+        SFTDataConfig(
+            data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))],
+            tokenizer=str(bpe_tokenizer),
+            out=str(tmp_path / "sft"),
+            template="plain",
+        )
+    )
     mask = store_dir / "loss_mask.bin"
     data = bytearray(mask.read_bytes())
     data[3] ^= 1
@@ -123,8 +177,20 @@ def test_a_changed_mask_file_is_refused_on_read(tmp_path, bpe_tokenizer):
         TokenStore(store_dir).verify_all()  # predistill verify
     # rerunning with the same data and settings is a no-op; other data under the same --out is refused
     mask.write_bytes(bytes(data[:3]) + bytes([data[3] ^ 1]) + bytes(data[4:]))
-    assert sft_data(SFTDataConfig(data=[str(tmp_path / "d.jsonl")], tokenizer=str(bpe_tokenizer),
-                                  out=str(store_dir), template="plain")) == store_dir
+    assert (
+        sft_data(
+            SFTDataConfig(
+                data=[str(tmp_path / "d.jsonl")], tokenizer=str(bpe_tokenizer), out=str(store_dir), template="plain"
+            )
+        )
+        == store_dir
+    )
     with pytest.raises(PredistillError, match="other settings"):
-        sft_data(SFTDataConfig(data=[str(write_jsonl(tmp_path / "e.jsonl", RECORDS[:2]))],
-                               tokenizer=str(bpe_tokenizer), out=str(store_dir), template="plain"))
+        sft_data(
+            SFTDataConfig(
+                data=[str(write_jsonl(tmp_path / "e.jsonl", RECORDS[:2]))],
+                tokenizer=str(bpe_tokenizer),
+                out=str(store_dir),
+                template="plain",
+            )
+        )

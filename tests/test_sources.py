@@ -30,16 +30,35 @@ def write_hf_dataset(root: Path, records: list[dict]) -> Path:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             for batch in table.to_batches(max_chunksize=2):  # several record batches
                 writer.write_batch(batch)
-    (root / "state.json").write_text(json.dumps({
-        "_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "0123456789abcdef",
-        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-        "_split": "train"}))
-    (root / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "", "features": {
-        k: {"dtype": "string", "_type": "Value"} for k in records[0]}, "homepage": "", "license": ""}))
+    (root / "state.json").write_text(
+        json.dumps(
+            {
+                "_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                "_fingerprint": "0123456789abcdef",
+                "_format_columns": None,
+                "_format_kwargs": {},
+                "_format_type": None,
+                "_output_all_columns": False,
+                "_split": "train",
+            }
+        )
+    )
+    (root / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "citation": "",
+                "description": "",
+                "features": {k: {"dtype": "string", "_type": "Value"} for k in records[0]},
+                "homepage": "",
+                "license": "",
+            }
+        )
+    )
     return root
 
 
 # -- every kind ------------------------------------------------------------------------------
+
 
 def test_jsonl_default_field_and_named_field(tmp_path):
     path = tmp_path / "a.jsonl"
@@ -131,9 +150,11 @@ def test_shakespeare_scenes_carry_title_and_act():
     from predistill.text.sources import shakespeare_scenes
 
     play = "# Play\n\n## ACT I\n\n### SCENE I. A\n\nline one\n\n### SCENE II. B\n\nline two\n\n## ACT II\n\n### SCENE I. C\n\nthree\n"
-    assert shakespeare_scenes(play) == ["# Play\n\n## ACT I\n\n### SCENE I. A\n\nline one\n",
-                                        "# Play\n\n## ACT I\n\n### SCENE II. B\n\nline two\n",
-                                        "# Play\n\n## ACT II\n\n### SCENE I. C\n\nthree\n"]
+    assert shakespeare_scenes(play) == [
+        "# Play\n\n## ACT I\n\n### SCENE I. A\n\nline one\n",
+        "# Play\n\n## ACT I\n\n### SCENE II. B\n\nline two\n",
+        "# Play\n\n## ACT II\n\n### SCENE I. C\n\nthree\n",
+    ]
 
 
 def test_builtin_python_is_the_stdlib_without_tests():
@@ -148,6 +169,7 @@ def test_builtin_python_is_the_stdlib_without_tests():
 
 # -- naming ----------------------------------------------------------------------------------
 
+
 def test_name_prefix_and_duplicate_names(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"text": "x"}) + "\n")
@@ -161,6 +183,7 @@ def test_name_prefix_and_duplicate_names(tmp_path):
 
 # -- bad input -------------------------------------------------------------------------------
 
+
 def one_line_error(spec: str, match: str) -> str:
     with pytest.raises(PredistillError) as info:
         docs_of(spec)
@@ -170,17 +193,20 @@ def one_line_error(spec: str, match: str) -> str:
     return message
 
 
-@pytest.mark.parametrize("line, problem", [
-    (b'{"text": "ok"\n', "malformed JSON"),
-    (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
-    (b'{"text": "   "}\n', "empty document"),
-    (b'{"body": "x"}\n', "missing field 'text'"),
-    (b'["text"]\n', "missing field 'text'"),
-    (b'{"text": 42}\n', "field 'text' is int, not a string"),
-    (b'{"text": "half a pair \\ud800 here"}\n', "lone surrogate"),
-    (b'{"text": "x", "n": ' + b"9" * 5000 + b'}\n', "malformed JSON"),
-    (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n', "malformed JSON"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        (b'{"text": "ok"\n', "malformed JSON"),
+        (b'{"text": "caf\xe9"}\n', "invalid UTF-8"),
+        (b'{"text": "   "}\n', "empty document"),
+        (b'{"body": "x"}\n', "missing field 'text'"),
+        (b'["text"]\n', "missing field 'text'"),
+        (b'{"text": 42}\n', "field 'text' is int, not a string"),
+        (b'{"text": "half a pair \\ud800 here"}\n', "lone surrogate"),
+        (b'{"text": "x", "n": ' + b"9" * 5000 + b'}\n', "malformed JSON"),
+        (b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b'}\n', "malformed JSON"),
+    ],
+)
 def test_bad_jsonl_line_names_file_and_line(tmp_path, line, problem):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"text": "fine"}\n\n' + line + b'{"text": "also fine"}\n')
@@ -213,14 +239,17 @@ def test_bad_parquet_and_hf_columns(tmp_path):
     one_line_error(f"hf:{root}:body", "missing field 'body'")
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("csv:data.csv", "unknown source 'csv:data.csv'"),
-    ("jsonl", "unknown source 'jsonl'"),
-    ("builtin:klingon", "unknown built-in source 'klingon'; known: shakespeare, python"),
-    ("txt:/nonexistent/dir/*.txt", "no such file"),
-    ("jsonl:/nonexistent.jsonl", "no such file"),
-    ("hf:/nonexistent", "not a `save_to_disk` dataset directory"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("csv:data.csv", "unknown source 'csv:data.csv'"),
+        ("jsonl", "unknown source 'jsonl'"),
+        ("builtin:klingon", "unknown built-in source 'klingon'; known: shakespeare, python"),
+        ("txt:/nonexistent/dir/*.txt", "no such file"),
+        ("jsonl:/nonexistent.jsonl", "no such file"),
+        ("hf:/nonexistent", "not a `save_to_disk` dataset directory"),
+    ],
+)
 def test_unknown_or_missing_sources_fail_before_reading(spec, match):
     with pytest.raises(PredistillError, match=match) as info:
         parse_sources([spec])

@@ -38,7 +38,13 @@ def test_round_trip(tmp_path):
     assert store.domain_ids.tolist() == [0, 1, 1, 0]
     assert store.domain_names == ["a", "b"]
     m = store.manifest
-    assert (m["format"], m["dtype"], m["n_tokens"], m["n_instances"], m["complete"]) == ("token_store", "uint16", 11, 4, True)
+    assert (m["format"], m["dtype"], m["n_tokens"], m["n_instances"], m["complete"]) == (
+        "token_store",
+        "uint16",
+        11,
+        4,
+        True,
+    )
     assert np.fromfile(tmp_path / "s" / "tokens.bin", dtype=np.uint16).tolist() == sum(INSTANCES, [])
     assert np.load(tmp_path / "s" / "offsets.npy").tolist() == [0, 3, 4, 9, 11]
     assert np.load(tmp_path / "s" / "offsets.npy").dtype == np.int64
@@ -77,31 +83,37 @@ def test_batch_pads_and_reports_lengths(tmp_path):
     assert batches[1][1].tolist() == [[2, 0]]
 
 
-@pytest.mark.parametrize("corrupt, match", [
-    (lambda d: (d / "tokens.bin").write_bytes((d / "tokens.bin").read_bytes()[:-2]), "tokens.bin has 20 bytes"),
-    (lambda d: np.save(d / "offsets.npy", np.array([0, 3, 4, 9], dtype=np.int64)), "offsets.npy disagrees"),
-    (lambda d: np.save(d / "offsets.npy", np.array([0, 3, 9, 4, 11], dtype=np.int64)), "not strictly increasing"),
-    (lambda d: np.save(d / "offsets.npy", np.array([0, 3, 4, 9, 11], dtype=np.int32)), "expected int64"),
-    (lambda d: np.save(d / "domains.npy", np.zeros(3, dtype=np.int16)), "domains.npy has 3 entries"),
-    (lambda d: _edit_manifest(d, n_tokens=12), "disagrees"),
-    (lambda d: _edit_manifest(d, complete=False), "incomplete"),
-    (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
-    (lambda d: _drop_manifest_key(d, "dtype"), "lacks dtype"),
-    (lambda d: _edit_manifest(d, chunk_sha256=["0" * 64] * 2), "2 chunk checksums for 1 chunks"),
-    (lambda d: (d / "offsets.npy").write_bytes(b"garbage"), "unreadable store index"),
-    (lambda d: _edit_manifest(d, chunk_bytes=0), "chunk_bytes cannot be"),
-    (lambda d: _edit_manifest(d, chunk_sha256=5), "chunk_sha256 cannot be"),
-    (lambda d: _drop_manifest_key(d, "chunk_sha256"), "chunk_sha256 cannot be"),  # checksums switched off
-    (lambda d: _edit_manifest(d, vocab_size="x"), "vocab_size cannot be"),
-    (lambda d: _edit_manifest(d, dtype="int16"), "dtype cannot be"),  # same bytes, ids would read negative
-    (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe{"), "unreadable manifest"),
-    (lambda d: (d / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
-    # instance boundaries moved, the total kept: the store hash covers them, and so does offsets_sha256
-    (lambda d: np.save(d / "offsets.npy", np.array([0, 2, 4, 9, 11], dtype=np.int64)), "offsets.npy: changed since"),
-    (lambda d: np.save(d / "domains.npy", np.array([1, 0, 0, 0], dtype=np.int16)), "domains.npy: changed since"),
-    (lambda d: _edit_manifest(d, version=99), "token store version 99"),
-    (lambda d: _edit_manifest(d, domains="x"), "not a list of named domains"),
-])
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda d: (d / "tokens.bin").write_bytes((d / "tokens.bin").read_bytes()[:-2]), "tokens.bin has 20 bytes"),
+        (lambda d: np.save(d / "offsets.npy", np.array([0, 3, 4, 9], dtype=np.int64)), "offsets.npy disagrees"),
+        (lambda d: np.save(d / "offsets.npy", np.array([0, 3, 9, 4, 11], dtype=np.int64)), "not strictly increasing"),
+        (lambda d: np.save(d / "offsets.npy", np.array([0, 3, 4, 9, 11], dtype=np.int32)), "expected int64"),
+        (lambda d: np.save(d / "domains.npy", np.zeros(3, dtype=np.int16)), "domains.npy has 3 entries"),
+        (lambda d: _edit_manifest(d, n_tokens=12), "disagrees"),
+        (lambda d: _edit_manifest(d, complete=False), "incomplete"),
+        (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+        (lambda d: _drop_manifest_key(d, "dtype"), "lacks dtype"),
+        (lambda d: _edit_manifest(d, chunk_sha256=["0" * 64] * 2), "2 chunk checksums for 1 chunks"),
+        (lambda d: (d / "offsets.npy").write_bytes(b"garbage"), "unreadable store index"),
+        (lambda d: _edit_manifest(d, chunk_bytes=0), "chunk_bytes cannot be"),
+        (lambda d: _edit_manifest(d, chunk_sha256=5), "chunk_sha256 cannot be"),
+        (lambda d: _drop_manifest_key(d, "chunk_sha256"), "chunk_sha256 cannot be"),  # checksums switched off
+        (lambda d: _edit_manifest(d, vocab_size="x"), "vocab_size cannot be"),
+        (lambda d: _edit_manifest(d, dtype="int16"), "dtype cannot be"),  # same bytes, ids would read negative
+        (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe{"), "unreadable manifest"),
+        (lambda d: (d / "manifest.json").write_text("[1, 2]"), "not a JSON object"),
+        # instance boundaries moved, the total kept: the store hash covers them, and so does offsets_sha256
+        (
+            lambda d: np.save(d / "offsets.npy", np.array([0, 2, 4, 9, 11], dtype=np.int64)),
+            "offsets.npy: changed since",
+        ),
+        (lambda d: np.save(d / "domains.npy", np.array([1, 0, 0, 0], dtype=np.int16)), "domains.npy: changed since"),
+        (lambda d: _edit_manifest(d, version=99), "token store version 99"),
+        (lambda d: _edit_manifest(d, domains="x"), "not a list of named domains"),
+    ],
+)
 def test_corrupted_store_is_refused(tmp_path, corrupt, match):
     directory = write_store(tmp_path / "s")
     corrupt(directory)
@@ -128,9 +140,12 @@ def test_decode_is_exact(tiny_store):
         assert tok.encode(text, add_special_tokens=False) == store[i].tolist()
 
 
-@pytest.mark.parametrize("new_bytes, match", [
-    (np.array([9], dtype=np.uint16), "chunk 0 changed since the store was written"),  # same size, other ids
-])
+@pytest.mark.parametrize(
+    "new_bytes, match",
+    [
+        (np.array([9], dtype=np.uint16), "chunk 0 changed since the store was written"),  # same size, other ids
+    ],
+)
 def test_tokens_changed_in_place_are_refused_when_read(tmp_path, new_bytes, match):
     directory = write_store(tmp_path / "s")
     data = bytearray((directory / "tokens.bin").read_bytes())

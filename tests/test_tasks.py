@@ -10,8 +10,16 @@ import yaml
 
 from predistill.core.artifacts import PredistillError
 from predistill.formats.store import TokenStore
-from predistill.formats.tasks import (CONTINUATION, LASTWORD, LocalTaskConfig, build, continuation_split, item_counts,
-                              lastword_item, passages)
+from predistill.formats.tasks import (
+    CONTINUATION,
+    LASTWORD,
+    LocalTaskConfig,
+    build,
+    continuation_split,
+    item_counts,
+    lastword_item,
+    passages,
+)
 
 SMALL = dict(min_context_chars=20, max_context_chars=200, min_choice_chars=5, max_choice_chars=60)
 
@@ -23,8 +31,14 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def tasks_dir(tmp_path_factory, tiny_store):
     # 64-token test instances are short: a smaller minimum context lets the code domain contribute
-    return build(LocalTaskConfig(store=str(tiny_store / "val"), out=str(tmp_path_factory.mktemp("t") / "tasks"),
-                                 n_items=40, min_context_chars=40))
+    return build(
+        LocalTaskConfig(
+            store=str(tiny_store / "val"),
+            out=str(tmp_path_factory.mktemp("t") / "tasks"),
+            n_items=40,
+            min_context_chars=40,
+        )
+    )
 
 
 def test_lastword_cuts_before_the_final_word_of_a_line():
@@ -32,8 +46,10 @@ def test_lastword_cuts_before_the_final_word_of_a_line():
     text = "The night was long and the king spoke.\nThen the queen answered the brave lord!\nx = 1"
     item = lastword_item(text, cfg)
     # the last line ends in a non-word; the last final-of-line word is "lord" (punctuation dropped)
-    assert item == {"context": "The night was long and the king spoke.\nThen the queen answered the brave",
-                    "target": " lord"}
+    assert item == {
+        "context": "The night was long and the king spoke.\nThen the queen answered the brave",
+        "target": " lord",
+    }
     assert lastword_item("short text", cfg) is None  # context below min_context_chars
 
 
@@ -42,7 +58,10 @@ def test_continuation_split_keeps_the_separator_in_the_context():
     text = "def f(x, y):\n    return x + y * 3\n\ndef g(x, y):\n    return x - y\n"
     split = continuation_split(text, cfg)
     # the last boundary whose continuation qualifies: the indented line after "def g"
-    assert split == {"context": "def f(x, y):\n    return x + y * 3\n\ndef g(x, y):\n    ", "continuation": "return x - y"}
+    assert split == {
+        "context": "def f(x, y):\n    return x + y * 3\n\ndef g(x, y):\n    ",
+        "continuation": "return x - y",
+    }
     prose = "Noble lords came to the hall at night. The queen spoke first and loud. Then all was still."
     split = continuation_split(prose, cfg)
     assert split["context"].endswith("loud. ") and split["continuation"] == "Then all was still."
@@ -93,7 +112,9 @@ def test_build_is_deterministic_reused_and_seeded(tmp_path, tiny_store):
     b = build(LocalTaskConfig(store=val, out=str(tmp_path / "b"), n_items=30))
     for name in (LASTWORD, CONTINUATION):
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
-        assert (a / f"{name}.yaml").read_text().replace(str(a), "X") == (b / f"{name}.yaml").read_text().replace(str(b), "X")
+        assert (a / f"{name}.yaml").read_text().replace(str(a), "X") == (b / f"{name}.yaml").read_text().replace(
+            str(b), "X"
+        )
     before = (a / f"{CONTINUATION}.jsonl").stat().st_mtime_ns
     build(LocalTaskConfig(store=val, out=str(a), n_items=30))  # same settings: reused as is
     assert (a / f"{CONTINUATION}.jsonl").stat().st_mtime_ns == before

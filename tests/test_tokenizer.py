@@ -12,8 +12,14 @@ from predistill.core.artifacts import read_manifest
 from predistill.modeling.models import load_tokenizer
 from predistill.stages.tokenizer import EOS
 
-TEXTS = ["Hello, world!", "  leading spaces\tand tabs\n\nnewlines ", "naïve café — 日本語 🤖 ∑x²",
-         "def f(x):\n    return x ** 2  # comment\n", "<|endoftext|> is a special token", "\x00\x7f\u200b"]
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces\tand tabs\n\nnewlines ",
+    "naïve café — 日本語 🤖 ∑x²",
+    "def f(x):\n    return x ** 2  # comment\n",
+    "<|endoftext|> is a special token",
+    "\x00\x7f\u200b",
+]
 
 
 def test_trained_tokenizer_loads_and_round_trips(bpe_tokenizer):
@@ -37,8 +43,7 @@ def only_built_stages(monkeypatch):
 
 def test_cli_tokenizer_respects_vocab_size(tmp_path, source_specs, capsys):
     out = tmp_path / "tok"
-    cli.main(["tokenizer", *sum((["--source", s] for s in source_specs), []), "--out", str(out),
-              "--vocab-size", "300"])
+    cli.main(["tokenizer", *sum((["--source", s] for s in source_specs), []), "--out", str(out), "--vocab-size", "300"])
     assert f"wrote tokenizer {out}" in capsys.readouterr().out
     tok = AutoTokenizer.from_pretrained(out)
     assert len(tok) == 300
@@ -47,8 +52,7 @@ def test_cli_tokenizer_respects_vocab_size(tmp_path, source_specs, capsys):
     text = "The noble king speaks of love and war . ünïcode"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # no space "clean-up"
     # same config again: nothing to do; another config or foreign content: refused
-    cli.main(["tokenizer", *sum((["--source", s] for s in source_specs), []), "--out", str(out),
-              "--vocab-size", "300"])
+    cli.main(["tokenizer", *sum((["--source", s] for s in source_specs), []), "--out", str(out), "--vocab-size", "300"])
     assert "already complete" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["tokenizer", "--source", source_specs[0], "--out", str(out), "--vocab-size", "300"])

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import kill_train_at_checkpoint, torchrun_train
-from predistill.core.artifacts import PredistillError
+
 from predistill.cli import main as cli_main
-from predistill.modeling.models import count_params, load_model
+from predistill.core.artifacts import PredistillError
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import count_params, load_model
 from predistill.stages.train import DataOrder, LossModel, TrainConfig, flops_per_token, make_batch, run
 
 FAST = dict(model="preset:tiny", steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_instances=16)
@@ -63,8 +63,7 @@ def test_chunked_loss_equals_plain_hf_loss_in_values_and_gradients(tiny_store):
 def test_training_lowers_heldout_loss_and_exports_a_loadable_hf_model(tiny_store, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "steps": 30},
-                          eval_every=10))
+    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "steps": 30}, eval_every=10))
     rows = metrics(out)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     chance = np.log(TokenStore(tiny_store).vocab_size)  # an untrained model's loss is about this
@@ -87,8 +86,14 @@ def test_heldout_sets_are_scored_on_all_their_instances_after_the_last_step(tiny
     from predistill.stages.eval import heldout_metrics
 
     # the sets are scored whole, whatever --eval-instances caps the curve's evaluations at
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "seq_len": 64},
-                          heldout=[f"pool={tiny_store / 'val'}", f"train={tiny_store}"]))
+    out = run(
+        TrainConfig(
+            store=str(tiny_store),
+            out=str(tmp_path / "run"),
+            **{**FAST, "seq_len": 64},
+            heldout=[f"pool={tiny_store / 'val'}", f"train={tiny_store}"],
+        )
+    )
     losses = json.loads((out / "manifest.json").read_text())["heldout_losses"]
     assert list(losses) == ["pool", "train"]
     model = AutoModelForCausalLM.from_pretrained(out / "hf")  # the oracle: eval's reading of the export
@@ -98,16 +103,25 @@ def test_heldout_sets_are_scored_on_all_their_instances_after_the_last_step(tiny
         assert losses[name] == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("specs,message", [
-    (["pool"], "write NAME=DIR"),
-    (["a={val}", "a={val}"], "names the set 'a' twice"),
-    (["a={missing}"], "not a token store"),
-])
+@pytest.mark.parametrize(
+    "specs,message",
+    [
+        (["pool"], "write NAME=DIR"),
+        (["a={val}", "a={val}"], "names the set 'a' twice"),
+        (["a={missing}"], "not a token store"),
+    ],
+)
 def test_bad_heldout_sets_are_refused_before_training(tiny_store, tmp_path, specs, message):
     fill = {"val": tiny_store / "val", "missing": tmp_path / "nowhere"}
     with pytest.raises(PredistillError, match=message):
-        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST,
-                        heldout=[spec.format(**fill) for spec in specs]))
+        run(
+            TrainConfig(
+                store=str(tiny_store),
+                out=str(tmp_path / "run"),
+                **FAST,
+                heldout=[spec.format(**fill) for spec in specs],
+            )
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -122,9 +136,18 @@ def test_run_records_params_tokens_and_flops_as_6ND(tiny_store, tmp_path):
     head = model.get_output_embeddings().weight.numel()
     assert manifest["flops_per_token"] == 6 * (counts["non_embedding"] + head) == flops_per_token(model)
     rows = metrics(out)
-    assert manifest["tokens"] == rows[-1]["tokens"] == sum(
-        int(np.maximum(np.minimum(store.lengths[DataOrder(np.arange(len(store)), 0).global_batch(s, 4)], 33) - 1, 0).sum())
-        for s in range(8))
+    assert (
+        manifest["tokens"]
+        == rows[-1]["tokens"]
+        == sum(
+            int(
+                np.maximum(
+                    np.minimum(store.lengths[DataOrder(np.arange(len(store)), 0).global_batch(s, 4)], 33) - 1, 0
+                ).sum()
+            )
+            for s in range(8)
+        )
+    )
     assert manifest["flops"] == pytest.approx(manifest["flops_per_token"] * manifest["tokens"])
     assert manifest["teacher_flops"] == pytest.approx(0)
 
@@ -147,10 +170,14 @@ def test_epochs_set_the_steps_and_the_manifest_counts_the_passes_over_the_data(t
     sel = tmp_path / "sel"
     sel.mkdir()
     np.save(sel / "selection.npy", ids)
-    write_manifest(sel, {"format": "selection", "store_hash": store.hash,
-                         "selection_sha256": sha256_file(sel / "selection.npy")})
-    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), selection=str(sel),
-                          **{**FAST, "batch_size": 6}, epochs=3))
+    write_manifest(
+        sel, {"format": "selection", "store_hash": store.hash, "selection_sha256": sha256_file(sel / "selection.npy")}
+    )
+    out = run(
+        TrainConfig(
+            store=str(tiny_store), out=str(tmp_path / "run"), selection=str(sel), **{**FAST, "batch_size": 6}, epochs=3
+        )
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"] == 7  # ⌈3 · 14 / 6⌉
     assert manifest["train_instances"] == 14 and manifest["epochs"] == 7 * 6 / 14
@@ -178,8 +205,11 @@ def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
     rerun: the same weights, losses and exports as a run never killed — and exports do not change
     the training (the same weights as a run without them)."""
     plain = tmp_path / "plain"
-    subprocess.run([sys.executable, "-m", "predistill", "train", *train_cmd(tiny_store, plain, steps=12, save_every=3)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "predistill", "train", *train_cmd(tiny_store, plain, steps=12, save_every=3)],
+        check=True,
+        capture_output=True,
+    )
     ref = tmp_path / "ref"
     args = train_cmd(tiny_store, ref, steps=12, save_every=3, export_every=2)
     subprocess.run([sys.executable, "-m", "predistill", "train", *args], check=True, capture_output=True)
@@ -199,17 +229,24 @@ def test_killed_run_resumes_to_byte_identical_weights(tiny_store, tmp_path):
     assert all(sha256(killed / e) == sha256(ref / e) for e in exports)
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda c, run: (c / "trainer_state.json").write_text("[1]"), "not a JSON object"),
-    (lambda c, run: (c / "trainer_state.json").write_text('{"step": "2", "tokens": 1, "flops": 1.0}'), "step = "),
-    (lambda c, run: (c / "trainer_state.json").write_text('{"step": 999, "tokens": 1, "flops": 1.0}'),
-     "not this checkpoint's step"),
-    (lambda c, run: (c / "optimizer.pt").write_bytes(b"not a tensor file"), "unreadable checkpoint"),
-    (lambda c, run: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:100]),
-     "unreadable checkpoint"),
-    (lambda c, run: (c / "rng.pt").unlink(), "unreadable checkpoint"),
-    (lambda c, run: (run / "config.json").write_text("{" * 3), "is not a run; refusing to overwrite it"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda c, run: (c / "trainer_state.json").write_text("[1]"), "not a JSON object"),
+        (lambda c, run: (c / "trainer_state.json").write_text('{"step": "2", "tokens": 1, "flops": 1.0}'), "step = "),
+        (
+            lambda c, run: (c / "trainer_state.json").write_text('{"step": 999, "tokens": 1, "flops": 1.0}'),
+            "not this checkpoint's step",
+        ),
+        (lambda c, run: (c / "optimizer.pt").write_bytes(b"not a tensor file"), "unreadable checkpoint"),
+        (
+            lambda c, run: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:100]),
+            "unreadable checkpoint",
+        ),
+        (lambda c, run: (c / "rng.pt").unlink(), "unreadable checkpoint"),
+        (lambda c, run: (run / "config.json").write_text("{" * 3), "is not a run; refusing to overwrite it"),
+    ],
+)
 def test_a_damaged_checkpoint_is_one_line_on_resume(tiny_store, tmp_path, damage, message):
     run_dir = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "steps": 4}, save_every=2))
     (run_dir / "manifest.json").unlink()  # an unfinished run: it resumes from its step-2 checkpoint
@@ -238,16 +275,21 @@ def test_a_second_trainer_of_one_run_directory_is_refused_while_the_first_holds_
 
 def test_a_run_that_fails_before_writing_leaves_no_directory(tiny_store, tmp_path):
     with pytest.raises(PredistillError, match="must split evenly"):
-        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "batch_size": 3},
-                        micro_batch_size=2))
+        run(
+            TrainConfig(
+                store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "batch_size": 3}, micro_batch_size=2
+            )
+        )
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow  # a run with exports, each evaluated
 def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_path):
     """PD's Fig. 5: `train --export-every`, `eval --exports`, and the report's accuracy-over-training."""
-    from predistill.stages.eval import EvalConfig, run as evaluate
-    from predistill.stages.report import ReportConfig, run as report
+    from predistill.stages.eval import EvalConfig
+    from predistill.stages.eval import run as evaluate
+    from predistill.stages.report import ReportConfig
+    from predistill.stages.report import run as report
 
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **FAST, export_every=3))
     for step in (3, 6):
@@ -281,7 +323,8 @@ def test_kd_settings_do_not_tell_lm_only_runs_apart():
     assert result_identity(plain) == result_identity(TrainConfig(store="s", out="o", kd=KDConfig(vocab_map="exact")))
     distilled = dict(store="s", out="o", kd_logits="l", alpha=0.5)
     assert result_identity(TrainConfig(**distilled)) != result_identity(
-        TrainConfig(**distilled, kd=KDConfig(vocab_map="exact")))
+        TrainConfig(**distilled, kd=KDConfig(vocab_map="exact"))
+    )
 
 
 def test_rerunning_a_finished_run_is_a_noop_and_another_config_is_refused(tiny_store, tmp_path, capsys):
@@ -315,22 +358,25 @@ def test_a_runs_config_json_reproduces_it(tiny_store, tmp_path, capsys):
     assert f'out = "{out}"' in printed and "steps = 8" in printed and "lr = 0.003" in printed
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--steps", "3"], "needs --store"),
-    (["--store", "STORE", "--out", "OUT", "--alpha", "0.5"], "needs a KD source"),
-    (["--store", "STORE", "--out", "OUT", "--batch-size", "6", "--micro-batch-size", "4"], "split evenly"),
-    (["--store", "/nonexistent", "--out", "OUT"], "not a token store"),
-    (["--store", "STORE", "--out", "OUT", "--selection", "/nonexistent"], "not a selection"),
-    (["--store", "STORE", "--out", "OUT", "--lr", "inf"], "--lr must be finite and in (0, inf)"),
-    (["--store", "STORE", "--out", "OUT", "--weight-decay", "nan"], "--weight-decay must be finite"),
-    (["--store", "STORE", "--out", "OUT", "--beta2", "1"], "--beta2 must be finite and in [0, 1)"),
-    (["--store", "STORE", "--out", "OUT", "--eps", "0"], "--eps must be finite and in (0, inf)"),
-    (["--store", "STORE", "--out", "OUT", "--grad-clip", "-1"], "--grad-clip must be finite"),
-    (["--store", "STORE", "--out", "OUT", "--flops-budget", "0"], "--flops-budget must be finite and in (0, inf)"),
-    (["--store", "STORE", "--out", "OUT", "--epochs", "nan"], "--epochs must be finite and in (0, inf)"),
-    (["--store", "STORE", "--out", "OUT", "--epochs", "2", "--flops-budget", "1e12"], "not both"),
-    (["--store", "STORE", "--out", "OUT", "--warmup-ratio", "1.5"], "--warmup-ratio must be finite and in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "3"], "needs --store"),
+        (["--store", "STORE", "--out", "OUT", "--alpha", "0.5"], "needs a KD source"),
+        (["--store", "STORE", "--out", "OUT", "--batch-size", "6", "--micro-batch-size", "4"], "split evenly"),
+        (["--store", "/nonexistent", "--out", "OUT"], "not a token store"),
+        (["--store", "STORE", "--out", "OUT", "--selection", "/nonexistent"], "not a selection"),
+        (["--store", "STORE", "--out", "OUT", "--lr", "inf"], "--lr must be finite and in (0, inf)"),
+        (["--store", "STORE", "--out", "OUT", "--weight-decay", "nan"], "--weight-decay must be finite"),
+        (["--store", "STORE", "--out", "OUT", "--beta2", "1"], "--beta2 must be finite and in [0, 1)"),
+        (["--store", "STORE", "--out", "OUT", "--eps", "0"], "--eps must be finite and in (0, inf)"),
+        (["--store", "STORE", "--out", "OUT", "--grad-clip", "-1"], "--grad-clip must be finite"),
+        (["--store", "STORE", "--out", "OUT", "--flops-budget", "0"], "--flops-budget must be finite and in (0, inf)"),
+        (["--store", "STORE", "--out", "OUT", "--epochs", "nan"], "--epochs must be finite and in (0, inf)"),
+        (["--store", "STORE", "--out", "OUT", "--epochs", "2", "--flops-budget", "1e12"], "not both"),
+        (["--store", "STORE", "--out", "OUT", "--warmup-ratio", "1.5"], "--warmup-ratio must be finite and in [0, 1]"),
+    ],
+)
 def test_bad_input_is_one_line_error(tiny_store, tmp_path, capsys, args, message):
     args = [a.replace("STORE", str(tiny_store)).replace("OUT", str(tmp_path / "o")) for a in args]
     with pytest.raises(SystemExit) as e:
@@ -348,19 +394,23 @@ def test_selection_trains_only_on_the_selected_instances(tiny_store, tmp_path):
     sel = tmp_path / "sel"
     sel.mkdir()
     np.save(sel / "selection.npy", np.arange(0, len(store), 3, dtype=np.int64))
-    write_manifest(sel, {"format": "selection", "store_hash": store.hash,
-                         "selection_sha256": sha256_file(sel / "selection.npy")})
+    write_manifest(
+        sel, {"format": "selection", "store_hash": store.hash, "selection_sha256": sha256_file(sel / "selection.npy")}
+    )
     order_ids = DataOrder(np.load(sel / "selection.npy"), 0)
     seen = np.concatenate([order_ids.global_batch(s, 4) for s in range(8)])
     assert set(seen) <= set(range(0, len(store), 3))
     out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), selection=str(sel), **FAST))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "MiniPLM" and manifest["selection"] == str(sel)
-    assert manifest["tokens"] == sum(int((np.minimum(store.lengths[DataOrder(np.load(sel / "selection.npy"), 0)
-                                                                   .global_batch(s, 4)], 33) - 1).sum()) for s in range(8))
+    assert manifest["tokens"] == sum(
+        int((np.minimum(store.lengths[DataOrder(np.load(sel / "selection.npy"), 0).global_batch(s, 4)], 33) - 1).sum())
+        for s in range(8)
+    )
 
-    write_manifest(sel, {"format": "selection", "store_hash": "0" * 64,
-                         "selection_sha256": sha256_file(sel / "selection.npy")})
+    write_manifest(
+        sel, {"format": "selection", "store_hash": "0" * 64, "selection_sha256": sha256_file(sel / "selection.npy")}
+    )
     with pytest.raises(PredistillError, match="made from token store 000000000000"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run2"), selection=str(sel), **FAST))
 
@@ -373,7 +423,10 @@ def test_ddp_two_ranks_match_one_rank(tiny_store, tmp_path):
     torchrun_train(2, train_cmd(tiny_store, two, steps=5, micro_batch_size=1))
     np.testing.assert_allclose([r["loss"] for r in metrics(two)], [r["loss"] for r in metrics(one)], rtol=1e-5)
     assert metrics(two)[-1]["val_loss"] == pytest.approx(metrics(one)[-1]["val_loss"], rel=1e-5)
-    assert json.loads((two / "manifest.json").read_text())["tokens"] == json.loads((one / "manifest.json").read_text())["tokens"]
+    assert (
+        json.loads((two / "manifest.json").read_text())["tokens"]
+        == json.loads((one / "manifest.json").read_text())["tokens"]
+    )
 
 
 @pytest.mark.slow
@@ -407,8 +460,9 @@ def test_fsdp_two_ranks_match_one_rank_and_resume_from_dcp(tiny_store, tmp_path)
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step_and_claims_nothing(tiny_store, tmp_path):
     # a finite but absurd learning rate: the first update blows the weights up
-    cfg = TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "lr": 1e30, "warmup": 0,
-                                                                          "save_every": 1})
+    cfg = TrainConfig(
+        store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "lr": 1e30, "warmup": 0, "save_every": 1}
+    )
     with pytest.raises(PredistillError, match=r"step \d+: non-finite loss or gradient norm"):
         run(cfg)
     assert not (tmp_path / "run" / "manifest.json").exists() and not (tmp_path / "run" / "hf").exists()
@@ -422,8 +476,14 @@ def test_two_identical_runs_write_identical_checkpoints(tiny_store, tmp_path):
     # the RNG state saved in a checkpoint is seeded too, so a checkpoint is a function of the config
     for name in ("a", "b"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / name), **{**FAST, "steps": 4, "save_every": 2}))
-    files = {name: {p.relative_to(tmp_path / name).as_posix(): sha256(p)
-                    for p in sorted((tmp_path / name / "checkpoints").rglob("*")) if p.is_file()} for name in ("a", "b")}
+    files = {
+        name: {
+            p.relative_to(tmp_path / name).as_posix(): sha256(p)
+            for p in sorted((tmp_path / name / "checkpoints").rglob("*"))
+            if p.is_file()
+        }
+        for name in ("a", "b")
+    }
     assert files["a"] == files["b"] and any(k.endswith("rng.pt") for k in files["a"])
 
 
@@ -436,8 +496,9 @@ def test_a_number_given_as_temperature_is_static_even_over_a_files_adaptive_mode
     assert 'temperature_mode = "adakd-h"' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags", [dict(activation_checkpointing=True), dict(attn_impl="eager"),
-                                   dict(fused_kernels=False, loss_chunk=64)])
+@pytest.mark.parametrize(
+    "flags", [dict(activation_checkpointing=True), dict(attn_impl="eager"), dict(fused_kernels=False, loss_chunk=64)]
+)
 def test_speed_paths_train_the_same_model(tiny_store, tmp_path, flags):
     # recomputed activations, another attention kernel, the model's own norm/MLP forwards and another
     # head chunking change speed and memory, not the numbers
@@ -451,8 +512,10 @@ def test_bf16_precision_trains_deterministically_and_close_to_fp32(tiny_store, t
     """--precision bf16 (autocast; a GPU's default): the same weights twice, losses within bf16
     rounding of fp32's; the setting is part of what a run is (no resume across it)."""
     fp32 = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "fp32"), **{**FAST, "steps": 4}))
-    bf16 = [run(TrainConfig(store=str(tiny_store), out=str(tmp_path / name), precision="bf16", **{**FAST, "steps": 4}))
-            for name in ("a", "b")]
+    bf16 = [
+        run(TrainConfig(store=str(tiny_store), out=str(tmp_path / name), precision="bf16", **{**FAST, "steps": 4}))
+        for name in ("a", "b")
+    ]
     assert sha256(bf16[0] / "hf" / "model.safetensors") == sha256(bf16[1] / "hf" / "model.safetensors")
     losses = [[r["loss"] for r in metrics(d)] for d in (fp32, bf16[0])]
     np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)
@@ -464,8 +527,9 @@ def test_bf16_precision_trains_deterministically_and_close_to_fp32(tiny_store, t
 @pytest.mark.slow  # torch.compile on CPU compiles C++ kernels
 def test_compiled_layers_train_the_same_model(tiny_store, tmp_path):
     base = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "base"), **{**FAST, "steps": 2}))
-    compiled = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "compiled"), **{**FAST, "steps": 2},
-                               compile=True))
+    compiled = run(
+        TrainConfig(store=str(tiny_store), out=str(tmp_path / "compiled"), **{**FAST, "steps": 2}, compile=True)
+    )
     np.testing.assert_allclose([r["loss"] for r in metrics(compiled)], [r["loss"] for r in metrics(base)], rtol=1e-4)
 
 
@@ -480,8 +544,19 @@ def test_online_logits_from_two_ranks_match_one_rank(tiny_store, tmp_path, shard
     # the same micro-batch compositions on one rank (2 × 4) and on two ranks (1 × 4 each); 4 steps of 8
     # leave some instances unseen, for the final model
     for name, nproc in (("one", 1), ("two", 2)):
-        torchrun_train(nproc, train_cmd(tiny_store, tmp_path / name, steps=4, seq_len=64, batch_size=8, micro_batch_size=4,
-                                   save_logits=str(tmp_path / name / "logits"), fsdp=sharding == "fsdp" and nproc == 2))
+        torchrun_train(
+            nproc,
+            train_cmd(
+                tiny_store,
+                tmp_path / name,
+                steps=4,
+                seq_len=64,
+                batch_size=8,
+                micro_batch_size=4,
+                save_logits=str(tmp_path / name / "logits"),
+                fsdp=sharding == "fsdp" and nproc == 2,
+            ),
+        )
     stores = {name: LogitsStore(tmp_path / name / "logits", TokenStore(tiny_store)) for name in ("one", "two")}
     assert stores["two"].manifest["n_positions"] == stores["one"].manifest["n_positions"]
     assert len(TokenStore(tiny_store)) > 4 * 8  # the final model's pass had work

@@ -1,13 +1,14 @@
 """`predistill verify`: every hash and schema an artifact records, checked up front."""
 
 import pytest
+from test_scores import make_table
+from test_selection import make_selection
 
 from predistill import cli
 from predistill.formats.logits import shard_files
 from predistill.formats.store import TokenStore
-from predistill.stages.train import TrainConfig, run as train
-from test_scores import make_table
-from test_selection import make_selection
+from predistill.stages.train import TrainConfig
+from predistill.stages.train import run as train
 
 
 def test_intact_artifacts_pass_one_line_each(tiny_store, tmp_path, capsys):
@@ -36,8 +37,9 @@ def test_a_changed_token_chunk_is_found_before_any_stage_reads_it(tiny_store, tm
 
 
 def test_a_changed_logits_shard_is_found_up_front(tmp_path, capsys):
-    from predistill.formats.logits import LogitsConfig
     from test_logits import make_store, write_store
+
+    from predistill.formats.logits import LogitsConfig
 
     store = make_store(tmp_path / "store", seed=0)
     write_store(tmp_path / "logits", store, LogitsConfig(mode="sample", samples=4, shard_instances=4))
@@ -53,11 +55,14 @@ def test_a_changed_logits_shard_is_found_up_front(tmp_path, capsys):
     assert info.value.code == 1 and err.count("\n") == 0 and "shards/00001.bin" in err and "sha256" in err
 
 
-@pytest.mark.parametrize("setup,message", [
-    (lambda d: d.mkdir(), "not an artifact"),
-    (lambda d: (d.mkdir(), (d / "manifest.json").write_text('{"format": "mystery"}')), "not one verify checks"),
-    (lambda d: (d.mkdir(), (d / "manifest.json").write_text("[" * 100000)), "unreadable manifest"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda d: d.mkdir(), "not an artifact"),
+        (lambda d: (d.mkdir(), (d / "manifest.json").write_text('{"format": "mystery"}')), "not one verify checks"),
+        (lambda d: (d.mkdir(), (d / "manifest.json").write_text("[" * 100000)), "unreadable manifest"),
+    ],
+)
 def test_what_is_not_an_artifact_is_one_line(tmp_path, capsys, setup, message):
     setup(tmp_path / "x")
     with pytest.raises(SystemExit) as info:

@@ -22,8 +22,9 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 
@@ -105,7 +106,7 @@ def remove_debris(directory: Path) -> None:
     """Remove the temporaries (`*.tmp`) that killed writers left anywhere under `directory`; a
     temporary named after a live process is another writer's, and is left alone."""
     for debris in Path(directory).rglob("*.tmp"):
-        pid = debris.name[:-len(".tmp")].rpartition(".")[2]
+        pid = debris.name[: -len(".tmp")].rpartition(".")[2]
         if not _pid_alive(pid):
             debris.unlink(missing_ok=True)
 
@@ -153,7 +154,7 @@ def _differences(old: dict, new: dict, limit: int = 4) -> str:
 
 def _short(value: Any, width: int = 40) -> str:
     text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def check_plan(directory: Path, plan: dict, what: str, name: str = "plan.json") -> None:
@@ -166,17 +167,25 @@ def check_plan(directory: Path, plan: dict, what: str, name: str = "plan.json") 
         except ValueError:
             raise PredistillError(f"{path}: unreadable; remove {directory} and rerun") from None
         if old != plan:
-            raise PredistillError(f"{directory} holds an unfinished {what}: an interrupted {what} with other settings "
-                                  f"(another plan — {_differences(old, plan)}); remove it or rerun with the same "
-                                  "settings to resume")
+            raise PredistillError(
+                f"{directory} holds an unfinished {what}: an interrupted {what} with other settings "
+                f"(another plan — {_differences(old, plan)}); remove it or rerun with the same "
+                "settings to resume"
+            )
     else:
         Path(directory).mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, json_bytes(plan))
     remove_debris(Path(directory))
 
 
-def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Callable[[dict], dict],
-                 resumable: Callable[[Path], bool] = lambda out: False) -> bool:
+def check_output(
+    out: Path,
+    fmt: str,
+    what: str,
+    identity: dict,
+    identity_of: Callable[[dict], dict],
+    resumable: Callable[[Path], bool] = lambda out: False,
+) -> bool:
     """The output-directory protocol. True: `out` holds a complete `fmt` artifact whose identity
     (`identity_of(manifest)`) is `identity` — nothing to do. False: `out` is absent or empty, or
     `resumable(out)` says it holds this stage's unfinished work — go on (resume). Anything else is
@@ -184,8 +193,9 @@ def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Ca
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     if (staging.exists() or staging.is_symlink()) and not owned_work(staging, fmt):
-        raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
-                              "(remove it yourself)")
+        raise PredistillError(
+            f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it (remove it yourself)"
+        )
     if out.is_symlink():
         raise PredistillError(f"{out} is a symbolic link; refusing to write through it")
     if not out.exists():
@@ -197,8 +207,10 @@ def check_output(out: Path, fmt: str, what: str, identity: dict, identity_of: Ca
         old = identity_of(manifest)
         if old == identity:
             return True
-        raise PredistillError(f"{out} already holds a {what} made with other settings (another config or inputs: "
-                              f"{_differences(old, identity)}); remove it or choose another --out")
+        raise PredistillError(
+            f"{out} already holds a {what} made with other settings (another config or inputs: "
+            f"{_differences(old, identity)}); remove it or choose another --out"
+        )
     # another rank's temporary (its plan being written) does not make the directory foreign
     if any(not p.name.endswith(".tmp") for p in out.iterdir()) and not resumable(out):
         raise PredistillError(f"{out} exists and is not a {what}; refusing to overwrite it")
@@ -267,8 +279,10 @@ def refuse_links(directory: str | Path) -> None:
     for root, dirs, files in os.walk(directory):  # does not follow links to directories
         for name in dirs + files:
             if os.path.islink(os.path.join(root, name)):
-                raise PredistillError(f"{os.path.join(root, name)} is a symbolic link inside an output; refusing to "
-                                      "write through it (replace it with a real file or directory)")
+                raise PredistillError(
+                    f"{os.path.join(root, name)} is a symbolic link inside an output; refusing to "
+                    "write through it (replace it with a real file or directory)"
+                )
 
 
 STAGING_MARK = ".predistill-staging"  # in OUT.partial: this tool made it, for an artifact of the format it names
@@ -296,8 +310,10 @@ def owned(path: str | Path, fmt: str) -> bool:
 
 def refuse_unowned(path: str | Path, fmt: str, what: str) -> None:
     if not owned(path, fmt):
-        raise PredistillError(f"{path} exists and is not a {what} this tool wrote; refusing to remove or "
-                              "overwrite it (choose another output, or remove it yourself)")
+        raise PredistillError(
+            f"{path} exists and is not a {what} this tool wrote; refusing to remove or "
+            "overwrite it (choose another output, or remove it yourself)"
+        )
 
 
 def lock_dir(directory: str | Path, out: str | Path) -> int:
@@ -308,8 +324,10 @@ def lock_dir(directory: str | Path, out: str | Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise PredistillError(f"{out} is being written by another predistill process right now; wait for it to "
-                              "finish or choose another output") from None
+        raise PredistillError(
+            f"{out} is being written by another predistill process right now; wait for it to "
+            "finish or choose another output"
+        ) from None
     return fd
 
 
@@ -344,8 +362,10 @@ def owned_work(directory: str | Path, fmt: str) -> bool:
 
 def refuse_foreign_work(directory: str | Path, fmt: str, what: str) -> None:
     if not owned_work(directory, fmt):
-        raise PredistillError(f"{directory} exists and is not this tool's unfinished {what}; refusing to use or remove "
-                              "it (remove it yourself)")
+        raise PredistillError(
+            f"{directory} exists and is not this tool's unfinished {what}; refusing to use or remove "
+            "it (remove it yourself)"
+        )
 
 
 def claim_work(directory: str | Path, fmt: str, what: str) -> Path:
@@ -385,8 +405,9 @@ def staged_dir(out: str | Path, fmt: str, resume: Callable[[Path], bool] | None 
     what = fmt.replace("_", " ")
     refuse_unowned(out, fmt, what)
     if (staging.exists() or staging.is_symlink()) and not owned_work(staging, fmt):
-        raise PredistillError(f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it "
-                              "(remove it yourself)")
+        raise PredistillError(
+            f"{staging} exists and is not this tool's unfinished {what}; refusing to remove it (remove it yourself)"
+        )
     staging.mkdir(parents=True, exist_ok=True)
     lock = lock_dir(staging, out)  # the staging directory itself is the lock: kept, never recreated, while held
     try:

@@ -22,8 +22,9 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from predistill.core.artifacts import PredistillError
 
@@ -80,7 +81,9 @@ def identity(config: Any, ignore: typing.Collection[Effect] = EXECUTION, *, blan
             if blank:
                 out[f.name] = None
         else:
-            out[f.name] = identity(value, ignore, blank=blank) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            out[f.name] = (
+                identity(value, ignore, blank=blank) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            )
     return out
 
 
@@ -99,10 +102,21 @@ class UsageError(PredistillError):
     """A command line that cannot run (a required setting missing): the CLI exits 2, as argparse does."""
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-           flag: str | None = None, key: str | None = None, choices: typing.Iterable | None = None,
-           required: bool = False, cli: bool = True, positional: bool = False, interval: str | None = None,
-           effect: Effect = Effect.RESULT, **argparse_kwargs: Any) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    flag: str | None = None,
+    key: str | None = None,
+    choices: typing.Iterable | None = None,
+    required: bool = False,
+    cli: bool = True,
+    positional: bool = False,
+    interval: str | None = None,
+    effect: Effect = Effect.RESULT,
+    **argparse_kwargs: Any,
+) -> Any:
     """A config field. `flag`/`key` rename it on the command line / in files (default: the field
     name); `cli=False` keeps it out of both (a value another field derives); `required` fields
     must be set by a flag or the config file; `interval` ("[0, 1)", "(0, inf)", "[1, inf)") is the
@@ -110,9 +124,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factor
     command's artifact (`Effect`, for `identity`); extra keyword arguments go to `add_argument`."""
     if interval is not None:
         _bounds(interval)  # a malformed declaration fails at import, not at a user's run
-    metadata = {"help": help, "flag": flag, "key": key, "choices": tuple(choices) if choices is not None else None,
-                "required": required, "cli": cli, "positional": positional, "interval": interval,
-                "effect": effect, "argparse": argparse_kwargs}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "key": key,
+        "choices": tuple(choices) if choices is not None else None,
+        "required": required,
+        "cli": cli,
+        "positional": positional,
+        "interval": interval,
+        "effect": effect,
+        "argparse": argparse_kwargs,
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -140,7 +163,7 @@ def _range_text(interval: str, integer: bool) -> str:
     return f"{'' if integer else 'finite and '}in {interval}"
 
 
-def check_value(leaf: "Leaf", value: Any) -> None:
+def check_value(leaf: Leaf, value: Any) -> None:
     """Refuse a value outside its field's declared interval (numbers only; None is "unset")."""
     interval = leaf.field.metadata.get("interval")
     if isinstance(value, str):  # a number given as text to a converter-typed setting (`--temperature 0`)
@@ -179,6 +202,7 @@ def _parse_bool(text: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """One flat setting: where it lives in the nested config (`path`) and how the CLI names it."""
+
     path: tuple[str, ...]
     key: str
     field: dataclasses.Field
@@ -214,14 +238,17 @@ def leaves(cls: type) -> Iterator[Leaf]:
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """`--config`, `--print-config` and one flag per leaf (default None = unset, so that only the
     flags actually given override the config file)."""
-    parser.add_argument("--config", metavar="FILE", help="read settings from a TOML file, or a run's config.json "
-                        "(flags override it)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="read settings from a TOML file, or a run's config.json (flags override it)"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     parser.set_defaults(config_class=cls)  # what `predistill run --dry-run` resolves a stage's flags into
     seen: dict[str, Leaf] = {}
     for leaf in leaves(cls):
         if leaf.key in seen:
-            raise TypeError(f"{cls.__name__}: setting {leaf.key!r} is declared twice ({seen[leaf.key].path}, {leaf.path})")
+            raise TypeError(
+                f"{cls.__name__}: setting {leaf.key!r} is declared twice ({seen[leaf.key].path}, {leaf.path})"
+            )
         seen[leaf.key] = leaf
         meta = leaf.field.metadata
         default = leaf.default()
@@ -253,8 +280,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
-            raise PredistillError(f"{path}: {path.stat().st_size} bytes is not a config file "
-                                  f"(at most {MAX_CONFIG_BYTES})")
+            raise PredistillError(
+                f"{path}: {path.stat().st_size} bytes is not a config file (at most {MAX_CONFIG_BYTES})"
+            )
         if path.suffix == ".json":  # a run's own config.json: reruns exactly that run
             loaded = json.loads(path.read_text())
             if isinstance(loaded, dict):
@@ -290,11 +318,18 @@ def _typed(leaf: Leaf, value: Any, path: Path) -> Any:
     if leaf.type is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
-        expected = {list: "a list of strings", int: "an integer", float: "a number", bool: "true or false",
-                    str: "a string"}.get(leaf.type, leaf.type.__name__)
+        expected = {
+            list: "a list of strings",
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            str: "a string",
+        }.get(leaf.type, leaf.type.__name__)
         raise PredistillError(f"{path}: {leaf.key} = {value!r} is not {expected}")
     if leaf.field.metadata.get("choices") and value not in leaf.field.metadata["choices"]:
-        raise PredistillError(f"{path}: {leaf.key} = {value!r}; choose from {', '.join(map(str, leaf.field.metadata['choices']))}")
+        raise PredistillError(
+            f"{path}: {leaf.key} = {value!r}; choose from {', '.join(map(str, leaf.field.metadata['choices']))}"
+        )
     return value
 
 
@@ -350,8 +385,11 @@ def resolve_config(cls: type[C], args: argparse.Namespace) -> C:
         check_value(keys[key], value)
     for key, leaf in keys.items():
         if leaf.field.metadata.get("required") and values.get(key) in (None, "", []):
-            name = leaf.field.metadata.get("argparse", {}).get("metavar", leaf.key) if leaf.field.metadata.get(
-                "positional") else leaf.flag
+            name = (
+                leaf.field.metadata.get("argparse", {}).get("metavar", leaf.key)
+                if leaf.field.metadata.get("positional")
+                else leaf.flag
+            )
             raise UsageError(f"the following arguments are required: {name} (on the command line or in --config)")
     try:
         cfg = from_flat(cls, values)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from predistill.core.artifacts import PredistillError
 
-
 # --- the ranks: torchrun's environment, the process group -------------------------------------
+
 
 def local_rank() -> int:
     try:
@@ -48,6 +48,7 @@ def rank_and_world() -> tuple[int, int]:
 @dataclass
 class Dist:
     """This process's place among the ranks; `group` when a process group is up (collectives work)."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -86,7 +87,9 @@ def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
         return Dist()
     if "MASTER_ADDR" not in os.environ:
         if need_group:
-            raise PredistillError(f"WORLD_SIZE={world} without a rendezvous (MASTER_ADDR): start the ranks with torchrun")
+            raise PredistillError(
+                f"WORLD_SIZE={world} without a rendezvous (MASTER_ADDR): start the ranks with torchrun"
+            )
         return Dist(rank, world, local_rank())
     if device.type == "cuda":  # NCCL's collectives run on the current device: this rank's own
         torch.cuda.set_device(device)
@@ -98,6 +101,7 @@ def init_distributed(device: torch.device, *, need_group: bool = True) -> Dist:
 
 
 # --- the work plan -----------------------------------------------------------------------------
+
 
 def shard_name(index: int) -> str:
     """The file stem of shard `index` of a sharded stage's work (`shard-00042`)."""
@@ -117,8 +121,10 @@ class Shard:
 def plan_shards(n_instances: int, shard_size: int) -> list[Shard]:
     if shard_size < 1:
         raise PredistillError(f"--shard-size must be ≥ 1, got {shard_size}")
-    return [Shard(s, np.arange(start, min(start + shard_size, n_instances), dtype=np.int64))
-            for s, start in enumerate(range(0, n_instances, shard_size))]
+    return [
+        Shard(s, np.arange(start, min(start + shard_size, n_instances), dtype=np.int64))
+        for s, start in enumerate(range(0, n_instances, shard_size))
+    ]
 
 
 def owns(d: Dist, index: int, group: int = 1) -> bool:
@@ -141,6 +147,9 @@ def finish_by_last_rank(d: Dist, finish: Callable[[bool], bool], stage: str, art
         return d.main
     if finish(d.world > 1):
         return True
-    print(f"predistill {stage}: rank {d.rank} done; other ranks' shards remain (the last one to finish, "
-          f"or a rerun, writes {artifact})", file=sys.stderr)
+    print(
+        f"predistill {stage}: rank {d.rank} done; other ranks' shards remain (the last one to finish, "
+        f"or a rerun, writes {artifact})",
+        file=sys.stderr,
+    )
     return False

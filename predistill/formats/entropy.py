@@ -49,8 +49,8 @@ def code_lengths(freq: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
         depth = [0] * len(parent)
         for node in range(len(parent) - 2, -1, -1):  # parents have higher numbers than children
             depth[node] = depth[parent[node]] + 1
-        if max(depth[:len(used)]) <= max_len:
-            lengths[used] = depth[:len(used)]
+        if max(depth[: len(used)]) <= max_len:
+            lengths[used] = depth[: len(used)]
             return lengths
         weights = np.maximum(weights // 2, 1)
 
@@ -74,7 +74,7 @@ class Code:
         return len(self.lengths)
 
     @staticmethod
-    def fit(values: np.ndarray, n_direct: int, raw_bits: int) -> "Code":
+    def fit(values: np.ndarray, n_direct: int, raw_bits: int) -> Code:
         symbols = np.minimum(np.asarray(values, np.int64), n_direct - 1)
         return Code(code_lengths(np.bincount(symbols, minlength=n_direct)), raw_bits)
 
@@ -94,11 +94,11 @@ class Code:
     def to_bytes(self) -> bytes:
         """The lengths, 4 bits each (two per byte, low nibble first)."""
         nib = np.zeros(self.n_direct + (self.n_direct & 1), np.uint8)
-        nib[:self.n_direct] = self.lengths
+        nib[: self.n_direct] = self.lengths
         return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
 
     @staticmethod
-    def from_bytes(data: np.ndarray, n_direct: int, raw_bits: int) -> "Code":
+    def from_bytes(data: np.ndarray, n_direct: int, raw_bits: int) -> Code:
         data = np.asarray(data, np.uint8)
         if len(data) != (n_direct + 1) // 2:
             raise ValueError(f"code table has {len(data)} bytes, expected {(n_direct + 1) // 2}")

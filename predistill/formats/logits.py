@@ -90,14 +90,13 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from predistill.formats import entropy
 from predistill.core.artifacts import (
     COUNT,
     MANIFEST,
@@ -114,6 +113,7 @@ from predistill.core.artifacts import (
     write_shard,
 )
 from predistill.core.config import option
+from predistill.formats import entropy
 from predistill.formats.store import TokenStore, check_same_store
 
 FORMAT = "logits_store"
@@ -135,22 +135,34 @@ class LogitsConfig:
 
     # RS-KD with 8 draws is the default: in bench/bench_pd_curve.py it gave the best student per
     # byte (≈ 12 B/token; docs/logits.md). top-p-k is PD's own truncation (`mode="topk"`).
-    mode: str = option("sample", "sample: RS-KD draws with counts; topk: top-p-then-top-k entries",
-                       key="logits_mode", choices=MODES)
+    mode: str = option(
+        "sample", "sample: RS-KD draws with counts; topk: top-p-then-top-k entries", key="logits_mode", choices=MODES
+    )
     top_p: float = option(0.95, "topk: probability mass kept", interval="(0, 1]")
     # worst case 5·(16+8)+3 bits ≈ 15.4 B/token at V ≤ 65 536 (docs/logits.md)
     top_k: int = option(5, "topk: at most this many entries", interval="[1, inf)")
     samples: int = option(8, "sample: draws per position", interval="[1, inf)")
-    sample_temperature: float = option(1.0, "sample: draw from softmax(z/T); T ≠ 1 also stores log-probs", interval="(0, inf)")
+    sample_temperature: float = option(
+        1.0, "sample: draw from softmax(z/T); T ≠ 1 also stores log-probs", interval="(0, inf)"
+    )
     sample_logprobs: bool = option(False, "sample: store log-probs of the drawn ids at T = 1 too")
-    seed: int = option(0, "sample: seed of the draws (a function of seed and global position)", key="sample_seed", interval="[0, 4294967295]")
+    seed: int = option(
+        0,
+        "sample: seed of the draws (a function of seed and global position)",
+        key="sample_seed",
+        interval="[0, 4294967295]",
+    )
     logprob_bits: int = option(8, "bits per stored log-prob", interval="[2, 32]")
     logprob_min: float = option(-12.0, "quantisation range [MIN, 0]; lower log-probs are clipped", interval="(-inf, 0)")
     # None: the writer's caller decides (score: its --shard-size), else DEFAULT_SHARD_INSTANCES
-    shard_instances: int | None = option(None, "instances per logits shard; with score, a multiple of --shard-size "
-                                         "(default: --shard-size)", key="logits_shard_size", interval="[1, inf)")
+    shard_instances: int | None = option(
+        None,
+        "instances per logits shard; with score, a multiple of --shard-size (default: --shard-size)",
+        key="logits_shard_size",
+        interval="[1, inf)",
+    )
 
-    def validate(self) -> "LogitsConfig":
+    def validate(self) -> LogitsConfig:
         if self.mode not in MODES:
             raise PredistillError(f"logits mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 < self.top_p <= 1:
@@ -203,32 +215,42 @@ class Entries:
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.n)]).astype(np.int64)
 
-    def split(self, positions_per_part: Sequence[int] | np.ndarray) -> list["Entries"]:
+    def split(self, positions_per_part: Sequence[int] | np.ndarray) -> list[Entries]:
         """Cut into consecutive parts of the given numbers of positions."""
         parts, off = [], self.offsets
         p = 0
         for k in positions_per_part:
             a, b = off[p], off[p + k]
-            parts.append(Entries(self.n[p:p + k], self.ids[a:b],
-                                 None if self.logprobs is None else self.logprobs[a:b],
-                                 None if self.counts is None else self.counts[a:b]))
+            parts.append(
+                Entries(
+                    self.n[p : p + k],
+                    self.ids[a:b],
+                    None if self.logprobs is None else self.logprobs[a:b],
+                    None if self.counts is None else self.counts[a:b],
+                )
+            )
             p += k
         return parts
 
     @staticmethod
-    def empty(cfg: "LogitsConfig") -> "Entries":
-        return Entries(np.zeros(0, np.int64), np.zeros(0, np.int64),
-                       np.zeros(0, np.float32) if cfg.stores_logprobs else None,
-                       np.zeros(0, np.int64) if cfg.mode == "sample" else None)
+    def empty(cfg: LogitsConfig) -> Entries:
+        return Entries(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float32) if cfg.stores_logprobs else None,
+            np.zeros(0, np.int64) if cfg.mode == "sample" else None,
+        )
 
     @staticmethod
-    def concat(parts: Sequence["Entries"], cfg: "LogitsConfig") -> "Entries":
+    def concat(parts: Sequence[Entries], cfg: LogitsConfig) -> Entries:
         """Concatenate positions; `cfg` fixes which fields exist (even when `parts` is empty)."""
         parts = [Entries.empty(cfg), *parts]
-        return Entries(np.concatenate([e.n for e in parts]).astype(np.int64),
-                       np.concatenate([e.ids for e in parts]).astype(np.int64),
-                       np.concatenate([e.logprobs for e in parts]).astype(np.float32) if cfg.stores_logprobs else None,
-                       np.concatenate([e.counts for e in parts]).astype(np.int64) if cfg.mode == "sample" else None)
+        return Entries(
+            np.concatenate([e.n for e in parts]).astype(np.int64),
+            np.concatenate([e.ids for e in parts]).astype(np.int64),
+            np.concatenate([e.logprobs for e in parts]).astype(np.float32) if cfg.stores_logprobs else None,
+            np.concatenate([e.counts for e in parts]).astype(np.int64) if cfg.mode == "sample" else None,
+        )
 
 
 def _fp32_logprobs(logits: torch.Tensor) -> torch.Tensor:
@@ -260,10 +282,14 @@ def truncate_top_p_k(logits: torch.Tensor, top_p: float, top_k: int) -> Entries:
             full_vals, full_ids = torch.sort(lp[tied], dim=1, descending=True, stable=True)
             vals[tied], ids[tied] = full_vals[:, :k], full_ids[:, :k]
     cum = torch.cumsum(vals.double().exp(), dim=1)
-    n = 1 + (cum[:, :k - 1] < top_p - P_SLACK).sum(dim=1)
+    n = 1 + (cum[:, : k - 1] < top_p - P_SLACK).sum(dim=1)
     keep = torch.arange(k, device=lp.device)[None, :] < n[:, None]
-    return Entries(n.cpu().numpy().astype(np.int64), ids[keep].cpu().numpy().astype(np.int64),
-                   vals[keep].cpu().numpy().astype(np.float32), None)
+    return Entries(
+        n.cpu().numpy().astype(np.int64),
+        ids[keep].cpu().numpy().astype(np.int64),
+        vals[keep].cpu().numpy().astype(np.float32),
+        None,
+    )
 
 
 # counter-based hashing (splitmix64): a draw is a pure function of (seed, position, draw index)
@@ -286,8 +312,14 @@ def uniforms(seed: int, positions: np.ndarray, n_draws: int) -> np.ndarray:
     return (draws >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def sample_entries(logits: torch.Tensor, samples: int, positions: np.ndarray, seed: int = 0,
-                   temperature: float = 1.0, keep_logprobs: bool = False) -> Entries:
+def sample_entries(
+    logits: torch.Tensor,
+    samples: int,
+    positions: np.ndarray,
+    seed: int = 0,
+    temperature: float = 1.0,
+    keep_logprobs: bool = False,
+) -> Entries:
     """RS-KD entries: `samples` draws per row of `logits` [N, V] from softmax(logits/T).
 
     `positions` [N] are global position keys (see `global_positions`): the draws of a row depend on
@@ -296,12 +328,16 @@ def sample_entries(logits: torch.Tensor, samples: int, positions: np.ndarray, se
     lp = _fp32_logprobs(logits)
     n_rows, vocab = lp.shape
     if n_rows == 0:
-        return Entries(np.zeros(0, np.int64), np.zeros(0, np.int64),
-                       np.zeros(0, np.float32) if keep_logprobs else None, np.zeros(0, np.int64))
+        return Entries(
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.float32) if keep_logprobs else None,
+            np.zeros(0, np.int64),
+        )
     q = lp if temperature == 1.0 else torch.log_softmax(lp / temperature, dim=1)
     cdf = torch.cumsum(q.exp(), dim=1)
     # fp32 uniforms strictly below 1, so a draw never lands past the last non-zero probability
-    u = torch.from_numpy(uniforms(seed, positions, samples)).float().clamp_(max=1 - 2 ** -24).to(cdf.device) * cdf[:, -1:]
+    u = torch.from_numpy(uniforms(seed, positions, samples)).float().clamp_(max=1 - 2**-24).to(cdf.device) * cdf[:, -1:]
     draws = torch.searchsorted(cdf, u, right=True).clamp_(max=vocab - 1)
     draws, _ = torch.sort(draws, dim=1)
     first = torch.ones_like(draws, dtype=torch.bool)
@@ -314,8 +350,12 @@ def sample_entries(logits: torch.Tensor, samples: int, positions: np.ndarray, se
     if keep_logprobs:
         rows = torch.repeat_interleave(torch.arange(n_rows, device=lp.device), n)
         logprobs = lp[rows, ids].cpu().numpy().astype(np.float32)
-    return Entries(n.cpu().numpy().astype(np.int64), ids.cpu().numpy().astype(np.int64), logprobs,
-                   counts.cpu().numpy().astype(np.int64))
+    return Entries(
+        n.cpu().numpy().astype(np.int64),
+        ids.cpu().numpy().astype(np.int64),
+        logprobs,
+        counts.cpu().numpy().astype(np.int64),
+    )
 
 
 def compute_entries(logits: torch.Tensor, cfg: LogitsConfig, positions: np.ndarray | None = None) -> Entries:
@@ -347,7 +387,7 @@ class TeacherTargets:
     def weights(self) -> torch.Tensor:
         return self.logprobs.exp() * self.mask
 
-    def reshape(self, *shape: int) -> "TeacherTargets":
+    def reshape(self, *shape: int) -> TeacherTargets:
         return TeacherTargets(self.ids.reshape(*shape), self.logprobs.reshape(*shape), self.mask.reshape(*shape))
 
 
@@ -387,8 +427,13 @@ def entries_to_targets(entries: Entries, cfg: LogitsConfig, k_max: int | None = 
 
 
 @torch.no_grad()
-def teacher_targets(hidden: torch.Tensor, weight: torch.Tensor, cfg: LogitsConfig,
-                    positions: np.ndarray | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> TeacherTargets:
+def teacher_targets(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    cfg: LogitsConfig,
+    positions: np.ndarray | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> TeacherTargets:
     """Entries of an online teacher, straight to TeacherTargets [N, Kmax] (no store, no quantisation).
 
     hidden [N, H] (the teacher's final hidden states), weight [V, H] (its lm head). This is how a
@@ -396,8 +441,8 @@ def teacher_targets(hidden: torch.Tensor, weight: torch.Tensor, cfg: LogitsConfi
     """
     parts = []
     for start in range(0, hidden.shape[0], chunk_rows):
-        logits = hidden[start:start + chunk_rows].float() @ weight.float().t()
-        pos = None if positions is None else positions[start:start + chunk_rows]
+        logits = hidden[start : start + chunk_rows].float() @ weight.float().t()
+        pos = None if positions is None else positions[start : start + chunk_rows]
         parts.append(compute_entries(logits, cfg, pos))
     return entries_to_targets(Entries.concat(parts, cfg), cfg, cfg.max_entries)
 
@@ -425,7 +470,7 @@ def unpack_bits(buf: np.ndarray, bits: int, index: np.ndarray) -> np.ndarray:
         return np.zeros(index.shape, np.int64)
     if bits in (8, 16, 32):
         width = bits // 8
-        usable = buf[:(len(buf) - WINDOW_PAD) // width * width]
+        usable = buf[: (len(buf) - WINDOW_PAD) // width * width]
         return usable.view(f"<u{width}")[index].astype(np.int64)
     bitpos = index * bits
     window = buf[(bitpos >> 3)[..., None] + np.arange(8)]
@@ -461,18 +506,23 @@ class Encoding:
     id_order_sha256: str = ""
 
     @staticmethod
-    def of(cfg: LogitsConfig, vocab_size: int) -> "Encoding":
+    def of(cfg: LogitsConfig, vocab_size: int) -> Encoding:
         """The current version's encoding (the ranking's sha256 is filled in by the writer)."""
         id_direct = min(ID_DIRECT, vocab_size + 2)
         counts = cfg.mode == "sample"
         count_direct = min(ID_DIRECT, cfg.samples + 1) if counts else 0
-        return Encoding(id_bits=bits_for(vocab_size), n_bits=bits_for(cfg.max_entries),
-                        count_bits=bits_for(cfg.samples) if counts else 0,
-                        logprob_bits=cfg.logprob_bits if cfg.stores_logprobs else 0,
-                        logprob_min=cfg.logprob_min, entropy_coded=True, id_direct=id_direct,
-                        id_raw_bits=bits_for(id_direct - 1 + vocab_size) if id_direct - 2 < vocab_size else 0,
-                        count_direct=count_direct,
-                        count_raw_bits=bits_for(cfg.samples) if counts and count_direct < cfg.samples + 1 else 0)
+        return Encoding(
+            id_bits=bits_for(vocab_size),
+            n_bits=bits_for(cfg.max_entries),
+            count_bits=bits_for(cfg.samples) if counts else 0,
+            logprob_bits=cfg.logprob_bits if cfg.stores_logprobs else 0,
+            logprob_min=cfg.logprob_min,
+            entropy_coded=True,
+            id_direct=id_direct,
+            id_raw_bits=bits_for(id_direct - 1 + vocab_size) if id_direct - 2 < vocab_size else 0,
+            count_direct=count_direct,
+            count_raw_bits=bits_for(cfg.samples) if counts and count_direct < cfg.samples + 1 else 0,
+        )
 
     @property
     def n_ranked(self) -> int:
@@ -484,13 +534,16 @@ class Encoding:
         if self.logprob_bits:
             step = -self.logprob_min / ((1 << self.logprob_bits) - 1)
             # step/2 from rounding to a code, plus fp32 rounding of the decoded value
-            out |= {"logprob_step": step, "logprob_max_abs_error": step / 2 - self.logprob_min * 2.0 ** -23,
-                    "logprob_error_note": f"|decoded − teacher| ≤ step/2 (+ fp32 rounding) for log-probs ≥ {self.logprob_min}; "
-                                          "lower ones are clipped to it (counted in logprob_clipped)"}
+            out |= {
+                "logprob_step": step,
+                "logprob_max_abs_error": step / 2 - self.logprob_min * 2.0**-23,
+                "logprob_error_note": f"|decoded − teacher| ≤ step/2 (+ fp32 rounding) for log-probs ≥ {self.logprob_min}; "
+                "lower ones are clipped to it (counted in logprob_clipped)",
+            }
         return out
 
     @staticmethod
-    def from_manifest(encoding: dict) -> "Encoding":
+    def from_manifest(encoding: dict) -> Encoding:
         names = [f for f in Encoding.__dataclass_fields__ if f in encoding]
         return Encoding(**{k: encoding[k] for k in names})
 
@@ -501,7 +554,7 @@ def id_order(store: TokenStore, n: int, block: int = 1 << 24) -> np.ndarray:
     closely enough that a frequent id gets a short code."""
     counts = np.zeros(store.vocab_size, np.int64)
     for a in range(0, len(store.tokens), block):  # bounded memory whatever the corpus size
-        counts += np.bincount(np.asarray(store.tokens[a:a + block], np.int64), minlength=store.vocab_size)
+        counts += np.bincount(np.asarray(store.tokens[a : a + block], np.int64), minlength=store.vocab_size)
     return np.lexsort((np.arange(store.vocab_size), -counts))[:n].astype(np.int64)
 
 
@@ -509,15 +562,16 @@ class IdSymbols:
     """v2 id values: 0 if the id is the position's next token (the teacher's entries often hold
     it), 1 + rank for a ranked id, id_direct − 1 + id (escaped, raw) otherwise."""
 
-    def __init__(self, order: np.ndarray, enc: "Encoding", vocab_size: int):
+    def __init__(self, order: np.ndarray, enc: Encoding, vocab_size: int):
         self.order, self.enc = np.asarray(order, np.int64), enc
         self.rank = np.full(vocab_size, enc.n_ranked, np.int64)
         self.rank[self.order] = np.arange(len(self.order))
 
     def values(self, ids: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
         rank = self.rank[ids]
-        return np.where(ids == next_tokens, 0, np.where(rank < self.enc.n_ranked, 1 + rank,
-                                                         self.enc.id_direct - 1 + ids))
+        return np.where(
+            ids == next_tokens, 0, np.where(rank < self.enc.n_ranked, 1 + rank, self.enc.id_direct - 1 + ids)
+        )
 
     def ids(self, values: np.ndarray, next_tokens: np.ndarray) -> np.ndarray:
         esc = self.enc.id_direct - 1
@@ -525,8 +579,13 @@ class IdSymbols:
         return np.where(values == 0, next_tokens, np.where(values < esc, ranked, values - esc))
 
 
-def encode_shard(entries: Entries, inst_positions: np.ndarray, enc: Encoding,
-                 symbols: IdSymbols | None = None, next_tokens: np.ndarray | None = None) -> tuple[bytes, dict, int]:
+def encode_shard(
+    entries: Entries,
+    inst_positions: np.ndarray,
+    enc: Encoding,
+    symbols: IdSymbols | None = None,
+    next_tokens: np.ndarray | None = None,
+) -> tuple[bytes, dict, int]:
     """(shard bytes, sections {name: [offset, nbytes]}, number of clipped log-probs).
 
     v2 (`enc.entropy_coded`) needs `symbols` and each position's next token [P]."""
@@ -545,21 +604,25 @@ def encode_shard(entries: Entries, inst_positions: np.ndarray, enc: Encoding,
         code = entropy.Code.fit(values, n_direct, raw_bits)
         data, nbits = entropy.encode(values, code)
         bit_off = np.concatenate([[0], np.cumsum(nbits)]).astype(np.int64)[entry_off]
-        streams.extend([(f"{name}_code", code.to_bytes()), (name, data),
-                        (f"{name}_inst_bits", bit_off.astype("<i8").tobytes())])
+        streams.extend(
+            [(f"{name}_code", code.to_bytes()), (name, data), (f"{name}_inst_bits", bit_off.astype("<i8").tobytes())]
+        )
 
     if enc.entropy_coded:
         assert symbols is not None and next_tokens is not None, "v2 needs the id symbols and the next tokens"
-        huffman("ids", symbols.values(entries.ids, np.repeat(next_tokens, entries.n)), enc.id_direct,
-                enc.id_raw_bits)
+        huffman("ids", symbols.values(entries.ids, np.repeat(next_tokens, entries.n)), enc.id_direct, enc.id_raw_bits)
     else:
         streams.append(("ids", pack_bits(entries.ids, enc.id_bits)))
     clipped = 0
     if enc.logprob_bits:
         assert entries.logprobs is not None  # logprob_bits > 0: the config stores log-probs
         clipped = int((entries.logprobs < enc.logprob_min).sum())
-        streams.append(("logprobs", pack_bits(quantize_logprobs(entries.logprobs, enc.logprob_bits, enc.logprob_min),
-                                              enc.logprob_bits)))
+        streams.append(
+            (
+                "logprobs",
+                pack_bits(quantize_logprobs(entries.logprobs, enc.logprob_bits, enc.logprob_min), enc.logprob_bits),
+            )
+        )
     if entries.counts is not None:
         if enc.entropy_coded:
             huffman("counts", entries.counts - 1, enc.count_direct, enc.count_raw_bits)
@@ -587,8 +650,10 @@ def _numpy_ints(x) -> np.ndarray:
 
 def shard_files(directory: Path, n_shards: int) -> list[tuple[Path, Path]]:
     """(data, marker) of each shard of a logits store."""
-    return [(Path(directory) / "shards" / f"{_shard_name(s)}.bin", Path(directory) / "shards" / f"{_shard_name(s)}.json")
-            for s in range(n_shards)]
+    return [
+        (Path(directory) / "shards" / f"{_shard_name(s)}.bin", Path(directory) / "shards" / f"{_shard_name(s)}.json")
+        for s in range(n_shards)
+    ]
 
 
 def _shard_name(s: int) -> str:
@@ -598,8 +663,16 @@ def _shard_name(s: int) -> str:
 class LogitsStoreWriter:
     """Writes a logits store aligned with `store`, shard by shard, resumably (see module doc)."""
 
-    def __init__(self, out: str | Path, store: TokenStore, cfg: LogitsConfig, *, vocab_size: int,
-                 teacher: str = "", chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    def __init__(
+        self,
+        out: str | Path,
+        store: TokenStore,
+        cfg: LogitsConfig,
+        *,
+        vocab_size: int,
+        teacher: str = "",
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ):
         self.dir = Path(out)
         self.store = store
         if cfg.shard_instances is None:
@@ -608,7 +681,9 @@ class LogitsStoreWriter:
         assert cfg.shard_instances is not None  # the default was filled in above
         self.shard_instances: int = cfg.shard_instances
         if vocab_size < store.vocab_size:
-            raise PredistillError(f"teacher vocabulary {vocab_size} is smaller than the token store's {store.vocab_size}")
+            raise PredistillError(
+                f"teacher vocabulary {vocab_size} is smaller than the token store's {store.vocab_size}"
+            )
         self.vocab_size = vocab_size
         self.enc = Encoding.of(cfg, vocab_size)
         self.symbols, self._order_bytes = None, b""
@@ -621,13 +696,23 @@ class LogitsStoreWriter:
         self.lengths = store.lengths.astype(np.int64)
         self.n_positions = np.maximum(self.lengths - 1, 0)
         self.n_shards = math.ceil(len(store) / self.shard_instances) if len(store) else 0
-        self.settings = {"format": FORMAT, "version": VERSION, "config": asdict(cfg),
-                         "store_hash": store.hash, "tokenizer_hash": store.tokenizer_hash,
-                         "vocab_size": vocab_size, "teacher": teacher, "encoding": self.enc.describe()}
+        self.settings = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": asdict(cfg),
+            "store_hash": store.hash,
+            "tokenizer_hash": store.tokenizer_hash,
+            "vocab_size": vocab_size,
+            "teacher": teacher,
+            "encoding": self.enc.describe(),
+        }
         self.complete = self._prepare_dir()
         order_path = self.dir / ID_ORDER_FILE
-        if (self.enc.entropy_coded and not self.complete
-                and not (order_path.is_file() and sha256_file(order_path) == self.enc.id_order_sha256)):
+        if (
+            self.enc.entropy_coded
+            and not self.complete
+            and not (order_path.is_file() and sha256_file(order_path) == self.enc.id_order_sha256)
+        ):
             write_bytes_atomic(order_path, self._order_bytes)  # before any shard that uses it
         self._done = np.array([self._shard_done(s) for s in range(self.n_shards)], dtype=bool)
         self._pending: dict[int, dict[int, Entries]] = {}
@@ -643,10 +728,15 @@ class LogitsStoreWriter:
             old = old if isinstance(old, dict) else {}
             if old.get("complete") and {k: old.get(k) for k in self.settings} == self.settings:
                 return True
-            raise PredistillError(f"{self.dir} already holds a logits store made with other settings or another "
-                                  "token store; remove it or choose another output directory")
-        if (not (self.dir / WRITER_FILE).is_file() and self.dir.exists()
-                and any(not p.name.endswith(".tmp") and p.name != "shards" for p in self.dir.iterdir())):
+            raise PredistillError(
+                f"{self.dir} already holds a logits store made with other settings or another "
+                "token store; remove it or choose another output directory"
+            )
+        if (
+            not (self.dir / WRITER_FILE).is_file()
+            and self.dir.exists()
+            and any(not p.name.endswith(".tmp") and p.name != "shards" for p in self.dir.iterdir())
+        ):
             raise PredistillError(f"{self.dir} exists and is not a logits store; refusing to write into it")
         check_plan(self.dir, self.settings, "logits store", name=WRITER_FILE)
         (self.dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -669,16 +759,18 @@ class LogitsStoreWriter:
 
     # feeding -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def add_hidden(self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                   lengths: torch.Tensor) -> None:
+    def add_hidden(
+        self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> None:
         """One teacher batch: hidden [B, L, H] final hidden states, weight [V, H] lm head, tokens
         [B, L] the input ids, lengths [B]. Log-probs are computed `chunk_rows` rows at a time."""
         batch = self.entries_of_hidden(instance_ids, hidden, weight, tokens, lengths)
         if batch is not None:
             self.accept(*batch)
 
-    def entries_of_hidden(self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                          lengths: torch.Tensor) -> tuple[np.ndarray, np.ndarray, Entries] | None:
+    def entries_of_hidden(
+        self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, Entries] | None:
         """The entries `add_hidden` would store, without storing them: (instances, positions per
         instance, entries). Ranks compute these for their own batches and one writer `accept`s them."""
         rows, keys, inst, npos = self._select_rows(instance_ids, tokens, lengths, hidden.shape[:2])
@@ -688,15 +780,20 @@ class LogitsStoreWriter:
         w = weight.detach().float()
         parts = []
         for start in range(0, len(rows), self.chunk_rows):
-            logits = h[start:start + self.chunk_rows].float() @ w.t()
-            parts.append(compute_entries(logits, self.cfg, keys[start:start + self.chunk_rows]))
+            logits = h[start : start + self.chunk_rows].float() @ w.t()
+            parts.append(compute_entries(logits, self.cfg, keys[start : start + self.chunk_rows]))
         return inst, npos, Entries.concat(parts, self.cfg)
 
     def accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries) -> None:
         """Store computed entries; instances already stored or buffered keep their first sighting."""
-        new = np.array([not self._done[int(i) // self.shard_instances]
-                        and int(i) not in self._pending.get(int(i) // self.shard_instances, {}) for i in inst],
-                       dtype=bool)
+        new = np.array(
+            [
+                not self._done[int(i) // self.shard_instances]
+                and int(i) not in self._pending.get(int(i) // self.shard_instances, {})
+                for i in inst
+            ],
+            dtype=bool,
+        )
         if not new.all():
             parts = entries.split(npos)
             inst, npos = inst[new], npos[new]
@@ -706,16 +803,19 @@ class LogitsStoreWriter:
         self._accept(inst, npos, entries)
 
     @torch.no_grad()
-    def add_logits(self, instance_ids, logits: torch.Tensor, lengths: torch.Tensor,
-                   tokens: torch.Tensor | None = None) -> None:
+    def add_logits(
+        self, instance_ids, logits: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> None:
         """One batch of logits or log-probs [B, L, V] (e.g. a model saving online logits as it trains)."""
         rows, keys, inst, npos = self._select_rows(instance_ids, tokens, lengths, logits.shape[:2])
         if rows is None:
             return
         flat = logits.reshape(-1, logits.shape[-1])
         rows = rows.to(logits.device)
-        parts = [compute_entries(flat[rows[s:s + self.chunk_rows]], self.cfg, keys[s:s + self.chunk_rows])
-                 for s in range(0, len(rows), self.chunk_rows)]
+        parts = [
+            compute_entries(flat[rows[s : s + self.chunk_rows]], self.cfg, keys[s : s + self.chunk_rows])
+            for s in range(0, len(rows), self.chunk_rows)
+        ]
         self._accept(inst, npos, Entries.concat(parts, self.cfg))
 
     def _select_rows(self, instance_ids, tokens, lengths, shape):
@@ -726,20 +826,25 @@ class LogitsStoreWriter:
         lengths = _numpy_ints(lengths)
         batch, width = shape
         if len(instance_ids) != batch or len(lengths) != batch:
-            raise PredistillError(f"batch of {batch} rows got {len(instance_ids)} instance ids and {len(lengths)} lengths")
+            raise PredistillError(
+                f"batch of {batch} rows got {len(instance_ids)} instance ids and {len(lengths)} lengths"
+            )
         if ((instance_ids < 0) | (instance_ids >= len(self.store))).any():
             raise PredistillError(f"instance id out of range for a token store of {len(self.store)}")
         if (lengths != self.lengths[instance_ids]).any():
             b = int(np.flatnonzero(lengths != self.lengths[instance_ids])[0])
-            raise PredistillError(f"instance {instance_ids[b]} has {self.lengths[instance_ids[b]]} tokens in the store "
-                                  f"but the batch gives {lengths[b]}: the logits store needs every position")
+            raise PredistillError(
+                f"instance {instance_ids[b]} has {self.lengths[instance_ids[b]]} tokens in the store "
+                f"but the batch gives {lengths[b]}: the logits store needs every position"
+            )
         wanted, seen = [], set()
         for b, i in enumerate(instance_ids):
             s = i // self.shard_instances
             if self._done[s] or int(i) in self._pending.get(s, {}) or int(i) in seen:
                 continue  # already written or buffered: the first sighting wins
-            if tokens is not None and not np.array_equal(torch.as_tensor(tokens[b, :lengths[b]]).cpu().numpy(),
-                                                         self.store[int(i)]):
+            if tokens is not None and not np.array_equal(
+                torch.as_tensor(tokens[b, : lengths[b]]).cpu().numpy(), self.store[int(i)]
+            ):
                 raise PredistillError(f"batch row {b} does not hold the tokens of instance {i} of {self.store.dir}")
             seen.add(int(i))
             wanted.append(b)
@@ -766,13 +871,24 @@ class LogitsStoreWriter:
         a, b = self._shard_range(s)
         pending = self._pending.pop(s)
         entries = Entries.concat([pending[i] for i in range(a, b)], self.cfg)
-        next_tokens = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(self.store[i][1:], np.int64)
-                                                                  for i in range(a, b)])
+        next_tokens = np.concatenate(
+            [np.zeros(0, np.int64)] + [np.asarray(self.store[i][1:], np.int64) for i in range(a, b)]
+        )
         data, sections, clipped = encode_shard(entries, self.n_positions[a:b], self.enc, self.symbols, next_tokens)
         path = self.dir / "shards" / f"{_shard_name(s)}.bin"
-        write_shard(path, path.with_suffix(".json"), data, shard=s, first_instance=a, n_instances=b - a,
-                    n_positions=int(self.n_positions[a:b].sum()), n_entries=int(len(entries.ids)),
-                    logprob_clipped=clipped, bytes=len(data), sections=sections)
+        write_shard(
+            path,
+            path.with_suffix(".json"),
+            data,
+            shard=s,
+            first_instance=a,
+            n_instances=b - a,
+            n_positions=int(self.n_positions[a:b].sum()),
+            n_entries=int(len(entries.ids)),
+            logprob_clipped=clipped,
+            bytes=len(data),
+            sections=sections,
+        )
         self._done[s] = True
 
     def finish(self, *, others_may_be_writing: bool = False) -> dict | None:
@@ -794,19 +910,27 @@ class LogitsStoreWriter:
             if others_may_be_writing:
                 return None
             missing = self.todo_instances()
-            raise PredistillError(f"{self.dir}: {len(missing)} instances (from {missing[0]}) have no entries yet; "
-                                  "feed todo_instances() before finish()")
+            raise PredistillError(
+                f"{self.dir}: {len(missing)} instances (from {missing[0]}) have no entries yet; "
+                "feed todo_instances() before finish()"
+            )
         metas = [json.loads((self.dir / "shards" / f"{_shard_name(s)}.json").read_text()) for s in range(self.n_shards)]
         order_bytes = (self.dir / ID_ORDER_FILE).stat().st_size if self.enc.entropy_coded else 0
         total_bytes = sum(m["bytes"] for m in metas) + order_bytes
         n_positions = int(self.n_positions.sum())
         n_entries = sum(m["n_entries"] for m in metas)
-        manifest = {**self.settings, "n_instances": len(self.store), "n_shards": self.n_shards,
-                    "n_positions": n_positions, "n_entries": n_entries,
-                    "entries_per_position": n_entries / max(n_positions, 1),
-                    "logprob_clipped": sum(m["logprob_clipped"] for m in metas),
-                    "id_order_bytes": order_bytes, "total_bytes": total_bytes,
-                    "bytes_per_token": total_bytes / max(n_positions, 1)}
+        manifest = {
+            **self.settings,
+            "n_instances": len(self.store),
+            "n_shards": self.n_shards,
+            "n_positions": n_positions,
+            "n_entries": n_entries,
+            "entries_per_position": n_entries / max(n_positions, 1),
+            "logprob_clipped": sum(m["logprob_clipped"] for m in metas),
+            "id_order_bytes": order_bytes,
+            "total_bytes": total_bytes,
+            "bytes_per_token": total_bytes / max(n_positions, 1),
+        }
         write_manifest(self.dir, manifest)
         self.complete = True
         return read_manifest(self.dir, FORMAT, "logits store")
@@ -816,8 +940,10 @@ class LogitsStoreWriter:
 # reader
 # ------------------------------------------------------------------------------------------------
 def _needs_token_store(directory: Path) -> PredistillError:
-    return PredistillError(f"{directory}: a version-2 logits store is coded against its token store (next tokens, "
-                           "instance lengths); open it with its token store (LogitsStore(path, store))")
+    return PredistillError(
+        f"{directory}: a version-2 logits store is coded against its token store (next tokens, "
+        "instance lengths); open it with its token store (LogitsStore(path, store))"
+    )
 
 
 class _Shard:
@@ -827,19 +953,24 @@ class _Shard:
         # not discovered as garbage targets (or an IndexError) mid-training
         meta = read_marker(marker, marker.with_suffix(".bin"), shard=s)
         if meta is None:
-            raise PredistillError(f"{marker.with_suffix('.bin')}: missing or changed since the logits store was "
-                                  "written (sha256 mismatch); rewrite the store")
-        raw = np.memmap(directory / "shards" / f"{_shard_name(s)}.bin", dtype=np.uint8, mode="r") \
-            if meta["bytes"] else np.zeros(0, np.uint8)
+            raise PredistillError(
+                f"{marker.with_suffix('.bin')}: missing or changed since the logits store was "
+                "written (sha256 mismatch); rewrite the store"
+            )
+        raw = (
+            np.memmap(directory / "shards" / f"{_shard_name(s)}.bin", dtype=np.uint8, mode="r")
+            if meta["bytes"]
+            else np.zeros(0, np.uint8)
+        )
         self.first = meta["first_instance"]
-        self.sections = {name: raw[off:off + n] for name, (off, n) in meta["sections"].items()}
+        self.sections = {name: raw[off : off + n] for name, (off, n) in meta["sections"].items()}
         self.entry_off = self.sections["inst_entry_offsets"].view("<i8")
         if "inst_position_offsets" in self.sections:
             self.pos_off = self.sections["inst_position_offsets"].view("<i8")
         else:  # v2: from the token store
             if n_positions is None:
                 raise _needs_token_store(directory)
-            mine = n_positions[self.first:self.first + len(self.entry_off) - 1]
+            mine = n_positions[self.first : self.first + len(self.entry_off) - 1]
             self.pos_off = np.concatenate([[0], np.cumsum(mine)]).astype(np.int64)
         self.decoders: dict[str, tuple[entropy.Decoder, np.ndarray]] = {}
         if enc.entropy_coded:
@@ -856,8 +987,10 @@ class _Shard:
         e0 = int(self.entry_off[local])
         values = decoder.decode(self.sections[name], int(bits[local]), int(bits[local + 1]))
         if len(values) != int(self.entry_off[local + 1]) - e0:
-            raise PredistillError(f"logits shard stream {name!r} decodes to {len(values)} entries for instance "
-                                  f"{self.first + local}, its offsets say {int(self.entry_off[local + 1]) - e0}")
+            raise PredistillError(
+                f"logits shard stream {name!r} decodes to {len(values)} entries for instance "
+                f"{self.first + local}, its offsets say {int(self.entry_off[local + 1]) - e0}"
+            )
         return values[idx - e0]
 
 
@@ -868,37 +1001,48 @@ class LogitsStore:
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, FORMAT, "logits store")
         if self.manifest.get("version") not in READABLE_VERSIONS:
-            raise PredistillError(f"{self.dir}: logits store version {self.manifest.get('version')}, "
-                                  f"this predistill reads versions {', '.join(map(str, READABLE_VERSIONS))}")
+            raise PredistillError(
+                f"{self.dir}: logits store version {self.manifest.get('version')}, "
+                f"this predistill reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            )
         self._check_manifest()
         try:
             self.cfg = LogitsConfig(**self.manifest["config"])
             self.enc = Encoding.from_manifest(self.manifest["encoding"])
         except (TypeError, ValueError) as e:
-            raise PredistillError(f"{self.dir / MANIFEST}: config or encoding unreadable ({e}) "
-                                  "(corrupted logits store)") from None
+            raise PredistillError(
+                f"{self.dir / MANIFEST}: config or encoding unreadable ({e}) (corrupted logits store)"
+            ) from None
         if not isinstance(self.cfg.shard_instances, int) or self.cfg.shard_instances < 1:
-            raise PredistillError(f"{self.dir / MANIFEST}: config.shard_instances is not a count ≥ 1 "
-                                  "(corrupted logits store)")
+            raise PredistillError(
+                f"{self.dir / MANIFEST}: config.shard_instances is not a count ≥ 1 (corrupted logits store)"
+            )
         self.shard_instances: int = self.cfg.shard_instances
         self._shards: dict[int, _Shard] = {}
         # sizes at open (a stat per shard): a truncated or missing shard is refused here, not at
         # the training step that first reads it; contents are verified per shard on first read
         shard_dir = self.dir / "shards"
-        sizes = [(shard_dir / f"{_shard_name(s)}.bin").stat().st_size
-                 if (shard_dir / f"{_shard_name(s)}.bin").is_file() else -1 for s in range(self.manifest["n_shards"])]
+        sizes = [
+            (shard_dir / f"{_shard_name(s)}.bin").stat().st_size
+            if (shard_dir / f"{_shard_name(s)}.bin").is_file()
+            else -1
+            for s in range(self.manifest["n_shards"])
+        ]
         order_path = self.dir / ID_ORDER_FILE
         if self.enc.entropy_coded:
             sizes.append(order_path.stat().st_size if order_path.is_file() else -1)
         if -1 in sizes or sum(sizes) != self.manifest["total_bytes"]:
-            raise PredistillError(f"{self.dir}: shard files are missing or truncated ({sum(max(n, 0) for n in sizes)} "
-                                  f"bytes, the manifest says {self.manifest['total_bytes']}); rewrite the store")
+            raise PredistillError(
+                f"{self.dir}: shard files are missing or truncated ({sum(max(n, 0) for n in sizes)} "
+                f"bytes, the manifest says {self.manifest['total_bytes']}); rewrite the store"
+            )
         self.symbols = None
         if self.enc.entropy_coded:
             data = order_path.read_bytes()
             if hashlib.sha256(data).hexdigest() != self.enc.id_order_sha256:
-                raise PredistillError(f"{order_path}: changed since the logits store was written (sha256 mismatch); "
-                                      "rewrite the store")
+                raise PredistillError(
+                    f"{order_path}: changed since the logits store was written (sha256 mismatch); rewrite the store"
+                )
             self.symbols = IdSymbols(np.frombuffer(data, "<u4").astype(np.int64), self.enc, self.manifest["vocab_size"])
         self.tokens = store  # v2 ids are coded against the next token
         if store is not None:
@@ -907,15 +1051,29 @@ class LogitsStore:
     def _check_manifest(self) -> None:
         """The manifest's schema, before any field is used; a declared shard count must fit the files."""
         where = self.dir / MANIFEST
-        check_fields(self.manifest, where, {
-            "config": dict, "encoding": dict, "n_shards": COUNT, "n_instances": COUNT, "n_positions": COUNT,
-            "total_bytes": COUNT, "vocab_size": COUNT, "store_hash": str, "tokenizer_hash": str,
-            "bytes_per_token": NUMBER})
+        check_fields(
+            self.manifest,
+            where,
+            {
+                "config": dict,
+                "encoding": dict,
+                "n_shards": COUNT,
+                "n_instances": COUNT,
+                "n_positions": COUNT,
+                "total_bytes": COUNT,
+                "vocab_size": COUNT,
+                "store_hash": str,
+                "tokenizer_hash": str,
+                "bytes_per_token": NUMBER,
+            },
+        )
         shard_dir = self.dir / "shards"
         on_disk = len(os.listdir(shard_dir)) if shard_dir.is_dir() else 0
         if self.manifest["n_shards"] > min(on_disk, max(self.manifest["n_instances"], 1)):
-            raise PredistillError(f"{where}: n_shards = {self.manifest['n_shards']} for {self.manifest['n_instances']} "
-                                  f"instances and {on_disk} files in shards/ (corrupted logits store)")
+            raise PredistillError(
+                f"{where}: n_shards = {self.manifest['n_shards']} for {self.manifest['n_instances']} "
+                f"instances and {on_disk} files in shards/ (corrupted logits store)"
+            )
         encoding = self.manifest["encoding"]
         bad = [k for k, v in encoding.items() if not isinstance(v, (bool, int, float, str))]
         if bad:
@@ -933,8 +1091,10 @@ class LogitsStore:
         """Refuse a token store other than the one this logits store was made from (both hashes named)."""
         check_same_store(self.manifest["store_hash"], store, f"logits store {self.dir}")
         if self.manifest["tokenizer_hash"] != store.tokenizer_hash:
-            raise PredistillError(f"logits store {self.dir} was made with tokenizer {self.manifest['tokenizer_hash'][:12]}, "
-                                  f"but {store.dir} uses {store.tokenizer_hash[:12]}")
+            raise PredistillError(
+                f"logits store {self.dir} was made with tokenizer {self.manifest['tokenizer_hash'][:12]}, "
+                f"but {store.dir} uses {store.tokenizer_hash[:12]}"
+            )
 
     def _shard(self, s: int) -> _Shard:
         if s not in self._shards:
@@ -968,8 +1128,10 @@ class LogitsStore:
         ends = np.flatnonzero(np.cumsum(sh.coded("counts", local, np.arange(e0, e1)) + 1) % self.cfg.samples == 0)
         n = np.diff(np.concatenate([[-1], ends]))
         if len(n) != p1 - p0 or (len(ends) and ends[-1] != e1 - e0 - 1):
-            raise PredistillError(f"{self.dir}: the counts of instance {sh.first + local} do not split into its "
-                                  f"{p1 - p0} positions (corrupt store)")
+            raise PredistillError(
+                f"{self.dir}: the counts of instance {sh.first + local} do not split into its "
+                f"{p1 - p0} positions (corrupt store)"
+            )
         return n[:count]
 
     def _decode(self, sh: _Shard, local: int, n: np.ndarray, idx: np.ndarray, entry_pos: np.ndarray) -> Entries:
@@ -984,11 +1146,17 @@ class LogitsStore:
             ids = unpack_bits(sh.sections["ids"], self.enc.id_bits, idx)
         lps = counts = None
         if self.enc.logprob_bits:
-            lps = dequantize_logprobs(unpack_bits(sh.sections["logprobs"], self.enc.logprob_bits, idx),
-                                      self.enc.logprob_bits, self.enc.logprob_min)
+            lps = dequantize_logprobs(
+                unpack_bits(sh.sections["logprobs"], self.enc.logprob_bits, idx),
+                self.enc.logprob_bits,
+                self.enc.logprob_min,
+            )
         if "counts" in sh.sections:
-            counts = (sh.coded("counts", local, idx) if self.enc.entropy_coded
-                      else unpack_bits(sh.sections["counts"], self.enc.count_bits, idx)) + 1
+            counts = (
+                sh.coded("counts", local, idx)
+                if self.enc.entropy_coded
+                else unpack_bits(sh.sections["counts"], self.enc.count_bits, idx)
+            ) + 1
         return Entries(n, ids, lps, counts)
 
     def read(self, instance_ids, positions) -> TeacherTargets:

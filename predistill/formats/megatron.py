@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -29,8 +29,7 @@ from predistill.core.artifacts import PredistillError, open_exclusive, write_byt
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
-DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-          8: np.uint16}
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 TOKEN_DTYPES = (1, 3, 4, 5, 8)  # integer codes a token id can be read from (int8 holds no vocabulary)
 _HEADER = struct.Struct("<9sQBQQ")
 
@@ -44,8 +43,9 @@ def token_dtype_code(vocab_size: int) -> int:
     return 8 if vocab_size <= 65536 else 4
 
 
-def write(prefix: str | Path, sequences: Iterable[np.ndarray], vocab_size: int,
-          document_ends: Iterable[int] | None = None) -> tuple[Path, Path]:
+def write(
+    prefix: str | Path, sequences: Iterable[np.ndarray], vocab_size: int, document_ends: Iterable[int] | None = None
+) -> tuple[Path, Path]:
     """Write `sequences` (one per stored instance) as PREFIX.bin/.idx. `document_ends`: the end, in
     sequences, of each document (default: every sequence is a document). Temporary names are renamed
     into place, .bin first, so a PREFIX.idx next to a .bin means both are whole."""
@@ -71,10 +71,17 @@ def write(prefix: str | Path, sequences: Iterable[np.ndarray], vocab_size: int,
         if n and (doc_indices[-1] != n or np.any(np.diff(doc_indices) <= 0)):
             raise PredistillError(f"document ends must rise strictly to the number of sequences ({n})")
         lengths_arr = np.asarray(lengths, dtype="<i4")
-        pointers = np.concatenate([[0], np.cumsum(lengths_arr.astype(np.int64) * dtype.itemsize)[:-1]]).astype("<i8") \
-            if n else np.zeros(0, "<i8")
-        index = (_HEADER.pack(MAGIC, VERSION, code, n, len(doc_indices)) + lengths_arr.tobytes() + pointers.tobytes()
-                 + doc_indices.tobytes())
+        pointers = (
+            np.concatenate([[0], np.cumsum(lengths_arr.astype(np.int64) * dtype.itemsize)[:-1]]).astype("<i8")
+            if n
+            else np.zeros(0, "<i8")
+        )
+        index = (
+            _HEADER.pack(MAGIC, VERSION, code, n, len(doc_indices))
+            + lengths_arr.tobytes()
+            + pointers.tobytes()
+            + doc_indices.tobytes()
+        )
         os.replace(tmp_bin, bin_path)
         write_bytes_atomic(idx_path, index)  # the index last: next to a .bin, it means both are whole
     finally:
@@ -94,9 +101,9 @@ class IndexedDataset:
             if not p.is_file():
                 raise PredistillError(f"{where}: no {p.name} (a Megatron dataset is PREFIX.bin + PREFIX.idx)")
         raw = np.memmap(idx_path, dtype=np.uint8, mode="r") if idx_path.stat().st_size else np.zeros(0, np.uint8)
-        if len(raw) < _HEADER.size or bytes(raw[:len(MAGIC)]) != MAGIC:
+        if len(raw) < _HEADER.size or bytes(raw[: len(MAGIC)]) != MAGIC:
             raise PredistillError(f"{where}: {idx_path.name} is not a Megatron index (no MMIDIDX header)")
-        _, version, code, n, n_docs = _HEADER.unpack(bytes(raw[:_HEADER.size]))
+        _, version, code, n, n_docs = _HEADER.unpack(bytes(raw[: _HEADER.size]))
         if version != VERSION:
             raise PredistillError(f"{where}: index version {version}; only version {VERSION} is known")
         if code not in TOKEN_DTYPES:
@@ -106,18 +113,23 @@ class IndexedDataset:
             extra = " (per-sequence modes: a multimodal dataset, not supported)" if len(raw) == expected + n else ""
             raise PredistillError(f"{where}: {idx_path.name} holds {len(raw)} bytes, its header says {expected}{extra}")
         off = _HEADER.size
-        self.lengths = raw[off:off + 4 * n].view("<i4")
+        self.lengths = raw[off : off + 4 * n].view("<i4")
         off += 4 * n
-        self.pointers = raw[off:off + 8 * n].view("<i8")
+        self.pointers = raw[off : off + 8 * n].view("<i8")
         off += 8 * n
-        self.document_indices = raw[off:off + 8 * n_docs].view("<i8")
+        self.document_indices = raw[off : off + 8 * n_docs].view("<i8")
         self.dtype = np.dtype(DTYPES[code]).newbyteorder("<")
         item = self.dtype.itemsize
         size = bin_path.stat().st_size
         if np.any(self.lengths < 0) or int(self.lengths.astype(np.int64).sum()) * item != size:
-            raise PredistillError(f"{where}: {bin_path.name} holds {size} bytes, the index's lengths say "
-                                  f"{int(self.lengths.astype(np.int64).sum()) * item}")
-        if n and (self.pointers[0] != 0 or np.any(self.pointers[1:] != self.pointers[:-1] + self.lengths[:-1].astype(np.int64) * item)):
+            raise PredistillError(
+                f"{where}: {bin_path.name} holds {size} bytes, the index's lengths say "
+                f"{int(self.lengths.astype(np.int64).sum()) * item}"
+            )
+        if n and (
+            self.pointers[0] != 0
+            or np.any(self.pointers[1:] != self.pointers[:-1] + self.lengths[:-1].astype(np.int64) * item)
+        ):
             raise PredistillError(f"{where}: sequence pointers are not the running sum of their lengths")
         d = self.document_indices
         if n_docs == 0 or d[0] != 0 or d[-1] != n or np.any(np.diff(d) < 0):
@@ -133,7 +145,7 @@ class IndexedDataset:
 
     def sequence(self, i: int) -> np.ndarray:
         start = int(self.pointers[i]) // self.dtype.itemsize
-        return np.asarray(self.tokens[start:start + int(self.lengths[i])], dtype=np.int64)
+        return np.asarray(self.tokens[start : start + int(self.lengths[i])], dtype=np.int64)
 
     def documents(self) -> Iterator[np.ndarray]:
         """Each document's ids: its sequences back to back."""

@@ -26,8 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from predistill.core.artifacts import MANIFEST, PredistillError, json_bytes, read_manifest, read_marker, sha256_file, \
-    write_bytes_atomic, write_shard
+from predistill.core.artifacts import (
+    MANIFEST,
+    PredistillError,
+    json_bytes,
+    read_manifest,
+    read_marker,
+    sha256_file,
+    write_bytes_atomic,
+    write_shard,
+)
 from predistill.core.sharding import Shard
 from predistill.formats.store import TokenStore, check_same_store
 
@@ -88,10 +96,14 @@ def finish_table(out: Path, plan: dict, shards: list[Shard]) -> dict | None:
         n_unscored += int((~scored).sum())
         logprob_sum += float((rows["logprob"][scored].astype(np.float64) * rows["n_tokens"][scored]).sum())
     manifest = {
-        "format": FORMAT, "version": VERSION, **plan,
-        "n_shards": len(shards), "shards": entries,
+        "format": FORMAT,
+        "version": VERSION,
+        **plan,
+        "n_shards": len(shards),
+        "shards": entries,
         "table_hash": table_hash([e["sha256"] for e in entries]),
-        "n_tokens_scored": n_tokens, "n_unscored": n_unscored,
+        "n_tokens_scored": n_tokens,
+        "n_unscored": n_unscored,
         "token_mean_logprob": logprob_sum / max(n_tokens, 1),
         "flops": 2 * plan["model"]["forward_params"] * n_tokens,
         "complete": True,
@@ -123,12 +135,19 @@ class ScoreTable:
                 rows = np.load(path, allow_pickle=False)
             except ValueError as e:
                 raise PredistillError(f"{path}: unreadable ({e}); rescore") from None
-            if rows.dtype != SHARD_DTYPE or rows.ndim != 1 or len(rows) != entry["n"] or len(rows) and (
-                    rows["id"].min() < 0 or rows["id"].max() >= n):
+            if (
+                rows.dtype != SHARD_DTYPE
+                or rows.ndim != 1
+                or len(rows) != entry["n"]
+                or len(rows)
+                and (rows["id"].min() < 0 or rows["id"].max() >= n)
+            ):
                 raise PredistillError(f"{path}: not a score shard of this table; rescore")
             if np.isinf(rows["logprob"]).any() or (rows["logprob"] > 0).any() or (rows["n_tokens"] < 0).any():
-                raise PredistillError(f"{path}: holds a log-prob that cannot be one (+inf, -inf or > 0) or a negative "
-                                      "token count; rescore")
+                raise PredistillError(
+                    f"{path}: holds a log-prob that cannot be one (+inf, -inf or > 0) or a negative "
+                    "token count; rescore"
+                )
             if seen[rows["id"]].any() or len(np.unique(rows["id"])) != len(rows):
                 raise PredistillError(f"{path}: scores an instance twice; rescore")
             seen[rows["id"]] = True
@@ -139,8 +158,9 @@ class ScoreTable:
         """The manifest's schema; returns the number of instances."""
         m, where = self.manifest, f"{self.dir / MANIFEST}"
         if m.get("version") != VERSION:
-            raise PredistillError(f"{self.dir}: score table version {m.get('version')!r}; this predistill reads "
-                                  f"version {VERSION}")
+            raise PredistillError(
+                f"{self.dir}: score table version {m.get('version')!r}; this predistill reads version {VERSION}"
+            )
         n, shards = m.get("n_instances"), m.get("shards")
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise PredistillError(f"{where}: n_instances = {n!r} is not a count (corrupted score table)")
@@ -150,14 +170,23 @@ class ScoreTable:
         if not isinstance(m.get("model"), dict) or not isinstance(m["model"].get("spec"), str):
             raise PredistillError(f"{where}: model.spec is missing (corrupted score table)")
         if not isinstance(shards, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("file"), str) and SHARD_FILE.fullmatch(e["file"])
-                and isinstance(e.get("sha256"), str) and isinstance(e.get("n"), int) and not isinstance(e["n"], bool)
-                and e["n"] >= 0 for e in shards):
-            raise PredistillError(f"{where}: shards must list {{file: shard-NNNNN.npy, sha256, n}} entries inside "
-                                  f"{SHARD_DIR}/ (corrupted score table)")
+            isinstance(e, dict)
+            and isinstance(e.get("file"), str)
+            and SHARD_FILE.fullmatch(e["file"])
+            and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("n"), int)
+            and not isinstance(e["n"], bool)
+            and e["n"] >= 0
+            for e in shards
+        ):
+            raise PredistillError(
+                f"{where}: shards must list {{file: shard-NNNNN.npy, sha256, n}} entries inside "
+                f"{SHARD_DIR}/ (corrupted score table)"
+            )
         if sum(e["n"] for e in shards) != n:  # before allocating anything of size n
-            raise PredistillError(f"{where}: its shards hold {sum(e['n'] for e in shards)} rows for {n} instances "
-                                  "(corrupted score table)")
+            raise PredistillError(
+                f"{where}: its shards hold {sum(e['n'] for e in shards)} rows for {n} instances (corrupted score table)"
+            )
         if table_hash([e["sha256"] for e in shards]) != m["table_hash"]:
             raise PredistillError(f"{where}: table_hash does not match its shards (corrupted score table)")
         return n

@@ -58,11 +58,20 @@ def load_selection(directory: str | Path, store: TokenStore | None = None) -> np
     directory = Path(directory)
     manifest = read_selection_manifest(directory)
     n_instances = manifest.get("n_instances")  # how many the store had; the store itself says so when given
-    if not (isinstance(manifest.get("selection_sha256"), str) and isinstance(manifest.get("store_hash"), str)
-            and (n_instances is None or isinstance(n_instances, int) and not isinstance(n_instances, bool)
-                 and n_instances >= 0)):
-        raise PredistillError(f"{directory / 'manifest.json'}: selection_sha256 and store_hash must be strings, "
-                              "n_instances a count (corrupted selection)")
+    if not (
+        isinstance(manifest.get("selection_sha256"), str)
+        and isinstance(manifest.get("store_hash"), str)
+        and (
+            n_instances is None
+            or isinstance(n_instances, int)
+            and not isinstance(n_instances, bool)
+            and n_instances >= 0
+        )
+    ):
+        raise PredistillError(
+            f"{directory / 'manifest.json'}: selection_sha256 and store_hash must be strings, "
+            "n_instances a count (corrupted selection)"
+        )
     path = directory / IDS_FILE
     if not path.is_file() or sha256_file(path) != manifest.get("selection_sha256"):
         raise PredistillError(f"{path}: missing or changed since the selection was made; rerun sample")

@@ -78,8 +78,11 @@ class TokenStoreWriter:
         self._domains = open(self.dir / "domains.part", mode)  # int16 domain of each instance
         if resume:
             self.n_tokens, self._n_instances = resume["n_tokens"], resume["n_instances"]
-            for f, size in ((self._tokens, self.n_tokens * self.dtype.itemsize), (self._ends, self._n_instances * 8),
-                            (self._domains, self._n_instances * 2)):
+            for f, size in (
+                (self._tokens, self.n_tokens * self.dtype.itemsize),
+                (self._ends, self._n_instances * 8),
+                (self._domains, self._n_instances * 2),
+            ):
                 f.truncate(size)
                 f.seek(size)
             with open(self.dir / "tokens.bin", "rb") as f:  # the hashes' state, rebuilt from the data
@@ -112,8 +115,10 @@ class TokenStoreWriter:
             raise ValueError("a loss mask, one entry per token, for every instance of a masked store (and only there)")
         ids = np.asarray(ids)
         if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise PredistillError(f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} "
-                                  f"outside the vocabulary [0, {self.vocab_size})")
+            raise PredistillError(
+                f"token id {int(ids.max() if ids.max() >= self.vocab_size else ids.min())} "
+                f"outside the vocabulary [0, {self.vocab_size})"
+            )
         data = ids.astype(self.dtype, copy=False).tobytes()
         self._tokens.write(data)
         self._hash.update(data)
@@ -146,15 +151,24 @@ class TokenStoreWriter:
             self._mask.close()
             mask_sha256 = sha256_file(self.dir / LOSS_MASK)
             self._hash.update(mask_sha256.encode())
-            masked = {"loss_mask_sha256": mask_sha256,
-                      "n_target_tokens": int(np.count_nonzero(np.fromfile(self.dir / LOSS_MASK, dtype=np.uint8)))}
+            masked = {
+                "loss_mask_sha256": mask_sha256,
+                "n_target_tokens": int(np.count_nonzero(np.fromfile(self.dir / LOSS_MASK, dtype=np.uint8))),
+            }
         manifest = {
-            "format": FORMAT, "version": VERSION, **manifest, "dtype": self.dtype.name,
-            "vocab_size": self.vocab_size, "n_tokens": self.n_tokens,
-            "n_instances": self.n_instances, "store_hash": self._hash.hexdigest(),
-            "chunk_bytes": CHUNK_BYTES, "chunk_sha256": self.chunk_sha256,
+            "format": FORMAT,
+            "version": VERSION,
+            **manifest,
+            "dtype": self.dtype.name,
+            "vocab_size": self.vocab_size,
+            "n_tokens": self.n_tokens,
+            "n_instances": self.n_instances,
+            "store_hash": self._hash.hexdigest(),
+            "chunk_bytes": CHUNK_BYTES,
+            "chunk_sha256": self.chunk_sha256,
             "offsets_sha256": hashlib.sha256(offsets.tobytes()).hexdigest(),
-            "domains_sha256": hashlib.sha256(domains.tobytes()).hexdigest(), **masked,
+            "domains_sha256": hashlib.sha256(domains.tobytes()).hexdigest(),
+            **masked,
         }
         write_manifest(self.dir, manifest)
         return manifest
@@ -167,8 +181,10 @@ class TokenStore:
         self.dir = Path(directory)
         self.manifest = read_manifest(self.dir, FORMAT, "token store")
         if self.manifest.get("version") != VERSION:
-            raise PredistillError(f"{self.dir}: token store version {self.manifest.get('version')!r}; this predistill "
-                                  f"reads version {VERSION}")
+            raise PredistillError(
+                f"{self.dir}: token store version {self.manifest.get('version')!r}; this predistill "
+                f"reads version {VERSION}"
+            )
         missing = [k for k in REQUIRED_KEYS if k not in self.manifest]
         if missing:
             raise PredistillError(f"{self.dir}: the manifest lacks {', '.join(missing)} (corrupted store)")
@@ -181,42 +197,59 @@ class TokenStore:
             raise PredistillError(f"{self.dir}: unreadable store index ({e})") from None
         n_tokens = self.manifest["n_tokens"]
         if self.offsets.dtype != np.int64 or self.offsets.ndim != 1:
-            raise PredistillError(f"{self.dir}: offsets.npy is {self.offsets.dtype}{list(self.offsets.shape)}, expected int64[n+1]")
+            raise PredistillError(
+                f"{self.dir}: offsets.npy is {self.offsets.dtype}{list(self.offsets.shape)}, expected int64[n+1]"
+            )
         if len(self.offsets) != self.manifest["n_instances"] + 1 or self.offsets[-1] != n_tokens:
-            raise PredistillError(f"{self.dir}: offsets.npy disagrees with the manifest's counts "
-                                  f"({len(self.offsets) - 1} instances / {self.offsets[-1]} tokens, manifest says "
-                                  f"{self.manifest['n_instances']} / {n_tokens})")
+            raise PredistillError(
+                f"{self.dir}: offsets.npy disagrees with the manifest's counts "
+                f"({len(self.offsets) - 1} instances / {self.offsets[-1]} tokens, manifest says "
+                f"{self.manifest['n_instances']} / {n_tokens})"
+            )
         if self.offsets[0] != 0 or (len(self.offsets) > 1 and np.any(np.diff(self.offsets) <= 0)):
             raise PredistillError(f"{self.dir}: offsets.npy is not strictly increasing from 0 (corrupted store)")
         if len(self.domain_ids) != len(self.offsets) - 1:
-            raise PredistillError(f"{self.dir}: domains.npy has {len(self.domain_ids)} entries for "
-                                  f"{len(self.offsets) - 1} instances (corrupted store)")
+            raise PredistillError(
+                f"{self.dir}: domains.npy has {len(self.domain_ids)} entries for "
+                f"{len(self.offsets) - 1} instances (corrupted store)"
+            )
         for name, array in (("offsets", self.offsets), ("domains", self.domain_ids)):
             recorded = self.manifest.get(f"{name}_sha256")
             if recorded is not None and recorded != hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest():
-                raise PredistillError(f"{self.dir}/{name}.npy: changed since the store was written (sha256 mismatch); "
-                                      "rebuild the store")
+                raise PredistillError(
+                    f"{self.dir}/{name}.npy: changed since the store was written (sha256 mismatch); rebuild the store"
+                )
         domains = self.manifest.get("domains")
-        if not isinstance(domains, list) or not all(isinstance(d, dict) and isinstance(d.get("name"), str)
-                                                    for d in domains):
-            raise PredistillError(f"{self.dir}: the manifest's domains are not a list of named domains (corrupted store)")
+        if not isinstance(domains, list) or not all(
+            isinstance(d, dict) and isinstance(d.get("name"), str) for d in domains
+        ):
+            raise PredistillError(
+                f"{self.dir}: the manifest's domains are not a list of named domains (corrupted store)"
+            )
         if len(self.domain_ids) and (self.domain_ids.min() < 0 or self.domain_ids.max() >= len(domains)):
-            raise PredistillError(f"{self.dir}/domains.npy: a domain index outside the manifest's {len(domains)} "
-                                  "domains (corrupted store)")
+            raise PredistillError(
+                f"{self.dir}/domains.npy: a domain index outside the manifest's {len(domains)} "
+                "domains (corrupted store)"
+            )
         size = (self.dir / "tokens.bin").stat().st_size
         if size != n_tokens * self.dtype.itemsize:
             raise PredistillError(f"{self.dir}: tokens.bin has {size} bytes, expected {n_tokens * self.dtype.itemsize}")
         # np.memmap refuses empty files; an empty store is legal (e.g. a tiny val split)
-        self.tokens = (np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
-                       if n_tokens else np.zeros(0, dtype=self.dtype))
+        self.tokens = (
+            np.memmap(self.dir / "tokens.bin", dtype=self.dtype, mode="r")
+            if n_tokens
+            else np.zeros(0, dtype=self.dtype)
+        )
         self._tokenizer = None
         self._lengths: np.ndarray | None = None
         self._chunk_tokens = self.manifest.get("chunk_bytes", CHUNK_BYTES) // self.dtype.itemsize
         n_chunks = -(-n_tokens // self._chunk_tokens)
         self._chunk_sha256 = self.manifest.get("chunk_sha256")
         if self._chunk_sha256 is not None and len(self._chunk_sha256) != n_chunks:
-            raise PredistillError(f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
-                                  f"{n_chunks} chunks of tokens.bin (corrupted store)")
+            raise PredistillError(
+                f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
+                f"{n_chunks} chunks of tokens.bin (corrupted store)"
+            )
         self._verified = np.zeros(n_chunks, dtype=bool)
         self._loss_mask: np.ndarray | None = None  # memory-mapped and checked on first use
         recorded = self.manifest.get("loss_mask_sha256")
@@ -225,8 +258,10 @@ class TokenStore:
         if recorded is not None and not (self.dir / LOSS_MASK).is_file():
             raise PredistillError(f"{self.dir}: the manifest records a loss mask but {LOSS_MASK} is missing")
         if recorded is not None and (self.dir / LOSS_MASK).stat().st_size != n_tokens:
-            raise PredistillError(f"{self.dir}/{LOSS_MASK} has {(self.dir / LOSS_MASK).stat().st_size} bytes, "
-                                  f"expected one per token ({n_tokens})")
+            raise PredistillError(
+                f"{self.dir}/{LOSS_MASK} has {(self.dir / LOSS_MASK).stat().st_size} bytes, "
+                f"expected one per token ({n_tokens})"
+            )
 
     def _check_manifest_types(self) -> None:
         """What the reader computes with must be what a writer writes (one-line errors, not tracebacks)."""
@@ -245,27 +280,34 @@ class TokenStore:
             bad.append("chunk_bytes")
         checksums = m.get("chunk_sha256")
         if ("chunk_bytes" in m and checksums is None) or (
-                checksums is not None and not (isinstance(checksums, list) and all(isinstance(c, str) for c in checksums))):
+            checksums is not None and not (isinstance(checksums, list) and all(isinstance(c, str) for c in checksums))
+        ):
             bad.append("chunk_sha256")
         if bad:
-            raise PredistillError(f"{self.dir}: the manifest's {', '.join(bad)} cannot be this store's (corrupted store)")
+            raise PredistillError(
+                f"{self.dir}: the manifest's {', '.join(bad)} cannot be this store's (corrupted store)"
+            )
 
     def _verify(self, start: int, end: int) -> None:
         """Check the chunks holding tokens [start, end) the first time they are read: their sha256
         against the manifest, and every id inside the vocabulary."""
         first, last = start // self._chunk_tokens, max(end - 1, start) // self._chunk_tokens
-        if end <= start or self._verified[first:last + 1].all():
+        if end <= start or self._verified[first : last + 1].all():
             return
         for c in range(first, last + 1):
             if self._verified[c]:
                 continue
-            chunk = np.asarray(self.tokens[c * self._chunk_tokens:(c + 1) * self._chunk_tokens])
+            chunk = np.asarray(self.tokens[c * self._chunk_tokens : (c + 1) * self._chunk_tokens])
             if self._chunk_sha256 is not None and hashlib.sha256(chunk.tobytes()).hexdigest() != self._chunk_sha256[c]:
-                raise PredistillError(f"{self.dir}/tokens.bin: chunk {c} changed since the store was written "
-                                      "(sha256 mismatch); rebuild the store")
+                raise PredistillError(
+                    f"{self.dir}/tokens.bin: chunk {c} changed since the store was written "
+                    "(sha256 mismatch); rebuild the store"
+                )
             if len(chunk) and int(chunk.max()) >= self.vocab_size:
-                raise PredistillError(f"{self.dir}/tokens.bin: token id {int(chunk.max())} in chunk {c} is outside "
-                                      f"the vocabulary of {self.vocab_size} ids (corrupted store)")
+                raise PredistillError(
+                    f"{self.dir}/tokens.bin: token id {int(chunk.max())} in chunk {c} is outside "
+                    f"the vocabulary of {self.vocab_size} ids (corrupted store)"
+                )
             self._verified[c] = True
 
     def verify_all(self) -> None:
@@ -327,13 +369,16 @@ class TokenStore:
         if self._loss_mask is None:
             path = self.dir / LOSS_MASK
             if sha256_file(path) != self.manifest["loss_mask_sha256"]:
-                raise PredistillError(f"{path}: changed since the store was written (sha256 mismatch); rebuild the store")
-            self._loss_mask = np.memmap(path, dtype=np.uint8, mode="r") if self.manifest["n_tokens"] else \
-                np.zeros(0, dtype=np.uint8)
+                raise PredistillError(
+                    f"{path}: changed since the store was written (sha256 mismatch); rebuild the store"
+                )
+            self._loss_mask = (
+                np.memmap(path, dtype=np.uint8, mode="r") if self.manifest["n_tokens"] else np.zeros(0, dtype=np.uint8)
+            )
         i %= len(self)
-        return self._loss_mask[int(self.offsets[i]):int(self.offsets[i + 1])]
+        return self._loss_mask[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
-    def batch(self, ids, max_len: int | None = None, pad_id: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def batch(self, ids, max_len: int | None = None, pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Instances `ids` as a right-padded LongTensor [B, L] and their lengths [B].
 
         `max_len` truncates longer instances; padding uses `pad_id` (default EOS) and must be
@@ -343,17 +388,18 @@ class TokenStore:
 
         rows = [self[int(i)][:max_len] for i in ids]
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        out = torch.full((len(rows), int(lengths.max()) if rows else 0),
-                         self.eos_id if pad_id is None else pad_id, dtype=torch.long)
+        out = torch.full(
+            (len(rows), int(lengths.max()) if rows else 0), self.eos_id if pad_id is None else pad_id, dtype=torch.long
+        )
         for row, r in enumerate(rows):
-            out[row, :len(r)] = torch.from_numpy(r.astype(np.int64))
+            out[row, : len(r)] = torch.from_numpy(r.astype(np.int64))
         return out, lengths
 
     def iter_batches(self, batch_size: int, ids=None, max_len: int | None = None):
         """Yield `(ids, tokens, lengths)` over `ids` (default: every instance) in order."""
         ids = np.arange(len(self)) if ids is None else np.asarray(ids)
         for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
+            chunk = ids[start : start + batch_size]
             yield (chunk, *self.batch(chunk, max_len))
 
     def tokenizer(self):
@@ -366,12 +412,12 @@ class TokenStore:
     def decode(self, i: int) -> str:
         """Instance i as text, exactly: EOS tokens are kept and no spaces are "cleaned up", so
         encoding the text again (without special tokens added) gives back the instance's ids."""
-        return self.tokenizer().decode(self[i].tolist(), skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
+        return self.tokenizer().decode(self[i].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def check_same_store(expected_hash: str, store: TokenStore, what: str) -> None:
     """Refuse an artifact made from another token store, naming both hashes."""
     if expected_hash != store.hash:
         raise PredistillError(
-            f"{what} was made from token store {expected_hash[:12]}, but {store.dir} is {store.hash[:12]}")
+            f"{what} was made from token store {expected_hash[:12]}, but {store.dir} is {store.hash[:12]}"
+        )

@@ -90,7 +90,7 @@ def lastword_item(text: str, cfg: LocalTaskConfig) -> dict | None:
     """`{"context", "target"}` for the last final-of-line word whose context fits the limits."""
     best = None
     for m in _LAST_WORD.finditer(text):
-        context = text[:m.start() - 1]  # drop the space: it belongs to the target, as in LAMBADA
+        context = text[: m.start() - 1]  # drop the space: it belongs to the target, as in LAMBADA
         if len(context) > cfg.max_context_chars:
             break
         if len(context) >= cfg.min_context_chars and not context[-1:].isspace():
@@ -103,8 +103,10 @@ def _choice_at(text: str, start: int, cfg: LocalTaskConfig) -> str | None:
     line is too long; None when neither fits the length limits."""
     line = text[start:].split("\n", 1)[0].rstrip()
     if len(line) > cfg.max_choice_chars:
-        ends = [m.end() for m in _SENTENCE_END.finditer(line) if cfg.min_choice_chars <= m.end() <= cfg.max_choice_chars]
-        line = line[:ends[0]] if ends else ""
+        ends = [
+            m.end() for m in _SENTENCE_END.finditer(line) if cfg.min_choice_chars <= m.end() <= cfg.max_choice_chars
+        ]
+        line = line[: ends[0]] if ends else ""
     if not cfg.min_choice_chars <= len(line) <= cfg.max_choice_chars or not re.search(r"[A-Za-z]", line):
         return None
     return line
@@ -118,11 +120,11 @@ def continuation_split(text: str, cfg: LocalTaskConfig) -> dict | None:
     for m in _SPLIT.finditer(text):
         if m.end() > cfg.max_context_chars:
             break
-        if m.end() < cfg.min_context_chars or not text[:m.start()].strip():
+        if m.end() < cfg.min_context_chars or not text[: m.start()].strip():
             continue
         choice = _choice_at(text, m.end(), cfg)
         if choice is not None:
-            best = {"context": text[:m.end()], "continuation": choice}
+            best = {"context": text[: m.end()], "continuation": choice}
     return best
 
 
@@ -165,8 +167,15 @@ def build_items(store: TokenStore, cfg: LocalTaskConfig) -> dict[str, list[dict]
             continue  # too few other passages (a tiny store): leave the item out
         choices = [split["continuation"], *distractors]
         random.Random(f"{cfg.seed}:order:{k}").shuffle(choices)
-        continuation.append({"id": len(continuation), "instance": split["instance"], "context": split["context"],
-                             "choices": choices, "label": choices.index(split["continuation"])})
+        continuation.append(
+            {
+                "id": len(continuation),
+                "instance": split["instance"],
+                "context": split["context"],
+                "choices": choices,
+                "label": choices.index(split["continuation"]),
+            }
+        )
     return {LASTWORD: lastword, CONTINUATION: continuation}
 
 
@@ -184,14 +193,27 @@ def task_yaml(name: str, data_file: Path, cache_dir: Path) -> dict:
         "metadata": {"version": VERSION},
     }
     if name == LASTWORD:
-        return {**common, "output_type": "loglikelihood", "doc_to_target": "target",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                                {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False}]}
-    return {**common, "output_type": "multiple_choice", "doc_to_target": "label", "doc_to_choice": "choices",
-            # the context ends with its separator (newline or space); choices carry none
-            "target_delimiter": "",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+        return {
+            **common,
+            "output_type": "loglikelihood",
+            "doc_to_target": "target",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+            ],
+        }
+    return {
+        **common,
+        "output_type": "multiple_choice",
+        "doc_to_target": "label",
+        "doc_to_choice": "choices",
+        # the context ends with its separator (newline or space); choices carry none
+        "target_delimiter": "",
+        "metric_list": [
+            {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
 
 
 def build(cfg: LocalTaskConfig) -> Path:
@@ -226,8 +248,18 @@ def build(cfg: LocalTaskConfig) -> Path:
                 f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             spec = task_yaml(name, out / f"{name}.jsonl", out / ".datasets_cache")
             (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
-        write_manifest(tmp, {"format": FORMAT, "version": VERSION, "config": config, "store_hash": store.hash,
-                             "store": str(Path(cfg.store).resolve()), "dir": str(out), "n_items": counts})
+        write_manifest(
+            tmp,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "config": config,
+                "store_hash": store.hash,
+                "store": str(Path(cfg.store).resolve()),
+                "dir": str(out),
+                "n_items": counts,
+            },
+        )
     return out
 
 

@@ -22,9 +22,9 @@ import pickle
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from predistill.core.artifacts import PredistillError
 
@@ -34,7 +34,10 @@ _ALLOWED_EXACT = {
     ("torch.serialization", "_get_layout"),  # a name → layout lookup
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # a dataclass
     ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
 }
 
 
@@ -52,8 +55,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             if module == "pathlib":
                 return getattr(pathlib, name)
             return super().find_class(module, name)
-        raise PredistillError(f"checkpoint metadata refers to {module}.{name}, which is not part of a DCP checkpoint; "
-                              "refusing to load it (the file may have been crafted to run code)")
+        raise PredistillError(
+            f"checkpoint metadata refers to {module}.{name}, which is not part of a DCP checkpoint; "
+            "refusing to load it (the file may have been crafted to run code)"
+        )
 
 
 def load_metadata(stream) -> dcp_metadata.Metadata:
@@ -96,8 +101,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             obj = torch.load(value, weights_only=True)
         except Exception as e:  # noqa: BLE001 — an UnpicklingError names the global a crafted payload needed
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise PredistillError(f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({reason}); "
-                                  "refusing to load it (the file may have been crafted to run code)") from None
+            raise PredistillError(
+                f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({reason}); "
+                "refusing to load it (the file may have been crafted to run code)"
+            ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:

@@ -70,8 +70,12 @@ class _SwiGLU(torch.autograd.Function):
         grad_up = grad_hidden * act
         grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
         grad_x = grad_gate @ w_gate + grad_up @ w_up
-        return (grad_x.to(x_dtype), (rows(grad_gate).t() @ rows(x)).to(w_dtype),
-                (rows(grad_up).t() @ rows(x)).to(w_dtype), grad_w_down.to(w_dtype))
+        return (
+            grad_x.to(x_dtype),
+            (rows(grad_gate).t() @ rows(x)).to(w_dtype),
+            (rows(grad_up).t() @ rows(x)).to(w_dtype),
+            grad_w_down.to(w_dtype),
+        )
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:

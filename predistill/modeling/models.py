@@ -80,6 +80,7 @@ class Preset:
 @dataclass(frozen=True)
 class MambaPreset:
     """A Mamba (selective state-space) student: MiniPLM's cross-family students include one."""
+
     hidden: int
     layers: int
     state: int = 16  # d_state
@@ -91,6 +92,7 @@ class MambaPreset:
 @dataclass(frozen=True)
 class ReleasedConfig:
     """A preset whose shape only a released config.json gives (read from the hub or its cache)."""
+
     source: str  # a hub id or a local path, as `preset:PATH` takes it
 
 
@@ -195,8 +197,15 @@ def _convert_gguf(spec: str, gguf_path: Path, out: Path, eos: str, install: str)
     with staged_dir(out, CONVERTED_FORMAT) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, {"format": CONVERTED_FORMAT, "version": 1, "source": str(gguf_path),
-                             "source_bytes": gguf_path.stat().st_size})
+        write_manifest(
+            tmp,
+            {
+                "format": CONVERTED_FORMAT,
+                "version": 1,
+                "source": str(gguf_path),
+                "source_bytes": gguf_path.stat().st_size,
+            },
+        )
     return out
 
 
@@ -235,16 +244,18 @@ def _from_pretrained(cls, spec: str, path: str, what: str, **kwargs):
         if offline:
             raise PredistillError(
                 f"cannot load {what} '{spec}': not a local directory, not in the Hugging Face cache, and the hub "
-                f"is unreachable (offline); use {SMOLLM2}, a local HF directory, or a cached hub id") from None
+                f"is unreachable (offline); use {SMOLLM2}, a local HF directory, or a cached hub id"
+            ) from None
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         reason = reason if len(reason) <= 300 else reason[:300] + " …"  # transformers lists every model type
-        damaged = " (is the directory damaged, or not a {what}?)".format(what=what) if local else ""
+        damaged = f" (is the directory damaged, or not a {what}?)" if local else ""
         raise PredistillError(f"cannot load {what} '{spec}': {reason}{damaged}") from None
 
 
 @dataclass(frozen=True)
 class ModelRef:
     """A resolved model spec: `hf` is what `from_pretrained` (and lm-eval's `pretrained=`) gets."""
+
     spec: str
     hf: str  # a directory or a hub id
     run: str | None = None  # the run directory, when the spec was one
@@ -276,8 +287,10 @@ def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
     if path.exists() and not path.is_dir():
         raise PredistillError(f"{spec}: not a model directory")
     if path.is_dir() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir()):
-        raise PredistillError(f"{spec}: an unfinished run directory (no complete manifest.json); rerun its "
-                              "`predistill train` to finish it")
+        raise PredistillError(
+            f"{spec}: an unfinished run directory (no complete manifest.json); rerun its "
+            "`predistill train` to finish it"
+        )
     if model and path.is_dir() and not (path / "config.json").is_file():
         raise PredistillError(f"{spec}: neither a run directory nor an HF model directory (no config.json)")
     if not path.exists() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
@@ -294,8 +307,11 @@ def load_tokenizer(spec: str):
     path = resolve_model(spec, model=False).hf
     tokenizer = _from_pretrained(AutoTokenizer, spec, path, "tokenizer")
     if not getattr(tokenizer, "is_fast", False):
-        print(f"predistill: warning: tokenizer '{spec}' has no fast (Rust) implementation; using the slow one "
-              "(tokenising is slower; instances are cut after boundary tokens only)", file=sys.stderr)
+        print(
+            f"predistill: warning: tokenizer '{spec}' has no fast (Rust) implementation; using the slow one "
+            "(tokenising is slower; instances are cut after boundary tokens only)",
+            file=sys.stderr,
+        )
     if tokenizer.eos_token_id is None:
         raise PredistillError(f"tokenizer '{spec}' has no EOS token; documents need one to end with")
     if tokenizer.pad_token_id is None:
@@ -311,8 +327,13 @@ def tokenizer_hash(tokenizer) -> str:
     if getattr(tokenizer, "is_fast", False):
         text = tokenizer.backend_tokenizer.to_str()
     else:
-        text = json.dumps({"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
-                           "added": sorted(tokenizer.added_tokens_encoder.items())})
+        text = json.dumps(
+            {
+                "class": type(tokenizer).__name__,
+                "vocab": sorted(tokenizer.get_vocab().items()),
+                "added": sorted(tokenizer.added_tokens_encoder.items()),
+            }
+        )
     return hashlib.sha256((text + f"\neos={tokenizer.eos_token_id}").encode()).hexdigest()
 
 
@@ -331,22 +352,41 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
         config.pad_token_id = tokenizer.pad_token_id
         return config
     if name not in PRESETS:
-        raise PredistillError(f"unknown preset '{name}'; known: {', '.join(PRESETS)}, or a config.json / model "
-                              "directory / hub id whose architecture to use")
+        raise PredistillError(
+            f"unknown preset '{name}'; known: {', '.join(PRESETS)}, or a config.json / model "
+            "directory / hub id whose architecture to use"
+        )
     p = PRESETS[name]
     if isinstance(p, MambaPreset):
         return MambaConfig(
-            vocab_size=len(tokenizer), hidden_size=p.hidden, num_hidden_layers=p.layers, state_size=p.state,
-            conv_kernel=p.conv, expand=p.expand, tie_word_embeddings=p.tied, bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, initializer_range=0.02)
+            vocab_size=len(tokenizer),
+            hidden_size=p.hidden,
+            num_hidden_layers=p.layers,
+            state_size=p.state,
+            conv_kernel=p.conv,
+            expand=p.expand,
+            tie_word_embeddings=p.tied,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            initializer_range=0.02,
+        )
     assert isinstance(p, Preset)  # a ReleasedConfig was replaced by its source (a hub id) above
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=p.hidden, intermediate_size=p.ffn,
-        num_hidden_layers=p.layers, num_attention_heads=p.heads, num_key_value_heads=p.kv_heads,
-        head_dim=p.head_dim or p.hidden // p.heads, max_position_embeddings=max_len,
-        tie_word_embeddings=p.tied, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        rms_norm_eps=1e-6, initializer_range=0.02,
+        vocab_size=len(tokenizer),
+        hidden_size=p.hidden,
+        intermediate_size=p.ffn,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        num_key_value_heads=p.kv_heads,
+        head_dim=p.head_dim or p.hidden // p.heads,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=p.tied,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
     )
     if p.arch == "qwen2":
         return Qwen2Config(**common, rope_theta=10000.0)
@@ -356,8 +396,16 @@ def preset_config(name: str, tokenizer, max_len: int = 2048):
 ATTN_IMPLS = ("auto", "sdpa", "flash_attention_2", "eager")
 
 
-def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 0,
-               dtype: torch.dtype = torch.float32, max_len: int = 2048, attn_impl: str = "auto"):
+def load_model(
+    spec: str,
+    tokenizer=None,
+    *,
+    preset_tokenizer=None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_len: int = 2048,
+    attn_impl: str = "auto",
+):
     """Return `(model, tokenizer)` for a model spec.
 
     `tokenizer` (a spec or a loaded tokenizer) is used whatever the spec (default: the model's
@@ -392,7 +440,8 @@ def load_model(spec: str, tokenizer=None, *, preset_tokenizer=None, seed: int = 
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise PredistillError(
             f"model '{spec}' has {model.get_input_embeddings().num_embeddings} embeddings, "
-            f"fewer than its tokenizer's {len(tokenizer)} tokens")
+            f"fewer than its tokenizer's {len(tokenizer)} tokens"
+        )
     return model, tokenizer
 
 
@@ -409,6 +458,7 @@ def count_params(model) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------
 # facts about a loaded model
 # ------------------------------------------------------------------------------------------------
+
 
 def forward_params(model, vocab_size: int | None = None) -> int:
     """N of the FLOPs formulas: the parameters touched per token in a forward pass, i.e. the
@@ -455,7 +505,9 @@ def is_plain_head(model) -> bool:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight") or getattr(head, "bias", None) is not None:
         return False
-    return all(getattr(model.config, attr, None) in (None, 1, 1.0) for attr in ("final_logit_softcapping", "logit_scale"))
+    return all(
+        getattr(model.config, attr, None) in (None, 1, 1.0) for attr in ("final_logit_softcapping", "logit_scale")
+    )
 
 
 def check_plain_head(model, spec: str) -> None:
@@ -477,8 +529,7 @@ def model_hash(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         # the array's buffer, not a tobytes() copy: the same bytes, without 0.5 GB of copying for
         # a 135M model (tied weights are still hashed under each name: the value is unchanged)
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-                      if tensor.numel() else b"")
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

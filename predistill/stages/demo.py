@@ -19,7 +19,9 @@ DEMO_RECIPE = RECIPES_DIR / "demo.toml"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo-out", help="directory for every stage's output and the report (default demo-out)")
+    p.add_argument(
+        "--out", default="demo-out", help="directory for every stage's output and the report (default demo-out)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
 
 
@@ -38,5 +40,7 @@ def main(args: argparse.Namespace) -> None:
         shutil.copyfile(report / name, out / name)
     if (report / "plots").is_dir():
         shutil.copytree(report / "plots", out / "plots", dirs_exist_ok=True)
-    print(f"predistill demo: done in {time.perf_counter() - started:.0f} s\n"
-          f"  report: {out / 'report.md'}\n  html:   {out / 'report.html'}")
+    print(
+        f"predistill demo: done in {time.perf_counter() - started:.0f} s\n"
+        f"  report: {out / 'report.md'}\n  html:   {out / 'report.html'}"
+    )

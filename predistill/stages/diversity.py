@@ -27,10 +27,18 @@ import torch
 
 from predistill.core.artifacts import PredistillError, write_json_atomic
 from predistill.core.config import add_config_arguments, config_from_args, option
-from predistill.training.forward import ModelInputs
-from predistill.modeling.models import DTYPES, final_hidden, load_model, model_body, model_hash, resolve_device, resolve_dtype
 from predistill.formats.selection import load_selection
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import (
+    DTYPES,
+    final_hidden,
+    load_model,
+    model_body,
+    model_hash,
+    resolve_device,
+    resolve_dtype,
+)
+from predistill.training.forward import ModelInputs
 
 FORMAT = "diversity"
 
@@ -38,8 +46,12 @@ FORMAT = "diversity"
 @dataclass
 class DiversityConfig:
     store: str = option("", "token store whose instances are measured", required=True)
-    model: str = option("", "embedding model: a run directory, an HF directory or hub id, smollm2-135m "
-                        "(use one model for every corpus you compare)", required=True)
+    model: str = option(
+        "",
+        "embedding model: a run directory, an HF directory or hub id, smollm2-135m "
+        "(use one model for every corpus you compare)",
+        required=True,
+    )
     out: str = option("", "JSON file to write", required=True)
     selection: str | None = option(None, "measure only these instances (a `predistill sample` selection)")
     sample: int = option(1000, "instances embedded (all when fewer); drawn with --seed", interval="[2, inf)")
@@ -47,8 +59,9 @@ class DiversityConfig:
     max_len: int = option(512, "tokens of each instance embedded (longer ones are truncated)", interval="[1, inf)")
     batch_size: int = option(16, "instances per forward pass", interval="[1, inf)")
     device: str = option("auto", "auto (a GPU if any), cpu, cuda, cuda:N")
-    dtype: str = option("auto", "auto = float32 on CPU, bfloat16 on GPU (the embeddings are averaged in fp32)",
-                        choices=DTYPES)
+    dtype: str = option(
+        "auto", "auto = float32 on CPU, bfloat16 on GPU (the embeddings are averaged in fp32)", choices=DTYPES
+    )
 
 
 def vendi_score(embeddings: torch.Tensor) -> float:
@@ -65,7 +78,7 @@ def embed(model, inputs: ModelInputs, ids: np.ndarray, batch_size: int, device: 
     body = model_body(model)
     out = []
     for start in range(0, len(ids), batch_size):
-        tokens, lengths = inputs.batch([inputs.row(i) for i in ids[start:start + batch_size]])
+        tokens, lengths = inputs.batch([inputs.row(i) for i in ids[start : start + batch_size]])
         mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).to(device)
         # right padding under a causal model: no real token sees a pad, so no attention mask is needed
         hidden = final_hidden(body, tokens.to(device)).float()
@@ -97,13 +110,15 @@ def run(cfg: DiversityConfig) -> dict:
     unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
     n = len(ids)
     result = {
-        "format": FORMAT, "version": 1,
+        "format": FORMAT,
+        "version": 1,
         "vendi_score": vendi_score(embeddings),
         "n_instances": n,
         # off-diagonal mean: Σ_ij K_ij = |Σ_i x_i|² for unit rows
         "mean_cosine_similarity": float(((unit.sum(0) ** 2).sum() - n) / (n * (n - 1))),
         "store": {"path": str(store.dir), "store_hash": store.hash, "n_instances": len(store)},
-        "selection": cfg.selection, "pool_instances": int(len(pool)),
+        "selection": cfg.selection,
+        "pool_instances": int(len(pool)),
         "model": {"spec": cfg.model, "hash": model_hash(model)},
         "retokenized": inputs.retokenized,
         "config": asdict(cfg),
@@ -122,5 +137,7 @@ def main(args: argparse.Namespace) -> None:
     if cfg is None:
         return
     r = run(cfg)
-    print(f"predistill: wrote {cfg.out}: Vendi score {r['vendi_score']:.2f} over {r['n_instances']} instances "
-          f"(mean cosine similarity {r['mean_cosine_similarity']:.3f})")
+    print(
+        f"predistill: wrote {cfg.out}: Vendi score {r['vendi_score']:.2f} over {r['n_instances']} instances "
+        f"(mean cosine similarity {r['mean_cosine_similarity']:.3f})"
+    )

@@ -27,24 +27,30 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.core.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
-from predistill.training.forward import ModelInputs, ScoreCollector, run_forward_pass
-from predistill.core.sharding import plan_shards
-from predistill.modeling.models import DTYPES, count_params, load_model, resolve_device, resolve_dtype, resolve_model, \
-    run_exports, tokenizer_hash
-from predistill.core.sharding import Dist, init_distributed
-from predistill.core.sharding import owns
+from predistill.core.sharding import Dist, init_distributed, owns, plan_shards
 from predistill.formats.store import TokenStore
-from predistill.formats.tasks import LOCAL_TASKS, LocalTaskConfig
+from predistill.formats.tasks import LOCAL_TASKS, LocalTaskConfig, item_counts
 from predistill.formats.tasks import build as build_local_tasks
-from predistill.formats.tasks import item_counts
+from predistill.modeling.models import (
+    DTYPES,
+    count_params,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model,
+    run_exports,
+    tokenizer_hash,
+)
+from predistill.training.forward import ModelInputs, ScoreCollector, run_forward_pass
 
 FORMAT = "eval"
 VERSION = 1
@@ -53,9 +59,15 @@ LM_EVAL_INSTALL = f'pip install "lm-eval=={LM_EVAL_VERSION}"  (or: pip install -
 # The MiniPLM paper's zero-shot suite, and the lm-eval task folder that defines each (registering
 # only these folders takes 0.1 s instead of the 30 s it takes to index all of lm-eval's tasks).
 PAPER_TASKS = {
-    "hellaswag": "hellaswag", "lambada_openai": "lambada", "winogrande": "winogrande",
-    "openbookqa": "openbookqa", "arc_easy": "arc", "arc_challenge": "arc", "piqa": "piqa",
-    "social_iqa": "siqa", "storycloze_2018": "storycloze",
+    "hellaswag": "hellaswag",
+    "lambada_openai": "lambada",
+    "winogrande": "winogrande",
+    "openbookqa": "openbookqa",
+    "arc_easy": "arc",
+    "arc_challenge": "arc",
+    "piqa": "piqa",
+    "social_iqa": "siqa",
+    "storycloze_2018": "storycloze",
 }
 TASK_ALIASES = {"default": [*PAPER_TASKS, *LOCAL_TASKS], "paper": list(PAPER_TASKS), "local": list(LOCAL_TASKS)}
 
@@ -66,39 +78,73 @@ def _task_list(text: str) -> list[str]:
 
 @dataclass
 class EvalConfig:
-    model: str = option("", "a `predistill train` run directory (its hf/ export is used), an HF model directory, "
-                        "smollm2-135m, or a hub id", required=True)
+    model: str = option(
+        "",
+        "a `predistill train` run directory (its hf/ export is used), an HF model directory, smollm2-135m, or a hub id",
+        required=True,
+    )
     store: str = option("", "held-out token store (a training store with a val/ split means that split)", required=True)
     out: str = option("", "JSON file to write (recipes use RUN/eval.json)", required=True, effect=Effect.NONE)
-    tasks: list[str] | None = option(None, "run lm-eval on these comma-separated tasks; alone: `default` = the MiniPLM "
-                                     "paper's nine (skipped with a note when their data is not in the local HF cache) "
-                                     f"+ the local tasks. Aliases: paper, local ({', '.join(LOCAL_TASKS)}); any lm-eval "
-                                     "task name", nargs="?", const=["default"], type=_task_list, action=None,
-                                     metavar="LIST")
-    tasks_dir: str | None = option(None, "where the local tasks are built (and reused); default: the --out file's "
-                                   "folder/tasks", effect=Effect.NONE)
+    tasks: list[str] | None = option(
+        None,
+        "run lm-eval on these comma-separated tasks; alone: `default` = the MiniPLM "
+        "paper's nine (skipped with a note when their data is not in the local HF cache) "
+        f"+ the local tasks. Aliases: paper, local ({', '.join(LOCAL_TASKS)}); any lm-eval "
+        "task name",
+        nargs="?",
+        const=["default"],
+        type=_task_list,
+        action=None,
+        metavar="LIST",
+    )
+    tasks_dir: str | None = option(
+        None, "where the local tasks are built (and reused); default: the --out file's folder/tasks", effect=Effect.NONE
+    )
     batch_size: int = option(8, "sequences per forward pass", interval="[1, inf)", effect=Effect.ROUNDING)
-    limit: int | None = option(None, "evaluate at most N held-out instances and N items per task (default: all)", interval="[1, inf)")
+    limit: int | None = option(
+        None, "evaluate at most N held-out instances and N items per task (default: all)", interval="[1, inf)"
+    )
     local_items: int = option(200, "items per local task", interval="[1, inf)")
     seed: int = option(1234, "seed of the local tasks' passage order and distractors", interval="[0, 4294967295]")
-    allow_download: bool = option(False, "let lm-eval fetch task data from the HF hub (default: fully offline)",
-                                  effect=Effect.NONE)
-    num_fewshot: int = option(0, "lm-eval: examples in each prompt (0: zero-shot, as MiniPLM reports)", interval="[0, inf)")
-    fewshot: list[str] = option(default_factory=list, help="TASK=N: N examples per prompt for this task (a group: all "
-                                "its subtasks), overriding --num-fewshot (repeatable: PD's protocol sets them per task). "
-                                "A task whose lm-eval config fixes 0 shots keeps 0; each result records the shots used",
-                                flag="--fewshot", metavar="TASK=N")
-    task_path: list[str] = option(default_factory=list, help="a folder of lm-eval task/group YAML files to register "
-                                  "(lm-eval's include_path; repeatable): your own tasks, or groups over local and "
-                                  "lm-eval tasks", flag="--task-path", metavar="DIR")
-    exports: bool = option(False, "a run directory: also evaluate every export it wrote during training (train "
-                                  "--export-every) into RUN/exports/step-N/eval.json — accuracy over training; an export "
-                                  "already evaluated with these settings is kept", effect=Effect.NONE)
-    device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N; held-out loss and lm-eval",
-                         effect=Effect.ROUNDING)
+    allow_download: bool = option(
+        False, "let lm-eval fetch task data from the HF hub (default: fully offline)", effect=Effect.NONE
+    )
+    num_fewshot: int = option(
+        0, "lm-eval: examples in each prompt (0: zero-shot, as MiniPLM reports)", interval="[0, inf)"
+    )
+    fewshot: list[str] = option(
+        default_factory=list,
+        help="TASK=N: N examples per prompt for this task (a group: all "
+        "its subtasks), overriding --num-fewshot (repeatable: PD's protocol sets them per task). "
+        "A task whose lm-eval config fixes 0 shots keeps 0; each result records the shots used",
+        flag="--fewshot",
+        metavar="TASK=N",
+    )
+    task_path: list[str] = option(
+        default_factory=list,
+        help="a folder of lm-eval task/group YAML files to register "
+        "(lm-eval's include_path; repeatable): your own tasks, or groups over local and "
+        "lm-eval tasks",
+        flag="--task-path",
+        metavar="DIR",
+    )
+    exports: bool = option(
+        False,
+        "a run directory: also evaluate every export it wrote during training (train "
+        "--export-every) into RUN/exports/step-N/eval.json — accuracy over training; an export "
+        "already evaluated with these settings is kept",
+        effect=Effect.NONE,
+    )
+    device: str = option(
+        "auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N; held-out loss and lm-eval", effect=Effect.ROUNDING
+    )
     # compared as the resolved dtype (what `auto` became on this device), recorded beside the config
-    dtype: str = option("auto", "weights/activations; auto = float32 on CPU, bfloat16 on GPU (log-probs are fp32)",
-                        choices=DTYPES, effect=Effect.ROUNDING)
+    dtype: str = option(
+        "auto",
+        "weights/activations; auto = float32 on CPU, bfloat16 on GPU (log-probs are fp32)",
+        choices=DTYPES,
+        effect=Effect.ROUNDING,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +169,12 @@ def hub_offline(enabled: bool = True):
         yield
         return
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    targets = [("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-               ("datasets.config", "HF_DATASETS_OFFLINE"), ("transformers.utils.hub", "_is_offline_mode")]
+    targets = [
+        ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_HUB_OFFLINE"),
+        ("datasets.config", "HF_DATASETS_OFFLINE"),
+        ("transformers.utils.hub", "_is_offline_mode"),
+    ]
     saved = []
     for module_name, name in targets:
         try:
@@ -158,8 +208,9 @@ def _split_docs(ids: np.ndarray, eos_id: int) -> list[np.ndarray]:
     return [piece for piece in np.split(ids, cuts) if len(piece)]
 
 
-def heldout_sequences(store: TokenStore, tokenizer, limit: int | None = None,
-                      max_len: int | None = None) -> tuple[list[np.ndarray], bool, int]:
+def heldout_sequences(
+    store: TokenStore, tokenizer, limit: int | None = None, max_len: int | None = None
+) -> tuple[list[np.ndarray], bool, int]:
     """The store's instances as token id arrays for `tokenizer`: the stored ids when the tokenizers
     are the same, else re-tokenised per document with EOS mapped to `tokenizer`'s EOS. Returns
     (sequences, retokenized, n_truncated at `max_len`)."""
@@ -173,8 +224,15 @@ def heldout_sequences(store: TokenStore, tokenizer, limit: int | None = None,
 SHARD_SIZE = 16  # held-out instances per shard: the unit of work per rank, the same for any world size
 
 
-def instance_nll(model, store: TokenStore, tokenizer, sequences: list[np.ndarray], batch_size: int = 8,
-                 progress: bool = True, ranks: Dist | None = None) -> tuple[np.ndarray, np.ndarray]:
+def instance_nll(
+    model,
+    store: TokenStore,
+    tokenizer,
+    sequences: list[np.ndarray],
+    batch_size: int = 8,
+    progress: bool = True,
+    ranks: Dist | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-instance (mean next-token NLL, number of predicted tokens) of `sequences` (rows of the
     store's first instances) through the shared forward pass. Under torchrun rank r runs shards
     r, r+W, … and every rank gets all results; batches form within a shard, so the numbers are the
@@ -184,8 +242,15 @@ def instance_nll(model, store: TokenStore, tokenizer, sequences: list[np.ndarray
     inputs = ModelInputs(store, tokenizer, rows=sequences)
     collector = ScoreCollector()
     shards = [shard for shard in plan_shards(len(sequences), SHARD_SIZE) if owns(ranks, shard.index)]
-    run_forward_pass(model, inputs, shards, [collector], batch_size=batch_size, progress=progress and ranks.main,
-                     desc="held-out loss")
+    run_forward_pass(
+        model,
+        inputs,
+        shards,
+        [collector],
+        batch_size=batch_size,
+        progress=progress and ranks.main,
+        desc="held-out loss",
+    )
     ids = np.arange(len(sequences))
     logprob, n_tokens = {}, {}
     for part_logprob, part_tokens in ranks.gather((collector.logprob, collector.n_tokens)):
@@ -196,8 +261,15 @@ def instance_nll(model, store: TokenStore, tokenizer, sequences: list[np.ndarray
     return -mean_logprob, counts
 
 
-def heldout_metrics(model, tokenizer, store: TokenStore, batch_size: int = 8, limit: int | None = None,
-                    progress: bool = True, ranks: Dist | None = None) -> dict:
+def heldout_metrics(
+    model,
+    tokenizer,
+    store: TokenStore,
+    batch_size: int = 8,
+    limit: int | None = None,
+    progress: bool = True,
+    ranks: Dist | None = None,
+) -> dict:
     """`heldout_loss` (MiniPLM: mean of per-instance mean NLL) and its companions."""
     max_len = getattr(model.config, "max_position_embeddings", None)
     sequences, retokenized, truncated = heldout_sequences(store, tokenizer, limit, max_len)
@@ -207,11 +279,16 @@ def heldout_metrics(model, tokenizer, store: TokenStore, batch_size: int = 8, li
         raise PredistillError(f"{store.dir}: no held-out instance has 2 or more tokens; nothing to evaluate")
     per_instance = per_instance_all[scored]
     if not np.isfinite(per_instance).all():
-        raise PredistillError(f"held-out loss is not finite on {int((~np.isfinite(per_instance)).sum())} of "
-                              f"{len(per_instance)} instances: the model's weights are broken (a diverged run?)")
-    domains = store.domain_ids[:len(sequences)][scored]
-    by_domain = {name: float(per_instance[domains == d].mean())
-                 for d, name in enumerate(store.domain_names) if (domains == d).any()}
+        raise PredistillError(
+            f"held-out loss is not finite on {int((~np.isfinite(per_instance)).sum())} of "
+            f"{len(per_instance)} instances: the model's weights are broken (a diverged run?)"
+        )
+    domains = store.domain_ids[: len(sequences)][scored]
+    by_domain = {
+        name: float(per_instance[domains == d].mean())
+        for d, name in enumerate(store.domain_names)
+        if (domains == d).any()
+    }
     return {
         "heldout_loss": float(per_instance.mean()),
         "heldout_token_loss": float((per_instance * counts[scored]).sum() / counts[scored].sum()),
@@ -244,7 +321,9 @@ def _lm_eval():
     except ImportError:
         raise PredistillError(f"--tasks needs lm-eval {LM_EVAL_VERSION}: {LM_EVAL_INSTALL}") from None
     if lm_eval.__version__ != LM_EVAL_VERSION:
-        print(f"predistill: warning: lm-eval {lm_eval.__version__} installed; results were validated with {LM_EVAL_VERSION}")
+        print(
+            f"predistill: warning: lm-eval {lm_eval.__version__} installed; results were validated with {LM_EVAL_VERSION}"
+        )
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # keep its per-request INFO lines off the console
     return lm_eval
 
@@ -260,8 +339,11 @@ def task_manager(tasks: list[str], local_dir: Path | None, task_paths: Sequence[
         if not Path(folder).is_dir():
             raise PredistillError(f"--task-path {folder}: not a directory of lm-eval task YAML files")
     package_tasks = Path(lm_eval.tasks.__file__).parent
-    paths = ([str(local_dir)] if local_dir else []) + [str(Path(p).resolve()) for p in task_paths] + sorted(
-        {str(package_tasks / PAPER_TASKS[t]) for t in tasks if t in PAPER_TASKS})
+    paths = (
+        ([str(local_dir)] if local_dir else [])
+        + [str(Path(p).resolve()) for p in task_paths]
+        + sorted({str(package_tasks / PAPER_TASKS[t]) for t in tasks if t in PAPER_TASKS})
+    )
     manager = lm_eval.tasks.TaskManager(include_path=paths or None, include_defaults=False)
     own = [t for t in tasks if t not in PAPER_TASKS and t not in LOCAL_TASKS]
     if any(t not in manager.all_tasks for t in own) or not _loads(manager, own):
@@ -269,17 +351,23 @@ def task_manager(tasks: list[str], local_dir: Path | None, task_paths: Sequence[
         manager = lm_eval.tasks.TaskManager(include_path=paths or None, include_defaults=True)
     unknown = [t for t in tasks if t not in manager.all_tasks and t not in LOCAL_TASKS]
     if unknown:
-        raise PredistillError(f"unknown task(s): {', '.join(unknown)} (not in lm-eval {LM_EVAL_VERSION}"
-                              f"{' or --task-path' if task_paths else ''}; aliases: {', '.join(TASK_ALIASES)}; "
-                              f"local: {', '.join(LOCAL_TASKS)})")
+        raise PredistillError(
+            f"unknown task(s): {', '.join(unknown)} (not in lm-eval {LM_EVAL_VERSION}"
+            f"{' or --task-path' if task_paths else ''}; aliases: {', '.join(TASK_ALIASES)}; "
+            f"local: {', '.join(LOCAL_TASKS)})"
+        )
     return manager
 
 
 def _names_local_task(task_paths: Sequence[str]) -> bool:
     """Does a YAML file under --task-path name a local task (a group over them needs them built)?"""
     pattern = re.compile(rf"\b({'|'.join(LOCAL_TASKS)})\b")
-    return any(pattern.search(f.read_text(errors="replace")) for folder in task_paths if Path(folder).is_dir()
-               for f in sorted(Path(folder).rglob("*.yaml")))
+    return any(
+        pattern.search(f.read_text(errors="replace"))
+        for folder in task_paths
+        if Path(folder).is_dir()
+        for f in sorted(Path(folder).rglob("*.yaml"))
+    )
 
 
 def _loads(manager, tasks: list[str]) -> bool:
@@ -341,11 +429,21 @@ def _metrics(task_results: dict) -> dict[str, float]:
 def _row(metrics: dict[str, float], n: int, shots: int | None) -> dict:
     """One task's result: acc, acc_norm, perplexity, exact_match (the strict filter where there
     are several), the binomial standard errors, all metrics, the items and the shots."""
-    exact = metrics.get("exact_match", metrics.get("exact_match,strict-match",
-                        next((v for k, v in metrics.items() if k.startswith("exact_match,")), None)))
-    row: dict[str, Any] = {"acc": metrics.get("acc"), "acc_norm": metrics.get("acc_norm"),
-                           "perplexity": metrics.get("perplexity"), "exact_match": exact, "n": n,
-                           "num_fewshot": shots, "metrics": metrics}
+    exact = metrics.get(
+        "exact_match",
+        metrics.get(
+            "exact_match,strict-match", next((v for k, v in metrics.items() if k.startswith("exact_match,")), None)
+        ),
+    )
+    row: dict[str, Any] = {
+        "acc": metrics.get("acc"),
+        "acc_norm": metrics.get("acc_norm"),
+        "perplexity": metrics.get("perplexity"),
+        "exact_match": exact,
+        "n": n,
+        "num_fewshot": shots,
+        "metrics": metrics,
+    }
     for key in ("acc", "acc_norm", "exact_match"):  # binomial standard error of a mean of 0/1 outcomes
         p = row[key]
         row[f"{key}_stderr"] = math.sqrt(p * (1 - p) / (n - 1)) if p is not None and n > 1 else None
@@ -384,13 +482,26 @@ def task_rows(results: dict, tasks: list[str]) -> dict[str, dict]:
                 if weight:
                     metrics[name] = sum(leaf_rows[t]["metrics"][name] * counts[t] for t in have) / weight
         group_shots = {shots.get(t) for t in leaves}
-        out[task] = {**_row(metrics, n, group_shots.pop() if len(group_shots) == 1 else None),
-                     "aggregate": aggregate, "subtasks": {t: leaf_rows[t] for t in leaves}}
+        out[task] = {
+            **_row(metrics, n, group_shots.pop() if len(group_shots) == 1 else None),
+            "aggregate": aggregate,
+            "subtasks": {t: leaf_rows[t] for t in leaves},
+        }
     return out
 
 
-def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int | None, *, device: str = "cpu",
-                dtype: str = "float32", num_fewshot: int = 0, fewshot: dict[str, int] | None = None) -> dict[str, dict]:
+def run_lm_eval(
+    hf: str,
+    tasks: list[str],
+    manager,
+    batch_size: int,
+    limit: int | None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    num_fewshot: int = 0,
+    fewshot: dict[str, int] | None = None,
+) -> dict[str, dict]:
     """lm-eval's results per task (see `task_rows`), one `simple_evaluate` per distinct shot count."""
     import lm_eval
 
@@ -400,10 +511,22 @@ def run_lm_eval(hf: str, tasks: list[str], manager, batch_size: int, limit: int 
     out = {}
     for shots, group in by_shots.items():
         results = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": hf, "dtype": dtype}, tasks=group, device=device,
-            batch_size=batch_size, limit=limit, task_manager=manager, log_samples=False, num_fewshot=shots,
+            model="hf",
+            model_args={"pretrained": hf, "dtype": dtype},
+            tasks=group,
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            num_fewshot=shots,
             # 0: no bootstrap (it forks a process pool); acc's standard error is closed-form, in _row
-            bootstrap_iters=0, random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            bootstrap_iters=0,
+            random_seed=0,
+            numpy_random_seed=0,
+            torch_random_seed=0,
+            fewshot_random_seed=0,
+        )
         out.update(task_rows(results, group))
     return {task: out[task] for task in tasks}
 
@@ -487,9 +610,14 @@ def run(cfg: EvalConfig) -> dict:
     with hub_offline(not cfg.allow_download):
         if tasks and ranks.main:  # the local tasks are built and lm-eval run by rank 0
             if any(t in LOCAL_TASKS for t in tasks) or _names_local_task(cfg.task_path):
-                local_dir = build_local_tasks(LocalTaskConfig(
-                    store=str(store.dir), out=cfg.tasks_dir or str(out.parent / "tasks"),
-                    seed=cfg.seed, n_items=cfg.local_items))
+                local_dir = build_local_tasks(
+                    LocalTaskConfig(
+                        store=str(store.dir),
+                        out=cfg.tasks_dir or str(out.parent / "tasks"),
+                        seed=cfg.seed,
+                        n_items=cfg.local_items,
+                    )
+                )
             manager = task_manager(tasks, local_dir, cfg.task_path)
             evaluated, skipped = reachable_tasks(manager, tasks)
             for task, reason in skipped.items():
@@ -498,33 +626,58 @@ def run(cfg: EvalConfig) -> dict:
         model, tokenizer = load_model(ref.hf, dtype=dtype)
         heldout = heldout_metrics(model.to(device), tokenizer, store, cfg.batch_size, cfg.limit, ranks=ranks)
         if heldout["retokenized"]:
-            notes.append("the model's tokenizer differs from the store's: instances were decoded and "
-                         "re-tokenised with the model's tokenizer (losses are per model token)")
+            notes.append(
+                "the model's tokenizer differs from the store's: instances were decoded and "
+                "re-tokenised with the model's tokenizer (losses are per model token)"
+            )
         params = count_params(model)
         model_tok_hash = tokenizer_hash(tokenizer)
         del model
         gc.collect()  # lm-eval loads its own copy
 
-        results = (run_lm_eval(ref.hf, evaluated, manager, cfg.batch_size, cfg.limit, device=str(device),
-                               dtype=str(dtype).removeprefix("torch."), num_fewshot=cfg.num_fewshot,
-                               fewshot=shots)
-                   if evaluated else {})
+        results = (
+            run_lm_eval(
+                ref.hf,
+                evaluated,
+                manager,
+                cfg.batch_size,
+                cfg.limit,
+                device=str(device),
+                dtype=str(dtype).removeprefix("torch."),
+                num_fewshot=cfg.num_fewshot,
+                fewshot=shots,
+            )
+            if evaluated
+            else {}
+        )
     ranks.barrier()  # the others wait for rank 0's lm-eval
     if not ranks.main:
         return {}
 
     result = {
-        "format": FORMAT, "version": VERSION,
-        "model": {"spec": cfg.model, "hf": ref.hf, "run": ref.run, "params": params, "tokenizer_hash": model_tok_hash,
-                  "method": (ref.run_manifest or {}).get("method")},
-        "store": {"path": str(store.dir), "store_hash": store.hash, "tokenizer_hash": store.tokenizer_hash,
-                  "n_instances": len(store)},
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {
+            "spec": cfg.model,
+            "hf": ref.hf,
+            "run": ref.run,
+            "params": params,
+            "tokenizer_hash": model_tok_hash,
+            "method": (ref.run_manifest or {}).get("method"),
+        },
+        "store": {
+            "path": str(store.dir),
+            "store_hash": store.hash,
+            "tokenizer_hash": store.tokenizer_hash,
+            "n_instances": len(store),
+        },
         **heldout,
         "tasks": {"requested": tasks, "evaluated": evaluated, "skipped": skipped},
         "results": results,
         "avg_acc": average_accuracy(results),
-        "local_tasks": ({"dir": str(local_dir), "n_items": item_counts(local_dir), "seed": cfg.seed}
-                        if local_dir else None),
+        "local_tasks": (
+            {"dir": str(local_dir), "n_items": item_counts(local_dir), "seed": cfg.seed} if local_dir else None
+        ),
         "lm_eval_version": _lm_eval_version() if tasks else None,
         "dtype": str(dtype).removeprefix("torch."),
         "notes": notes,
@@ -556,11 +709,14 @@ def main(args: argparse.Namespace) -> None:
     r = run(cfg)
     if not r:  # not rank 0: rank 0 writes and reports
         return
-    line = (f"predistill: wrote {cfg.out} in {time.time() - started:.1f}s: heldout_loss {r['heldout_loss']:.4f} "
-            f"over {r['n_instances']} instances")
+    line = (
+        f"predistill: wrote {cfg.out} in {time.time() - started:.1f}s: heldout_loss {r['heldout_loss']:.4f} "
+        f"over {r['n_instances']} instances"
+    )
     for task, m in r["results"].items():
-        line += f"; {task} " + " ".join(f"{k} {m[k]:.3f}" for k in ("acc", "acc_norm", "exact_match")
-                                        if m.get(k) is not None)
+        line += f"; {task} " + " ".join(
+            f"{k} {m[k]:.3f}" for k in ("acc", "acc_norm", "exact_match") if m.get(k) is not None
+        )
     if r["tasks"]["skipped"]:
         line += f"; skipped {len(r['tasks']['skipped'])} task(s) (see the JSON)"
     print(line)

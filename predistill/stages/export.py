@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from predistill.formats import megatron
 from predistill.core.artifacts import PredistillError
 from predistill.core.config import add_config_arguments, config_from_args, option
+from predistill.formats import megatron
 from predistill.formats.store import TokenStore
 
 FORMATS = ("megatron",)
@@ -44,8 +44,9 @@ def run(cfg: ExportConfig):
         try:
             megatron.IndexedDataset(cfg.out)
         except PredistillError:
-            raise PredistillError(f"{cfg.out}.bin/.idx exist and are not a Megatron indexed dataset; refusing to "
-                                  "overwrite them") from None
+            raise PredistillError(
+                f"{cfg.out}.bin/.idx exist and are not a Megatron indexed dataset; refusing to overwrite them"
+            ) from None
     n = len(store)
     # a document ends where an instance's last token is EOS (read from the token array: one pass over the store)
     last = np.asarray(store.tokens[store.offsets[1:] - 1]) if n else np.zeros(0)

@@ -52,17 +52,33 @@ from pathlib import Path
 import numpy as np
 
 from predistill.core import artifacts
-from predistill.core.artifacts import PredistillError, check_output, check_plan, claim_work, is_complete, read_manifest, \
-    read_marker, refuse_foreign_work, remove_owned_work, staged_dir
+from predistill.core.artifacts import (
+    PredistillError,
+    check_output,
+    check_plan,
+    claim_work,
+    is_complete,
+    read_manifest,
+    read_marker,
+    refuse_foreign_work,
+    remove_owned_work,
+    staged_dir,
+)
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.modeling.models import DTYPES, forward_params, load_model, model_hash, resolve_device, resolve_dtype, \
-    tokenizer_hash
-from predistill.core.sharding import init_distributed, rank_and_world
-from predistill.text.retokenize import retokenize, write_retokenized
+from predistill.core.sharding import finish_by_last_rank, init_distributed, owns, rank_and_world, shard_name
 from predistill.formats.selection import load_selection, read_selection_manifest
-from predistill.core.sharding import finish_by_last_rank, owns, shard_name
 from predistill.formats.store import FORMAT as STORE_FORMAT
 from predistill.formats.store import TokenStore, TokenStoreWriter, token_dtype
+from predistill.modeling.models import (
+    DTYPES,
+    forward_params,
+    load_model,
+    model_hash,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_hash,
+)
+from predistill.text.retokenize import retokenize, write_retokenized
 
 PLAN = "plan.json"
 PLAN_FORMAT = "generate_plan"
@@ -70,29 +86,48 @@ PLAN_FORMAT = "generate_plan"
 
 @dataclass
 class GenerateConfig:
-    model: str = option("", "teacher spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME "
-                        "(random weights)", required=True)
+    model: str = option(
+        "",
+        "teacher spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME (random weights)",
+        required=True,
+    )
     store: str = option("", "source token store whose instances' prefixes are the prompts", required=True)
     out: str = option("", "token store to write (work in OUT.shards/ is resumed)", required=True, effect=Effect.NONE)
-    prefix_len: int = option(32, "store tokens of each instance used as the prompt (shorter instances: all of it)", interval="[1, inf)")
-    max_new_tokens: int | None = option(None, "tokens the teacher writes at most per instance (default: fill up to "
-                                        "the store's instance length, max_len + 1 − prefix-len)", interval="[1, inf)")
+    prefix_len: int = option(
+        32, "store tokens of each instance used as the prompt (shorter instances: all of it)", interval="[1, inf)"
+    )
+    max_new_tokens: int | None = option(
+        None,
+        "tokens the teacher writes at most per instance (default: fill up to "
+        "the store's instance length, max_len + 1 − prefix-len)",
+        interval="[1, inf)",
+    )
     temperature: float = option(1.0, "sampling temperature", interval="(0, inf)")
     top_p: float = option(1.0, "nucleus sampling mass (1.0: off)", interval="(0, 1]")
     top_k: int = option(0, "sample among the k likeliest tokens (0: off)", interval="[0, inf)")
     greedy: bool = option(False, "argmax decoding (ignores temperature/top-p/top-k)")
-    seed: int = option(0, "sampling seed (each batch is seeded from it and its first instance id) and the weight seed "
-                       "of preset: teachers", interval="[0, 4294967295]")
+    seed: int = option(
+        0,
+        "sampling seed (each batch is seeded from it and its first instance id) and the weight seed "
+        "of preset: teachers",
+        interval="[0, 4294967295]",
+    )
     batch_size: int = option(8, "prompts generated together", interval="[1, inf)")
     shard_size: int = option(64, "instances per shard, the unit of resume", interval="[1, inf)")
-    max_instances: int | None = option(None, "continue only N instances, evenly spaced over the store (or the "
-                                       "selection) (default: all)", metavar="N", interval="[1, inf)")
-    selection: str | None = option(None, "continue only the instances of a `predistill sample` selection of this store",
-                                   metavar="DIR")
+    max_instances: int | None = option(
+        None,
+        "continue only N instances, evenly spaced over the store (or the selection) (default: all)",
+        metavar="N",
+        interval="[1, inf)",
+    )
+    selection: str | None = option(
+        None, "continue only the instances of a `predistill sample` selection of this store", metavar="DIR"
+    )
     device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N", effect=Effect.ROUNDING)
     dtype: str = option("auto", "teacher weights/activations; auto = float32 on CPU, bfloat16 on GPU", choices=DTYPES)
-    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false",
-                            effect=Effect.NONE)
+    progress: bool = option(
+        True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false", effect=Effect.NONE
+    )
 
     def identity(self) -> dict:
         """The settings that change the output (recorded as the store's `config`; a finished store
@@ -107,6 +142,7 @@ class GenerateConfig:
 # input checks
 # ------------------------------------------------------------------------------------------------
 
+
 def validate(cfg: GenerateConfig) -> None:
     if not cfg.model:
         raise PredistillError("generate needs --model")
@@ -120,7 +156,9 @@ def validate(cfg: GenerateConfig) -> None:
         raise PredistillError(f"--max-new-tokens must be ≥ 1, got {cfg.max_new_tokens}")
     if not cfg.greedy:
         if not cfg.temperature > 0:
-            raise PredistillError(f"--temperature must be > 0 (use --greedy for argmax decoding), got {cfg.temperature}")
+            raise PredistillError(
+                f"--temperature must be > 0 (use --greedy for argmax decoding), got {cfg.temperature}"
+            )
         if not 0 < cfg.top_p <= 1:
             raise PredistillError(f"--top-p must be in (0, 1], got {cfg.top_p}")
         if cfg.top_k < 0:
@@ -167,6 +205,7 @@ def batch_seed(seed: int, first_id: int) -> int:
 # shards
 # ------------------------------------------------------------------------------------------------
 
+
 def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict | None:
     """A finished shard (marker + tokens) if its marker vouches for its .bin as it is on disk."""
     done, data = work / f"{shard_name(index)}.done", work / f"{shard_name(index)}.bin"
@@ -180,16 +219,31 @@ def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict
     return marker
 
 
-def write_shard(work: Path, index: int, ids: np.ndarray, rows: list[np.ndarray], prompt_lengths: list[int],
-                dtype: np.dtype, flops: int) -> None:
+def write_shard(
+    work: Path,
+    index: int,
+    ids: np.ndarray,
+    rows: list[np.ndarray],
+    prompt_lengths: list[int],
+    dtype: np.dtype,
+    flops: int,
+) -> None:
     data = np.concatenate(rows).astype(dtype).tobytes() if rows else b""
-    artifacts.write_shard(work / f"{shard_name(index)}.bin", work / f"{shard_name(index)}.done", data, ids=ids.tolist(),
-                lengths=[len(r) for r in rows], prompt_lengths=prompt_lengths, flops=flops)
+    artifacts.write_shard(
+        work / f"{shard_name(index)}.bin",
+        work / f"{shard_name(index)}.done",
+        data,
+        ids=ids.tolist(),
+        lengths=[len(r) for r in rows],
+        prompt_lengths=prompt_lengths,
+        flops=flops,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # generation
 # ------------------------------------------------------------------------------------------------
+
 
 class Prompter:
     """The teacher-token prompt of a source instance: its first `prefix_len` store ids, re-encoded
@@ -199,7 +253,7 @@ class Prompter:
         self.store, self.tokenizer, self.prefix_len, self.retokenized = store, tokenizer, prefix_len, retokenized
 
     def __call__(self, i: int) -> np.ndarray:
-        ids = np.asarray(self.store[int(i)][:self.prefix_len], dtype=np.int64)
+        ids = np.asarray(self.store[int(i)][: self.prefix_len], dtype=np.int64)
         if self.retokenized:
             ids = retokenize(ids, self.store.tokenizer(), self.store.eos_id, self.tokenizer)
             if len(ids) == 0:  # the prefix spelled nothing in the teacher's vocabulary
@@ -207,8 +261,9 @@ class Prompter:
         return ids
 
 
-def generate_batch(model, prompts: list[np.ndarray], gen_config, seed: int, pad_id: int, eos_id: int,
-                   device) -> list[np.ndarray]:
+def generate_batch(
+    model, prompts: list[np.ndarray], gen_config, seed: int, pad_id: int, eos_id: int, device
+) -> list[np.ndarray]:
     """Continue each prompt (left-padded into one batch); return the generated ids of each row,
     cut after the first EOS (kept)."""
     import torch
@@ -217,35 +272,50 @@ def generate_batch(model, prompts: list[np.ndarray], gen_config, seed: int, pad_
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), width), dtype=torch.long)
     for b, p in enumerate(prompts):
-        input_ids[b, width - len(p):] = torch.from_numpy(p)
-        attention[b, width - len(p):] = 1
+        input_ids[b, width - len(p) :] = torch.from_numpy(p)
+        attention[b, width - len(p) :] = 1
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             generation_config=gen_config, use_model_defaults=False)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            generation_config=gen_config,
+            use_model_defaults=False,
+        )
     new = out[:, width:].cpu().numpy().astype(np.int64)
     rows = []
     for row in new:
         ends = np.flatnonzero(row == eos_id)
-        rows.append(row[:ends[0] + 1] if len(ends) else row)
+        rows.append(row[: ends[0] + 1] if len(ends) else row)
     return rows
 
 
-def make_generation_config(cfg: GenerateConfig, max_new_tokens: int, eos_id: int, pad_id: int,
-                           suppress: list[int]):
+def make_generation_config(cfg: GenerateConfig, max_new_tokens: int, eos_id: int, pad_id: int, suppress: list[int]):
     from transformers import GenerationConfig
 
-    sampling = ({"temperature": None, "top_p": None, "top_k": None} if cfg.greedy else
-                {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k})
-    return GenerationConfig(do_sample=not cfg.greedy, **sampling, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                            eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, num_beams=1,
-                            suppress_tokens=suppress or None)
+    sampling = (
+        {"temperature": None, "top_p": None, "top_k": None}
+        if cfg.greedy
+        else {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k}
+    )
+    return GenerationConfig(
+        do_sample=not cfg.greedy,
+        **sampling,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+        num_beams=1,
+        suppress_tokens=suppress or None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # the command
 # ------------------------------------------------------------------------------------------------
+
 
 def _paths(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".shards"), out.with_name(out.name + ".partial")
@@ -258,8 +328,13 @@ def run(cfg: GenerateConfig) -> Path:
     store = TokenStore(cfg.store)  # one-line error when missing or incomplete
     config = cfg.identity()
 
-    if check_output(out, STORE_FORMAT, "token store", {"config": config, "source_store_hash": store.hash},
-                    lambda m: {"config": m.get("config"), "source_store_hash": m.get("source_store_hash")}):
+    if check_output(
+        out,
+        STORE_FORMAT,
+        "token store",
+        {"config": config, "source_store_hash": store.hash},
+        lambda m: {"config": m.get("config"), "source_store_hash": m.get("source_store_hash")},
+    ):
         remove_owned_work(work, PLAN_FORMAT)  # left behind by a run killed after its rename (a user's folder stays)
         print(f"predistill: {out} is already complete; nothing to do")
         return out
@@ -272,8 +347,10 @@ def run(cfg: GenerateConfig) -> Path:
     instance_len = store_instance_len(store)
     max_new = cfg.max_new_tokens if cfg.max_new_tokens is not None else instance_len - cfg.prefix_len
     if max_new < 1:
-        raise PredistillError(f"--prefix-len {cfg.prefix_len} leaves nothing to generate: the store's instances hold "
-                              f"≤ {instance_len} tokens; lower --prefix-len or set --max-new-tokens")
+        raise PredistillError(
+            f"--prefix-len {cfg.prefix_len} leaves nothing to generate: the store's instances hold "
+            f"≤ {instance_len} tokens; lower --prefix-len or set --max-new-tokens"
+        )
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -283,8 +360,12 @@ def run(cfg: GenerateConfig) -> Path:
     retokenized = teacher_tok_hash != store.tokenizer_hash
     if retokenized:
         vocab_size = len(tokenizer)
-        tok_info = {"spec": cfg.model, "hash": teacher_tok_hash, "vocab_size": vocab_size,
-                    "eos_id": tokenizer.eos_token_id}
+        tok_info = {
+            "spec": cfg.model,
+            "hash": teacher_tok_hash,
+            "vocab_size": vocab_size,
+            "eos_id": tokenizer.eos_token_id,
+        }
     else:
         vocab_size = store.vocab_size
         tok_info = dict(store.manifest["tokenizer"])
@@ -292,8 +373,9 @@ def run(cfg: GenerateConfig) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     n_embeddings = model.get_output_embeddings().weight.shape[0]
     if n_embeddings < vocab_size:
-        raise PredistillError(f"model '{cfg.model}' predicts {n_embeddings} tokens, fewer than the {vocab_size} of "
-                              "its tokenizer")
+        raise PredistillError(
+            f"model '{cfg.model}' predicts {n_embeddings} tokens, fewer than the {vocab_size} of its tokenizer"
+        )
     # ids the model can emit but the tokenizer has no token for (padded embedding rows) are never sampled
     suppress = list(range(vocab_size, n_embeddings))
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -302,41 +384,61 @@ def run(cfg: GenerateConfig) -> Path:
     gen_config = make_generation_config(cfg, max_new, eos_id, pad_id, suppress)
     prompter = Prompter(store, tokenizer, cfg.prefix_len, retokenized)
 
-    plan = {"format": PLAN_FORMAT, "version": 1, "config": config, "max_new_tokens": max_new,
-            "store_hash": store.hash, "teacher_hash": model_hash(model), "tokenizer_hash": tok_info["hash"],
-            "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "n_instances": len(ids)}
+    plan = {
+        "format": PLAN_FORMAT,
+        "version": 1,
+        "config": config,
+        "max_new_tokens": max_new,
+        "store_hash": store.hash,
+        "teacher_hash": model_hash(model),
+        "tokenizer_hash": tok_info["hash"],
+        "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+        "n_instances": len(ids),
+    }
     claim_work(work, PLAN_FORMAT, "generation")
     check_plan(work, plan, "generation")
 
-    shards = [ids[s:s + cfg.shard_size] for s in range(0, len(ids), cfg.shard_size)]
+    shards = [ids[s : s + cfg.shard_size] for s in range(0, len(ids), cfg.shard_size)]
     # under torchrun (or RANK/WORLD_SIZE by hand) rank r generates shards r, r+W, …: a shard's
     # tokens depend on its ids and the seed alone, so the output does not depend on the ranks
     rank, world = rank_and_world()
     ranks = init_distributed(device, need_group=False)
-    pending = [k for k, shard_ids in enumerate(shards)
-               if owns(ranks, k) and read_shard(work, k, shard_ids, dtype_out) is None]
+    pending = [
+        k for k, shard_ids in enumerate(shards) if owns(ranks, k) and read_shard(work, k, shard_ids, dtype_out) is None
+    ]
     if world == 1:  # one process assembles whatever is done; a lock of killed ranks means nothing now
         (work / "assemble.lock").unlink(missing_ok=True)
     if len(pending) < len(shards):
-        print(f"predistill: resuming {work}: {len(shards) - len(pending)} of {len(shards)} shards already done",
-              file=sys.stderr)
+        print(
+            f"predistill: resuming {work}: {len(shards) - len(pending)} of {len(shards)} shards already done",
+            file=sys.stderr,
+        )
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(len(shards[k]) for k in pending), unit="inst", desc=f"generate {Path(cfg.model).name}",
-               dynamic_ncols=True, disable=not cfg.progress or rank > 0, file=sys.stderr)
+    bar = tqdm(
+        total=sum(len(shards[k]) for k in pending),
+        unit="inst",
+        desc=f"generate {Path(cfg.model).name}",
+        dynamic_ncols=True,
+        disable=not cfg.progress or rank > 0,
+        file=sys.stderr,
+    )
     n_new, t0 = 0, time.perf_counter()
     try:
         for k in pending:
             shard_ids = shards[k]
             rows, prompt_lengths, flops = [], [], 0
             for start in range(0, len(shard_ids), cfg.batch_size):
-                batch_ids = shard_ids[start:start + cfg.batch_size]
+                batch_ids = shard_ids[start : start + cfg.batch_size]
                 prompts = [prompter(i) for i in batch_ids]
                 if max_pos is not None and max(len(p) for p in prompts) + max_new > max_pos:
-                    raise PredistillError(f"prompt + --max-new-tokens ({max(len(p) for p in prompts)} + {max_new}) "
-                                          f"exceeds the model's {max_pos} positions")
-                generated = generate_batch(model, prompts, gen_config, batch_seed(cfg.seed, int(batch_ids[0])),
-                                           pad_id, eos_id, device)
+                    raise PredistillError(
+                        f"prompt + --max-new-tokens ({max(len(p) for p in prompts)} + {max_new}) "
+                        f"exceeds the model's {max_pos} positions"
+                    )
+                generated = generate_batch(
+                    model, prompts, gen_config, batch_seed(cfg.seed, int(batch_ids[0])), pad_id, eos_id, device
+                )
                 for p, g in zip(prompts, generated):
                     rows.append(np.concatenate([p, g]))
                     prompt_lengths.append(len(p))
@@ -352,8 +454,10 @@ def run(cfg: GenerateConfig) -> Path:
         if others_may_be_writing and not _claim_assembly(work, shards, dtype_out):
             return False
         names = store.domain_names
-        counts = [{"n_documents": 0, "n_instances": 0, "n_tokens": 0, "n_prompt_tokens": 0, "n_generated_tokens": 0}
-                  for _ in names]
+        counts = [
+            {"n_documents": 0, "n_instances": 0, "n_tokens": 0, "n_prompt_tokens": 0, "n_generated_tokens": 0}
+            for _ in names
+        ]
         total_flops = 0
         source_ids: list[int] = []
         all_prompt_lengths = []
@@ -366,7 +470,7 @@ def run(cfg: GenerateConfig) -> Path:
                 total_flops += shard["flops"]
                 bounds = np.concatenate([[0], np.cumsum(shard["lengths"])])
                 for j, i in enumerate(shard_ids):
-                    row = shard["tokens"][bounds[j]:bounds[j + 1]]
+                    row = shard["tokens"][bounds[j] : bounds[j + 1]]
                     d = int(store.domain_ids[int(i)])
                     writer.append(row, d)
                     c = counts[d]
@@ -387,27 +491,49 @@ def run(cfg: GenerateConfig) -> Path:
             if source_val.is_dir():  # before the top-level manifest: that one is written last
                 _write_val(TokenStore(source_val), tmp / "val", retokenized, tokenizer, tok_info)
             meta = store.manifest["domains"]
-            domains = [{"name": name, "kind": "generated", "location": (meta[d] or {}).get("location"), **counts[d]}
-                       for d, name in enumerate(names)]
-            generation = {"prefix_len": cfg.prefix_len, "max_new_tokens": max_new, "greedy": cfg.greedy,
-                          "temperature": config["temperature"], "top_p": config["top_p"], "top_k": config["top_k"],
-                          "seed": cfg.seed, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
-                          "dtype": str(dtype).removeprefix("torch."), "suppressed_ids": len(suppress)}
-            writer.finish({
-                "split": "train", "config": config, "tokenizer": tok_info, "eos_id": eos_id, "domains": domains,
-                "n_documents": sum(c["n_documents"] for c in counts),
-                "source_store_hash": store.hash,
-                "source": {"store_hash": store.hash, "store_dir": str(store.dir.resolve()),
-                           "selection": cfg.selection,
-                           "selection_hash": (read_selection_manifest(cfg.selection).get("selection_sha256")
-                                              if cfg.selection else None),
-                           "n_instances": len(store), "retokenized": retokenized},
-                "generation": generation,
-                "teacher": {"spec": cfg.model, "weights_hash": plan["teacher_hash"], "forward_params": n_params},
-                "n_prompt_tokens": sum(c["n_prompt_tokens"] for c in counts),
-                "n_generated_tokens": sum(c["n_generated_tokens"] for c in counts),
-                "flops": total_flops,
-            })
+            domains = [
+                {"name": name, "kind": "generated", "location": (meta[d] or {}).get("location"), **counts[d]}
+                for d, name in enumerate(names)
+            ]
+            generation = {
+                "prefix_len": cfg.prefix_len,
+                "max_new_tokens": max_new,
+                "greedy": cfg.greedy,
+                "temperature": config["temperature"],
+                "top_p": config["top_p"],
+                "top_k": config["top_k"],
+                "seed": cfg.seed,
+                "batch_size": cfg.batch_size,
+                "shard_size": cfg.shard_size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "suppressed_ids": len(suppress),
+            }
+            writer.finish(
+                {
+                    "split": "train",
+                    "config": config,
+                    "tokenizer": tok_info,
+                    "eos_id": eos_id,
+                    "domains": domains,
+                    "n_documents": sum(c["n_documents"] for c in counts),
+                    "source_store_hash": store.hash,
+                    "source": {
+                        "store_hash": store.hash,
+                        "store_dir": str(store.dir.resolve()),
+                        "selection": cfg.selection,
+                        "selection_hash": (
+                            read_selection_manifest(cfg.selection).get("selection_sha256") if cfg.selection else None
+                        ),
+                        "n_instances": len(store),
+                        "retokenized": retokenized,
+                    },
+                    "generation": generation,
+                    "teacher": {"spec": cfg.model, "weights_hash": plan["teacher_hash"], "forward_params": n_params},
+                    "n_prompt_tokens": sum(c["n_prompt_tokens"] for c in counts),
+                    "n_generated_tokens": sum(c["n_generated_tokens"] for c in counts),
+                    "flops": total_flops,
+                }
+            )
         remove_owned_work(work, PLAN_FORMAT)
         return True
 
@@ -433,8 +559,16 @@ def _write_val(val: TokenStore, directory: Path, retokenized: bool, tokenizer, t
     if not retokenized:
         shutil.copytree(val.dir, directory)
         return
-    write_retokenized(val, np.arange(len(val)), directory, tokenizer, tok_info, split="val",
-                      config=val.manifest.get("config"), extra={"source_store_hash": val.hash})
+    write_retokenized(
+        val,
+        np.arange(len(val)),
+        directory,
+        tokenizer,
+        tok_info,
+        split="val",
+        config=val.manifest.get("config"),
+        extra={"source_store_hash": val.hash},
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -449,5 +583,7 @@ def main(args: argparse.Namespace) -> None:
     if not is_complete(out, STORE_FORMAT):  # another rank writes the store
         return
     m = read_manifest(out, STORE_FORMAT)
-    print(f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens']} tokens "
-          f"({m['n_generated_tokens']} generated by the teacher), {m['flops']:.3e} teacher FLOPs")
+    print(
+        f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens']} tokens "
+        f"({m['n_generated_tokens']} generated by the teacher), {m['flops']:.3e} teacher FLOPs"
+    )

@@ -32,30 +32,53 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from predistill.core.artifacts import PredistillError, check_output, parse_json, read_manifest, staged_dir, write_json_atomic
+from predistill.core.artifacts import (
+    PredistillError,
+    check_output,
+    parse_json,
+    read_manifest,
+    staged_dir,
+    write_json_atomic,
+)
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
+from predistill.formats.store import FORMAT, TokenStoreWriter
 from predistill.text.chunking import Chunker, boundary_table, encode_document, encode_document_slow
 from predistill.text.sources import Source, parse_sources
-from predistill.formats.store import FORMAT, TokenStoreWriter
+
 
 @dataclass
 class PrepareConfig:
-    sources: list[str] = option(default_factory=list, help="a domain of the corpus: jsonl:PATH[:FIELD], "
-                                "parquet:PATH[:FIELD], txt:GLOB, hf:DIR[:FIELD], builtin:shakespeare, builtin:python, "
-                                "megatron:PREFIX; prefix NAME= to name the domain; or store:DIR alone (a token store "
-                                "re-tokenised instance by instance, for cross-tokenizer KD)", flag="--source", required=True, metavar="SPEC")
+    sources: list[str] = option(
+        default_factory=list,
+        help="a domain of the corpus: jsonl:PATH[:FIELD], "
+        "parquet:PATH[:FIELD], txt:GLOB, hf:DIR[:FIELD], builtin:shakespeare, builtin:python, "
+        "megatron:PREFIX; prefix NAME= to name the domain; or store:DIR alone (a token store "
+        "re-tokenised instance by instance, for cross-tokenizer KD)",
+        flag="--source",
+        required=True,
+        metavar="SPEC",
+    )
     tokenizer: str = option("", "tokenizer or model spec: smollm2-135m, an HF directory or hub id", required=True)
     out: str = option("", "token store directory to write", required=True, effect=Effect.NONE)
     max_len: int = option(1024, "training context; instances hold ≤ max-len+1 tokens", interval="[8, inf)")
     val_fraction: float = option(0.0, "fraction of each domain's documents held out in OUT/val/", interval="[0, 1)")
     workers: int = option(1, "tokenizer processes", interval="[1, inf)", effect=Effect.ROUNDING)  # the same bytes
-    skip_bad: bool = option(False, "skip (and count, as n_skipped in the manifest) malformed, empty or undecodable "
-                            "documents")
-    max_tokens_per_domain: int | None = option(None, "stop reading a domain once its train+val instances hold ≥ N "
-                                               "tokens (default: read all)", metavar="N", interval="[1, inf)")
-    checkpoint_tokens: int = option(1 << 24, "make progress durable every N tokens read: a killed prepare resumes "
-                                    "there (the store is the same bytes)", metavar="N", interval="[1, inf)",
-                                    effect=Effect.NONE)
+    skip_bad: bool = option(
+        False, "skip (and count, as n_skipped in the manifest) malformed, empty or undecodable documents"
+    )
+    max_tokens_per_domain: int | None = option(
+        None,
+        "stop reading a domain once its train+val instances hold ≥ N tokens (default: read all)",
+        metavar="N",
+        interval="[1, inf)",
+    )
+    checkpoint_tokens: int = option(
+        1 << 24,
+        "make progress durable every N tokens read: a killed prepare resumes there (the store is the same bytes)",
+        metavar="N",
+        interval="[1, inf)",
+        effect=Effect.NONE,
+    )
 
 
 # Tokenisation runs in worker processes; each builds its tokenizer once from the serialised form.
@@ -80,8 +103,10 @@ def _encode_item(item: tuple[str | np.ndarray, int]) -> tuple[np.ndarray, np.nda
         vocab = len(_worker_is_boundary)
         if len(text) and (int(text.min()) < 0 or int(text.max()) >= vocab):
             bad = int(text.max()) if int(text.max()) >= vocab else int(text.min())
-            raise PredistillError(f"a pretokenized document holds id {bad}, outside the tokenizer's vocabulary "
-                                  f"[0, {vocab}): it was tokenised with another tokenizer")
+            raise PredistillError(
+                f"a pretokenized document holds id {bad}, outside the tokenizer's vocabulary "
+                f"[0, {vocab}): it was tokenised with another tokenizer"
+            )
         return text, 2 * _worker_is_boundary[text].astype(np.int8), n_skipped
     from tokenizers import Tokenizer
 
@@ -141,8 +166,13 @@ def run(cfg: PrepareConfig) -> Path:
     tokenizer, tok_info = _tokenizer(cfg.tokenizer)
     # a store is the same bytes wherever it was written and however many processes tokenised it
     config = identity(cfg, blank=True)
-    if check_output(out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"]},
-                    lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")}):
+    if check_output(
+        out,
+        FORMAT,
+        "token store",
+        {"config": config, "tokenizer_hash": tok_info["hash"]},
+        lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")},
+    ):
         print(f"predistill: {out} is already complete; nothing to do")
         return out
 
@@ -159,17 +189,25 @@ def run(cfg: PrepareConfig) -> Path:
         progress = _progress(tmp, plan) or {}
         names = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
         resume = progress.get("writers", {})
-        splits = {name: TokenStoreWriter(tmp if name == "train" else tmp / "val", len(tokenizer), resume.get(name))
-                  for name in names}
+        splits = {
+            name: TokenStoreWriter(tmp if name == "train" else tmp / "val", len(tokenizer), resume.get(name))
+            for name in names
+        }
         stats = progress.get("stats", {split: [] for split in splits})
         first_domain = progress.get("domain", 0)
         if progress:
-            print(f"predistill: resuming {tmp}: domain {first_domain + 1} of {len(sources)}, document "
-                  f"{progress['index']}", file=sys.stderr)
+            print(
+                f"predistill: resuming {tmp}: domain {first_domain + 1} of {len(sources)}, document "
+                f"{progress['index']}",
+                file=sys.stderr,
+            )
         bar = tqdm(total=total, unit="doc", desc="prepare", dynamic_ncols=True)
         definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else tokenizer
-        pool = (mp.get_context("spawn").Pool(cfg.workers, _init_worker, (definition, is_boundary))
-                if cfg.workers > 1 else None)
+        pool = (
+            mp.get_context("spawn").Pool(cfg.workers, _init_worker, (definition, is_boundary))
+            if cfg.workers > 1
+            else None
+        )
         if pool is None:
             _init_worker(definition, is_boundary)
         try:
@@ -181,8 +219,9 @@ def run(cfg: PrepareConfig) -> Path:
                 for split, saved in state.get("chunkers", {}).items():
                     chunkers[split].buffer = np.asarray(saved["buffer"], dtype=np.int64)
                     chunkers[split].can_end = np.asarray(saved["can_end"], dtype=np.int8)
-                counts = state.get("counts") or {split: {"n_documents": 0, "n_instances": 0, "n_tokens": 0}
-                                                  for split in splits}
+                counts = state.get("counts") or {
+                    split: {"n_documents": 0, "n_instances": 0, "n_tokens": 0} for split in splits
+                }
                 start = state.get("index", 0)
                 bar.update(start)
                 stop = threading.Event()
@@ -211,16 +250,23 @@ def run(cfg: PrepareConfig) -> Path:
                                     pass
                         break
                     if since_checkpoint >= cfg.checkpoint_tokens:
-                        _save_progress(tmp, plan, splits, stats, domain, index + 1, n_read, n_skipped, counts,
-                                       chunkers)
+                        _save_progress(tmp, plan, splits, stats, domain, index + 1, n_read, n_skipped, counts, chunkers)
                         since_checkpoint = 0
                 else:
                     n_skipped = source.n_skipped  # bad records after the last good one count too
                 for split, chunker in chunkers.items():
                     for instance in chunker.flush():
                         _emit(splits[split], instance, domain, counts[split])
-                    stats[split].append({"name": source.name, "kind": source.kind, "location": source.location,
-                                         **counts[split], "n_skipped": n_skipped, **source.provenance()})
+                    stats[split].append(
+                        {
+                            "name": source.name,
+                            "kind": source.kind,
+                            "location": source.location,
+                            **counts[split],
+                            "n_skipped": n_skipped,
+                            **source.provenance(),
+                        }
+                    )
                 _save_progress(tmp, plan, splits, stats, domain + 1, 0, 0, 0, None, {})
         finally:
             bar.close()
@@ -230,15 +276,24 @@ def run(cfg: PrepareConfig) -> Path:
         if sum(s["n_documents"] for s in stats["train"]) == 0:
             raise PredistillError("no documents to train on (all sources empty or held out)")
         if "val" in splits and splits["val"].n_instances == 0:
-            raise PredistillError(f"--val-fraction {cfg.val_fraction} holds out no document: every domain has fewer "
-                                  f"than {int(np.ceil(1 / cfg.val_fraction))} documents; raise it")
+            raise PredistillError(
+                f"--val-fraction {cfg.val_fraction} holds out no document: every domain has fewer "
+                f"than {int(np.ceil(1 / cfg.val_fraction))} documents; raise it"
+            )
         (tmp / PROGRESS).unlink()
         # val first: the top-level manifest (complete: true) is the last file written
         for split, writer in reversed(splits.items()):
             tokenizer.save_pretrained(writer.dir / "tokenizer")
-            writer.finish({"split": split, "config": config, "tokenizer": tok_info,
-                           "eos_id": eos, "domains": stats[split],
-                           "n_documents": sum(s["n_documents"] for s in stats[split])})
+            writer.finish(
+                {
+                    "split": split,
+                    "config": config,
+                    "tokenizer": tok_info,
+                    "eos_id": eos,
+                    "domains": stats[split],
+                    "n_documents": sum(s["n_documents"] for s in stats[split]),
+                }
+            )
     return out
 
 
@@ -249,35 +304,49 @@ def _tokenizer(spec: str):
     from predistill.modeling.models import load_tokenizer, tokenizer_hash  # heavy: keep it out of the workers
 
     tokenizer = load_tokenizer(spec)
-    return tokenizer, {"spec": spec, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
-                       "eos_id": tokenizer.eos_token_id}
+    return tokenizer, {
+        "spec": spec,
+        "hash": tokenizer_hash(tokenizer),
+        "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+    }
 
 
 def _derive(cfg: PrepareConfig, out: Path) -> Path:
     """`--source store:DIR`: the token store DIR re-tokenised instance by instance — instance i of OUT
     spells the same text as instance i of DIR, and so does its val split — recording DIR's hash, so
     that a teacher's logits over DIR can teach a student that reads OUT (predistill.text.crosstok)."""
-    from predistill.text.retokenize import write_retokenized
     from predistill.formats.store import TokenStore
+    from predistill.text.retokenize import write_retokenized
 
     if len(cfg.sources) != 1:
-        raise PredistillError(f"{STORE_SOURCE}DIR re-tokenises one token store instance by instance; it cannot be "
-                              "mixed with other --source specs")
+        raise PredistillError(
+            f"{STORE_SOURCE}DIR re-tokenises one token store instance by instance; it cannot be "
+            "mixed with other --source specs"
+        )
     if cfg.val_fraction:
         raise PredistillError(f"{STORE_SOURCE}DIR carries the store's own val split over; drop --val-fraction")
     if cfg.max_tokens_per_domain is not None:
-        raise PredistillError(f"{STORE_SOURCE}DIR keeps every instance (instance i stays instance i); "
-                              "drop --max-tokens-per-domain")
+        raise PredistillError(
+            f"{STORE_SOURCE}DIR keeps every instance (instance i stays instance i); drop --max-tokens-per-domain"
+        )
     location = cfg.sources[0].removeprefix(STORE_SOURCE)
     src = TokenStore(location)  # refuses a missing, incomplete or corrupt store
     tokenizer, tok_info = _tokenizer(cfg.tokenizer)
     # one output instance per input instance: max_len, workers and the document options do not apply
     config = {"sources": cfg.sources, "tokenizer": cfg.tokenizer}
     derived = {"path": str(Path(location).resolve()), "hash": src.hash}
-    if check_output(out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"],
-                                                 "source_store_hash": src.hash},
-                    lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"),
-                               "source_store_hash": (m.get("derived_from") or {}).get("hash")}):
+    if check_output(
+        out,
+        FORMAT,
+        "token store",
+        {"config": config, "tokenizer_hash": tok_info["hash"], "source_store_hash": src.hash},
+        lambda m: {
+            "config": m.get("config"),
+            "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"),
+            "source_store_hash": (m.get("derived_from") or {}).get("hash"),
+        },
+    ):
         print(f"predistill: {out} is already complete; nothing to do")
         return out
     val = TokenStore(src.dir / "val") if (src.dir / "val").is_dir() else None
@@ -286,12 +355,25 @@ def _derive(cfg: PrepareConfig, out: Path) -> Path:
         for split, store, directory in [("val", val, tmp / "val"), ("train", src, tmp)]:
             if store is None:
                 continue
-            manifest = write_retokenized(store, np.arange(len(store)), directory, tokenizer, tok_info, split=split,
-                                         config=config, progress=True,
-                                         extra={"derived_from": {"path": str(store.dir.resolve()), "hash": store.hash}
-                                                if split == "val" else derived})
+            manifest = write_retokenized(
+                store,
+                np.arange(len(store)),
+                directory,
+                tokenizer,
+                tok_info,
+                split=split,
+                config=config,
+                progress=True,
+                extra={
+                    "derived_from": {"path": str(store.dir.resolve()), "hash": store.hash}
+                    if split == "val"
+                    else derived
+                },
+            )
             if manifest["n_instances"] != len(store):
-                raise PredistillError(f"{store.dir}: {len(store)} instances re-tokenised into {manifest['n_instances']}")
+                raise PredistillError(
+                    f"{store.dir}: {len(store)} instances re-tokenised into {manifest['n_instances']}"
+                )
     return out
 
 
@@ -307,16 +389,37 @@ def _progress(staging: Path, plan: dict) -> dict | None:
     return progress if isinstance(progress, dict) and progress.get("plan") == plan else None
 
 
-def _save_progress(staging: Path, plan: dict, splits: dict, stats: dict, domain: int, index: int, n_read: int,
-                   n_skipped: int, counts: dict | None, chunkers: dict) -> None:
+def _save_progress(
+    staging: Path,
+    plan: dict,
+    splits: dict,
+    stats: dict,
+    domain: int,
+    index: int,
+    n_read: int,
+    n_skipped: int,
+    counts: dict | None,
+    chunkers: dict,
+) -> None:
     """A checkpoint: the writers' appended data made durable first, then the state that resumes
     from it — the next document, the open domain's counts and the chunkers' carried remainder."""
     writers = {split: writer.checkpoint() for split, writer in splits.items()}
-    write_json_atomic(staging / PROGRESS, {
-        "plan": plan, "writers": writers, "stats": stats, "domain": domain, "index": index, "n_read": n_read,
-        "n_skipped": n_skipped, "counts": counts,
-        "chunkers": {split: {"buffer": c.buffer.tolist(), "can_end": c.can_end.tolist()} for split, c in chunkers.items()},
-    })
+    write_json_atomic(
+        staging / PROGRESS,
+        {
+            "plan": plan,
+            "writers": writers,
+            "stats": stats,
+            "domain": domain,
+            "index": index,
+            "n_read": n_read,
+            "n_skipped": n_skipped,
+            "counts": counts,
+            "chunkers": {
+                split: {"buffer": c.buffer.tolist(), "can_end": c.can_end.tolist()} for split, c in chunkers.items()
+            },
+        },
+    )
 
 
 def _emit(writer: TokenStoreWriter, instance: np.ndarray, domain: int, counts: dict) -> None:
@@ -335,5 +438,7 @@ def main(args: argparse.Namespace) -> None:
         return
     out = run(cfg)
     m = read_manifest(out, FORMAT)
-    print(f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens']} tokens ({m['dtype']})"
-          + (f"; held-out {out / 'val'}" if cfg.val_fraction > 0 else ""))
+    print(
+        f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens']} tokens ({m['dtype']})"
+        + (f"; held-out {out / 'val'}" if cfg.val_fraction > 0 else "")
+    )

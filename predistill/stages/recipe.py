@@ -110,7 +110,7 @@ def _strings(value) -> list[str]:
     return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
 
 
-def _path_outside(recipe: "Recipe", stage: "Stage") -> str | None:
+def _path_outside(recipe: Recipe, stage: Stage) -> str | None:
     """The first argument that starts at a stage reference and climbs out of where it may point:
     `{self}/…` must stay in the stage's own directory, `{other}/…` in the root."""
     for value in (s for v in stage.args.values() for s in _strings(v)):
@@ -120,7 +120,7 @@ def _path_outside(recipe: "Recipe", stage: "Stage") -> str | None:
         own = match.group(1) == "self"
         base = recipe.stage_dir(stage.name if own else match.group(1))
         bound = recipe.stage_dir(stage.name) if own else recipe.root
-        target = Path(os.path.normpath(str(base) + "/" + value[match.end():]))
+        target = Path(os.path.normpath(str(base) + "/" + value[match.end() :]))
         if target != bound and bound not in target.parents:
             return value
     return None
@@ -138,8 +138,10 @@ def _matrix(raw: dict, path: Path) -> list[dict]:
             raise PredistillError(f"{path}: stage '{name}': matrix.{key} must be a non-empty list")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, (str, int, float)) or not re.fullmatch(r"[\w.-]+", str(v)):
-                raise PredistillError(f"{path}: stage '{name}': matrix.{key} value {v!r} must be a number or a "
-                                      "string of letters, digits, '_', '-' or '.'")
+                raise PredistillError(
+                    f"{path}: stage '{name}': matrix.{key} value {v!r} must be a number or a "
+                    "string of letters, digits, '_', '-' or '.'"
+                )
         if len(set(map(str, values))) != len(values):
             raise PredistillError(f"{path}: stage '{name}': matrix.{key} repeats a value")
     return [dict(zip(matrix, combo)) for combo in itertools.product(*matrix.values())]
@@ -160,8 +162,10 @@ def _expand(value, values: dict, sweeps: dict[str, list[dict]], stage: str, path
         return value
     expanded = _expand_text(value, values, sweeps, stage, path)
     if len(expanded) != 1:
-        raise PredistillError(f"{path}: stage '{stage}': '{value}' names {len(expanded)} instances of a matrix "
-                              "stage; put it in a list to pass them all")
+        raise PredistillError(
+            f"{path}: stage '{stage}': '{value}' names {len(expanded)} instances of a matrix "
+            "stage; put it in a list to pass them all"
+        )
     return expanded[0]
 
 
@@ -174,6 +178,7 @@ def _expand_text(text: str, values: dict, sweeps: dict[str, list[dict]], stage: 
             if key in assignment:
                 return "{" + _instance_name(key, assignment[key]) + "}"
             return m.group(0)
+
         return REFERENCE.sub(one, text)
 
     # every combination of instances of the sweeps this text refers to, agreeing with the stage's values
@@ -182,7 +187,9 @@ def _expand_text(text: str, values: dict, sweeps: dict[str, list[dict]], stage: 
         if ref in sweeps and ref not in values:
             matching = [a for a in sweeps[ref] if all(values.get(k, v) == v for k, v in a.items())]
             if not matching:
-                raise PredistillError(f"{path}: stage '{stage}': no instance of matrix stage '{ref}' has its values {values}")
+                raise PredistillError(
+                    f"{path}: stage '{stage}': no instance of matrix stage '{ref}' has its values {values}"
+                )
             choices.append([(ref, a) for a in matching])
     return [substitute(dict(combo)) for combo in itertools.product(*choices)]
 
@@ -219,8 +226,9 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
         if not name or not command:
             raise PredistillError(f"{path}: every [[stage]] needs a name and a command")
         if not isinstance(name, str) or not isinstance(command, str):
-            raise PredistillError(f"{path}: a [[stage]]'s name and command must be strings, got name = {name!r}, "
-                                  f"command = {command!r}")
+            raise PredistillError(
+                f"{path}: a [[stage]]'s name and command must be strings, got name = {name!r}, command = {command!r}"
+            )
         if not re.fullmatch(r"[A-Za-z_][\w-]*", str(name)):
             raise PredistillError(f"{path}: stage name '{name}' must be letters, digits, '_' or '-'")
         if command not in COMMANDS or command in ("run", "demo"):
@@ -254,12 +262,13 @@ def load_recipe(path: str | Path, root: str | Path | None = None) -> Recipe:
     recipe = Recipe(meta.get("name", path.stem), root, ordered)
     for stage in ordered:
         if (outside := _path_outside(recipe, stage)) is not None:
-            raise PredistillError(f"{path}: stage '{stage.name}': {outside!r} leaves "
-                                  f"{'its own directory' if outside.startswith('{self}') else 'the root'}; "
-                                  "a stage writes only under ROOT/NAME and reads other stages only under ROOT")
+            raise PredistillError(
+                f"{path}: stage '{stage.name}': {outside!r} leaves "
+                f"{'its own directory' if outside.startswith('{self}') else 'the root'}; "
+                "a stage writes only under ROOT/NAME and reads other stages only under ROOT"
+            )
     for stage in ordered:  # dependencies first, so their hashes exist
-        payload = {"command": stage.command, "args": stage.args,
-                   "deps": {d: stages[d].hash for d in stage.deps}}
+        payload = {"command": stage.command, "args": stage.args, "deps": {d: stages[d].hash for d in stage.deps}}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return recipe
 
@@ -283,7 +292,7 @@ def _toposort(stages: dict[str, Stage], path: Path) -> list[Stage]:
                 ordered.append(stages[name])
             elif state.get(dep) == "visiting":
                 chain = [n for n, _ in stack]
-                raise PredistillError(f"{path}: stages form a cycle: {' → '.join(chain[chain.index(dep):] + [dep])}")
+                raise PredistillError(f"{path}: stages form a cycle: {' → '.join(chain[chain.index(dep) :] + [dep])}")
             elif state.get(dep) != "done":
                 state[dep] = "visiting"
                 stack.append((dep, iter(stages[dep].deps)))
@@ -359,8 +368,16 @@ def processes(stage: Stage, nproc_per_node: int) -> int:
 
 
 def torchrun_argv(n: int, argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-            "-m", "predistill", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "predistill",
+        *argv,
+    ]
 
 
 def check_arguments(name: str, argv: list[str]) -> None:
@@ -393,7 +410,7 @@ def stage_inputs(recipe: Recipe, stage: Stage) -> list[Path]:
         match = REFERENCE.match(value)
         if match is None or match.group(1) == "self":
             continue
-        path = Path(os.path.normpath(str(recipe.stage_dir(match.group(1))) + "/" + value[match.end():]))
+        path = Path(os.path.normpath(str(recipe.stage_dir(match.group(1))) + "/" + value[match.end() :]))
         try:
             fmt = parse_json((path / "manifest.json").read_text()).get("format")
         except (OSError, ValueError, AttributeError):
@@ -413,7 +430,7 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, veri
     for stage, run_it in plan(recipe):
         argv = stage_argv(recipe, stage)
         n = processes(stage, nproc_per_node)
-        line = ("torchrun --standalone --nproc-per-node=%d -m " % n if n > 1 else "") + "predistill " + " ".join(argv)
+        line = (f"torchrun --standalone --nproc-per-node={n} -m " if n > 1 else "") + "predistill " + " ".join(argv)
         if dry_run:
             check_arguments(stage.name, argv)
             print(f"[{'run   ' if run_it else 'cached'}] {stage.name}: {line}")
@@ -426,14 +443,17 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, veri
                 cli_main(["verify", *map(str, inputs)])
             except SystemExit as e:
                 if e.code not in (0, None):
-                    raise PredistillError(f"stage '{stage.name}': an input failed `predistill verify` (above); "
-                                          "nothing was run") from None
+                    raise PredistillError(
+                        f"stage '{stage.name}': an input failed `predistill verify` (above); nothing was run"
+                    ) from None
         directory = recipe.stage_dir(stage.name)
         record = stage_record(recipe, stage)
         if directory.is_symlink() or (directory.exists() and not record and any(directory.iterdir())):
             # no record says a `predistill run` made it: a user's folder that happens to have the stage's name
-            raise PredistillError(f"{directory} exists but no predistill run made it (no record in "
-                                  f"{recipe.root / RECORDS_DIR}); refusing to remove it: move it, or use another --root")
+            raise PredistillError(
+                f"{directory} exists but no predistill run made it (no record in "
+                f"{recipe.root / RECORDS_DIR}); refusing to remove it: move it, or use another --root"
+            )
         if directory.exists() and (record.get("hash") != stage.hash or any(d in ran for d in stage.deps)):
             # its inputs changed (or were just rewritten): start clean, nothing stale survives
             shutil.rmtree(directory)
@@ -456,10 +476,13 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, veri
                 cli_main(argv)
         except SystemExit as e:
             if e.code not in (0, None):
-                raise PredistillError(f"stage '{stage.name}' failed (exit {e.code}); fix it and rerun: "
-                                      "finished stages are kept") from None
-        write_json_atomic(record_file, {"hash": stage.hash, "command": line, "complete": True,
-                                        "seconds": round(time.perf_counter() - started, 1)})
+                raise PredistillError(
+                    f"stage '{stage.name}' failed (exit {e.code}); fix it and rerun: finished stages are kept"
+                ) from None
+        write_json_atomic(
+            record_file,
+            {"hash": stage.hash, "command": line, "complete": True, "seconds": round(time.perf_counter() - started, 1)},
+        )
         ran.append(stage.name)
     return ran
 
@@ -468,11 +491,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe TOML file")
     p.add_argument("--root", help="directory for the stages' outputs (default: the recipe's `root`)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (cached / run) and the commands, run nothing")
-    p.add_argument("--verify", action="store_true", help="check every input a stage reads from another stage "
-                   "(hashes and schemas, `predistill verify`) before the stage starts")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="launch every train, score, generate and eval stage with torchrun, N processes (one per device); a stage's "
-                        "own nproc_per_node key wins (default 1: in-process)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every input a stage reads from another stage "
+        "(hashes and schemas, `predistill verify`) before the stage starts",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        metavar="N",
+        help="launch every train, score, generate and eval stage with torchrun, N processes (one per device); a stage's "
+        "own nproc_per_node key wins (default 1: in-process)",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -482,5 +514,7 @@ def main(args: argparse.Namespace) -> None:
         raise PredistillError(f"--nproc-per-node must be ≥ 1, got {args.nproc_per_node}")
     ran = execute(recipe, args.dry_run, args.nproc_per_node, verify=args.verify)
     if not args.dry_run:
-        print(f"predistill run: {recipe.name}: {len(ran)} stage(s) ran, {len(recipe.stages) - len(ran)} cached, "
-              f"{time.perf_counter() - started:.0f} s; outputs in {recipe.root}")
+        print(
+            f"predistill run: {recipe.name}: {len(ran)} stage(s) ran, {len(recipe.stages) - len(ran)} cached, "
+            f"{time.perf_counter() - started:.0f} s; outputs in {recipe.root}"
+        )

@@ -55,20 +55,37 @@ NOT_TEACHER_FORMATS = {"run", "token_store", "tokenizer", "converted_model", "lo
 
 @dataclass
 class ReportConfig:
-    runs: list[str] = option(default_factory=list, help="run directories written by `predistill train`",
-                             positional=True, required=True, metavar="RUN")
+    runs: list[str] = option(
+        default_factory=list,
+        help="run directories written by `predistill train`",
+        positional=True,
+        required=True,
+        metavar="RUN",
+    )
     out: str = option("", "directory for report.md, report.html, report.json and plots/", required=True)
     title: str = option("predistill report", "page title")
     note: str = option("", "a paragraph shown under the title (what the runs are, where fuller results are)")
-    extrapolate: float = option(DEFAULT_EXTRAPOLATE, "extend the power-law fits to this × the largest fitted compute", interval="[1, inf)")
-    irreducible: str = option("auto", "fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points",
-                              choices=("auto", "on", "off"))
+    extrapolate: float = option(
+        DEFAULT_EXTRAPOLATE, "extend the power-law fits to this × the largest fitted compute", interval="[1, inf)"
+    )
+    irreducible: str = option(
+        "auto",
+        "fit L = a·C^-b + c with an irreducible term c: auto = when a fit has ≥ 4 points",
+        choices=("auto", "on", "off"),
+    )
     baseline: str = option(BASELINE, "the method every other is compared to, seed by seed, in the seed summary")
-    target_sets: list[str] = option(default_factory=list, help="a held-out set (train --heldout NAME=DIR) that is "
-                                    "not the training pool's mixture: marked as a target in the tables and listed as "
-                                    "such in STEM.json (repeatable)", flag="--target-set", metavar="NAME")
-    stem: str = option("report", "file names: OUT/STEM.md, STEM.html, STEM.json (plots in OUT/plots, or OUT/STEM-plots "
-                                 "for another stem)")
+    target_sets: list[str] = option(
+        default_factory=list,
+        help="a held-out set (train --heldout NAME=DIR) that is "
+        "not the training pool's mixture: marked as a target in the tables and listed as "
+        "such in STEM.json (repeatable)",
+        flag="--target-set",
+        metavar="NAME",
+    )
+    stem: str = option(
+        "report",
+        "file names: OUT/STEM.md, STEM.html, STEM.json (plots in OUT/plots, or OUT/STEM-plots for another stem)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +134,11 @@ def _non_finite(value) -> bool:
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
 
 
 def _object(value: Any) -> dict:
@@ -146,8 +167,9 @@ def _referenced_artifacts(manifest: dict, base: Path) -> list[Path]:
     return found
 
 
-def offline_teacher_flops(selection: Path | None, kd_logits: Path | None,
-                          store: Path | None = None) -> tuple[float | None, list[str]]:
+def offline_teacher_flops(
+    selection: Path | None, kd_logits: Path | None, store: Path | None = None
+) -> tuple[float | None, list[str]]:
     """Offline teacher (and reference) inference behind a run: the training store's `flops` when the
     teacher generated it (SeqKD: `predistill generate`'s prompts and samples); the selection's own `flops` when its
     manifest states the total (a proxy selection: `proxy.flops_spent`, the subset scoring plus the
@@ -164,8 +186,11 @@ def offline_teacher_flops(selection: Path | None, kd_logits: Path | None,
         if flops is None and isinstance(proxy, dict):  # MiniPLM_prx: teacher/reference on a subset + the proxy
             flops = _number(proxy.get("flops_spent"))
         generated = isinstance(manifest.get("generation"), dict)  # a token store the teacher wrote (SeqKD)
-        if flops is None or (manifest.get("format") in NOT_TEACHER_FORMATS and not generated) \
-                or any(p == path for p, _ in counted):
+        if (
+            flops is None
+            or (manifest.get("format") in NOT_TEACHER_FORMATS and not generated)
+            or any(p == path for p, _ in counted)
+        ):
             return False
         counted.append((path, flops))
         return True
@@ -248,8 +273,21 @@ class RunSummary:
 
 # what a method's run shares with the baseline run it is read against (the method's own settings —
 # selection, KD source, store — differ by design); the budget is compared for per-run curves only
-SCHEDULE_KEYS = ("model", "batch_size", "seq_len", "lr", "lr_schedule", "warmup", "warmup_ratio", "decay_ratio",
-                 "min_lr_ratio", "val_store", "steps", "flops_budget", "epochs")
+SCHEDULE_KEYS = (
+    "model",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "lr_schedule",
+    "warmup",
+    "warmup_ratio",
+    "decay_ratio",
+    "min_lr_ratio",
+    "val_store",
+    "steps",
+    "flops_budget",
+    "epochs",
+)
 
 
 def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str:
@@ -257,8 +295,9 @@ def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str
     seed, execution or what they measure share it (but not in the axes named in `keep`)."""
     if not config:
         return json.dumps({"method": s.method or s.name, "model": s.model})
-    return json.dumps({k: config.get(k) for k in configuration_keys(keep)} | {"method": s.method},
-                      sort_keys=True, default=str)
+    return json.dumps(
+        {k: config.get(k) for k in configuration_keys(keep)} | {"method": s.method}, sort_keys=True, default=str
+    )
 
 
 def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:
@@ -266,12 +305,25 @@ def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:
     for export in run_exports(run_dir):
         info, evaluation = _read_json(export / EXPORT_INFO) or {}, _read_json(export / "eval.json") or {}
         if evaluation:
-            points.append({"step": _number(info.get("step")), "tokens": _number(info.get("tokens")),
-                           "flops": _number(info.get("flops")), "heldout_loss": _number(evaluation.get("heldout_loss")),
-                           "avg_acc": _number(evaluation.get("avg_acc"))})
+            points.append(
+                {
+                    "step": _number(info.get("step")),
+                    "tokens": _number(info.get("tokens")),
+                    "flops": _number(info.get("flops")),
+                    "heldout_loss": _number(evaluation.get("heldout_loss")),
+                    "avg_acc": _number(evaluation.get("avg_acc")),
+                }
+            )
     if points and (s.heldout_source == "eval" or s.avg_acc is not None):
-        points.append({"step": s.steps, "tokens": s.tokens, "flops": s.flops, "heldout_loss": s.heldout_loss,
-                       "avg_acc": s.avg_acc})
+        points.append(
+            {
+                "step": s.steps,
+                "tokens": s.tokens,
+                "flops": s.flops,
+                "heldout_loss": s.heldout_loss,
+                "avg_acc": s.avg_acc,
+            }
+        )
     return points
 
 
@@ -322,8 +374,9 @@ def summarize_run(run: str) -> RunSummary:
             r = results[task]
             s.tasks[task] = {k: _number(r.get(k)) for k in TASK_METRICS}
             subtasks = _object(r.get("subtasks"))
-            s.subtasks[task] = {str(t): {k: _number(v.get(k)) for k in TASK_METRICS}
-                                for t, v in subtasks.items() if isinstance(v, dict)}
+            s.subtasks[task] = {
+                str(t): {k: _number(v.get(k)) for k in TASK_METRICS} for t, v in subtasks.items() if isinstance(v, dict)
+            }
     s.avg_acc = _number(evaluation.get("avg_acc"))
     if s.avg_acc is None and s.tasks:
         headlines = [headline_metric(v) for v in s.tasks.values()]
@@ -383,7 +436,7 @@ class PowerLaw:
     n_points: int
 
     @classmethod
-    def of(cls, fit: dict) -> "PowerLaw":
+    def of(cls, fit: dict) -> PowerLaw:
         """The law a fit entry (`scaling_fits`, report.json's `fits`) records."""
         return cls(fit["a"], fit["b"], fit["c"], fit["r2"], fit["n_points"])
 
@@ -417,7 +470,7 @@ def fit_power_law(compute, loss, irreducible: bool = False) -> PowerLaw:
 
     def sse(c: float) -> float:
         alpha, b, _ = _loglinear(log_c, np.log(loss - c))
-        pred = np.exp(alpha) * compute ** -b + c
+        pred = np.exp(alpha) * compute**-b + c
         return float(np.sum((np.log(pred) - np.log(loss)) ** 2))
 
     c = 0.0
@@ -453,7 +506,9 @@ def config_labels(runs: list[RunSummary], key: str = "identity", with_size: bool
     labels = {}
     for ident, r in configs.items():
         name = (r.method or r.name) + (f" ({r.size})" if r.size and with_size else "")
-        same = [json.loads(i) for i, o in configs.items() if (o.method or o.name, o.size) == (r.method or r.name, r.size)]
+        same = [
+            json.loads(i) for i, o in configs.items() if (o.method or o.name, o.size) == (r.method or r.name, r.size)
+        ]
         if len(same) == 1:
             labels[ident] = name
             continue
@@ -490,13 +545,27 @@ def scaling_fits(runs: list[RunSummary], mode: str, seeded: bool = False) -> lis
         per_token = {r.student_flops_per_token for r in members}
         seeds = {r.seed for r in members}
         # a configuration's runs differ in their budget: only a curve is compared at its own budget
-        schedules = {json.dumps({k: v for k, v in json.loads(r.schedule).items()
-                                 if kind == "curve" or k not in BUDGET_KEYS}, sort_keys=True) for r in members}
-        fits.append({"label": label, "kind": kind, "points": [list(p) for p in pts], **asdict(law),
-                     "compute_max": float(c.max()), "method": members[0].method or members[0].name,
-                     "size": members[0].size, "seed": seeds.pop() if len(seeds) == 1 else None,
-                     "schedule": schedules.pop() if len(schedules) == 1 else None,
-                     "student_flops_per_token": per_token.pop() if len(per_token) == 1 else None})
+        schedules = {
+            json.dumps(
+                {k: v for k, v in json.loads(r.schedule).items() if kind == "curve" or k not in BUDGET_KEYS},
+                sort_keys=True,
+            )
+            for r in members
+        }
+        fits.append(
+            {
+                "label": label,
+                "kind": kind,
+                "points": [list(p) for p in pts],
+                **asdict(law),
+                "compute_max": float(c.max()),
+                "method": members[0].method or members[0].name,
+                "size": members[0].size,
+                "seed": seeds.pop() if len(seeds) == 1 else None,
+                "schedule": schedules.pop() if len(schedules) == 1 else None,
+                "student_flops_per_token": per_token.pop() if len(per_token) == 1 else None,
+            }
+        )
     return fits
 
 
@@ -514,9 +583,17 @@ def extrapolations(fits: list[dict], baseline: str) -> list[dict]:
         if not f["student_flops_per_token"]:
             continue
         law = PowerLaw.of(f)
-        candidates = [b for b in fits if b["method"] == baseline and b["kind"] == f["kind"] and b["size"] == f["size"]
-                      and b["seed"] == f["seed"] and b["schedule"] is not None and b["schedule"] == f["schedule"]
-                      and b["student_flops_per_token"]]
+        candidates = [
+            b
+            for b in fits
+            if b["method"] == baseline
+            and b["kind"] == f["kind"]
+            and b["size"] == f["size"]
+            and b["seed"] == f["seed"]
+            and b["schedule"] is not None
+            and b["schedule"] == f["schedule"]
+            and b["student_flops_per_token"]
+        ]
         base = candidates[0] if len(candidates) == 1 else None
         row = {"label": f["label"], "method": f["method"], "size": f["size"], "kind": f["kind"]}
         for name, tokens in EXTRAPOLATED_TOKENS.items():
@@ -528,15 +605,22 @@ def extrapolations(fits: list[dict], baseline: str) -> list[dict]:
                 needed = law.compute_for(target)
                 reached = needed is not None
                 ratio = needed / (base["student_flops_per_token"] * tokens) if reached else None
-            row[name] = {"compute": compute, "loss": float(law(compute)), "reaches_baseline": reached,
-                         "compute_ratio_to_baseline": ratio}
+            row[name] = {
+                "compute": compute,
+                "loss": float(law(compute)),
+                "reaches_baseline": reached,
+                "compute_ratio_to_baseline": ratio,
+            }
         rows.append(row)
     return rows
 
 
 def extrapolation_rows(rows: list[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
-    header = ["fit"] + [h for name in EXTRAPOLATED_TOKENS
-                        for h in (f"C({name}) FLOPs", f"L({name})", f"compute to reach {baseline}'s L({name})")]
+    header = ["fit"] + [
+        h
+        for name in EXTRAPOLATED_TOKENS
+        for h in (f"C({name}) FLOPs", f"L({name})", f"compute to reach {baseline}'s L({name})")
+    ]
     table = []
     for row in rows:
         cells = [row["label"]]
@@ -596,20 +680,35 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
         losses = [_heldout(r) for r in members]
         mean, std = _mean_std(losses)
         entry: dict[str, Any]  # its values: numbers, lists, the paired and per-set summaries
-        entry = {"method": method, "label": labels[variant], "size": size, "n_seeds": len(members),
-                 "seeds": [r.seed for r in members], "heldout_loss_mean": mean, "heldout_loss_std": std,
-                 "flops_mean": float(np.mean([r.flops for r in members])) if all(r.flops for r in members) else None,
-                 "paired": None}
+        entry = {
+            "method": method,
+            "label": labels[variant],
+            "size": size,
+            "n_seeds": len(members),
+            "seeds": [r.seed for r in members],
+            "heldout_loss_mean": mean,
+            "heldout_loss_std": std,
+            "flops_mean": float(np.mean([r.flops for r in members])) if all(r.flops for r in members) else None,
+            "paired": None,
+        }
         # the baseline's runs of the same size and schedule (a budget sweep pairs budget with budget)
-        bases = [v for v, rs in groups.items() if (rs[0].method or rs[0].name) == baseline and rs[0].size == size
-                 and rs[0].schedule == members[0].schedule]
+        bases = [
+            v
+            for v, rs in groups.items()
+            if (rs[0].method or rs[0].name) == baseline and rs[0].size == size and rs[0].schedule == members[0].schedule
+        ]
         base = {r.seed: r for r in groups[bases[0]] if r.seed is not None} if len(bases) == 1 else {}
         pairs = [(r, base[r.seed]) for r in members if r.seed in base]
         sets = [name for name in members[0].heldout_losses if all(name in r.heldout_losses for r in members)]
-        entry["heldout_sets"] = {name: _set_summary([r.heldout_losses[name] for r in members],
-                                                    [(r.heldout_losses[name], b.heldout_losses[name]) for r, b in pairs
-                                                     if name in b.heldout_losses] if method != baseline else [])
-                                 for name in sets}
+        entry["heldout_sets"] = {
+            name: _set_summary(
+                [r.heldout_losses[name] for r in members],
+                [(r.heldout_losses[name], b.heldout_losses[name]) for r, b in pairs if name in b.heldout_losses]
+                if method != baseline
+                else [],
+            )
+            for name in sets
+        }
         if method != baseline and pairs:
             reach = []
             for r, b in pairs:
@@ -619,7 +718,8 @@ def seed_groups(runs: list[RunSummary], baseline: str) -> list[dict]:
             entry["paired"] = {
                 **paired_difference([_heldout(r) - _heldout(b) for r, b in pairs]),
                 "flops_to_reach_baseline_ratio": reach,
-                "flops_to_reach_baseline_ratio_mean": float(np.mean(reached)) if len(reached) == len(reach) else None}
+                "flops_to_reach_baseline_ratio_mean": float(np.mean(reached)) if len(reached) == len(reach) else None,
+            }
         out.append(entry)
     return out
 
@@ -629,8 +729,13 @@ def paired_difference(diffs: list[float]) -> dict:
     beyond SIGNIFICANT_SE standard errors."""
     d_mean, d_std = _mean_std(diffs)
     se = d_std / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-    return {"n_pairs": len(diffs), "diff_mean": d_mean, "diff_se": se, "diffs": diffs,
-            "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se}
+    return {
+        "n_pairs": len(diffs),
+        "diff_mean": d_mean,
+        "diff_se": se,
+        "diffs": diffs,
+        "significant": se is not None and abs(d_mean) > SIGNIFICANT_SE * se,
+    }
 
 
 def _set_summary(losses: list[float], pairs: list[tuple[float, float]]) -> dict:
@@ -643,8 +748,9 @@ def _set_summary(losses: list[float], pairs: list[tuple[float, float]]) -> dict:
 def heldout_set_rows(groups: list[dict], baseline: str, targets: list[str]) -> tuple[list[str], list[list[str]]]:
     """Per held-out set (train --heldout): each seed group's mean loss and paired Δ vs the baseline."""
     names = list(dict.fromkeys(n for g in groups for n in g.get("heldout_sets", {})))
-    header = ["method", "size", "seeds"] + [f"{n}{' (target)' if n in targets else ''}: loss, Δ vs {baseline}"
-                                            for n in names]
+    header = ["method", "size", "seeds"] + [
+        f"{n}{' (target)' if n in targets else ''}: loss, Δ vs {baseline}" for n in names
+    ]
     rows = []
     for g in groups:
         cells = []
@@ -663,8 +769,16 @@ def heldout_set_rows(groups: list[dict], baseline: str, targets: list[str]) -> t
 
 
 def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "size", "seeds", "held-out loss (mean ± std)", f"Δ vs {baseline} (paired mean ± s.e.)",
-              f"beyond {SIGNIFICANT_SE:g} s.e.?", "training FLOPs", f"FLOPs to reach {baseline}'s loss"]
+    header = [
+        "method",
+        "size",
+        "seeds",
+        "held-out loss (mean ± std)",
+        f"Δ vs {baseline} (paired mean ± s.e.)",
+        f"beyond {SIGNIFICANT_SE:g} s.e.?",
+        "training FLOPs",
+        f"FLOPs to reach {baseline}'s loss",
+    ]
     rows = []
     for g in groups:
         p = g["paired"]
@@ -672,17 +786,33 @@ def seed_rows(groups: list[dict], baseline: str) -> tuple[list[str], list[list[s
             delta = verdict = reach = DASH
         else:
             delta = f"{p['diff_mean']:+.4f}" + (f" ± {p['diff_se']:.4f}" if p["diff_se"] is not None else "")
-            verdict = DASH if p["diff_se"] is None else ("yes, " + ("better" if p["diff_mean"] < 0 else "worse")
-                                                         if p["significant"] else "no")
+            verdict = (
+                DASH
+                if p["diff_se"] is None
+                else ("yes, " + ("better" if p["diff_mean"] < 0 else "worse") if p["significant"] else "no")
+            )
             ratios = p["flops_to_reach_baseline_ratio"]
             n_reached = sum(x is not None for x in ratios)
             reached = [x for x in ratios if x is not None]
-            reach = (f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×" if n_reached == len(ratios) else
-                     "not reached" if not reached else
-                     f"{np.mean(reached):.2f}× ({n_reached} of {len(ratios)} seeds reach it)")
-        rows.append([g["label"], g["size"] or DASH, str(g["n_seeds"]),
-                     f"{g['heldout_loss_mean']:.4f} ± {g['heldout_loss_std']:.4f}", delta, verdict,
-                     fmt_sci(g["flops_mean"]), reach])
+            reach = (
+                f"{p['flops_to_reach_baseline_ratio_mean']:.2f}×"
+                if n_reached == len(ratios)
+                else "not reached"
+                if not reached
+                else f"{np.mean(reached):.2f}× ({n_reached} of {len(ratios)} seeds reach it)"
+            )
+        rows.append(
+            [
+                g["label"],
+                g["size"] or DASH,
+                str(g["n_seeds"]),
+                f"{g['heldout_loss_mean']:.4f} ± {g['heldout_loss_std']:.4f}",
+                delta,
+                verdict,
+                fmt_sci(g["flops_mean"]),
+                reach,
+            ]
+        )
     return header, rows
 
 
@@ -742,8 +872,11 @@ def plot_over_training(runs: list[RunSummary], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = False
     for k, r in enumerate(runs):
-        points = [(p["tokens"], 100 * p["avg_acc"]) for p in r.over_training
-                  if p["tokens"] is not None and p["avg_acc"] is not None]
+        points = [
+            (p["tokens"], 100 * p["avg_acc"])
+            for p in r.over_training
+            if p["tokens"] is not None and p["avg_acc"] is not None
+        ]
         if points:
             label = (r.method or r.name) + (f" ({r.size})" if r.size else "")
             ax.plot(*zip(*points), "o-", color=f"C{k % 10}", ms=4, lw=1.2, label=label)
@@ -767,7 +900,8 @@ def plot_accuracy_scaling(runs: list[RunSummary], path: Path) -> bool:
     for r in runs:
         if r.avg_acc is not None and r.flops and r.params:
             points.setdefault(r.method or r.name, {}).setdefault(float(r.params), []).append(
-                (float(r.flops), 100 * r.avg_acc))
+                (float(r.flops), 100 * r.avg_acc)
+            )
     if not any(len(sizes) > 1 for sizes in points.values()):
         return False
     plt = _plt()
@@ -779,8 +913,10 @@ def plot_accuracy_scaling(runs: list[RunSummary], path: Path) -> bool:
         style = dict(color=f"C{k % 10}", ms=5, lw=1.3, label=method)
         by_flops.plot(flops, acc, "o-", **style)
         by_size.plot(params, acc, "o-", **style)
-    for ax, xlabel, title in ((by_flops, "training FLOPs", "(a) accuracy vs training compute"),
-                              (by_size, "parameters", "(b) accuracy vs model size")):
+    for ax, xlabel, title in (
+        (by_flops, "training FLOPs", "(a) accuracy vs training compute"),
+        (by_size, "parameters", "(b) accuracy vs model size"),
+    ):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("average accuracy (%)")
@@ -799,9 +935,16 @@ def plot_curves(runs: list[RunSummary], x_key: str, path: Path) -> bool:
         color = f"C{k % 10}"
         # the LM part of the loss: a KD run's total loss mixes in the KD term and is not comparable
         loss_key = "lm_loss" if any(_number(m.get("lm_loss")) is not None for m in r.metrics) else "loss"
-        train = [(m[x_key], m[loss_key]) for m in r.metrics
-                 if _number(m.get(x_key)) is not None and _number(m.get(loss_key)) is not None]
-        val = [(m[x_key], m["val_loss"]) for m in r.metrics if _number(m.get(x_key)) is not None and _number(m.get("val_loss")) is not None]
+        train = [
+            (m[x_key], m[loss_key])
+            for m in r.metrics
+            if _number(m.get(x_key)) is not None and _number(m.get(loss_key)) is not None
+        ]
+        val = [
+            (m[x_key], m["val_loss"])
+            for m in r.metrics
+            if _number(m.get(x_key)) is not None and _number(m.get("val_loss")) is not None
+        ]
         label = r.method or r.name
         if train:
             x, y = zip(*train)
@@ -908,7 +1051,9 @@ def score_plots(runs: list[RunSummary], plots_dir: Path) -> list[dict]:
             target = plots_dir / f"selection-{tag}-scores.png"
             fig.savefig(target, dpi=110)
             plt.close(fig)
-            out.append({"selection": str(selection), "file": target.name, "source": "histogram of " + ", ".join(arrays)})
+            out.append(
+                {"selection": str(selection), "file": target.name, "source": "histogram of " + ", ".join(arrays)}
+            )
     return out
 
 
@@ -961,15 +1106,36 @@ def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     """The comparison table: header and formatted cells. Task cells hold acc_norm when the task
     has it, else acc (the papers' convention), in %."""
     tasks = task_columns(runs)
-    header = ["run", "method", "params (non-emb.)", "training FLOPs", "tokens", "held-out loss",
-              *tasks, "avg acc", "teacher FLOPs offline", "logits B/token"]
+    header = [
+        "run",
+        "method",
+        "params (non-emb.)",
+        "training FLOPs",
+        "tokens",
+        "held-out loss",
+        *tasks,
+        "avg acc",
+        "teacher FLOPs offline",
+        "logits B/token",
+    ]
     rows = []
     for r in runs:
         headline = [fmt_acc(None if t not in r.tasks else headline_metric(r.tasks[t])) for t in tasks]
         params = DASH if r.params is None else f"{fmt_count(r.params)} ({fmt_count(r.params_non_embedding)})"
-        rows.append([r.name, r.method or DASH, params, fmt_sci(r.flops), fmt_count(r.tokens), fmt_loss(r),
-                     *headline, fmt_acc(r.avg_acc), fmt_sci(r.teacher_flops_offline),
-                     DASH if r.logits_bytes_per_token is None else f"{r.logits_bytes_per_token:.1f}"])
+        rows.append(
+            [
+                r.name,
+                r.method or DASH,
+                params,
+                fmt_sci(r.flops),
+                fmt_count(r.tokens),
+                fmt_loss(r),
+                *headline,
+                fmt_acc(r.avg_acc),
+                fmt_sci(r.teacher_flops_offline),
+                DASH if r.logits_bytes_per_token is None else f"{r.logits_bytes_per_token:.1f}",
+            ]
+        )
     return header, rows
 
 
@@ -980,8 +1146,10 @@ def detail_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         for t, v in r.tasks.items():
             rows.append([r.name, t, *(fmt_acc(v[k]) for k in TASK_METRICS)])
-            rows += [[r.name, f"{t} / {sub}", *(fmt_acc(w[k]) for k in TASK_METRICS)]
-                     for sub, w in r.subtasks.get(t, {}).items()]
+            rows += [
+                [r.name, f"{t} / {sub}", *(fmt_acc(w[k]) for k in TASK_METRICS)]
+                for sub, w in r.subtasks.get(t, {}).items()
+            ]
     return header, rows
 
 
@@ -990,8 +1158,17 @@ def fit_rows(fits: list[dict], extrapolate: float) -> tuple[list[str], list[list
     rows = []
     for f in fits:
         law = PowerLaw.of(f)
-        rows.append([f["label"], str(f["n_points"]), f"{f['a']:.4g}", f"{f['b']:.4g}", f"{f['c']:.4g}",
-                     f"{f['r2']:.4f}", f"{float(law(f['compute_max'] * extrapolate)):.4f}"])
+        rows.append(
+            [
+                f["label"],
+                str(f["n_points"]),
+                f"{f['a']:.4g}",
+                f"{f['b']:.4g}",
+                f"{f['c']:.4g}",
+                f"{f['r2']:.4f}",
+                f"{float(law(f['compute_max'] * extrapolate)):.4f}",
+            ]
+        )
     return header, rows
 
 
@@ -1010,19 +1187,25 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-EXTRAPOLATION_TITLE = ("Extrapolated as MiniPLM does: L at the compute of 1T and 10T tokens, C(D) = 6·N·D (N: the "
-                       "student), and the compute a fit needs to reach its baseline's L there (< 1: saved). Far past "
-                       "the fitted range: a reading of the trend, not a measurement")
-SEED_NOTE = ("Seeds: a run's seed fixes its initial weights and data order; runs of one size with the same seed "
-             "are paired, and Δ is the mean over seeds of (method − {baseline}) held-out loss, ± its standard "
-             "error (std/√n). A difference within {k} standard errors is not evidence of an effect. FLOPs to reach: "
-             "the training FLOPs at which a run's validation curve first reaches its paired {baseline} run's final "
-             "loss, divided by that {baseline} run's FLOPs (< 1: compute saved; mean over seeds).")
-FOOTNOTES = ("Held-out loss: mean over held-out instances of the per-instance mean token NLL (MiniPLM), "
-             "from `RUN/eval.json`; † = the run's own final validation loss (no eval.json). Task columns: "
-             "acc_norm where the task has it, else acc, else exact match, in %; avg acc = their plain mean. Training FLOPs: "
-             "6·N·D (+ 2·N_teacher·D for an online teacher). Teacher FLOPs offline: teacher/reference inference "
-             "recorded by the selection, its score tables and the logits store. – = not available.")
+EXTRAPOLATION_TITLE = (
+    "Extrapolated as MiniPLM does: L at the compute of 1T and 10T tokens, C(D) = 6·N·D (N: the "
+    "student), and the compute a fit needs to reach its baseline's L there (< 1: saved). Far past "
+    "the fitted range: a reading of the trend, not a measurement"
+)
+SEED_NOTE = (
+    "Seeds: a run's seed fixes its initial weights and data order; runs of one size with the same seed "
+    "are paired, and Δ is the mean over seeds of (method − {baseline}) held-out loss, ± its standard "
+    "error (std/√n). A difference within {k} standard errors is not evidence of an effect. FLOPs to reach: "
+    "the training FLOPs at which a run's validation curve first reaches its paired {baseline} run's final "
+    "loss, divided by that {baseline} run's FLOPs (< 1: compute saved; mean over seeds)."
+)
+FOOTNOTES = (
+    "Held-out loss: mean over held-out instances of the per-instance mean token NLL (MiniPLM), "
+    "from `RUN/eval.json`; † = the run's own final validation loss (no eval.json). Task columns: "
+    "acc_norm where the task has it, else acc, else exact match, in %; avg acc = their plain mean. Training FLOPs: "
+    "6·N·D (+ 2·N_teacher·D for an online teacher). Teacher FLOPs offline: teacher/reference inference "
+    "recorded by the selection, its score tables and the logits store. – = not available."
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1044,8 +1227,10 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
         raise PredistillError(f"--stem must be a file name stem (letters, digits, '_', '-', '.'), got {cfg.stem!r}")
     runs = [summarize_run(r) for r in cfg.runs]
     if unknown := [t for t in cfg.target_sets if not any(t in r.heldout_losses for r in runs)]:
-        raise PredistillError(f"--target-set {unknown[0]!r}: no run has a held-out loss on a set of that name "
-                              f"(train --heldout {unknown[0]}=DIR)")
+        raise PredistillError(
+            f"--target-set {unknown[0]!r}: no run has a held-out loss on a set of that name "
+            f"(train --heldout {unknown[0]}=DIR)"
+        )
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise PredistillError(f"--out {out} exists and is not a directory")
@@ -1072,7 +1257,9 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
     if (fits or not seeded) and plot_scaling(runs, fits, cfg.extrapolate, plots_dir / "scaling.png"):
         plots.append(("Held-out loss vs compute: power-law fits and extrapolation", "scaling.png"))
     if plot_accuracy_scaling(runs, plots_dir / "accuracy_scaling.png"):
-        plots.append(("Average accuracy vs training FLOPs and vs model size (MiniPLM's Fig. 1)", "accuracy_scaling.png"))
+        plots.append(
+            ("Average accuracy vs training FLOPs and vs model size (MiniPLM's Fig. 1)", "accuracy_scaling.png")
+        )
     if plot_over_training(runs, plots_dir / "accuracy_over_training.png"):
         plots.append(("Downstream accuracy over training", "accuracy_over_training.png"))
     for s in score_plots(runs, plots_dir):
@@ -1080,20 +1267,44 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
 
     sections = []
     if seeded:
-        sections.append((f"Seeds: mean ± std, and the paired difference to {cfg.baseline}", *seed_rows(groups, cfg.baseline)))
+        sections.append(
+            (f"Seeds: mean ± std, and the paired difference to {cfg.baseline}", *seed_rows(groups, cfg.baseline))
+        )
     if any(g.get("heldout_sets") for g in groups):
-        sections.append((f"Held-out sets: mean loss over seeds (paired Δ vs {cfg.baseline} ± s.e.; "
-                         f"'better'/'worse' beyond {SIGNIFICANT_SE:g} s.e.)",
-                         *heldout_set_rows(groups, cfg.baseline, cfg.target_sets)))
+        sections.append(
+            (
+                f"Held-out sets: mean loss over seeds (paired Δ vs {cfg.baseline} ± s.e.; "
+                f"'better'/'worse' beyond {SIGNIFICANT_SE:g} s.e.)",
+                *heldout_set_rows(groups, cfg.baseline, cfg.target_sets),
+            )
+        )
     sections.append(("Comparison", *table_rows(runs)))
     if any(r.tasks for r in runs):
-        sections.append(("Task accuracy (acc / acc_norm / exact match, %; a group: its aggregate, then each subtask)", *detail_rows(runs)))
+        sections.append(
+            (
+                "Task accuracy (acc / acc_norm / exact match, %; a group: its aggregate, then each subtask)",
+                *detail_rows(runs),
+            )
+        )
     if any(r.over_training for r in runs):
-        sections.append(("Over training: the exports' evaluations (train --export-every, eval --exports)",
-                         ["run", "step", "tokens", "training FLOPs", "held-out loss", "avg acc"],
-                         [[r.name, fmt_count(p["step"]), fmt_count(p["tokens"]), fmt_sci(p["flops"]),
-                           DASH if p["heldout_loss"] is None else f"{p['heldout_loss']:.4f}", fmt_acc(p["avg_acc"])]
-                          for r in runs for p in r.over_training]))
+        sections.append(
+            (
+                "Over training: the exports' evaluations (train --export-every, eval --exports)",
+                ["run", "step", "tokens", "training FLOPs", "held-out loss", "avg acc"],
+                [
+                    [
+                        r.name,
+                        fmt_count(p["step"]),
+                        fmt_count(p["tokens"]),
+                        fmt_sci(p["flops"]),
+                        DASH if p["heldout_loss"] is None else f"{p['heldout_loss']:.4f}",
+                        fmt_acc(p["avg_acc"]),
+                    ]
+                    for r in runs
+                    for p in r.over_training
+                ],
+            )
+        )
     extrapolated = extrapolations(fits, cfg.baseline)
     if fits:
         sections.append(("Power-law fits L(C) = a·C^(−b) + c (C = training FLOPs)", *fit_rows(fits, cfg.extrapolate)))
@@ -1101,18 +1312,27 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
         sections.append((EXTRAPOLATION_TITLE, *extrapolation_rows(extrapolated, cfg.baseline)))
     incomplete = [r.name for r in runs if not r.complete]
 
-    seed_note = (SEED_NOTE.format(baseline=cfg.baseline, k=f"{SIGNIFICANT_SE:g}") if seeded else
-                 "One run per method and size (one seed): differences between them are not tested against "
-                 "seed noise, and are not evidence of an effect.")
-    md = [f"# {cfg.title}", ""] + ([cfg.note, ""] if cfg.note else []) + [f"{len(runs)} run(s). {FOOTNOTES}", "",
-                                                                          seed_note, ""]
+    seed_note = (
+        SEED_NOTE.format(baseline=cfg.baseline, k=f"{SIGNIFICANT_SE:g}")
+        if seeded
+        else "One run per method and size (one seed): differences between them are not tested against "
+        "seed noise, and are not evidence of an effect."
+    )
+    md = (
+        [f"# {cfg.title}", ""]
+        + ([cfg.note, ""] if cfg.note else [])
+        + [f"{len(runs)} run(s). {FOOTNOTES}", "", seed_note, ""]
+    )
     if incomplete:
         md += [f"Incomplete or unreadable run manifests (partial rows): {', '.join(incomplete)}.", ""]
     for title, header, rows in sections:
         md += [f"## {title}", "", _md_table(header, rows), ""]
     if not fits:
-        md += ["No power-law fit: it needs held-out losses at ≥ 2 compute budgets of one method, "
-               f"or a validation curve of ≥ {MIN_FIT_POINTS} points.", ""]
+        md += [
+            "No power-law fit: it needs held-out losses at ≥ 2 compute budgets of one method, "
+            f"or a validation curve of ≥ {MIN_FIT_POINTS} points.",
+            "",
+        ]
     md += ["## Plots", ""]
     md += [f"### {title}\n\n![{title}]({plots_name}/{file})\n" for title, file in plots] or ["No plottable data.", ""]
     md += ["## Commands", ""]
@@ -1123,28 +1343,48 @@ def _run(cfg: ReportConfig, held: contextlib.ExitStack) -> Path:
     body = [f"<h1>{html.escape(cfg.title)}</h1>"] + ([f"<p>{html.escape(cfg.note)}</p>"] if cfg.note else [])
     body += [f"<p>{len(runs)} run(s). {html.escape(FOOTNOTES)}</p>", f"<p>{html.escape(seed_note)}</p>"]
     if incomplete:
-        body.append(f"<p>Incomplete or unreadable run manifests (partial rows): {html.escape(', '.join(incomplete))}.</p>")
+        body.append(
+            f"<p>Incomplete or unreadable run manifests (partial rows): {html.escape(', '.join(incomplete))}.</p>"
+        )
     for title, header, rows in sections:
         body += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
     body.append("<h2>Plots</h2>")
     for title, file in plots:
         data = base64.b64encode((plots_dir / file).read_bytes()).decode()
-        body.append(f"<h3>{html.escape(title)}</h3><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">")
+        body.append(
+            f"<h3>{html.escape(title)}</h3><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{data}\">"
+        )
     body.append("<h2>Commands</h2>")
     for r in runs:
-        body.append(f"<p><b>{html.escape(r.name)}</b> ({html.escape(r.method or DASH)})</p><pre>{html.escape(r.command)}</pre>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
-             "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
+        body.append(
+            f"<p><b>{html.escape(r.name)}</b> ({html.escape(r.method or DASH)})</p><pre>{html.escape(r.command)}</pre>"
+        )
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
+        "img{max-width:100%}pre{background:#f6f6f6;padding:8px;overflow-x:auto}"
+    )
     (out / f"{cfg.stem}.html").write_text(
         f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(cfg.title)}</title>"
-        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
     summary = [asdict(r) | {"metrics": None} for r in runs]  # the curves stay in each run's metrics.jsonl
-    write_json_atomic(out / f"{cfg.stem}.json", {"format": "report", "version": 1, "runs": summary, "seed_groups": groups,
-                                                 "fits": fits, "extrapolations": extrapolated, "plots": [f"{plots_name}/{file}" for _, file in plots],
-                                                 "target_sets": cfg.target_sets, "config": asdict(cfg)})
+    write_json_atomic(
+        out / f"{cfg.stem}.json",
+        {
+            "format": "report",
+            "version": 1,
+            "runs": summary,
+            "seed_groups": groups,
+            "fits": fits,
+            "extrapolations": extrapolated,
+            "plots": [f"{plots_name}/{file}" for _, file in plots],
+            "target_sets": cfg.target_sets,
+            "config": asdict(cfg),
+        },
+    )
     return out
 
 
@@ -1156,12 +1396,15 @@ def _refuse_foreign_outputs(out: Path, stem: str, plots_dir: Path) -> None:
     ours = previous is not None and previous.get("format") == "report"
     for path in (out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.html"):
         if (path.exists() or path.is_symlink()) and (not ours or path.is_symlink() or not path.is_file()):
-            raise PredistillError(f"{path} exists and no report wrote it; refusing to overwrite it "
-                                  "(choose another --out or --stem)")
-    if plots_dir.is_symlink() or (plots_dir.exists() and (not plots_dir.is_dir() or any(plots_dir.iterdir()))
-                                  and not ours):
-        raise PredistillError(f"{plots_dir} exists and no report made it; refusing to replace it "
-                              "(choose another --out or --stem)")
+            raise PredistillError(
+                f"{path} exists and no report wrote it; refusing to overwrite it (choose another --out or --stem)"
+            )
+    if plots_dir.is_symlink() or (
+        plots_dir.exists() and (not plots_dir.is_dir() or any(plots_dir.iterdir())) and not ours
+    ):
+        raise PredistillError(
+            f"{plots_dir} exists and no report made it; refusing to replace it (choose another --out or --stem)"
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -28,22 +28,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from predistill.core.artifacts import PredistillError, check_output, read_manifest, sha256_file, staged_dir, \
-    write_manifest
+from predistill.core.artifacts import (
+    PredistillError,
+    check_output,
+    read_manifest,
+    sha256_file,
+    staged_dir,
+    write_manifest,
+)
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.modeling.models import load_tokenizer, tokenizer_hash
-from predistill.training.proxy import ProxyConfig, run_proxy
-from predistill.text.retokenize import write_retokenized
 from predistill.formats.scores import ScoreTable
-from predistill.formats.selection import FORMAT, IDS_FILE, VERSION, load_selection, read_selection_manifest, top_fraction
+from predistill.formats.selection import (
+    FORMAT,
+    IDS_FILE,
+    VERSION,
+    load_selection,
+    read_selection_manifest,
+    top_fraction,
+)
 from predistill.formats.store import FORMAT as STORE_FORMAT
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import load_tokenizer, tokenizer_hash
+from predistill.text.retokenize import write_retokenized
+from predistill.training.proxy import ProxyConfig, run_proxy
 
 KEEP_ENDS = ("low-loss", "high-loss")
 EXCERPT_CHARS = 300
@@ -55,6 +68,7 @@ EXCERPT_CHARS = 300
 # A new method is one scoring function here taking (n, teacher, reference, keep, seed) and one
 # entry in METHODS; `--method`'s choices, the score tables it needs and its report come from that
 # entry. `proxy` (MiniPLM_prx) is the one method that runs models itself (proxy.py).
+
 
 def difference_scores(teacher: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """MiniPLM's score: mean log p_T − mean log p_ref (= NLL_ref − NLL_T), fp32."""
@@ -77,6 +91,7 @@ def _random(n, teacher, reference, keep, seed):
 @dataclass(frozen=True)
 class SamplingMethod:
     """One way to rank a corpus's instances for selection."""
+
     score: Callable[[int, np.ndarray, np.ndarray, str, int], np.ndarray] | None  # None: the proxy's own models
     tables: tuple[str, ...]  # the score tables it reads (`--teacher`, `--reference`)
     score_name: str  # what report.md calls its score
@@ -85,8 +100,9 @@ class SamplingMethod:
 
 
 METHODS: dict[str, SamplingMethod] = {
-    "difference": SamplingMethod(_difference, ("teacher", "reference"), "difference (log p_T − log p_ref)",
-                                 difference=True),
+    "difference": SamplingMethod(
+        _difference, ("teacher", "reference"), "difference (log p_T − log p_ref)", difference=True
+    ),
     "teacher-ppl": SamplingMethod(_teacher_ppl, ("teacher",), "teacher mean log-prob", keeps_either_end=True),
     "random": SamplingMethod(_random, (), "random key"),
     "proxy": SamplingMethod(None, (), "proxy-predicted difference", difference=True),
@@ -96,31 +112,44 @@ METHODS: dict[str, SamplingMethod] = {
 @dataclass
 class SampleConfig:
     out: str = option("", "selection directory to write", required=True, effect=Effect.NONE)
-    method: str = option("difference", "difference (MiniPLM), teacher-ppl, random, or proxy (MiniPLM_prx)",
-                         choices=METHODS)
+    method: str = option(
+        "difference", "difference (MiniPLM), teacher-ppl, random, or proxy (MiniPLM_prx)", choices=METHODS
+    )
     ratio: float = option(0.5, "fraction α of instances to keep, in (0, 1]", interval="(0, 1]")
-    store: str | None = option(None, "token store (default: the one the score tables were made from; required for "
-                               "random/proxy without tables)")
+    store: str | None = option(
+        None, "token store (default: the one the score tables were made from; required for random/proxy without tables)"
+    )
     teacher: str | None = option(None, "teacher score table (from `predistill score`)")
     reference: str | None = option(None, "reference score table (from `predistill score`)")
     keep: str = option("low-loss", "teacher-ppl: keep the lowest or highest teacher-loss instances", choices=KEEP_ENDS)
     seed: int = option(0, "seed for random, the proxy subset, and report examples", interval="[0, 4294967295]")
-    per_domain: bool = option(False, "keep the ratio of each domain separately (the corpus' domain mix is kept) "
-                                     "instead of one global sort")
-    complement: bool = option(False, "keep the instances the method drops instead (with random: a held-apart slice "
-                                     "disjoint from the one the same seed and ratio keep)")
-    n_examples: int = option(3, "top/bottom/random examples shown in report.md (each)", flag="--examples", interval="[0, inf)")
+    per_domain: bool = option(
+        False, "keep the ratio of each domain separately (the corpus' domain mix is kept) instead of one global sort"
+    )
+    complement: bool = option(
+        False,
+        "keep the instances the method drops instead (with random: a held-apart slice "
+        "disjoint from the one the same seed and ratio keep)",
+    )
+    n_examples: int = option(
+        3, "top/bottom/random examples shown in report.md (each)", flag="--examples", interval="[0, inf)"
+    )
     # materialisation is a by-product (a store with its own identity): it does not change which instances are kept
-    materialize: str | None = option(None, "also write the kept instances as a new token store in this directory",
-                                     metavar="DIR", effect=Effect.NONE)
-    tokenizer: str | None = option(None, "tokenizer spec for --materialize (e.g. another family's)",
-                                   effect=Effect.NONE)
-    materialize_max_len: int | None = option(None, "re-cut the materialised store into instances of ≤ N+1 tokens "
-                                             "(default: one per kept instance)", interval="[8, inf)", effect=Effect.NONE)
+    materialize: str | None = option(
+        None, "also write the kept instances as a new token store in this directory", metavar="DIR", effect=Effect.NONE
+    )
+    tokenizer: str | None = option(None, "tokenizer spec for --materialize (e.g. another family's)", effect=Effect.NONE)
+    materialize_max_len: int | None = option(
+        None,
+        "re-cut the materialised store into instances of ≤ N+1 tokens (default: one per kept instance)",
+        interval="[8, inf)",
+        effect=Effect.NONE,
+    )
     # --method proxy: --teacher-model, --proxy-fraction, … (in the identity only for that method)
     proxy: ProxyConfig = option(default_factory=ProxyConfig, effect=Effect.NONE)
-    progress: bool = option(True, "progress bars (--no-progress: none)", flag="--no-progress", action="store_false",
-                            effect=Effect.NONE)
+    progress: bool = option(
+        True, "progress bars (--no-progress: none)", flag="--no-progress", action="store_false", effect=Effect.NONE
+    )
 
     def proxy_config(self) -> ProxyConfig:
         """The proxy's settings; its seed and progress are the command's own."""
@@ -141,8 +170,10 @@ def _looks_swapped(teacher: np.ndarray, reference: np.ndarray) -> str | None:
     worse = float((teacher[ok] < reference[ok]).mean())
     if worse <= 0.5:
         return None
-    return (f"the reference scores higher than the teacher on {worse:.0%} of instances: are --teacher and "
-            "--reference swapped? (Difference Sampling keeps what the teacher predicts better)")
+    return (
+        f"the reference scores higher than the teacher on {worse:.0%} of instances: are --teacher and "
+        "--reference swapped? (Difference Sampling keeps what the teacher predicts better)"
+    )
 
 
 def domain_keep_rates(store: TokenStore, selection: np.ndarray) -> dict[str, dict]:
@@ -154,15 +185,21 @@ def domain_keep_rates(store: TokenStore, selection: np.ndarray) -> dict[str, dic
         in_domain = store.domain_ids == d
         n, k = int(in_domain.sum()), int((in_domain & kept).sum())
         tokens, kept_tokens = int(lengths[in_domain].sum()), int(lengths[in_domain & kept].sum())
-        rates[name] = {"n_instances": n, "n_kept": k, "keep_rate": k / n if n else 0.0,
-                       "n_tokens": tokens, "n_tokens_kept": kept_tokens,
-                       "token_keep_rate": kept_tokens / tokens if tokens else 0.0}
+        rates[name] = {
+            "n_instances": n,
+            "n_kept": k,
+            "keep_rate": k / n if n else 0.0,
+            "n_tokens": tokens,
+            "n_tokens_kept": kept_tokens,
+            "token_keep_rate": kept_tokens / tokens if tokens else 0.0,
+        }
     return rates
 
 
 # ------------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------------
+
 
 def _histogram(path: Path, values: np.ndarray, kept_mask: np.ndarray, title: str, xlabel: str) -> None:
     import matplotlib
@@ -199,40 +236,69 @@ def _examples(store, ids, teacher, reference, score, kept_mask, label_fn=None) -
     for i in ids:
         i = int(i)
         label = f" — {label_fn(i)}" if label_fn else ""
-        lines.append(f"- **#{i}** ({store.domain_names[store.domain_ids[i]]}, {'kept' if kept_mask[i] else 'dropped'}"
-                     f"): log p_T {_fmt(teacher[i])}, log p_ref {_fmt(reference[i])}, score {_fmt(score[i])}{label}\n\n"
-                     f"  ```text\n  {_excerpt(store, i).replace(chr(10), chr(10) + '  ')}\n  ```")
+        lines.append(
+            f"- **#{i}** ({store.domain_names[store.domain_ids[i]]}, {'kept' if kept_mask[i] else 'dropped'}"
+            f"): log p_T {_fmt(teacher[i])}, log p_ref {_fmt(reference[i])}, score {_fmt(score[i])}{label}\n\n"
+            f"  ```text\n  {_excerpt(store, i).replace(chr(10), chr(10) + '  ')}\n  ```"
+        )
     return lines
 
 
-def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.ndarray, score: np.ndarray,
-                 teacher: np.ndarray, reference: np.ndarray, rates: dict, extra: dict) -> None:
+def write_report(
+    out: Path,
+    cfg: SampleConfig,
+    store: TokenStore,
+    selection: np.ndarray,
+    score: np.ndarray,
+    teacher: np.ndarray,
+    reference: np.ndarray,
+    rates: dict,
+    extra: dict,
+) -> None:
     """report.md + histograms: what a user reads before trusting a selection."""
     n = len(store)
     kept_mask = np.zeros(n, dtype=bool)
     kept_mask[selection] = True
     method = METHODS[cfg.method]
     score_name = method.score_name + (" (negated)" if method.keeps_either_end and cfg.keep == "high-loss" else "")
-    lines = [f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}" + (", per domain" if cfg.per_domain else "")
-             + (", complement" if cfg.complement else ""), "",
-             f"- token store: `{store.dir}` ({store.hash[:12]}), {n} instances, {int(store.lengths.sum())} tokens",
-             f"- kept: {len(selection)} instances ({len(selection) / max(n, 1):.1%}), "
-             f"{int(store.lengths[selection].sum())} tokens ({store.lengths[selection].sum() / max(store.lengths.sum(), 1):.1%})"]
+    lines = [
+        f"# Selection report: `{cfg.method}`, ratio {cfg.ratio}"
+        + (", per domain" if cfg.per_domain else "")
+        + (", complement" if cfg.complement else ""),
+        "",
+        f"- token store: `{store.dir}` ({store.hash[:12]}), {n} instances, {int(store.lengths.sum())} tokens",
+        f"- kept: {len(selection)} instances ({len(selection) / max(n, 1):.1%}), "
+        f"{int(store.lengths[selection].sum())} tokens ({store.lengths[selection].sum() / max(store.lengths.sum(), 1):.1%})",
+    ]
     for key, value in extra.items():
         lines.append(f"- {key}: {value}")
     lines += ["", "## Score distributions", ""]
-    panels = [("teacher", teacher, "mean token log p under the teacher"),
-              ("reference", reference, "mean token log p under the reference"),
-              ("difference", teacher - reference if cfg.method != "proxy" else score,
-               "log p_T − log p_ref" + (" (proxy prediction)" if cfg.method == "proxy" else ""))]
+    panels = [
+        ("teacher", teacher, "mean token log p under the teacher"),
+        ("reference", reference, "mean token log p under the reference"),
+        (
+            "difference",
+            teacher - reference if cfg.method != "proxy" else score,
+            "log p_T − log p_ref" + (" (proxy prediction)" if cfg.method == "proxy" else ""),
+        ),
+    ]
     for name, values, xlabel in panels:
         if np.isfinite(values).any():
-            _histogram(out / f"{name}_hist.png", values, kept_mask, f"{name} ({np.isfinite(values).sum()} instances)", xlabel)
+            _histogram(
+                out / f"{name}_hist.png", values, kept_mask, f"{name} ({np.isfinite(values).sum()} instances)", xlabel
+            )
             lines.append(f"![{name}]({name}_hist.png)")
-    lines += ["", "## Kept fraction per domain", "", "| domain | instances | kept | keep rate | token keep rate |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Kept fraction per domain",
+        "",
+        "| domain | instances | kept | keep rate | token keep rate |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name, r in rates.items():
-        lines.append(f"| {name} | {r['n_instances']} | {r['n_kept']} | {r['keep_rate']:.1%} | {r['token_keep_rate']:.1%} |")
+        lines.append(
+            f"| {name} | {r['n_instances']} | {r['n_kept']} | {r['keep_rate']:.1%} | {r['token_keep_rate']:.1%} |"
+        )
     k = max(cfg.n_examples, 0)
     ok = np.flatnonzero(np.isfinite(score))
     by_score = ok[np.lexsort((ok, -score[ok]))]
@@ -251,16 +317,22 @@ def write_report(out: Path, cfg: SampleConfig, store: TokenStore, selection: np.
 
     rng = np.random.default_rng(cfg.seed)
     random_ids: np.ndarray | list[int] = np.sort(rng.choice(n, size=min(k, n), replace=False)) if n else []
-    lines += ["", f"## Top {k} by {score_name}", ""] + _examples(store, by_score[:k], teacher, reference, score, kept_mask, kind)
-    lines += ["", f"## Bottom {k} by {score_name}", ""] + _examples(store, by_score[::-1][:k], teacher, reference, score,
-                                                                    kept_mask, kind)
-    lines += ["", f"## {k} random instances", ""] + _examples(store, random_ids, teacher, reference, score, kept_mask, kind)
+    lines += ["", f"## Top {k} by {score_name}", ""] + _examples(
+        store, by_score[:k], teacher, reference, score, kept_mask, kind
+    )
+    lines += ["", f"## Bottom {k} by {score_name}", ""] + _examples(
+        store, by_score[::-1][:k], teacher, reference, score, kept_mask, kind
+    )
+    lines += ["", f"## {k} random instances", ""] + _examples(
+        store, random_ids, teacher, reference, score, kept_mask, kind
+    )
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
 # cross-family materialisation
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class MaterializeConfig:
@@ -278,26 +350,56 @@ def materialize(cfg: MaterializeConfig, store: TokenStore, progress: bool = True
     if cfg.max_len is not None and cfg.max_len < 8:
         raise PredistillError(f"--materialize-max-len {cfg.max_len} is too small (need ≥ 8)")
     tokenizer = load_tokenizer(cfg.tokenizer)
-    tok_info = {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
-                "eos_id": tokenizer.eos_token_id}
-    source = {"store_hash": store.hash, "store_dir": str(store.dir.resolve()),
-              "selection_hash": selection_manifest["selection_sha256"], "selection_dir": str(selection_dir.resolve()),
-              "method": selection_manifest["config"]["method"], "ratio": selection_manifest["config"]["ratio"]}
+    tok_info = {
+        "spec": cfg.tokenizer,
+        "hash": tokenizer_hash(tokenizer),
+        "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+    }
+    source = {
+        "store_hash": store.hash,
+        "store_dir": str(store.dir.resolve()),
+        "selection_hash": selection_manifest["selection_sha256"],
+        "selection_dir": str(selection_dir.resolve()),
+        "method": selection_manifest["config"]["method"],
+        "ratio": selection_manifest["config"]["ratio"],
+    }
     config = asdict(cfg)
     with staged_dir(Path(cfg.out), STORE_FORMAT) as tmp:
         # the held-out split first: the top-level manifest (complete) is written last
         if (store.dir / "val").is_dir():
             val = TokenStore(store.dir / "val")
-            write_retokenized(val, np.arange(len(val)), tmp / "val", tokenizer, tok_info, split="val", config=config,
-                              extra={"source": source | {"split": "val"}}, max_len=cfg.max_len, progress=progress)
-        write_retokenized(store, selection, tmp, tokenizer, tok_info, split="train", config=config,
-                          extra={"source": source | {"split": "train"}}, max_len=cfg.max_len, progress=progress)
+            write_retokenized(
+                val,
+                np.arange(len(val)),
+                tmp / "val",
+                tokenizer,
+                tok_info,
+                split="val",
+                config=config,
+                extra={"source": source | {"split": "val"}},
+                max_len=cfg.max_len,
+                progress=progress,
+            )
+        write_retokenized(
+            store,
+            selection,
+            tmp,
+            tokenizer,
+            tok_info,
+            split="train",
+            config=config,
+            extra={"source": source | {"split": "train"}},
+            max_len=cfg.max_len,
+            progress=progress,
+        )
     return Path(cfg.out)
 
 
 # ------------------------------------------------------------------------------------------------
 # the command
 # ------------------------------------------------------------------------------------------------
+
 
 def _load_table(path: str | None) -> ScoreTable | None:
     return None if path is None else ScoreTable(path)
@@ -321,16 +423,23 @@ def run(cfg: SampleConfig) -> Path:
     method = METHODS[cfg.method]
     needs = method.tables
     if needs and any(getattr(cfg, role) is None for role in needs):
-        raise PredistillError(f"--method {cfg.method} needs " + " and ".join(f"--{r}" for r in needs)
-                              + (" score tables" if len(needs) > 1 else " score table"))
+        raise PredistillError(
+            f"--method {cfg.method} needs "
+            + " and ".join(f"--{r}" for r in needs)
+            + (" score tables" if len(needs) > 1 else " score table")
+        )
     if cfg.method != "proxy" and (cfg.proxy.teacher_model or cfg.proxy.reference_model):
-        raise PredistillError("--teacher-model/--reference-model are for --method proxy; other methods read score tables")
+        raise PredistillError(
+            "--teacher-model/--reference-model are for --method proxy; other methods read score tables"
+        )
 
     teacher_table = _load_table(cfg.teacher)
     reference_table = _load_table(cfg.reference)
     if teacher_table and reference_table and teacher_table.store_hash != reference_table.store_hash:
-        raise PredistillError(f"score tables from different token stores: teacher {cfg.teacher} is "
-                              f"{teacher_table.store_hash[:12]}, reference {cfg.reference} is {reference_table.store_hash[:12]}")
+        raise PredistillError(
+            f"score tables from different token stores: teacher {cfg.teacher} is "
+            f"{teacher_table.store_hash[:12]}, reference {cfg.reference} is {reference_table.store_hash[:12]}"
+        )
     store_dir = cfg.store or next((t.manifest["store_dir"] for t in (teacher_table, reference_table) if t), None)
     if store_dir is None:
         raise PredistillError(f"--method {cfg.method} needs --store (no score table names one)")
@@ -344,15 +453,31 @@ def run(cfg: SampleConfig) -> Path:
     nan = np.full(n, np.nan, dtype=np.float32)
     teacher = teacher_table.logprob if teacher_table else nan
     reference = reference_table.logprob if reference_table else nan
-    inputs = {"store_hash": store.hash, "store_dir": str(store.dir.resolve()),
-              "teacher_table": teacher_table and {"hash": teacher_table.hash, "model": teacher_table.model_spec,
-                                                  "model_hash": teacher_table.manifest["model"]["hash"]},
-              "reference_table": reference_table and {"hash": reference_table.hash, "model": reference_table.model_spec,
-                                                      "model_hash": reference_table.manifest["model"]["hash"]}}
+    inputs = {
+        "store_hash": store.hash,
+        "store_dir": str(store.dir.resolve()),
+        "teacher_table": teacher_table
+        and {
+            "hash": teacher_table.hash,
+            "model": teacher_table.model_spec,
+            "model_hash": teacher_table.manifest["model"]["hash"],
+        },
+        "reference_table": reference_table
+        and {
+            "hash": reference_table.hash,
+            "model": reference_table.model_spec,
+            "model_hash": reference_table.manifest["model"]["hash"],
+        },
+    }
     config = cfg.identity()
 
-    if check_output(out, FORMAT, "selection", {"config": config, "inputs": inputs},
-                    lambda m: {"config": m.get("config"), "inputs": m.get("inputs")}):
+    if check_output(
+        out,
+        FORMAT,
+        "selection",
+        {"config": config, "inputs": inputs},
+        lambda m: {"config": m.get("config"), "inputs": m.get("inputs")},
+    ):
         print(f"predistill: {out} is already complete; nothing to do", file=sys.stderr)
         _maybe_materialize(cfg, out, store)
         return out
@@ -372,15 +497,17 @@ def run(cfg: SampleConfig) -> Path:
             reference = nan.copy()
             reference[proxy_result.train_ids] = proxy_result.train_reference
         s = proxy_stats
-        extra = {"proxy subset": f"{s['n_train']} instances scored by teacher and reference",
-                 "agreement checked on": s["check_on"],
-                 "Spearman(proxy, true difference)": f"{s['spearman']:.3f}",
-                 "selection overlap with full Difference Sampling": f"{s['selection_overlap']:.1%} "
-                                                                     f"(random selection: {cfg.ratio:.0%} expected)",
-                 "FLOPs spent": f"{s['flops_spent']:.3g} vs {s['flops_full_scoring']:.3g} for full scoring "
-                                f"({s['flops_ratio_full_over_spent']:.1f}× less; teacher alone "
-                                f"{s['teacher_flops_ratio_full_over_spent']:.1f}× less)",
-                 "proxy training MSE by epoch (standardised)": ", ".join(f"{x:.3f}" for x in s["epoch_mse"])}
+        extra = {
+            "proxy subset": f"{s['n_train']} instances scored by teacher and reference",
+            "agreement checked on": s["check_on"],
+            "Spearman(proxy, true difference)": f"{s['spearman']:.3f}",
+            "selection overlap with full Difference Sampling": f"{s['selection_overlap']:.1%} "
+            f"(random selection: {cfg.ratio:.0%} expected)",
+            "FLOPs spent": f"{s['flops_spent']:.3g} vs {s['flops_full_scoring']:.3g} for full scoring "
+            f"({s['flops_ratio_full_over_spent']:.1f}× less; teacher alone "
+            f"{s['teacher_flops_ratio_full_over_spent']:.1f}× less)",
+            "proxy training MSE by epoch (standardised)": ", ".join(f"{x:.3f}" for x in s["epoch_mse"]),
+        }
     else:
         score = method.score(n, teacher, reference, cfg.keep, cfg.seed)
         if method.difference and (swapped := _looks_swapped(teacher, reference)):
@@ -405,17 +532,35 @@ def run(cfg: SampleConfig) -> Path:
         np.save(tmp / IDS_FILE, selection, allow_pickle=False)
         np.save(tmp / "scores.npy", np.asarray(score, dtype=np.float32), allow_pickle=False)
         if proxy_result is not None:
-            rows = np.zeros(len(proxy_result.train_ids), dtype=[("id", "<i8"), ("teacher", "<f4"), ("reference", "<f4")])
-            rows["id"], rows["teacher"], rows["reference"] = (proxy_result.train_ids, proxy_result.train_teacher,
-                                                              proxy_result.train_reference)
+            rows = np.zeros(
+                len(proxy_result.train_ids), dtype=[("id", "<i8"), ("teacher", "<f4"), ("reference", "<f4")]
+            )
+            rows["id"], rows["teacher"], rows["reference"] = (
+                proxy_result.train_ids,
+                proxy_result.train_teacher,
+                proxy_result.train_reference,
+            )
             np.save(tmp / "proxy_subset.npy", rows, allow_pickle=False)
         write_report(tmp, cfg, store, selection, score, teacher, reference, rates, extra)
-        write_manifest(tmp, {
-            "format": FORMAT, "version": VERSION, "config": config, "inputs": inputs, "store_hash": store.hash,
-            "method": cfg.method, "ratio": cfg.ratio, "n_instances": n, "n_selected": int(len(selection)),
-            "n_tokens": int(store.lengths.sum()), "n_tokens_selected": int(store.lengths[selection].sum()),
-            "domains": rates, "selection_sha256": sha256_file(tmp / IDS_FILE), "proxy": proxy_stats,
-        })
+        write_manifest(
+            tmp,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "config": config,
+                "inputs": inputs,
+                "store_hash": store.hash,
+                "method": cfg.method,
+                "ratio": cfg.ratio,
+                "n_instances": n,
+                "n_selected": int(len(selection)),
+                "n_tokens": int(store.lengths.sum()),
+                "n_tokens_selected": int(store.lengths[selection].sum()),
+                "domains": rates,
+                "selection_sha256": sha256_file(tmp / IDS_FILE),
+                "proxy": proxy_stats,
+            },
+        )
     _maybe_materialize(cfg, out, store)
     return out
 
@@ -424,12 +569,18 @@ def _maybe_materialize(cfg: SampleConfig, out: Path, store: TokenStore) -> None:
     if cfg.materialize is None:
         return
     assert cfg.tokenizer is not None  # run() refuses --materialize without --tokenizer
-    mcfg = MaterializeConfig(selection=str(out), tokenizer=cfg.tokenizer, out=cfg.materialize,
-                             max_len=cfg.materialize_max_len)
+    mcfg = MaterializeConfig(
+        selection=str(out), tokenizer=cfg.tokenizer, out=cfg.materialize, max_len=cfg.materialize_max_len
+    )
     target = Path(cfg.materialize)
     wanted = {"config": asdict(mcfg), "selection_hash": read_selection_manifest(out)["selection_sha256"]}
-    if check_output(target, STORE_FORMAT, "token store", wanted,
-                    lambda m: {"config": m.get("config"), "selection_hash": (m.get("source") or {}).get("selection_hash")}):
+    if check_output(
+        target,
+        STORE_FORMAT,
+        "token store",
+        wanted,
+        lambda m: {"config": m.get("config"), "selection_hash": (m.get("source") or {}).get("selection_hash")},
+    ):
         print(f"predistill: {target} is already complete; nothing to do", file=sys.stderr)
         return
     materialize(mcfg, store, progress=cfg.progress)
@@ -445,6 +596,8 @@ def main(args: argparse.Namespace) -> None:
         return
     out = run(cfg)
     m = read_manifest(out, FORMAT)
-    print(f"predistill: wrote {out}: kept {m['n_selected']} of {m['n_instances']} instances "
-          f"({m['n_tokens_selected']} of {m['n_tokens']} tokens) by {m['method']}; report in {out / 'report.md'}"
-          + (f"; materialised store in {cfg.materialize}" if cfg.materialize else ""))
+    print(
+        f"predistill: wrote {out}: kept {m['n_selected']} of {m['n_instances']} instances "
+        f"({m['n_tokens_selected']} of {m['n_tokens']} tokens) by {m['method']}; report in {out / 'report.md'}"
+        + (f"; materialised store in {cfg.materialize}" if cfg.materialize else "")
+    )

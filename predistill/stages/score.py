@@ -36,20 +36,48 @@ from typing import Any
 import numpy as np
 import torch
 
-from predistill.core.artifacts import MANIFEST, PredistillError, check_output, check_plan, hold_output, read_manifest, \
-    write_manifest
+from predistill.core.artifacts import (
+    MANIFEST,
+    PredistillError,
+    check_output,
+    check_plan,
+    hold_output,
+    read_manifest,
+    write_manifest,
+)
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.training.forward import ForwardBatch, ForwardConsumer, ModelInputs, PassStats, ScoreCollector, run_forward_pass
-from predistill.core.sharding import Shard, plan_shards
-from predistill.modeling.kernels import fuse_kernels
+from predistill.core.sharding import Shard, finish_by_last_rank, init_distributed, owns, plan_shards, rank_and_world
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
-from predistill.modeling.models import DTYPES, check_plain_head, forward_params, load_model, model_hash, resolve_device, \
-    resolve_dtype, tokenizer_hash
-from predistill.core.sharding import init_distributed, rank_and_world
-from predistill.formats.scores import FORMAT, PLAN, SHARD_DIR, finish_table, markers_hash, shard_marker, write_score_shard
-from predistill.core.sharding import finish_by_last_rank, owns
+from predistill.formats.scores import (
+    FORMAT,
+    PLAN,
+    SHARD_DIR,
+    finish_table,
+    markers_hash,
+    shard_marker,
+    write_score_shard,
+)
 from predistill.formats.store import TokenStore
+from predistill.modeling.kernels import fuse_kernels
+from predistill.modeling.models import (
+    DTYPES,
+    check_plain_head,
+    forward_params,
+    load_model,
+    model_hash,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_hash,
+)
+from predistill.training.forward import (
+    ForwardBatch,
+    ForwardConsumer,
+    ModelInputs,
+    PassStats,
+    ScoreCollector,
+    run_forward_pass,
+)
 
 BACKENDS = ("torch",)
 
@@ -58,32 +86,55 @@ BACKENDS = ("torch",)
 # config
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ScoreConfig:
-    model: str = option("", "model spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME "
-                        "(random weights)", required=True)
+    model: str = option(
+        "",
+        "model spec: smollm2-135m, an HF directory or hub id, a run directory, or preset:NAME (random weights)",
+        required=True,
+    )
     store: str = option("", "token store to score", required=True)
-    out: str = option("", "score table directory (resumed if it holds a partial table)", required=True,
-                      effect=Effect.NONE)
+    out: str = option(
+        "", "score table directory (resumed if it holds a partial table)", required=True, effect=Effect.NONE
+    )
     batch_size: int = option(8, "instances per forward", interval="[1, inf)")
-    shard_size: int = option(512, "instances per shard file; the unit of resume and of work per rank", interval="[1, inf)")
-    max_len: int | None = option(None, "truncate instances (after re-tokenisation) to this many model tokens "
-                                 "(default: whole instances)", interval="[1, inf)")
-    chunk_size: int = option(256, "positions per lm-head chunk; peak logits memory is chunk × vocab × 4 bytes", interval="[1, inf)")
+    shard_size: int = option(
+        512, "instances per shard file; the unit of resume and of work per rank", interval="[1, inf)"
+    )
+    max_len: int | None = option(
+        None,
+        "truncate instances (after re-tokenisation) to this many model tokens (default: whole instances)",
+        interval="[1, inf)",
+    )
+    chunk_size: int = option(
+        256, "positions per lm-head chunk; peak logits memory is chunk × vocab × 4 bytes", interval="[1, inf)"
+    )
     # the switch leaves room for a GPU engine (vLLM prompt_logprobs) beside plain PyTorch
     backend: str = option("torch", "inference engine", choices=BACKENDS)
     device: str = option("auto", "auto (this rank's GPU if any), cpu, cuda, cuda:N", effect=Effect.ROUNDING)
-    dtype: str = option("auto", "weights/activations; auto = float32 on CPU (bfloat16 is faster only on CPUs with bf16 instructions), bfloat16 on "
-                        "GPU; log-probs are fp32 either way", choices=DTYPES)
+    dtype: str = option(
+        "auto",
+        "weights/activations; auto = float32 on CPU (bfloat16 is faster only on CPUs with bf16 instructions), bfloat16 on "
+        "GPU; log-probs are fp32 either way",
+        choices=DTYPES,
+    )
     seed: int = option(0, "weight seed for preset: models", interval="[0, 4294967295]")
-    progress: bool = option(True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false",
-                            effect=Effect.NONE)
+    progress: bool = option(
+        True, "progress bar (--no-progress: none)", flag="--no-progress", action="store_false", effect=Effect.NONE
+    )
     # `--logits-out`: also write the teacher's logits store in the same forward pass. Not part of the
     # score table's identity (the score files are the same with or without it): the store has its own.
-    logits_out: str | None = option(None, "also write the teacher's logits store here, in the same forward pass "
-                                    "as the scores (docs/logits.md)", metavar="LDIR", effect=Effect.NONE)
-    logits: LogitsConfig | None = option(default_factory=LogitsConfig,  # --logits-mode, --top-k, --samples, …
-                                         effect=Effect.NONE)
+    logits_out: str | None = option(
+        None,
+        "also write the teacher's logits store here, in the same forward pass as the scores (docs/logits.md)",
+        metavar="LDIR",
+        effect=Effect.NONE,
+    )
+    logits: LogitsConfig | None = option(
+        default_factory=LogitsConfig,  # --logits-mode, --top-k, --samples, …
+        effect=Effect.NONE,
+    )
 
     def identity(self) -> dict:
         """The fields that change the scores: a rerun must match them to reuse finished shards."""
@@ -98,6 +149,7 @@ class ScoreConfig:
 # ------------------------------------------------------------------------------------------------
 # the scorer (one consumer)
 # ------------------------------------------------------------------------------------------------
+
 
 class ShardScoreWriter(ScoreCollector):
     """The scorer: writes one .npy + .done per shard into SCORES/shards/."""
@@ -131,6 +183,7 @@ class ShardScoreWriter(ScoreCollector):
 # the logits store (a second consumer of the same teacher pass)
 # ------------------------------------------------------------------------------------------------
 
+
 class LogitsStoreConsumer(ForwardConsumer):
     """Feeds a `LogitsStoreWriter` from the teacher pass that computes the scores.
 
@@ -156,8 +209,10 @@ class LogitsStoreConsumer(ForwardConsumer):
         if not want.any():
             return
         if batch.hidden is None:  # a soft-capped or scaled head (models.is_plain_head): the pass gave logits
-            raise PredistillError("--logits-out needs a model whose lm head is a plain linear projection (no logit "
-                                  "soft-capping or scaling): its entries are computed from the final hidden states")
+            raise PredistillError(
+                "--logits-out needs a model whose lm head is a plain linear projection (no logit "
+                "soft-capping or scaling): its entries are computed from the final hidden states"
+            )
         if want.all():
             ids, hidden, tokens, lengths = batch.ids, batch.hidden, batch.tokens, batch.lengths
         else:
@@ -194,24 +249,33 @@ def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs
         raise PredistillError(
             f"--logits-out needs the store's own tokenizer: '{cfg.model}' tokenizes with "
             f"{tokenizer_hash(inputs.tokenizer)[:12]}, the store with {store.tokenizer_hash[:12]} (re-tokenised "
-            "scoring); a teacher of another vocabulary cannot give per-position targets for this store")
+            "scoring); a teacher of another vocabulary cannot give per-position targets for this store"
+        )
     longest = int(store.lengths.max(initial=0))
     if cfg.max_len is not None and cfg.max_len < longest:
-        raise PredistillError(f"--logits-out needs every position, but --max-len {cfg.max_len} truncates instances "
-                              f"of up to {longest} tokens; drop --max-len")
+        raise PredistillError(
+            f"--logits-out needs every position, but --max-len {cfg.max_len} truncates instances "
+            f"of up to {longest} tokens; drop --max-len"
+        )
     if lcfg.shard_instances % cfg.shard_size:
-        raise PredistillError(f"--logits-shard-size ({lcfg.shard_instances}) must be a multiple of --shard-size "
-                              f"({cfg.shard_size}), so that a resumed run feeds the logits store the same batches")
+        raise PredistillError(
+            f"--logits-shard-size ({lcfg.shard_instances}) must be a multiple of --shard-size "
+            f"({cfg.shard_size}), so that a resumed run feeds the logits store the same batches"
+        )
     # the store's ids are the tokenizer's: a padded head's extra rows never reach it
-    return LogitsStoreWriter(ldir, store, lcfg, vocab_size=store.vocab_size,
-                             teacher=cfg.model, chunk_rows=cfg.chunk_size)
+    return LogitsStoreWriter(
+        ldir, store, lcfg, vocab_size=store.vocab_size, teacher=cfg.model, chunk_rows=cfg.chunk_size
+    )
 
 
 def _report_stats(stats: PassStats, rank: int, note: str) -> None:
     if stats.n_tokens:
-        print(f"predistill score: rank {rank}: {stats.n_shards_run} shards, {stats.n_tokens} tokens in "
-              f"{stats.seconds:.1f}s ({stats.n_tokens / max(stats.seconds, 1e-9):.0f} tokens/s); "
-              f"{stats.n_shards_skipped} shards already done{note}", file=sys.stderr)
+        print(
+            f"predistill score: rank {rank}: {stats.n_shards_run} shards, {stats.n_tokens} tokens in "
+            f"{stats.seconds:.1f}s ({stats.n_tokens / max(stats.seconds, 1e-9):.0f} tokens/s); "
+            f"{stats.n_shards_skipped} shards already done{note}",
+            file=sys.stderr,
+        )
 
 
 def run(cfg: ScoreConfig) -> Path:
@@ -249,19 +313,30 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     inputs = ModelInputs(store, tokenizer, cfg.max_len)
     plan: dict[str, Any] = {
         "config": cfg.identity(),
-        "model": {"spec": cfg.model, "hash": model_hash(model),
-                  "forward_params": forward_params(model, len(tokenizer)),
-                  "dtype": str(dtype).removeprefix("torch.")},
+        "model": {
+            "spec": cfg.model,
+            "hash": model_hash(model),
+            "forward_params": forward_params(model, len(tokenizer)),
+            "dtype": str(dtype).removeprefix("torch."),
+        },
         "tokenizer_hash": tokenizer_hash(tokenizer),
-        "store_hash": store.hash, "store_tokenizer_hash": store.tokenizer_hash,
+        "store_hash": store.hash,
+        "store_tokenizer_hash": store.tokenizer_hash,
         "store_dir": str(store.dir.resolve()),
         "retokenized": inputs.retokenized,
-        "n_instances": len(store), "shard_size": cfg.shard_size,
+        "n_instances": len(store),
+        "shard_size": cfg.shard_size,
     }
     shards = plan_shards(len(store), cfg.shard_size)
 
-    table_complete = check_output(out, FORMAT, "score table", plan, lambda m: {k: m.get(k) for k in plan},
-                                  resumable=lambda o: (o / PLAN).is_file())
+    table_complete = check_output(
+        out,
+        FORMAT,
+        "score table",
+        plan,
+        lambda m: {k: m.get(k) for k in plan},
+        resumable=lambda o: (o / PLAN).is_file(),
+    )
     if table_complete:
         manifest = read_manifest(out, FORMAT, "score table")
         if not cfg.logits_out:
@@ -275,18 +350,24 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
         # --logits-out added to a finished table: one more teacher pass, for the logits only, in the
         # table's own batching (so the logits equal those of a one-pass run); its FLOPs are its own.
         if world > 1:
-            raise PredistillError(f"{out} is already complete: its logits-only pass runs in one process "
-                                  "(without torchrun / RANK / WORLD_SIZE)")
+            raise PredistillError(
+                f"{out} is already complete: its logits-only pass runs in one process "
+                "(without torchrun / RANK / WORLD_SIZE)"
+            )
         assert logits is not None  # a complete table without --logits-out returned above
-        scored_with = {"score_table": str(out.resolve()), "table_hash": manifest["table_hash"],
-                       "teacher_pass": "separate"}
+        scored_with = {
+            "score_table": str(out.resolve()),
+            "table_hash": manifest["table_hash"],
+            "teacher_pass": "separate",
+        }
         current = read_manifest(logits.dir, LOGITS_FORMAT, "logits store") if logits.complete else {}
         if "scored_with" in current:  # finished (in this table's pass or in a pass of its own)
             print(f"predistill: {out} and {logits.dir} are already complete; nothing to do", file=sys.stderr)
             return out
         consumer = LogitsStoreConsumer(logits)
-        stats = run_forward_pass(model, inputs, shards, [consumer], batch_size=cfg.batch_size,
-                                 progress=cfg.progress, desc=f"{desc} (logits)")
+        stats = run_forward_pass(
+            model, inputs, shards, [consumer], batch_size=cfg.batch_size, progress=cfg.progress, desc=f"{desc} (logits)"
+        )
         _report_stats(stats, rank, " (logits only: the score table was already complete)")
         finished = logits.finish()
         assert finished is not None  # None only while other writers may be writing
@@ -305,17 +386,22 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     consumers: list[ForwardConsumer] = [writer]
     if logits is not None:
         consumers.append(LogitsStoreConsumer(logits))
-    stats = run_forward_pass(model, inputs, mine, consumers, batch_size=cfg.batch_size,
-                             progress=cfg.progress and rank == 0, desc=desc)
+    stats = run_forward_pass(
+        model, inputs, mine, consumers, batch_size=cfg.batch_size, progress=cfg.progress and rank == 0, desc=desc
+    )
     _report_stats(stats, rank, "")
-    finish_by_last_rank(d, lambda others_may_be_writing: _complete(out, plan, shards, logits,
-                                                                   others_may_be_writing=others_may_be_writing),
-                        "score", f"the score table {out}")
+    finish_by_last_rank(
+        d,
+        lambda others_may_be_writing: _complete(out, plan, shards, logits, others_may_be_writing=others_may_be_writing),
+        "score",
+        f"the score table {out}",
+    )
     return out
 
 
-def _complete(out: Path, plan: dict, shards: list[Shard], logits: LogitsStoreWriter | None, *,
-              others_may_be_writing: bool) -> bool:
+def _complete(
+    out: Path, plan: dict, shards: list[Shard], logits: LogitsStoreWriter | None, *, others_may_be_writing: bool
+) -> bool:
     """Finish the artifacts if every shard is in (else False: another rank, or a rerun, will).
 
     The logits store is finished before the table, so a complete table with an incomplete logits
@@ -328,14 +414,16 @@ def _complete(out: Path, plan: dict, shards: list[Shard], logits: LogitsStoreWri
             if others_may_be_writing:
                 return False
             raise PredistillError(f"{out}: score shards missing after the pass")
-        _annotate_logits(logits.dir, {"score_table": str(out.resolve()), "table_hash": table_hash,
-                                      "teacher_pass": "shared"}, None)
+        _annotate_logits(
+            logits.dir, {"score_table": str(out.resolve()), "table_hash": table_hash, "teacher_pass": "shared"}, None
+        )
     return finish_table(out, plan, shards) is not None
 
 
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, ScoreConfig)
@@ -348,11 +436,15 @@ def main(args: argparse.Namespace) -> None:
     out = run(cfg)
     if (out / MANIFEST).is_file() and rank_and_world()[0] == 0:
         m = read_manifest(out, FORMAT, "score table")
-        print(f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens_scored']} tokens, "
-              f"mean token log-prob {m['token_mean_logprob']:.4f}"
-              + (" (re-tokenised with the model's tokenizer)" if m["retokenized"] else ""))
+        print(
+            f"predistill: wrote {out}: {m['n_instances']} instances, {m['n_tokens_scored']} tokens, "
+            f"mean token log-prob {m['token_mean_logprob']:.4f}"
+            + (" (re-tokenised with the model's tokenizer)" if m["retokenized"] else "")
+        )
         if cfg.logits_out:
             lm = read_manifest(cfg.logits_out, LOGITS_FORMAT, "logits store")
-            print(f"predistill: wrote {cfg.logits_out}: {lm['n_positions']} positions, "
-                  f"{lm['entries_per_position']:.2f} entries/position, {lm['bytes_per_token']:.2f} bytes/token "
-                  f"(teacher pass {lm['scored_with']['teacher_pass']} with {out})")
+            print(
+                f"predistill: wrote {cfg.logits_out}: {lm['n_positions']} positions, "
+                f"{lm['entries_per_position']:.2f} entries/position, {lm['bytes_per_token']:.2f} bytes/token "
+                f"(teacher pass {lm['scored_with']['teacher_pass']} with {out})"
+            )

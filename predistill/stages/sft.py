@@ -45,16 +45,28 @@ PLAIN_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant
 
 @dataclass
 class SFTDataConfig:
-    data: list[str] = option(default_factory=list, help="jsonl file of records (messages / prompt+response / "
-                             "instruction+output / text); repeatable, read in order", flag="--data", required=True,
-                             metavar="FILE", effect=Effect.NONE)  # what counts is their content, `inputs`
-    tokenizer: str = option("", "the student's tokenizer: a run directory's hf/, an HF directory, or a model spec",
-                            required=True)
+    data: list[str] = option(
+        default_factory=list,
+        help="jsonl file of records (messages / prompt+response / "
+        "instruction+output / text); repeatable, read in order",
+        flag="--data",
+        required=True,
+        metavar="FILE",
+        effect=Effect.NONE,
+    )  # what counts is their content, `inputs`
+    tokenizer: str = option(
+        "", "the student's tokenizer: a run directory's hf/, an HF directory, or a model spec", required=True
+    )
     out: str = option("", "token store directory to write", required=True, effect=Effect.NONE)
-    template: str = option("auto", "chat: the tokenizer's chat template; plain: User:/Assistant: lines; auto: chat "
-                           "when the tokenizer has a template", choices=TEMPLATES)
-    max_len: int = option(2048, "training context; instances hold ≤ max-len+1 tokens (longer records are cut)",
-                          interval="[8, inf)")
+    template: str = option(
+        "auto",
+        "chat: the tokenizer's chat template; plain: User:/Assistant: lines; auto: chat "
+        "when the tokenizer has a template",
+        choices=TEMPLATES,
+    )
+    max_len: int = option(
+        2048, "training context; instances hold ≤ max-len+1 tokens (longer records are cut)", interval="[8, inf)"
+    )
 
 
 def messages_of(record, where: str) -> list[dict] | None:
@@ -63,10 +75,16 @@ def messages_of(record, where: str) -> list[dict] | None:
         raise PredistillError(f"{where}: a record must be a JSON object")
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
-            raise PredistillError(f"{where}: messages must be a non-empty list of {{role: {'/'.join(ROLES)}, "
-                                  "content: string}")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+            )
+        ):
+            raise PredistillError(
+                f"{where}: messages must be a non-empty list of {{role: {'/'.join(ROLES)}, content: string}}"
+            )
         if not any(m["role"] == "assistant" for m in messages):
             raise PredistillError(f"{where}: a conversation without an assistant message has nothing to train on")
         return messages
@@ -76,8 +94,10 @@ def messages_of(record, where: str) -> list[dict] | None:
         extra = record.get("input") or ""
         if not isinstance(prompt, str) or not isinstance(response, str) or not isinstance(extra, str):
             raise PredistillError(f"{where}: prompt/instruction, response/output (and input) must be strings")
-        return [{"role": "user", "content": prompt + (f"\n\n{extra}" if extra else "")},
-                {"role": "assistant", "content": response}]
+        return [
+            {"role": "user", "content": prompt + (f"\n\n{extra}" if extra else "")},
+            {"role": "assistant", "content": response},
+        ]
     if isinstance(record.get("text"), str):
         return None
     raise PredistillError(f"{where}: a record needs messages, prompt+response, instruction+output, or text")
@@ -121,11 +141,13 @@ def encode_chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int],
         if m["role"] != "assistant":
             continue
         before = _chat_ids(tokenizer, messages[:k], generation_prompt=True)
-        upto = _chat_ids(tokenizer, messages[:k + 1])
-        if upto[:len(before)] != before or ids[:len(upto)] != upto:
-            raise PredistillError(f"{where}: the tokenizer's chat template does not render this conversation turn by "
-                                  "turn (a later turn changes an earlier one); use --template plain")
-        mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
+        upto = _chat_ids(tokenizer, messages[: k + 1])
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise PredistillError(
+                f"{where}: the tokenizer's chat template does not render this conversation turn by "
+                "turn (a later turn changes an earlier one); use --template plain"
+            )
+        mask[len(before) : len(upto)] = [1] * (len(upto) - len(before))
     return ids, mask
 
 
@@ -155,11 +177,17 @@ def run(cfg: SFTDataConfig) -> Path:
         raise PredistillError("sft-data needs at least one --data FILE")
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    tok_info = {"spec": cfg.tokenizer, "hash": tokenizer_hash(tokenizer), "vocab_size": len(tokenizer),
-                "eos_id": tokenizer.eos_token_id}
+    tok_info = {
+        "spec": cfg.tokenizer,
+        "hash": tokenizer_hash(tokenizer),
+        "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+    }
     template = cfg.template if cfg.template != "auto" else ("chat" if tokenizer.chat_template else "plain")
     if template == "chat" and not tokenizer.chat_template:
-        raise PredistillError(f"--template chat: the tokenizer {cfg.tokenizer} has no chat template; use --template plain")
+        raise PredistillError(
+            f"--template chat: the tokenizer {cfg.tokenizer} has no chat template; use --template plain"
+        )
     if tokenizer.eos_token_id is None:
         raise PredistillError(f"the tokenizer {cfg.tokenizer} has no EOS token")
     config = identity(cfg, blank=True) | {"template": template}
@@ -170,8 +198,17 @@ def run(cfg: SFTDataConfig) -> Path:
         except OSError as e:
             raise PredistillError(f"--data {path}: cannot read it ({e.strerror or e})") from None
     wanted = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": inputs}
-    if check_output(out, FORMAT, "token store", wanted, lambda m: {
-            "config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"), "inputs": m.get("inputs")}):
+    if check_output(
+        out,
+        FORMAT,
+        "token store",
+        wanted,
+        lambda m: {
+            "config": m.get("config"),
+            "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"),
+            "inputs": m.get("inputs"),
+        },
+    ):
         print(f"predistill: {out} is already complete; nothing to do")
         return out
     counts = {"n_records": 0, "n_text": 0, "n_cut": 0, "n_skipped_no_target": 0}
@@ -185,10 +222,11 @@ def run(cfg: SFTDataConfig) -> Path:
                 mask = [1] * len(ids)
                 counts["n_text"] += 1
             else:
-                ids, mask = (encode_chat(tokenizer, messages, where) if template == "chat"
-                             else encode_plain(tokenizer, messages))
+                ids, mask = (
+                    encode_chat(tokenizer, messages, where) if template == "chat" else encode_plain(tokenizer, messages)
+                )
             if len(ids) > cfg.max_len + 1:
-                ids, mask = ids[:cfg.max_len + 1], mask[:cfg.max_len + 1]
+                ids, mask = ids[: cfg.max_len + 1], mask[: cfg.max_len + 1]
                 counts["n_cut"] += 1
             if not any(mask[1:]):  # the first token is never a target
                 counts["n_skipped_no_target"] += 1
@@ -197,12 +235,22 @@ def run(cfg: SFTDataConfig) -> Path:
         if writer.n_instances == 0:
             raise PredistillError("no record with a target token to train on")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        manifest = writer.finish({"split": "train", "config": config, "tokenizer": tok_info,
-                                  "eos_id": tokenizer.eos_token_id, "inputs": inputs,
-                                  "domains": [{"name": "sft", "kind": "sft", **counts}], **counts})
-    print(f"predistill: wrote {out}: {manifest['n_instances']} instances, {manifest['n_tokens']} tokens of which "
-          f"{manifest['n_target_tokens']} are targets ({template} template); {counts['n_cut']} cut to --max-len, "
-          f"{counts['n_skipped_no_target']} skipped (no target left)")
+        manifest = writer.finish(
+            {
+                "split": "train",
+                "config": config,
+                "tokenizer": tok_info,
+                "eos_id": tokenizer.eos_token_id,
+                "inputs": inputs,
+                "domains": [{"name": "sft", "kind": "sft", **counts}],
+                **counts,
+            }
+        )
+    print(
+        f"predistill: wrote {out}: {manifest['n_instances']} instances, {manifest['n_tokens']} tokens of which "
+        f"{manifest['n_target_tokens']} are targets ({template} template); {counts['n_cut']} cut to --max-len, "
+        f"{counts['n_skipped_no_target']} skipped (no target left)"
+    )
     return out
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from predistill.core.artifacts import PredistillError, check_output, staged_dir, write_manifest
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.text.sources import parse_sources
 from predistill.formats.store import TokenStore
+from predistill.text.sources import parse_sources
 
 STORE_SOURCE = "store:"
 
@@ -23,8 +23,13 @@ FORMAT = "tokenizer"
 
 @dataclass
 class TokenizerConfig:
-    sources: list[str] = option(default_factory=list, help="text to train on (same specs as `prepare`), or store:DIR: a token store's text",
-                                flag="--source", required=True, metavar="SPEC")
+    sources: list[str] = option(
+        default_factory=list,
+        help="text to train on (same specs as `prepare`), or store:DIR: a token store's text",
+        flag="--source",
+        required=True,
+        metavar="SPEC",
+    )
     out: str = option("", "directory for the HF tokenizer", required=True, effect=Effect.NONE)
     vocab_size: int = option(8192, "target vocabulary size, EOS included", interval="[257, inf)")
     min_frequency: int = option(2, "minimum pair count for a merge", interval="[0, inf)")
@@ -54,8 +59,12 @@ def run(cfg: TokenizerConfig) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
 
     def texts():
         for source in sources:
@@ -66,14 +75,28 @@ def run(cfg: TokenizerConfig) -> Path:
                 yield from (doc for doc in store.decode(i).split(eos) if doc)
 
     bpe.train_from_iterator(texts(), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                        model_max_length=1 << 30, model_input_names=["input_ids", "attention_mask"],
-                                        clean_up_tokenization_spaces=False)  # exact decode
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=EOS,
+        model_max_length=1 << 30,
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+    )  # exact decode
     with staged_dir(out, FORMAT) as tmp:
         tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, {"format": FORMAT, "version": 1, "config": config, "vocab_size": len(tokenizer),
-                             "eos_id": tokenizer.eos_token_id,
-                             "n_skipped": {s.name: s.n_skipped for s in sources}})
+        write_manifest(
+            tmp,
+            {
+                "format": FORMAT,
+                "version": 1,
+                "config": config,
+                "vocab_size": len(tokenizer),
+                "eos_id": tokenizer.eos_token_id,
+                "n_skipped": {s.name: s.n_skipped for s in sources},
+            },
+        )
     return out
 
 

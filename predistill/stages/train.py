@@ -53,23 +53,37 @@ from predistill.core.artifacts import (
     write_manifest,
 )
 from predistill.core.config import add_config_arguments, config_from_args, from_flat, to_flat
+from predistill.core.sharding import Dist, init_distributed
+from predistill.formats.selection import load_selection
+from predistill.formats.store import TokenStore
+from predistill.modeling.kernels import fuse_kernels
+from predistill.modeling.models import (
+    EXPORT_INFO,
+    RUN_EXPORT,
+    RUN_EXPORTS,
+    STEP_EXPORT_PREFIX,
+    count_params,
+    final_hidden,
+    forward_params,
+    head_weight,
+    load_model,
+    load_tokenizer,
+    model_body,
+    resolve_device,
+    tokenizer_hash,
+)
 from predistill.text.crosstok import MappingStats
 from predistill.training import distill
 from predistill.training.losses import fused_lm_loss
-from predistill.modeling.kernels import fuse_kernels
-from predistill.modeling.models import EXPORT_INFO, RUN_EXPORT, RUN_EXPORTS, STEP_EXPORT_PREFIX, count_params, final_hidden, \
-    forward_params, head_weight, load_model, load_tokenizer, model_body, resolve_device, tokenizer_hash
-from predistill.core.sharding import Dist, init_distributed
-from predistill.formats.selection import load_selection
 from predistill.training.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.training.schedules import alpha_at, lr_at
-from predistill.formats.store import TokenStore
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 CHECKPOINT_PREFIX = "step-"
 # --- data ---------------------------------------------------------------------------------------
+
 
 class DataOrder:
     """Global batch s = items [s·B, (s+1)·B) of the endless stream of per-epoch permutations."""
@@ -106,8 +120,8 @@ def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[
     mask = positions[None, :] < (lengths - 1)[:, None]
     if store.has_loss_mask:  # SFT data: only the targets its mask marks (the responses) are trained on
         for row, i in enumerate(ids):
-            targets = torch.from_numpy(store.loss_mask(int(i))[1:seq_len + 1].astype(bool))
-            mask[row, :len(targets)] &= targets
+            targets = torch.from_numpy(store.loss_mask(int(i))[1 : seq_len + 1].astype(bool))
+            mask[row, : len(targets)] &= targets
     batch = (tokens[:, :-1], tokens[:, 1:], mask)
     return tuple(t.pin_memory() for t in batch) if pin else batch
 
@@ -124,10 +138,13 @@ class StepLoader:
 
     def _build(self, step: int):
         batch_ids = self.order.global_batch(step, self.cfg.batch_size)
-        local = batch_ids[self.d.rank * self.local_batch:(self.d.rank + 1) * self.local_batch]
-        micro_ids = [local[m:m + self.micro] for m in range(0, self.local_batch, self.micro)]
-        return (max(n_targets(self.store, batch_ids, self.cfg.seq_len), 1), micro_ids,
-                [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin) for ids in micro_ids])
+        local = batch_ids[self.d.rank * self.local_batch : (self.d.rank + 1) * self.local_batch]
+        micro_ids = [local[m : m + self.micro] for m in range(0, self.local_batch, self.micro)]
+        return (
+            max(n_targets(self.store, batch_ids, self.cfg.seq_len), 1),
+            micro_ids,
+            [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin) for ids in micro_ids],
+        )
 
     def get(self, step: int, steps: int):
         """(global target count, micro-batch ids, CPU tensors) of `step`; starts building step + 1."""
@@ -142,11 +159,12 @@ class StepLoader:
 
 def n_targets(store: TokenStore, ids, seq_len: int) -> int:
     if store.has_loss_mask:
-        return int(sum(np.count_nonzero(store.loss_mask(int(i))[1:seq_len + 1]) for i in ids))
+        return int(sum(np.count_nonzero(store.loss_mask(int(i))[1 : seq_len + 1]) for i in ids))
     return int(np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0).sum())
 
 
 # --- model --------------------------------------------------------------------------------------
+
 
 class LossModel(torch.nn.Module):
     """A causal LM whose forward returns loss sums, so DDP/FSDP see all compute inside forward.
@@ -196,12 +214,18 @@ def flops_per_token(model, vocab_size: int | None = None) -> int:
 
 # --- checkpoints --------------------------------------------------------------------------------
 
+
 def checkpoint_dirs(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / "trainer_state.json").is_file()
-            and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX)
+        and (p / "trainer_state.json").is_file()
+        and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
+    ]
     return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
@@ -226,8 +250,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if d.main:
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp / "rng.pt")
+        torch.save(
+            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            tmp / "rng.pt",
+        )
         write_json_atomic(tmp / "trainer_state.json", state)  # its presence marks the checkpoint whole
         os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
@@ -251,16 +277,20 @@ def _resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
     state = _read_json_object(path / "trainer_state.json")
     check_fields(state, path / "trainer_state.json", {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
     if not 0 < state["step"] <= steps or state["step"] != int(path.name.removeprefix(CHECKPOINT_PREFIX)):
-        raise PredistillError(f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
-                              f"{steps}-step run; the run directory is damaged")
+        raise PredistillError(
+            f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
+            f"{steps}-step run; the run directory is damaged"
+        )
     try:
         load_checkpoint(path, model, optimizer, fsdp)
     except PredistillError:
         raise
     except Exception as e:  # noqa: BLE001 — torch, safetensors and pickle raise many types for a damaged file
         reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PredistillError(f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
-                              "from an earlier one, or the run directory to start over") from None
+        raise PredistillError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
+            "from an earlier one, or the run directory to start over"
+        ) from None
     return state
 
 
@@ -290,6 +320,7 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 
 # --- the run ------------------------------------------------------------------------------------
 
+
 def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device) -> distill.KDSource | None:
     """The KD source the config names (predistill.training.distill), or None."""
     if not (cfg.kd_logits or cfg.kd_teacher):
@@ -302,7 +333,9 @@ def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device) -> disti
         return distill.CrossTokenizerLogits(cfg.kd_logits, store, kd_cfg)
     assert cfg.kd_teacher  # without --kd-logits, --kd-teacher (checked above)
     if cfg.minillm:
-        return distill.MiniLLM(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix)
+        return distill.MiniLLM(
+            cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, model, cfg.seed, cfg.minillm_prefix
+        )
     # beside an FSDP student the teacher is sharded too: a 9B/32B teacher fits only that way
     return distill.online_teacher(cfg.kd_teacher, store, kd_cfg, device, cfg.loss_chunk, shard=cfg.fsdp)
 
@@ -324,9 +357,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     parameters keep the default implementation."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=not cfg.fsdp or None)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=not cfg.fsdp or None,
+    )
 
 
 def run(cfg: TrainConfig, command: str | None = None) -> Path:
@@ -354,15 +391,23 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     train_ids = load_selection(cfg.selection, store) if cfg.selection else np.arange(len(store))
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else store.tokenizer()
     if tokenizer_hash(tokenizer) != store.tokenizer_hash:
-        raise PredistillError(f"tokenizer {cfg.tokenizer} is not the one that made {cfg.store}; "
-                              "re-tokenise the corpus (`sample --materialize`) or use the store's tokenizer")
+        raise PredistillError(
+            f"tokenizer {cfg.tokenizer} is not the one that made {cfg.store}; "
+            "re-tokenise the corpus (`sample --materialize`) or use the store's tokenizer"
+        )
     if val_store is not None and val_store.tokenizer_hash != store.tokenizer_hash:
         raise PredistillError(f"val store {val_path} was made with another tokenizer than {cfg.store}")
     heldout_stores = _heldout_stores(cfg.heldout, store)
 
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
-    if check_output(out, FORMAT, "run", result_identity(cfg), lambda m: result_identity(from_flat(TrainConfig, m["config"])),
-                    resumable=_holds_unfinished_run):
+    if check_output(
+        out,
+        FORMAT,
+        "run",
+        result_identity(cfg),
+        lambda m: result_identity(from_flat(TrainConfig, m["config"])),
+        resumable=_holds_unfinished_run,
+    ):
         if d.main:
             print(f"predistill: {out} is already complete; nothing to do")
         return out
@@ -375,12 +420,15 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         held.callback(os.close, lock_dir(out, out))
     d.barrier()  # every rank has judged OUT before any of them writes into it (the online-logits store, say)
 
-    model, _ = load_model(cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048),
-                          attn_impl=cfg.attn_impl)
+    model, _ = load_model(
+        cfg.model, tokenizer, seed=cfg.seed, max_len=max(cfg.seq_len + 1, 2048), attn_impl=cfg.attn_impl
+    )
     prepare_student(model, cfg)
     if model.get_input_embeddings().num_embeddings < store.vocab_size:
-        raise PredistillError(f"model {cfg.model} has {model.get_input_embeddings().num_embeddings} embeddings "
-                              f"but the store's vocabulary has {store.vocab_size} ids")
+        raise PredistillError(
+            f"model {cfg.model} has {model.get_input_embeddings().num_embeddings} embeddings "
+            f"but the store's vocabulary has {store.vocab_size} ids"
+        )
     model.to(device)
     params = count_params(model)
     student_fpt = flops_per_token(model, store.vocab_size)
@@ -395,15 +443,17 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         step_flops = fpt * cfg.batch_size * mean_targets
         steps = int(cfg.flops_budget // step_flops)
         if steps < 1:  # an empty run is an error, not a complete artifact
-            raise PredistillError(f"--flops-budget {cfg.flops_budget:g} buys no training step (one step costs "
-                                  f"≈ {step_flops:.3g} FLOPs)")
+            raise PredistillError(
+                f"--flops-budget {cfg.flops_budget:g} buys no training step (one step costs ≈ {step_flops:.3g} FLOPs)"
+            )
     if cfg.epochs:  # exact: 1.1 epochs of 100 instances in batches of 10 is 11 steps, not ⌈11.000000000000002⌉
         steps = math.ceil(Fraction(str(cfg.epochs)) * len(train_ids) / cfg.batch_size)
     local_batch = cfg.batch_size // d.world
     micro = cfg.micro_batch_size or local_batch
     if cfg.batch_size % d.world or local_batch % micro:
-        raise PredistillError(f"--batch-size {cfg.batch_size} must split evenly into {d.world} ranks × "
-                              f"micro-batches of {micro}")
+        raise PredistillError(
+            f"--batch-size {cfg.batch_size} must split evenly into {d.world} ranks × micro-batches of {micro}"
+        )
 
     loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size)
     if cfg.compile:  # layer by layer (as torchtitan does): HF's body has Python-side logic between layers
@@ -414,8 +464,11 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16 compute, fp32 master weights and gradient reduction (--precision)
-        precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                     if bf16_compute(cfg.precision, device) else MixedPrecisionPolicy())
+        precision = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16_compute(cfg.precision, device)
+            else MixedPrecisionPolicy()
+        )
         for layer in model_body(model).layers:
             fully_shard(layer, mp_policy=precision)
         fully_shard(loss_model, mp_policy=precision)
@@ -433,8 +486,10 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         if not same_result(saved, cfg):
             raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
         if saved.get("fsdp", False) != cfg.fsdp:  # the same weights, another checkpoint format (DCP under FSDP)
-            raise PredistillError(f"{out} holds checkpoints written {'with' if saved.get('fsdp') else 'without'} "
-                                  f"--fsdp; resume it {'with' if saved.get('fsdp') else 'without'} --fsdp")
+            raise PredistillError(
+                f"{out} holds checkpoints written {'with' if saved.get('fsdp') else 'without'} "
+                f"--fsdp; resume it {'with' if saved.get('fsdp') else 'without'} --fsdp"
+            )
         state = _resume_state(ckpts[-1], loss_model, optimizer, cfg.fsdp, steps)
         start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
         kd_counts = state.get("kd_counts", kd_counts)
@@ -451,8 +506,11 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
 
     writer = _tensorboard(out) if cfg.tensorboard and d.main else None
     order = DataOrder(train_ids, cfg.seed)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16_compute(cfg.precision, device)
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if bf16_compute(cfg.precision, device)
+        else contextlib.nullcontext()
+    )
     loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda")
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
     val_loss = None
@@ -460,10 +518,28 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     try:  # the bar ends its line before an error is printed
         for step in range(start_step, steps):
             t0 = time.perf_counter()
-            lr = lr_at(cfg.lr_schedule, step, steps, cfg.lr, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio,
-                       warmup_ratio=cfg.warmup_ratio, decay_ratio=cfg.decay_ratio)
-            alpha = alpha_at(cfg.alpha_schedule, step, steps, cfg.alpha, warmup_ratio=cfg.warmup_ratio,
-                             decay_ratio=cfg.decay_ratio) if kd is not None else 0.0
+            lr = lr_at(
+                cfg.lr_schedule,
+                step,
+                steps,
+                cfg.lr,
+                warmup=cfg.warmup,
+                min_ratio=cfg.min_lr_ratio,
+                warmup_ratio=cfg.warmup_ratio,
+                decay_ratio=cfg.decay_ratio,
+            )
+            alpha = (
+                alpha_at(
+                    cfg.alpha_schedule,
+                    step,
+                    steps,
+                    cfg.alpha,
+                    warmup_ratio=cfg.warmup_ratio,
+                    decay_ratio=cfg.decay_ratio,
+                )
+                if kd is not None
+                else 0.0
+            )
             step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -483,8 +559,9 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 lm_total += lm_sum.item()
                 kd_total += kd_sum.item()
             # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(loss_model.parameters(),
-                                                       cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                loss_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            )
             lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
             # across tokenizers: this step's aligned positions and mapped teacher mass, over all ranks
             step_counts = step_kd.take_counts() if step_kd is not None else None
@@ -493,20 +570,30 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 kd_counts = [a + b for a, b in zip(kd_counts, step_counts)]
             if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
                 # every rank sees the same global sums and norm, so all stop here together
-                raise PredistillError(f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
-                                      f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
-                                      f"checkpoint in {out} is the last good state (check the data, or rerun into a "
-                                      "new --out with a lower --lr)")
+                raise PredistillError(
+                    f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
+                    f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
+                    f"checkpoint in {out} is the last good state (check the data, or rerun into a "
+                    "new --out with a lower --lr)"
+                )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens_seen += global_targets
             flops += (fpt if step_kd is not None else student_fpt) * global_targets
             done = step + 1
             elapsed = time.perf_counter() - t0
-            row = {"step": done, "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
-                   "lm_loss": lm_total / global_targets, "kd_loss": kd_total / global_targets if step_kd else None,
-                   "lr": lr, "alpha": alpha, "tokens": tokens_seen, "flops": flops,
-                   "tokens_per_s": global_targets / elapsed, "grad_norm": float(grad_norm)}
+            row = {
+                "step": done,
+                "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
+                "lm_loss": lm_total / global_targets,
+                "kd_loss": kd_total / global_targets if step_kd else None,
+                "lr": lr,
+                "alpha": alpha,
+                "tokens": tokens_seen,
+                "flops": flops,
+                "tokens_per_s": global_targets / elapsed,
+                "grad_norm": float(grad_norm),
+            }
             if step_counts is not None:
                 row |= {f"kd_{k}": v for k, v in MappingStats(*step_counts).summary().items()}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == steps:
@@ -524,35 +611,70 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             bar.update(1)
             if cfg.export_every and done % cfg.export_every == 0 and done < steps:
                 # before the checkpoint of the same step: a resumed run has every export up to its checkpoint
-                _export(out, model, loss_model, tokenizer, cfg, d,
-                        Path(RUN_EXPORTS) / f"{STEP_EXPORT_PREFIX}{done:08d}",
-                        {"step": done, "tokens": tokens_seen, "flops": flops, "val_loss": row.get("val_loss")})
+                _export(
+                    out,
+                    model,
+                    loss_model,
+                    tokenizer,
+                    cfg,
+                    d,
+                    Path(RUN_EXPORTS) / f"{STEP_EXPORT_PREFIX}{done:08d}",
+                    {"step": done, "tokens": tokens_seen, "flops": flops, "val_loss": row.get("val_loss")},
+                )
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                save_checkpoint(out, done, loss_model, optimizer, {"step": done, "tokens": tokens_seen, "flops": flops,
-                                                                   "kd_counts": kd_counts},
-                                d, cfg.fsdp, cfg.keep_checkpoints)
+                save_checkpoint(
+                    out,
+                    done,
+                    loss_model,
+                    optimizer,
+                    {"step": done, "tokens": tokens_seen, "flops": flops, "kd_counts": kd_counts},
+                    d,
+                    cfg.fsdp,
+                    cfg.keep_checkpoints,
+                )
     finally:
         bar.close()
         loader.close()
-    heldout_losses = {name: evaluate(wrapped, held, cfg, d, device, autocast, n=len(held))
-                      for name, held in heldout_stores.items()}
+    heldout_losses = {
+        name: evaluate(wrapped, held, cfg, d, device, autocast, n=len(held)) for name, held in heldout_stores.items()
+    }
     _export(out, model, loss_model, tokenizer, cfg, d)
     if saver is not None and (d.main or cfg.fsdp):  # the instances no step saw: one pass of the final model
         _finish_logits(saver, store, wrapped, loss_model, cfg, device, d)
     if d.main:
-        write_manifest(out, {
-            "format": FORMAT, "version": 1, "config": config_json, "method": method_label(cfg), "model": cfg.model,
-            "params": params, "flops_per_token": fpt, "student_flops_per_token": student_fpt,
-            "steps": steps, "tokens": tokens_seen, "flops": flops,
-            # passes over the training instances (> 1: data repeated, the data-limited regime)
-            "train_instances": len(train_ids), "epochs": steps * cfg.batch_size / len(train_ids),
-            "teacher_flops": flops - student_fpt * tokens_seen, "store_hash": store.hash,
-            "val_store_hash": val_store.hash if val_store else None, "selection": cfg.selection,
-            "kd_logits": cfg.kd_logits, "kd_teacher": cfg.kd_teacher, "save_logits": cfg.save_logits,
-            "final_val_loss": val_loss, "heldout_losses": heldout_losses}
-            | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {}))
-        print(f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
-              + (f", val loss {val_loss:.4f}" if val_loss is not None else ""))
+        write_manifest(
+            out,
+            {
+                "format": FORMAT,
+                "version": 1,
+                "config": config_json,
+                "method": method_label(cfg),
+                "model": cfg.model,
+                "params": params,
+                "flops_per_token": fpt,
+                "student_flops_per_token": student_fpt,
+                "steps": steps,
+                "tokens": tokens_seen,
+                "flops": flops,
+                # passes over the training instances (> 1: data repeated, the data-limited regime)
+                "train_instances": len(train_ids),
+                "epochs": steps * cfg.batch_size / len(train_ids),
+                "teacher_flops": flops - student_fpt * tokens_seen,
+                "store_hash": store.hash,
+                "val_store_hash": val_store.hash if val_store else None,
+                "selection": cfg.selection,
+                "kd_logits": cfg.kd_logits,
+                "kd_teacher": cfg.kd_teacher,
+                "save_logits": cfg.save_logits,
+                "final_val_loss": val_loss,
+                "heldout_losses": heldout_losses,
+            }
+            | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {}),
+        )
+        print(
+            f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
+            + (f", val loss {val_loss:.4f}" if val_loss is not None else "")
+        )
     if writer:
         writer.close()
     d.barrier()
@@ -560,20 +682,21 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
 
 
 @torch.no_grad()
-def evaluate(wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, autocast,
-             n: int | None = None) -> float:
+def evaluate(
+    wrapped, val_store: TokenStore, cfg: TrainConfig, d: Dist, device, autocast, n: int | None = None
+) -> float:
     """MiniPLM's held-out loss: the mean over instances of each instance's mean token NLL, over the
     first `n` instances (default: --eval-instances)."""
     wrapped.eval()
     n = min(len(val_store), cfg.eval_instances if n is None else n)
     ids = np.arange(n)
     per_rank = math.ceil(n / d.world)
-    mine = ids[d.rank * per_rank:(d.rank + 1) * per_rank]
+    mine = ids[d.rank * per_rank : (d.rank + 1) * per_rank]
     total, count = 0.0, 0
     batch = cfg.micro_batch_size or max(cfg.batch_size // d.world, 1)
     # every rank runs the same number of forwards (FSDP needs all ranks in each one)
     for start in range(0, per_rank, batch):
-        chunk = mine[start:start + batch]
+        chunk = mine[start : start + batch]
         if len(chunk) == 0:
             chunk = ids[:1]
         inputs, targets, mask = make_batch(val_store, chunk, cfg.seq_len, device)
@@ -616,12 +739,15 @@ def _logits_saver(cfg: TrainConfig, store: TokenStore, model, d: Dist):
     from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
 
     if int(store.lengths.max()) > cfg.seq_len + 1:
-        raise PredistillError(f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}")
+        raise PredistillError(
+            f"--save-logits needs whole instances: --seq-len must be ≥ {int(store.lengths.max()) - 1}"
+        )
     # PD's online logits are top-p-k (the paper's truncation), whatever the offline default is
     truncation = LogitsConfig(mode="topk", top_p=cfg.save_logits_top_p, top_k=cfg.save_logits_top_k)
     assert cfg.save_logits  # called only with --save-logits
-    return LogitsStoreWriter(cfg.save_logits, store, truncation, vocab_size=store.vocab_size,
-                             teacher=f"online:{cfg.model}")
+    return LogitsStoreWriter(
+        cfg.save_logits, store, truncation, vocab_size=store.vocab_size, teacher=f"online:{cfg.model}"
+    )
 
 
 @torch.no_grad()
@@ -631,14 +757,13 @@ def _save_logits(saver, store: TokenStore, ids, hidden, lm, d: Dist | None = Non
     tokens, lengths = store.batch(ids)
     # under FSDP every rank gathers the whole head here (all ranks are here)
     batch = saver.entries_of_hidden(ids, hidden.detach(), head_weight(lm, store.vocab_size).detach(), tokens, lengths)
-    for part in (d.gather(batch) if d is not None else [batch]):
+    for part in d.gather(batch) if d is not None else [batch]:
         if part is not None and (d is None or d.main):
             saver.accept(*part)
 
 
 @torch.no_grad()
-def _finish_logits(saver, store: TokenStore, wrapped, loss_model: LossModel, cfg: TrainConfig, device,
-                   d: Dist) -> None:
+def _finish_logits(saver, store: TokenStore, wrapped, loss_model: LossModel, cfg: TrainConfig, device, d: Dist) -> None:
     """The instances no step saw, through the final model: rank 0 alone — or, under FSDP, whose
     forward needs every rank, all ranks, each a share of rank 0's list (padded with an instance
     rank 0 stores first, so that every rank runs as many forwards)."""
@@ -647,7 +772,7 @@ def _finish_logits(saver, store: TokenStore, wrapped, loss_model: LossModel, cfg
         todo = saver.todo_instances()
         batch = cfg.micro_batch_size or cfg.batch_size
         for start in range(0, len(todo), batch):
-            ids = todo[start:start + batch]
+            ids = todo[start : start + batch]
             tokens, _ = store.batch(ids)
             hidden = final_hidden(model_body(loss_model.lm), tokens.to(device))
             _save_logits(saver, store, ids, hidden, loss_model.lm)
@@ -656,8 +781,8 @@ def _finish_logits(saver, store: TokenStore, wrapped, loss_model: LossModel, cfg
     todo = d.gather(saver.todo_instances() if d.main else None)[0]
     chunk = (cfg.micro_batch_size or cfg.batch_size // d.world) * d.world
     for start in range(0, len(todo), chunk):
-        ids = todo[start:start + chunk][d.rank::d.world]
-        ids = ids if len(ids) else todo[start:start + 1]
+        ids = todo[start : start + chunk][d.rank :: d.world]
+        ids = ids if len(ids) else todo[start : start + 1]
         tokens, _ = store.batch(ids)
         tokens = tokens.to(device)
         # through the root module: FSDP gathers the embedding and final norm in its forward hooks
@@ -677,8 +802,16 @@ def _grad_sync(wrapped, fsdp: bool, enabled: bool):
     return contextlib.nullcontext()
 
 
-def _export(out: Path, model, loss_model, tokenizer, cfg: TrainConfig, d: Dist, name: Path = Path(RUN_EXPORT),
-            info: dict | None = None) -> None:
+def _export(
+    out: Path,
+    model,
+    loss_model,
+    tokenizer,
+    cfg: TrainConfig,
+    d: Dist,
+    name: Path = Path(RUN_EXPORT),
+    info: dict | None = None,
+) -> None:
     """OUT/NAME (OUT/hf): a plain transformers directory (safetensors + tokenizer), written atomically."""
     if cfg.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -10,29 +10,33 @@ artifact; the first problem is one line and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, read_marker
 from predistill.core.config import add_config_arguments, config_from_args, option
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.logits import LogitsStore, shard_files
-from predistill.training.rundir import FORMAT as RUN_FORMAT
-from predistill.training.rundir import check_run_manifest
 from predistill.formats.scores import FORMAT as SCORES_FORMAT
 from predistill.formats.scores import ScoreTable
 from predistill.formats.selection import FORMAT as SELECTION_FORMAT
 from predistill.formats.selection import load_selection
 from predistill.formats.store import FORMAT as STORE_FORMAT
 from predistill.formats.store import TokenStore
+from predistill.training.rundir import FORMAT as RUN_FORMAT
+from predistill.training.rundir import check_run_manifest
 
 
 @dataclass
 class VerifyConfig:
-    artifacts: list[str] = option(default_factory=list, help="artifact directories to check (token stores, score "
-                                  "tables, selections, logits stores, run directories)", required=True,
-                                  positional=True, metavar="DIR")
+    artifacts: list[str] = option(
+        default_factory=list,
+        help="artifact directories to check (token stores, score tables, selections, logits stores, run directories)",
+        required=True,
+        positional=True,
+        metavar="DIR",
+    )
 
 
 def verify_store(directory: Path) -> str:
@@ -87,8 +91,11 @@ def verify_run(directory: Path) -> str:
 
 
 VERIFIERS: dict[str, Callable[[Path], str]] = {
-    STORE_FORMAT: verify_store, SCORES_FORMAT: verify_scores, SELECTION_FORMAT: verify_selection,
-    LOGITS_FORMAT: verify_logits, RUN_FORMAT: verify_run,
+    STORE_FORMAT: verify_store,
+    SCORES_FORMAT: verify_scores,
+    SELECTION_FORMAT: verify_selection,
+    LOGITS_FORMAT: verify_logits,
+    RUN_FORMAT: verify_run,
 }
 
 
@@ -101,8 +108,7 @@ def artifact_format(directory: Path) -> str:
         raise PredistillError(f"{directory / MANIFEST}: unreadable manifest ({type(e).__name__})") from None
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt not in VERIFIERS:
-        raise PredistillError(f"{directory}: format {fmt!r} is not one verify checks "
-                              f"({', '.join(sorted(VERIFIERS))})")
+        raise PredistillError(f"{directory}: format {fmt!r} is not one verify checks ({', '.join(sorted(VERIFIERS))})")
     return fmt
 
 

@@ -44,7 +44,7 @@ class Chunker:
         self.buffer = np.concatenate([self.buffer, ids])
         self.can_end = np.concatenate([self.can_end, can_end])
         while len(self.buffer) >= self.window:
-            cut = self._cut(self.can_end[:self.window])
+            cut = self._cut(self.can_end[: self.window])
             yield self.buffer[:cut]
             self.buffer = self.buffer[cut:]
             self.can_end = self.can_end[cut:]

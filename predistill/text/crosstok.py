@@ -91,7 +91,7 @@ class Speller:
         self.first_token = first_token  # text → the id the tokenizer emits first (None: unknown)
 
     @classmethod
-    def of(cls, tokenizer) -> "Speller":
+    def of(cls, tokenizer) -> Speller:
         def first_token(text: str) -> int | None:
             ids = tokenizer.encode(text, add_special_tokens=False)
             return ids[0] if ids else None
@@ -110,8 +110,9 @@ def _piece_starts(ids: np.ndarray, eos_id: int) -> np.ndarray:
     return np.concatenate([[0], np.flatnonzero(ids[:-1] == eos_id) + 1]) if len(ids) else np.zeros(0, np.int64)
 
 
-def _drop_extra_spaces(a: tuple[np.ndarray, np.ndarray], a_starts: np.ndarray,
-                       b: tuple[np.ndarray, np.ndarray], b_starts: np.ndarray):
+def _drop_extra_spaces(
+    a: tuple[np.ndarray, np.ndarray], a_starts: np.ndarray, b: tuple[np.ndarray, np.ndarray], b_starts: np.ndarray
+):
     """Both sequences spell one text, piece by piece; a space that starts a piece on one side only was
     added by that tokenizer (SentencePiece's dummy prefix): it is taken off (not read by anyone)."""
     (a_data, a_len), (b_data, b_len) = a, b
@@ -130,15 +131,21 @@ def _drop_extra_spaces(a: tuple[np.ndarray, np.ndarray], a_starts: np.ndarray,
     return (np.delete(a_data, a_off[a_drop]), a_len), (np.delete(b_data, b_off[b_drop]), b_len)
 
 
-def align(student_ids: np.ndarray, teacher_ids: np.ndarray, student: Speller, teacher: Speller,
-          teacher_positions: int | None = None) -> np.ndarray:
+def align(
+    student_ids: np.ndarray,
+    teacher_ids: np.ndarray,
+    student: Speller,
+    teacher: Speller,
+    teacher_positions: int | None = None,
+) -> np.ndarray:
     """For each student position i (after reading student tokens 0..i), the teacher position j that
     has read exactly the same bytes, or −1. Teacher positions ≥ `teacher_positions` (default: the
     teacher's last token, which predicts nothing) count as absent."""
     student_ids, teacher_ids = np.asarray(student_ids, np.int64), np.asarray(teacher_ids, np.int64)
     s_starts, t_starts = _piece_starts(student_ids, student.eos_id), _piece_starts(teacher_ids, teacher.eos_id)
-    (s_data, s_len), (t_data, t_len) = _drop_extra_spaces(student.spell(student_ids), s_starts,
-                                                          teacher.spell(teacher_ids), t_starts)
+    (s_data, s_len), (t_data, t_len) = _drop_extra_spaces(
+        student.spell(student_ids), s_starts, teacher.spell(teacher_ids), t_starts
+    )
     n = min(len(s_data), len(t_data))
     differ = np.flatnonzero(s_data[:n] != t_data[:n])
     same_upto = int(differ[0]) if len(differ) else n  # both spell the same bytes [0, same_upto)
@@ -180,8 +187,12 @@ class VocabMap:
 
     def describe(self) -> dict:
         spelled = int((self.to_student >= 0).sum())
-        return {"rule": self.rule, "teacher_ids": len(self.to_student), "exact": int(self.exact.sum()),
-                "mapped": spelled}
+        return {
+            "rule": self.rule,
+            "teacher_ids": len(self.to_student),
+            "exact": int(self.exact.sum()),
+            "mapped": spelled,
+        }
 
 
 def _first_prefix(spelled: bytes, student: Speller) -> int | None:
@@ -215,8 +226,10 @@ class MappingStats:
         return [self.positions, self.aligned, self.teacher_mass, self.mapped_mass]
 
     def summary(self) -> dict:
-        return {"aligned_fraction": self.aligned / self.positions if self.positions else None,
-                "mapped_mass": self.mapped_mass / self.teacher_mass if self.teacher_mass else None}
+        return {
+            "aligned_fraction": self.aligned / self.positions if self.positions else None,
+            "mapped_mass": self.mapped_mass / self.teacher_mass if self.teacher_mass else None,
+        }
 
 
 def map_targets(targets: TeacherTargets, vocab: VocabMap) -> tuple[TeacherTargets, float, float]:
@@ -246,5 +259,8 @@ def map_targets(targets: TeacherTargets, vocab: VocabMap) -> tuple[TeacherTarget
     out_lps = np.zeros((n, k), np.float32)
     out_mask = np.zeros((n, k), dtype=bool)
     out_ids[rows, slot], out_lps[rows, slot], out_mask[rows, slot] = s, np.log(p), True
-    return (TeacherTargets(torch.from_numpy(out_ids), torch.from_numpy(out_lps), torch.from_numpy(out_mask)),
-            float(probs.sum()), float(p.sum()))
+    return (
+        TeacherTargets(torch.from_numpy(out_ids), torch.from_numpy(out_lps), torch.from_numpy(out_mask)),
+        float(probs.sum()),
+        float(p.sum()),
+    )

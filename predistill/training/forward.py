@@ -14,26 +14,27 @@ from __future__ import annotations
 import abc
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from predistill.training.losses import inference_token_logprobs, token_logprobs
-from predistill.modeling.models import final_hidden, head_weight, is_plain_head, model_body, tokenizer_hash
-from predistill.text.retokenize import retokenize
 from predistill.core.sharding import Shard
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import final_hidden, head_weight, is_plain_head, model_body, tokenizer_hash
+from predistill.text.retokenize import retokenize
+from predistill.training.losses import inference_token_logprobs, token_logprobs
 
 
 class ModelInputs:
     """The token rows a model sees for store instances: the stored ids when the model shares the
     store's tokenizer, else the re-tokenised text; truncated to `max_len`."""
 
-    def __init__(self, store: TokenStore, tokenizer, max_len: int | None = None,
-                 rows: Sequence[np.ndarray] | None = None):
+    def __init__(
+        self, store: TokenStore, tokenizer, max_len: int | None = None, rows: Sequence[np.ndarray] | None = None
+    ):
         self.store = store
         self.tokenizer = tokenizer
         self.max_len = max_len
@@ -47,13 +48,13 @@ class ModelInputs:
         ids = self.store[int(i)]
         if self.retokenized:
             ids = retokenize(ids, self.store.tokenizer(), self.store.eos_id, self.tokenizer)
-        return np.asarray(ids[:self.max_len], dtype=np.int64)
+        return np.asarray(ids[: self.max_len], dtype=np.int64)
 
     def batch(self, rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         tokens = torch.full((len(rows), max(int(lengths.max()), 1)), self.pad_id, dtype=torch.long)
         for b, r in enumerate(rows):
-            tokens[b, :len(r)] = torch.from_numpy(r)
+            tokens[b, : len(r)] = torch.from_numpy(r)
         return tokens, lengths
 
 
@@ -64,6 +65,7 @@ class ForwardBatch:
     Rows are right-padded; `hidden[b, t]` for t ≥ lengths[b] is padding and must be ignored.
     Position t's hidden state predicts tokens[b, t + 1]; logits = hidden @ lm_head_weightᵀ.
     """
+
     ids: np.ndarray  # int64 [B] instance ids in the token store
     tokens: torch.Tensor  # int64 [B, L] the model-tokenizer ids (re-tokenised if needed), pad = EOS
     lengths: torch.Tensor  # int64 [B] valid tokens per row
@@ -83,14 +85,14 @@ class ForwardConsumer(abc.ABC):
     def is_shard_done(self, shard: Shard) -> bool:
         return False
 
-    def start_shard(self, shard: Shard) -> None:
+    def start_shard(self, shard: Shard) -> None:  # noqa: B027 — optional hook: most consumers need none
         pass
 
     @abc.abstractmethod
     def consume(self, batch: ForwardBatch) -> None:
         """Take one batch of the pass (hidden states at padding positions are garbage)."""
 
-    def finish_shard(self, shard: Shard) -> None:
+    def finish_shard(self, shard: Shard) -> None:  # noqa: B027 — optional hook: most consumers need none
         pass
 
 
@@ -104,8 +106,16 @@ class PassStats:
 
 
 @torch.inference_mode()
-def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consumers: Sequence[ForwardConsumer],
-                     *, batch_size: int = 8, progress: bool = True, desc: str = "score") -> PassStats:
+def run_forward_pass(
+    model,
+    inputs: ModelInputs,
+    shards: Iterable[Shard],
+    consumers: Sequence[ForwardConsumer],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "score",
+) -> PassStats:
     """Forward every pending shard's instances through `model` once and feed each batch to
     `consumers` (in order). Batches are formed within a shard, by length, so results do not
     depend on which rank runs the shard.
@@ -122,8 +132,9 @@ def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consum
     store_lengths = inputs.store.lengths
     total = int(sum(store_lengths[s.ids].sum() for s in pending))
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True, disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc=desc, dynamic_ncols=True, disable=not progress, file=sys.stderr
+    )
     try:
         for shard in pending:
             for c in consumers:
@@ -132,7 +143,7 @@ def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consum
             # longest first, ties by id: little padding, and the order depends on the shard alone
             order = sorted(range(len(rows)), key=lambda k: (-len(rows[k]), k))
             for b0 in range(0, len(order), batch_size):
-                sel = order[b0:b0 + batch_size]
+                sel = order[b0 : b0 + batch_size]
                 tokens, lengths = inputs.batch([rows[k] for k in sel])
                 tokens = tokens.to(device)
                 # Right padding + causal attention: no valid position attends to a pad, so no mask
@@ -141,8 +152,15 @@ def run_forward_pass(model, inputs: ModelInputs, shards: Iterable[Shard], consum
                     hidden, logits = final_hidden(body, tokens), None
                 else:  # a head the chunked kernels do not model: the model's own logits, one batch at a time
                     hidden, logits = None, model(input_ids=tokens, use_cache=False).logits[..., :vocab].float()
-                batch = ForwardBatch(ids=shard.ids[sel], tokens=tokens, lengths=lengths.to(device), hidden=hidden,
-                                     lm_head_weight=weight, shard=shard, logits=logits)
+                batch = ForwardBatch(
+                    ids=shard.ids[sel],
+                    tokens=tokens,
+                    lengths=lengths.to(device),
+                    hidden=hidden,
+                    lm_head_weight=weight,
+                    shard=shard,
+                    logits=logits,
+                )
                 for c in consumers:
                     c.consume(batch)
                 stats.n_tokens += int(lengths.sum())
@@ -195,15 +213,26 @@ class ScoreCollector(ForwardConsumer):
             self.logprob[i], self.n_tokens[i] = m, int(n)
 
     def arrays(self, ids: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-        return (np.array([self.logprob[int(i)] for i in ids], dtype=dtype),
-                np.array([self.n_tokens[int(i)] for i in ids], dtype=np.int32))
+        return (
+            np.array([self.logprob[int(i)] for i in ids], dtype=dtype),
+            np.array([self.n_tokens[int(i)] for i in ids], dtype=np.int32),
+        )
 
 
-def score_ids(model, inputs: ModelInputs, ids: np.ndarray, *, batch_size: int = 8, chunk_size: int = 256,
-              shard_size: int = 512, progress: bool = True, desc: str = "score") -> tuple[np.ndarray, np.ndarray, PassStats]:
+def score_ids(
+    model,
+    inputs: ModelInputs,
+    ids: np.ndarray,
+    *,
+    batch_size: int = 8,
+    chunk_size: int = 256,
+    shard_size: int = 512,
+    progress: bool = True,
+    desc: str = "score",
+) -> tuple[np.ndarray, np.ndarray, PassStats]:
     """In-memory scores (mean log-prob float32, predicted-token counts) of the instances `ids`."""
     ids = np.asarray(ids, dtype=np.int64)
-    shards = [Shard(k, ids[s:s + shard_size]) for k, s in enumerate(range(0, len(ids), shard_size))]
+    shards = [Shard(k, ids[s : s + shard_size]) for k, s in enumerate(range(0, len(ids), shard_size))]
     collector = ScoreCollector(chunk_size)
     stats = run_forward_pass(model, inputs, shards, [collector], batch_size=batch_size, progress=progress, desc=desc)
     return (*collector.arrays(ids), stats)

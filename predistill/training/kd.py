@@ -89,10 +89,17 @@ import torch
 
 from predistill.core.artifacts import PredistillError
 from predistill.core.config import Effect, option
-from predistill.text.crosstok import VOCAB_MAPS
 from predistill.formats.logits import TeacherTargets
-from predistill.training.losses import DEFAULT_CHUNK, common_scale, fused_head_pass, gather_logprobs, gathered, \
-    honour_grad_mode, scaled_gradients
+from predistill.text.crosstok import VOCAB_MAPS
+from predistill.training.losses import (
+    DEFAULT_CHUNK,
+    common_scale,
+    fused_head_pass,
+    gather_logprobs,
+    gathered,
+    honour_grad_mode,
+    scaled_gradients,
+)
 
 # the names of KD_LOSSES in CLI order, and ULD (its own pass: it needs the student's largest probabilities)
 LOSSES = ("nll", "kld", "mse", "rkl", "jsd", "tvd", "uld")
@@ -116,11 +123,20 @@ class KDConfig:
 
     loss: str = option("kld", "KD loss", key="kd_loss", choices=LOSSES)
     # `--temperature normkd` is shorthand for `--temperature-mode normkd` (see __post_init__)
-    temperature: float = option(1.0, "teacher temperature τ: a number (static), or normkd, wttm, adakd-sd, adakd-h "
-                                "(adaptive); given as text it sets the mode too", type=str, interval="(0, inf)")
+    temperature: float = option(
+        1.0,
+        "teacher temperature τ: a number (static), or normkd, wttm, adakd-sd, adakd-h "
+        "(adaptive); given as text it sets the mode too",
+        type=str,
+        interval="(0, inf)",
+    )
     temperature_mode: str = option("static", "static τ or an adaptive mode", choices=TEMPERATURE_MODES)
-    tail: str = option("drop", "mass a truncated teacher dropped: drop (renormalise) or bucket (one extra class)",
-                       key="kd_tail", choices=TAILS)
+    tail: str = option(
+        "drop",
+        "mass a truncated teacher dropped: drop (renormalise) or bucket (one extra class)",
+        key="kd_tail",
+        choices=TAILS,
+    )
     jsd_beta: float = option(0.5, "β of the generalised JSD loss", interval="[0, 1]")
     normkd_t: float = option(1.0, "NormKD: τ = normkd-t × the std of the teacher logits", interval="(0, inf)")
     wttm_gamma: float = option(0.1, "WTTM: power γ of the transformed teacher p^γ", interval="(0, inf)")
@@ -128,14 +144,23 @@ class KDConfig:
     adakd_tau_max: float = option(2.0, "AdaKD: largest τ (hardest positions)", interval="(0, inf)")
     adakd_tau_min: float = option(0.1, "AdaKD: smallest τ", interval="(0, inf)")
     adakd_h_max: float = option(4.8, "AdaKD-H: teacher entropy that maps to τ_max", interval="(0, inf)")
-    vocab_map: str = option("first", "teacher with another tokenizer: a teacher token the student lacks goes to the "
-                            "student token its tokenizer reads first in it (first), to the longest student token "
-                            "that starts it (prefix), or to the tail (exact); see crosstok",
-                            key="kd_vocab_map", choices=VOCAB_MAPS)
+    vocab_map: str = option(
+        "first",
+        "teacher with another tokenizer: a teacher token the student lacks goes to the "
+        "student token its tokenizer reads first in it (first), to the longest student token "
+        "that starts it (prefix), or to the tail (exact); see crosstok",
+        key="kd_vocab_map",
+        choices=VOCAB_MAPS,
+    )
     # rows per vocabulary pass offline (≈2 [rows × V] fp32 temporaries); train sets it from --loss-chunk
     chunk_size: int = option(DEFAULT_CHUNK, cli=False)
-    online_chunk_size: int = option(256, "online KD: rows per vocabulary pass (≈6 [rows × V] temporaries)",
-                                    key="kd_online_chunk", interval="[1, inf)", effect=Effect.ROUNDING)
+    online_chunk_size: int = option(
+        256,
+        "online KD: rows per vocabulary pass (≈6 [rows × V] temporaries)",
+        key="kd_online_chunk",
+        interval="[1, inf)",
+        effect=Effect.ROUNDING,
+    )
 
     def __post_init__(self):
         # `--temperature` as text (the CLI's, recipes' and old configs' form) decides the mode: a
@@ -148,17 +173,18 @@ class KDConfig:
                 self.temperature_mode, self.temperature = value, 1.0
 
     @classmethod
-    def from_temperature(cls, temperature: str | float, **kwargs) -> "KDConfig":
+    def from_temperature(cls, temperature: str | float, **kwargs) -> KDConfig:
         """A validated config from `--temperature` as the CLI takes it (a number or a mode name)."""
         # the dataclass __init__ is typed from the field (float); __post_init__ turns text into τ and mode
         return cls(temperature=temperature, **kwargs).validate()  # type: ignore[arg-type]
 
-    def validate(self) -> "KDConfig":
+    def validate(self) -> KDConfig:
         if self.loss not in LOSSES:
             raise PredistillError(f"--kd-loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.temperature_mode not in TEMPERATURE_MODES:
-            raise PredistillError(f"temperature mode must be one of {', '.join(TEMPERATURE_MODES)}, "
-                                  f"got {self.temperature_mode!r}")
+            raise PredistillError(
+                f"temperature mode must be one of {', '.join(TEMPERATURE_MODES)}, got {self.temperature_mode!r}"
+            )
         if self.loss == "uld" and (self.temperature_mode != "static" or self.temperature != 1.0):
             raise PredistillError("--kd-loss uld compares probabilities at τ = 1; drop --temperature")
         if self.vocab_map not in VOCAB_MAPS:
@@ -169,8 +195,12 @@ class KDConfig:
             raise PredistillError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.jsd_beta < 1:
             raise PredistillError(f"jsd beta must be in (0, 1), got {self.jsd_beta}")
-        if not (self.normkd_t > 0 and self.wttm_gamma > 0 and 0 < self.adakd_tau_min <= self.adakd_tau_max
-                and self.adakd_h_max > 0):
+        if not (
+            self.normkd_t > 0
+            and self.wttm_gamma > 0
+            and 0 < self.adakd_tau_min <= self.adakd_tau_max
+            and self.adakd_h_max > 0
+        ):
             raise PredistillError("adaptive temperature hyper-parameters must be positive (and τ_min ≤ τ_max)")
         if self.chunk_size < 1 or self.online_chunk_size < 1:
             raise PredistillError(f"chunk sizes must be ≥ 1, got {self.chunk_size} and {self.online_chunk_size}")
@@ -215,10 +245,12 @@ def teacher_temperature(t_logits: torch.Tensor, mask: torch.Tensor | None, cfg: 
 
 
 @torch.no_grad()
-def loss_weight(t_logits: torch.Tensor, mask: torch.Tensor | None, tau: torch.Tensor, cfg: KDConfig) -> torch.Tensor | None:
+def loss_weight(
+    t_logits: torch.Tensor, mask: torch.Tensor | None, tau: torch.Tensor, cfg: KDConfig
+) -> torch.Tensor | None:
     """Per-row factor on the loss: τ² for NormKD, β·Σ p^γ for WTTM, else None."""
     if cfg.temperature_mode == "normkd":
-        return tau ** 2
+        return tau**2
     if cfg.temperature_mode == "wttm":
         x = t_logits.to(torch.promote_types(t_logits.dtype, torch.float32))
         p_gamma = (cfg.wttm_gamma * _masked_log_softmax(x, mask)).exp()
@@ -236,6 +268,7 @@ def loss_weight(t_logits: torch.Tensor, mask: torch.Tensor | None, tau: torch.Te
 # A new loss is one function here, one name in KD_LOSSES, and its test (`--kd-loss` choices
 # come from this table).
 
+
 def _nll(f, log_f, s, m, cfg):
     return -(f * s).sum(-1)
 
@@ -250,8 +283,9 @@ def _rkl(f, log_f, s, m, cfg):
 
 def _jsd(f, log_f, s, m, cfg):
     beta = cfg.jsd_beta
-    log_mix = torch.logaddexp(log_f + torch.log(torch.tensor(beta, dtype=s.dtype)),
-                              s + torch.log(torch.tensor(1 - beta, dtype=s.dtype)))
+    log_mix = torch.logaddexp(
+        log_f + torch.log(torch.tensor(beta, dtype=s.dtype)), s + torch.log(torch.tensor(1 - beta, dtype=s.dtype))
+    )
     return beta * (f * (log_f - log_mix)).sum(-1) + (1 - beta) * (m * s.exp() * (s - log_mix)).sum(-1)
 
 
@@ -266,8 +300,14 @@ def _mse(f, log_f, s, m, cfg):
 KD_LOSSES = {"nll": _nll, "kld": _kld, "mse": _mse, "rkl": _rkl, "jsd": _jsd, "tvd": _tvd}
 
 
-def kd_terms(s_logq: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | None, tau: torch.Tensor,
-             cfg: KDConfig, bucket: bool = False) -> torch.Tensor:
+def kd_terms(
+    s_logq: torch.Tensor,
+    t_logits: torch.Tensor,
+    mask: torch.Tensor | None,
+    tau: torch.Tensor,
+    cfg: KDConfig,
+    bucket: bool = False,
+) -> torch.Tensor:
     """Per-row loss [N] from student log-probs at the entries [N, K] (full-vocabulary normalised)
     and the teacher's log-probs (or logits, without `bucket`) [N, K] masked by `mask`.
 
@@ -286,12 +326,19 @@ def kd_terms(s_logq: torch.Tensor, t_logits: torch.Tensor, mask: torch.Tensor | 
         with torch.no_grad():
             if bucket:  # the teacher's dropped mass is one more category, tempered with the others
                 t_tail = (1 - (t.exp() * mask).sum(-1)).clamp(min=TAIL_FLOOR)
-                log_f = _masked_log_softmax(torch.cat([t, t_tail.log()[:, None]], dim=-1) / tau[:, None].to(acc),
-                                            torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1))
+                log_f = _masked_log_softmax(
+                    torch.cat([t, t_tail.log()[:, None]], dim=-1) / tau[:, None].to(acc),
+                    torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1),
+                )
                 f = log_f.exp()
             else:  # drop: renormalised over the entries, nothing on the extra category
-                log_f = torch.cat([_masked_log_softmax(t / tau[:, None].to(acc), mask),
-                                   torch.full_like(t[:, :1], math.log(TAIL_FLOOR))], dim=-1)
+                log_f = torch.cat(
+                    [
+                        _masked_log_softmax(t / tau[:, None].to(acc), mask),
+                        torch.full_like(t[:, :1], math.log(TAIL_FLOOR)),
+                    ],
+                    dim=-1,
+                )
                 f = torch.cat([log_f[:, :-1].exp(), torch.zeros_like(t[:, :1])], dim=-1)
         # the student's mass outside the entries, log(1 − Σ q), exact to fp32
         s_lse = torch.logsumexp(s.masked_fill(~mask, float("-inf")), dim=-1)
@@ -312,8 +359,13 @@ def _flat_rows(position_mask: torch.Tensor | None, lead: torch.Size, device) -> 
     return position_mask.reshape(-1).bool()
 
 
-def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets, cfg: KDConfig,
-            position_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: TeacherTargets,
+    cfg: KDConfig,
+    position_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline KD: (mean over distilled positions, per-position loss [...]).
 
     hidden [..., H] (student final hidden states), weight [V, H] (student lm head), targets with
@@ -322,12 +374,18 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets,
     """
     lead = targets.mask.shape[:-1]
     if hidden.shape[:-1] != lead:
-        raise PredistillError(f"student hidden states {tuple(hidden.shape)} do not match teacher targets "
-                              f"{tuple(targets.mask.shape)} (positions must align)")
-    ids, lps, mask = (x.reshape(lead.numel(), -1).to(hidden.device) for x in (targets.ids, targets.logprobs, targets.mask))
+        raise PredistillError(
+            f"student hidden states {tuple(hidden.shape)} do not match teacher targets "
+            f"{tuple(targets.mask.shape)} (positions must align)"
+        )
+    ids, lps, mask = (
+        x.reshape(lead.numel(), -1).to(hidden.device) for x in (targets.ids, targets.logprobs, targets.mask)
+    )
     if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
-        raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
-                              f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
+        raise PredistillError(
+            f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
+            f"{weight.shape[0]} rows: teacher and student must share a vocabulary"
+        )
     rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device) & mask.any(-1)).flatten()
     acc = torch.promote_types(hidden.dtype, torch.float32)
     per_position = torch.zeros(lead.numel(), dtype=acc, device=hidden.device)
@@ -350,8 +408,10 @@ def kd_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: TeacherTargets,
 def _same_positions(hidden, next_tokens, targets: TeacherTargets) -> torch.Size:
     lead = next_tokens.shape
     if targets.mask.shape[:-1] != lead or hidden.shape[:-1] != lead:
-        raise PredistillError(f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
-                              f"{tuple(targets.mask.shape)} must cover the same positions")
+        raise PredistillError(
+            f"student hidden {tuple(hidden.shape)}, next tokens {tuple(lead)} and teacher targets "
+            f"{tuple(targets.mask.shape)} must cover the same positions"
+        )
     return lead
 
 
@@ -360,20 +420,28 @@ def _lm_kd_rows(hidden, weight, next_tokens, targets: TeacherTargets, position_m
     and share a vocabulary: the rows to compute, their ids [rows, 1 + K] (next token, then the
     teacher's entries), the entries' log-probs and mask [rows, K], and a zero per-position buffer."""
     lead = _same_positions(hidden, next_tokens, targets)
-    ids, lps, mask = (x.reshape(lead.numel(), -1).to(hidden.device)
-                      for x in (targets.ids, targets.logprobs, targets.mask))
+    ids, lps, mask = (
+        x.reshape(lead.numel(), -1).to(hidden.device) for x in (targets.ids, targets.logprobs, targets.mask)
+    )
     if mask.any() and int(ids[mask].max()) >= weight.shape[0]:
-        raise PredistillError(f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
-                              f"{weight.shape[0]} rows: teacher and student must share a vocabulary")
+        raise PredistillError(
+            f"teacher entry ids reach {int(ids[mask].max())} but the student's vocabulary has "
+            f"{weight.shape[0]} rows: teacher and student must share a vocabulary"
+        )
     rows = torch.nonzero(_flat_rows(position_mask, lead, hidden.device)).flatten()
     both = torch.cat([next_tokens.reshape(-1, 1)[rows].to(ids.dtype), ids[rows]], dim=1)
     zeros = torch.zeros(lead.numel(), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     return rows, both, lps[rows], mask[rows], zeros
 
 
-def lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
-               cfg: KDConfig, position_mask: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def lm_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    next_tokens: torch.Tensor,
+    targets: TeacherTargets,
+    cfg: KDConfig,
+    position_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM loss and offline KD in one pass over the vocabulary: (lm_mean, kd_mean, lm_per_position,
     kd_per_position).
 
@@ -464,9 +532,15 @@ class _FusedLMKD(torch.autograd.Function):
         return (*scaled_gradients(ctx, scale), None, None, None, None, None, None, None, None)
 
 
-def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
-                     cfg: KDConfig, position_mask: torch.Tensor | None = None, weights: tuple[float, float] = (0.5, 0.5)
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_lm_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    next_tokens: torch.Tensor,
+    targets: TeacherTargets,
+    cfg: KDConfig,
+    position_mask: torch.Tensor | None = None,
+    weights: tuple[float, float] = (0.5, 0.5),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`lm_kd_loss` as sums with the gradient computed in the forward pass: (Σ LM, Σ KD, LM per
     position, KD per position). The sums carry the gradient and must enter the loss in the ratio
     `weights` (train's (1 − α, α), times any common factor); the per-position values carry none.
@@ -480,8 +554,16 @@ def fused_lm_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: to
         zero = hidden.sum() * 0
         return zero, zero, zeros.view(lead), zeros.view(lead)
     lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMKD.apply(
-        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), both, lps, mask, mask.any(-1), cfg,
-        cfg.chunk_size, float(weights[0]), float(weights[1]))
+        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight),
+        both,
+        lps,
+        mask,
+        mask.any(-1),
+        cfg,
+        cfg.chunk_size,
+        float(weights[0]),
+        float(weights[1]),
+    )
     return lm_sum, kd_sum, zeros.index_put((rows,), lm_rows).view(lead), zeros.index_put((rows,), kd_rows).view(lead)
 
 
@@ -541,9 +623,15 @@ class _FusedLMULD(torch.autograd.Function):
         return (*scaled_gradients(ctx, scale), None, None, None, None, None, None, None)
 
 
-def fused_lm_uld_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: torch.Tensor, targets: TeacherTargets,
-                      cfg: KDConfig, position_mask: torch.Tensor | None = None, weights: tuple[float, float] = (0.5, 0.5)
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_lm_uld_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    next_tokens: torch.Tensor,
+    targets: TeacherTargets,
+    cfg: KDConfig,
+    position_mask: torch.Tensor | None = None,
+    weights: tuple[float, float] = (0.5, 0.5),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM loss and Universal Logit Distillation (Boizard et al. 2024) in one pass over the vocabulary:
     (Σ LM, Σ ULD, LM per position, ULD per position), sums as in `fused_lm_kd_loss`.
 
@@ -563,8 +651,15 @@ def fused_lm_uld_loss(hidden: torch.Tensor, weight: torch.Tensor, next_tokens: t
     t_count = mask.sum(-1)
     k = max(1, min(int(t_count.max()), weight.shape[0]))
     lm_sum, kd_sum, lm_rows, kd_rows = _FusedLMULD.apply(
-        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight), next_tokens.reshape(-1)[rows],
-        t_sorted[:, :k], t_tail, t_count.clamp(max=k), cfg.chunk_size, float(weights[0]), float(weights[1]))
+        *honour_grad_mode(hidden.reshape(-1, hidden.shape[-1])[rows], weight),
+        next_tokens.reshape(-1)[rows],
+        t_sorted[:, :k],
+        t_tail,
+        t_count.clamp(max=k),
+        cfg.chunk_size,
+        float(weights[0]),
+        float(weights[1]),
+    )
     return lm_sum, kd_sum, zeros.index_put((rows,), lm_rows).view(lead), zeros.index_put((rows,), kd_rows).view(lead)
 
 
@@ -615,21 +710,31 @@ class _FusedOnline(torch.autograd.Function):
 def _online_rows(student_hidden, student_weight, teacher_hidden, teacher_weight, position_mask):
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
-        raise PredistillError(f"teacher hidden states {tuple(teacher_hidden.shape)} do not match the student's "
-                              f"{tuple(student_hidden.shape)}")
+        raise PredistillError(
+            f"teacher hidden states {tuple(teacher_hidden.shape)} do not match the student's "
+            f"{tuple(student_hidden.shape)}"
+        )
     if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise PredistillError(f"teacher vocabulary ({teacher_weight.shape[0]} rows) differs from the student's "
-                              f"({student_weight.shape[0]}): online KD needs one shared vocabulary")
+        raise PredistillError(
+            f"teacher vocabulary ({teacher_weight.shape[0]} rows) differs from the student's "
+            f"({student_weight.shape[0]}): online KD needs one shared vocabulary"
+        )
     rows = torch.nonzero(_flat_rows(position_mask, lead, student_hidden.device)).flatten()
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])[rows]
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])[rows]
     return lead, rows, hs, ht
 
 
-def fused_online_lm_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                            teacher_weight: torch.Tensor, next_tokens: torch.Tensor | None, cfg: KDConfig,
-                            position_mask: torch.Tensor | None = None, weights: tuple[float, float] = (0.5, 0.5)
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_online_lm_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    next_tokens: torch.Tensor | None,
+    cfg: KDConfig,
+    position_mask: torch.Tensor | None = None,
+    weights: tuple[float, float] = (0.5, 0.5),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Online (Vanilla) KD over the full vocabulary, with the LM loss in the same pass: (Σ LM, Σ KD,
     LM per position, KD per position) over positions where `position_mask` is true.
 
@@ -642,20 +747,27 @@ def fused_online_lm_kd_loss(student_hidden: torch.Tensor, student_weight: torch.
     targets = None if next_tokens is None else next_tokens.reshape(-1)[rows]
     w_lm = float(weights[0]) if targets is not None else 0.0
     hs, student_weight = honour_grad_mode(hs, student_weight)
-    lm_sum, kd_sum, lm_rows, kd_rows = _FusedOnline.apply(hs, student_weight, ht, teacher_weight.detach(), targets,
-                                                          cfg, cfg.online_chunk_size, w_lm, float(weights[1]))
+    lm_sum, kd_sum, lm_rows, kd_rows = _FusedOnline.apply(
+        hs, student_weight, ht, teacher_weight.detach(), targets, cfg, cfg.online_chunk_size, w_lm, float(weights[1])
+    )
     acc = lm_rows.dtype
     lm_pp = torch.zeros(lead.numel(), dtype=acc, device=hs.device).index_put((rows,), lm_rows)
     kd_pp = torch.zeros(lead.numel(), dtype=acc, device=hs.device).index_put((rows,), kd_rows)
     return lm_sum, kd_sum, lm_pp.view(lead), kd_pp.view(lead)
 
 
-def online_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                   teacher_weight: torch.Tensor, cfg: KDConfig,
-                   position_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def online_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    cfg: KDConfig,
+    position_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Online (Vanilla) KD over the full vocabulary: (mean over positions, per-position loss [...]);
     the mean carries the gradient (computed in the forward pass, `fused_online_lm_kd_loss`)."""
-    _, kd_sum, _, kd_pp = fused_online_lm_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                                  None, cfg, position_mask, weights=(0.0, 1.0))
+    _, kd_sum, _, kd_pp = fused_online_lm_kd_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, None, cfg, position_mask, weights=(0.0, 1.0)
+    )
     n = int(_flat_rows(position_mask, kd_pp.shape, kd_pp.device).sum()) if position_mask is not None else kd_pp.numel()
     return kd_sum / max(n, 1), kd_pp

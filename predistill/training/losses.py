@@ -57,21 +57,24 @@ class _GatherLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def gather_logprobs(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                    chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def gather_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> torch.Tensor:
     """log softmax(hidden @ weightᵀ) at `ids`: hidden [N, H], weight [V, H], ids [N, K] → [N, K] fp32."""
     return _GatherLogprobs.apply(hidden, weight, ids, chunk_size)
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> torch.Tensor:
     """log p(target) per row: hidden [..., H], targets [...] → [...] fp32."""
     flat = gather_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1, 1), chunk_size)
     return flat.view(targets.shape)
 
 
-def inference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk_size: int) -> torch.Tensor:
+def inference_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
     """`token_logprobs` for fp32 inference (no autograd), equal to float rounding and faster on CPU:
     - the logits are computed transposed, weight @ hᵀ → [V, rows]: with the vocabulary as the GEMM's
       long side MKL runs faster than h @ weightᵀ (measured on 2 cores: 128 vs 107 GFLOP/s at 256
@@ -83,18 +86,23 @@ def inference_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     flat = torch.empty(vocab * min(chunk_size, n), dtype=torch.float32, device=hidden.device)
     for start in range(0, n, chunk_size):
-        h = hidden[start:start + chunk_size]
-        logits = torch.matmul(weight, h.t(), out=flat[:vocab * h.shape[0]].view(vocab, h.shape[0]))
-        target = logits.gather(0, targets[None, start:start + h.shape[0]]).squeeze(0)
+        h = hidden[start : start + chunk_size]
+        logits = torch.matmul(weight, h.t(), out=flat[: vocab * h.shape[0]].view(vocab, h.shape[0]))
+        target = logits.gather(0, targets[None, start : start + h.shape[0]]).squeeze(0)
         top = logits.amax(dim=0)
         top_finite = top.masked_fill(top.abs() == float("inf"), 0)  # as logsumexp: ±inf columns stay ±inf/nan
         lse = logits.sub_(top_finite).exp_().sum(dim=0).log_().add_(top_finite)
-        out[start:start + h.shape[0]] = target - lse
+        out[start : start + h.shape[0]] = target - lse
     return out
 
 
-def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-            chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token NLL over positions where `mask` is true, and the per-position NLL [...].
 
     Only masked-in rows go through the vocabulary projection: padding costs nothing.
@@ -122,12 +130,15 @@ def fused_head_pass(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_size:
     device = hidden.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     reuse = autocast is None and hidden.dtype == weight.dtype == acc
-    buf = torch.empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=acc, device=hidden.device) \
-        if reuse and hidden.shape[0] else None
+    buf = (
+        torch.empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=acc, device=hidden.device)
+        if reuse and hidden.shape[0]
+        else None
+    )
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h = hidden[rows]
-        logits = torch.matmul(h, weight.t(), out=buf[:h.shape[0]]) if buf is not None else _chunk_logits(h, weight)
+        logits = torch.matmul(h, weight.t(), out=buf[: h.shape[0]]) if buf is not None else _chunk_logits(h, weight)
         grad_logits = chunk_grad(rows, logits, need_h or need_w)
         if grad_logits is None:
             continue
@@ -146,6 +157,7 @@ def gathered(ids: torch.Tensor, chunk_loss):
     logq = logits[ids] − lse → `chunk_loss(rows, logq, need_grad)` records the loss and returns
     G = d(loss)/d(logq) → d(logits) = scatter(G) − softmax·ΣG. The softmax is computed once, in the
     logits' own buffer (max, exp in place, sum): the log-sum-exp comes from the same pass."""
+
     def chunk_grad(rows, logits, need_grad):
         top = logits.amax(dim=1, keepdim=True)
         picked = logits.gather(1, ids[rows])
@@ -155,6 +167,7 @@ def gathered(ids: torch.Tensor, chunk_loss):
         if g is None:
             return None
         return probs.mul_(-g.sum(1, keepdim=True) / total).scatter_add_(1, ids[rows], g)
+
     return chunk_grad
 
 
@@ -169,8 +182,10 @@ def common_scale(grads: tuple[torch.Tensor, ...], weights: tuple[float, ...], na
     of its sums must weigh them as `weights` did in the forward (train's α schedule does)."""
     scales = [g / w for g, w in zip(grads, weights) if w != 0]
     if any(not torch.allclose(s, scales[0], rtol=1e-4, atol=0) for s in scales[1:]):
-        raise RuntimeError(f"{name} was told its sums are weighed {':'.join(map(str, weights))}, but the loss weighs "
-                           f"them {':'.join(str(float(g)) for g in grads)}")
+        raise RuntimeError(
+            f"{name} was told its sums are weighed {':'.join(map(str, weights))}, but the loss weighs "
+            f"them {':'.join(str(float(g)) for g in grads)}"
+        )
     return scales[0]
 
 
@@ -179,8 +194,10 @@ def scaled_gradients(ctx, scale: torch.Tensor) -> tuple[torch.Tensor | None, tor
     in place: a copy of d(weight) ([V, H], 75 MB at 49k × 384) would live beside the saved one at the
     step's peak. So backward runs once per forward (no retain_graph)."""
     if getattr(ctx, "scaled", False):
-        raise RuntimeError("a fused loss's backward ran twice: its stored gradients are scaled in place "
-                           "(retain_graph is not supported)")
+        raise RuntimeError(
+            "a fused loss's backward ran twice: its stored gradients are scaled in place "
+            "(retain_graph is not supported)"
+        )
     ctx.scaled = True
     saved = iter(ctx.saved_tensors)
     grad_h, grad_w = (next(saved).mul_(scale).to(dtype) if need else None for need, dtype in zip(ctx.needs, ctx.dtypes))
@@ -193,8 +210,7 @@ class _FusedLMLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        nll = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32),
-                          device=hidden.device)
+        nll = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
 
         def chunk_loss(rows, logq, need_grad):
             nll[rows] = -logq[:, 0]
@@ -209,8 +225,9 @@ class _FusedLMLoss(torch.autograd.Function):
         return (*scaled_gradients(ctx, grad_total), None, None)
 
 
-def fused_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                  chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ NLL, per-row NLL) of `targets` [N] under softmax(hidden [N, H] @ weight [V, H]ᵀ), fp32, with
     the gradient of Σ NLL computed during the forward (`_FusedLMLoss`). The per-row values carry no
     gradient: a loss built from them must use `gather_logprobs` instead."""

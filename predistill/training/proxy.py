@@ -28,10 +28,17 @@ from tqdm import tqdm
 
 from predistill.core.artifacts import PredistillError
 from predistill.core.config import Effect, option
-from predistill.training.forward import ModelInputs, score_ids
-from predistill.modeling.models import check_plain_head, final_hidden, forward_params, load_model, model_body, resolve_device
 from predistill.formats.selection import top_fraction
 from predistill.formats.store import TokenStore
+from predistill.modeling.models import (
+    check_plain_head,
+    final_hidden,
+    forward_params,
+    load_model,
+    model_body,
+    resolve_device,
+)
+from predistill.training.forward import ModelInputs, score_ids
 
 
 @dataclass
@@ -40,9 +47,14 @@ class ProxyConfig:
 
     teacher_model: str = option("", "proxy: teacher model spec (scores the proxy subset)")
     reference_model: str = option("", "proxy: reference model spec (scores the subset; its body is the proxy)")
-    fraction: float = option(0.05, "proxy: fraction of instances scored by teacher and reference", key="proxy_fraction", interval="(0, 1)")
-    check_fraction: float = option(0.05, "proxy: disjoint fraction scored to measure agreement when --teacher/"
-                                   "--reference tables are not given", interval="[0, 1)")
+    fraction: float = option(
+        0.05, "proxy: fraction of instances scored by teacher and reference", key="proxy_fraction", interval="(0, 1)"
+    )
+    check_fraction: float = option(
+        0.05,
+        "proxy: disjoint fraction scored to measure agreement when --teacher/--reference tables are not given",
+        interval="[0, 1)",
+    )
     epochs: int = option(3, "proxy: training epochs over the subset", key="proxy_epochs", interval="[1, inf)")
     lr: float = option(3e-4, "proxy: AdamW learning rate", key="proxy_lr", interval="(0, inf)")
     batch_size: int = option(8, "proxy: instances per forward", interval="[1, inf)")
@@ -111,18 +123,23 @@ class DifferenceRegressor(torch.nn.Module):
 def _batches(inputs: ModelInputs, ids: np.ndarray, rows: dict[int, np.ndarray], batch_size: int):
     order = sorted(range(len(ids)), key=lambda k: (-len(rows[int(ids[k])]), k))
     for b0 in range(0, len(order), batch_size):
-        sel = order[b0:b0 + batch_size]
+        sel = order[b0 : b0 + batch_size]
         tokens, lengths = inputs.batch([rows[int(ids[k])] for k in sel])
         yield np.asarray(sel), tokens, lengths
 
 
 def _proxy_params(regressor: DifferenceRegressor, lm) -> int:
     """N of the proxy: the LM's (`models.forward_params`) with its vocabulary head swapped for the scalar one."""
-    return forward_params(lm) - lm.get_output_embeddings().weight.numel() + sum(p.numel() for p in regressor.head.parameters())
+    return (
+        forward_params(lm)
+        - lm.get_output_embeddings().weight.numel()
+        + sum(p.numel() for p in regressor.head.parameters())
+    )
 
 
-def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
-              full_difference: np.ndarray | None = None) -> ProxyResult:
+def run_proxy(
+    cfg: ProxyConfig, store: TokenStore, ratio: float, full_difference: np.ndarray | None = None
+) -> ProxyResult:
     """Train the proxy on a scored subset and predict the difference for every instance of `store`."""
     n = len(store)
     if not 0 < cfg.fraction < 1:
@@ -136,14 +153,16 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     n_train = max(math.ceil(cfg.fraction * n), 2)
     n_check = 0 if full_difference is not None else max(math.ceil(cfg.check_fraction * n), 2)
     if n_train + n_check > n:
-        raise PredistillError(f"the store has {n} instances: too few for a proxy subset of {n_train} "
-                              f"and a check subset of {n_check}")
+        raise PredistillError(
+            f"the store has {n} instances: too few for a proxy subset of {n_train} and a check subset of {n_check}"
+        )
     rng = np.random.default_rng(cfg.seed)
     perm = rng.permutation(n)
     train_ids = np.sort(perm[:n_train]).astype(np.int64)
-    check_ids = np.sort(perm[n_train:n_train + n_check]).astype(np.int64)
+    check_ids = np.sort(perm[n_train : n_train + n_check]).astype(np.int64)
     scored_ids = np.sort(np.concatenate([train_ids, check_ids]))
     device = resolve_device(cfg.device)
+
     def load(spec):
         model, tok = load_model(spec, preset_tokenizer=store.tokenizer(), seed=cfg.seed)
         check_plain_head(model, spec)
@@ -155,17 +174,27 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     for role, spec in (("teacher", cfg.teacher_model), ("reference", cfg.reference_model)):
         model, tok = load(spec)
         inputs = ModelInputs(store, tok, cfg.max_len)
-        logprob, _, _ = score_ids(model, inputs, scored_ids, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
-                                  progress=cfg.progress, desc=f"proxy: {role} subset")
+        logprob, _, _ = score_ids(
+            model,
+            inputs,
+            scored_ids,
+            batch_size=cfg.batch_size,
+            chunk_size=cfg.chunk_size,
+            progress=cfg.progress,
+            desc=f"proxy: {role} subset",
+        )
         scored[role] = dict(zip(scored_ids.tolist(), logprob))
         tokens_per_id = _forward_tokens(inputs, scored_ids)
         p = forward_params(model)
         flops[f"{role}_subset"] = 2.0 * p * sum(tokens_per_id[int(i)] for i in train_ids)
         flops[f"{role}_check"] = 2.0 * p * sum(tokens_per_id[int(i)] for i in check_ids)
         # full scoring cost: exact when the model reads the store's ids, else extrapolated from the subset
-        ratio_tokens = (sum(tokens_per_id.values()) / max(int(store.lengths[scored_ids].sum()), 1))
-        full_tokens = (float(np.minimum(store.lengths, cfg.max_len or 1 << 62).sum()) if not inputs.retokenized
-                       else float(store.lengths.sum()) * ratio_tokens)
+        ratio_tokens = sum(tokens_per_id.values()) / max(int(store.lengths[scored_ids].sum()), 1)
+        full_tokens = (
+            float(np.minimum(store.lengths, cfg.max_len or 1 << 62).sum())
+            if not inputs.retokenized
+            else float(store.lengths.sum()) * ratio_tokens
+        )
         flops[f"{role}_full"] = 2.0 * p * full_tokens
         if role == "reference":
             reference_model, reference_inputs = model, inputs
@@ -190,13 +219,19 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     rows = {int(i): reference_inputs.row(i) for i in fit_ids}
     epoch_losses = []
     start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * len(fit_ids), unit="inst", desc="proxy: train", dynamic_ncols=True,
-               disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(
+        total=cfg.epochs * len(fit_ids),
+        unit="inst",
+        desc="proxy: train",
+        dynamic_ncols=True,
+        disable=not cfg.progress,
+        file=sys.stderr,
+    )
     for epoch in range(cfg.epochs):
         order = np.random.default_rng(cfg.seed + 1 + epoch).permutation(len(fit_ids))
         total, count = 0.0, 0
         for b0 in range(0, len(order), cfg.batch_size):
-            sel = order[b0:b0 + cfg.batch_size]
+            sel = order[b0 : b0 + cfg.batch_size]
             tokens, lengths = reference_inputs.batch([rows[int(fit_ids[k])] for k in sel])
             pred = regressor(tokens.to(device), lengths.to(device))
             loss = torch.nn.functional.mse_loss(pred, fit_target[torch.as_tensor(sel, device=device)])
@@ -221,8 +256,15 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     predicted = np.empty(n, dtype=np.float32)
     all_tokens = 0
     block = 512  # instances re-tokenised at a time (bounded memory on big stores)
-    bar = tqdm(total=int(store.lengths.sum()), unit="tok", unit_scale=True, desc="proxy: predict",
-               dynamic_ncols=True, disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(
+        total=int(store.lengths.sum()),
+        unit="tok",
+        unit_scale=True,
+        desc="proxy: predict",
+        dynamic_ncols=True,
+        disable=not cfg.progress,
+        file=sys.stderr,
+    )
     with torch.inference_mode():
         for s in range(0, n, block):
             ids = np.arange(s, min(s + block, n), dtype=np.int64)
@@ -249,19 +291,32 @@ def run_proxy(cfg: ProxyConfig, store: TokenStore, ratio: float,
     spent = flops["teacher_subset"] + flops["reference_subset"] + flops["proxy_train"] + flops["proxy_predict"]
     full = flops["teacher_full"] + flops["reference_full"]
     stats = {
-        "n_train": int(len(train_ids)), "n_check": int(len(check_ids)), "check_on": check_on,
-        "train_target_mean": mean, "train_target_std": std,
-        "epoch_mse": epoch_losses, "proxy_params": proxy_params,
+        "n_train": int(len(train_ids)),
+        "n_check": int(len(check_ids)),
+        "check_on": check_on,
+        "train_target_mean": mean,
+        "train_target_std": std,
+        "epoch_mse": epoch_losses,
+        "proxy_params": proxy_params,
         "spearman": spearman(predicted[check_ids], check_difference),
-        "selection_overlap": overlap, "random_overlap_expected": float(ratio),
-        "flops": flops, "flops_spent": spent, "flops_full_scoring": full,
+        "selection_overlap": overlap,
+        "random_overlap_expected": float(ratio),
+        "flops": flops,
+        "flops_spent": spent,
+        "flops_full_scoring": full,
         "flops_ratio_full_over_spent": full / spent if spent else float("inf"),
         "teacher_flops_ratio_full_over_spent": flops["teacher_full"] / max(flops["teacher_subset"], 1.0),
     }
-    return ProxyResult(predicted=predicted, train_ids=train_ids, train_teacher=train_t, train_reference=train_r,
-                       check_ids=check_ids, check_difference=check_difference, stats=stats)
+    return ProxyResult(
+        predicted=predicted,
+        train_ids=train_ids,
+        train_teacher=train_t,
+        train_reference=train_r,
+        check_ids=check_ids,
+        check_difference=check_difference,
+        stats=stats,
+    )
 
 
 def _forward_tokens(inputs: ModelInputs, ids: np.ndarray) -> dict[int, int]:
     return {int(i): len(inputs.row(i)) for i in ids}
-

@@ -21,17 +21,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from predistill.core.artifacts import COUNT, NUMBER, PredistillError, check_fields
-from predistill.core.config import EXECUTION, Effect, check_ranges, flat_identity, from_flat, keys_with_effect, leaves, \
-    option, to_flat
+from predistill.core.config import (
+    EXECUTION,
+    Effect,
+    check_ranges,
+    flat_identity,
+    from_flat,
+    keys_with_effect,
+    leaves,
+    option,
+    to_flat,
+)
+from predistill.modeling.models import ATTN_IMPLS
 from predistill.training.kd import KDConfig
 from predistill.training.losses import DEFAULT_CHUNK
-from predistill.modeling.models import ATTN_IMPLS
 from predistill.training.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
 
 FORMAT = "run"
-SCHEMA = {"config": dict, "method": str, "model": str, "params": dict, "steps": COUNT, "tokens": COUNT,
-          "flops": NUMBER, "flops_per_token": NUMBER, "student_flops_per_token": NUMBER, "train_instances": COUNT,
-          "epochs": NUMBER, "teacher_flops": NUMBER, "store_hash": str}
+SCHEMA = {
+    "config": dict,
+    "method": str,
+    "model": str,
+    "params": dict,
+    "steps": COUNT,
+    "tokens": COUNT,
+    "flops": NUMBER,
+    "flops_per_token": NUMBER,
+    "student_flops_per_token": NUMBER,
+    "train_instances": COUNT,
+    "epochs": NUMBER,
+    "teacher_flops": NUMBER,
+    "store_hash": str,
+}
 
 
 def check_run_manifest(manifest: dict, where: str | Path) -> None:
@@ -54,32 +75,54 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 @dataclass
 class TrainConfig:
-    model: str = option("preset:tiny", 'model spec: preset:NAME (from scratch), an HF directory or hub id, '
-                                       'smollm2-135m')
+    model: str = option(
+        "preset:tiny", 'model spec: preset:NAME (from scratch), an HF directory or hub id, smollm2-135m'
+    )
     tokenizer: str | None = option(None, "tokenizer spec (default: the token store's own tokenizer)")
     store: str = option("", 'token store to train on')
-    val_store: str | None = option(None, 'held-out token store for val loss (default: STORE/val when it exists)',
-                                   effect=Effect.MEASURE)
-    heldout: list[str] = option(default_factory=list, help="NAME=DIR: a held-out token store scored on all its "
-                                "instances after the last step, its loss recorded under NAME in the manifest's "
-                                "heldout_losses (repeatable: a pool-mixture set and target sets)",
-                                flag="--heldout", metavar="NAME=DIR", effect=Effect.MEASURE)
+    val_store: str | None = option(
+        None, 'held-out token store for val loss (default: STORE/val when it exists)', effect=Effect.MEASURE
+    )
+    heldout: list[str] = option(
+        default_factory=list,
+        help="NAME=DIR: a held-out token store scored on all its "
+        "instances after the last step, its loss recorded under NAME in the manifest's "
+        "heldout_losses (repeatable: a pool-mixture set and target sets)",
+        flag="--heldout",
+        metavar="NAME=DIR",
+        effect=Effect.MEASURE,
+    )
     selection: str | None = option(None, 'selection directory from `predistill sample`: train only on those instances')
     out: str = option("", 'run directory', effect=Effect.NONE)
     name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
     steps: int = option(100, 'optimizer steps', interval="[1, inf)")
-    flops_budget: float | None = option(None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D '
-                                              'online)', interval="(0, inf)")
-    epochs: float | None = option(None, 'passes over the training instances (the data-limited regime, data repeated); '
-                                        'sets --steps = ⌈epochs · instances / batch size⌉', interval="(0, inf)")
+    flops_budget: float | None = option(
+        None, 'training FLOPs budget; sets --steps from it (6·N·D, + 2·N_teacher·D online)', interval="(0, inf)"
+    )
+    epochs: float | None = option(
+        None,
+        'passes over the training instances (the data-limited regime, data repeated); '
+        'sets --steps = ⌈epochs · instances / batch size⌉',
+        interval="(0, inf)",
+    )
     batch_size: int = option(8, 'global batch size in sequences (all ranks, all micro-batches)', interval="[1, inf)")
-    micro_batch_size: int | None = option(None, 'sequences per forward pass on one rank (default: the whole per-rank '
-                                                'batch)', interval="[1, inf)", effect=Effect.ROUNDING)
-    seq_len: int = option(1024, 'training context; longer instances are truncated to seq-len+1 tokens', interval="[1, inf)")
+    micro_batch_size: int | None = option(
+        None,
+        'sequences per forward pass on one rank (default: the whole per-rank batch)',
+        interval="[1, inf)",
+        effect=Effect.ROUNDING,
+    )
+    seq_len: int = option(
+        1024, 'training context; longer instances are truncated to seq-len+1 tokens', interval="[1, inf)"
+    )
     lr: float = option(6e-4, 'peak learning rate', interval="(0, inf)")
     # WSD with a 20% decay, and WSD-α below: PD's configuration as the studies measured it (docs/study-web-analysis.md)
-    lr_schedule: str = option("wsd", 'wsd (PD: warmup, stable, cosine decay over --decay-ratio), cosine (MiniPLM: '
-                                     'warmup, cosine to lr·min-lr-ratio) or constant', choices=LR_SCHEDULES)
+    lr_schedule: str = option(
+        "wsd",
+        'wsd (PD: warmup, stable, cosine decay over --decay-ratio), cosine (MiniPLM: '
+        'warmup, cosine to lr·min-lr-ratio) or constant',
+        choices=LR_SCHEDULES,
+    )
     warmup: int = option(0, 'warmup steps for cosine and constant schedules', interval="[0, inf)")
     min_lr_ratio: float = option(0.1, 'final lr as a fraction of --lr', interval="[0, 1]")
     warmup_ratio: float = option(0.1, 'WSD warmup fraction (LR and alpha)', interval="[0, 1]")
@@ -90,48 +133,86 @@ class TrainConfig:
     eps: float = option(1e-6, 'AdamW epsilon', interval="(0, inf)")
     grad_clip: float = option(1.0, 'gradient-norm clip (0 disables)', interval="[0, inf)")
     seed: int = option(0, 'seed for initialisation and data order', interval="[0, 4294967295]")
-    save_every: int = option(0, 'checkpoint every N steps (0: only the final export)', interval="[0, inf)",
-                             effect=Effect.NONE)
-    export_every: int = option(0, 'also write an HF export every N steps to OUT/exports/step-N (accuracy over '
-                                  'training: `eval --exports`); 0: only the final OUT/hf', interval="[0, inf)",
-                              effect=Effect.NONE)
+    save_every: int = option(
+        0, 'checkpoint every N steps (0: only the final export)', interval="[0, inf)", effect=Effect.NONE
+    )
+    export_every: int = option(
+        0,
+        'also write an HF export every N steps to OUT/exports/step-N (accuracy over '
+        'training: `eval --exports`); 0: only the final OUT/hf',
+        interval="[0, inf)",
+        effect=Effect.NONE,
+    )
     keep_checkpoints: int = option(2, 'checkpoints to keep', interval="[1, inf)", effect=Effect.NONE)
     eval_every: int = option(0, 'val loss every N steps (0: only at the end)', interval="[0, inf)", effect=Effect.NONE)
     eval_instances: int = option(256, 'val instances used for the val loss', interval="[1, inf)", effect=Effect.MEASURE)
     log_every: int = option(1, 'metrics.jsonl line every N steps', interval="[1, inf)", effect=Effect.NONE)
     alpha: float = option(0.0, 'KD weight α (the maximum for scheduled α)', interval="[0, 1]")
-    alpha_schedule: str = option("wsd", 'wsd (PD: α warms up from 0, holds, decays with the LR), constant, '
-                                        'linear-inc, linear-dec, period, wsd-beta', choices=ALPHA_SCHEDULES)
+    alpha_schedule: str = option(
+        "wsd",
+        'wsd (PD: α warms up from 0, holds, decays with the LR), constant, linear-inc, linear-dec, period, wsd-beta',
+        choices=ALPHA_SCHEDULES,
+    )
     kd_logits: str | None = option(None, 'offline teacher logits store (from `predistill score --logits-out`): PD')
-    kd_teacher: str | None = option(None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are '
-                                          'counted')
+    kd_teacher: str | None = option(
+        None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are counted'
+    )
     kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
     # a by-product written step by step: a run cannot resume across it, a comparison of methods ignores it
-    save_logits: str | None = option(None, "write this model's own top-p-k logits store while it trains (PD's online "
-                                     "logits)", effect=Effect.MEASURE)
-    save_logits_top_p: float = option(0.95, "--save-logits: probability mass kept (PD: 0.95)", interval="(0, 1]",
-                                      effect=Effect.MEASURE)
-    save_logits_top_k: int = option(100, "--save-logits: at most this many entries per position (PD §3.1: 100)",
-                                    interval="[1, 65535]", effect=Effect.MEASURE)
-    minillm: bool = option(False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples")
+    save_logits: str | None = option(
+        None, "write this model's own top-p-k logits store while it trains (PD's online logits)", effect=Effect.MEASURE
+    )
+    save_logits_top_p: float = option(
+        0.95, "--save-logits: probability mass kept (PD: 0.95)", interval="(0, 1]", effect=Effect.MEASURE
+    )
+    save_logits_top_k: int = option(
+        100,
+        "--save-logits: at most this many entries per position (PD §3.1: 100)",
+        interval="[1, 65535]",
+        effect=Effect.MEASURE,
+    )
+    minillm: bool = option(
+        False, "with --kd-teacher and --kd-loss rkl: MiniLLM, reverse KL on the student's own samples"
+    )
     minillm_prefix: int = option(32, "MiniLLM: corpus tokens the student's samples continue", interval="[1, inf)")
-    loss_chunk: int = option(DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection', interval="[1, inf)",
-                             effect=Effect.ROUNDING)
-    fsdp: bool = option(False, 'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun); '
-                        'its parameters compute in bf16 under --precision bf16 (GPU default), gradients reduce in fp32',
-                        effect=Effect.ROUNDING)  # its checkpoints are DCP: `train` resumes them only under --fsdp
-    attn_impl: str = option("auto", "attention kernel: auto (transformers' default, sdpa), sdpa, flash_attention_2, "
-                            "eager", choices=ATTN_IMPLS, effect=Effect.ROUNDING)
-    precision: str = option("auto", "bf16: forward and backward under bfloat16 autocast (fp32 weights, optimizer and "
-                            "losses); fp32: none; auto: bf16 on GPU, fp32 on CPU. On a CPU with avx512_bf16 or AMX, "
-                            "bf16 is faster too (bench/bench_train.py)", choices=PRECISIONS)
-    compile: bool = option(False, "torch.compile the decoder body (GPU speed; the first steps pay the compilation)",
-                           effect=Effect.ROUNDING)
-    activation_checkpointing: bool = option(False, "recompute each layer's activations in backward: less memory for "
-                                            "large students, ≈ 1/3 more compute", effect=Effect.ROUNDING)
-    fused_kernels: bool = option(True, "memory-light RMSNorm and SwiGLU MLP (predistill.modeling.kernels) where the student "
-                                 "has them (--no-fused-kernels: the model's own forwards)", flag="--no-fused-kernels",
-                                 action="store_false", effect=Effect.ROUNDING)
+    loss_chunk: int = option(
+        DEFAULT_CHUNK, 'rows per chunk of the vocabulary projection', interval="[1, inf)", effect=Effect.ROUNDING
+    )
+    fsdp: bool = option(
+        False,
+        'shard the model with FSDP2 (fully_shard) and checkpoint with DCP (under torchrun); '
+        'its parameters compute in bf16 under --precision bf16 (GPU default), gradients reduce in fp32',
+        effect=Effect.ROUNDING,
+    )  # its checkpoints are DCP: `train` resumes them only under --fsdp
+    attn_impl: str = option(
+        "auto",
+        "attention kernel: auto (transformers' default, sdpa), sdpa, flash_attention_2, eager",
+        choices=ATTN_IMPLS,
+        effect=Effect.ROUNDING,
+    )
+    precision: str = option(
+        "auto",
+        "bf16: forward and backward under bfloat16 autocast (fp32 weights, optimizer and "
+        "losses); fp32: none; auto: bf16 on GPU, fp32 on CPU. On a CPU with avx512_bf16 or AMX, "
+        "bf16 is faster too (bench/bench_train.py)",
+        choices=PRECISIONS,
+    )
+    compile: bool = option(
+        False, "torch.compile the decoder body (GPU speed; the first steps pay the compilation)", effect=Effect.ROUNDING
+    )
+    activation_checkpointing: bool = option(
+        False,
+        "recompute each layer's activations in backward: less memory for large students, ≈ 1/3 more compute",
+        effect=Effect.ROUNDING,
+    )
+    fused_kernels: bool = option(
+        True,
+        "memory-light RMSNorm and SwiGLU MLP (predistill.modeling.kernels) where the student "
+        "has them (--no-fused-kernels: the model's own forwards)",
+        flag="--no-fused-kernels",
+        action="store_false",
+        effect=Effect.ROUNDING,
+    )
     tensorboard: bool = option(False, 'also log to OUT/tensorboard (needs the tensorboard package)', effect=Effect.NONE)
     device: str = option("auto", 'auto (cuda if available), cpu or cuda', effect=Effect.ROUNDING)
 
@@ -140,7 +221,9 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise PredistillError(f"unknown --lr-schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         if self.alpha_schedule not in ALPHA_SCHEDULES:
-            raise PredistillError(f"unknown --alpha-schedule {self.alpha_schedule!r}; known: {', '.join(ALPHA_SCHEDULES)}")
+            raise PredistillError(
+                f"unknown --alpha-schedule {self.alpha_schedule!r}; known: {', '.join(ALPHA_SCHEDULES)}"
+            )
         if self.alpha > 0 and not (self.kd_logits or self.kd_teacher):
             raise PredistillError("--alpha > 0 needs a KD source: --kd-logits DIR or --kd-teacher MODEL")
         if self.kd_logits and self.kd_teacher:
@@ -157,8 +240,10 @@ class TrainConfig:
         if self.minillm and self.kd.loss != "rkl":
             raise PredistillError(f"MiniLLM optimises the reverse KL; use --kd-loss rkl (got {self.kd.loss})")
         if self.attn_impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise PredistillError("--attn-impl flash_attention_2 needs the flash-attn package (a CUDA build): "
-                                  "pip install flash-attn; or use --attn-impl sdpa")
+            raise PredistillError(
+                "--attn-impl flash_attention_2 needs the flash-attn package (a CUDA build): "
+                "pip install flash-attn; or use --attn-impl sdpa"
+            )
         if self.kd_logits or self.kd_teacher:
             dataclasses.replace(self.kd, chunk_size=self.loss_chunk).validate()
 

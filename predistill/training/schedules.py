@@ -42,8 +42,17 @@ def wsd_shape(step: int, total: int, warmup_ratio: float, decay_ratio: float, wa
     return 1.0
 
 
-def lr_at(schedule: str, step: int, total: int, lr: float, *, warmup: int = 0, min_ratio: float = 0.1,
-          warmup_ratio: float = 0.1, decay_ratio: float = 0.01) -> float:
+def lr_at(
+    schedule: str,
+    step: int,
+    total: int,
+    lr: float,
+    *,
+    warmup: int = 0,
+    min_ratio: float = 0.1,
+    warmup_ratio: float = 0.1,
+    decay_ratio: float = 0.01,
+) -> float:
     if schedule == "wsd":
         shape = wsd_shape(step, total, warmup_ratio, decay_ratio, warmup_from_zero=False)
         if step < _phase_steps(total, warmup_ratio):
@@ -59,8 +68,9 @@ def lr_at(schedule: str, step: int, total: int, lr: float, *, warmup: int = 0, m
     raise ValueError(f"unknown lr schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
 
 
-def alpha_at(schedule: str, step: int, total: int, alpha: float, *, warmup_ratio: float = 0.1,
-             decay_ratio: float = 0.01) -> float:
+def alpha_at(
+    schedule: str, step: int, total: int, alpha: float, *, warmup_ratio: float = 0.1, decay_ratio: float = 0.01
+) -> float:
     progress = step / max(total - 1, 1)
     if schedule == "constant":
         return alpha
