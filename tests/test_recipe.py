@@ -16,7 +16,7 @@ import pytest
 from conftest import subprocess_env
 
 from predistill.core.artifacts import PredistillError
-from predistill.stages.recipe import RECIPES_DIR, execute, load_recipe, plan, record_path, stage_argv
+from predistill.stages.recipe import RECIPES_DIR, execute, is_cached, load_recipe, plan, record_path, stage_argv
 
 
 def write_recipe(path: Path, corpus: dict, *, vocab: int = 300, steps: int = 2, code_max_len: int = 48) -> Path:
@@ -250,7 +250,8 @@ args = {{ source = ["jsonl:{corpus['prose']}"], tokenizer = "/no/such/tokenizer"
     recipe = load_recipe(tmp_path / "r.toml", tmp_path / "root")
     with pytest.raises(PredistillError, match="stage 'bad' failed"):
         execute(recipe)
-    assert not (tmp_path / "root" / "bad" / ".stage.json").exists()
+    record = json.loads((tmp_path / "root" / ".predistill-run" / "bad.json").read_text())
+    assert record["complete"] is False and not is_cached(recipe, recipe.stages[0])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES_DIR.glob("*.toml")))

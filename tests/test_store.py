@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -99,7 +100,9 @@ def test_batch_pads_and_reports_lengths(tmp_path):
         (lambda d: (d / "offsets.npy").write_bytes(b"garbage"), "unreadable store index"),
         (lambda d: _edit_manifest(d, chunk_bytes=0), "chunk_bytes cannot be"),
         (lambda d: _edit_manifest(d, chunk_sha256=5), "chunk_sha256 cannot be"),
-        (lambda d: _drop_manifest_key(d, "chunk_sha256"), "chunk_sha256 cannot be"),  # checksums switched off
+        (lambda d: _drop_manifest_key(d, "chunk_sha256"), "lacks chunk_sha256"),  # checksums switched off
+        (lambda d: _drop_manifest_key(d, "offsets_sha256"), "lacks offsets_sha256"),
+        (lambda d: _edit_manifest(d, domains_sha256=None), "domains_sha256 cannot be"),
         (lambda d: _edit_manifest(d, vocab_size="x"), "vocab_size cannot be"),
         (lambda d: _edit_manifest(d, dtype="int16"), "dtype cannot be"),  # same bytes, ids would read negative
         (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe{"), "unreadable manifest"),
@@ -156,13 +159,12 @@ def test_tokens_changed_in_place_are_refused_when_read(tmp_path, new_bytes, matc
         store[0]
 
 
-def test_an_id_outside_the_vocabulary_is_refused_when_read_even_without_checksums(tmp_path):
+def test_an_id_outside_the_vocabulary_is_refused_when_read_even_with_matching_checksums(tmp_path):
     directory = write_store(tmp_path / "s")
     data = bytearray((directory / "tokens.bin").read_bytes())
     data[:2] = np.array([500], dtype=np.uint16).tobytes()  # vocabulary of 100
     (directory / "tokens.bin").write_bytes(bytes(data))
-    _drop_manifest_key(directory, "chunk_sha256")  # a store written before checksums existed
-    _drop_manifest_key(directory, "chunk_bytes")
+    _edit_manifest(directory, chunk_sha256=[hashlib.sha256(bytes(data)).hexdigest()])  # re-vouched by hand
     with pytest.raises(PredistillError, match="token id 500 in chunk 0 is outside the vocabulary"):
         TokenStore(directory).batch([1, 0])
 

@@ -17,7 +17,7 @@ downstream artifacts (scores, selections, logits) record it and refuse another s
 `chunk_sha256` holds the sha256 of each `chunk_bytes` (64 MiB) piece of tokens.bin: a reader
 verifies a chunk (and that its ids are inside the vocabulary) the first time it reads from it, so a
 store changed in place is refused at a cost of one pass over the chunks read, whatever the store's
-size. (Stores written before checksums existed get the vocabulary check only.) `offsets_sha256`
+size. `offsets_sha256`
 and `domains_sha256` vouch for the index files, checked at every open (they are small): moved
 instance boundaries are refused even when the total stays the same. `loss_mask_sha256` vouches for
 loss_mask.bin, checked in full the first time a mask is read; a masked store's `store_hash` covers
@@ -42,7 +42,19 @@ FORMAT = "token_store"
 VERSION = 1
 UINT16_VOCAB_LIMIT = 1 << 16
 CHUNK_BYTES = 1 << 26  # the unit of integrity checks on read
-REQUIRED_KEYS = ("dtype", "n_tokens", "n_instances", "vocab_size", "eos_id", "store_hash", "tokenizer")
+REQUIRED_KEYS = (
+    "dtype",
+    "n_tokens",
+    "n_instances",
+    "vocab_size",
+    "eos_id",
+    "store_hash",
+    "tokenizer",
+    "chunk_bytes",
+    "chunk_sha256",
+    "offsets_sha256",
+    "domains_sha256",
+)
 
 
 LOSS_MASK = "loss_mask.bin"
@@ -214,8 +226,8 @@ class TokenStore:
                 f"{len(self.offsets) - 1} instances (corrupted store)"
             )
         for name, array in (("offsets", self.offsets), ("domains", self.domain_ids)):
-            recorded = self.manifest.get(f"{name}_sha256")
-            if recorded is not None and recorded != hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest():
+            recorded = self.manifest[f"{name}_sha256"]
+            if recorded != hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest():
                 raise PredistillError(
                     f"{self.dir}/{name}.npy: changed since the store was written (sha256 mismatch); rebuild the store"
                 )
@@ -242,10 +254,10 @@ class TokenStore:
         )
         self._tokenizer = None
         self._lengths: np.ndarray | None = None
-        self._chunk_tokens = self.manifest.get("chunk_bytes", CHUNK_BYTES) // self.dtype.itemsize
+        self._chunk_tokens = self.manifest["chunk_bytes"] // self.dtype.itemsize
         n_chunks = -(-n_tokens // self._chunk_tokens)
-        self._chunk_sha256 = self.manifest.get("chunk_sha256")
-        if self._chunk_sha256 is not None and len(self._chunk_sha256) != n_chunks:
+        self._chunk_sha256: list[str] = self.manifest["chunk_sha256"]
+        if len(self._chunk_sha256) != n_chunks:
             raise PredistillError(
                 f"{self.dir}: the manifest lists {len(self._chunk_sha256)} chunk checksums for "
                 f"{n_chunks} chunks of tokens.bin (corrupted store)"
@@ -275,14 +287,13 @@ class TokenStore:
             bad.append("vocab_size")
         if not bad and m["dtype"] != token_dtype(m["vocab_size"]).name:
             bad.append("dtype")  # e.g. int16 over uint16 data: ids would read back negative
-        chunk_bytes = m.get("chunk_bytes", CHUNK_BYTES)
+        chunk_bytes = m["chunk_bytes"]
         if not is_int(chunk_bytes) or chunk_bytes < 1 or (not bad and chunk_bytes % np.dtype(m["dtype"]).itemsize):
             bad.append("chunk_bytes")
-        checksums = m.get("chunk_sha256")
-        if ("chunk_bytes" in m and checksums is None) or (
-            checksums is not None and not (isinstance(checksums, list) and all(isinstance(c, str) for c in checksums))
-        ):
+        checksums = m["chunk_sha256"]
+        if not (isinstance(checksums, list) and all(isinstance(c, str) for c in checksums)):
             bad.append("chunk_sha256")
+        bad += [k for k in ("offsets_sha256", "domains_sha256") if not isinstance(m[k], str)]
         if bad:
             raise PredistillError(
                 f"{self.dir}: the manifest's {', '.join(bad)} cannot be this store's (corrupted store)"
@@ -298,7 +309,7 @@ class TokenStore:
             if self._verified[c]:
                 continue
             chunk = np.asarray(self.tokens[c * self._chunk_tokens : (c + 1) * self._chunk_tokens])
-            if self._chunk_sha256 is not None and hashlib.sha256(chunk.tobytes()).hexdigest() != self._chunk_sha256[c]:
+            if hashlib.sha256(chunk.tobytes()).hexdigest() != self._chunk_sha256[c]:
                 raise PredistillError(
                     f"{self.dir}/tokens.bin: chunk {c} changed since the store was written "
                     "(sha256 mismatch); rebuild the store"

@@ -70,7 +70,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-STAGE_RECORD = ".stage.json"  # where earlier versions kept a finished stage's record
 RECORDS_DIR = ".predistill-run"  # ROOT/.predistill-run/STAGE.json: each stage's hash and completion
 REFERENCE = re.compile(r"\{([A-Za-z_][\w-]*)\}")
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"  # predistill/stages/recipe.py → the checkout
@@ -328,21 +327,20 @@ def record_path(recipe: Recipe, stage: Stage) -> Path:
 
 
 def stage_record(recipe: Recipe, stage: Stage) -> dict:
-    """The stage's record: {} when it never started, else its hash and whether it finished
-    (records of earlier versions, `STAGE/.stage.json`, were written on completion only)."""
-    for record in (record_path(recipe, stage), recipe.stage_dir(stage.name) / STAGE_RECORD):
-        if record.is_file():
-            try:
-                content = parse_json(record.read_text())
-            except ValueError:
-                return {}
-            return content if isinstance(content, dict) else {}
-    return {}
+    """The stage's record: {} when it never started, else its hash and whether it finished."""
+    record = record_path(recipe, stage)
+    if not record.is_file():
+        return {}
+    try:
+        content = parse_json(record.read_text())
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
 
 
 def is_cached(recipe: Recipe, stage: Stage) -> bool:
     record = stage_record(recipe, stage)
-    return record.get("hash") == stage.hash and record.get("complete", True)
+    return record.get("hash") == stage.hash and record.get("complete") is True
 
 
 def plan(recipe: Recipe) -> list[tuple[Stage, bool]]:
@@ -462,7 +460,6 @@ def execute(recipe: Recipe, dry_run: bool = False, nproc_per_node: int = 1, veri
         directory.parent.mkdir(parents=True, exist_ok=True)
         record_file = record_path(recipe, stage)
         record_file.parent.mkdir(parents=True, exist_ok=True)
-        (directory / STAGE_RECORD).unlink(missing_ok=True)
         # recorded before it runs, so a killed stage is resumed (not wiped) by the next `predistill run`
         write_json_atomic(record_file, {"hash": stage.hash, "command": line, "complete": False})
         print(f"predistill run: {stage.name}: {line}", flush=True)

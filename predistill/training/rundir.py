@@ -62,7 +62,7 @@ def check_run_manifest(manifest: dict, where: str | Path) -> None:
     loss = manifest.get("final_val_loss")  # None: a run without a held-out store
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
         raise PredistillError(f"{where}: final_val_loss = {loss!r} is not a number (corrupted run)")
-    losses = manifest.get("heldout_losses", {})  # runs before train --heldout have none
+    losses = manifest.get("heldout_losses")
     if not isinstance(losses, dict):
         raise PredistillError(f"{where}: heldout_losses is not a table of set → loss (corrupted run)")
     check_fields(losses, f"{where}: heldout_losses", {name: NUMBER for name in losses})
