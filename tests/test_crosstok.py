@@ -376,7 +376,7 @@ def test_derived_store_is_deterministic_and_a_rerun_is_a_noop(tiny_store, small_
     for name in ("tokens.bin", "offsets.npy", "val/tokens.bin"):
         assert (again / name).read_bytes() == (derived_store / name).read_bytes()
     prepare(PrepareConfig(sources=[f"store:{tiny_store}"], tokenizer=str(small_bpe), out=str(again)))
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
 
 
 def test_a_derived_store_killed_midway_is_redone_to_the_same_bytes(tiny_store, small_bpe, derived_store, tmp_path):

@@ -160,7 +160,7 @@ def test_output_store_prefixes_counts_and_manifest(sampled, tiny_store, teacher)
 def test_rerun_of_finished_output_is_a_noop(sampled, tiny_store, teacher, capsys):
     before = {p: p.stat().st_mtime_ns for p in sampled.rglob("*")}
     generate(tiny_store, sampled, teacher)
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in sampled.rglob("*")} == before
     with pytest.raises(PredistillError, match="other settings"):
         generate(tiny_store, sampled, teacher, seed=4)

@@ -215,7 +215,7 @@ def test_rerun_is_a_noop_and_other_configs_are_refused(tmp_path, source_specs, b
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     capsys.readouterr()
     run(cfg)
-    assert "already complete; nothing to do" in capsys.readouterr().out
+    assert "already complete; nothing to do" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     with pytest.raises(PredistillError, match="another config"):
         run(PrepareConfig(**{**cfg.__dict__, "max_len": 32}))

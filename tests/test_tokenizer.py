@@ -53,7 +53,7 @@ def test_cli_tokenizer_respects_vocab_size(tmp_path, source_specs, capsys):
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # no space "clean-up"
     # same config again: nothing to do; another config or foreign content: refused
     cli.main(["tokenizer", *sum((["--source", s] for s in source_specs), []), "--out", str(out), "--vocab-size", "300"])
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["tokenizer", "--source", source_specs[0], "--out", str(out), "--vocab-size", "300"])
     assert "another config" in capsys.readouterr().err
@@ -91,4 +91,4 @@ def test_a_tokenizer_trained_on_a_token_stores_text(tiny_store, tmp_path, capsys
     assert read_manifest(out, "tokenizer")["config"]["store_hashes"] == [store.hash]
     capsys.readouterr()
     cli.main(["tokenizer", "--source", f"store:{tiny_store}", "--out", str(out), "--vocab-size", "300"])
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err

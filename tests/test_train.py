@@ -332,7 +332,7 @@ def test_rerunning_a_finished_run_is_a_noop_and_another_config_is_refused(tiny_s
     out = run(cfg)
     before = sha256(out / "hf" / "model.safetensors")
     run(cfg)
-    assert "already complete" in capsys.readouterr().out
+    assert "already complete" in capsys.readouterr().err
     assert sha256(out / "hf" / "model.safetensors") == before
     with pytest.raises(PredistillError, match="another config"):
         run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "run"), **{**FAST, "lr": 1e-3}))

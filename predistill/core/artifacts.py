@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,13 @@ def check_output(
     identity: dict,
     identity_of: Callable[[dict], dict],
     resumable: Callable[[Path], bool] = lambda out: False,
+    announce: bool = True,
 ) -> bool:
     """The output-directory protocol. True: `out` holds a complete `fmt` artifact whose identity
-    (`identity_of(manifest)`) is `identity` — nothing to do. False: `out` is absent or empty, or
-    `resumable(out)` says it holds this stage's unfinished work — go on (resume). Anything else is
-    refused: another identity (naming what differs), or a directory that is not this artifact."""
+    (`identity_of(manifest)`) is `identity` — nothing to do (said on stderr when `announce`; under
+    torchrun rank 0 says it). False: `out` is absent or empty, or `resumable(out)` says it holds
+    this stage's unfinished work — go on (resume). Anything else is refused: another identity
+    (naming what differs), or a directory that is not this artifact."""
     out = Path(out)
     staging = out.with_name(out.name + ".partial")
     if (staging.exists() or staging.is_symlink()) and not owned_work(staging, fmt):
@@ -206,6 +209,8 @@ def check_output(
         manifest = read_manifest(out, fmt, what)
         old = identity_of(manifest)
         if old == identity:
+            if announce:
+                print(f"predistill: {out} is already complete; nothing to do", file=sys.stderr)
             return True
         raise PredistillError(
             f"{out} already holds a {what} made with other settings (another config or inputs: "

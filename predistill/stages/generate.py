@@ -336,7 +336,6 @@ def run(cfg: GenerateConfig) -> Path:
         lambda m: {"config": m.get("config"), "source_store_hash": m.get("source_store_hash")},
     ):
         remove_owned_work(work, PLAN_FORMAT)  # left behind by a run killed after its rename (a user's folder stays)
-        print(f"predistill: {out} is already complete; nothing to do")
         return out
 
     refuse_foreign_work(work, PLAN_FORMAT, "generation")  # a user's OUT.shards is never written into or removed

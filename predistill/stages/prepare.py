@@ -173,7 +173,6 @@ def run(cfg: PrepareConfig) -> Path:
         {"config": config, "tokenizer_hash": tok_info["hash"]},
         lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")},
     ):
-        print(f"predistill: {out} is already complete; nothing to do")
         return out
 
     is_boundary = boundary_table(tokenizer)
@@ -347,7 +346,6 @@ def _derive(cfg: PrepareConfig, out: Path) -> Path:
             "source_store_hash": (m.get("derived_from") or {}).get("hash"),
         },
     ):
-        print(f"predistill: {out} is already complete; nothing to do")
         return out
     val = TokenStore(src.dir / "val") if (src.dir / "val").is_dir() else None
     with staged_dir(out, FORMAT) as tmp:

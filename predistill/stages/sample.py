@@ -478,7 +478,6 @@ def run(cfg: SampleConfig) -> Path:
         {"config": config, "inputs": inputs},
         lambda m: {"config": m.get("config"), "inputs": m.get("inputs")},
     ):
-        print(f"predistill: {out} is already complete; nothing to do", file=sys.stderr)
         _maybe_materialize(cfg, out, store)
         return out
 
@@ -581,7 +580,6 @@ def _maybe_materialize(cfg: SampleConfig, out: Path, store: TokenStore) -> None:
         wanted,
         lambda m: {"config": m.get("config"), "selection_hash": (m.get("source") or {}).get("selection_hash")},
     ):
-        print(f"predistill: {target} is already complete; nothing to do", file=sys.stderr)
         return
     materialize(mcfg, store, progress=cfg.progress)
 

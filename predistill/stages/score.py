@@ -336,12 +336,11 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
         plan,
         lambda m: {k: m.get(k) for k in plan},
         resumable=lambda o: (o / PLAN).is_file(),
+        announce=rank == 0 and not cfg.logits_out,
     )
     if table_complete:
         manifest = read_manifest(out, FORMAT, "score table")
         if not cfg.logits_out:
-            if rank == 0:
-                print(f"predistill: {out} is already complete; nothing to do", file=sys.stderr)
             return out
     logits = _open_logits_writer(cfg, store, inputs) if cfg.logits_out else None
     desc = f"score {Path(cfg.model).name}"

@@ -209,7 +209,6 @@ def run(cfg: SFTDataConfig) -> Path:
             "inputs": m.get("inputs"),
         },
     ):
-        print(f"predistill: {out} is already complete; nothing to do")
         return out
     counts = {"n_records": 0, "n_text": 0, "n_cut": 0, "n_skipped_no_target": 0}
     with staged_dir(out, FORMAT) as tmp:

@@ -50,7 +50,6 @@ def run(cfg: TokenizerConfig) -> Path:
     if stores:  # what a store holds is part of the identity: another store at the same path is other text
         config["store_hashes"] = [store.hash for store in stores]
     if check_output(out, FORMAT, "tokenizer directory", {"config": config}, lambda m: {"config": m.get("config")}):
-        print(f"predistill: {out} is already complete; nothing to do")
         return out
     sources = parse_sources([spec for spec in cfg.sources if not spec.startswith(STORE_SOURCE)], cfg.skip_bad)
     if pretokenized := [s.kind + ":" + s.location for s in sources if s.pretokenized]:

@@ -407,9 +407,8 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         result_identity(cfg),
         lambda m: result_identity(from_flat(TrainConfig, m["config"])),
         resumable=_holds_unfinished_run,
+        announce=d.main,
     ):
-        if d.main:
-            print(f"predistill: {out} is already complete; nothing to do")
         return out
     if out.exists():  # an unfinished run of this config: resumed in place, never through a planted link
         refuse_links(out)
