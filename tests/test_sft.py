@@ -194,3 +194,40 @@ def test_a_changed_mask_file_is_refused_on_read(tmp_path, bpe_tokenizer):
                 template="plain",
             )
         )
+
+
+def test_a_masked_store_is_never_copied_without_its_mask(tmp_path, bpe_tokenizer, capsys):
+    # re-tokenising (prepare --source store:), materialising a selection, exporting to Megatron:
+    # none can carry the mask, so each is refused in one line and leaves nothing behind
+    masked = sft_data(
+        SFTDataConfig(
+            data=[str(write_jsonl(tmp_path / "d.jsonl", RECORDS))],
+            tokenizer=str(bpe_tokenizer),
+            out=str(tmp_path / "s"),
+        )
+    )
+    commands = {
+        "derived": ["prepare", "--source", f"store:{masked}", "--tokenizer", str(bpe_tokenizer), "--out"],
+        "materialized": [
+            "sample",
+            "--method",
+            "random",
+            "--store",
+            str(masked),
+            "--ratio",
+            "0.5",
+            "--out",
+            str(tmp_path / "sel"),
+            "--tokenizer",
+            str(bpe_tokenizer),
+            "--materialize",
+        ],
+        "exported": ["export", "--store", str(masked), "--out"],
+    }
+    for name, command in commands.items():
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, str(tmp_path / name)])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 1 and "carries a loss mask" in err and "\n" not in err, (name, err)
+        assert not any(p.name.startswith(name) for p in tmp_path.iterdir()), name
+    assert not (tmp_path / "sel").exists()  # the selection is refused before it is made

@@ -373,6 +373,15 @@ class TokenStore:
     def has_loss_mask(self) -> bool:
         return self.manifest.get("loss_mask_sha256") is not None
 
+    def refuse_if_masked(self, what: str) -> None:
+        """A copy in other ids or another layout (re-tokenised, re-cut, exported) cannot carry the
+        loss mask, whose bytes mark this store's token positions: refuse rather than drop it."""
+        if self.has_loss_mask:
+            raise PredistillError(
+                f"{self.dir} carries a loss mask (`predistill sft-data`): {what} would drop it and train on "
+                "every token; run `predistill sft-data` with the tokenizer you need instead"
+            )
+
     def loss_mask(self, i: int) -> np.ndarray:
         """Instance i's targets (uint8 per token, 1 = trained on); a store without a mask: all ones."""
         if not self.has_loss_mask:

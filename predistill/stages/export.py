@@ -35,6 +35,7 @@ def run(cfg: ExportConfig):
     if cfg.format not in FORMATS:
         raise PredistillError(f"unknown --format {cfg.format!r}; known: {', '.join(FORMATS)}")
     store = TokenStore(cfg.store)  # checks the store's hashes
+    store.refuse_if_masked("a Megatron export")
     for p in megatron.paths(cfg.out):
         if p.is_dir():
             raise PredistillError(f"{p} is a directory; --out is a file prefix")

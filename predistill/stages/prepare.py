@@ -331,6 +331,7 @@ def _derive(cfg: PrepareConfig, out: Path) -> Path:
         )
     location = cfg.sources[0].removeprefix(STORE_SOURCE)
     src = TokenStore(location)  # refuses a missing, incomplete or corrupt store
+    src.refuse_if_masked(f"re-tokenising it ({STORE_SOURCE}DIR)")
     tokenizer, tok_info = _tokenizer(cfg.tokenizer)
     # one output instance per input instance: max_len, workers and the document options do not apply
     config = {"sources": cfg.sources, "tokenizer": cfg.tokenizer}

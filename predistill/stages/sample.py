@@ -344,6 +344,7 @@ class MaterializeConfig:
 
 def materialize(cfg: MaterializeConfig, store: TokenStore, progress: bool = True) -> Path:
     """Write the selected instances of `store` as a new token store tokenised with `cfg.tokenizer`."""
+    store.refuse_if_masked("materialising a selection of it")
     selection_dir = Path(cfg.selection)
     selection = load_selection(selection_dir, store)
     selection_manifest = read_selection_manifest(selection_dir)
@@ -444,6 +445,8 @@ def run(cfg: SampleConfig) -> Path:
     if store_dir is None:
         raise PredistillError(f"--method {cfg.method} needs --store (no score table names one)")
     store = TokenStore(store_dir)
+    if cfg.materialize:  # refused before the selection is made, not after
+        store.refuse_if_masked("materialising a selection of it")
     for table in (teacher_table, reference_table):
         if table is not None:
             table.check_store(store)
