@@ -154,6 +154,7 @@ def defined_names(name: str) -> list[str]:
         ("run_forward_pass", "training.forward"),
         ("mean_logprobs", "training.forward"),
         ("Chunker", "text.chunking"),
+        ("headline_metric", "formats.evalresults"),  # the number that stands for a task (eval and report)
     ],
 )
 def test_each_concept_is_defined_once(name, home):

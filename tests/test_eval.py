@@ -13,13 +13,13 @@ import torch
 
 from predistill import cli
 from predistill.core.artifacts import PredistillError, write_manifest
+from predistill.formats.evalresults import average_accuracy
 from predistill.formats.store import TokenStore
 from predistill.formats.tasks import CONTINUATION, LASTWORD
 from predistill.modeling.models import load_model, resolve_model
 from predistill.stages.eval import (
     PAPER_TASKS,
     EvalConfig,
-    average_accuracy,
     fewshot_table,
     heldout_metrics,
     heldout_sequences,

@@ -37,6 +37,7 @@ import numpy as np
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.core.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
 from predistill.core.sharding import Dist, init_distributed, owns, plan_shards
+from predistill.formats.evalresults import average_accuracy
 from predistill.formats.store import TokenStore
 from predistill.formats.tasks import LOCAL_TASKS, LocalTaskConfig, item_counts
 from predistill.formats.tasks import build as build_local_tasks
@@ -411,9 +412,6 @@ def fewshot_table(specs: list[str], tasks: list[str]) -> dict[str, int]:
 
 # the metric a paper reports for a task, in this order: MiniPLM's and PD's multiple-choice tasks
 # (acc_norm where lm-eval has it), then generation tasks (GSM8K: exact match of the answer line)
-HEADLINE = ("acc_norm", "acc", "exact_match")
-
-
 def _metrics(task_results: dict) -> dict[str, float]:
     """Every metric lm-eval reported: `name` for the unfiltered one, `name,filter` for the others
     (GSM8K: exact_match,strict-match and exact_match,flexible-extract)."""
@@ -529,14 +527,6 @@ def run_lm_eval(
         )
         out.update(task_rows(results, group))
     return {task: out[task] for task in tasks}
-
-
-def average_accuracy(results: dict[str, dict]) -> float | None:
-    """The papers' headline: mean over tasks of acc_norm where a task has it, else acc, else exact
-    match (a group counts once, with its aggregate)."""
-    headline = [next((r.get(k) for k in HEADLINE if r.get(k) is not None), None) for r in results.values()]
-    values = [v for v in headline if v is not None]
-    return float(np.mean(values)) if values else None
 
 
 # ---------------------------------------------------------------------------------------------

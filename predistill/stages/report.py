@@ -39,6 +39,7 @@ import numpy as np
 
 from predistill.core.artifacts import MANIFEST, PredistillError, hold_output, parse_json, write_json_atomic
 from predistill.core.config import add_config_arguments, config_from_args, option
+from predistill.formats.evalresults import headline_metric
 from predistill.modeling.models import EXPORT_INFO, run_exports
 from predistill.training.rundir import BUDGET_KEYS, configuration_keys
 
@@ -1094,12 +1095,6 @@ def task_columns(runs: list[RunSummary]) -> list[str]:
 
 
 TASK_METRICS = ("acc", "acc_norm", "exact_match")
-
-
-def headline_metric(metrics: dict) -> float | None:
-    """The number a paper reports for a task: acc_norm where the task has it, else acc, else exact
-    match (GSM8K)."""
-    return next((metrics[k] for k in ("acc_norm", "acc", "exact_match") if metrics.get(k) is not None), None)
 
 
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
