@@ -42,10 +42,6 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def parse_json(text: str | bytes) -> Any:
     """`json.loads` whose every failure is a ValueError: malformed text, a 5 000-digit number and
     nesting 100 000 deep alike (a file's word is never trusted to be parseable)."""

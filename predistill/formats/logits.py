@@ -1104,11 +1104,6 @@ class LogitsStore:
             self._shards[s] = _Shard(self.dir, s, self.enc, n_positions)
         return self._shards[s]
 
-    def n_positions_of(self, instance_id: int) -> int:
-        sh = self._shard(instance_id // self.shard_instances)
-        local = instance_id - sh.first
-        return int(sh.pos_off[local + 1] - sh.pos_off[local])
-
     def instance_entries(self, instance_id: int) -> Entries:
         """All entries of one instance, decoded (quantised log-probs), positions in order."""
         sh = self._shard(int(instance_id) // self.shard_instances)

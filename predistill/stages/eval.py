@@ -203,12 +203,6 @@ def hub_offline(enabled: bool = True):
 # held-out loss
 
 
-def _split_docs(ids: np.ndarray, eos_id: int) -> list[np.ndarray]:
-    """An instance as its document pieces, each with its EOS (if it had one)."""
-    cuts = np.flatnonzero(ids == eos_id) + 1
-    return [piece for piece in np.split(ids, cuts) if len(piece)]
-
-
 def heldout_sequences(
     store: TokenStore, tokenizer, limit: int | None = None, max_len: int | None = None
 ) -> tuple[list[np.ndarray], bool, int]:
