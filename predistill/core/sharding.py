@@ -1,4 +1,5 @@
-"""How a long stage's work is split over ranks, and which process finishes the artifact.
+"""The ranks (`Dist`, `init_distributed`: torchrun's environment and its process group), how a long
+stage's work is split over them, and which process finishes the artifact.
 
 A sharded stage (`score`, `generate`, `eval`'s held-out loss) plans its work as numbered shards —
 the same plan for any world size, so the artifact does not depend on the ranks — runs the shards
