@@ -155,6 +155,7 @@ def defined_names(name: str) -> list[str]:
         ("mean_logprobs", "training.forward"),
         ("Chunker", "text.chunking"),
         ("headline_metric", "formats.evalresults"),  # the number that stands for a task (eval and report)
+        ("TokenRecord", "formats.tokrecord"),
     ],
 )
 def test_each_concept_is_defined_once(name, home):

@@ -42,6 +42,7 @@ from predistill.core.artifacts import (
     check_output,
     check_plan,
     hold_output,
+    is_complete,
     read_manifest,
     write_manifest,
 )
@@ -59,6 +60,8 @@ from predistill.formats.scores import (
     write_score_shard,
 )
 from predistill.formats.store import TokenStore
+from predistill.formats.tokrecord import FORMAT as TOKEN_RECORD_FORMAT
+from predistill.formats.tokrecord import TokenRecordWriter
 from predistill.modeling.kernels import fuse_kernels
 from predistill.modeling.models import (
     DTYPES,
@@ -77,6 +80,7 @@ from predistill.training.forward import (
     PassStats,
     ScoreCollector,
     run_forward_pass,
+    token_logprobs_and_entropies,
 )
 
 BACKENDS = ("torch",)
@@ -135,6 +139,14 @@ class ScoreConfig:
         default_factory=LogitsConfig,  # --logits-mode, --top-k, --samples, …
         effect=Effect.NONE,
     )
+    # `--token-record`: per predicted position, the log-prob and the entropy, from the same pass (its own identity)
+    token_record: str | None = option(
+        None,
+        "also write the model's per-token record here: log-prob of each next token and entropy of its "
+        "distribution, 4 bytes per position (docs/score.md)",
+        metavar="TDIR",
+        effect=Effect.NONE,
+    )
 
     def identity(self) -> dict:
         """The fields that change the scores: a rerun must match them to reuse finished shards."""
@@ -177,6 +189,37 @@ class ShardScoreWriter(ScoreCollector):
         if self._skip:
             return
         write_score_shard(self.shard_dir, shard, *self.arrays(shard.ids))
+
+
+# ------------------------------------------------------------------------------------------------
+# the token record (another consumer of the same pass)
+# ------------------------------------------------------------------------------------------------
+
+
+class TokenRecordConsumer(ForwardConsumer):
+    """Feeds a `TokenRecordWriter`: per predicted position the log-prob and the entropy, shard by
+    shard in the table's own sharding (a finished shard's batches are ignored, never rewritten)."""
+
+    def __init__(self, writer: TokenRecordWriter, chunk_size: int):
+        self.writer, self.chunk_size = writer, chunk_size
+        self._rows: dict[int, np.ndarray] = {}
+        self._skip = False
+
+    def is_shard_done(self, shard: Shard) -> bool:
+        return self.writer.shard_done(shard)
+
+    def start_shard(self, shard: Shard) -> None:
+        self._rows, self._skip = {}, self.is_shard_done(shard)
+
+    def consume(self, batch: ForwardBatch) -> None:
+        if not self._skip:
+            for i, rows in zip(batch.ids.tolist(), token_logprobs_and_entropies(batch, self.chunk_size)):
+                self._rows[i] = rows
+
+    def finish_shard(self, shard: Shard) -> None:
+        if not self._skip:
+            rows = [self._rows[int(i)] for i in shard.ids]
+            self.writer.write(shard, np.concatenate(rows) if rows else np.zeros((0, 2), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,6 +311,27 @@ def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs
     )
 
 
+def _check_token_record(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs) -> None:
+    """Refuse, before anything is written, a token record this pass cannot make (one line each)."""
+    assert cfg.token_record is not None  # the caller checks
+    tdir = Path(cfg.token_record)
+    if tdir.resolve() in (Path(cfg.out).resolve(), Path(cfg.logits_out or cfg.out).resolve()):
+        raise PredistillError(f"--token-record {tdir} is another output's directory; choose its own")
+    if inputs.retokenized:
+        raise PredistillError(
+            f"--token-record needs the store's own tokenizer: '{cfg.model}' re-tokenises {cfg.store}, so its "
+            "positions are not the store's"
+        )
+    longest = int(store.lengths.max(initial=0))
+    if cfg.max_len is not None and cfg.max_len < longest:
+        raise PredistillError(
+            f"--token-record needs every position, but --max-len {cfg.max_len} truncates instances of up to "
+            f"{longest} tokens; drop --max-len"
+        )
+    if tdir.is_symlink():
+        raise PredistillError(f"{tdir} is a symbolic link; refusing to write through it")
+
+
 def _report_stats(stats: PassStats, rank: int, note: str) -> None:
     if stats.n_tokens:
         print(
@@ -336,11 +400,23 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
         plan,
         lambda m: {k: m.get(k) for k in plan},
         resumable=lambda o: (o / PLAN).is_file(),
-        announce=rank == 0 and not cfg.logits_out,
+        announce=rank == 0 and not cfg.logits_out and not cfg.token_record,
     )
+    if cfg.token_record:
+        _check_token_record(cfg, store, inputs)
+    record: TokenRecordWriter | None = None
     if table_complete:
         manifest = read_manifest(out, FORMAT, "score table")
+        if cfg.token_record and is_complete(cfg.token_record, TOKEN_RECORD_FORMAT):
+            record = TokenRecordWriter(cfg.token_record, store, plan["model"], cfg.shard_size)  # checks its identity
+        elif cfg.token_record:
+            raise PredistillError(
+                f"{out} is already complete without a token record: the record is written in the table's own pass; "
+                "score into a fresh --out with --token-record"
+            )
         if not cfg.logits_out:
+            if rank == 0 and record is not None:
+                print(f"predistill: {out} and {record.dir} are already complete; nothing to do", file=sys.stderr)
             return out
     logits = _open_logits_writer(cfg, store, inputs) if cfg.logits_out else None
     desc = f"score {Path(cfg.model).name}"
@@ -376,6 +452,8 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     if rank == 0:  # one job writes OUT at a time (its ranks together); a second is refused before it writes
         hold_output(out, held)
     check_plan(out, plan, "score table")
+    if cfg.token_record:  # opened (and its directory made) only once the table's own checks have passed
+        record = TokenRecordWriter(cfg.token_record, store, plan["model"], cfg.shard_size)
     d = init_distributed(device, need_group=False)
     # a rank owns whole logits shards (each the score shards [k·g, (k+1)·g)), so that no logits
     # shard is fed by two processes; without --logits-out, g = 1 and shard s goes to rank s mod W
@@ -385,13 +463,17 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     consumers: list[ForwardConsumer] = [writer]
     if logits is not None:
         consumers.append(LogitsStoreConsumer(logits))
+    if record is not None:
+        consumers.append(TokenRecordConsumer(record, cfg.chunk_size))
     stats = run_forward_pass(
         model, inputs, mine, consumers, batch_size=cfg.batch_size, progress=cfg.progress and rank == 0, desc=desc
     )
     _report_stats(stats, rank, "")
     finish_by_last_rank(
         d,
-        lambda others_may_be_writing: _complete(out, plan, shards, logits, others_may_be_writing=others_may_be_writing),
+        lambda others_may_be_writing: _complete(
+            out, plan, shards, logits, record, others_may_be_writing=others_may_be_writing
+        ),
         "score",
         f"the score table {out}",
     )
@@ -399,12 +481,21 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
 
 
 def _complete(
-    out: Path, plan: dict, shards: list[Shard], logits: LogitsStoreWriter | None, *, others_may_be_writing: bool
+    out: Path,
+    plan: dict,
+    shards: list[Shard],
+    logits: LogitsStoreWriter | None,
+    record: TokenRecordWriter | None,
+    *,
+    others_may_be_writing: bool,
 ) -> bool:
     """Finish the artifacts if every shard is in (else False: another rank, or a rerun, will).
 
-    The logits store is finished before the table, so a complete table with an incomplete logits
-    store means the logits need a pass of their own (the `table_complete` branch of `run`)."""
+    The logits store and the token record are finished before the table, so a complete table with
+    an incomplete logits store means the logits need a pass of their own (the `table_complete`
+    branch of `run`)."""
+    if record is not None and record.finish(shards, others_may_be_writing=others_may_be_writing) is None:
+        return False
     if logits is not None:
         if logits.finish(others_may_be_writing=others_may_be_writing) is None:
             return False
@@ -446,4 +537,10 @@ def main(args: argparse.Namespace) -> None:
                 f"predistill: wrote {cfg.logits_out}: {lm['n_positions']} positions, "
                 f"{lm['entries_per_position']:.2f} entries/position, {lm['bytes_per_token']:.2f} bytes/token "
                 f"(teacher pass {lm['scored_with']['teacher_pass']} with {out})"
+            )
+        if cfg.token_record:
+            tm = read_manifest(cfg.token_record, TOKEN_RECORD_FORMAT, "token record")
+            print(
+                f"predistill: wrote {cfg.token_record}: {tm['n_positions']} positions (log-prob, entropy), "
+                f"{tm['bytes_per_token']:.2f} bytes/token"
             )

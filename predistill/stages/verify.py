@@ -24,6 +24,8 @@ from predistill.formats.selection import FORMAT as SELECTION_FORMAT
 from predistill.formats.selection import load_selection
 from predistill.formats.store import FORMAT as STORE_FORMAT
 from predistill.formats.store import TokenStore
+from predistill.formats.tokrecord import FORMAT as TOKEN_RECORD_FORMAT
+from predistill.formats.tokrecord import TokenRecord
 from predistill.training.rundir import FORMAT as RUN_FORMAT
 from predistill.training.rundir import check_run_manifest
 
@@ -67,6 +69,15 @@ def verify_logits(directory: Path) -> str:
     return f"{store.n_positions} positions, {store.manifest['n_shards']} shard(s)"
 
 
+def verify_token_record(directory: Path) -> str:
+    manifest = read_manifest(directory, TOKEN_RECORD_FORMAT, "token record")
+    if not isinstance(manifest.get("store_dir"), str):
+        raise PredistillError(f"{directory}: the manifest names no token store (corrupted record)")
+    record = TokenRecord(directory, TokenStore(manifest["store_dir"]))  # schema, its store's hash
+    record.verify_all()
+    return f"{record.manifest['n_positions']} positions, {len(record.manifest['shards'])} shard(s)"
+
+
 def verify_run(directory: Path) -> str:
     manifest = read_manifest(directory, RUN_FORMAT, "run")
     check_run_manifest(manifest, directory / MANIFEST)
@@ -95,6 +106,7 @@ VERIFIERS: dict[str, Callable[[Path], str]] = {
     SCORES_FORMAT: verify_scores,
     SELECTION_FORMAT: verify_selection,
     LOGITS_FORMAT: verify_logits,
+    TOKEN_RECORD_FORMAT: verify_token_record,
     RUN_FORMAT: verify_run,
 }
 

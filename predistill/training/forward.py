@@ -199,6 +199,29 @@ def mean_logprobs(batch: ForwardBatch, chunk_size: int = 256) -> tuple[np.ndarra
     return means, n_pred.cpu().numpy().astype(np.int32)
 
 
+def token_logprobs_and_entropies(batch: ForwardBatch, chunk_size: int = 256) -> list[np.ndarray]:
+    """Per row: float32 [n_pred, 2] — log p(x_t+1 | x_≤t) and the entropy of p(· | x_≤t), in nats, at
+    each predicted position, from the full-vocabulary distribution (fp32, `chunk_size` positions of
+    logits at a time)."""
+    tokens, lengths = batch.tokens, batch.lengths
+    n_pred = (lengths - 1).clamp(min=0)
+    predicted = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None, :] < n_pred[:, None]
+    targets = tokens[:, 1:][predicted]
+    if batch.logits is not None:
+        source, weight = batch.logits[:, :-1][predicted].float(), None
+    else:
+        assert batch.hidden is not None  # a batch without logits has hidden states
+        source, weight = batch.hidden[:, :-1][predicted].float(), batch.lm_head_weight.float()
+    out = torch.empty(len(targets), 2, dtype=torch.float32, device=tokens.device)
+    for start in range(0, len(targets), chunk_size):
+        rows = source[start : start + chunk_size]
+        logits = rows if weight is None else rows @ weight.t()
+        logp = torch.log_softmax(logits, dim=-1)
+        out[start : start + len(rows), 0] = logp.gather(1, targets[start : start + len(rows), None]).squeeze(1)
+        out[start : start + len(rows), 1] = torch.special.entr(logp.exp()).sum(dim=-1)  # −Σ p ln p, 0 ln 0 = 0
+    return [part.numpy() for part in torch.split(out.cpu(), n_pred.tolist())]
+
+
 class ScoreCollector(ForwardConsumer):
     """Keeps every scored instance's mean log-prob and token count in memory."""
 
