@@ -157,19 +157,22 @@ class TokenRecord:
         ):
             raise PredistillError(f"{self.dir}: the manifest's shard list does not match its store (corrupted record)")
         self.n_positions = np.maximum(store.lengths.astype(np.int64) - 1, 0)
-        self._loaded: dict[int, np.ndarray] = {}
+        self._shards: dict[int, np.ndarray] = {}  # memory-mapped once checked: random access stays cheap
 
     def _shard(self, k: int) -> np.ndarray:
-        if k not in self._loaded:
+        if k not in self._shards:
             path, _ = _paths(self.dir, k)
             if not path.is_file() or sha256_file(path) != self.manifest["shards"][k]["sha256"]:
                 raise PredistillError(f"{path}: missing or changed since the token record was written (sha256)")
-            rows = np.load(path, allow_pickle=False)
+            try:
+                rows = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise PredistillError(f"{path}: not a readable .npy ({e})") from None
             a, b = k * self.shard_size, min((k + 1) * self.shard_size, len(self.store))
             if rows.dtype != DTYPE or rows.shape != (int(self.n_positions[a:b].sum()), len(FIELDS)):
                 raise PredistillError(f"{path}: {rows.dtype}{list(rows.shape)} is not this shard's record")
-            self._loaded = {k: rows}  # one shard at a time: memory stays bounded
-        return self._loaded[k]
+            self._shards[k] = rows
+        return self._shards[k]
 
     def verify_all(self) -> None:
         """Every shard against its sha256 and its shape, now (`predistill verify`)."""

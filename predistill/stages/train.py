@@ -75,6 +75,7 @@ from predistill.modeling.models import (
 from predistill.text.crosstok import MappingStats
 from predistill.training import distill
 from predistill.training.losses import fused_lm_loss
+from predistill.training.positions import TokenSelection
 from predistill.training.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.training.schedules import alpha_at, lr_at
 
@@ -114,7 +115,9 @@ def make_batch(store: TokenStore, ids, seq_len: int, device) -> tuple[torch.Tens
     return inputs, targets, mask
 
 
-def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[torch.Tensor, ...]:
+def cpu_batch(
+    store: TokenStore, ids, seq_len: int, pin: bool = False, tokens_kept: TokenSelection | None = None
+) -> tuple[torch.Tensor, ...]:
     tokens, lengths = store.batch(ids, max_len=seq_len + 1)
     positions = torch.arange(tokens.shape[1] - 1)
     mask = positions[None, :] < (lengths - 1)[:, None]
@@ -122,6 +125,9 @@ def cpu_batch(store: TokenStore, ids, seq_len: int, pin: bool = False) -> tuple[
         for row, i in enumerate(ids):
             targets = torch.from_numpy(store.loss_mask(int(i))[1 : seq_len + 1].astype(bool))
             mask[row, : len(targets)] &= targets
+    if tokens_kept is not None:  # token-level selection: the kept positions of each instance
+        for row, (i, n) in enumerate(zip(ids, (lengths - 1).clamp(min=0).tolist())):
+            mask[row, :n] &= torch.from_numpy(tokens_kept.keep(int(i), n))
     batch = (tokens[:, :-1], tokens[:, 1:], mask)
     return tuple(t.pin_memory() for t in batch) if pin else batch
 
@@ -130,8 +136,18 @@ class StepLoader:
     """A step's micro-batches, built on the CPU one step ahead in a background thread, so the
     device never waits on numpy. What a step gets is a function of the step alone (DataOrder)."""
 
-    def __init__(self, store: TokenStore, order: DataOrder, cfg, d, local_batch: int, micro: int, pin: bool):
-        self.store, self.order, self.cfg, self.d = store, order, cfg, d
+    def __init__(
+        self,
+        store: TokenStore,
+        order: DataOrder,
+        cfg,
+        d,
+        local_batch: int,
+        micro: int,
+        pin: bool,
+        tokens_kept: TokenSelection | None = None,
+    ):
+        self.store, self.order, self.cfg, self.d, self.tokens_kept = store, order, cfg, d, tokens_kept
         self.local_batch, self.micro, self.pin = local_batch, micro, pin
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self.pending: dict[int, Future] = {}
@@ -141,9 +157,9 @@ class StepLoader:
         local = batch_ids[self.d.rank * self.local_batch : (self.d.rank + 1) * self.local_batch]
         micro_ids = [local[m : m + self.micro] for m in range(0, self.local_batch, self.micro)]
         return (
-            max(n_targets(self.store, batch_ids, self.cfg.seq_len), 1),
+            max(n_targets(self.store, batch_ids, self.cfg.seq_len, self.tokens_kept), 1),
             micro_ids,
-            [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin) for ids in micro_ids],
+            [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin, self.tokens_kept) for ids in micro_ids],
         )
 
     def get(self, step: int, steps: int):
@@ -157,7 +173,16 @@ class StepLoader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def n_targets(store: TokenStore, ids, seq_len: int) -> int:
+def n_targets(store: TokenStore, ids, seq_len: int, tokens_kept: TokenSelection | None = None) -> int:
+    if tokens_kept is not None:
+        lengths = np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0)
+        masks = [store.loss_mask(int(i))[1 : seq_len + 1].astype(bool) if store.has_loss_mask else None for i in ids]
+        return int(
+            sum(
+                np.count_nonzero(tokens_kept.keep(int(i), int(n)) & (m if m is not None else True))
+                for i, n, m in zip(ids, lengths, masks)
+            )
+        )
     if store.has_loss_mask:
         return int(sum(np.count_nonzero(store.loss_mask(int(i))[1 : seq_len + 1]) for i in ids))
     return int(np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0).sum())
@@ -344,11 +369,13 @@ def method_label(cfg: TrainConfig) -> str:
     if cfg.name:
         return cfg.name
     if cfg.alpha > 0 and cfg.kd_teacher:
-        base = "MiniLLM" if cfg.minillm else "Vanilla KD"
-        return f"MiniPLM + {base}" if cfg.selection else base
-    if cfg.alpha > 0 and cfg.kd_logits:
-        return "MiniPLM + PD" if cfg.selection else "PD"
-    return "MiniPLM" if cfg.selection else "Pre-Train w/o KD"
+        kd = "MiniLLM" if cfg.minillm else "Vanilla KD"
+        base = f"MiniPLM + {kd}" if cfg.selection else kd
+    elif cfg.alpha > 0 and cfg.kd_logits:
+        base = "MiniPLM + PD" if cfg.selection else "PD"
+    else:
+        base = "MiniPLM" if cfg.selection else "Pre-Train w/o KD"
+    return f"{base} + tokens ({cfg.token_rule}, {cfg.token_fraction:g})" if cfg.token_rule else base
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -398,6 +425,12 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     if val_store is not None and val_store.tokenizer_hash != store.tokenizer_hash:
         raise PredistillError(f"val store {val_path} was made with another tokenizer than {cfg.store}")
     heldout_stores = _heldout_stores(cfg.heldout, store)
+    # token-level selection: its records are opened (and refused, if not this store's) before anything is written
+    tokens_kept = (
+        TokenSelection(cfg.token_rule, cfg.token_fraction, cfg.seed, store, cfg.teacher_record, cfg.reference_record)
+        if cfg.token_rule
+        else None
+    )
 
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
     if check_output(
@@ -510,7 +543,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         if bf16_compute(cfg.precision, device)
         else contextlib.nullcontext()
     )
-    loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda")
+    loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda", tokens_kept=tokens_kept)
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
     val_loss = None
     wrapped.train()
@@ -668,7 +701,8 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 "final_val_loss": val_loss,
                 "heldout_losses": heldout_losses,
             }
-            | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {}),
+            | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {})
+            | ({"token_selection": tokens_kept.describe()} if tokens_kept is not None else {}),
         )
         print(
             f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"

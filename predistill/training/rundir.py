@@ -35,6 +35,7 @@ from predistill.core.config import (
 from predistill.modeling.models import ATTN_IMPLS
 from predistill.training.kd import KDConfig
 from predistill.training.losses import DEFAULT_CHUNK
+from predistill.training.positions import RULES as POSITION_RULES
 from predistill.training.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
 
 FORMAT = "run"
@@ -93,6 +94,18 @@ class TrainConfig:
         effect=Effect.MEASURE,
     )
     selection: str | None = option(None, 'selection directory from `predistill sample`: train only on those instances')
+    token_rule: str | None = option(
+        None,
+        "token-level selection (docs/positions.md): the LM loss trains on --token-fraction of each instance's "
+        "positions — difference: the top ones by log p_teacher − log p_ref per token (--teacher-record, "
+        "--reference-record from `score --token-record`); random: a seeded subset of the same size (the control)",
+        choices=POSITION_RULES,
+    )
+    token_fraction: float = option(
+        1.0, "--token-rule: fraction of each instance's target positions kept", interval="(0, 1]"
+    )
+    teacher_record: str | None = option(None, "--token-rule difference: the teacher's token record", metavar="TDIR")
+    reference_record: str | None = option(None, "--token-rule difference: the reference's token record", metavar="TDIR")
     out: str = option("", 'run directory', effect=Effect.NONE)
     name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
     steps: int = option(100, 'optimizer steps', interval="[1, inf)")
@@ -218,6 +231,12 @@ class TrainConfig:
 
     def check(self) -> None:
         """What this config's run would refuse, before anything is read (a recipe's dry run calls it)."""
+        if self.token_fraction < 1 and not self.token_rule:
+            raise PredistillError("--token-fraction < 1 needs a --token-rule (difference or random)")
+        if self.token_rule == "difference" and not (self.teacher_record and self.reference_record):
+            raise PredistillError("--token-rule difference needs --teacher-record and --reference-record")
+        if (self.teacher_record or self.reference_record) and self.token_rule != "difference":
+            raise PredistillError("--teacher-record/--reference-record are read by --token-rule difference only")
         if self.lr_schedule not in LR_SCHEDULES:
             raise PredistillError(f"unknown --lr-schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         if self.alpha_schedule not in ALPHA_SCHEDULES:
