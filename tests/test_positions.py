@@ -92,6 +92,9 @@ def test_a_run_records_its_selection_and_trains_on_the_kept_tokens_only(tiny_sto
     assert manifest["token_selection"]["rule"] == "difference" and manifest["token_selection"]["fraction"] == 0.25
     assert manifest["method"] == "Pre-Train w/o KD + tokens (difference, 0.25)"
     plain = run(TrainConfig(out=str(tmp_path / "plain"), **base))
+    # the same steps over the same batches: the same compute, whatever the loss averages over
+    plain_manifest = json.loads((plain / "manifest.json").read_text())
+    assert (manifest["tokens"], manifest["flops"]) == (plain_manifest["tokens"], plain_manifest["flops"])
     random = run(TrainConfig(out=str(tmp_path / "random"), token_rule="random", token_fraction=0.25, **base))
     losses = {d.name: [json.loads(line)["lm_loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
               for d in (selected, plain, random)}  # fmt: skip

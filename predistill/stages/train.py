@@ -158,12 +158,14 @@ class StepLoader:
         micro_ids = [local[m : m + self.micro] for m in range(0, self.local_batch, self.micro)]
         return (
             max(n_targets(self.store, batch_ids, self.cfg.seq_len, self.tokens_kept), 1),
+            n_positions(self.store, batch_ids, self.cfg.seq_len),
             micro_ids,
             [cpu_batch(self.store, ids, self.cfg.seq_len, self.pin, self.tokens_kept) for ids in micro_ids],
         )
 
     def get(self, step: int, steps: int):
-        """(global target count, micro-batch ids, CPU tensors) of `step`; starts building step + 1."""
+        """(global target count, global position count, micro-batch ids, CPU tensors) of `step`;
+        starts building step + 1."""
         future = self.pending.pop(step, None) or self.pool.submit(self._build, step)
         if step + 1 < steps:
             self.pending[step + 1] = self.pool.submit(self._build, step + 1)
@@ -171,6 +173,12 @@ class StepLoader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def n_positions(store: TokenStore, ids, seq_len: int) -> int:
+    """The positions a batch runs forward and backward over: what its FLOPs and tokens count, whether
+    or not a loss mask or a token selection trains on fewer of them (`n_targets`)."""
+    return int(np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0).sum())
 
 
 def n_targets(store: TokenStore, ids, seq_len: int, tokens_kept: TokenSelection | None = None) -> int:
@@ -185,7 +193,7 @@ def n_targets(store: TokenStore, ids, seq_len: int, tokens_kept: TokenSelection 
         )
     if store.has_loss_mask:
         return int(sum(np.count_nonzero(store.loss_mask(int(i))[1 : seq_len + 1]) for i in ids))
-    return int(np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0).sum())
+    return n_positions(store, ids, seq_len)
 
 
 # --- model --------------------------------------------------------------------------------------
@@ -575,7 +583,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            global_targets, micro_ids, cpu_batches = loader.get(step, steps)
+            global_targets, global_positions, micro_ids, cpu_batches = loader.get(step, steps)
             lm_total = kd_total = 0.0
             n_micro = len(micro_ids)
             for m, (ids, batch) in enumerate(zip(micro_ids, cpu_batches)):
@@ -610,8 +618,10 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens_seen += global_targets
-            flops += (fpt if step_kd is not None else student_fpt) * global_targets
+            # compute counts every position of the batch, trained on or not (a mask or a selection
+            # changes what the loss averages over, not what runs forward and backward)
+            tokens_seen += global_positions
+            flops += (fpt if step_kd is not None else student_fpt) * global_positions
             done = step + 1
             elapsed = time.perf_counter() - t0
             row = {
@@ -623,7 +633,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 "alpha": alpha,
                 "tokens": tokens_seen,
                 "flops": flops,
-                "tokens_per_s": global_targets / elapsed,
+                "tokens_per_s": global_positions / elapsed,
                 "grad_norm": float(grad_norm),
             }
             if step_counts is not None:
