@@ -27,6 +27,7 @@ more subclass of `Source` and one entry there.
 
 from __future__ import annotations
 
+import abc
 import glob
 import json
 from collections.abc import Iterator
@@ -46,8 +47,13 @@ BUILTINS = ("shakespeare", "python", *packaged.SOURCES)
 Record = tuple[str, "str | np.ndarray | None"]  # (where, the document; None: a bad one, already counted)
 
 
+def stat_fingerprint(paths: list[Path]) -> list:
+    """Paths, sizes and modification times: what a source's bytes depend on, known without reading them."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+
+
 @dataclass
-class Source:
+class Source(abc.ABC):
     """One domain of the corpus: a reader of one kind of input (the subclasses below)."""
 
     name: str  # domain name
@@ -79,23 +85,19 @@ class Source:
                 continue
             yield text
 
+    @abc.abstractmethod
     def records(self) -> Iterator[Record]:
         """(where, document) in the source's order; the reader of each kind."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check(self) -> None:
         """Fail now, with a one-line PredistillError, when the source cannot be read at all
         (no matching file, no dataset directory, missing package): before any work starts."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fingerprint(self) -> list:
         """What the documents' bytes depend on, cheaply (paths, sizes, modification times; package
         versions for built-ins): a resumed `prepare` whose inputs changed starts over, never mixes."""
-        return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.files()]
-
-    def files(self) -> list[Path]:
-        """The files the documents are read from."""
-        raise NotImplementedError
 
     def provenance(self) -> dict:
         """What a built-in source's bytes depend on beyond its spec (package versions), for the
@@ -164,6 +166,9 @@ class FileSource(Source):
 
     def check(self) -> None:
         self.files()
+
+    def fingerprint(self) -> list:
+        return stat_fingerprint(self.files())
 
 
 class JsonlSource(FileSource):
@@ -292,6 +297,9 @@ class SavedDatasetSource(Source):
     def check(self) -> None:
         self.files()
 
+    def fingerprint(self) -> list:
+        return stat_fingerprint(self.files())
+
     def records(self) -> Iterator[Record]:
         import pyarrow as pa
 
@@ -372,6 +380,9 @@ class MegatronSource(Source):
 
     def check(self) -> None:
         IndexedDataset(self.location)
+
+    def fingerprint(self) -> list:
+        return stat_fingerprint(self.files())
 
     def records(self) -> Iterator[Record]:
         for k, ids in enumerate(IndexedDataset(self.location).documents()):
