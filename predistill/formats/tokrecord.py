@@ -157,6 +157,7 @@ class TokenRecord:
         ):
             raise PredistillError(f"{self.dir}: the manifest's shard list does not match its store (corrupted record)")
         self.n_positions = np.maximum(store.lengths.astype(np.int64) - 1, 0)
+        self._first = np.concatenate([[0], np.cumsum(self.n_positions)])  # instance i's first position overall
         self._shards: dict[int, np.ndarray] = {}  # memory-mapped once checked: random access stays cheap
 
     def _shard(self, k: int) -> np.ndarray:
@@ -184,6 +185,6 @@ class TokenRecord:
         if not 0 <= i < len(self.store):
             raise IndexError(f"instance {i} out of range for a store of {len(self.store)}")
         k = i // self.shard_size
-        start = int(self.n_positions[k * self.shard_size : i].sum())
+        start = int(self._first[i] - self._first[k * self.shard_size])
         rows = self._shard(k)[start : start + int(self.n_positions[i])].astype(np.float32)
         return rows[:, 0], rows[:, 1]

@@ -23,6 +23,7 @@ from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import TokenRecord
 
 RULES = ("difference", "random")
+RECENT = 4096  # masks kept: a few global batches' worth, never the corpus
 
 
 def n_kept(n: int, fraction: float) -> int:
@@ -54,6 +55,7 @@ class TokenSelection:
         if rule not in RULES:
             raise PredistillError(f"unknown --token-rule {rule!r}; known: {', '.join(RULES)}")
         self.rule, self.fraction, self.seed = rule, fraction, seed
+        self._recent: dict[tuple[int, int], np.ndarray] = {}  # the last RECENT instances' masks
         self.teacher = self.reference = None
         if rule == "difference":
             if not (teacher_record and reference_record):
@@ -62,7 +64,16 @@ class TokenSelection:
             self.teacher, self.reference = TokenRecord(teacher_record, store), TokenRecord(reference_record, store)
 
     def keep(self, i: int, n: int) -> np.ndarray:
-        """Boolean [n]: which of instance i's first n target positions the loss trains on."""
+        """Boolean [n]: which of instance i's first n target positions the loss trains on (computed
+        once per instance and step: the global target count and the rank's batch both ask)."""
+        key = (i, n)
+        if key not in self._recent:
+            if len(self._recent) >= RECENT:
+                self._recent.pop(next(iter(self._recent)))
+            self._recent[key] = self._keep(i, n)
+        return self._recent[key]
+
+    def _keep(self, i: int, n: int) -> np.ndarray:
         k = n_kept(n, self.fraction)
         if self.rule == "random":
             keep = np.zeros(n, dtype=bool)
