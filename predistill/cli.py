@@ -37,6 +37,10 @@ COMMANDS = {
         "predistill.stages.diversity",
         "how diverse a corpus (or a selection) is: the Vendi score of model embeddings",
     ),
+    "select-positions": (
+        "predistill.stages.select_positions",
+        "a position-selected logits store (by teacher entropy, token difference or at random) from a full one",
+    ),
     "export": ("predistill.stages.export", "write a token store in another toolkit's format (Megatron-LM .bin/.idx)"),
     "verify": ("predistill.stages.verify", "check every hash and schema an artifact records, up front"),
     "report": ("predistill.stages.report", "Markdown/HTML comparison table and plots from run directories"),

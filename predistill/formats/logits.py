@@ -20,6 +20,16 @@ token at t+1 given tokens ≤ t) the store holds a variable number of *entries*:
   pure function of (seed, global position) through a counter-based hash: shards are reproducible
   whatever the batch composition.
 
+Position-selected stores (version 3)
+------------------------------------
+A store may keep a distribution at only some positions of each instance (`LogitsStoreWriter(...,
+positions={...})`; which positions is the writer's caller's choice, recorded as the manifest's
+`positions`: e.g. the top fraction by teacher entropy, `predistill.training.positions`). Such a store
+is version 3: each shard adds a `kept` section, one bit per position of its instances (1: the
+position holds entries), and every other stream covers the kept positions only. A reader returns
+no entries (a fully masked row) at a position that was not kept, so the KD loss skips it.
+`bytes_per_token` stays averaged over *all* positions; `n_distilled_positions` counts the kept ones.
+
 Encoding (per shard, little-endian bit streams; version 2)
 -----------------------------------------------------------
 - ids: Huffman-coded per shard (`predistill.formats.entropy`) as symbols: 0 when the id is the position's
@@ -118,7 +128,8 @@ from predistill.formats.store import TokenStore, check_same_store
 
 FORMAT = "logits_store"
 VERSION = 2  # 2: ids and counts entropy-coded; version 1 stores (fixed-width streams) stay readable
-READABLE_VERSIONS = (1, 2)
+SELECTED_VERSION = 3  # version 2 with a `kept` bit per position: a position-selected store
+READABLE_VERSIONS = (1, 2, 3)
 ID_DIRECT = 4096  # v2 id symbols: 0 = the next token, 1 + frequency rank for the 4094 most frequent ids, escape
 ID_ORDER_FILE = "id_order.bin"  # v2: the ranked ids, uint32, most frequent first (in total_bytes)
 MODES = ("topk", "sample")
@@ -585,14 +596,19 @@ def encode_shard(
     enc: Encoding,
     symbols: IdSymbols | None = None,
     next_tokens: np.ndarray | None = None,
+    kept: np.ndarray | None = None,
 ) -> tuple[bytes, dict, int]:
     """(shard bytes, sections {name: [offset, nbytes]}, number of clipped log-probs).
 
-    v2 (`enc.entropy_coded`) needs `symbols` and each position's next token [P]."""
+    `inst_positions` are each instance's *stored* positions (with `kept`, a bool per position of
+    the shard's instances, the kept ones; entries and next tokens [P] cover those only). v2
+    (`enc.entropy_coded`) needs `symbols` and each stored position's next token."""
     n_per_inst = [int(x) for x in inst_positions]
     pos_off = np.concatenate([[0], np.cumsum(n_per_inst)]).astype(np.int64)
     entry_off = np.concatenate([[0], np.cumsum(entries.n)]).astype(np.int64)[pos_off]
     streams = [("inst_entry_offsets", entry_off.astype("<i8").tobytes())]
+    if kept is not None:
+        streams.append(("kept", np.packbits(kept.astype(np.uint8), bitorder="little").tobytes() + bytes(WINDOW_PAD)))
     # v2 leaves out what a reader can rebuild: positions per instance (the token store's lengths)
     # and, in sample mode, entries per position (each position's counts sum to `samples`)
     if not enc.entropy_coded:
@@ -672,8 +688,12 @@ class LogitsStoreWriter:
         vocab_size: int,
         teacher: str = "",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        positions: dict | None = None,
     ):
+        """`positions`: for a position-selected store, what chose its positions (recorded in the
+        manifest; every batch then says which positions of each instance to keep, `kept=`)."""
         self.dir = Path(out)
+        self.positions = positions
         self.store = store
         if cfg.shard_instances is None:
             cfg = replace(cfg, shard_instances=DEFAULT_SHARD_INSTANCES)
@@ -698,14 +718,14 @@ class LogitsStoreWriter:
         self.n_shards = math.ceil(len(store) / self.shard_instances) if len(store) else 0
         self.settings = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if positions is None else SELECTED_VERSION,
             "config": asdict(cfg),
             "store_hash": store.hash,
             "tokenizer_hash": store.tokenizer_hash,
             "vocab_size": vocab_size,
             "teacher": teacher,
             "encoding": self.enc.describe(),
-        }
+        } | ({} if positions is None else {"positions": positions})
         self.complete = self._prepare_dir()
         order_path = self.dir / ID_ORDER_FILE
         if (
@@ -715,7 +735,8 @@ class LogitsStoreWriter:
         ):
             write_bytes_atomic(order_path, self._order_bytes)  # before any shard that uses it
         self._done = np.array([self._shard_done(s) for s in range(self.n_shards)], dtype=bool)
-        self._pending: dict[int, dict[int, Entries]] = {}
+        # per unfinished shard: instance → (its entries, its kept positions or None for all)
+        self._pending: dict[int, dict[int, tuple[Entries, np.ndarray | None]]] = {}
 
     # directory state ---------------------------------------------------------------------------
     def _prepare_dir(self) -> bool:
@@ -760,20 +781,34 @@ class LogitsStoreWriter:
     # feeding -----------------------------------------------------------------------------------
     @torch.no_grad()
     def add_hidden(
-        self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
+        self,
+        instance_ids,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        kept: Sequence[np.ndarray] | None = None,
     ) -> None:
         """One teacher batch: hidden [B, L, H] final hidden states, weight [V, H] lm head, tokens
-        [B, L] the input ids, lengths [B]. Log-probs are computed `chunk_rows` rows at a time."""
-        batch = self.entries_of_hidden(instance_ids, hidden, weight, tokens, lengths)
+        [B, L] the input ids, lengths [B]; for a position-selected store, `kept` gives each row's
+        positions to keep (bool [length − 1]). Log-probs are computed `chunk_rows` rows at a time."""
+        batch = self.entries_of_hidden(instance_ids, hidden, weight, tokens, lengths, kept)
         if batch is not None:
             self.accept(*batch)
 
     def entries_of_hidden(
-        self, instance_ids, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor
-    ) -> tuple[np.ndarray, np.ndarray, Entries] | None:
-        """The entries `add_hidden` would store, without storing them: (instances, positions per
-        instance, entries). Ranks compute these for their own batches and one writer `accept`s them."""
-        rows, keys, inst, npos = self._select_rows(instance_ids, tokens, lengths, hidden.shape[:2])
+        self,
+        instance_ids,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        kept: Sequence[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, Entries, list[np.ndarray] | None] | None:
+        """The entries `add_hidden` would store, without storing them: (instances, stored positions
+        per instance, entries, kept masks or None). Ranks compute these for their own batches and
+        one writer `accept`s them."""
+        rows, keys, inst, npos, masks = self._select_rows(instance_ids, tokens, lengths, hidden.shape[:2], kept)
         if rows is None:
             return None
         h = hidden.reshape(-1, hidden.shape[-1])[rows.to(hidden.device)]
@@ -782,10 +817,15 @@ class LogitsStoreWriter:
         for start in range(0, len(rows), self.chunk_rows):
             logits = h[start : start + self.chunk_rows].float() @ w.t()
             parts.append(compute_entries(logits, self.cfg, keys[start : start + self.chunk_rows]))
-        return inst, npos, Entries.concat(parts, self.cfg)
+        return inst, npos, Entries.concat(parts, self.cfg), masks
 
-    def accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries) -> None:
-        """Store computed entries; instances already stored or buffered keep their first sighting."""
+    def accept(
+        self, inst: np.ndarray, npos: np.ndarray, entries: Entries, masks: Sequence[np.ndarray] | None = None
+    ) -> None:
+        """Store computed entries (`npos`: stored positions per instance; `masks`: each instance's
+        kept positions, for a position-selected store); instances already stored or buffered keep
+        their first sighting."""
+        masks = self._check_masks(inst, npos, masks)
         new = np.array(
             [
                 not self._done[int(i) // self.shard_instances]
@@ -797,17 +837,36 @@ class LogitsStoreWriter:
         if not new.all():
             parts = entries.split(npos)
             inst, npos = inst[new], npos[new]
+            masks = None if masks is None else [m for m, keep in zip(masks, new) if keep]
             if not len(inst):
                 return
             entries = Entries.concat([p for p, keep in zip(parts, new) if keep], self.cfg)
-        self._accept(inst, npos, entries)
+        self._accept(inst, npos, entries, masks)
+
+    def _check_masks(self, inst, npos, masks) -> list[np.ndarray] | None:
+        """Kept masks given exactly when the store is position-selected, one per instance, each
+        as long as the instance's positions and keeping `npos` of them."""
+        if (masks is None) != (self.positions is None):
+            raise PredistillError(
+                "a position-selected logits store needs each instance's kept positions"
+                if masks is None
+                else "kept positions were given to a logits store that keeps every position"
+            )
+        if masks is None:
+            return None
+        masks = [np.asarray(m, dtype=bool) for m in masks]
+        if len(masks) != len(inst) or any(
+            m.shape != (int(self.n_positions[int(i)]),) or int(m.sum()) != int(n) for i, n, m in zip(inst, npos, masks)
+        ):
+            raise PredistillError("kept masks do not match the instances' positions")
+        return masks
 
     @torch.no_grad()
     def add_logits(
         self, instance_ids, logits: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor | None = None
     ) -> None:
         """One batch of logits or log-probs [B, L, V] (e.g. a model saving online logits as it trains)."""
-        rows, keys, inst, npos = self._select_rows(instance_ids, tokens, lengths, logits.shape[:2])
+        rows, keys, inst, npos, masks = self._select_rows(instance_ids, tokens, lengths, logits.shape[:2])
         if rows is None:
             return
         flat = logits.reshape(-1, logits.shape[-1])
@@ -816,18 +875,26 @@ class LogitsStoreWriter:
             compute_entries(flat[rows[s : s + self.chunk_rows]], self.cfg, keys[s : s + self.chunk_rows])
             for s in range(0, len(rows), self.chunk_rows)
         ]
-        self._accept(inst, npos, Entries.concat(parts, self.cfg))
+        self._accept(inst, npos, Entries.concat(parts, self.cfg), masks)
 
-    def _select_rows(self, instance_ids, tokens, lengths, shape):
-        """Flat row indices of the positions still wanted, their sampling keys, instances, counts."""
+    def _select_rows(self, instance_ids, tokens, lengths, shape, kept=None):
+        """Flat row indices of the positions still wanted (of each wanted instance, all of its
+        positions or its `kept` ones), their sampling keys, the instances, their stored position
+        counts and kept masks (None: every position)."""
         if self.complete:
-            return None, None, None, None
+            return None, None, None, None, None
         instance_ids = _numpy_ints(instance_ids)
         lengths = _numpy_ints(lengths)
         batch, width = shape
         if len(instance_ids) != batch or len(lengths) != batch:
             raise PredistillError(
                 f"batch of {batch} rows got {len(instance_ids)} instance ids and {len(lengths)} lengths"
+            )
+        if (kept is None) != (self.positions is None) or (kept is not None and len(kept) != batch):
+            raise PredistillError(
+                "a position-selected logits store needs, for each batch row, the positions to keep"
+                if self.positions is not None
+                else "kept positions were given to a logits store that keeps every position"
             )
         if ((instance_ids < 0) | (instance_ids >= len(self.store))).any():
             raise PredistillError(f"instance id out of range for a token store of {len(self.store)}")
@@ -849,20 +916,27 @@ class LogitsStoreWriter:
             seen.add(int(i))
             wanted.append(b)
         if not wanted:
-            return None, None, None, None
+            return None, None, None, None, None
         picked = np.asarray(wanted)
         inst, npos = instance_ids[picked], self.n_positions[instance_ids[picked]]
         if npos.max(initial=0) > width:
             raise PredistillError(f"batch is {width} positions wide but instance lengths need {npos.max()}")
-        rows = np.concatenate([b * width + np.arange(p) for b, p in zip(picked, npos)]).astype(np.int64)
-        local = np.concatenate([np.arange(p) for p in npos]).astype(np.int64)
-        keys = global_positions(self.store, np.repeat(inst, npos), local)
-        return torch.from_numpy(rows), keys, inst, npos
+        masks = None
+        if kept is not None:
+            masks = [np.asarray(kept[b], dtype=bool) for b in picked]
+            if any(m.shape != (int(p),) for m, p in zip(masks, npos)):
+                raise PredistillError("each row's kept positions must be a mask over its instance's positions")
+        local_parts = [np.arange(p) for p in npos] if masks is None else [np.flatnonzero(m) for m in masks]
+        local = np.concatenate([np.zeros(0, np.int64), *local_parts]).astype(np.int64)
+        rows = np.concatenate([np.zeros(0, np.int64)] + [b * width + t for b, t in zip(picked, local_parts)])
+        stored = np.array([len(t) for t in local_parts], np.int64)
+        keys = global_positions(self.store, np.repeat(inst, stored), local)
+        return torch.from_numpy(rows.astype(np.int64)), keys, inst, stored, masks
 
-    def _accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries) -> None:
-        for i, part in zip(inst, entries.split(npos)):
+    def _accept(self, inst: np.ndarray, npos: np.ndarray, entries: Entries, masks=None) -> None:
+        for k, (i, part) in enumerate(zip(inst, entries.split(npos))):
             s = int(i) // self.shard_instances
-            self._pending.setdefault(s, {})[int(i)] = part
+            self._pending.setdefault(s, {})[int(i)] = (part, None if masks is None else masks[k])
             a, b = self._shard_range(s)
             if len(self._pending[s]) == b - a:
                 self._write_shard(s)
@@ -870,11 +944,18 @@ class LogitsStoreWriter:
     def _write_shard(self, s: int) -> None:
         a, b = self._shard_range(s)
         pending = self._pending.pop(s)
-        entries = Entries.concat([pending[i] for i in range(a, b)], self.cfg)
-        next_tokens = np.concatenate(
-            [np.zeros(0, np.int64)] + [np.asarray(self.store[i][1:], np.int64) for i in range(a, b)]
+        entries = Entries.concat([pending[i][0] for i in range(a, b)], self.cfg)
+        kept = None
+        stored = self.n_positions[a:b]
+        next_tokens = [np.asarray(self.store[i][1:], np.int64) for i in range(a, b)]
+        if self.positions is not None:
+            masks = [m if (m := pending[i][1]) is not None else np.ones(0, bool) for i in range(a, b)]
+            kept = np.concatenate([np.zeros(0, bool), *masks])
+            stored = np.array([int(m.sum()) for m in masks], np.int64)
+            next_tokens = [t[m] for t, m in zip(next_tokens, masks)]
+        data, sections, clipped = encode_shard(
+            entries, stored, self.enc, self.symbols, np.concatenate([np.zeros(0, np.int64), *next_tokens]), kept
         )
-        data, sections, clipped = encode_shard(entries, self.n_positions[a:b], self.enc, self.symbols, next_tokens)
         path = self.dir / "shards" / f"{_shard_name(s)}.bin"
         write_shard(
             path,
@@ -888,6 +969,7 @@ class LogitsStoreWriter:
             logprob_clipped=clipped,
             bytes=len(data),
             sections=sections,
+            **({} if kept is None else {"n_distilled_positions": int(stored.sum())}),
         )
         self._done[s] = True
 
@@ -903,8 +985,9 @@ class LogitsStoreWriter:
         for s in np.flatnonzero(~self._done):
             a, b = self._shard_range(int(s))
             if self.n_positions[a:b].sum() == 0:
+                none = None if self.positions is None else np.zeros(0, bool)
                 for i in range(a, b):
-                    self._pending.setdefault(int(s), {})[i] = Entries.empty(self.cfg)
+                    self._pending.setdefault(int(s), {})[i] = (Entries.empty(self.cfg), none)
                 self._write_shard(int(s))
         if not self._done.all():
             if others_may_be_writing:
@@ -931,6 +1014,13 @@ class LogitsStoreWriter:
             "total_bytes": total_bytes,
             "bytes_per_token": total_bytes / max(n_positions, 1),
         }
+        if self.positions is not None:  # bytes_per_token stays over every position
+            distilled = sum(m["n_distilled_positions"] for m in metas)
+            manifest |= {
+                "n_distilled_positions": distilled,
+                "distilled_fraction": distilled / max(n_positions, 1),
+                "bytes_per_distilled_position": total_bytes / max(distilled, 1),
+            }
         write_manifest(self.dir, manifest)
         self.complete = True
         return read_manifest(self.dir, FORMAT, "logits store")
@@ -972,6 +1062,19 @@ class _Shard:
                 raise _needs_token_store(directory)
             mine = n_positions[self.first : self.first + len(self.entry_off) - 1]
             self.pos_off = np.concatenate([[0], np.cumsum(mine)]).astype(np.int64)
+        # every position's offset; `pos_off` becomes the stored (kept) positions' offsets (v3)
+        self.all_off = self.pos_off
+        self.kept: np.ndarray | None = None
+        if "kept" in self.sections:
+            total = int(self.all_off[-1])
+            self.kept = np.unpackbits(self.sections["kept"], count=total, bitorder="little").astype(bool)
+            self.rank = np.cumsum(self.kept) - 1  # a kept position's index among the shard's stored ones
+            self.pos_off = np.concatenate([[0], np.cumsum(self.kept)]).astype(np.int64)[self.all_off]
+            if int(self.pos_off[-1]) != meta.get("n_distilled_positions"):
+                raise PredistillError(
+                    f"{marker}: {int(self.pos_off[-1])} kept positions, the marker says "
+                    f"{meta.get('n_distilled_positions')} (corrupt store)"
+                )
         self.decoders: dict[str, tuple[entropy.Decoder, np.ndarray]] = {}
         if enc.entropy_coded:
             coded = [("ids", enc.id_direct, enc.id_raw_bits)]
@@ -980,6 +1083,24 @@ class _Shard:
             for name, n_direct, raw_bits in coded:
                 code = entropy.Code.from_bytes(self.sections[f"{name}_code"], n_direct, raw_bits)
                 self.decoders[name] = (entropy.Decoder(code), self.sections[f"{name}_inst_bits"].view("<i8"))
+
+    def positions(self, local: int) -> int:
+        """Instance `local`'s positions, kept or not."""
+        return int(self.all_off[local + 1] - self.all_off[local])
+
+    def stored_index(self, local: int, t: np.ndarray) -> np.ndarray:
+        """Positions `t` of instance `local` → their index among its stored positions (−1: not kept)."""
+        if self.kept is None:
+            return t
+        at = int(self.all_off[local]) + t
+        return np.where(self.kept[at], self.rank[at] - int(self.pos_off[local]), -1)
+
+    def stored_positions(self, local: int) -> np.ndarray:
+        """The positions of instance `local` that hold entries, ascending."""
+        n = self.positions(local)
+        if self.kept is None:
+            return np.arange(n)
+        return np.flatnonzero(self.kept[int(self.all_off[local]) : int(self.all_off[local]) + n])
 
     def coded(self, name: str, local: int, idx: np.ndarray) -> np.ndarray:
         """Values `idx` (shard-wide entry indices, all of instance `local`) of an entropy-coded stream."""
@@ -1074,6 +1195,8 @@ class LogitsStore:
                 f"{where}: n_shards = {self.manifest['n_shards']} for {self.manifest['n_instances']} "
                 f"instances and {on_disk} files in shards/ (corrupted logits store)"
             )
+        if self.manifest.get("version") == SELECTED_VERSION:
+            check_fields(self.manifest, where, {"positions": dict, "n_distilled_positions": COUNT})
         encoding = self.manifest["encoding"]
         bad = [k for k, v in encoding.items() if not isinstance(v, (bool, int, float, str))]
         if bad:
@@ -1086,6 +1209,11 @@ class LogitsStore:
     @property
     def n_positions(self) -> int:
         return self.manifest["n_positions"]
+
+    @property
+    def positions(self) -> dict | None:
+        """What chose a position-selected store's positions (None: every position holds entries)."""
+        return self.manifest.get("positions")
 
     def check_store(self, store: TokenStore) -> None:
         """Refuse a token store other than the one this logits store was made from (both hashes named)."""
@@ -1105,13 +1233,19 @@ class LogitsStore:
         return self._shards[s]
 
     def instance_entries(self, instance_id: int) -> Entries:
-        """All entries of one instance, decoded (quantised log-probs), positions in order."""
+        """All entries of one instance, decoded (quantised log-probs), positions in order (of a
+        position-selected store: its kept positions, `instance_positions`)."""
         sh = self._shard(int(instance_id) // self.shard_instances)
         local = int(instance_id) - sh.first
         p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
         e0, e1 = int(sh.entry_off[local]), int(sh.entry_off[local + 1])
         n = self._entries_per_position(sh, local, p1 - p0)
-        return self._decode(sh, local, n, np.arange(e0, e1), np.repeat(np.arange(p1 - p0), n))
+        return self._decode(sh, local, n, np.arange(e0, e1), np.repeat(sh.stored_positions(local), n))
+
+    def instance_positions(self, instance_id: int) -> np.ndarray:
+        """The positions of one instance that hold entries (all of them unless position-selected)."""
+        sh = self._shard(int(instance_id) // self.shard_instances)
+        return sh.stored_positions(int(instance_id) - sh.first)
 
     def _entries_per_position(self, sh: _Shard, local: int, count: int) -> np.ndarray:
         """Entries at positions 0..count−1 of instance `local`."""
@@ -1157,7 +1291,8 @@ class LogitsStore:
     def read(self, instance_ids, positions) -> TeacherTargets:
         """Teacher targets for N (instance, position) pairs: tensors [N, Kmax].
 
-        Positions past an instance's last one (t ≥ len − 1) come back fully masked (padding).
+        Positions past an instance's last one (t ≥ len − 1), and positions a position-selected
+        store did not keep, come back fully masked (padding: not distilled).
         """
         instance_ids = np.asarray(instance_ids, np.int64).reshape(-1)
         positions = np.asarray(positions, np.int64).reshape(-1)
@@ -1169,16 +1304,17 @@ class LogitsStore:
         for inst, rows in zip(uniq, np.split(order, first[1:])):
             sh = self._shard(int(inst) // self.shard_instances)
             local = int(inst) - sh.first
-            p0, p1 = int(sh.pos_off[local]), int(sh.pos_off[local + 1])
             t = positions[rows]
-            valid = (t >= 0) & (t < p1 - p0)
+            valid = (t >= 0) & (t < sh.positions(local))
             rows, t = rows[valid], t[valid]
+            stored = sh.stored_index(local, t)
+            rows, t, stored = rows[stored >= 0], t[stored >= 0], stored[stored >= 0]
             if not len(rows):
                 continue
-            # entry starts within the instance: exclusive cumsum of the per-position counts
-            n_inst = self._entries_per_position(sh, local, int(t.max()) + 1)
-            starts = int(sh.entry_off[local]) + np.concatenate([[0], np.cumsum(n_inst)])[t]
-            n_all[rows] = n_inst[t]
+            # entry starts within the instance: exclusive cumsum of the per-stored-position counts
+            n_inst = self._entries_per_position(sh, local, int(stored.max()) + 1)
+            starts = int(sh.entry_off[local]) + np.concatenate([[0], np.cumsum(n_inst)])[stored]
+            n_all[rows] = n_inst[stored]
             entry_idx.append((rows, starts, sh, local, t))
         k_max = int(n_all.max(initial=1)) or 1
         ids = np.zeros((n_rows, k_max), np.int64)

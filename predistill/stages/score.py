@@ -61,7 +61,7 @@ from predistill.formats.scores import (
 )
 from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import FORMAT as TOKEN_RECORD_FORMAT
-from predistill.formats.tokrecord import TokenRecordWriter
+from predistill.formats.tokrecord import TokenRecord, TokenRecordWriter
 from predistill.modeling.kernels import fuse_kernels
 from predistill.modeling.models import (
     DTYPES,
@@ -82,6 +82,7 @@ from predistill.training.forward import (
     run_forward_pass,
     token_logprobs_and_entropies,
 )
+from predistill.training.positions import STORE_RULES, PositionChoice, record_values
 
 BACKENDS = ("torch",)
 
@@ -139,6 +140,30 @@ class ScoreConfig:
         default_factory=LogitsConfig,  # --logits-mode, --top-k, --samples, …
         effect=Effect.NONE,
     )
+    # a position-selected store (the store's identity records the choice as `positions`)
+    logits_positions: str = option(
+        "all",
+        "--logits-out keeps a distribution at every position (all), or at the top --logits-position-fraction of "
+        "each instance's positions by the teacher's entropy, by log p_teacher − log p_ref (difference), or at "
+        "random (the control; docs/positions.md)",
+        choices=("all", *STORE_RULES),
+        effect=Effect.NONE,
+    )
+    logits_position_fraction: float = option(
+        1.0,
+        "fraction of each instance's positions a position-selected store keeps",
+        interval="(0, 1]",
+        effect=Effect.NONE,
+    )
+    logits_position_seed: int = option(
+        0, "seed of --logits-positions random", interval="[0, 4294967295]", effect=Effect.NONE
+    )
+    logits_reference_record: str | None = option(
+        None,
+        "--logits-positions difference: the reference model's token record of this store (score --token-record)",
+        metavar="TDIR",
+        effect=Effect.NONE,
+    )
     # `--token-record`: per predicted position, the log-prob and the entropy, from the same pass (its own identity)
     token_record: str | None = option(
         None,
@@ -151,6 +176,21 @@ class ScoreConfig:
     def identity(self) -> dict:
         """The fields that change the scores: a rerun must match them to reuse finished shards."""
         return identity(self)
+
+    def position_choice(self, store: TokenStore) -> PositionChoice | None:
+        """The positions a position-selected --logits-out keeps (None: every position)."""
+        if self.logits_positions == "all":
+            if self.logits_position_fraction != 1.0 or self.logits_reference_record:
+                raise PredistillError(
+                    "--logits-position-fraction and --logits-reference-record need --logits-positions RULE"
+                )
+            return None
+        if not self.logits_out:
+            raise PredistillError("--logits-positions selects the positions of a logits store: add --logits-out")
+        reference = TokenRecord(self.logits_reference_record, store) if self.logits_reference_record else None
+        return PositionChoice(
+            self.logits_positions, self.logits_position_fraction, self.logits_position_seed, reference
+        )
 
     def logits_config(self) -> LogitsConfig:
         """The logits store's settings; its shards default to the score shards."""
@@ -238,8 +278,8 @@ class LogitsStoreConsumer(ForwardConsumer):
     resumed run gives the writer exactly the rows a clean run gave it (byte-identical files).
     """
 
-    def __init__(self, writer: LogitsStoreWriter):
-        self.writer = writer
+    def __init__(self, writer: LogitsStoreWriter, choice: PositionChoice | None = None, chunk_size: int = 256):
+        self.writer, self.choice, self.chunk_size = writer, choice, chunk_size
         self.todo = np.zeros(len(writer.store), dtype=bool)
         self.todo[writer.todo_instances()] = True
         self.n_fed = 0
@@ -256,6 +296,15 @@ class LogitsStoreConsumer(ForwardConsumer):
                 "--logits-out needs a model whose lm head is a plain linear projection (no logit "
                 "soft-capping or scaling): its entries are computed from the final hidden states"
             )
+        kept = None
+        if self.choice is not None:
+            # the values the token record of this pass holds, so a later `select-positions` agrees
+            rows = token_logprobs_and_entropies(batch, self.chunk_size) if self.choice.needs_teacher else None
+            n_pred = np.maximum(batch.lengths.cpu().numpy() - 1, 0)
+            kept = [
+                self.choice.keep(int(i), int(n), None if rows is None else record_values(rows[b]))
+                for b, (i, n) in enumerate(zip(batch.ids.tolist(), n_pred))
+            ]
         if want.all():
             ids, hidden, tokens, lengths = batch.ids, batch.hidden, batch.tokens, batch.lengths
         else:
@@ -263,7 +312,8 @@ class LogitsStoreConsumer(ForwardConsumer):
             index = torch.from_numpy(sel).to(batch.hidden.device)
             ids, hidden = batch.ids[sel], batch.hidden.index_select(0, index)
             tokens, lengths = batch.tokens.index_select(0, index), batch.lengths.index_select(0, index)
-        self.writer.add_hidden(ids, hidden, batch.lm_head_weight, tokens, lengths)
+            kept = None if kept is None else [kept[b] for b in sel]
+        self.writer.add_hidden(ids, hidden, batch.lm_head_weight, tokens, lengths, kept)
         self.todo[ids] = False  # exactly once
         self.n_fed += len(ids)
 
@@ -281,7 +331,9 @@ def _annotate_logits(ldir: Path, scored_with: dict, flops: int | None) -> None:
         write_manifest(ldir, new)
 
 
-def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs) -> LogitsStoreWriter:
+def _open_logits_writer(
+    cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs, choice: PositionChoice | None
+) -> LogitsStoreWriter:
     """Check that a logits store can be made in this pass and open its writer (refusals are one line)."""
     lcfg = cfg.logits_config()
     assert cfg.logits_out is not None and lcfg.shard_instances is not None  # the caller checks; filled in
@@ -307,7 +359,13 @@ def _open_logits_writer(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs
         )
     # the store's ids are the tokenizer's: a padded head's extra rows never reach it
     return LogitsStoreWriter(
-        ldir, store, lcfg, vocab_size=store.vocab_size, teacher=cfg.model, chunk_rows=cfg.chunk_size
+        ldir,
+        store,
+        lcfg,
+        vocab_size=store.vocab_size,
+        teacher=cfg.model,
+        chunk_rows=cfg.chunk_size,
+        positions=None if choice is None else choice.describe(),
     )
 
 
@@ -365,6 +423,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     if out.is_dir() and any(out.iterdir()) and not (out / PLAN).is_file():
         raise PredistillError(f"{out} exists and is not a score table; refusing to overwrite it")
     store = TokenStore(cfg.store)
+    choice = cfg.position_choice(store)  # refuses position settings without --logits-out, before any work
     rank, world = rank_and_world()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -418,7 +477,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
             if rank == 0 and record is not None:
                 print(f"predistill: {out} and {record.dir} are already complete; nothing to do", file=sys.stderr)
             return out
-    logits = _open_logits_writer(cfg, store, inputs) if cfg.logits_out else None
+    logits = _open_logits_writer(cfg, store, inputs, choice) if cfg.logits_out else None
     desc = f"score {Path(cfg.model).name}"
 
     if table_complete:
@@ -439,7 +498,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
         if "scored_with" in current:  # finished (in this table's pass or in a pass of its own)
             print(f"predistill: {out} and {logits.dir} are already complete; nothing to do", file=sys.stderr)
             return out
-        consumer = LogitsStoreConsumer(logits)
+        consumer = LogitsStoreConsumer(logits, choice, cfg.chunk_size)
         stats = run_forward_pass(
             model, inputs, shards, [consumer], batch_size=cfg.batch_size, progress=cfg.progress, desc=f"{desc} (logits)"
         )
@@ -462,7 +521,7 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     writer = ShardScoreWriter(out, cfg.chunk_size)
     consumers: list[ForwardConsumer] = [writer]
     if logits is not None:
-        consumers.append(LogitsStoreConsumer(logits))
+        consumers.append(LogitsStoreConsumer(logits, choice, cfg.chunk_size))
     if record is not None:
         consumers.append(TokenRecordConsumer(record, cfg.chunk_size))
     stats = run_forward_pass(

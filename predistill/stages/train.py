@@ -47,6 +47,7 @@ from predistill.core.artifacts import (
     lock_dir,
     open_append_nofollow,
     parse_json,
+    read_manifest,
     refuse_links,
     write_bytes_atomic,
     write_json_atomic,
@@ -54,6 +55,7 @@ from predistill.core.artifacts import (
 )
 from predistill.core.config import add_config_arguments, config_from_args, from_flat, to_flat
 from predistill.core.sharding import Dist, init_distributed
+from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.selection import load_selection
 from predistill.formats.store import TokenStore
 from predistill.modeling.kernels import fuse_kernels
@@ -352,6 +354,11 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 
 
 # --- the run ------------------------------------------------------------------------------------
+
+
+def _kd_positions(cfg: TrainConfig) -> dict | None:
+    """What chose the positions of a position-selected --kd-logits store (None: every position)."""
+    return read_manifest(cfg.kd_logits, LOGITS_FORMAT, "logits store").get("positions") if cfg.kd_logits else None
 
 
 def build_kd_source(cfg: TrainConfig, store: TokenStore, model, device) -> distill.KDSource | None:
@@ -712,7 +719,8 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 "heldout_losses": heldout_losses,
             }
             | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {})
-            | ({"token_selection": tokens_kept.describe()} if tokens_kept is not None else {}),
+            | ({"token_selection": tokens_kept.describe()} if tokens_kept is not None else {})
+            | ({"kd_positions": positions} if (positions := _kd_positions(cfg)) else {}),
         )
         print(
             f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"

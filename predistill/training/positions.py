@@ -1,4 +1,6 @@
-"""Token-level selection: which target positions of an instance the LM loss trains on.
+"""Choosing positions: which target positions of an instance the loss trains on (`TokenSelection`,
+`train --token-rule`), and at which a position-selected logits store keeps the teacher's
+distribution (`PositionChoice`, `score --logits-positions`, `select-positions`).
 
 MiniPLM's Difference Sampling chooses *instances* by mean log p_teacher − mean log p_reference;
 `difference` applies the same score per token — log p_teacher(x_t+1 | x_≤t) − log p_ref(x_t+1 | x_≤t),
@@ -10,6 +12,13 @@ Selection is per instance (⌈fraction · n⌉ of its n trained positions, at le
 earlier position), never per batch, so any split of a batch into ranks and micro-batches trains on
 the same tokens and normalises by the same count. The forward and backward still run over every
 token: FLOPs are those of an unselected run (the scoring passes' FLOPs are in their score tables).
+
+A position-selected store keeps ⌈fraction · n⌉ of each instance's n positions: the highest teacher
+entropy (`entropy`: where the teacher's distribution says most beyond the next token — SE-KD's
+choice, arXiv 2602.01395, made with the teacher because an offline store has no student yet), the
+highest log p_teacher − log p_ref (`difference`), or at random (`random`, the control). The teacher's
+values are taken as its token record stores them (float16), so a choice made in the scoring pass and
+one made afterwards from the record (`select-positions`) keep the same positions.
 """
 
 from __future__ import annotations
@@ -20,15 +29,23 @@ import numpy as np
 
 from predistill.core.artifacts import PredistillError
 from predistill.formats.store import TokenStore
-from predistill.formats.tokrecord import TokenRecord
+from predistill.formats.tokrecord import DTYPE, TokenRecord
 
 RULES = ("difference", "random")
+STORE_RULES = ("entropy", "difference", "random")
 RECENT = 4096  # masks kept: a few global batches' worth, never the corpus
 
 
 def n_kept(n: int, fraction: float) -> int:
     """Positions kept of an instance's `n` trained ones: ⌈fraction · n⌉, at least one (none of none)."""
     return min(n, max(1, math.ceil(fraction * n - 1e-9))) if n else 0
+
+
+def random_positions(seed: int, i: int, n: int, k: int) -> np.ndarray:
+    """Boolean mask of `k` of instance i's `n` positions, drawn by a generator seeded by (seed, i)."""
+    keep = np.zeros(n, dtype=bool)
+    keep[np.random.default_rng([seed, i]).permutation(n)[:k]] = True
+    return keep
 
 
 def top_positions(score: np.ndarray, k: int) -> np.ndarray:
@@ -76,17 +93,74 @@ class TokenSelection:
     def _keep(self, i: int, n: int) -> np.ndarray:
         k = n_kept(n, self.fraction)
         if self.rule == "random":
-            keep = np.zeros(n, dtype=bool)
-            keep[np.random.default_rng([self.seed, i]).permutation(n)[:k]] = True
-            return keep
+            return random_positions(self.seed, i, n, k)
         assert self.teacher is not None and self.reference is not None  # opened for `difference`
         return top_positions(self.teacher.instance(i)[0][:n] - self.reference.instance(i)[0][:n], k)
 
     def describe(self) -> dict:
         """What the run manifest records of the selection."""
         records = {
-            name: {"model": r.manifest["model"], "shards_sha256": [s["sha256"] for s in r.manifest["shards"]]}
+            name: record_of(r)
             for name, r in (("teacher", self.teacher), ("reference", self.reference))
             if r is not None
         }
         return {"rule": self.rule, "fraction": self.fraction, "records": records}
+
+
+def record_values(rows: np.ndarray) -> np.ndarray:
+    """(log-prob, entropy) rows [n, 2] as a token record holds them: rounded to its float16."""
+    return np.asarray(rows).astype(DTYPE).astype(np.float32)
+
+
+def record_of(record: TokenRecord) -> dict:
+    """What a manifest records of a token record a choice read: its model and its shards' hashes."""
+    return {"model": record.manifest["model"], "shards_sha256": [s["sha256"] for s in record.manifest["shards"]]}
+
+
+class PositionChoice:
+    """The positions at which a position-selected logits store keeps a distribution (module doc)."""
+
+    def __init__(self, rule: str, fraction: float, seed: int = 0, reference: TokenRecord | None = None):
+        if rule not in STORE_RULES:
+            raise PredistillError(f"unknown position rule {rule!r}; known: {', '.join(STORE_RULES)}")
+        if not 0 < fraction <= 1:
+            raise PredistillError(f"the kept fraction of positions must be in (0, 1], got {fraction}")
+        if (rule == "difference") != (reference is not None):
+            raise PredistillError(
+                "the difference rule needs the reference model's token record of the store"
+                if rule == "difference"
+                else f"a reference token record is read by the difference rule only, not by {rule!r}"
+            )
+        self.rule, self.fraction, self.seed, self.reference = rule, fraction, seed, reference
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether `keep` reads the teacher's per-position values (every rule but `random`)."""
+        return self.rule != "random"
+
+    def keep(self, i: int, n: int, teacher: np.ndarray | None = None) -> np.ndarray:
+        """Boolean [n]: the positions of instance i (of n) that keep a distribution. `teacher`:
+        its (log-prob, entropy) rows [n, 2] as the teacher's token record holds them."""
+        k = n_kept(n, self.fraction)
+        if self.rule == "random":
+            return random_positions(self.seed, i, n, k)
+        if teacher is None or teacher.shape != (n, 2):
+            raise PredistillError(
+                f"instance {i}: the {self.rule} rule needs the teacher's {n} (log-prob, entropy) rows"
+            )
+        if self.rule == "entropy":
+            return top_positions(teacher[:, 1], k)
+        assert self.reference is not None  # checked in __init__
+        reference = self.reference.instance(i)[0]
+        if len(reference) != n:
+            raise PredistillError(f"instance {i}: the reference record has {len(reference)} positions, not {n}")
+        return top_positions(teacher[:, 0] - reference, k)
+
+    def describe(self) -> dict:
+        """What a position-selected store's manifest records as `positions`."""
+        out: dict = {"rule": self.rule, "fraction": self.fraction}
+        if self.rule == "random":
+            out["seed"] = self.seed
+        if self.reference is not None:
+            out["reference"] = record_of(self.reference)
+        return out

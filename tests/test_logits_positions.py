@@ -1,0 +1,303 @@
+"""Position-selected logits stores: a distribution kept at chosen positions only (format version 3)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_logits import HID, LM_HEAD, SAMPLE, TOPK, VOCAB, files_of, hidden_of, make_store, write_store
+
+from predistill.core.artifacts import PredistillError
+from predistill.formats.logits import LogitsStore, LogitsStoreWriter
+from predistill.formats.store import TokenStore
+from predistill.training.positions import PositionChoice, n_kept, top_positions
+
+CHOICE = {"rule": "test", "fraction": 0.3}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> TokenStore:
+    return make_store(tmp_path_factory.mktemp("pstore") / "store", seed=4, n_instances=13)
+
+
+def masks_of(store: TokenStore, fraction: float = 0.3, seed: int = 0) -> dict[int, np.ndarray]:
+    """Some kept positions per instance: a seeded ⌈fraction · n⌉ of each."""
+    out = {}
+    for i in range(len(store)):
+        n = max(int(store.lengths[i]) - 1, 0)
+        keep = np.zeros(n, bool)
+        keep[np.random.default_rng([seed, i]).permutation(n)[: n_kept(n, fraction)]] = True
+        out[i] = keep
+    return out
+
+
+def feed_selected(writer: LogitsStoreWriter, store: TokenStore, ids, masks, batch_size: int = 3) -> None:
+    for batch_ids, tokens, lengths in store.iter_batches(batch_size, ids=ids):
+        hidden = torch.zeros(len(batch_ids), tokens.shape[1], HID)
+        for b, i in enumerate(batch_ids):
+            hidden[b, : lengths[b]] = hidden_of(int(i), int(lengths[b]))
+        writer.add_hidden(batch_ids, hidden, LM_HEAD, tokens, lengths, kept=[masks[int(i)] for i in batch_ids])
+
+
+def write_selected(out, store, cfg, masks, batch_size: int = 3, positions=CHOICE) -> dict:
+    writer = LogitsStoreWriter(out, store, cfg, vocab_size=VOCAB, teacher="fake", positions=positions)
+    feed_selected(writer, store, writer.todo_instances(), masks, batch_size)
+    return writer.finish()
+
+
+@pytest.mark.parametrize("cfg", [TOPK, SAMPLE], ids=["topk", "sample"])
+def test_kept_positions_read_as_the_full_store_and_the_rest_as_not_distilled(tmp_path, store, cfg):
+    write_store(tmp_path / "full", store, cfg)
+    masks = masks_of(store)
+    manifest = write_selected(tmp_path / "sel", store, cfg, masks)
+    full, sel = LogitsStore(tmp_path / "full", store), LogitsStore(tmp_path / "sel", store)
+    assert manifest["version"] == 3 and sel.positions == CHOICE and full.positions is None
+    n_positions = int(np.maximum(store.lengths - 1, 0).sum())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert manifest["n_positions"] == n_positions and manifest["n_distilled_positions"] == kept
+    assert manifest["bytes_per_token"] == pytest.approx(manifest["total_bytes"] / n_positions)  # over all positions
+    assert manifest["total_bytes"] < full.manifest["total_bytes"]
+    length = int(store.lengths.max())
+    a, b = full.read_batch(np.arange(len(store)), length), sel.read_batch(np.arange(len(store)), length)
+    for i, m in masks.items():
+        here = np.zeros(length, bool)
+        here[: len(m)] = m
+        assert not b.mask[i, ~here].any()  # not kept: no entries, so the KD loss skips the position
+        k = b.ids.shape[-1]
+        assert torch.equal(b.mask[i, here], a.mask[i, here][:, :k]) and not a.mask[i, here][:, k:].any()
+        assert torch.equal(b.ids[i, here][b.mask[i, here]], a.ids[i, here][a.mask[i, here]])
+        assert torch.equal(b.logprobs[i, here][b.mask[i, here]], a.logprobs[i, here][a.mask[i, here]])
+        assert np.array_equal(sel.instance_positions(i), np.flatnonzero(m))
+        e = sel.instance_entries(i)
+        assert len(e.n) == int(m.sum())
+
+
+def test_selected_store_resumes_and_reruns_byte_identically(tmp_path, store):
+    masks = masks_of(store)
+    write_selected(tmp_path / "a", store, SAMPLE, masks, batch_size=3)
+    write_selected(tmp_path / "b", store, SAMPLE, masks, batch_size=5)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    out = tmp_path / "resumed"
+    writer = LogitsStoreWriter(out, store, SAMPLE, vocab_size=VOCAB, teacher="fake", positions=CHOICE)
+    feed_selected(writer, store, np.arange(6), masks)  # shard 0 written, shard 1 half-buffered: "killed"
+    del writer
+    (out / "shards" / "00000.json").unlink()
+    writer = LogitsStoreWriter(out, store, SAMPLE, vocab_size=VOCAB, teacher="fake", positions=CHOICE)
+    assert writer.todo_instances()[0] == 0
+    feed_selected(writer, store, writer.todo_instances(), masks)
+    writer.finish()
+    assert files_of(out) == files_of(tmp_path / "a")
+
+
+def test_another_choice_of_positions_is_another_store(tmp_path, store):
+    write_selected(tmp_path / "sel", store, SAMPLE, masks_of(store))
+    with pytest.raises(PredistillError, match="other settings"):
+        LogitsStoreWriter(tmp_path / "sel", store, SAMPLE, vocab_size=VOCAB, positions={"rule": "x", "fraction": 0.5})
+    with pytest.raises(PredistillError, match="other settings"):
+        LogitsStoreWriter(tmp_path / "sel", store, SAMPLE, vocab_size=VOCAB)  # every position: another store
+
+
+def test_kept_masks_are_required_exactly_for_a_selected_store(tmp_path, store):
+    ids, tokens, lengths = next(store.iter_batches(2))
+    hidden = torch.zeros(2, tokens.shape[1], HID)
+    selected = LogitsStoreWriter(tmp_path / "s", store, SAMPLE, vocab_size=VOCAB, positions=CHOICE)
+    with pytest.raises(PredistillError, match="needs, for each batch row"):
+        selected.add_hidden(ids, hidden, LM_HEAD, tokens, lengths)
+    wrong = [np.ones(int(n), bool) for n in lengths]  # one position too many for each instance
+    with pytest.raises(PredistillError, match="mask over its instance's positions"):
+        selected.add_hidden(ids, hidden, LM_HEAD, tokens, lengths, kept=wrong)
+    full = LogitsStoreWriter(tmp_path / "f", store, SAMPLE, vocab_size=VOCAB)
+    with pytest.raises(PredistillError, match="keeps every position"):
+        full.add_hidden(ids, hidden, LM_HEAD, tokens, lengths, kept=[np.ones(int(n) - 1, bool) for n in lengths])
+
+
+def test_a_changed_kept_bit_is_refused_on_read(tmp_path, store):
+    write_selected(tmp_path / "sel", store, SAMPLE, masks_of(store))
+    shard = tmp_path / "sel" / "shards" / "00000.bin"
+    marker = json.loads(shard.with_suffix(".json").read_text())
+    offset = marker["sections"]["kept"][0]
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    reader = LogitsStore(tmp_path / "sel", store)
+    with pytest.raises(PredistillError, match="sha256"):
+        reader.read_batch([0], 4)
+
+
+def test_a_manifest_without_its_choice_is_refused(tmp_path, store):
+    write_selected(tmp_path / "sel", store, SAMPLE, masks_of(store))
+    path = tmp_path / "sel" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["positions"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(PredistillError, match="positions"):
+        LogitsStore(tmp_path / "sel", store)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules (predistill.training.positions.PositionChoice)
+# ---------------------------------------------------------------------------------------------
+def test_entropy_rule_keeps_the_most_uncertain_positions():
+    teacher = np.array([[-1.0, 0.5], [-2.0, 3.0], [-0.1, 0.1], [-3.0, 2.0], [-1.0, 3.0]], np.float32)
+    keep = PositionChoice("entropy", 0.4).keep(7, 5, teacher)
+    assert keep.tolist() == [False, True, False, False, True]  # ⌈0.4·5⌉ = 2: entropies 3.0, 3.0 (ties: earlier first)
+    assert PositionChoice("entropy", 0.6).keep(7, 5, teacher).tolist() == [False, True, False, True, True]
+
+
+def test_random_rule_is_seeded_per_instance_and_needs_no_teacher():
+    a = PositionChoice("random", 0.5, seed=3)
+    assert not a.needs_teacher
+    assert np.array_equal(a.keep(4, 20), a.keep(4, 20)) and a.keep(4, 20).sum() == 10
+    assert not np.array_equal(a.keep(4, 20), PositionChoice("random", 0.5, seed=4).keep(4, 20))
+    assert a.describe() == {"rule": "random", "fraction": 0.5, "seed": 3}
+
+
+def test_difference_rule_keeps_where_the_teacher_beats_the_reference(tmp_path):
+    class Reference:  # a TokenRecord's interface: instance(i) → (log-probs, entropies)
+        manifest = {"model": {"spec": "ref"}, "shards": [{"sha256": "abc"}]}
+
+        def instance(self, i):
+            return np.array([-1.0, -5.0, -1.0, -4.0], np.float32), np.zeros(4, np.float32)
+
+    teacher = np.array([[-1.0, 0], [-1.0, 0], [-3.0, 0], [-2.0, 0]], np.float32)  # differences 0, 4, −2, 2
+    choice = PositionChoice("difference", 0.5, reference=Reference())  # type: ignore[arg-type]
+    assert choice.keep(0, 4, teacher).tolist() == [False, True, False, True]
+    assert np.array_equal(choice.keep(0, 4, teacher), top_positions(teacher[:, 0] - Reference().instance(0)[0], 2))
+    assert choice.describe()["reference"] == {"model": {"spec": "ref"}, "shards_sha256": ["abc"]}
+
+
+def test_rule_refusals():
+    with pytest.raises(PredistillError, match="unknown position rule"):
+        PositionChoice("loss", 0.5)
+    with pytest.raises(PredistillError, match=r"\(0, 1\]"):
+        PositionChoice("entropy", 0.0)
+    with pytest.raises(PredistillError, match="reference model's token record"):
+        PositionChoice("difference", 0.5)
+    with pytest.raises(PredistillError, match="needs the teacher"):
+        PositionChoice("entropy", 0.5).keep(0, 3, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# score --logits-positions (in the teacher pass) and select-positions (afterwards) agree
+# ---------------------------------------------------------------------------------------------
+def _score(store_dir, out, **kw):
+    from predistill.stages.score import ScoreConfig, run
+
+    return run(ScoreConfig(model="preset:tiny", store=str(store_dir), out=str(out), progress=False,
+                           shard_size=40, batch_size=5, **kw))  # fmt: skip
+
+
+def _select(**kw):
+    from predistill.stages.select_positions import SelectPositionsConfig, run
+
+    return run(SelectPositionsConfig(**kw))
+
+
+@pytest.fixture(scope="module")
+def passes(tiny_store, tmp_path_factory):
+    """One teacher pass (scores, the full store, the record) and a reference record; preset:tiny."""
+    from conftest import single_thread
+
+    root = tmp_path_factory.mktemp("ppass")
+    with single_thread():
+        _score(tiny_store, root / "t", logits_out=str(root / "full"), token_record=str(root / "trec"))
+        _score(tiny_store, root / "r", token_record=str(root / "rrec"), seed=5)  # another preset: the reference
+    return root
+
+
+@pytest.mark.parametrize("rule", ["entropy", "random", "difference"])
+def test_selecting_afterwards_writes_the_bytes_of_selecting_in_the_teacher_pass(tiny_store, passes, tmp_path, rule):
+    from conftest import single_thread
+
+    extra = {"logits_reference_record": str(passes / "rrec")} if rule == "difference" else {}
+    with single_thread():
+        _score(tiny_store, tmp_path / "t", logits_out=str(tmp_path / "inpass"), logits_positions=rule,
+               logits_position_fraction=0.2, **extra)  # fmt: skip
+    m = _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "after"), rule=rule,
+                fraction=0.2, teacher_record=None if rule == "random" else str(passes / "trec"),
+                reference_record=str(passes / "rrec") if rule == "difference" else None)  # fmt: skip
+    inpass, after = files_of(tmp_path / "inpass"), files_of(tmp_path / "after")
+    assert {k: v for k, v in inpass.items() if k != "manifest.json"} == {
+        k: v for k, v in after.items() if k != "manifest.json"
+    }
+    a = json.loads(inpass["manifest.json"])
+    assert {k: a[k] for k in ("positions", "n_distilled_positions", "total_bytes", "bytes_per_token")} == {
+        k: m[k] for k in ("positions", "n_distilled_positions", "total_bytes", "bytes_per_token")
+    }
+    store = TokenStore(tiny_store)
+    n = np.maximum(store.lengths - 1, 0)
+    assert m["n_distilled_positions"] == sum(n_kept(int(k), 0.2) for k in n)
+    full = json.loads((passes / "full" / "manifest.json").read_text())
+    assert m["scored_with"] == full["scored_with"] and m["bytes_per_token"] < full["bytes_per_token"] * 0.4
+    if rule == "entropy":  # the kept positions are each instance's most uncertain ones, by the record
+        from predistill.formats.tokrecord import TokenRecord
+
+        record, sel = TokenRecord(passes / "trec", store), LogitsStore(tmp_path / "after", store)
+        for i in (0, 7, len(store) - 1):
+            h = record.instance(i)[1]
+            assert np.array_equal(sel.instance_positions(i), np.flatnonzero(top_positions(h, n_kept(len(h), 0.2))))
+    # a rerun is a no-op
+    before = files_of(tmp_path / "after")
+    _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "after"), rule=rule, fraction=0.2,
+            teacher_record=None if rule == "random" else str(passes / "trec"),
+            reference_record=str(passes / "rrec") if rule == "difference" else None)  # fmt: skip
+    assert files_of(tmp_path / "after") == before
+
+
+def test_select_positions_refusals(tiny_store, passes, tmp_path):
+    base = {"logits": str(passes / "full"), "store": str(tiny_store), "out": str(tmp_path / "o")}
+    with pytest.raises(PredistillError, match="add --teacher-record"):
+        _select(**base, rule="entropy")
+    with pytest.raises(PredistillError, match="drop --teacher-record"):
+        _select(**base, rule="random", teacher_record=str(passes / "trec"))
+    with pytest.raises(PredistillError, match="other weights"):  # the reference's record is not the teacher's
+        _select(**base, rule="entropy", teacher_record=str(passes / "rrec"))
+    with pytest.raises(PredistillError, match="reference model's token record"):
+        _select(**base, rule="difference", teacher_record=str(passes / "trec"))
+    with pytest.raises(PredistillError, match="is the --logits store itself"):
+        _select(**{**base, "out": str(passes / "full")}, rule="random")
+    _select(**base, rule="random", fraction=0.5)
+    with pytest.raises(PredistillError, match="already position-selected"):
+        _select(logits=str(tmp_path / "o"), store=str(tiny_store), out=str(tmp_path / "o2"), rule="random")
+    assert not (tmp_path / "o2").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# training on a position-selected store
+# ---------------------------------------------------------------------------------------------
+def test_the_kd_loss_on_a_selected_store_is_the_full_stores_at_the_kept_positions(tmp_path, store):
+    from predistill.training.kd import KDConfig, kd_loss
+
+    write_store(tmp_path / "full", store, SAMPLE)
+    masks = masks_of(store, 0.4)
+    write_selected(tmp_path / "sel", store, SAMPLE, masks)
+    ids, length = np.arange(len(store)), int(store.lengths.max()) - 1
+    full = LogitsStore(tmp_path / "full", store).read_batch(ids, length)
+    sel = LogitsStore(tmp_path / "sel", store).read_batch(ids, length)
+    hidden = torch.randn(len(ids), length, HID, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    cfg = KDConfig()
+    mean, per_position = kd_loss(hidden, LM_HEAD, sel, cfg)
+    _, full_per_position = kd_loss(hidden, LM_HEAD, full, cfg)
+    kept = torch.zeros(len(ids), length, dtype=torch.bool)
+    for i, m in masks.items():
+        kept[i, : len(m)] = torch.from_numpy(m)
+    assert torch.allclose(per_position[kept], full_per_position[kept]) and not per_position[~kept].any()
+    assert torch.allclose(mean, full_per_position[kept].mean())
+    (grad,) = torch.autograd.grad(mean, hidden)
+    assert not grad[~kept].any() and grad[kept].abs().sum() > 0  # no signal where no distribution is kept
+
+
+def test_train_on_a_selected_store_records_its_positions(tiny_store, passes, tmp_path):
+    from predistill.stages.train import TrainConfig
+    from predistill.stages.train import run as train
+
+    _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "sel"), rule="entropy",
+            fraction=0.2, teacher_record=str(passes / "trec"))  # fmt: skip
+    out = train(TrainConfig(model="preset:tiny", store=str(tiny_store), out=str(tmp_path / "run"), steps=3, batch_size=4,
+                            seq_len=32, lr=3e-3, eval_instances=8, kd_logits=str(tmp_path / "sel"), alpha=0.5))  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kd_positions"] == {"rule": "entropy", "fraction": 0.2}
+    kd = [json.loads(line)["kd_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(k is not None and k > 0 for k in kd)  # α > 0 on some step (the default WSD α schedule)
