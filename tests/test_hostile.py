@@ -156,6 +156,12 @@ def foreign_dir(t: Path) -> str:
     return str(t / "foreign")
 
 
+def symlink_to(t: Path, target: Path) -> str:
+    target.mkdir()
+    (t / "link").symlink_to(target, target_is_directory=True)
+    return str(t / "link")
+
+
 def json_file(t: Path, text: str) -> str:
     (t / "c.json").write_text(text)
     return str(t / "c.json")
@@ -467,6 +473,133 @@ CASES = [
             *TRAIN,
         ],
         "is neither that store nor re-tokenised from it",
+    ),
+    # --- position-selected logits stores ---
+    (
+        "select-positions into a folder that is not a logits store",
+        lambda t, a: [
+            "select-positions",
+            "--logits",
+            str(a["logits"]),
+            "--store",
+            str(a["store"]),
+            "--rule",
+            "random",
+            "--out",
+            foreign_dir(t),
+        ],  # fmt: skip
+        "is not a logits store; refusing to write into it",
+    ),
+    (
+        "select-positions through a symlinked --out",
+        lambda t, a: [
+            "select-positions",
+            "--logits",
+            str(a["logits"]),
+            "--store",
+            str(a["store"]),
+            "--rule",
+            "random",
+            "--out",
+            symlink_to(t, t / "elsewhere"),
+        ],  # fmt: skip
+        "is a symbolic link; refusing to write through it",
+    ),
+    (
+        "select-positions from a score table",
+        lambda t, a: [
+            "select-positions",
+            "--logits",
+            str(a["teacher"]),
+            "--store",
+            str(a["store"]),
+            "--rule",
+            "random",
+            "--out",
+            str(t / "o"),
+        ],  # fmt: skip
+        "is a 'score_table' artifact, expected 'logits_store'",
+    ),
+    (
+        "select-positions --rule entropy without the teacher's record",
+        lambda t, a: [
+            "select-positions",
+            "--logits",
+            str(a["logits"]),
+            "--store",
+            str(a["store"]),
+            "--rule",
+            "entropy",
+            "--out",
+            str(t / "o"),
+        ],  # fmt: skip
+        "add --teacher-record",
+    ),
+    (
+        "select-positions --teacher-record that is a score table",
+        lambda t, a: [
+            "select-positions",
+            "--logits",
+            str(a["logits"]),
+            "--store",
+            str(a["store"]),
+            "--rule",
+            "entropy",
+            "--teacher-record",
+            str(a["teacher"]),
+            "--out",
+            str(t / "o"),
+        ],  # fmt: skip
+        "is a 'score_table' artifact, expected 'token_record'",
+    ),
+    (
+        "score --logits-positions without --logits-out",
+        lambda t, a: [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "o"),
+            "--logits-positions",
+            "entropy",
+        ],  # fmt: skip
+        "add --logits-out",
+    ),
+    (
+        "score --logits-positions difference without the reference's record",
+        lambda t, a: [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "o"),
+            "--logits-out",
+            str(t / "l"),
+            "--logits-positions",
+            "difference",
+        ],  # fmt: skip
+        "reference model's token record",
+    ),
+    (
+        "score --logits-position-fraction without a rule",
+        lambda t, a: [
+            "score",
+            "--model",
+            "preset:tiny",
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "o"),
+            "--logits-out",
+            str(t / "l"),
+            "--logits-position-fraction",
+            "0.5",
+        ],  # fmt: skip
+        "need --logits-positions RULE",
     ),
     (
         "train --kd-loss uld with a temperature",

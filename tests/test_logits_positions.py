@@ -301,3 +301,41 @@ def test_train_on_a_selected_store_records_its_positions(tiny_store, passes, tmp
     assert manifest["kd_positions"] == {"rule": "entropy", "fraction": 0.2}
     kd = [json.loads(line)["kd_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(k is not None and k > 0 for k in kd)  # α > 0 on some step (the default WSD α schedule)
+    from predistill.stages.report import summarize_run
+
+    summary = summarize_run(str(out))  # what `report` shows of the run
+    assert summary.positions == {"store": {"rule": "entropy", "fraction": 0.2}}
+    assert (
+        summary.logits_bytes_per_token
+        == json.loads((tmp_path / "sel" / "manifest.json").read_text())["bytes_per_token"]
+    )
+
+
+def test_the_positions_curve_names_each_run_by_its_rule_and_control():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "recipes" / "positions_curve.py"
+    spec = importlib.util.spec_from_file_location("positions_curve", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = {"seed": 1, "heldout_loss": 5.0, "flops": 1e12, "kd_logits": None, "logits_bytes_per_token": None}
+    report = {"runs": [
+        run,
+        run | {"kd_logits": "L", "logits_bytes_per_token": 7.5},
+        run | {"kd_logits": "L", "logits_bytes_per_token": 1.6, "positions": {"store": {"rule": "entropy", "fraction": 0.2}}},
+        run | {"kd_logits": "L", "logits_bytes_per_token": 1.6, "positions": {"store": {"rule": "random", "fraction": 0.2}}},
+        run | {"positions": {"token": {"rule": "difference", "fraction": 0.5}}},
+        run | {"positions": {"token": {"rule": "random", "fraction": 0.5}}},
+    ]}  # fmt: skip
+    out = module.curve(report)
+    assert [(r["rule"], r["fraction"], r["store_bytes_per_token"]) for r in out["runs"]] == [
+        ("entropy", 0.2, 1.6),
+        ("full", 1.0, 7.5),
+        ("random-positions", 0.2, 1.6),
+        ("random-tokens", 0.5, 0.0),
+        ("token-difference", 0.5, 8.0),
+    ]
+    assert out["baseline"] == [{"seed": 1, "heldout_loss": 5.0, "flops": 1e12}]
+    assert set(out["runs"][0]) >= {"rule", "fraction", "seed", "heldout_loss", "store_bytes_per_token", "flops"}

@@ -263,6 +263,9 @@ class RunSummary:
     teacher_flops_offline: float | None = None
     teacher_flops_sources: list[str] = field(default_factory=list)
     logits_bytes_per_token: float | None = None
+    # which positions the run trained or distilled on, by level: "token" (train --token-rule), "store"
+    # (a position-selected --kd-logits store) → {"rule", "fraction"}; empty: every position
+    positions: dict[str, dict] = field(default_factory=dict)
     selection: str | None = None
     kd_logits: str | None = None
     command: str = ""
@@ -393,6 +396,10 @@ def summarize_run(run: str) -> RunSummary:
     s.teacher_flops_offline, s.teacher_flops_sources = offline_teacher_flops(selection, kd_logits, store)
     if kd_logits is not None:
         s.logits_bytes_per_token = _number((_read_json(kd_logits / MANIFEST) or {}).get("bytes_per_token"))
+    for level, key in (("token", "token_selection"), ("store", "kd_positions")):
+        chosen = manifest.get(key)
+        if isinstance(chosen, dict) and isinstance(chosen.get("rule"), str) and _number(chosen.get("fraction")):
+            s.positions[level] = {"rule": chosen["rule"], "fraction": _number(chosen["fraction"])}
 
     command = config.get("command")
     if isinstance(command, str) and command:
