@@ -39,6 +39,12 @@ if TYPE_CHECKING:  # batches are tensors; torch is imported where they are made
     import torch
 
 FORMAT = "token_store"
+# where a store's manifest keeps the fields its writers name in their identity (`core.output.Output`)
+IDENTITY_AT = {
+    "tokenizer_hash": "tokenizer.hash",
+    "derived_from_hash": "derived_from.hash",  # prepare --source store:DIR
+    "selection_hash": "source.selection_hash",  # sample --materialize
+}
 VERSION = 1
 UINT16_VOCAB_LIMIT = 1 << 16
 CHUNK_BYTES = 1 << 26  # the unit of integrity checks on read

@@ -54,7 +54,6 @@ import numpy as np
 from predistill.core import artifacts
 from predistill.core.artifacts import (
     PredistillError,
-    check_output,
     check_plan,
     claim_work,
     is_complete,
@@ -62,9 +61,9 @@ from predistill.core.artifacts import (
     read_marker,
     refuse_foreign_work,
     remove_owned_work,
-    staged_dir,
 )
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
+from predistill.core.output import Output
 from predistill.core.sharding import finish_by_last_rank, init_distributed, owns, rank_and_world, shard_name
 from predistill.formats.selection import load_selection, read_selection_manifest
 from predistill.formats.store import FORMAT as STORE_FORMAT
@@ -328,13 +327,8 @@ def run(cfg: GenerateConfig) -> Path:
     store = TokenStore(cfg.store)  # one-line error when missing or incomplete
     config = cfg.identity()
 
-    if check_output(
-        out,
-        STORE_FORMAT,
-        "token store",
-        {"config": config, "source_store_hash": store.hash},
-        lambda m: {"config": m.get("config"), "source_store_hash": m.get("source_store_hash")},
-    ):
+    output = Output(out, STORE_FORMAT, "token store", {"config": config, "source_store_hash": store.hash})
+    if output.complete():
         remove_owned_work(work, PLAN_FORMAT)  # left behind by a run killed after its rename (a user's folder stays)
         return out
 
@@ -460,7 +454,7 @@ def run(cfg: GenerateConfig) -> Path:
         total_flops = 0
         source_ids: list[int] = []
         all_prompt_lengths = []
-        with staged_dir(out, STORE_FORMAT) as tmp:
+        with output.staged() as tmp:
             writer = TokenStoreWriter(tmp, vocab_size)
             for k, shard_ids in enumerate(shards):
                 shard = read_shard(work, k, shard_ids, dtype_out)

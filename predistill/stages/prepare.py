@@ -34,14 +34,13 @@ from tqdm import tqdm
 
 from predistill.core.artifacts import (
     PredistillError,
-    check_output,
     parse_json,
     read_manifest,
-    staged_dir,
     write_json_atomic,
 )
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.formats.store import FORMAT, TokenStoreWriter
+from predistill.core.output import Output
+from predistill.formats.store import FORMAT, IDENTITY_AT, TokenStoreWriter
 from predistill.text.chunking import Chunker, boundary_table, encode_document, encode_document_slow
 from predistill.text.sources import Source, parse_sources
 
@@ -166,13 +165,10 @@ def run(cfg: PrepareConfig) -> Path:
     tokenizer, tok_info = _tokenizer(cfg.tokenizer)
     # a store is the same bytes wherever it was written and however many processes tokenised it
     config = identity(cfg, blank=True)
-    if check_output(
-        out,
-        FORMAT,
-        "token store",
-        {"config": config, "tokenizer_hash": tok_info["hash"]},
-        lambda m: {"config": m.get("config"), "tokenizer_hash": (m.get("tokenizer") or {}).get("hash")},
-    ):
+    output = Output(
+        out, FORMAT, "token store", {"config": config, "tokenizer_hash": tok_info["hash"]}, located=IDENTITY_AT
+    )
+    if output.complete():
         return out
 
     is_boundary = boundary_table(tokenizer)
@@ -184,7 +180,7 @@ def run(cfg: PrepareConfig) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # the inputs as they are now: a killed prepare resumed after a source changed starts over
     plan = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": [s.fingerprint() for s in sources]}
-    with staged_dir(out, FORMAT, resume=lambda staging: _progress(staging, plan) is not None) as tmp:
+    with output.staged(resume=lambda staging: _progress(staging, plan) is not None) as tmp:
         progress = _progress(tmp, plan) or {}
         names = ["train", "val"] if cfg.val_fraction > 0 else ["train"]
         resume = progress.get("writers", {})
@@ -336,20 +332,17 @@ def _derive(cfg: PrepareConfig, out: Path) -> Path:
     # one output instance per input instance: max_len, workers and the document options do not apply
     config = {"sources": cfg.sources, "tokenizer": cfg.tokenizer}
     derived = {"path": str(Path(location).resolve()), "hash": src.hash}
-    if check_output(
+    output = Output(
         out,
         FORMAT,
         "token store",
-        {"config": config, "tokenizer_hash": tok_info["hash"], "source_store_hash": src.hash},
-        lambda m: {
-            "config": m.get("config"),
-            "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"),
-            "source_store_hash": (m.get("derived_from") or {}).get("hash"),
-        },
-    ):
+        {"config": config, "tokenizer_hash": tok_info["hash"], "derived_from_hash": src.hash},
+        located=IDENTITY_AT,
+    )
+    if output.complete():
         return out
     val = TokenStore(src.dir / "val") if (src.dir / "val").is_dir() else None
-    with staged_dir(out, FORMAT) as tmp:
+    with output.staged() as tmp:
         # val first: the top-level manifest (complete: true) is the last file written
         for split, store, directory in [("val", val, tmp / "val"), ("train", src, tmp)]:
             if store is None:

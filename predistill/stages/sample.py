@@ -36,13 +36,12 @@ import numpy as np
 
 from predistill.core.artifacts import (
     PredistillError,
-    check_output,
     read_manifest,
     sha256_file,
-    staged_dir,
     write_manifest,
 )
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
+from predistill.core.output import Output
 from predistill.formats.scores import ScoreTable
 from predistill.formats.selection import (
     FORMAT,
@@ -53,7 +52,7 @@ from predistill.formats.selection import (
     top_fraction,
 )
 from predistill.formats.store import FORMAT as STORE_FORMAT
-from predistill.formats.store import TokenStore
+from predistill.formats.store import IDENTITY_AT, TokenStore
 from predistill.modeling.models import load_tokenizer, tokenizer_hash
 from predistill.text.retokenize import write_retokenized
 from predistill.training.proxy import ProxyConfig, run_proxy
@@ -342,8 +341,9 @@ class MaterializeConfig:
     max_len: int | None = None  # re-cut into instances of ≤ max_len+1 tokens, as prepare does
 
 
-def materialize(cfg: MaterializeConfig, store: TokenStore, progress: bool = True) -> Path:
-    """Write the selected instances of `store` as a new token store tokenised with `cfg.tokenizer`."""
+def materialize(cfg: MaterializeConfig, store: TokenStore, output: Output, progress: bool = True) -> Path:
+    """Write the selected instances of `store` as a new token store tokenised with `cfg.tokenizer`
+    (staged by `output`, which the caller has judged)."""
     store.refuse_if_masked("materialising a selection of it")
     selection_dir = Path(cfg.selection)
     selection = load_selection(selection_dir, store)
@@ -366,7 +366,7 @@ def materialize(cfg: MaterializeConfig, store: TokenStore, progress: bool = True
         "ratio": selection_manifest["config"]["ratio"],
     }
     config = asdict(cfg)
-    with staged_dir(Path(cfg.out), STORE_FORMAT) as tmp:
+    with output.staged() as tmp:
         # the held-out split first: the top-level manifest (complete) is written last
         if (store.dir / "val").is_dir():
             val = TokenStore(store.dir / "val")
@@ -474,13 +474,8 @@ def run(cfg: SampleConfig) -> Path:
     }
     config = cfg.identity()
 
-    if check_output(
-        out,
-        FORMAT,
-        "selection",
-        {"config": config, "inputs": inputs},
-        lambda m: {"config": m.get("config"), "inputs": m.get("inputs")},
-    ):
+    output = Output(out, FORMAT, "selection", {"config": config, "inputs": inputs})
+    if output.complete():
         _maybe_materialize(cfg, out, store)
         return out
 
@@ -530,7 +525,7 @@ def run(cfg: SampleConfig) -> Path:
             raise PredistillError(f"--complement of --ratio {cfg.ratio} keeps no instance")
     rates = domain_keep_rates(store, selection)
 
-    with staged_dir(out, FORMAT) as tmp:
+    with output.staged() as tmp:
         np.save(tmp / IDS_FILE, selection, allow_pickle=False)
         np.save(tmp / "scores.npy", np.asarray(score, dtype=np.float32), allow_pickle=False)
         if proxy_result is not None:
@@ -576,15 +571,10 @@ def _maybe_materialize(cfg: SampleConfig, out: Path, store: TokenStore) -> None:
     )
     target = Path(cfg.materialize)
     wanted = {"config": asdict(mcfg), "selection_hash": read_selection_manifest(out)["selection_sha256"]}
-    if check_output(
-        target,
-        STORE_FORMAT,
-        "token store",
-        wanted,
-        lambda m: {"config": m.get("config"), "selection_hash": (m.get("source") or {}).get("selection_hash")},
-    ):
+    output = Output(target, STORE_FORMAT, "token store", wanted, located=IDENTITY_AT)
+    if output.complete():
         return
-    materialize(mcfg, store, progress=cfg.progress)
+    materialize(mcfg, store, output, progress=cfg.progress)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

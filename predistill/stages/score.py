@@ -39,7 +39,6 @@ import torch
 from predistill.core.artifacts import (
     MANIFEST,
     PredistillError,
-    check_output,
     check_plan,
     hold_output,
     is_complete,
@@ -47,6 +46,7 @@ from predistill.core.artifacts import (
     write_manifest,
 )
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
+from predistill.core.output import Output
 from predistill.core.sharding import Shard, finish_by_last_rank, init_distributed, owns, plan_shards, rank_and_world
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
@@ -452,14 +452,8 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     }
     shards = plan_shards(len(store), cfg.shard_size)
 
-    table_complete = check_output(
-        out,
-        FORMAT,
-        "score table",
-        plan,
-        lambda m: {k: m.get(k) for k in plan},
-        resumable=lambda o: (o / PLAN).is_file(),
-        announce=rank == 0 and not cfg.logits_out and not cfg.token_record,
+    table_complete = Output(out, FORMAT, "score table", plan).complete(
+        resumable=lambda o: (o / PLAN).is_file(), announce=rank == 0 and not cfg.logits_out and not cfg.token_record
     )
     if cfg.token_record:
         _check_token_record(cfg, store, inputs)

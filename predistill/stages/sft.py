@@ -34,9 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from predistill.core.artifacts import PredistillError, check_output, parse_json, sha256_file, staged_dir
+from predistill.core.artifacts import PredistillError, parse_json, sha256_file
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
-from predistill.formats.store import FORMAT, TokenStoreWriter
+from predistill.core.output import Output
+from predistill.formats.store import FORMAT, IDENTITY_AT, TokenStoreWriter
 
 TEMPLATES = ("auto", "chat", "plain")
 ROLES = ("system", "user", "assistant")
@@ -198,20 +199,11 @@ def run(cfg: SFTDataConfig) -> Path:
         except OSError as e:
             raise PredistillError(f"--data {path}: cannot read it ({e.strerror or e})") from None
     wanted = {"config": config, "tokenizer_hash": tok_info["hash"], "inputs": inputs}
-    if check_output(
-        out,
-        FORMAT,
-        "token store",
-        wanted,
-        lambda m: {
-            "config": m.get("config"),
-            "tokenizer_hash": (m.get("tokenizer") or {}).get("hash"),
-            "inputs": m.get("inputs"),
-        },
-    ):
+    output = Output(out, FORMAT, "token store", wanted, located=IDENTITY_AT)
+    if output.complete():
         return out
     counts = {"n_records": 0, "n_text": 0, "n_cut": 0, "n_skipped_no_target": 0}
-    with staged_dir(out, FORMAT) as tmp:
+    with output.staged() as tmp:
         writer = TokenStoreWriter(tmp, len(tokenizer), loss_mask=True)
         for where, record in records(cfg.data):
             messages = messages_of(record, where)

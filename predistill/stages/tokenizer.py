@@ -10,8 +10,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from predistill.core.artifacts import PredistillError, check_output, staged_dir, write_manifest
+from predistill.core.artifacts import PredistillError, write_manifest
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
+from predistill.core.output import Output
 from predistill.formats.store import TokenStore
 from predistill.text.sources import parse_sources
 
@@ -49,7 +50,8 @@ def run(cfg: TokenizerConfig) -> Path:
     stores = [TokenStore(spec.removeprefix(STORE_SOURCE)) for spec in cfg.sources if spec.startswith(STORE_SOURCE)]
     if stores:  # what a store holds is part of the identity: another store at the same path is other text
         config["store_hashes"] = [store.hash for store in stores]
-    if check_output(out, FORMAT, "tokenizer directory", {"config": config}, lambda m: {"config": m.get("config")}):
+    output = Output(out, FORMAT, "tokenizer directory", {"config": config})
+    if output.complete():
         return out
     sources = parse_sources([spec for spec in cfg.sources if not spec.startswith(STORE_SOURCE)], cfg.skip_bad)
     if pretokenized := [s.kind + ":" + s.location for s in sources if s.pretokenized]:
@@ -83,7 +85,7 @@ def run(cfg: TokenizerConfig) -> Path:
         model_input_names=["input_ids", "attention_mask"],
         clean_up_tokenization_spaces=False,
     )  # exact decode
-    with staged_dir(out, FORMAT) as tmp:
+    with output.staged() as tmp:
         tokenizer.save_pretrained(tmp)
         write_manifest(
             tmp,

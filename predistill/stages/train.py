@@ -43,7 +43,6 @@ from predistill.core.artifacts import (
     NUMBER,
     PredistillError,
     check_fields,
-    check_output,
     lock_dir,
     open_append_nofollow,
     parse_json,
@@ -54,6 +53,7 @@ from predistill.core.artifacts import (
     write_manifest,
 )
 from predistill.core.config import add_config_arguments, config_from_args, from_flat, to_flat
+from predistill.core.output import Output
 from predistill.core.sharding import Dist, init_distributed
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.selection import load_selection
@@ -448,15 +448,11 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     )
 
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
-    if check_output(
-        out,
-        FORMAT,
-        "run",
-        result_identity(cfg),
-        lambda m: result_identity(from_flat(TrainConfig, m["config"])),
-        resumable=_holds_unfinished_run,
-        announce=d.main,
-    ):
+    # the identity is recomputed from the saved config: the run records every setting, not its identity
+    run_output = Output(
+        out, FORMAT, "run", result_identity(cfg), read=lambda m: result_identity(from_flat(TrainConfig, m["config"]))
+    )
+    if run_output.complete(resumable=_holds_unfinished_run, announce=d.main):
         return out
     if out.exists():  # an unfinished run of this config: resumed in place, never through a planted link
         refuse_links(out)
