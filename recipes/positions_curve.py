@@ -16,7 +16,7 @@ import json
 import sys
 
 STORE_RULES = {"entropy": "entropy", "difference": "difference", "random": "random-positions"}
-TOKEN_RULES = {"difference": "token-difference", "random": "random-tokens"}
+TOKEN_RULES = {"difference": "token-difference", "excess": "token-excess", "random": "random-tokens"}
 TOKEN_RECORD_BYTES = 4.0  # per position, each of the teacher's and the reference's records
 
 
@@ -29,7 +29,7 @@ def curve(report: dict) -> dict:
             rule, fraction, stored = STORE_RULES[chosen["store"]["rule"]], chosen["store"]["fraction"], None
         elif "token" in chosen:
             rule, fraction = TOKEN_RULES[chosen["token"]["rule"]], chosen["token"]["fraction"]
-            stored = 2 * TOKEN_RECORD_BYTES if rule == "token-difference" else 0.0
+            stored = {"token-difference": 2, "token-excess": 1}.get(rule, 0) * TOKEN_RECORD_BYTES
         elif r.get("kd_logits"):
             rule, fraction, stored = "full", 1.0, None
         else:

@@ -17,7 +17,7 @@ from predistill.formats.tokrecord import TokenRecord
 from predistill.stages.score import ScoreConfig
 from predistill.stages.score import run as score
 from predistill.stages.train import TrainConfig, cpu_batch, n_targets, run
-from predistill.training.positions import TokenSelection, n_kept, top_positions
+from predistill.training.positions import TokenSelection, excess_mask, n_kept, top_positions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(model="preset:tiny", steps=3, batch_size=4, seq_len=32, lr=3e-3, eval_instances=8)
@@ -117,4 +117,73 @@ def test_selections_that_cannot_run_are_refused_in_one_line(tiny_store, records,
         run(TrainConfig(token_rule="difference", token_fraction=0.5, teacher_record=str(records["teacher"]), **base))
     with pytest.raises(PredistillError, match="read by --token-rule difference only"):
         run(TrainConfig(token_rule="random", teacher_record=str(records["teacher"]), **base))
+    with pytest.raises(PredistillError, match="excess needs --reference-record"):
+        run(TrainConfig(token_rule="excess", token_fraction=0.5, **base))
+    with pytest.raises(PredistillError, match="read by --token-rule difference only"):
+        run(TrainConfig(token_rule="excess", teacher_record=str(records["teacher"]),
+                        reference_record=str(records["reference"]), **base))  # fmt: skip
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# RHO-1's excess loss (`--token-rule excess`): chosen in the step from the student's own loss
+# ---------------------------------------------------------------------------------------------
+def test_excess_mask_is_top_positions_of_each_rows_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    nll = torch.rand(6, 13, generator=g) * 5
+    nll[0, 3] = nll[0, 5] = 2.0  # a tie
+    reference = -torch.rand(6, 13, generator=g) * 5
+    reference[0, 3] = reference[0, 5] = -1.0
+    reference[1, 2] = float("nan")  # ranks last
+    mask = torch.rand(6, 13, generator=g) < 0.7
+    mask[2] = False  # a row with nothing to train on
+    mask[0, 3] = mask[0, 5] = True
+    for fraction in (0.1, 0.3, 0.5, 1.0):
+        got = excess_mask(nll, reference, mask, fraction)
+        for row in range(6):
+            where = np.flatnonzero(mask[row].numpy())
+            score = (nll[row] + reference[row]).numpy()[where]
+            expected = where[top_positions(score, n_kept(len(where), fraction))]
+            assert np.flatnonzero(got[row].numpy()).tolist() == sorted(expected.tolist()), (fraction, row)
+    # a tie for the one place: the earlier position wins
+    tie = excess_mask(torch.tensor([[1.0, 3.0, 2.0, 3.0]]), torch.zeros(1, 4), torch.ones(1, 4, dtype=torch.bool), 0.25)
+    assert tie.tolist() == [[False, True, False, False]]
+
+
+def test_excess_trains_on_the_highest_excess_loss_tokens_and_counts_the_extra_head_pass(tiny_store, records, tmp_path):
+    base = dict(store=str(tiny_store), **FAST)
+    plain = run(TrainConfig(out=str(tmp_path / "plain"), **base))
+    rho = run(TrainConfig(out=str(tmp_path / "rho"), token_rule="excess", token_fraction=0.3,
+                          reference_record=str(records["reference"]), **base))  # fmt: skip
+    m, p = (json.loads((d / "manifest.json").read_text()) for d in (rho, plain))
+    assert m["token_selection"]["rule"] == "excess" and "reference" in m["token_selection"]["records"]
+    store = TokenStore(tiny_store)
+    from predistill.modeling.models import load_model
+
+    model, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
+    head = model.get_output_embeddings().weight[: store.vocab_size].numel()
+    assert m["flops_per_token"] == p["flops_per_token"] + 2 * head  # the no-grad head pass, every position
+    assert m["tokens"] == p["tokens"] and m["flops"] > p["flops"]
+    # the same tokens however the batch is split: per instance, and the target count is known ahead
+    split = run(TrainConfig(out=str(tmp_path / "split"), token_rule="excess", token_fraction=0.3, micro_batch_size=1,
+                            reference_record=str(records["reference"]), **base))  # fmt: skip
+    np.testing.assert_allclose(
+        [json.loads(line)["lm_loss"] for line in (split / "metrics.jsonl").read_text().splitlines()],
+        [json.loads(line)["lm_loss"] for line in (rho / "metrics.jsonl").read_text().splitlines()],
+        rtol=1e-5,
+    )
+    # the first step's loss is the mean NLL over exactly the chosen tokens of the first batch
+    from predistill.stages.train import DataOrder, LossModel
+
+    selection = TokenSelection("excess", 0.3, 0, store, None, str(records["reference"]))
+    ids = DataOrder(np.arange(len(store)), seed=0).global_batch(0, 4)
+    inputs, targets, mask, reference = cpu_batch(store, ids, 32, tokens_kept=selection)
+    model, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
+    with torch.no_grad():
+        lm_sum, _, nll, _ = LossModel(model, 256, store.vocab_size, 0.3)(
+            inputs, targets, mask, None, None, 0.0, reference
+        )
+    kept = int((nll > 0).sum())  # the NLL is reported where the loss trained
+    assert kept == n_targets(store, ids, 32, selection) == sum(n_kept(int(n), 0.3) for n in mask.sum(dim=1))
+    first = json.loads((rho / "metrics.jsonl").read_text().splitlines()[0])["lm_loss"]
+    assert first == pytest.approx(float(lm_sum) / kept, rel=1e-4)

@@ -76,8 +76,8 @@ from predistill.modeling.models import (
 )
 from predistill.text.crosstok import MappingStats
 from predistill.training import distill
-from predistill.training.losses import fused_lm_loss
-from predistill.training.positions import TokenSelection
+from predistill.training.losses import fused_lm_loss, token_logprobs
+from predistill.training.positions import TokenSelection, excess_mask
 from predistill.training.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.training.schedules import alpha_at, lr_at
 
@@ -127,10 +127,15 @@ def cpu_batch(
         for row, i in enumerate(ids):
             targets = torch.from_numpy(store.loss_mask(int(i))[1 : seq_len + 1].astype(bool))
             mask[row, : len(targets)] &= targets
-    if tokens_kept is not None:  # token-level selection: the kept positions of each instance
+    batch: tuple[torch.Tensor, ...] = (tokens[:, :-1], tokens[:, 1:], mask)
+    if tokens_kept is not None and tokens_kept.during_step:  # chosen in the step: the reference's log-probs
+        reference = torch.zeros(mask.shape, dtype=torch.float32)
+        for row, (i, n) in enumerate(zip(ids, (lengths - 1).clamp(min=0).tolist())):
+            reference[row, :n] = torch.from_numpy(tokens_kept.reference_logprobs(int(i), n))
+        batch = (*batch, reference)
+    elif tokens_kept is not None:  # token-level selection: the kept positions of each instance
         for row, (i, n) in enumerate(zip(ids, (lengths - 1).clamp(min=0).tolist())):
             mask[row, :n] &= torch.from_numpy(tokens_kept.keep(int(i), n))
-    batch = (tokens[:, :-1], tokens[:, 1:], mask)
     return tuple(t.pin_memory() for t in batch) if pin else batch
 
 
@@ -186,13 +191,11 @@ def n_positions(store: TokenStore, ids, seq_len: int) -> int:
 def n_targets(store: TokenStore, ids, seq_len: int, tokens_kept: TokenSelection | None = None) -> int:
     if tokens_kept is not None:
         lengths = np.maximum(np.minimum(store.lengths[np.asarray(ids)], seq_len + 1) - 1, 0)
-        masks = [store.loss_mask(int(i))[1 : seq_len + 1].astype(bool) if store.has_loss_mask else None for i in ids]
-        return int(
-            sum(
-                np.count_nonzero(tokens_kept.keep(int(i), int(n)) & (m if m is not None else True))
-                for i, n, m in zip(ids, lengths, masks)
-            )
-        )
+        trained = [
+            store.loss_mask(int(i))[1 : seq_len + 1].astype(bool) if store.has_loss_mask else np.ones(int(n), bool)
+            for i, n in zip(ids, lengths)
+        ]
+        return sum(tokens_kept.count(int(i), m) for i, m in zip(ids, trained))
     if store.has_loss_mask:
         return int(sum(np.count_nonzero(store.loss_mask(int(i))[1 : seq_len + 1]) for i in ids))
     return n_positions(store, ids, seq_len)
@@ -208,17 +211,25 @@ class LossModel(torch.nn.Module):
     pads that follow them.
     """
 
-    def __init__(self, lm: PreTrainedModel, chunk_size: int, vocab_size: int | None = None):
+    def __init__(
+        self, lm: PreTrainedModel, chunk_size: int, vocab_size: int | None = None, excess_fraction: float = 1.0
+    ):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
+        self.excess_fraction = excess_fraction  # --token-rule excess (RHO-1): the fraction kept per instance
         # the tokenizer's ids (default: every row of the head); rows past them are padding
         self.vocab_size = vocab_size or lm.get_output_embeddings().weight.shape[0]
 
-    def forward(self, inputs, targets, mask, kd_batch=None, kd=None, alpha: float = 0.5):
-        """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions."""
+    def forward(self, inputs, targets, mask, kd_batch=None, kd=None, alpha: float = 0.5, reference=None):
+        """(Σ L_lm, Σ L_kd, per-position NLL [B, L], final hidden states) over the masked positions;
+        with the reference's log-probs [B, L] (RHO-1), over the positions of highest excess loss."""
         hidden = final_hidden(model_body(self.lm), inputs)
         weight = head_weight(self.lm, self.vocab_size)  # padded rows are not tokens
+        if reference is not None:
+            with torch.no_grad():  # the student's loss before this step's update: one more head pass, no body
+                nll = -token_logprobs(hidden.detach(), weight.detach(), targets, self.chunk_size)
+            mask = excess_mask(nll, reference, mask, self.excess_fraction)
         if kd is not None:
             lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
             return lm_sum, kd_sum, nll, hidden
@@ -475,6 +486,8 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     model.to(device)
     params = count_params(model)
     student_fpt = flops_per_token(model, store.vocab_size)
+    if tokens_kept is not None and tokens_kept.during_step:  # RHO-1's no-grad pass over the head, every position
+        student_fpt += 2 * head_weight(model, store.vocab_size).numel()
     kd = build_kd_source(cfg, store, model, device)
     # FLOPs per token when KD runs (α > 0); steps with α = 0 skip the teacher and cost student_fpt
     fpt = student_fpt + (kd.flops_per_token if kd is not None else 0)
@@ -498,7 +511,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             f"--batch-size {cfg.batch_size} must split evenly into {d.world} ranks × micro-batches of {micro}"
         )
 
-    loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size)
+    loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size, cfg.token_fraction)
     if cfg.compile:  # layer by layer (as torchtitan does): HF's body has Python-side logic between layers
         for layer in model_body(model).layers:
             layer.compile()
@@ -590,10 +603,10 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             lm_total = kd_total = 0.0
             n_micro = len(micro_ids)
             for m, (ids, batch) in enumerate(zip(micro_ids, cpu_batches)):
-                inputs, targets, mask = (t.to(device, non_blocking=True) for t in batch)
+                inputs, targets, mask, *reference = (t.to(device, non_blocking=True) for t in batch)
                 kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
                 with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
-                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd, alpha)
+                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd, alpha, *reference)
                     # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
                     loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
                 loss.backward()

@@ -13,6 +13,12 @@ earlier position), never per batch, so any split of a batch into ranks and micro
 the same tokens and normalises by the same count. The forward and backward still run over every
 token: FLOPs are those of an unselected run (the scoring passes' FLOPs are in their score tables).
 
+`excess` is RHO-1's rule (arXiv 2404.07965): the top fraction by the student's *current* loss minus
+the reference's, L_θ(x_t+1) − L_ref(x_t+1) = −log p_θ + log p_ref, chosen inside each step from a
+no-grad pass over the student's head before the loss (`excess_mask`); RHO-1 takes the top k% of a
+batch, this takes it per instance for the reason above. The extra head pass (2·H·V FLOPs per token)
+is counted in the run's FLOPs.
+
 A position-selected store keeps ⌈fraction · n⌉ of each instance's n positions: the highest teacher
 entropy (`entropy`: where the teacher's distribution says most beyond the next token — SE-KD's
 choice, arXiv 2602.01395, made with the teacher because an offline store has no student yet), the
@@ -26,12 +32,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from predistill.core.artifacts import PredistillError
 from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import DTYPE, TokenRecord
 
-RULES = ("difference", "random")
+RULES = ("difference", "excess", "random")
+DURING_STEP = ("excess",)  # rules that read the student's own per-token loss, so choose inside the step
 STORE_RULES = ("entropy", "difference", "random")
 RECENT = 4096  # masks kept: a few global batches' worth, never the corpus
 
@@ -79,10 +87,33 @@ class TokenSelection:
                 raise PredistillError("--token-rule difference needs --teacher-record and --reference-record")
             # each refuses a record of another token store, naming both hashes
             self.teacher, self.reference = TokenRecord(teacher_record, store), TokenRecord(reference_record, store)
+        if rule == "excess":
+            if not reference_record or teacher_record:
+                raise PredistillError("--token-rule excess reads --reference-record (and no --teacher-record)")
+            self.reference = TokenRecord(reference_record, store)
+
+    @property
+    def during_step(self) -> bool:
+        """Chosen inside the step from the student's own loss (`excess_mask`), not ahead (`keep`)."""
+        return self.rule in DURING_STEP
+
+    def count(self, i: int, trained: np.ndarray) -> int:
+        """How many of instance i's trained positions (`trained`, a mask) the loss takes."""
+        if self.during_step:
+            return n_kept(int(np.count_nonzero(trained)), self.fraction)
+        return int(np.count_nonzero(self.keep(i, len(trained)) & trained))
+
+    def reference_logprobs(self, i: int, n: int) -> np.ndarray:
+        """The reference's log p(x_t+1 | x_≤t) at instance i's first n positions (the excess rule)."""
+        assert self.reference is not None  # opened for `excess` and `difference`
+        return self.reference.instance(i)[0][:n]
 
     def keep(self, i: int, n: int) -> np.ndarray:
         """Boolean [n]: which of instance i's first n target positions the loss trains on (computed
-        once per instance and step: the global target count and the rank's batch both ask)."""
+        once per instance and step: the global target count and the rank's batch both ask). Rules
+        chosen during the step keep every position here."""
+        if self.during_step:
+            return np.ones(n, dtype=bool)
         key = (i, n)
         if key not in self._recent:
             if len(self._recent) >= RECENT:
@@ -105,6 +136,25 @@ class TokenSelection:
             if r is not None
         }
         return {"rule": self.rule, "fraction": self.fraction, "records": records}
+
+
+def excess_mask(
+    nll: torch.Tensor, reference_logprob: torch.Tensor, mask: torch.Tensor, fraction: float
+) -> torch.Tensor:
+    """RHO-1's choice, per row: of the positions `mask` marks (m of them), the ⌈fraction · m⌉ (at
+    least one) with the highest excess loss nll − (−log p_ref) (ties to the earlier position; NaN
+    ranks last) — `n_kept` and `top_positions` applied to each row's masked positions."""
+    mask = mask.bool()
+    score = (nll.float() + reference_logprob.float()).masked_fill(~mask, 0.0)
+    missing = torch.isnan(score)
+    # lexicographic order by stable sorts, last key first: masked-in, then not NaN, then score, then position
+    order = torch.sort(score.nan_to_num(0.0), dim=1, descending=True, stable=True).indices
+    for key in (missing, ~mask):
+        order = order.gather(1, torch.sort(key.gather(1, order).to(torch.uint8), dim=1, stable=True).indices)
+    m = mask.sum(dim=1)
+    k = torch.where(m > 0, torch.ceil(fraction * m - 1e-9).clamp(min=1).minimum(m), m)
+    ranks = torch.arange(mask.shape[1], device=mask.device).expand_as(order)
+    return torch.zeros_like(mask).scatter(1, order, ranks < k[:, None])
 
 
 def record_values(rows: np.ndarray) -> np.ndarray:

@@ -98,14 +98,18 @@ class TrainConfig:
         None,
         "token-level selection (docs/positions.md): the LM loss trains on --token-fraction of each instance's "
         "positions — difference: the top ones by log p_teacher − log p_ref per token (--teacher-record, "
-        "--reference-record from `score --token-record`); random: a seeded subset of the same size (the control)",
+        "--reference-record from `score --token-record`); excess: RHO-1's, the top ones by the student's own loss "
+        "minus the reference's, chosen at each step (--reference-record); random: a seeded subset of the same size "
+        "(the control)",
         choices=POSITION_RULES,
     )
     token_fraction: float = option(
         1.0, "--token-rule: fraction of each instance's target positions kept", interval="(0, 1]"
     )
     teacher_record: str | None = option(None, "--token-rule difference: the teacher's token record", metavar="TDIR")
-    reference_record: str | None = option(None, "--token-rule difference: the reference's token record", metavar="TDIR")
+    reference_record: str | None = option(
+        None, "--token-rule difference, excess: the reference's token record", metavar="TDIR"
+    )
     out: str = option("", 'run directory', effect=Effect.NONE)
     name: str | None = option(None, 'method label shown in reports (default: derived from the KD settings)')
     steps: int = option(100, 'optimizer steps', interval="[1, inf)")
@@ -235,8 +239,12 @@ class TrainConfig:
             raise PredistillError("--token-fraction < 1 needs a --token-rule (difference or random)")
         if self.token_rule == "difference" and not (self.teacher_record and self.reference_record):
             raise PredistillError("--token-rule difference needs --teacher-record and --reference-record")
-        if (self.teacher_record or self.reference_record) and self.token_rule != "difference":
-            raise PredistillError("--teacher-record/--reference-record are read by --token-rule difference only")
+        if self.token_rule == "excess" and not self.reference_record:
+            raise PredistillError("--token-rule excess needs --reference-record")
+        if self.teacher_record and self.token_rule != "difference":
+            raise PredistillError("--teacher-record is read by --token-rule difference only")
+        if self.reference_record and self.token_rule not in ("difference", "excess"):
+            raise PredistillError("--reference-record is read by --token-rule difference and excess only")
         if self.lr_schedule not in LR_SCHEDULES:
             raise PredistillError(f"unknown --lr-schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         if self.alpha_schedule not in ALPHA_SCHEDULES:
