@@ -3,10 +3,11 @@
     python recipes/positions_curve.py docs/positions-study.json docs/positions.json
 
 `rule`: `full` (the RS-KD store at every position), a position-selected store's rule (`entropy`,
-`difference`) or its control `random-positions`, a token rule `token-difference` or its control
-`random-tokens`; runs without either (Pre-Train w/o KD) go to `baseline`. `store_bytes_per_token`
-is what the run reads of the teacher per token of the corpus: the logits store's bytes over all
-positions, the two token records' for `token-difference`, 0 for `random-tokens`. `flops` are the
+`difference`) or its control `random-positions`, a token rule (`token-difference`, RHO-1's
+`token-excess`) or their control `random-tokens`; runs without either (Pre-Train w/o KD) go to
+`baseline`. `store_bytes_per_token` is what the run reads per token of the corpus: the logits
+store's bytes over all positions, the token records' (two for `token-difference`, the reference's
+for `token-excess`), 0 for `random-tokens`. `flops` are the
 run's training FLOPs; the teacher passes' are in `teacher_flops_offline` (one pass for every store).
 """
 
