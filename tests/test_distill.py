@@ -191,6 +191,8 @@ def test_minillm_with_a_teacher_of_another_tokenizer_is_refused(tiny_store, tmp_
         (dict(alpha=0.5), "needs a KD source"),
         (dict(kd_teacher="x", kd_logits="y", alpha=0.5), "not both"),
         (dict(kd_logits="y"), "--alpha 0 would be ignored"),
+        (dict(kd_positions="student-entropy", kd_position_fraction=0.2), "needs --kd-logits or --kd-teacher"),
+        (dict(kd_logits="y", alpha=0.5, kd_position_fraction=0.2), "needs --kd-positions student-entropy"),
     ],
 )
 def test_inconsistent_kd_settings_are_refused(tiny_store, tmp_path, kwargs, message):
@@ -377,3 +379,89 @@ def test_sharding_for_inference_keeps_the_teachers_outputs(teacher_dir, tmp_path
         assert type(sharded.get_output_embeddings().weight) is torch.nn.Parameter  # not a DTensor
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# SE-KD (`--kd-positions student-entropy`): the KD term where the student's entropy is highest
+# ---------------------------------------------------------------------------------------------
+def _chosen_by_student_entropy(student, inputs, mask, fraction):
+    """Written out: per row, the ⌈fraction · m⌉ masked positions of highest entropy of the student's
+    full-vocabulary distribution (ties to the earlier position)."""
+    from predistill.training.positions import n_kept, top_positions
+
+    with torch.no_grad():
+        logp = torch.log_softmax(student(input_ids=inputs).logits.float(), -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    chosen = torch.zeros_like(mask)
+    for row in range(mask.shape[0]):
+        where = torch.nonzero(mask[row]).flatten().numpy()
+        keep = top_positions(entropy[row].numpy()[where], n_kept(len(where), fraction))
+        chosen[row, where[keep]] = True
+    return chosen, logp
+
+
+@pytest.mark.parametrize("source", ["online", "offline"])
+def test_se_kd_first_step_is_the_kd_loss_at_the_students_most_uncertain_positions(
+    tiny_store, teacher_dir, logits_dir, tmp_path, source
+):
+    from predistill.stages.train import DataOrder, make_batch
+    from predistill.training.kd import kd_loss
+
+    kd_source = {"kd_teacher": str(teacher_dir)} if source == "online" else {"kd_logits": str(logits_dir)}
+    out = run(TrainConfig(store=str(tiny_store), out=str(tmp_path / "sekd"), alpha=0.5, alpha_schedule="constant",
+                          kd=KDConfig(loss="nll"), kd_positions="student-entropy", kd_position_fraction=0.25,
+                          **kd_source, **{**FAST, "steps": 1}))  # fmt: skip
+    store = TokenStore(tiny_store)
+    student, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
+    ids = DataOrder(np.arange(len(store)), 0).global_batch(0, 4)
+    inputs, targets, mask = make_batch(store, ids, 64, "cpu")
+    chosen, log_q = _chosen_by_student_entropy(student, inputs, mask, 0.25)
+    if source == "online":
+        teacher, _ = load_model(str(teacher_dir))
+        with torch.no_grad():
+            p_t = torch.softmax(teacher(input_ids=inputs).logits.float(), -1)
+        kd_sum = float(-(p_t * log_q).sum(-1)[chosen].sum())
+    else:
+        stored = LogitsStore(logits_dir, store).read_batch(ids, inputs.shape[1])
+        with torch.no_grad():
+            hidden = student.model(input_ids=inputs).last_hidden_state
+        only = type(stored)(stored.ids, stored.logprobs, stored.mask & chosen[..., None])
+        _, per_position = kd_loss(hidden, student.lm_head.weight, only, KDConfig(loss="nll"), mask)
+        kd_sum = float(per_position.detach().sum())
+    row = metrics(out)[0]
+    lm = -log_q.gather(-1, targets[..., None]).squeeze(-1)[mask].mean()
+    assert row["lm_loss"] == pytest.approx(float(lm), rel=1e-4)  # the LM term at every position
+    assert row["kd_loss"] == pytest.approx(kd_sum / int(mask.sum()), rel=1e-4)  # KD at the chosen ones only
+    m = manifest(out)
+    head = 2 * student.get_output_embeddings().weight[: store.vocab_size].numel()
+    teacher_fpt = forward_flops_per_token(load_model(str(teacher_dir))[0]) if source == "online" else 0
+    assert m["flops_per_token"] == flops_per_token(student, store.vocab_size) + teacher_fpt + head
+    assert m["method"].endswith("at student-entropy positions (0.25)")
+
+
+def test_se_kd_online_gradient_is_lm_everywhere_and_kd_at_the_chosen_positions(tiny_store, teacher_dir):
+    """The online source's split (LM + KD on the chosen rows, LM alone on the rest) has the gradient of
+    (1 − α)·Σ NLL + α·Σ KD(chosen), written out with plain autograd."""
+    from predistill.stages.train import make_batch
+    from predistill.training.distill import OnlineTeacher
+
+    store = TokenStore(tiny_store)
+    teacher = OnlineTeacher(str(teacher_dir), store, KDConfig(loss="kld"), torch.device("cpu"), 64)
+    student, _ = load_model("preset:tiny", store.tokenizer(), seed=0)
+    inputs, targets, mask = make_batch(store, [0, 1, 2], 64, "cpu")
+    chosen, _ = _chosen_by_student_entropy(student, inputs, mask, 0.3)
+    with torch.no_grad():
+        hidden0 = student.model(input_ids=inputs).last_hidden_state
+        p_t = torch.softmax(load_model(str(teacher_dir))[0](input_ids=inputs).logits.float(), -1)
+    weight = student.lm_head.weight.detach()
+    alpha = 0.7
+    h = hidden0.clone().requires_grad_()
+    lm_sum, kd_sum, _, _ = teacher.losses(h, weight, inputs, targets, mask, teacher.only_at(None, chosen), alpha)
+    ((1 - alpha) * lm_sum + alpha * kd_sum).backward()
+    ref = hidden0.clone().requires_grad_()
+    log_q = torch.log_softmax(ref @ weight.t(), -1)
+    nll = -log_q.gather(-1, targets[..., None]).squeeze(-1)[mask].sum()
+    kld = (p_t * (torch.log(p_t.clamp_min(1e-30)) - log_q)).sum(-1)[chosen].sum()
+    ((1 - alpha) * nll + alpha * kld).backward()
+    assert float(lm_sum) == pytest.approx(float(nll), rel=1e-4) and float(kd_sum) == pytest.approx(float(kld), rel=1e-3)
+    torch.testing.assert_close(h.grad, ref.grad, rtol=1e-3, atol=1e-5)

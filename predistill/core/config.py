@@ -333,6 +333,15 @@ def _typed(leaf: Leaf, value: Any, path: Path) -> Any:
     return value
 
 
+def check_recorded(cls: type, values: dict[str, Any], where: str | Path) -> None:
+    """Settings as an artifact recorded them (flat keys, e.g. a run's config): each one `cls` declares
+    must have the declared type, be among its choices and lie in its range; the first that does not
+    is named. Keys `cls` does not declare are left alone (a reader uses only its own)."""
+    for leaf in leaves(cls):
+        if leaf.key in values:
+            check_value(leaf, _typed(leaf, values[leaf.key], Path(where)))
+
+
 def from_flat(cls: type[C], values: dict[str, Any]) -> C:
     """Build config `cls` from flat settings (keys as `leaves` names them); the rest keep defaults."""
     nested: dict[str, Any] = {}

@@ -76,8 +76,8 @@ from predistill.modeling.models import (
 )
 from predistill.text.crosstok import MappingStats
 from predistill.training import distill
-from predistill.training.losses import fused_lm_loss, token_logprobs
-from predistill.training.positions import TokenSelection, excess_mask
+from predistill.training.losses import fused_lm_loss, token_entropies, token_logprobs
+from predistill.training.positions import TokenSelection, excess_mask, top_per_row
 from predistill.training.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.training.schedules import alpha_at, lr_at
 
@@ -212,12 +212,18 @@ class LossModel(torch.nn.Module):
     """
 
     def __init__(
-        self, lm: PreTrainedModel, chunk_size: int, vocab_size: int | None = None, excess_fraction: float = 1.0
+        self,
+        lm: PreTrainedModel,
+        chunk_size: int,
+        vocab_size: int | None = None,
+        excess_fraction: float = 1.0,
+        kd_position_fraction: float | None = None,
     ):
         super().__init__()
         self.lm = lm
         self.chunk_size = chunk_size
         self.excess_fraction = excess_fraction  # --token-rule excess (RHO-1): the fraction kept per instance
+        self.kd_position_fraction = kd_position_fraction  # --kd-positions student-entropy (SE-KD)
         # the tokenizer's ids (default: every row of the head); rows past them are padding
         self.vocab_size = vocab_size or lm.get_output_embeddings().weight.shape[0]
 
@@ -230,6 +236,10 @@ class LossModel(torch.nn.Module):
             with torch.no_grad():  # the student's loss before this step's update: one more head pass, no body
                 nll = -token_logprobs(hidden.detach(), weight.detach(), targets, self.chunk_size)
             mask = excess_mask(nll, reference, mask, self.excess_fraction)
+        if kd is not None and self.kd_position_fraction is not None:
+            # SE-KD: the KD term where the student is least sure (its entropy, before this step's update)
+            entropy = token_entropies(hidden.detach(), weight.detach(), self.chunk_size)
+            kd_batch = kd.only_at(kd_batch, top_per_row(entropy, mask, self.kd_position_fraction))
         if kd is not None:
             lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
             return lm_sum, kd_sum, nll, hidden
@@ -401,6 +411,8 @@ def method_label(cfg: TrainConfig) -> str:
         base = "MiniPLM + PD" if cfg.selection else "PD"
     else:
         base = "MiniPLM" if cfg.selection else "Pre-Train w/o KD"
+    if cfg.kd_positions:
+        base = f"{base} at {cfg.kd_positions} positions ({cfg.kd_position_fraction:g})"
     return f"{base} + tokens ({cfg.token_rule}, {cfg.token_fraction:g})" if cfg.token_rule else base
 
 
@@ -486,11 +498,13 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     model.to(device)
     params = count_params(model)
     student_fpt = flops_per_token(model, store.vocab_size)
-    if tokens_kept is not None and tokens_kept.during_step:  # RHO-1's no-grad pass over the head, every position
-        student_fpt += 2 * head_weight(model, store.vocab_size).numel()
+    # RHO-1's and SE-KD's no-grad passes over the student's head, at every position
+    head_pass = 2 * head_weight(model, store.vocab_size).numel()
+    if tokens_kept is not None and tokens_kept.during_step:
+        student_fpt += head_pass
     kd = build_kd_source(cfg, store, model, device)
     # FLOPs per token when KD runs (α > 0); steps with α = 0 skip the teacher and cost student_fpt
-    fpt = student_fpt + (kd.flops_per_token if kd is not None else 0)
+    fpt = student_fpt + (kd.flops_per_token + (head_pass if cfg.kd_positions else 0) if kd is not None else 0)
     saver = _logits_saver(cfg, store, model, d) if cfg.save_logits else None
 
     mean_targets = float(np.mean(np.maximum(np.minimum(store.lengths[train_ids], cfg.seq_len + 1) - 1, 0)))
@@ -511,7 +525,13 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             f"--batch-size {cfg.batch_size} must split evenly into {d.world} ranks × micro-batches of {micro}"
         )
 
-    loss_model = LossModel(model, cfg.loss_chunk, store.vocab_size, cfg.token_fraction)
+    loss_model = LossModel(
+        model,
+        cfg.loss_chunk,
+        store.vocab_size,
+        cfg.token_fraction,
+        cfg.kd_position_fraction if cfg.kd_positions else None,
+    )
     if cfg.compile:  # layer by layer (as torchtitan does): HF's body has Python-side logic between layers
         for layer in model_body(model).layers:
             layer.compile()

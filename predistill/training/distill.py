@@ -43,7 +43,7 @@ from predistill.modeling.models import (
 from predistill.text.crosstok import MappingStats, Speller, VocabMap, align, map_targets
 from predistill.text.retokenize import retokenize
 from predistill.training.kd import KDConfig, fused_lm_kd_loss, fused_lm_uld_loss, fused_online_lm_kd_loss
-from predistill.training.losses import lm_loss
+from predistill.training.losses import fused_lm_loss, lm_loss
 
 
 class KDSource(Protocol):
@@ -62,6 +62,13 @@ class KDSource(Protocol):
         the loss as (1 − α)·Σ L_lm + α·Σ L_kd (times any common factor), the per-position values
         are for logging."""
         ...
+
+    def only_at(self, kd_batch: Any, positions: torch.Tensor) -> Any:
+        """`kd_batch` with the KD term restricted to `positions` [B, L] (bool; `train --kd-positions`):
+        the LM term still covers every position. Default: teacher entries (TeacherTargets) masked."""
+        return TeacherTargets(
+            kd_batch.ids, kd_batch.logprobs, kd_batch.mask & positions.to(kd_batch.mask.device)[..., None]
+        )
 
     def take_counts(self) -> list[float] | None:
         """Counters since the last call that `train` sums over ranks and the run (a cross-tokenizer
@@ -334,12 +341,24 @@ class OnlineTeacher(KDSource):
     def batch(self, ids, inputs: torch.Tensor):
         return None
 
+    def only_at(self, kd_batch, positions: torch.Tensor):
+        return positions  # the teacher runs in `losses`: its KD rows are these positions
+
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         with torch.no_grad():
             teacher_hidden = final_hidden(self.body, inputs)
-        return fused_online_lm_kd_loss(
-            hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask, weights=(1 - alpha, alpha)
+        weights = (1 - alpha, alpha)
+        if kd_batch is None:
+            return fused_online_lm_kd_loss(
+                hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask, weights=weights
+            )
+        # the KD term at the chosen positions only: LM + KD there, LM alone elsewhere (disjoint rows)
+        chosen, rest = mask & kd_batch, mask & ~kd_batch
+        lm_sum, kd_sum, lm_pp, kd_pp = fused_online_lm_kd_loss(
+            hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, chosen, weights=weights
         )
+        rest_sum, rest_rows = fused_lm_loss(hidden[rest], weight, targets[rest], self.chunk_size)
+        return lm_sum + rest_sum, kd_sum, lm_pp.masked_scatter(rest, rest_rows.to(lm_pp.dtype)), kd_pp
 
 
 class MiniLLM(OnlineTeacher):

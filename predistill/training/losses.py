@@ -72,6 +72,18 @@ def token_logprobs(
     return flat.view(targets.shape)
 
 
+@torch.no_grad()
+def token_entropies(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """The entropy of softmax(hidden @ weightᵀ) per row, in nats: hidden [..., H] → [...] fp32, `chunk_size`
+    rows of logits at a time (no gradient: it chooses positions, it is not a loss)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, flat.shape[0], chunk_size):
+        logp = torch.log_softmax(flat[start : start + chunk_size].float() @ weight.float().t(), dim=-1)
+        out[start : start + chunk_size] = torch.special.entr(logp.exp()).sum(dim=-1)  # −Σ p ln p, 0 ln 0 = 0
+    return out.view(hidden.shape[:-1])
+
+
 def inference_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:

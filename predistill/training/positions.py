@@ -13,6 +13,10 @@ earlier position), never per batch, so any split of a batch into ranks and micro
 the same tokens and normalises by the same count. The forward and backward still run over every
 token: FLOPs are those of an unselected run (the scoring passes' FLOPs are in their score tables).
 
+`train --kd-positions student-entropy` is SE-KD's choice (arXiv 2602.01395): the KD term only at
+the top fraction of each instance's positions by the *student's* entropy, chosen in each step from a
+no-grad pass over its head (counted in FLOPs), the LM term at every position (`top_per_row`).
+
 `excess` is RHO-1's rule (arXiv 2404.07965): the top fraction by the student's *current* loss minus
 the reference's, L_θ(x_t+1) − L_ref(x_t+1) = −log p_θ + log p_ref, chosen inside each step from a
 no-grad pass over the student's head before the loss (`excess_mask`); RHO-1 takes the top k% of a
@@ -39,6 +43,7 @@ from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import DTYPE, TokenRecord
 
 RULES = ("difference", "excess", "random")
+KD_POSITION_RULES = ("student-entropy",)  # train --kd-positions: where the KD term applies, chosen in the step
 DURING_STEP = ("excess",)  # rules that read the student's own per-token loss, so choose inside the step
 STORE_RULES = ("entropy", "difference", "random")
 RECENT = 4096  # masks kept: a few global batches' worth, never the corpus
@@ -141,11 +146,16 @@ class TokenSelection:
 def excess_mask(
     nll: torch.Tensor, reference_logprob: torch.Tensor, mask: torch.Tensor, fraction: float
 ) -> torch.Tensor:
-    """RHO-1's choice, per row: of the positions `mask` marks (m of them), the ⌈fraction · m⌉ (at
-    least one) with the highest excess loss nll − (−log p_ref) (ties to the earlier position; NaN
-    ranks last) — `n_kept` and `top_positions` applied to each row's masked positions."""
+    """RHO-1's choice, per row: the top positions by excess loss nll − (−log p_ref) (`top_per_row`)."""
+    return top_per_row(nll.float() + reference_logprob.float(), mask, fraction)
+
+
+def top_per_row(score: torch.Tensor, mask: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per row: of the positions `mask` marks (m of them), the ⌈fraction · m⌉ (at least one) with the
+    highest `score` (ties to the earlier position; NaN ranks last) — `n_kept` and `top_positions`
+    applied to each row's masked positions."""
     mask = mask.bool()
-    score = (nll.float() + reference_logprob.float()).masked_fill(~mask, 0.0)
+    score = score.float().masked_fill(~mask, 0.0)
     missing = torch.isnan(score)
     # lexicographic order by stable sorts, last key first: masked-in, then not NaN, then score, then position
     order = torch.sort(score.nan_to_num(0.0), dim=1, descending=True, stable=True).indices

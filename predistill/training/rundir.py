@@ -25,6 +25,7 @@ from predistill.core.config import (
     EXECUTION,
     Effect,
     check_ranges,
+    check_recorded,
     flat_identity,
     from_flat,
     keys_with_effect,
@@ -35,6 +36,7 @@ from predistill.core.config import (
 from predistill.modeling.models import ATTN_IMPLS
 from predistill.training.kd import KDConfig
 from predistill.training.losses import DEFAULT_CHUNK
+from predistill.training.positions import KD_POSITION_RULES
 from predistill.training.positions import RULES as POSITION_RULES
 from predistill.training.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
 
@@ -60,6 +62,10 @@ def check_run_manifest(manifest: dict, where: str | Path) -> None:
     """A complete run's manifest as `train` writes it; the first field that is not is named."""
     check_fields(manifest, where, SCHEMA)
     check_fields(manifest["params"], f"{where}: params", {"total": COUNT, "non_embedding": COUNT})
+    try:  # the recorded settings, by their declared types, choices and ranges (report and resume read them)
+        check_recorded(TrainConfig, manifest["config"], f"{where}: config")
+    except PredistillError as e:
+        raise PredistillError(f"{e} (corrupted run)") from None
     loss = manifest.get("final_val_loss")  # None: a run without a held-out store
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
         raise PredistillError(f"{where}: final_val_loss = {loss!r} is not a number (corrupted run)")
@@ -175,6 +181,15 @@ class TrainConfig:
         None, 'online teacher model spec, full-vocabulary KD (Vanilla KD); its FLOPs are counted'
     )
     kd: KDConfig = option(default_factory=KDConfig)  # flags --kd-loss, --temperature, --kd-tail, …
+    kd_positions: str | None = option(
+        None,
+        "student-entropy: SE-KD, the KD term only at the --kd-position-fraction of each instance's positions where "
+        "the student's own entropy is highest, chosen in each step (the LM term everywhere; docs/positions.md)",
+        choices=KD_POSITION_RULES,
+    )
+    kd_position_fraction: float = option(
+        1.0, "--kd-positions: fraction of each instance's positions that get the KD term", interval="(0, 1]"
+    )
     # a by-product written step by step: a run cannot resume across it, a comparison of methods ignores it
     save_logits: str | None = option(
         None, "write this model's own top-p-k logits store while it trains (PD's online logits)", effect=Effect.MEASURE
@@ -257,6 +272,14 @@ class TrainConfig:
             raise PredistillError("give one KD source: --kd-logits or --kd-teacher, not both")
         if self.minillm and not self.kd_teacher:
             raise PredistillError("--minillm needs an online teacher: --kd-teacher MODEL")
+        if self.kd_position_fraction < 1 and not self.kd_positions:
+            raise PredistillError("--kd-position-fraction < 1 needs --kd-positions student-entropy")
+        if self.kd_positions and not (self.kd_logits or self.kd_teacher):
+            raise PredistillError(
+                "--kd-positions chooses where the KD term applies: it needs --kd-logits or --kd-teacher"
+            )
+        if self.kd_positions and self.minillm:
+            raise PredistillError("--kd-positions is for KD on the corpus's positions, not MiniLLM's samples")
         if (self.kd_logits or self.kd_teacher) and self.alpha == 0:
             raise PredistillError("a KD source with --alpha 0 would be ignored; set --alpha")
         check_ranges(self)  # every declared interval (the CLI checked them too; a config built in code is checked here)
