@@ -3,7 +3,8 @@
     python recipes/positions_curve.py docs/positions-study.json docs/positions.json
 
 `rule`: `full` (the RS-KD store at every position), a position-selected store's rule (`entropy`,
-`difference`) or its control `random-positions`, a token rule (`token-difference`, RHO-1's
+`difference`) or its control `random-positions`, SE-KD's `student-entropy` (the full store, the KD
+term where the student is least sure), a token rule (`token-difference`, RHO-1's
 `token-excess`) or their control `random-tokens`; runs without either (Pre-Train w/o KD) go to
 `baseline`. `store_bytes_per_token` is what the run reads per token of the corpus: the logits
 store's bytes over all positions, the token records' (two for `token-difference`, the reference's
@@ -26,7 +27,9 @@ def curve(report: dict) -> dict:
     for r in report["runs"]:
         chosen = r.get("positions") or {}
         row = {"seed": r["seed"], "heldout_loss": r["heldout_loss"], "flops": r["flops"]}
-        if "store" in chosen:
+        if "kd" in chosen:  # SE-KD: the KD term at positions chosen in the step, from the full store
+            rule, fraction, stored = chosen["kd"]["rule"], chosen["kd"]["fraction"], None
+        elif "store" in chosen:
             rule, fraction, stored = STORE_RULES[chosen["store"]["rule"]], chosen["store"]["fraction"], None
         elif "token" in chosen:
             rule, fraction = TOKEN_RULES[chosen["token"]["rule"]], chosen["token"]["fraction"]

@@ -298,7 +298,7 @@ def test_train_on_a_selected_store_records_its_positions(tiny_store, passes, tmp
     out = train(TrainConfig(model="preset:tiny", store=str(tiny_store), out=str(tmp_path / "run"), steps=3, batch_size=4,
                             seq_len=32, lr=3e-3, eval_instances=8, kd_logits=str(tmp_path / "sel"), alpha=0.5))  # fmt: skip
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["kd_positions"] == {"rule": "entropy", "fraction": 0.2}
+    assert manifest["kd_logits_positions"] == {"rule": "entropy", "fraction": 0.2}
     kd = [json.loads(line)["kd_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(k is not None and k > 0 for k in kd)  # α > 0 on some step (the default WSD α schedule)
     from predistill.stages.report import summarize_run
@@ -328,6 +328,7 @@ def test_the_positions_curve_names_each_run_by_its_rule_and_control():
         run | {"kd_logits": "L", "logits_bytes_per_token": 1.6, "positions": {"store": {"rule": "random", "fraction": 0.2}}},
         run | {"positions": {"token": {"rule": "difference", "fraction": 0.5}}},
         run | {"positions": {"token": {"rule": "random", "fraction": 0.5}}},
+        run | {"kd_logits": "L", "logits_bytes_per_token": 7.5, "positions": {"kd": {"rule": "student-entropy", "fraction": 0.2}}},
     ]}  # fmt: skip
     out = module.curve(report)
     assert [(r["rule"], r["fraction"], r["store_bytes_per_token"]) for r in out["runs"]] == [
@@ -335,6 +336,7 @@ def test_the_positions_curve_names_each_run_by_its_rule_and_control():
         ("full", 1.0, 7.5),
         ("random-positions", 0.2, 1.6),
         ("random-tokens", 0.5, 0.0),
+        ("student-entropy", 0.2, 7.5),
         ("token-difference", 0.5, 8.0),
     ]
     assert out["baseline"] == [{"seed": 1, "heldout_loss": 5.0, "flops": 1e12}]

@@ -264,7 +264,8 @@ class RunSummary:
     teacher_flops_sources: list[str] = field(default_factory=list)
     logits_bytes_per_token: float | None = None
     # which positions the run trained or distilled on, by level: "token" (train --token-rule), "store"
-    # (a position-selected --kd-logits store) → {"rule", "fraction"}; empty: every position
+    # (a position-selected --kd-logits store), "kd" (train --kd-positions) → {"rule", "fraction"};
+    # empty: every position
     positions: dict[str, dict] = field(default_factory=dict)
     selection: str | None = None
     kd_logits: str | None = None
@@ -396,10 +397,12 @@ def summarize_run(run: str) -> RunSummary:
     s.teacher_flops_offline, s.teacher_flops_sources = offline_teacher_flops(selection, kd_logits, store)
     if kd_logits is not None:
         s.logits_bytes_per_token = _number((_read_json(kd_logits / MANIFEST) or {}).get("bytes_per_token"))
-    for level, key in (("token", "token_selection"), ("store", "kd_positions")):
+    for level, key in (("token", "token_selection"), ("store", "kd_logits_positions")):
         chosen = manifest.get(key)
         if isinstance(chosen, dict) and isinstance(chosen.get("rule"), str) and _number(chosen.get("fraction")):
             s.positions[level] = {"rule": chosen["rule"], "fraction": _number(chosen["fraction"])}
+    if isinstance(config.get("kd_positions"), str) and _number(config.get("kd_position_fraction")):  # SE-KD
+        s.positions["kd"] = {"rule": config["kd_positions"], "fraction": _number(config["kd_position_fraction"])}
 
     command = config.get("command")
     if isinstance(command, str) and command:

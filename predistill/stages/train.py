@@ -377,7 +377,7 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
 # --- the run ------------------------------------------------------------------------------------
 
 
-def _kd_positions(cfg: TrainConfig) -> dict | None:
+def _kd_logits_positions(cfg: TrainConfig) -> dict | None:
     """What chose the positions of a position-selected --kd-logits store (None: every position)."""
     return read_manifest(cfg.kd_logits, LOGITS_FORMAT, "logits store").get("positions") if cfg.kd_logits else None
 
@@ -749,7 +749,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
             }
             | ({"kd_alignment": alignment} if kd is not None and (alignment := kd.alignment(kd_counts)) else {})
             | ({"token_selection": tokens_kept.describe()} if tokens_kept is not None else {})
-            | ({"kd_positions": positions} if (positions := _kd_positions(cfg)) else {}),
+            | ({"kd_logits_positions": positions} if (positions := _kd_logits_positions(cfg)) else {}),
         )
         print(
             f"predistill: {out}: {steps} steps, {tokens_seen} tokens, {flops:.3e} training FLOPs"
