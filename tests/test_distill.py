@@ -401,7 +401,7 @@ def _chosen_by_student_entropy(student, inputs, mask, fraction):
 
 
 @pytest.mark.parametrize("source", ["online", "offline"])
-def test_se_kd_first_step_is_the_kd_loss_at_the_students_most_uncertain_positions(
+def test_se_kd_first_step_is_the_teachers_kd_at_the_students_most_uncertain_positions_and_the_data_elsewhere(
     tiny_store, teacher_dir, logits_dir, tmp_path, source
 ):
     from predistill.stages.train import DataOrder, make_batch
@@ -416,22 +416,23 @@ def test_se_kd_first_step_is_the_kd_loss_at_the_students_most_uncertain_position
     ids = DataOrder(np.arange(len(store)), 0).global_batch(0, 4)
     inputs, targets, mask = make_batch(store, ids, 64, "cpu")
     chosen, log_q = _chosen_by_student_entropy(student, inputs, mask, 0.25)
+    nll = -log_q.gather(-1, targets[..., None]).squeeze(-1)
+    elsewhere = float(nll[mask & ~chosen].sum())  # the data's next token as the target: the NLL
     if source == "online":
         teacher, _ = load_model(str(teacher_dir))
         with torch.no_grad():
             p_t = torch.softmax(teacher(input_ids=inputs).logits.float(), -1)
-        kd_sum = float(-(p_t * log_q).sum(-1)[chosen].sum())
+        kd_sum = float(-(p_t * log_q).sum(-1)[chosen].sum()) + elsewhere
     else:
         stored = LogitsStore(logits_dir, store).read_batch(ids, inputs.shape[1])
         with torch.no_grad():
             hidden = student.model(input_ids=inputs).last_hidden_state
         only = type(stored)(stored.ids, stored.logprobs, stored.mask & chosen[..., None])
         _, per_position = kd_loss(hidden, student.lm_head.weight, only, KDConfig(loss="nll"), mask)
-        kd_sum = float(per_position.detach().sum())
+        kd_sum = float(per_position.detach().sum()) + elsewhere
     row = metrics(out)[0]
-    lm = -log_q.gather(-1, targets[..., None]).squeeze(-1)[mask].mean()
-    assert row["lm_loss"] == pytest.approx(float(lm), rel=1e-4)  # the LM term at every position
-    assert row["kd_loss"] == pytest.approx(kd_sum / int(mask.sum()), rel=1e-4)  # KD at the chosen ones only
+    assert row["lm_loss"] == pytest.approx(float(nll[mask].mean()), rel=1e-4)  # the LM term at every position
+    assert row["kd_loss"] == pytest.approx(kd_sum / int(mask.sum()), rel=1e-4)
     m = manifest(out)
     head = 2 * student.get_output_embeddings().weight[: store.vocab_size].numel()
     teacher_fpt = forward_flops_per_token(load_model(str(teacher_dir))[0]) if source == "online" else 0
@@ -440,8 +441,8 @@ def test_se_kd_first_step_is_the_kd_loss_at_the_students_most_uncertain_position
 
 
 def test_se_kd_online_gradient_is_lm_everywhere_and_kd_at_the_chosen_positions(tiny_store, teacher_dir):
-    """The online source's split (LM + KD on the chosen rows, LM alone on the rest) has the gradient of
-    (1 − α)·Σ NLL + α·Σ KD(chosen), written out with plain autograd."""
+    """The online source's split (LM + KD on the chosen rows, the NLL at full weight on the rest) has
+    the gradient of (1 − α)·Σ NLL + α·(Σ KD(chosen) + Σ NLL(rest)), written out with plain autograd."""
     from predistill.stages.train import make_batch
     from predistill.training.distill import OnlineTeacher
 
@@ -456,12 +457,16 @@ def test_se_kd_online_gradient_is_lm_everywhere_and_kd_at_the_chosen_positions(t
     weight = student.lm_head.weight.detach()
     alpha = 0.7
     h = hidden0.clone().requires_grad_()
-    lm_sum, kd_sum, _, _ = teacher.losses(h, weight, inputs, targets, mask, teacher.only_at(None, chosen), alpha)
+    lm_sum, kd_sum, _, _ = teacher.losses(
+        h, weight, inputs, targets, mask, teacher.only_at(None, chosen, targets), alpha
+    )
     ((1 - alpha) * lm_sum + alpha * kd_sum).backward()
     ref = hidden0.clone().requires_grad_()
     log_q = torch.log_softmax(ref @ weight.t(), -1)
-    nll = -log_q.gather(-1, targets[..., None]).squeeze(-1)[mask].sum()
-    kld = (p_t * (torch.log(p_t.clamp_min(1e-30)) - log_q)).sum(-1)[chosen].sum()
+    per_nll = -log_q.gather(-1, targets[..., None]).squeeze(-1)
+    nll = per_nll[mask].sum()
+    kld = (p_t * (torch.log(p_t.clamp_min(1e-30)) - log_q)).sum(-1)[chosen].sum() + per_nll[mask & ~chosen].sum()
     ((1 - alpha) * nll + alpha * kld).backward()
-    assert float(lm_sum) == pytest.approx(float(nll), rel=1e-4) and float(kd_sum) == pytest.approx(float(kld), rel=1e-3)
+    assert float(lm_sum) == pytest.approx(float(nll), rel=1e-4)
+    assert float(kd_sum) == pytest.approx(float(kld.detach()), rel=1e-3)
     torch.testing.assert_close(h.grad, ref.grad, rtol=1e-3, atol=1e-5)

@@ -341,3 +341,32 @@ def test_the_positions_curve_names_each_run_by_its_rule_and_control():
     ]
     assert out["baseline"] == [{"seed": 1, "heldout_loss": 5.0, "flops": 1e12}]
     assert set(out["runs"][0]) >= {"rule", "fraction", "seed", "heldout_loss", "store_bytes_per_token", "flops"}
+
+
+def test_where_a_selected_store_kept_no_distribution_the_kd_target_is_the_data(tiny_store, passes, tmp_path):
+    """The KD source of a position-selected store: the teacher's entries where kept; elsewhere the
+    data's next token with probability 1, so the KD term there is the NLL and every position keeps
+    its weight (a store of every position is read as it is)."""
+    from predistill.training.distill import OfflineLogits
+    from predistill.training.kd import KDConfig
+
+    _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "sel"), rule="random", fraction=0.3)
+    store = TokenStore(tiny_store)
+    ids, length = np.array([0, 3, 7]), 24
+    inputs = torch.zeros(len(ids), length, dtype=torch.int64)
+    got = OfflineLogits(str(tmp_path / "sel"), store, KDConfig()).batch(ids, inputs)
+    stored = LogitsStore(tmp_path / "sel", store).read_batch(ids, length)
+    full = OfflineLogits(str(passes / "full"), store, KDConfig()).batch(ids, inputs)
+    assert torch.equal(full.mask, LogitsStore(passes / "full", store).read_batch(ids, length).mask)
+    for row, i in enumerate(ids):
+        tokens = np.asarray(store[int(i)])
+        n = min(len(tokens) - 1, length)
+        kept = stored.mask[row, :n].any(-1)
+        assert 0 < int(kept.sum()) < n
+        assert torch.equal(got.ids[row, :n][kept], stored.ids[row, :n][kept])
+        assert torch.equal(got.mask[row, :n][kept], stored.mask[row, :n][kept])
+        elsewhere = ~kept
+        assert got.ids[row, :n][elsewhere][:, 0].tolist() == tokens[1 : n + 1][elsewhere.numpy()].tolist()
+        assert got.mask[row, :n][elsewhere].sum(-1).tolist() == [1] * int(elsewhere.sum())
+        assert not got.logprobs[row, :n][elsewhere].any()  # log 1
+        assert not got.mask[row, n:].any()  # past the instance: padding

@@ -239,7 +239,7 @@ class LossModel(torch.nn.Module):
         if kd is not None and self.kd_position_fraction is not None:
             # SE-KD: the KD term where the student is least sure (its entropy, before this step's update)
             entropy = token_entropies(hidden.detach(), weight.detach(), self.chunk_size)
-            kd_batch = kd.only_at(kd_batch, top_per_row(entropy, mask, self.kd_position_fraction))
+            kd_batch = kd.only_at(kd_batch, top_per_row(entropy, mask, self.kd_position_fraction), targets)
         if kd is not None:
             lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
             return lm_sum, kd_sum, nll, hidden

@@ -63,12 +63,11 @@ class KDSource(Protocol):
         are for logging."""
         ...
 
-    def only_at(self, kd_batch: Any, positions: torch.Tensor) -> Any:
-        """`kd_batch` with the KD term restricted to `positions` [B, L] (bool; `train --kd-positions`):
-        the LM term still covers every position. Default: teacher entries (TeacherTargets) masked."""
-        return TeacherTargets(
-            kd_batch.ids, kd_batch.logprobs, kd_batch.mask & positions.to(kd_batch.mask.device)[..., None]
-        )
+    def only_at(self, kd_batch: Any, positions: torch.Tensor, next_tokens: torch.Tensor) -> Any:
+        """`kd_batch` with the teacher's distribution kept at `positions` [B, L] (bool; `train
+        --kd-positions`) only; elsewhere the KD term's target is the data's next token (`data_elsewhere`).
+        Default: for teacher entries (TeacherTargets)."""
+        return data_elsewhere(kd_batch, next_tokens, ~positions.to(kd_batch.mask.device))
 
     def take_counts(self) -> list[float] | None:
         """Counters since the last call that `train` sums over ranks and the run (a cross-tokenizer
@@ -78,6 +77,20 @@ class KDSource(Protocol):
     def alignment(self, counts: list[float]) -> dict | None:
         """What the run manifest records of the counters summed over the run (`kd_alignment`)."""
         return None
+
+
+def data_elsewhere(targets: TeacherTargets, next_tokens: torch.Tensor, where: torch.Tensor) -> TeacherTargets:
+    """`targets` with the data's next token as the one entry (probability 1) at positions `where`
+    [B, L]: a position a selection left without the teacher's distribution keeps its full weight —
+    its KD term is −log q(next token), the NLL, for kld and nll — instead of dropping to the (1 − α)
+    LM term alone. Used where positions are chosen (a position-selected store, SE-KD); a position
+    a cross-tokenizer alignment cannot map keeps no KD term."""
+    where = where.to(targets.mask.device)
+    ids, logprobs, mask = targets.ids.clone(), targets.logprobs.clone(), targets.mask.clone()
+    ids[where], logprobs[where], mask[where] = 0, 0.0, False
+    ids[..., 0][where] = next_tokens.to(ids.device)[where]
+    mask[..., 0][where] = True
+    return TeacherTargets(ids, logprobs, mask)
 
 
 def forward_flops_per_token(model, vocab_size: int | None = None) -> int:
@@ -109,10 +122,19 @@ class OfflineLogits(KDSource):
 
     def __init__(self, path: str, store: TokenStore, kd_cfg: KDConfig):
         self.store = open_logits(path, store)
+        self.tokens = store
         self.kd_cfg = kd_cfg
 
     def batch(self, ids, inputs: torch.Tensor):
-        return self.store.read_batch(ids, inputs.shape[1])
+        targets = self.store.read_batch(ids, inputs.shape[1])
+        if self.store.positions is None:
+            return targets
+        # a position-selected store: where it kept no distribution, the data's next token is the target
+        tokens, lengths = self.tokens.batch(ids, max_len=inputs.shape[1] + 1)
+        next_tokens = torch.zeros(inputs.shape, dtype=torch.int64)
+        next_tokens[:, : tokens.shape[1] - 1] = tokens[:, 1:]
+        real = torch.arange(inputs.shape[1])[None, :] < (lengths - 1)[:, None]
+        return data_elsewhere(targets, next_tokens, real & ~targets.mask.any(-1))
 
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
         return offline_losses(hidden, weight, targets, kd_batch, self.kd_cfg, mask, alpha)
@@ -341,7 +363,7 @@ class OnlineTeacher(KDSource):
     def batch(self, ids, inputs: torch.Tensor):
         return None
 
-    def only_at(self, kd_batch, positions: torch.Tensor):
+    def only_at(self, kd_batch, positions: torch.Tensor, next_tokens: torch.Tensor):
         return positions  # the teacher runs in `losses`: its KD rows are these positions
 
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
@@ -352,13 +374,16 @@ class OnlineTeacher(KDSource):
             return fused_online_lm_kd_loss(
                 hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, mask, weights=weights
             )
-        # the KD term at the chosen positions only: LM + KD there, LM alone elsewhere (disjoint rows)
+        # the teacher's distribution at the chosen positions only (LM + KD there); elsewhere the data's
+        # next token is the KD target, so both terms are the NLL: one LM pass at full weight (disjoint rows)
         chosen, rest = mask & kd_batch, mask & ~kd_batch
         lm_sum, kd_sum, lm_pp, kd_pp = fused_online_lm_kd_loss(
             hidden, weight, teacher_hidden, self.weight, targets, self.kd_cfg, chosen, weights=weights
         )
         rest_sum, rest_rows = fused_lm_loss(hidden[rest], weight, targets[rest], self.chunk_size)
-        return lm_sum + rest_sum, kd_sum, lm_pp.masked_scatter(rest, rest_rows.to(lm_pp.dtype)), kd_pp
+        rest_pp = torch.zeros_like(lm_pp).masked_scatter(rest, rest_rows.to(lm_pp.dtype))
+        # (1 − α)·(Σ LM + rest) + α·(Σ KD + rest): the rest at weight 1, its gradient once (one autograd node)
+        return lm_sum + rest_sum, kd_sum + rest_sum, lm_pp + rest_pp, kd_pp + rest_pp
 
 
 class MiniLLM(OnlineTeacher):
