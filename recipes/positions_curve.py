@@ -10,16 +10,24 @@ term where the student is least sure), a token rule (`token-difference`, RHO-1's
 store's bytes over all positions, the token records' (two for `token-difference`, the reference's
 for `token-excess`), 0 for `random-tokens`. `flops` are the
 run's training FLOPs; the teacher passes' are in `teacher_flops_offline` (one pass for every store).
+`samples`: the RS-KD draws per position the run's store keeps (`select-positions --samples`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 STORE_RULES = {"entropy": "entropy", "difference": "difference", "random": "random-positions"}
 TOKEN_RULES = {"difference": "token-difference", "excess": "token-excess", "random": "random-tokens"}
 TOKEN_RECORD_BYTES = 4.0  # per position, each of the teacher's and the reference's records
+
+
+def _draws(logits_store: str | None) -> int | None:
+    """RS-KD draws per position of the run's logits store (None: none, or not readable here)."""
+    manifest = Path(logits_store or "/nonexistent") / "manifest.json"
+    return json.loads(manifest.read_text())["config"].get("samples") if manifest.is_file() else None
 
 
 def curve(report: dict) -> dict:
@@ -41,7 +49,7 @@ def curve(report: dict) -> dict:
             continue
         bytes_per_token = r["logits_bytes_per_token"] if stored is None else stored
         runs.append({"rule": rule, "fraction": fraction, **row, "store_bytes_per_token": bytes_per_token,
-                     "teacher_flops_offline": r.get("teacher_flops_offline")})  # fmt: skip
+                     "samples": _draws(r.get("kd_logits")), "teacher_flops_offline": r.get("teacher_flops_offline")})  # fmt: skip
     runs.sort(key=lambda x: (x["rule"], -x["fraction"], x["seed"]))
     return {"source": "recipes/positions.toml (docs/positions-study.json)", "runs": runs, "baseline": baseline}
 

@@ -370,3 +370,53 @@ def test_where_a_selected_store_kept_no_distribution_the_kd_target_is_the_data(t
         assert got.mask[row, :n][elsewhere].sum(-1).tolist() == [1] * int(elsewhere.sum())
         assert not got.logprobs[row, :n][elsewhere].any()  # log 1
         assert not got.mask[row, n:].any()  # past the instance: padding
+
+
+# ---------------------------------------------------------------------------------------------
+# fewer draws: a uniform subsample of an RS-KD store's draws (select-positions --samples K)
+# ---------------------------------------------------------------------------------------------
+def test_thinning_keeps_k_of_the_draws_and_estimates_what_they_estimate():
+    from predistill.formats.logits import Entries, thin_draws
+
+    # one position's 8 draws: id 3 five times, id 9 twice, id 40 once; repeated at 4000 positions
+    rows = 4000
+    entries = Entries(np.full(rows, 3), np.tile([3, 9, 40], rows), None, np.tile([5, 2, 1], rows))
+    thinned = thin_draws(entries, 8, 4, np.arange(rows), seed=7)
+    ends = np.cumsum(thinned.n)
+    assert np.all(np.add.reduceat(thinned.counts, ends - thinned.n) == 4)  # 4 draws per position
+    assert set(thinned.ids.tolist()) <= {3, 9, 40}
+    mean = {i: thinned.counts[thinned.ids == i].sum() / rows for i in (3, 9, 40)}
+    # a draw without replacement keeps each draw with probability 4/8: E[count] = count / 2
+    assert mean[3] == pytest.approx(2.5, abs=0.05) and mean[9] == pytest.approx(1.0, abs=0.05)
+    assert mean[40] == pytest.approx(0.5, abs=0.05)
+    again = thin_draws(entries, 8, 4, np.arange(rows), seed=7)
+    assert np.array_equal(again.ids, thinned.ids) and np.array_equal(again.counts, thinned.counts)
+    assert thin_draws(entries, 8, 8, np.arange(rows)) is entries
+    with pytest.raises(PredistillError, match="cannot keep 9 of 8"):
+        thin_draws(entries, 8, 9, np.arange(rows))
+
+
+def test_select_positions_with_fewer_draws(tiny_store, passes, tmp_path):
+    full = LogitsStore(passes / "full", TokenStore(tiny_store))
+    assert full.cfg.mode == "sample" and full.cfg.samples == 8
+    m = _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "thin"), rule="random",
+                fraction=0.5, samples=3)  # fmt: skip
+    same = _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "all"), rule="random",
+                   fraction=0.5)  # fmt: skip
+    assert m["config"]["samples"] == 3 and m["selected_from"]["samples"] == 8
+    assert m["bytes_per_token"] < same["bytes_per_token"]
+    thin, all_draws = (
+        LogitsStore(tmp_path / "thin", TokenStore(tiny_store)),
+        LogitsStore(tmp_path / "all", TokenStore(tiny_store)),
+    )
+    for i in (0, 5):
+        assert np.array_equal(thin.instance_positions(i), all_draws.instance_positions(i))
+        a, b = thin.instance_entries(i), all_draws.instance_entries(i)
+        assert np.all(np.add.reduceat(a.counts, np.cumsum(a.n) - a.n) == 3)
+        for p in range(len(a.n)):  # a subsample: each kept id is one of the position's 8 draws
+            ida = a.ids[np.sum(a.n[:p]) : np.sum(a.n[: p + 1])]
+            idb = b.ids[np.sum(b.n[:p]) : np.sum(b.n[: p + 1])]
+            assert set(ida.tolist()) <= set(idb.tolist())
+    with pytest.raises(PredistillError, match="only keep fewer of its own draws"):
+        _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "more"), rule="random",
+                samples=9)  # fmt: skip

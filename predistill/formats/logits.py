@@ -369,6 +369,40 @@ def sample_entries(
     )
 
 
+THIN_SALT = 0x7468696E  # "thin": the subsample's uniforms are a stream of their own, not the draws'
+
+
+def thin_draws(entries: Entries, samples: int, keep: int, positions: np.ndarray, seed: int = 0) -> Entries:
+    """RS-KD entries of `samples` draws per position cut to `keep` draws: a uniform subsample without
+    replacement of each position's draws, keyed by (seed, global position) like the draws themselves.
+    `keep` of `samples` i.i.d. draws chosen at random are `keep` i.i.d. draws, so the result is what a
+    `keep`-draw store estimates (other draws than a pass with `--samples keep` would make)."""
+    if entries.counts is None:
+        raise PredistillError("only a sample-mode (RS-KD) store's draws can be thinned")
+    if not 1 <= keep <= samples:
+        raise PredistillError(f"cannot keep {keep} of {samples} draws per position")
+    rows = len(entries.n)
+    if keep == samples or rows == 0:
+        return entries
+    if int(entries.counts.sum()) != rows * samples:
+        raise PredistillError(
+            f"entries hold {int(entries.counts.sum())} draws, not {samples} at each of {rows} positions"
+        )
+    draws = np.repeat(np.arange(len(entries.ids)), entries.counts).reshape(rows, samples)  # entry index per draw
+    order = np.argsort(uniforms(seed ^ THIN_SALT, positions, samples), axis=1, kind="stable")[:, :keep]
+    picked = np.sort(np.take_along_axis(draws, order, axis=1), axis=1)  # ids stay ascending within a position
+    first = np.ones_like(picked, dtype=bool)
+    first[:, 1:] = picked[:, 1:] != picked[:, :-1]
+    flat, starts = picked.reshape(-1), np.flatnonzero(first.reshape(-1))
+    index = flat[starts]
+    return Entries(
+        first.sum(axis=1).astype(np.int64),
+        entries.ids[index],
+        None if entries.logprobs is None else entries.logprobs[index],
+        np.diff(np.append(starts, flat.size)).astype(np.int64),
+    )
+
+
 def compute_entries(logits: torch.Tensor, cfg: LogitsConfig, positions: np.ndarray | None = None) -> Entries:
     """The entries `cfg` retains for each row of `logits` [N, V] (exact, not yet quantised)."""
     if cfg.mode == "topk":

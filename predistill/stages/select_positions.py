@@ -8,20 +8,22 @@ from the full store as they are, so the result has the same bytes as `score --lo
 would have written in the teacher pass (tested): one teacher pass serves every rule and fraction of
 a study. The new store's manifest names the store it was selected from and carries its
 `scored_with` (the teacher pass's cost is counted once, in its score table). Resumable shard by
-shard, like every logits store; rerunning a complete one is a no-op.
+shard, like every logits store; rerunning a complete one is a no-op. `--samples K` keeps K of an
+RS-KD store's draws per kept position (`formats.logits.thin_draws`): the teacher's highest-entropy
+positions are the costliest to store (≈ 2× the average's bytes with 8 draws).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from predistill.core.artifacts import PredistillError, read_manifest, write_manifest
 from predistill.core.config import add_config_arguments, config_from_args, option
-from predistill.formats.logits import FORMAT, Entries, LogitsStore, LogitsStoreWriter
+from predistill.formats.logits import FORMAT, Entries, LogitsStore, LogitsStoreWriter, global_positions, thin_draws
 from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import TokenRecord
 from predistill.training.positions import STORE_RULES, PositionChoice, record_values
@@ -40,6 +42,11 @@ class SelectPositionsConfig:
     )
     fraction: float = option(0.2, "fraction of each instance's positions to keep (at least one)", interval="(0, 1]")
     seed: int = option(0, "seed of --rule random", interval="[0, 4294967295]")
+    samples: int | None = option(
+        None,
+        "keep this many of an RS-KD store's draws at each kept position (a uniform subsample: fewer bytes; default: all)",
+        interval="[1, 65535]",
+    )
     teacher_record: str | None = option(
         None, "entropy, difference: the teacher's token record, written in the pass that wrote --logits", metavar="TDIR"
     )
@@ -103,10 +110,23 @@ def run(cfg: SelectPositionsConfig) -> dict:
         _check_same_teacher(teacher, full)
     elif cfg.teacher_record:
         raise PredistillError("--rule random reads no token record; drop --teacher-record")
+    cfg_out = full.cfg
+    if cfg.samples is not None and cfg.samples != full.cfg.samples:
+        if full.cfg.mode != "sample" or cfg.samples > full.cfg.samples:
+            raise PredistillError(
+                f"--samples {cfg.samples}: {cfg.logits} holds "
+                + (
+                    f"{full.cfg.samples} draws per position"
+                    if full.cfg.mode == "sample"
+                    else "top-p-k entries, not draws"
+                )
+                + "; a store can only keep fewer of its own draws"
+            )
+        cfg_out = replace(full.cfg, samples=cfg.samples)
     writer = LogitsStoreWriter(
         out,
         store,
-        full.cfg,
+        cfg_out,
         vocab_size=full.manifest["vocab_size"],
         teacher=full.manifest["teacher"],
         positions=choice.describe(),
@@ -119,11 +139,19 @@ def run(cfg: SelectPositionsConfig) -> dict:
         n = int(n_positions[i])
         rows = None if teacher is None else record_values(np.stack(teacher.instance(i), axis=1))
         keep = choice.keep(i, n, rows)
-        writer.accept(np.array([i]), np.array([int(keep.sum())]), kept_entries(full.instance_entries(i), keep), [keep])
+        entries = kept_entries(full.instance_entries(i), keep)
+        if cfg_out.samples != full.cfg.samples:
+            keys = global_positions(store, np.full(int(keep.sum()), i), np.flatnonzero(keep))
+            entries = thin_draws(entries, full.cfg.samples, cfg_out.samples, keys, full.cfg.seed)
+        writer.accept(np.array([i]), np.array([int(keep.sum())]), entries, [keep])
     manifest = writer.finish()
     assert manifest is not None  # one writer: finish completes the store or raises
     annotated = manifest | {
-        "selected_from": {"logits_store": str(full.dir.resolve()), "total_bytes": full.manifest["total_bytes"]}
+        "selected_from": {
+            "logits_store": str(full.dir.resolve()),
+            "total_bytes": full.manifest["total_bytes"],
+            **({"samples": full.cfg.samples} if cfg_out.samples != full.cfg.samples else {}),
+        }
     }
     if "scored_with" in full.manifest:
         annotated["scored_with"] = full.manifest["scored_with"]
