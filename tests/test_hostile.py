@@ -553,6 +553,55 @@ CASES = [
         "is a 'score_table' artifact, expected 'token_record'",
     ),
     (
+        "select-positions --samples from a top-p-k store",
+        lambda t, a: [
+            "select-positions",
+            "--logits",
+            str(a["logits"]),
+            "--store",
+            str(a["store"]),
+            "--rule",
+            "random",
+            "--samples",
+            "2",
+            "--out",
+            str(t / "o"),
+        ],  # fmt: skip
+        "holds top-p-k entries, not draws",
+    ),
+    (
+        "train --token-rule excess without the reference's record",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--token-rule",
+            "excess",
+            "--token-fraction",
+            "0.5",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],  # fmt: skip
+        "--token-rule excess needs --reference-record",
+    ),
+    (
+        "train --kd-positions without a KD source",
+        lambda t, a: [
+            "train",
+            "--store",
+            str(a["store"]),
+            "--kd-positions",
+            "student-entropy",
+            "--kd-position-fraction",
+            "0.2",
+            "--out",
+            str(t / "o"),
+            *TRAIN,
+        ],  # fmt: skip
+        "needs --kd-logits or --kd-teacher",
+    ),
+    (
         "score --logits-positions without --logits-out",
         lambda t, a: [
             "score",
