@@ -27,7 +27,8 @@ positions={...})`; which positions is the writer's caller's choice, recorded as 
 `positions`: e.g. the top fraction by teacher entropy, `predistill.training.positions`). Such a store
 is version 3: each shard adds a `kept` section, one bit per position of its instances (1: the
 position holds entries), and every other stream covers the kept positions only. A reader returns
-no entries (a fully masked row) at a position that was not kept, so the KD loss skips it.
+no entries (a fully masked row) at a position that was not kept; `train` then takes the data's next
+token as the KD target there (`predistill.training.distill.data_elsewhere`).
 `bytes_per_token` stays averaged over *all* positions; `n_distilled_positions` counts the kept ones.
 
 Encoding (per shard, little-endian bit streams; version 2)
