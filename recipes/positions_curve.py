@@ -1,4 +1,5 @@
-"""docs/positions.json from the positions study's report: one row per run of the curve.
+"""docs/positions.json from the positions study's report: one row per run of the curve, and each
+rule read against its control, the full store and Pre-Train w/o KD (paired by seed).
 
     python recipes/positions_curve.py docs/positions-study.json docs/positions.json
 
@@ -51,7 +52,71 @@ def curve(report: dict) -> dict:
         runs.append({"rule": rule, "fraction": fraction, **row, "store_bytes_per_token": bytes_per_token,
                      "samples": _draws(r.get("kd_logits")), "teacher_flops_offline": r.get("teacher_flops_offline")})  # fmt: skip
     runs.sort(key=lambda x: (x["rule"], -x["fraction"], x["seed"]))
-    return {"source": "recipes/positions.toml (docs/positions-study.json)", "runs": runs, "baseline": baseline}
+    out = {"source": "recipes/positions.toml (docs/positions-study.json)", "runs": runs, "baseline": baseline}
+    return out | {"comparisons": comparisons(out)}
+
+
+CONTROLS = {"entropy": "random-positions", "difference": "random-positions", "student-entropy": "random-positions",
+            "token-difference": "random-tokens", "token-excess": "random-tokens"}  # fmt: skip
+
+
+def _losses(rows) -> dict:
+    return {r["seed"]: r["heldout_loss"] for r in rows}
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """Mean over the seeds both have of a − b, its standard error and the seeds (None: fewer than 2)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    mean = sum(d) / len(d)
+    se = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return {"delta": mean, "se": se, "seeds": seeds, "beyond_2se": abs(mean) > 2 * se}
+
+
+def comparisons(curve_data: dict) -> list[dict]:
+    """Each (rule, fraction, draws) against its control at the same fraction, the full store and the
+    baseline: Δ held-out loss (negative: the rule is better), paired by seed."""
+    groups: dict[tuple, list] = {}
+    for r in curve_data["runs"]:
+        groups.setdefault((r["rule"], r["fraction"], r.get("samples")), []).append(r)
+    full = next((rows for (rule, _, _), rows in groups.items() if rule == "full"), [])
+    out = []
+    for (rule, fraction, samples), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2] or 0)):
+        control = CONTROLS.get(rule)
+        control_rows = next((v for (r, f, _), v in groups.items() if r == control and f == fraction), [])
+        out.append({
+            "rule": rule, "fraction": fraction, "samples": samples, "n": len(rows),
+            "heldout_loss": sum(r["heldout_loss"] for r in rows) / len(rows),
+            "store_bytes_per_token": rows[0]["store_bytes_per_token"],
+            "vs_control": {"control": control, **(paired(_losses(rows), _losses(control_rows)) or {})} if control else None,
+            "vs_full": paired(_losses(rows), _losses(full)),
+            "vs_baseline": paired(_losses(rows), _losses(curve_data["baseline"])),
+        })  # fmt: skip
+    return out
+
+
+def table(curve_data: dict) -> str:
+    """The comparisons as a Markdown table."""
+
+    def cell(p):
+        return (
+            "–"
+            if not p or "delta" not in p
+            else f"{p['delta']:+.3f} ± {p['se']:.3f}" + (" *" if p["beyond_2se"] else "")
+        )
+
+    lines = ["| rule | fraction | draws | B/token | held-out loss | Δ vs control | Δ vs full store | Δ vs Pre-Train |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in curve_data["comparisons"]:
+        control = c["vs_control"]
+        lines.append(
+            f"| {c['rule']} | {c['fraction']:g} | {c['samples'] or '–'} | {c['store_bytes_per_token']:.2f} | "
+            f"{c['heldout_loss']:.3f} | {cell(control) + (' (' + control['control'] + ')' if control else '')} | "
+            f"{cell(c['vs_full'])} | {cell(c['vs_baseline'])} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -62,3 +127,4 @@ if __name__ == "__main__":
         json.dump(data, f, indent=1)
         f.write("\n")
     print(f"wrote {target}: {len(data['runs'])} runs, {len(data['baseline'])} baseline runs")
+    print(table(data))

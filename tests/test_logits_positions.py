@@ -420,3 +420,31 @@ def test_select_positions_with_fewer_draws(tiny_store, passes, tmp_path):
     with pytest.raises(PredistillError, match="only keep fewer of its own draws"):
         _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "more"), rule="random",
                 samples=9)  # fmt: skip
+
+
+def test_the_positions_curve_reads_each_rule_against_its_control_paired_by_seed():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "positions_curve", Path(__file__).parents[1] / "recipes" / "positions_curve.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(seed, loss, rule=None):
+        positions = {"store": {"rule": rule, "fraction": 0.2}} if rule else {}
+        return {"seed": seed, "heldout_loss": loss, "flops": 1.0, "kd_logits": "L" if rule else None,
+                "logits_bytes_per_token": 1.5 if rule else None, "positions": positions}  # fmt: skip
+
+    report = {"runs": [run(1, 5.0), run(2, 6.0), run(1, 4.0, "entropy"), run(2, 5.5, "entropy"),
+                       run(1, 4.5, "random"), run(2, 5.8, "random")]}  # fmt: skip
+    out = module.curve(report)
+    entropy = next(c for c in out["comparisons"] if c["rule"] == "entropy")
+    # entropy − random: −0.5 and −0.3 → mean −0.4, s.e. = std(−0.5, −0.3)/√2 = 0.1
+    assert entropy["vs_control"]["control"] == "random-positions"
+    assert entropy["vs_control"]["delta"] == pytest.approx(-0.4) and entropy["vs_control"]["se"] == pytest.approx(0.1)
+    assert entropy["vs_control"]["beyond_2se"] is True  # |−0.4| > 0.2
+    assert entropy["vs_baseline"]["delta"] == pytest.approx(-0.75) and entropy["vs_full"] is None
+    assert "| entropy | 0.2 |" in module.table(out)
