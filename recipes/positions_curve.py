@@ -11,7 +11,9 @@ term where the student is least sure), a token rule (`token-difference`, RHO-1's
 store's bytes over all positions, the token records' (two for `token-difference`, the reference's
 for `token-excess`), 0 for `random-tokens`. `flops` are the
 run's training FLOPs; the teacher passes' are in `teacher_flops_offline` (one pass for every store).
-`samples`: the RS-KD draws per position the run's store keeps (`select-positions --samples`).
+`samples`: the RS-KD draws per position the run's store keeps (`select-positions --samples`);
+`compute_matched`: the run's FLOPs are the baseline's (within 2%) — the study's diagnostics that give
+the in-step rules the others' step count are not, and are compared as such.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def _draws(logits_store: str | None) -> int | None:
 
 def curve(report: dict) -> dict:
     runs, baseline = [], []
+    budget = [r["flops"] for r in report["runs"] if not r.get("positions") and not r.get("kd_logits")]
+    budget_mean = sum(budget) / len(budget) if budget else None
     for r in report["runs"]:
         chosen = r.get("positions") or {}
         row = {"seed": r["seed"], "heldout_loss": r["heldout_loss"], "flops": r["flops"]}
@@ -49,8 +53,10 @@ def curve(report: dict) -> dict:
             baseline.append(row)
             continue
         bytes_per_token = r["logits_bytes_per_token"] if stored is None else stored
+        matched = budget_mean is None or abs(r["flops"] / budget_mean - 1) < 0.02  # the baseline's FLOPs
         runs.append({"rule": rule, "fraction": fraction, **row, "store_bytes_per_token": bytes_per_token,
-                     "samples": _draws(r.get("kd_logits")), "teacher_flops_offline": r.get("teacher_flops_offline")})  # fmt: skip
+                     "samples": _draws(r.get("kd_logits")), "compute_matched": matched,
+                     "teacher_flops_offline": r.get("teacher_flops_offline")})  # fmt: skip
     runs.sort(key=lambda x: (x["rule"], -x["fraction"], x["seed"]))
     out = {"source": "recipes/positions.toml (docs/positions-study.json)", "runs": runs, "baseline": baseline}
     return out | {"comparisons": comparisons(out)}
@@ -80,14 +86,16 @@ def comparisons(curve_data: dict) -> list[dict]:
     baseline: Δ held-out loss (negative: the rule is better), paired by seed."""
     groups: dict[tuple, list] = {}
     for r in curve_data["runs"]:
-        groups.setdefault((r["rule"], r["fraction"], r.get("samples")), []).append(r)
-    full = next((rows for (rule, _, _), rows in groups.items() if rule == "full"), [])
+        groups.setdefault((r["rule"], r["fraction"], r.get("samples"), r.get("compute_matched", True)), []).append(r)
+    full = next((rows for (rule, _, _, m), rows in groups.items() if rule == "full" and m), [])
     out = []
-    for (rule, fraction, samples), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2] or 0)):
+    for (rule, fraction, samples, matched), rows in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2] or 0, not kv[0][3])
+    ):
         control = CONTROLS.get(rule)
-        control_rows = next((v for (r, f, _), v in groups.items() if r == control and f == fraction), [])
+        control_rows = next((v for (r, f, _, m), v in groups.items() if r == control and f == fraction and m), [])
         out.append({
-            "rule": rule, "fraction": fraction, "samples": samples, "n": len(rows),
+            "rule": rule, "fraction": fraction, "samples": samples, "compute_matched": matched, "n": len(rows),
             "heldout_loss": sum(r["heldout_loss"] for r in rows) / len(rows),
             "store_bytes_per_token": rows[0]["store_bytes_per_token"],
             "vs_control": {"control": control, **(paired(_losses(rows), _losses(control_rows)) or {})} if control else None,
@@ -107,12 +115,13 @@ def table(curve_data: dict) -> str:
             else f"{p['delta']:+.3f} ± {p['se']:.3f}" + (" *" if p["beyond_2se"] else "")
         )
 
-    lines = ["| rule | fraction | draws | B/token | held-out loss | Δ vs control | Δ vs full store | Δ vs Pre-Train |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| rule | fraction | draws | B/token | compute-matched | held-out loss | Δ vs control | Δ vs full store | Δ vs Pre-Train |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in curve_data["comparisons"]:
         control = c["vs_control"]
         lines.append(
             f"| {c['rule']} | {c['fraction']:g} | {c['samples'] or '–'} | {c['store_bytes_per_token']:.2f} | "
+            f"{'yes' if c['compute_matched'] else 'no (more FLOPs)'} | "
             f"{c['heldout_loss']:.3f} | {cell(control) + (' (' + control['control'] + ')' if control else '')} | "
             f"{cell(c['vs_full'])} | {cell(c['vs_baseline'])} |"
         )
