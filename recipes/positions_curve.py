@@ -53,9 +53,10 @@ def curve(report: dict) -> dict:
             baseline.append(row)
             continue
         bytes_per_token = r["logits_bytes_per_token"] if stored is None else stored
+        alpha = json.loads(r.get("identity") or "{}").get("alpha")
         matched = budget_mean is None or abs(r["flops"] / budget_mean - 1) < 0.02  # the baseline's FLOPs
         runs.append({"rule": rule, "fraction": fraction, **row, "store_bytes_per_token": bytes_per_token,
-                     "samples": _draws(r.get("kd_logits")), "compute_matched": matched,
+                     "samples": _draws(r.get("kd_logits")), "alpha": alpha, "compute_matched": matched,
                      "teacher_flops_offline": r.get("teacher_flops_offline")})  # fmt: skip
     runs.sort(key=lambda x: (x["rule"], -x["fraction"], x["seed"]))
     out = {"source": "recipes/positions.toml (docs/positions-study.json)", "runs": runs, "baseline": baseline}
@@ -86,16 +87,23 @@ def comparisons(curve_data: dict) -> list[dict]:
     baseline: Δ held-out loss (negative: the rule is better), paired by seed."""
     groups: dict[tuple, list] = {}
     for r in curve_data["runs"]:
-        groups.setdefault((r["rule"], r["fraction"], r.get("samples"), r.get("compute_matched", True)), []).append(r)
-    full = next((rows for (rule, _, _, m), rows in groups.items() if rule == "full" and m), [])
+        key = (r["rule"], r["fraction"], r.get("samples"), r.get("alpha"), r.get("compute_matched", True))
+        groups.setdefault(key, []).append(r)
+    # the reference store and controls: the study's α (the most common one), compute-matched
+    alphas = [k[3] for k in groups if k[3] is not None]
+    usual = max(set(alphas), key=alphas.count) if alphas else None
+    full = next((rows for (rule, _, _, a, m), rows in groups.items() if rule == "full" and m and a == usual), [])
     out = []
-    for (rule, fraction, samples, matched), rows in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2] or 0, not kv[0][3])
+    for (rule, fraction, samples, alpha, matched), rows in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2] or 0, -(kv[0][3] or 0), not kv[0][4])
     ):
         control = CONTROLS.get(rule)
-        control_rows = next((v for (r, f, _, m), v in groups.items() if r == control and f == fraction and m), [])
+        control_rows = next(
+            (v for (r, f, _, a, m), v in groups.items() if r == control and f == fraction and m and a == alpha), []
+        )
         out.append({
-            "rule": rule, "fraction": fraction, "samples": samples, "compute_matched": matched, "n": len(rows),
+            "rule": rule, "fraction": fraction, "samples": samples, "alpha": alpha, "compute_matched": matched,
+            "n": len(rows),
             "heldout_loss": sum(r["heldout_loss"] for r in rows) / len(rows),
             "store_bytes_per_token": rows[0]["store_bytes_per_token"],
             "vs_control": {"control": control, **(paired(_losses(rows), _losses(control_rows)) or {})} if control else None,
@@ -103,6 +111,10 @@ def comparisons(curve_data: dict) -> list[dict]:
             "vs_baseline": paired(_losses(rows), _losses(curve_data["baseline"])),
         })  # fmt: skip
     return out
+
+
+def _alpha(alpha: float | None) -> str:
+    return "–" if alpha is None else f"{alpha:g}"
 
 
 def table(curve_data: dict) -> str:
@@ -115,12 +127,13 @@ def table(curve_data: dict) -> str:
             else f"{p['delta']:+.3f} ± {p['se']:.3f}" + (" *" if p["beyond_2se"] else "")
         )
 
-    lines = ["| rule | fraction | draws | B/token | compute-matched | held-out loss | Δ vs control | Δ vs full store | Δ vs Pre-Train |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| rule | fraction | draws | α | B/token | compute-matched | held-out loss | Δ vs control | Δ vs full store | Δ vs Pre-Train |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in curve_data["comparisons"]:
         control = c["vs_control"]
         lines.append(
-            f"| {c['rule']} | {c['fraction']:g} | {c['samples'] or '–'} | {c['store_bytes_per_token']:.2f} | "
+            f"| {c['rule']} | {c['fraction']:g} | {c['samples'] or '–'} | {_alpha(c['alpha'])} | "
+            f"{c['store_bytes_per_token']:.2f} | "
             f"{'yes' if c['compute_matched'] else 'no (more FLOPs)'} | "
             f"{c['heldout_loss']:.3f} | {cell(control) + (' (' + control['control'] + ')' if control else '')} | "
             f"{cell(c['vs_full'])} | {cell(c['vs_baseline'])} |"
