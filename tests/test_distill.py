@@ -467,6 +467,6 @@ def test_se_kd_online_gradient_is_lm_everywhere_and_kd_at_the_chosen_positions(t
     nll = per_nll[mask].sum()
     kld = (p_t * (torch.log(p_t.clamp_min(1e-30)) - log_q)).sum(-1)[chosen].sum() + per_nll[mask & ~chosen].sum()
     ((1 - alpha) * nll + alpha * kld).backward()
-    assert float(lm_sum) == pytest.approx(float(nll.detach()), rel=1e-4)
-    assert float(kd_sum) == pytest.approx(float(kld.detach()), rel=1e-3)
+    assert float(lm_sum.detach()) == pytest.approx(float(nll.detach()), rel=1e-4)
+    assert float(kd_sum.detach()) == pytest.approx(float(kld.detach()), rel=1e-3)
     torch.testing.assert_close(h.grad, ref.grad, rtol=1e-3, atol=1e-5)
