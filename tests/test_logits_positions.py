@@ -244,6 +244,14 @@ def test_selecting_afterwards_writes_the_bytes_of_selecting_in_the_teacher_pass(
             teacher_record=None if rule == "random" else str(passes / "trec"),
             reference_record=str(passes / "rrec") if rule == "difference" else None)  # fmt: skip
     assert files_of(tmp_path / "after") == before
+    # killed between the store's manifest and its annotation: the rerun completes the annotation
+    manifest = json.loads(before["manifest.json"])
+    (tmp_path / "after" / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items()
+                                                                   if k not in ("selected_from", "scored_with")}))  # fmt: skip
+    _select(logits=str(passes / "full"), store=str(tiny_store), out=str(tmp_path / "after"), rule=rule, fraction=0.2,
+            teacher_record=None if rule == "random" else str(passes / "trec"),
+            reference_record=str(passes / "rrec") if rule == "difference" else None)  # fmt: skip
+    assert json.loads((tmp_path / "after" / "manifest.json").read_text()) == manifest
 
 
 def test_select_positions_refusals(tiny_store, passes, tmp_path):

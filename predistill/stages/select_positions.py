@@ -16,6 +16,7 @@ positions are the costliest to store (≈ 2× the average's bytes with 8 draws).
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from predistill.core.artifacts import PredistillError, read_manifest, write_manifest
 from predistill.core.config import add_config_arguments, config_from_args, option
-from predistill.formats.logits import FORMAT, Entries, LogitsStore, LogitsStoreWriter, global_positions, thin_draws
+from predistill.formats.logits import Entries, LogitsStore, LogitsStoreWriter, global_positions, thin_draws
 from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import TokenRecord
 from predistill.training.positions import STORE_RULES, PositionChoice, record_values
@@ -132,10 +133,9 @@ def run(cfg: SelectPositionsConfig) -> dict:
         positions=choice.describe(),
     )
     if writer.complete:
-        print(f"predistill: {out} is already complete; nothing to do")
-        return read_manifest(out, FORMAT, "logits store")
+        print(f"predistill: {out} is already complete; nothing to do", file=sys.stderr)
     n_positions = np.maximum(store.lengths.astype(np.int64) - 1, 0)
-    for i in writer.todo_instances().tolist():
+    for i in writer.todo_instances().tolist():  # none when complete
         n = int(n_positions[i])
         rows = None if teacher is None else record_values(np.stack(teacher.instance(i), axis=1))
         keep = choice.keep(i, n, rows)
@@ -146,6 +146,7 @@ def run(cfg: SelectPositionsConfig) -> dict:
         writer.accept(np.array([i]), np.array([int(keep.sum())]), entries, [keep])
     manifest = writer.finish()
     assert manifest is not None  # one writer: finish completes the store or raises
+    # (also on a rerun: a run killed between its manifest and this annotation is completed here)
     annotated = manifest | {
         "selected_from": {
             "logits_store": str(full.dir.resolve()),
