@@ -56,6 +56,24 @@ def subprocess_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
 
+def run_ranks_by_hand(args: list[str], world: int = 2, timeout: int = 300) -> None:
+    """`predistill ARGS` as `world` processes started by hand (RANK/WORLD_SIZE, no rendezvous), all at
+    once; each must exit 0 (its stderr is the failure message)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "predistill", *args],
+            env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": str(world)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err
+
+
 WORDS = (
     "the king queen lord lady sword crown castle night day love war speak hear see go come "
     "fair foul noble gentle brave true false heart blood grace honour death life"

@@ -460,10 +460,7 @@ def test_the_positions_curve_reads_each_rule_against_its_control_paired_by_seed(
 
 @pytest.mark.slow  # subprocesses: two ranks started by hand
 def test_two_ranks_write_the_same_position_selected_store_as_one(tiny_store, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import single_thread, subprocess_env
+    from conftest import run_ranks_by_hand, single_thread
 
     with single_thread():  # the subprocesses' reduction order
         _score(tiny_store, tmp_path / "t1", logits_out=str(tmp_path / "one"), logits_positions="entropy",
@@ -471,19 +468,7 @@ def test_two_ranks_write_the_same_position_selected_store_as_one(tiny_store, tmp
     args = ["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(tmp_path / "t2"),
             "--logits-out", str(tmp_path / "two"), "--logits-positions", "entropy", "--logits-position-fraction", "0.3",
             "--shard-size", "40", "--batch-size", "5", "--no-progress"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "predistill", *args],
-            env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in (0, 1)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_ranks_by_hand(args)
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
     assert {k: v for k, v in one.items() if k != "manifest.json"} == {
         k: v for k, v in two.items() if k != "manifest.json"

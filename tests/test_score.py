@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import run_ranks_by_hand, subprocess_env
 
 from predistill.cli import main as cli_main
 from predistill.core.artifacts import PredistillError
@@ -146,19 +146,7 @@ def test_two_ranks_give_the_same_table_as_one(tiny_store, tmp_path):
         "40",
         "--no-progress",
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "predistill", *args],
-            env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+    run_ranks_by_hand(args)
     # Both ranks ran without a rendezvous; the one that finished last completed the table.
     assert json.loads((two / "manifest.json").read_text())["complete"] is True
     assert table_files(two) == table_files(one)

@@ -4,14 +4,12 @@ entropy of its distribution, written in the scoring pass, 4 bytes per position, 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import single_thread, subprocess_env
+from conftest import run_ranks_by_hand, single_thread
 
 from predistill.cli import main as cli_main
 from predistill.core.artifacts import PredistillError
@@ -142,17 +140,5 @@ def test_records_that_cannot_be_made_are_refused_before_anything_is_written(tiny
 def test_two_ranks_write_the_same_record_as_one(tiny_store, recorded, tmp_path):
     args = ["score", "--model", "preset:tiny", "--store", str(tiny_store), "--out", str(tmp_path / "scores"),
             "--token-record", str(tmp_path / "record"), "--shard-size", "40", "--batch-size", "5", "--no-progress"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "predistill", *args],
-            env={**subprocess_env(), "RANK": str(r), "WORLD_SIZE": "2"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
+    run_ranks_by_hand(args)
     assert files(tmp_path / "record") == files(recorded / "record")
