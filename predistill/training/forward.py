@@ -15,7 +15,7 @@ import abc
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from predistill.core.sharding import Shard
 from predistill.formats.store import TokenStore
 from predistill.modeling.models import final_hidden, head_weight, is_plain_head, model_body, tokenizer_hash
 from predistill.text.retokenize import retokenize
-from predistill.training.losses import inference_token_logprobs, token_logprobs
+from predistill.training.losses import inference_token_logprobs, logprobs_and_entropies, token_logprobs
 
 
 class ModelInputs:
@@ -73,6 +73,8 @@ class ForwardBatch:
     lm_head_weight: torch.Tensor  # [V, H]
     shard: Shard
     logits: torch.Tensor | None = None  # [B, L, V] fp32, only for models without a plain head (hidden is None)
+    # per-position values computed once per batch for every consumer that asks (`token_logprobs_and_entropies`)
+    memo: dict = field(default_factory=dict, repr=False)
 
 
 class ForwardConsumer(abc.ABC):
@@ -201,25 +203,23 @@ def mean_logprobs(batch: ForwardBatch, chunk_size: int = 256) -> tuple[np.ndarra
 
 def token_logprobs_and_entropies(batch: ForwardBatch, chunk_size: int = 256) -> list[np.ndarray]:
     """Per row: float32 [n_pred, 2] — log p(x_t+1 | x_≤t) and the entropy of p(· | x_≤t), in nats, at
-    each predicted position, from the full-vocabulary distribution (fp32, `chunk_size` positions of
-    logits at a time)."""
-    tokens, lengths = batch.tokens, batch.lengths
-    n_pred = (lengths - 1).clamp(min=0)
-    predicted = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None, :] < n_pred[:, None]
-    targets = tokens[:, 1:][predicted]
-    if batch.logits is not None:
-        source, weight = batch.logits[:, :-1][predicted].float(), None
-    else:
-        assert batch.hidden is not None  # a batch without logits has hidden states
-        source, weight = batch.hidden[:, :-1][predicted].float(), batch.lm_head_weight.float()
-    out = torch.empty(len(targets), 2, dtype=torch.float32, device=tokens.device)
-    for start in range(0, len(targets), chunk_size):
-        rows = source[start : start + chunk_size]
-        logits = rows if weight is None else rows @ weight.t()
-        logp = torch.log_softmax(logits, dim=-1)
-        out[start : start + len(rows), 0] = logp.gather(1, targets[start : start + len(rows), None]).squeeze(1)
-        out[start : start + len(rows), 1] = torch.special.entr(logp.exp()).sum(dim=-1)  # −Σ p ln p, 0 ln 0 = 0
-    return [part.numpy() for part in torch.split(out.cpu(), n_pred.tolist())]
+    each predicted position, from the full-vocabulary distribution (`losses.logprobs_and_entropies`);
+    computed once per batch, however many consumers (the token record, a position choice) ask."""
+    key = ("token_logprobs_and_entropies", chunk_size)
+    if key not in batch.memo:
+        tokens, lengths = batch.tokens, batch.lengths
+        n_pred = (lengths - 1).clamp(min=0)
+        predicted = torch.arange(tokens.shape[1] - 1, device=tokens.device)[None, :] < n_pred[:, None]
+        if batch.logits is not None:
+            source, weight = batch.logits[:, :-1][predicted], None
+        else:
+            assert batch.hidden is not None  # a batch without logits has hidden states
+            source, weight = batch.hidden[:, :-1][predicted], batch.lm_head_weight
+        logp, entropy = logprobs_and_entropies(source, weight, tokens[:, 1:][predicted], chunk_size)
+        assert logp is not None  # targets were given
+        out = torch.stack([logp, entropy], dim=1).cpu()
+        batch.memo[key] = [part.numpy() for part in torch.split(out, n_pred.tolist())]
+    return batch.memo[key]
 
 
 class ScoreCollector(ForwardConsumer):
