@@ -362,9 +362,15 @@ def test_where_a_selected_store_kept_no_distribution_the_kd_target_is_the_data(t
     store = TokenStore(tiny_store)
     ids, length = np.array([0, 3, 7]), 24
     inputs = torch.zeros(len(ids), length, dtype=torch.int64)
-    got = OfflineLogits(str(tmp_path / "sel"), store, KDConfig()).batch(ids, inputs)
+    tokens, lengths = store.batch(ids, max_len=length + 1)  # the step's targets and their mask
+    next_tokens = torch.zeros(len(ids), length, dtype=torch.int64)
+    next_tokens[:, : tokens.shape[1] - 1] = tokens[:, 1:]
+    real = torch.arange(length)[None, :] < (lengths - 1)[:, None]
+    source = OfflineLogits(str(tmp_path / "sel"), store, KDConfig())
+    got = source.with_data(source.batch(ids, inputs), next_tokens, real)
     stored = LogitsStore(tmp_path / "sel", store).read_batch(ids, length)
-    full = OfflineLogits(str(passes / "full"), store, KDConfig()).batch(ids, inputs)
+    every = OfflineLogits(str(passes / "full"), store, KDConfig())
+    full = every.with_data(every.batch(ids, inputs), next_tokens, real)
     assert torch.equal(full.mask, LogitsStore(passes / "full", store).read_batch(ids, length).mask)
     for row, i in enumerate(ids):
         tokens = np.asarray(store[int(i)])

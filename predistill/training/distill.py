@@ -122,21 +122,20 @@ class OfflineLogits(KDSource):
 
     def __init__(self, path: str, store: TokenStore, kd_cfg: KDConfig):
         self.store = open_logits(path, store)
-        self.tokens = store
         self.kd_cfg = kd_cfg
 
     def batch(self, ids, inputs: torch.Tensor):
-        targets = self.store.read_batch(ids, inputs.shape[1])
+        return self.store.read_batch(ids, inputs.shape[1])
+
+    def with_data(self, kd_batch: TeacherTargets, next_tokens: torch.Tensor, mask: torch.Tensor) -> TeacherTargets:
+        """A position-selected store's targets, with the data's next token where it kept no distribution
+        (`data_elsewhere`); a store of every position's, as they are."""
         if self.store.positions is None:
-            return targets
-        # a position-selected store: where it kept no distribution, the data's next token is the target
-        tokens, lengths = self.tokens.batch(ids, max_len=inputs.shape[1] + 1)
-        next_tokens = torch.zeros(inputs.shape, dtype=torch.int64)
-        next_tokens[:, : tokens.shape[1] - 1] = tokens[:, 1:]
-        real = torch.arange(inputs.shape[1])[None, :] < (lengths - 1)[:, None]
-        return data_elsewhere(targets, next_tokens, real & ~targets.mask.any(-1))
+            return kd_batch
+        return data_elsewhere(kd_batch, next_tokens, mask.to(kd_batch.mask.device) & ~kd_batch.mask.any(-1))
 
     def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
+        kd_batch = self.with_data(kd_batch, targets, mask)
         return offline_losses(hidden, weight, targets, kd_batch, self.kd_cfg, mask, alpha)
 
 
