@@ -878,15 +878,19 @@ class LogitsStoreWriter:
             entries = Entries.concat([p for p, keep in zip(parts, new) if keep], self.cfg)
         self._accept(inst, npos, entries, masks)
 
+    def _require_masks(self, given: bool) -> None:
+        """Kept masks come exactly with a position-selected store."""
+        if given != (self.positions is not None):
+            raise PredistillError(
+                "kept positions were given to a logits store that keeps every position"
+                if given
+                else "a position-selected logits store needs, for each batch row (instance), the positions to keep"
+            )
+
     def _check_masks(self, inst, npos, masks) -> list[np.ndarray] | None:
         """Kept masks given exactly when the store is position-selected, one per instance, each
         as long as the instance's positions and keeping `npos` of them."""
-        if (masks is None) != (self.positions is None):
-            raise PredistillError(
-                "a position-selected logits store needs each instance's kept positions"
-                if masks is None
-                else "kept positions were given to a logits store that keeps every position"
-            )
+        self._require_masks(masks is not None)
         if masks is None:
             return None
         masks = [np.asarray(m, dtype=bool) for m in masks]
@@ -925,12 +929,9 @@ class LogitsStoreWriter:
             raise PredistillError(
                 f"batch of {batch} rows got {len(instance_ids)} instance ids and {len(lengths)} lengths"
             )
-        if (kept is None) != (self.positions is None) or (kept is not None and len(kept) != batch):
-            raise PredistillError(
-                "a position-selected logits store needs, for each batch row, the positions to keep"
-                if self.positions is not None
-                else "kept positions were given to a logits store that keeps every position"
-            )
+        self._require_masks(kept is not None)
+        if kept is not None and len(kept) != batch:
+            raise PredistillError(f"batch of {batch} rows got {len(kept)} kept masks")
         if ((instance_ids < 0) | (instance_ids >= len(self.store))).any():
             raise PredistillError(f"instance id out of range for a token store of {len(self.store)}")
         if (lengths != self.lengths[instance_ids]).any():
