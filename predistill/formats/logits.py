@@ -244,6 +244,18 @@ class Entries:
             p += k
         return parts
 
+    def at(self, keep: np.ndarray) -> Entries:
+        """The entries of the positions `keep` (bool [P]) marks, in order."""
+        if len(self.n) != len(keep):
+            raise PredistillError(f"{len(self.n)} positions of entries for a mask of {len(keep)}")
+        chosen = keep[np.repeat(np.arange(len(keep)), self.n)]
+        return Entries(
+            self.n[keep],
+            self.ids[chosen],
+            None if self.logprobs is None else self.logprobs[chosen],
+            None if self.counts is None else self.counts[chosen],
+        )
+
     @staticmethod
     def empty(cfg: LogitsConfig) -> Entries:
         return Entries(

@@ -24,7 +24,7 @@ import numpy as np
 
 from predistill.core.artifacts import PredistillError, read_manifest, write_manifest
 from predistill.core.config import add_config_arguments, config_from_args, option
-from predistill.formats.logits import Entries, LogitsStore, LogitsStoreWriter, global_positions, thin_draws
+from predistill.formats.logits import LogitsStore, LogitsStoreWriter, global_positions, thin_draws
 from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import TokenRecord
 from predistill.training.positions import STORE_RULES, PositionChoice, record_values
@@ -73,19 +73,6 @@ def _check_same_teacher(record: TokenRecord, full: LogitsStore) -> None:
                 f"--teacher-record {record.dir} was made with other weights than the pass that wrote {full.dir} "
                 f"(model {str(model.get('hash'))[:12]} vs {str(scored.get('hash'))[:12]})"
             )
-
-
-def kept_entries(entries: Entries, keep: np.ndarray) -> Entries:
-    """The entries of the positions `keep` marks (entries hold one run per position, in order)."""
-    if len(entries.n) != len(keep):
-        raise PredistillError(f"{len(entries.n)} positions of entries for a mask of {len(keep)}")
-    at = keep[np.repeat(np.arange(len(keep)), entries.n)]
-    return Entries(
-        entries.n[keep],
-        entries.ids[at],
-        None if entries.logprobs is None else entries.logprobs[at],
-        None if entries.counts is None else entries.counts[at],
-    )
 
 
 def run(cfg: SelectPositionsConfig) -> dict:
@@ -139,7 +126,7 @@ def run(cfg: SelectPositionsConfig) -> dict:
         n = int(n_positions[i])
         rows = None if teacher is None else record_values(np.stack(teacher.instance(i), axis=1))
         keep = choice.keep(i, n, rows)
-        entries = kept_entries(full.instance_entries(i), keep)
+        entries = full.instance_entries(i).at(keep)
         if cfg_out.samples != full.cfg.samples:
             keys = global_positions(store, np.full(int(keep.sum()), i), np.flatnonzero(keep))
             entries = thin_draws(entries, full.cfg.samples, cfg_out.samples, keys, full.cfg.seed)
