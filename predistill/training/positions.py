@@ -49,6 +49,22 @@ STORE_RULES = ("entropy", "difference", "random")
 RECENT = 4096  # masks kept: a few global batches' worth, never the corpus
 
 
+def check_token_rule(rule: str | None, fraction: float, teacher_record: str | None, reference_record: str | None):
+    """The records a token rule reads, and only those (`train --token-rule`; one line each)."""
+    if fraction < 1 and not rule:
+        raise PredistillError("--token-fraction < 1 needs a --token-rule (difference, excess or random)")
+    if rule is not None and rule not in RULES:
+        raise PredistillError(f"unknown --token-rule {rule!r}; known: {', '.join(RULES)}")
+    if rule == "difference" and not (teacher_record and reference_record):
+        raise PredistillError("--token-rule difference needs --teacher-record and --reference-record")
+    if rule == "excess" and not reference_record:
+        raise PredistillError("--token-rule excess needs --reference-record")
+    if teacher_record and rule != "difference":
+        raise PredistillError("--teacher-record is read by --token-rule difference only")
+    if reference_record and rule not in ("difference", "excess"):
+        raise PredistillError("--reference-record is read by --token-rule difference and excess only")
+
+
 def n_kept(n: int, fraction: float) -> int:
     """Positions kept of an instance's `n` trained ones: ⌈fraction · n⌉, at least one (none of none)."""
     return min(n, max(1, math.ceil(fraction * n - 1e-9))) if n else 0
@@ -82,20 +98,12 @@ class TokenSelection:
         teacher_record: str | None = None,
         reference_record: str | None = None,
     ):
-        if rule not in RULES:
-            raise PredistillError(f"unknown --token-rule {rule!r}; known: {', '.join(RULES)}")
+        check_token_rule(rule, fraction, teacher_record, reference_record)
         self.rule, self.fraction, self.seed = rule, fraction, seed
         self._recent: dict[tuple[int, int], np.ndarray] = {}  # the last RECENT instances' masks
-        self.teacher = self.reference = None
-        if rule == "difference":
-            if not (teacher_record and reference_record):
-                raise PredistillError("--token-rule difference needs --teacher-record and --reference-record")
-            # each refuses a record of another token store, naming both hashes
-            self.teacher, self.reference = TokenRecord(teacher_record, store), TokenRecord(reference_record, store)
-        if rule == "excess":
-            if not reference_record or teacher_record:
-                raise PredistillError("--token-rule excess reads --reference-record (and no --teacher-record)")
-            self.reference = TokenRecord(reference_record, store)
+        # each record refuses one of another token store, naming both hashes
+        self.teacher = TokenRecord(teacher_record, store) if teacher_record else None
+        self.reference = TokenRecord(reference_record, store) if reference_record else None
 
     @property
     def during_step(self) -> bool:

@@ -36,7 +36,7 @@ from predistill.core.config import (
 from predistill.modeling.models import ATTN_IMPLS
 from predistill.training.kd import KDConfig
 from predistill.training.losses import DEFAULT_CHUNK
-from predistill.training.positions import KD_POSITION_RULES
+from predistill.training.positions import KD_POSITION_RULES, check_token_rule
 from predistill.training.positions import RULES as POSITION_RULES
 from predistill.training.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
 
@@ -250,16 +250,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """What this config's run would refuse, before anything is read (a recipe's dry run calls it)."""
-        if self.token_fraction < 1 and not self.token_rule:
-            raise PredistillError("--token-fraction < 1 needs a --token-rule (difference or random)")
-        if self.token_rule == "difference" and not (self.teacher_record and self.reference_record):
-            raise PredistillError("--token-rule difference needs --teacher-record and --reference-record")
-        if self.token_rule == "excess" and not self.reference_record:
-            raise PredistillError("--token-rule excess needs --reference-record")
-        if self.teacher_record and self.token_rule != "difference":
-            raise PredistillError("--teacher-record is read by --token-rule difference only")
-        if self.reference_record and self.token_rule not in ("difference", "excess"):
-            raise PredistillError("--reference-record is read by --token-rule difference and excess only")
+        check_token_rule(self.token_rule, self.token_fraction, self.teacher_record, self.reference_record)
         if self.lr_schedule not in LR_SCHEDULES:
             raise PredistillError(f"unknown --lr-schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
         if self.alpha_schedule not in ALPHA_SCHEDULES:
