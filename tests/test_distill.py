@@ -470,3 +470,27 @@ def test_se_kd_online_gradient_is_lm_everywhere_and_kd_at_the_chosen_positions(t
     assert float(lm_sum.detach()) == pytest.approx(float(nll.detach()), rel=1e-4)
     assert float(kd_sum.detach()) == pytest.approx(float(kld.detach()), rel=1e-3)
     torch.testing.assert_close(h.grad, ref.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_in_step_choices_on_two_gloo_ranks_match_one_rank(tiny_store, logits_dir, tmp_path):
+    """RHO-1 and SE-KD choose inside the step, per instance: 2 DDP ranks (gloo) train on the same
+    tokens and distil at the same positions as 1 rank, so the losses agree."""
+    from conftest import torchrun_train
+
+    from predistill.stages.score import ScoreConfig
+    from predistill.stages.score import run as score
+
+    score(ScoreConfig(model="preset:tiny", seed=2, store=str(tiny_store), out=str(tmp_path / "ref-scores"),
+                      token_record=str(tmp_path / "ref"), shard_size=64, progress=False))  # fmt: skip
+    args = ["--store", str(tiny_store), "--model", "preset:tiny", "--steps", "4", "--batch-size", "4",
+            "--seq-len", "64", "--lr", "3e-3", "--eval-instances", "8", "--kd-logits", str(logits_dir),
+            "--alpha", "0.5", "--alpha-schedule", "constant", "--kd-positions", "student-entropy",
+            "--kd-position-fraction", "0.3", "--token-rule", "excess", "--token-fraction", "0.6",
+            "--reference-record", str(tmp_path / "ref")]  # fmt: skip
+    torchrun_train(1, [*args, "--out", str(tmp_path / "one"), "--micro-batch-size", "2"])
+    torchrun_train(2, [*args, "--out", str(tmp_path / "two"), "--micro-batch-size", "1"])
+    rows = {name: metrics(tmp_path / name) for name in ("one", "two")}
+    for key in ("lm_loss", "kd_loss"):
+        np.testing.assert_allclose([r[key] for r in rows["two"]], [r[key] for r in rows["one"]], rtol=1e-5)
+    assert manifest(tmp_path / "two")["flops"] == manifest(tmp_path / "one")["flops"]
