@@ -176,6 +176,22 @@ def test_nothing_but_models_runs_a_body_forward():
     assert offenders == []
 
 
+def called_names(path) -> set[str]:
+    """Names a module calls (`f(...)` and `x.f(...)`)."""
+    calls = (n.func for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call))
+    return {c.id if isinstance(c, ast.Name) else c.attr for c in calls if isinstance(c, (ast.Name, ast.Attribute))}
+
+
+def test_the_rank_and_marker_protocol_runs_in_one_place():
+    # which shards a rank runs, which are done, and who finishes the artifact are sharding.run_sharded's:
+    # a stage describes its work (a ShardedWork) instead of running its own loop over the ranks
+    protocol = {"owns", "finish_by_last_rank"}
+    offenders = {m: sorted(protocol & called_names(p)) for m, p in MODULES.items() if m != "core.sharding"}
+    assert {m: names for m, names in offenders.items() if names} == {}
+    drivers = sorted(m for m, p in MODULES.items() if "run_sharded" in called_names(p))
+    assert drivers == ["stages.eval", "stages.generate", "stages.score"]
+
+
 def test_nothing_but_models_reads_parameter_counts_for_flops():
     # FLOPs formulas go through models.forward_params; a second count of "non-embedding + head"
     # would let the compute-matched comparisons drift apart

@@ -1,9 +1,11 @@
 """The ranks (`Dist`, `init_distributed`: torchrun's environment and its process group), how a long
 stage's work is split over them, and which process finishes the artifact.
 
-A sharded stage (`score`, `generate`, `eval`'s held-out loss) plans its work as numbered shards —
-the same plan for any world size, so the artifact does not depend on the ranks — runs the shards
-this rank owns (`owns`), marks each done on disk (`artifacts.write_shard`), and then one process
+A sharded stage (`score`, `generate`, `eval`'s held-out loss) describes its work as a `ShardedWork`
+— numbered shards, the same plan for any world size so that the artifact does not depend on the
+ranks; which are done; how to do some; how to finish the artifact — and `run_sharded` drives it, the
+one place the protocol is written: it runs the shards this rank owns (`owns`) that are not done yet
+(each marked done on disk by the stage's format: `artifacts.write_shard`), and then one process
 finishes the artifact from every shard's data (`finish_by_last_rank`):
 
 - under torchrun (a rendezvous), every rank waits for the others and rank 0 finishes;
@@ -16,8 +18,9 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -154,3 +157,55 @@ def finish_by_last_rank(d: Dist, finish: Callable[[bool], bool], stage: str, art
         file=sys.stderr,
     )
     return False
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+class ShardedWork(Protocol):
+    """A sharded stage's work, as `run_sharded` sees it."""
+
+    @property
+    def shards(self) -> Sequence[Shard]:
+        """The plan: every shard of the artifact, the same for any world size."""
+        ...
+
+    def done(self, shard: Shard) -> bool:
+        """Is the shard done: its marker on disk vouches for its data (always False for work kept in memory)."""
+        ...
+
+    def run(self, shards: Sequence[Shard]) -> None:
+        """Do these shards (this rank's, not done yet), marking each done as it is finished."""
+        ...
+
+    def finish(self, others_may_be_writing: bool) -> bool:
+        """Finish the artifact from every shard's data; False when a shard is missing (see
+        `finish_by_last_rank`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Work:
+    """A `ShardedWork` made of a stage's own functions (for a stage whose pass is one function)."""
+
+    shards: Sequence[Shard]
+    done: Callable[[Shard], bool]
+    run: Callable[[Sequence[Shard]], None]
+    finish: Callable[[bool], bool]
+
+
+def run_sharded(work: ShardedWork, d: Dist, stage: str, artifact: str, *, group: int = 1) -> bool:
+    """Run this rank's share of `work` and finish the artifact when every shard is in; True in the
+    process that finished it. A rerun after a kill does only the shards without a valid marker, so
+    it ends with the same bytes as a run that was never stopped. `group`: see `owns`."""
+    mine = [s for s in work.shards if owns(d, s.index, group)]
+    todo = [s for s in mine if not work.done(s)]
+    if len(todo) < len(mine):
+        of_rank = f" of rank {d.rank}" if d.world > 1 else ""
+        print(
+            f"predistill {stage}: resuming {artifact}: {len(mine) - len(todo)} of {len(mine)} shards{of_rank} "
+            "already done",
+            file=sys.stderr,
+        )
+    work.run(todo)
+    return finish_by_last_rank(d, work.finish, stage, artifact)

@@ -36,7 +36,7 @@ import numpy as np
 
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.core.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
-from predistill.core.sharding import Dist, init_distributed, owns, plan_shards
+from predistill.core.sharding import Dist, Shard, Work, init_distributed, plan_shards, run_sharded
 from predistill.formats.evalresults import average_accuracy
 from predistill.formats.store import TokenStore
 from predistill.formats.tasks import LOCAL_TASKS, LocalTaskConfig, item_counts
@@ -236,16 +236,21 @@ def instance_nll(
     model.eval()
     inputs = ModelInputs(store, tokenizer, rows=sequences)
     collector = ScoreCollector()
-    shards = [shard for shard in plan_shards(len(sequences), SHARD_SIZE) if owns(ranks, shard.index)]
-    run_forward_pass(
-        model,
-        inputs,
-        shards,
-        [collector],
-        batch_size=batch_size,
-        progress=progress and ranks.main,
-        desc="held-out loss",
-    )
+
+    def forward(shards: Sequence[Shard]) -> None:
+        run_forward_pass(
+            model,
+            inputs,
+            shards,
+            [collector],
+            batch_size=batch_size,
+            progress=progress and ranks.main,
+            desc="held-out loss",
+        )
+
+    # kept in memory (no markers: a rerun recomputes it), the rank's results gathered below
+    heldout = Work(plan_shards(len(sequences), SHARD_SIZE), lambda shard: False, forward, lambda others: True)
+    run_sharded(heldout, ranks, "eval", "the held-out loss")
     ids = np.arange(len(sequences))
     logprob, n_tokens = {}, {}
     for part_logprob, part_tokens in ranks.gather((collector.logprob, collector.n_tokens)):

@@ -46,6 +46,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ from predistill.core.artifacts import (
 )
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.core.output import Output
-from predistill.core.sharding import finish_by_last_rank, init_distributed, owns, rank_and_world, shard_name
+from predistill.core.sharding import Shard, Work, init_distributed, rank_and_world, run_sharded
 from predistill.formats.selection import load_selection, read_selection_manifest
 from predistill.formats.store import FORMAT as STORE_FORMAT
 from predistill.formats.store import TokenStore, TokenStoreWriter, token_dtype
@@ -205,10 +206,10 @@ def batch_seed(seed: int, first_id: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict | None:
+def read_shard(work: Path, shard: Shard, dtype: np.dtype) -> dict | None:
     """A finished shard (marker + tokens) if its marker vouches for its .bin as it is on disk."""
-    done, data = work / f"{shard_name(index)}.done", work / f"{shard_name(index)}.bin"
-    marker = read_marker(done, data, ids=ids.tolist())
+    done, data = work / f"{shard.name}.done", work / f"{shard.name}.bin"
+    marker = read_marker(done, data, ids=shard.ids.tolist())
     if marker is None:
         return None
     tokens = np.fromfile(data, dtype=dtype)
@@ -220,8 +221,7 @@ def read_shard(work: Path, index: int, ids: np.ndarray, dtype: np.dtype) -> dict
 
 def write_shard(
     work: Path,
-    index: int,
-    ids: np.ndarray,
+    shard: Shard,
     rows: list[np.ndarray],
     prompt_lengths: list[int],
     dtype: np.dtype,
@@ -229,10 +229,10 @@ def write_shard(
 ) -> None:
     data = np.concatenate(rows).astype(dtype).tobytes() if rows else b""
     artifacts.write_shard(
-        work / f"{shard_name(index)}.bin",
-        work / f"{shard_name(index)}.done",
+        work / f"{shard.name}.bin",
+        work / f"{shard.name}.done",
         data,
-        ids=ids.tolist(),
+        ids=shard.ids.tolist(),
         lengths=[len(r) for r in rows],
         prompt_lengths=prompt_lengths,
         flops=flops,
@@ -391,57 +391,50 @@ def run(cfg: GenerateConfig) -> Path:
     claim_work(work, PLAN_FORMAT, "generation")
     check_plan(work, plan, "generation")
 
-    shards = [ids[s : s + cfg.shard_size] for s in range(0, len(ids), cfg.shard_size)]
+    shards = [Shard(k, ids[s : s + cfg.shard_size]) for k, s in enumerate(range(0, len(ids), cfg.shard_size))]
     # under torchrun (or RANK/WORLD_SIZE by hand) rank r generates shards r, r+W, …: a shard's
     # tokens depend on its ids and the seed alone, so the output does not depend on the ranks
     rank, world = rank_and_world()
     ranks = init_distributed(device, need_group=False)
-    pending = [
-        k for k, shard_ids in enumerate(shards) if owns(ranks, k) and read_shard(work, k, shard_ids, dtype_out) is None
-    ]
     if world == 1:  # one process assembles whatever is done; a lock of killed ranks means nothing now
         (work / "assemble.lock").unlink(missing_ok=True)
-    if len(pending) < len(shards):
-        print(
-            f"predistill: resuming {work}: {len(shards) - len(pending)} of {len(shards)} shards already done",
+
+    def generate_shards(todo: Sequence[Shard]) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=sum(len(shard.ids) for shard in todo),
+            unit="inst",
+            desc=f"generate {Path(cfg.model).name}",
+            dynamic_ncols=True,
+            disable=not cfg.progress or rank > 0,
             file=sys.stderr,
         )
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=sum(len(shards[k]) for k in pending),
-        unit="inst",
-        desc=f"generate {Path(cfg.model).name}",
-        dynamic_ncols=True,
-        disable=not cfg.progress or rank > 0,
-        file=sys.stderr,
-    )
-    n_new, t0 = 0, time.perf_counter()
-    try:
-        for k in pending:
-            shard_ids = shards[k]
-            rows, prompt_lengths, flops = [], [], 0
-            for start in range(0, len(shard_ids), cfg.batch_size):
-                batch_ids = shard_ids[start : start + cfg.batch_size]
-                prompts = [prompter(i) for i in batch_ids]
-                if max_pos is not None and max(len(p) for p in prompts) + max_new > max_pos:
-                    raise PredistillError(
-                        f"prompt + --max-new-tokens ({max(len(p) for p in prompts)} + {max_new}) "
-                        f"exceeds the model's {max_pos} positions"
+        n_new, t0 = 0, time.perf_counter()
+        try:
+            for shard in todo:
+                rows, prompt_lengths, flops = [], [], 0
+                for start in range(0, len(shard.ids), cfg.batch_size):
+                    batch_ids = shard.ids[start : start + cfg.batch_size]
+                    prompts = [prompter(i) for i in batch_ids]
+                    if max_pos is not None and max(len(p) for p in prompts) + max_new > max_pos:
+                        raise PredistillError(
+                            f"prompt + --max-new-tokens ({max(len(p) for p in prompts)} + {max_new}) "
+                            f"exceeds the model's {max_pos} positions"
+                        )
+                    generated = generate_batch(
+                        model, prompts, gen_config, batch_seed(cfg.seed, int(batch_ids[0])), pad_id, eos_id, device
                     )
-                generated = generate_batch(
-                    model, prompts, gen_config, batch_seed(cfg.seed, int(batch_ids[0])), pad_id, eos_id, device
-                )
-                for p, g in zip(prompts, generated):
-                    rows.append(np.concatenate([p, g]))
-                    prompt_lengths.append(len(p))
-                    flops += 2 * n_params * (len(p) + len(g) - 1)
-                    n_new += len(g)
-                bar.update(len(batch_ids))
-                bar.set_postfix_str(f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f} gen tok/s")
-            write_shard(work, k, shard_ids, rows, prompt_lengths, dtype_out, flops)
-    finally:
-        bar.close()
+                    for p, g in zip(prompts, generated):
+                        rows.append(np.concatenate([p, g]))
+                        prompt_lengths.append(len(p))
+                        flops += 2 * n_params * (len(p) + len(g) - 1)
+                        n_new += len(g)
+                    bar.update(len(batch_ids))
+                    bar.set_postfix_str(f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f} gen tok/s")
+                write_shard(work, shard, rows, prompt_lengths, dtype_out, flops)
+        finally:
+            bar.close()
 
     def assemble(others_may_be_writing: bool) -> bool:
         if others_may_be_writing and not _claim_assembly(work, shards, dtype_out):
@@ -456,24 +449,24 @@ def run(cfg: GenerateConfig) -> Path:
         all_prompt_lengths = []
         with output.staged() as tmp:
             writer = TokenStoreWriter(tmp, vocab_size)
-            for k, shard_ids in enumerate(shards):
-                shard = read_shard(work, k, shard_ids, dtype_out)
-                if shard is None:
-                    raise PredistillError(f"{work}: shard {k} vanished or changed while assembling; rerun")
-                total_flops += shard["flops"]
-                bounds = np.concatenate([[0], np.cumsum(shard["lengths"])])
-                for j, i in enumerate(shard_ids):
-                    row = shard["tokens"][bounds[j] : bounds[j + 1]]
+            for shard in shards:
+                done = read_shard(work, shard, dtype_out)
+                if done is None:
+                    raise PredistillError(f"{work}: shard {shard.index} vanished or changed while assembling; rerun")
+                total_flops += done["flops"]
+                bounds = np.concatenate([[0], np.cumsum(done["lengths"])])
+                for j, i in enumerate(shard.ids):
+                    row = done["tokens"][bounds[j] : bounds[j + 1]]
                     d = int(store.domain_ids[int(i)])
                     writer.append(row, d)
                     c = counts[d]
                     c["n_instances"] += 1
                     c["n_tokens"] += len(row)
                     c["n_documents"] += int((row == eos_id).sum())
-                    c["n_prompt_tokens"] += shard["prompt_lengths"][j]
-                    c["n_generated_tokens"] += len(row) - shard["prompt_lengths"][j]
-                source_ids.extend(int(i) for i in shard_ids)
-                all_prompt_lengths.extend(shard["prompt_lengths"])
+                    c["n_prompt_tokens"] += done["prompt_lengths"][j]
+                    c["n_generated_tokens"] += len(row) - done["prompt_lengths"][j]
+                source_ids.extend(int(i) for i in shard.ids)
+                all_prompt_lengths.extend(done["prompt_lengths"])
             np.save(tmp / "source_ids.npy", np.asarray(source_ids, dtype=np.int64))
             np.save(tmp / "prompt_lengths.npy", np.asarray(all_prompt_lengths, dtype=np.int64))
             if retokenized:
@@ -530,14 +523,17 @@ def run(cfg: GenerateConfig) -> Path:
         remove_owned_work(work, PLAN_FORMAT)
         return True
 
-    finish_by_last_rank(ranks, assemble, "generate", f"the store {out}")
+    continuations = Work(
+        shards, lambda shard: read_shard(work, shard, dtype_out) is not None, generate_shards, assemble
+    )
+    run_sharded(continuations, ranks, "generate", f"the store {out}")
     return out
 
 
-def _claim_assembly(work: Path, shards: list[np.ndarray], dtype: np.dtype) -> bool:
+def _claim_assembly(work: Path, shards: list[Shard], dtype: np.dtype) -> bool:
     """Ranks started by hand without a rendezvous: does this one assemble the store? The first to
     find every shard done and take the lock does (a plain rerun assembles whatever is left)."""
-    if any(read_shard(work, k, shard_ids, dtype) is None for k, shard_ids in enumerate(shards)):
+    if any(read_shard(work, shard, dtype) is None for shard in shards):
         return False
     try:
         os.close(os.open(work / "assemble.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from predistill.core.artifacts import (
 )
 from predistill.core.config import Effect, add_config_arguments, config_from_args, identity, option
 from predistill.core.output import Output
-from predistill.core.sharding import Shard, finish_by_last_rank, init_distributed, owns, plan_shards, rank_and_world
+from predistill.core.sharding import Dist, Shard, init_distributed, plan_shards, rank_and_world, run_sharded
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.logits import LogitsConfig, LogitsStoreWriter
 from predistill.formats.scores import (
@@ -77,7 +78,6 @@ from predistill.training.forward import (
     ForwardBatch,
     ForwardConsumer,
     ModelInputs,
-    PassStats,
     ScoreCollector,
     run_forward_pass,
     token_logprobs_and_entropies,
@@ -390,14 +390,45 @@ def _check_token_record(cfg: ScoreConfig, store: TokenStore, inputs: ModelInputs
         raise PredistillError(f"{tdir} is a symbolic link; refusing to write through it")
 
 
-def _report_stats(stats: PassStats, rank: int, note: str) -> None:
-    if stats.n_tokens:
-        print(
-            f"predistill score: rank {rank}: {stats.n_shards_run} shards, {stats.n_tokens} tokens in "
-            f"{stats.seconds:.1f}s ({stats.n_tokens / max(stats.seconds, 1e-9):.0f} tokens/s); "
-            f"{stats.n_shards_skipped} shards already done{note}",
-            file=sys.stderr,
+@dataclass
+class TeacherPass:
+    """Score's sharded work (`sharding.run_sharded` drives it): the teacher's forward pass over a
+    shard feeds every consumer (the table's shards, the logits store, the token record), and a
+    shard is done when each consumer has it; `finish_artifacts` finishes what the pass wrote."""
+
+    model: torch.nn.Module
+    inputs: ModelInputs
+    shards: list[Shard]
+    consumers: list[ForwardConsumer]
+    finish_artifacts: Callable[[bool], bool]
+    batch_size: int
+    progress: bool
+    desc: str
+    rank: int = 0
+    note: str = ""
+
+    def done(self, shard: Shard) -> bool:
+        return all(c.is_shard_done(shard) for c in self.consumers)
+
+    def run(self, shards: Sequence[Shard]) -> None:
+        stats = run_forward_pass(
+            self.model,
+            self.inputs,
+            shards,
+            self.consumers,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            desc=self.desc,
         )
+        if stats.n_tokens:
+            print(
+                f"predistill score: rank {self.rank}: {stats.n_shards_run} shards, {stats.n_tokens} tokens in "
+                f"{stats.seconds:.1f}s ({stats.n_tokens / max(stats.seconds, 1e-9):.0f} tokens/s){self.note}",
+                file=sys.stderr,
+            )
+
+    def finish(self, others_may_be_writing: bool) -> bool:
+        return self.finish_artifacts(others_may_be_writing)
 
 
 def run(cfg: ScoreConfig) -> Path:
@@ -492,14 +523,27 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
         if "scored_with" in current:  # finished (in this table's pass or in a pass of its own)
             print(f"predistill: {out} and {logits.dir} are already complete; nothing to do", file=sys.stderr)
             return out
-        consumer = LogitsStoreConsumer(logits, choice, cfg.chunk_size)
-        stats = run_forward_pass(
-            model, inputs, shards, [consumer], batch_size=cfg.batch_size, progress=cfg.progress, desc=f"{desc} (logits)"
+
+        writer = logits
+
+        def finish_logits(others_may_be_writing: bool) -> bool:
+            finished = writer.finish(others_may_be_writing=others_may_be_writing)
+            if finished is not None:
+                _annotate_logits(writer.dir, scored_with, 2 * plan["model"]["forward_params"] * finished["n_positions"])
+            return finished is not None
+
+        logits_pass = TeacherPass(
+            model,
+            inputs,
+            shards,
+            [LogitsStoreConsumer(logits, choice, cfg.chunk_size)],
+            finish_logits,
+            cfg.batch_size,
+            cfg.progress,
+            f"{desc} (logits)",
+            note=" (logits only: the score table was already complete)",
         )
-        _report_stats(stats, rank, " (logits only: the score table was already complete)")
-        finished = logits.finish()
-        assert finished is not None  # None only while other writers may be writing
-        _annotate_logits(logits.dir, scored_with, 2 * plan["model"]["forward_params"] * finished["n_positions"])
+        run_sharded(logits_pass, Dist(), "score", f"the logits store {logits.dir}")
         return out
 
     if rank == 0:  # one job writes OUT at a time (its ranks together); a second is refused before it writes
@@ -508,28 +552,28 @@ def _run(cfg: ScoreConfig, held: contextlib.ExitStack) -> Path:
     if cfg.token_record:  # opened (and its directory made) only once the table's own checks have passed
         record = TokenRecordWriter(cfg.token_record, store, plan["model"], cfg.shard_size)
     d = init_distributed(device, need_group=False)
-    # a rank owns whole logits shards (each the score shards [k·g, (k+1)·g)), so that no logits
-    # shard is fed by two processes; without --logits-out, g = 1 and shard s goes to rank s mod W
-    group = logits.shard_instances // cfg.shard_size if logits is not None else 1
-    mine = [s for s in shards if owns(d, s.index, group)]
-    writer = ShardScoreWriter(out, cfg.chunk_size)
-    consumers: list[ForwardConsumer] = [writer]
+    consumers: list[ForwardConsumer] = [ShardScoreWriter(out, cfg.chunk_size)]
     if logits is not None:
         consumers.append(LogitsStoreConsumer(logits, choice, cfg.chunk_size))
     if record is not None:
         consumers.append(TokenRecordConsumer(record, cfg.chunk_size))
-    stats = run_forward_pass(
-        model, inputs, mine, consumers, batch_size=cfg.batch_size, progress=cfg.progress and rank == 0, desc=desc
-    )
-    _report_stats(stats, rank, "")
-    finish_by_last_rank(
-        d,
+    teacher_pass = TeacherPass(
+        model,
+        inputs,
+        shards,
+        consumers,
         lambda others_may_be_writing: _complete(
             out, plan, shards, logits, record, others_may_be_writing=others_may_be_writing
         ),
-        "score",
-        f"the score table {out}",
+        cfg.batch_size,
+        cfg.progress and rank == 0,
+        desc,
+        rank,
     )
+    # a rank owns whole logits shards (each the score shards [k·g, (k+1)·g)), so that no logits
+    # shard is fed by two processes; without --logits-out, g = 1 and shard s goes to rank s mod W
+    group = logits.shard_instances // cfg.shard_size if logits is not None else 1
+    run_sharded(teacher_pass, d, "score", f"the score table {out}", group=group)
     return out
 
 
