@@ -16,7 +16,7 @@ from predistill.core.config import leaves
 PACKAGE = Path(__file__).resolve().parent.parent / "predistill"
 # The packages by layer, lowest first: a module imports only from its own package and those before
 # it (docs/architecture.md); `cli` and `__main__` sit above them all.
-LAYERS = ("core", "modeling", "formats", "text", "training", "stages")
+LAYERS = ("core", "formats", "modeling", "text", "training", "stages")
 # subcommand modules; `run` and `demo` drive the others through the CLI and may import them
 STAGES = {
     module.removeprefix("predistill.") for name, (module, _) in cli.COMMANDS.items() if name not in ("run", "demo")

@@ -18,7 +18,7 @@ from predistill.core.config import (
     option,
     to_flat,
 )
-from predistill.training.rundir import DESIGN_AXES, TrainConfig, configuration_keys, result_identity
+from predistill.training.config import DESIGN_AXES, TrainConfig, configuration_keys, result_identity
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from predistill.modeling.kernels import fuse_kernels
 from predistill.stages.train import TrainConfig, prepare_student
-from predistill.training.rundir import result_identity
+from predistill.training.config import result_identity
 
 
 def tiny(family: str):

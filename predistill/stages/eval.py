@@ -37,6 +37,7 @@ import numpy as np
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
 from predistill.core.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
 from predistill.core.sharding import Dist, Shard, Work, init_distributed, plan_shards, run_sharded
+from predistill.formats import rundir
 from predistill.formats.evalresults import average_accuracy
 from predistill.formats.store import TokenStore
 from predistill.formats.tasks import LOCAL_TASKS, LocalTaskConfig, item_counts
@@ -48,7 +49,6 @@ from predistill.modeling.models import (
     resolve_device,
     resolve_dtype,
     resolve_model,
-    run_exports,
     tokenizer_hash,
 )
 from predistill.training.forward import ModelInputs, ScoreCollector, run_forward_pass
@@ -542,13 +542,13 @@ def evaluate_exports(cfg: EvalConfig) -> list[Path]:
     # an export evaluated with the same measuring settings (and dtype) is kept; the model is the export itself
     settings = _measuring(to_flat(cfg))
     done = []
-    for export in run_exports(Path(ref.run)):
-        previous = _read_eval(export / "eval.json") or {}
+    for export in rundir.run_exports(Path(ref.run)):
+        previous = _read_eval(export / rundir.EVAL) or {}
         config = previous.get("config")
         if not isinstance(config, dict):
             config = {}
         if previous.get("dtype") != dtype or _measuring(config) != settings:
-            run(replace(cfg, model=str(export), out=str(export / "eval.json"), exports=False, tasks_dir=tasks_dir))
+            run(replace(cfg, model=str(export), out=str(export / rundir.EVAL), exports=False, tasks_dir=tasks_dir))
         done.append(export)
     return done
 

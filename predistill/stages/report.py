@@ -39,9 +39,9 @@ import numpy as np
 
 from predistill.core.artifacts import MANIFEST, PredistillError, hold_output, parse_json, write_json_atomic
 from predistill.core.config import add_config_arguments, config_from_args, option
+from predistill.formats import rundir
 from predistill.formats.evalresults import headline_metric
-from predistill.modeling.models import EXPORT_INFO, run_exports
-from predistill.training.rundir import BUDGET_KEYS, configuration_keys
+from predistill.training.config import BUDGET_KEYS, configuration_keys
 
 DASH = "–"
 # MiniPLM's scaling figures fit the loss-vs-compute curve and read it past the trained range.
@@ -296,7 +296,7 @@ SCHEDULE_KEYS = (
 
 
 def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str:
-    """The configuration as a key (`rundir.configuration_keys`): runs that differ only in budget,
+    """The configuration as a key (`training.config.configuration_keys`): runs that differ only in budget,
     seed, execution or what they measure share it (but not in the axes named in `keep`)."""
     if not config:
         return json.dumps({"method": s.method or s.name, "model": s.model})
@@ -307,8 +307,8 @@ def run_identity(config: dict, s: RunSummary, keep: tuple[str, ...] = ()) -> str
 
 def evaluations_over_training(run_dir: Path, s: RunSummary) -> list[dict]:
     points = []
-    for export in run_exports(run_dir):
-        info, evaluation = _read_json(export / EXPORT_INFO) or {}, _read_json(export / "eval.json") or {}
+    for export in rundir.run_exports(run_dir):
+        info, evaluation = _read_json(export / rundir.EXPORT_INFO) or {}, _read_json(export / rundir.EVAL) or {}
         if evaluation:
             points.append(
                 {
@@ -338,9 +338,9 @@ def summarize_run(run: str) -> RunSummary:
         raise PredistillError(f"{run}: no such run directory")
     s = RunSummary(dir=str(run_dir), name=run_dir.resolve().name)
     manifest = _read_json(run_dir / MANIFEST) or {}
-    config = _read_json(run_dir / "config.json") or {}
-    evaluation = _read_json(run_dir / "eval.json") or {}
-    s.complete = manifest.get("format") == "run" and manifest.get("complete") is True
+    config = _read_json(run_dir / rundir.CONFIG) or {}
+    evaluation = _read_json(run_dir / rundir.EVAL) or {}
+    s.complete = manifest.get("format") == rundir.FORMAT and manifest.get("complete") is True
     s.method = manifest.get("method") or config.get("method")
     s.model = manifest.get("model") or config.get("model")
     if isinstance(s.model, str) and s.model:
@@ -357,7 +357,7 @@ def summarize_run(run: str) -> RunSummary:
     s.identity = run_identity(config, s)
     s.variant = run_identity(config, s, keep=BUDGET_KEYS)
     s.schedule = json.dumps({k: config.get(k) for k in SCHEDULE_KEYS}, sort_keys=True, default=str)
-    s.metrics = read_metrics(run_dir / "metrics.jsonl")
+    s.metrics = read_metrics(run_dir / rundir.METRICS)
     if s.tokens is None and s.metrics:  # an unfinished run: its last logged step
         s.tokens = _number(s.metrics[-1].get("tokens"))
         s.flops = s.flops if s.flops is not None else _number(s.metrics[-1].get("flops"))

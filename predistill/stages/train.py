@@ -11,12 +11,8 @@ that endless stream. A checkpoint therefore needs only the step to resume the da
 Losses are normalised by the number of target tokens in the *global* batch, so any split into
 ranks and micro-batches computes the same gradient.
 
-Run dir (the contract `eval` and `report` read):
-    OUT/config.json         resolved TrainConfig (+ "command")
-    OUT/metrics.jsonl       one JSON object per logged step
-    OUT/checkpoints/step-NNNNNNNN/   model, optimizer, RNG, trainer state (last few kept)
-    OUT/hf/                 final save_pretrained export with the tokenizer (safetensors)
-    OUT/manifest.json       format "run": params, tokens, FLOPs, identities, complete flag last
+The run directory it writes (config.json, metrics.jsonl, checkpoints/, exports/, hf/, the
+manifest last) is laid out in `predistill.formats.rundir`; `eval` and `report` read it there.
 """
 
 from __future__ import annotations
@@ -55,15 +51,12 @@ from predistill.core.artifacts import (
 from predistill.core.config import add_config_arguments, config_from_args, from_flat, to_flat
 from predistill.core.output import Output
 from predistill.core.sharding import Dist, init_distributed
+from predistill.formats import rundir
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.selection import load_selection
 from predistill.formats.store import TokenStore
 from predistill.modeling.kernels import fuse_kernels
 from predistill.modeling.models import (
-    EXPORT_INFO,
-    RUN_EXPORT,
-    RUN_EXPORTS,
-    STEP_EXPORT_PREFIX,
     count_params,
     final_hidden,
     forward_params,
@@ -76,15 +69,14 @@ from predistill.modeling.models import (
 )
 from predistill.text.crosstok import MappingStats
 from predistill.training import distill
+from predistill.training.config import TrainConfig, result_identity, same_result
 from predistill.training.losses import fused_lm_loss, token_entropies, token_logprobs
 from predistill.training.positions import TokenSelection, excess_mask, top_per_row
-from predistill.training.rundir import FORMAT, TrainConfig, result_identity, same_result
 from predistill.training.schedules import alpha_at, lr_at
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-CHECKPOINT_PREFIX = "step-"
 # --- data ---------------------------------------------------------------------------------------
 
 
@@ -272,22 +264,12 @@ def flops_per_token(model, vocab_size: int | None = None) -> int:
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [
-        p
-        for p in root.iterdir()
-        if p.name.startswith(CHECKPOINT_PREFIX)
-        and (p / "trainer_state.json").is_file()
-        and p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()
-    ]
-    return sorted(done, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+    """The run's whole checkpoints, by step."""
+    return [p for p in rundir.step_dirs(out / rundir.CHECKPOINTS) if (p / rundir.TRAINER_STATE).is_file()]
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist, fsdp: bool, keep: int) -> None:
-    root = out / "checkpoints"
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    final = rundir.step_dir(out / rundir.CHECKPOINTS, step)
     tmp = final.with_name(final.name + ".partial")
     if d.main:
         if tmp.exists():
@@ -310,7 +292,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist
             {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             tmp / "rng.pt",
         )
-        write_json_atomic(tmp / "trainer_state.json", state)  # its presence marks the checkpoint whole
+        write_json_atomic(tmp / rundir.TRAINER_STATE, state)  # its presence marks the checkpoint whole
         os.replace(tmp, final)
         for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
@@ -330,9 +312,9 @@ def _read_json_object(path: Path) -> dict:
 def _resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
     """A checkpoint is untrusted input: its files load only as tensors (weights_only, safetensors, the
     restricted DCP reader) and its state is checked before use; anything else is one line naming it."""
-    state = _read_json_object(path / "trainer_state.json")
-    check_fields(state, path / "trainer_state.json", {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
-    if not 0 < state["step"] <= steps or state["step"] != int(path.name.removeprefix(CHECKPOINT_PREFIX)):
+    state = _read_json_object(path / rundir.TRAINER_STATE)
+    check_fields(state, path / rundir.TRAINER_STATE, {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
+    if not 0 < state["step"] <= steps or state["step"] != rundir.step_of(path):
         raise PredistillError(
             f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
             f"{steps}-step run; the run directory is damaged"
@@ -371,7 +353,7 @@ def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return json.loads((path / rundir.TRAINER_STATE).read_text())
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -473,7 +455,11 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     # a run dir with checkpoints but no manifest is this run's unfinished work: resumed below
     # the identity is recomputed from the saved config: the run records every setting, not its identity
     run_output = Output(
-        out, FORMAT, "run", result_identity(cfg), read=lambda m: result_identity(from_flat(TrainConfig, m["config"]))
+        out,
+        rundir.FORMAT,
+        "run",
+        result_identity(cfg),
+        read=lambda m: result_identity(from_flat(TrainConfig, m["config"])),
     )
     if run_output.complete(resumable=_holds_unfinished_run, announce=d.main):
         return out
@@ -558,7 +544,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
     ckpts = checkpoint_dirs(out)
     if ckpts:
-        saved = _read_json_object(out / "config.json")
+        saved = _read_json_object(out / rundir.CONFIG)
         if not same_result(saved, cfg):
             raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
         if saved.get("fsdp", False) != cfg.fsdp:  # the same weights, another checkpoint format (DCP under FSDP)
@@ -570,14 +556,14 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
         kd_counts = state.get("kd_counts", kd_counts)
         if d.main:
-            _truncate_metrics(out / "metrics.jsonl", start_step)
+            _truncate_metrics(out / rundir.METRICS, start_step)
             print(f"predistill: resuming {out} from step {start_step}")
     elif d.main:  # a fresh start: nothing of an earlier attempt may pass for this run's
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out / RUN_EXPORTS, ignore_errors=True)
+        (out / rundir.METRICS).unlink(missing_ok=True)
+        shutil.rmtree(out / rundir.EXPORTS, ignore_errors=True)
     if d.main:
-        write_json_atomic(out / "config.json", config_json)
+        write_json_atomic(out / rundir.CONFIG, config_json)
     d.barrier()
 
     writer = _tensorboard(out) if cfg.tensorboard and d.main else None
@@ -679,7 +665,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 row["val_loss"] = val_loss
                 wrapped.train()
             if d.main and (done % cfg.log_every == 0 or done == steps or "val_loss" in row):
-                with open_append_nofollow(out / "metrics.jsonl") as f:
+                with open_append_nofollow(out / rundir.METRICS) as f:
                     f.write(json.dumps(row) + "\n")
                 if writer:
                     for k, v in row.items():
@@ -696,7 +682,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                     tokenizer,
                     cfg,
                     d,
-                    Path(RUN_EXPORTS) / f"{STEP_EXPORT_PREFIX}{done:08d}",
+                    rundir.step_dir(Path(rundir.EXPORTS), done),
                     {"step": done, "tokens": tokens_seen, "flops": flops, "val_loss": row.get("val_loss")},
                 )
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
@@ -723,7 +709,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         write_manifest(
             out,
             {
-                "format": FORMAT,
+                "format": rundir.FORMAT,
                 "version": 1,
                 "config": config_json,
                 "method": method_label(cfg),
@@ -889,7 +875,7 @@ def _export(
     tokenizer,
     cfg: TrainConfig,
     d: Dist,
-    name: Path = Path(RUN_EXPORT),
+    name: Path = Path(rundir.EXPORT),
     info: dict | None = None,
 ) -> None:
     """OUT/NAME (OUT/hf): a plain transformers directory (safetensors + tokenizer), written atomically."""
@@ -911,7 +897,7 @@ def _export(
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if info is not None:
-        write_json_atomic(tmp / EXPORT_INFO, info)
+        write_json_atomic(tmp / rundir.EXPORT_INFO, info)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -921,7 +907,7 @@ def _holds_unfinished_run(out: Path) -> bool:
     """Is `out` a run directory this command wrote and did not finish (not some other directory
     that happens to hold a config.json, e.g. an HF model)?"""
     try:
-        saved = parse_json((out / "config.json").read_text())
+        saved = parse_json((out / rundir.CONFIG).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(saved, dict) and {"store", "lr_schedule", "seq_len"} <= set(saved)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, read_marker
 from predistill.core.config import add_config_arguments, config_from_args, option
+from predistill.formats import rundir
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.logits import LogitsStore, shard_files
 from predistill.formats.scores import FORMAT as SCORES_FORMAT
@@ -26,8 +27,7 @@ from predistill.formats.store import FORMAT as STORE_FORMAT
 from predistill.formats.store import TokenStore
 from predistill.formats.tokrecord import FORMAT as TOKEN_RECORD_FORMAT
 from predistill.formats.tokrecord import TokenRecord
-from predistill.training.rundir import FORMAT as RUN_FORMAT
-from predistill.training.rundir import check_run_manifest
+from predistill.training.config import check_run_manifest
 
 
 @dataclass
@@ -79,17 +79,18 @@ def verify_token_record(directory: Path) -> str:
 
 
 def verify_run(directory: Path) -> str:
-    manifest = read_manifest(directory, RUN_FORMAT, "run")
+    manifest = read_manifest(directory, rundir.FORMAT, "run")
     check_run_manifest(manifest, directory / MANIFEST)
     try:
-        config = parse_json((directory / "config.json").read_text())
+        config = parse_json((directory / rundir.CONFIG).read_text())
     except (OSError, ValueError) as e:
-        raise PredistillError(f"{directory / 'config.json'}: unreadable ({e})") from None
+        raise PredistillError(f"{directory / rundir.CONFIG}: unreadable ({e})") from None
     if not isinstance(config, dict):
-        raise PredistillError(f"{directory / 'config.json'}: not a JSON object")
-    weights = sorted((directory / "hf").glob("*.safetensors"))
-    if not (directory / "hf" / "config.json").is_file() or not weights:
-        raise PredistillError(f"{directory}/hf: no exported model (config.json and *.safetensors)")
+        raise PredistillError(f"{directory / rundir.CONFIG}: not a JSON object")
+    export = directory / rundir.EXPORT
+    weights = sorted(export.glob("*.safetensors"))
+    if not (export / "config.json").is_file() or not weights:
+        raise PredistillError(f"{export}: no exported model (config.json and *.safetensors)")
     from safetensors import safe_open
 
     for path in weights:
@@ -107,7 +108,7 @@ VERIFIERS: dict[str, Callable[[Path], str]] = {
     SELECTION_FORMAT: verify_selection,
     LOGITS_FORMAT: verify_logits,
     TOKEN_RECORD_FORMAT: verify_token_record,
-    RUN_FORMAT: verify_run,
+    rundir.FORMAT: verify_run,
 }
 
 

@@ -1,17 +1,7 @@
-"""The run directory's format (written by `predistill train`, read by `report`, `eval`, `verify`):
-the one place that says what a complete run records and of which type, and which of its config's
-settings make it the run it is (`TrainConfig`'s declared effects: `result_identity` for a rerun,
-`configuration_keys` for a comparison of runs).
-
-    RUN/
-      manifest.json   format "run": config, method, model, params {total, non_embedding}, steps,
-                      tokens, flops (training FLOPs, teacher included), flops_per_token,
-                      student_flops_per_token, train_instances, epochs, teacher_flops, store_hash,
-                      final_val_loss, heldout_losses {set: loss}; complete: true last
-      config.json     the resolved TrainConfig (flat keys, declared here) and the command line
-      metrics.jsonl   one JSON line per logged step
-      hf/             the final export (config.json, *.safetensors, tokenizer)
-"""
+"""The run's config: `TrainConfig`, what a run directory's `config.json` holds (`formats.rundir`
+has the directory's layout), with each setting's declared effect — which of them make the run the
+run it is (`result_identity` for a rerun, `configuration_keys` for a comparison of runs) — and the
+check of a run manifest's recorded config against those declarations (`check_run_manifest`)."""
 
 from __future__ import annotations
 
@@ -20,7 +10,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from predistill.core.artifacts import COUNT, NUMBER, PredistillError, check_fields
+from predistill.core.artifacts import PredistillError
 from predistill.core.config import (
     EXECUTION,
     Effect,
@@ -33,49 +23,13 @@ from predistill.core.config import (
     option,
     to_flat,
 )
+from predistill.formats import rundir
 from predistill.modeling.models import ATTN_IMPLS
 from predistill.training.kd import KDConfig
 from predistill.training.losses import DEFAULT_CHUNK
 from predistill.training.positions import KD_POSITION_RULES, check_token_rule
 from predistill.training.positions import RULES as POSITION_RULES
 from predistill.training.schedules import ALPHA_SCHEDULES, LR_SCHEDULES
-
-FORMAT = "run"
-SCHEMA = {
-    "config": dict,
-    "method": str,
-    "model": str,
-    "params": dict,
-    "steps": COUNT,
-    "tokens": COUNT,
-    "flops": NUMBER,
-    "flops_per_token": NUMBER,
-    "student_flops_per_token": NUMBER,
-    "train_instances": COUNT,
-    "epochs": NUMBER,
-    "teacher_flops": NUMBER,
-    "store_hash": str,
-}
-
-
-def check_run_manifest(manifest: dict, where: str | Path) -> None:
-    """A complete run's manifest as `train` writes it; the first field that is not is named."""
-    check_fields(manifest, where, SCHEMA)
-    check_fields(manifest["params"], f"{where}: params", {"total": COUNT, "non_embedding": COUNT})
-    try:  # the recorded settings, by their declared types, choices and ranges (report and resume read them)
-        check_recorded(TrainConfig, manifest["config"], f"{where}: config")
-    except PredistillError as e:
-        raise PredistillError(f"{e} (corrupted run)") from None
-    loss = manifest.get("final_val_loss")  # None: a run without a held-out store
-    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
-        raise PredistillError(f"{where}: final_val_loss = {loss!r} is not a number (corrupted run)")
-    losses = manifest.get("heldout_losses")
-    if not isinstance(losses, dict):
-        raise PredistillError(f"{where}: heldout_losses is not a table of set → loss (corrupted run)")
-    check_fields(losses, f"{where}: heldout_losses", {name: NUMBER for name in losses})
-
-
-# --- the run's config: what config.json holds ------------------------------------------------------
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -315,3 +269,12 @@ def configuration_keys(keep: tuple[str, ...] = ()) -> list[str]:
     """The keys of a run's config.json that say which configuration it is (`report`): what changes
     the weights (`Effect.RESULT`), without the design axes (but with those in `keep`)."""
     return [k for k in keys_with_effect(TrainConfig, EXECUTION | {Effect.MEASURE}) if k not in DESIGN_AXES or k in keep]
+
+
+def check_run_manifest(manifest: dict, where: str | Path) -> None:
+    """A complete run's manifest as `train` writes it; the first field that is not is named."""
+    rundir.check_manifest(manifest, where)
+    try:  # the recorded settings, by their declared types, choices and ranges (report and resume read them)
+        check_recorded(TrainConfig, manifest["config"], f"{where}: config")
+    except PredistillError as e:
+        raise PredistillError(f"{e} (corrupted run)") from None
