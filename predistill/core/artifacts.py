@@ -51,6 +51,18 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def read_json_object(path: Path, damaged: str) -> dict:
+    """A JSON object file that a stage wrote into `damaged` (a run directory…); anything else is a
+    one-line error saying the directory is damaged."""
+    try:
+        value = parse_json(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise PredistillError(f"{path}: unreadable ({type(e).__name__}); {damaged} is damaged") from None
+    if not isinstance(value, dict):
+        raise PredistillError(f"{path}: not a JSON object; {damaged} is damaged")
+    return value
+
+
 def json_bytes(obj: Any) -> bytes:
     """The canonical JSON encoding of every manifest and marker: sorted keys, so reruns are byte-identical."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

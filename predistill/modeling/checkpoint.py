@@ -1,4 +1,6 @@
-"""Reading distributed (DCP) checkpoints without running code from the checkpoint.
+"""A training checkpoint (`RUN/checkpoints/step-NNNNNNNN`, `formats.rundir`): written
+(`save_checkpoint`), found (`checkpoint_dirs`), and read back as untrusted input (`resume_state`,
+`load_checkpoint`) — never running code from the checkpoint.
 
 `torch.distributed.checkpoint`'s file reader unpickles `dcp/.metadata` with plain `pickle`, so a
 crafted file there would run arbitrary code on resume. predistill never unpickles user files with
@@ -16,9 +18,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
+import json
 import os
 import pathlib
 import pickle
+import shutil
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -26,7 +32,9 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from predistill.core.artifacts import PredistillError
+from predistill.core.artifacts import COUNT, NUMBER, PredistillError, check_fields, read_json_object, write_json_atomic
+from predistill.core.sharding import Dist
+from predistill.formats import rundir
 
 METADATA_FILE = ".metadata"
 _ALLOWED_EXACT = {
@@ -127,3 +135,91 @@ def load_dcp(state: dict, directory: str | pathlib.Path) -> None:
         first = causes[0] if causes else e
         reason = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
         raise PredistillError(f"{directory}: unreadable checkpoint ({type(first).__name__}: {reason})") from None
+
+
+# --- a training checkpoint: written, found, read back -----------------------------------------
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The run's whole checkpoints (their trainer state written: the last file), by step."""
+    return [p for p in rundir.step_dirs(out / rundir.CHECKPOINTS) if (p / rundir.TRAINER_STATE).is_file()]
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist, fsdp: bool, keep: int) -> None:
+    """RUN/checkpoints/step-NNNNNNNN: the model and optimizer (DCP under FSDP, else safetensors and a
+    tensors-only optimizer state), the RNG, then the trainer state; renamed into place whole. The
+    `keep` newest are kept."""
+    final = rundir.step_dir(out / rundir.CHECKPOINTS, step)
+    tmp = final.with_name(final.name + ".partial")
+    if d.main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    elif d.main:
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if d.main:
+        torch.save(
+            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            tmp / "rng.pt",
+        )
+        write_json_atomic(tmp / rundir.TRAINER_STATE, state)  # its presence marks the checkpoint whole
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    d.barrier()
+
+
+def resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
+    """A checkpoint is untrusted input: its files load only as tensors (weights_only, safetensors, the
+    restricted DCP reader) and its state is checked before use; anything else is one line naming it."""
+    state = read_json_object(path / rundir.TRAINER_STATE, "the run directory")
+    check_fields(state, path / rundir.TRAINER_STATE, {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
+    if not 0 < state["step"] <= steps or state["step"] != rundir.step_of(path):
+        raise PredistillError(
+            f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
+            f"{steps}-step run; the run directory is damaged"
+        )
+    try:
+        load_checkpoint(path, model, optimizer, fsdp)
+    except PredistillError:
+        raise
+    except Exception as e:  # noqa: BLE001 — torch, safetensors and pickle raise many types for a damaged file
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PredistillError(
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
+            "from an earlier one, or the run directory to start over"
+        ) from None
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
+    """The checkpoint's weights, optimizer state and RNG into `model`, `optimizer` and torch; its trainer state."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        # DCP's own reader and planner would unpickle dcp/.metadata and bytes items with plain pickle
+        # (code execution on a crafted file)
+        load_dcp(state, path / "dcp")
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        from safetensors.torch import load_model as load_safetensors
+
+        load_safetensors(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / rundir.TRAINER_STATE).read_text())

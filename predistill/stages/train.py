@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,13 +36,11 @@ import torch
 from tqdm import tqdm
 
 from predistill.core.artifacts import (
-    COUNT,
-    NUMBER,
     PredistillError,
-    check_fields,
     lock_dir,
     open_append_nofollow,
     parse_json,
+    read_json_object,
     read_manifest,
     refuse_links,
     write_bytes_atomic,
@@ -55,6 +54,7 @@ from predistill.formats import rundir
 from predistill.formats.logits import FORMAT as LOGITS_FORMAT
 from predistill.formats.selection import load_selection
 from predistill.formats.store import TokenStore
+from predistill.modeling.checkpoint import checkpoint_dirs, resume_state, save_checkpoint
 from predistill.modeling.kernels import fuse_kernels
 from predistill.modeling.models import (
     count_params,
@@ -260,102 +260,6 @@ def flops_per_token(model, vocab_size: int | None = None) -> int:
     return 6 * forward_params(model, vocab_size)
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """The run's whole checkpoints, by step."""
-    return [p for p in rundir.step_dirs(out / rundir.CHECKPOINTS) if (p / rundir.TRAINER_STATE).is_file()]
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, d: Dist, fsdp: bool, keep: int) -> None:
-    final = rundir.step_dir(out / rundir.CHECKPOINTS, step)
-    tmp = final.with_name(final.name + ".partial")
-    if d.main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    if fsdp:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    elif d.main:
-        from safetensors.torch import save_model
-
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if d.main:
-        torch.save(
-            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            tmp / "rng.pt",
-        )
-        write_json_atomic(tmp / rundir.TRAINER_STATE, state)  # its presence marks the checkpoint whole
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old)
-    d.barrier()
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = parse_json(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PredistillError(f"{path}: unreadable ({type(e).__name__}); the run directory is damaged") from None
-    if not isinstance(value, dict):
-        raise PredistillError(f"{path}: not a JSON object; the run directory is damaged")
-    return value
-
-
-def _resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
-    """A checkpoint is untrusted input: its files load only as tensors (weights_only, safetensors, the
-    restricted DCP reader) and its state is checked before use; anything else is one line naming it."""
-    state = _read_json_object(path / rundir.TRAINER_STATE)
-    check_fields(state, path / rundir.TRAINER_STATE, {"step": COUNT, "tokens": COUNT, "flops": NUMBER})
-    if not 0 < state["step"] <= steps or state["step"] != rundir.step_of(path):
-        raise PredistillError(
-            f"{path}: trainer_state step {state['step']} is not this checkpoint's step of a "
-            f"{steps}-step run; the run directory is damaged"
-        )
-    try:
-        load_checkpoint(path, model, optimizer, fsdp)
-    except PredistillError:
-        raise
-    except Exception as e:  # noqa: BLE001 — torch, safetensors and pickle raise many types for a damaged file
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PredistillError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
-            "from an earlier one, or the run directory to start over"
-        ) from None
-    return state
-
-
-def load_checkpoint(path: Path, model, optimizer, fsdp: bool) -> dict:
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        from predistill.modeling.checkpoint import load_dcp
-
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        # DCP's own reader and planner would unpickle dcp/.metadata and bytes items with plain pickle
-        # (code execution on a crafted file)
-        load_dcp(state, path / "dcp")
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        from safetensors.torch import load_model as load_safetensors
-
-        load_safetensors(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / rundir.TRAINER_STATE).read_text())
-
-
 # --- the run ------------------------------------------------------------------------------------
 
 
@@ -411,6 +315,126 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         eps=cfg.eps,
         fused=not cfg.fsdp or None,
     )
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    """One run's training objects and its step, split as torchtitan splits it: `_train` sets up and
+    loops, `train_step` is one optimizer step over the global batch, `forward_backward_step` one
+    micro-batch. `tokens`, `flops` and `kd_counts` are the run's progress (a checkpoint's trainer state)."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    out: Path
+    store: TokenStore
+    loss_model: LossModel
+    wrapped: torch.nn.Module  # loss_model, or its DDP / FSDP wrapper
+    optimizer: torch.optim.Optimizer
+    loader: StepLoader
+    kd: distill.KDSource | None
+    saver: Any  # --save-logits: the online-logits writer
+    autocast: contextlib.AbstractContextManager
+    steps: int
+    fpt: float  # FLOPs per token of a step that runs the KD source
+    student_fpt: float  # … of a step without it (α = 0)
+    tokens: int = 0
+    flops: float = 0.0
+    kd_counts: list = dataclasses.field(default_factory=lambda: MappingStats().as_list())
+
+    def forward_backward_step(
+        self, ids, batch, kd: distill.KDSource | None, alpha: float, global_targets: int, sync: bool
+    ) -> tuple[float, float]:
+        """One micro-batch forward and backward; its (Σ L_lm, Σ L_kd)."""
+        inputs, targets, mask, *reference = (t.to(self.device, non_blocking=True) for t in batch)
+        kd_batch = kd.batch(ids, inputs) if kd is not None else None
+        with _grad_sync(self.wrapped, self.cfg.fsdp, enabled=sync), self.autocast:
+            lm_sum, kd_sum, _, hidden = self.wrapped(inputs, targets, mask, kd_batch, kd, alpha, *reference)
+            # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
+            loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (self.d.world / global_targets)
+        loss.backward()
+        if self.saver is not None:
+            _save_logits(self.saver, self.store, ids, hidden, self.loss_model.lm, self.d)
+        return lm_sum.item(), kd_sum.item()
+
+    def train_step(self, step: int) -> dict:
+        """Optimizer step `step` (from 0) over its global batch; the metrics row of the step."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        lr = lr_at(
+            cfg.lr_schedule,
+            step,
+            self.steps,
+            cfg.lr,
+            warmup=cfg.warmup,
+            min_ratio=cfg.min_lr_ratio,
+            warmup_ratio=cfg.warmup_ratio,
+            decay_ratio=cfg.decay_ratio,
+        )
+        alpha = (
+            alpha_at(
+                cfg.alpha_schedule,
+                step,
+                self.steps,
+                cfg.alpha,
+                warmup_ratio=cfg.warmup_ratio,
+                decay_ratio=cfg.decay_ratio,
+            )
+            if self.kd is not None
+            else 0.0
+        )
+        kd = self.kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        global_targets, global_positions, micro_ids, cpu_batches = self.loader.get(step, self.steps)
+        lm_total = kd_total = 0.0
+        for m, (ids, batch) in enumerate(zip(micro_ids, cpu_batches)):
+            lm_sum, kd_sum = self.forward_backward_step(
+                ids, batch, kd, alpha, global_targets, sync=m == len(micro_ids) - 1
+            )
+            lm_total += lm_sum
+            kd_total += kd_sum
+        # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.loss_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        )
+        lm_total, kd_total = self.d.all_sum([lm_total, kd_total], self.device)
+        # across tokenizers: this step's aligned positions and mapped teacher mass, over all ranks
+        step_counts = kd.take_counts() if kd is not None else None
+        if step_counts is not None:
+            step_counts = self.d.all_sum(step_counts, self.device)
+            self.kd_counts = [a + b for a, b in zip(self.kd_counts, step_counts)]
+        if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
+            # every rank sees the same global sums and norm, so all stop here together
+            raise PredistillError(
+                f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
+                f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
+                f"checkpoint in {self.out} is the last good state (check the data, or rerun into a "
+                "new --out with a lower --lr)"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # compute counts every position of the batch, trained on or not (a mask or a selection
+        # changes what the loss averages over, not what runs forward and backward)
+        self.tokens += global_positions
+        self.flops += (self.fpt if kd is not None else self.student_fpt) * global_positions
+        row = {
+            "step": step + 1,
+            "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
+            "lm_loss": lm_total / global_targets,
+            "kd_loss": kd_total / global_targets if kd else None,
+            "lr": lr,
+            "alpha": alpha,
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "tokens_per_s": global_positions / (time.perf_counter() - t0),
+            "grad_norm": float(grad_norm),
+        }
+        if step_counts is not None:
+            row |= {f"kd_{k}": v for k, v in MappingStats(*step_counts).summary().items()}
+        return row
 
 
 def run(cfg: TrainConfig, command: str | None = None) -> Path:
@@ -544,7 +568,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     kd_counts = MappingStats().as_list()  # cross-tokenizer KD: summed over the run (see crosstok)
     ckpts = checkpoint_dirs(out)
     if ckpts:
-        saved = _read_json_object(out / rundir.CONFIG)
+        saved = read_json_object(out / rundir.CONFIG, "the run directory")
         if not same_result(saved, cfg):
             raise PredistillError(f"{out} holds checkpoints of a run with another config; choose another --out")
         if saved.get("fsdp", False) != cfg.fsdp:  # the same weights, another checkpoint format (DCP under FSDP)
@@ -552,7 +576,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                 f"{out} holds checkpoints written {'with' if saved.get('fsdp') else 'without'} "
                 f"--fsdp; resume it {'with' if saved.get('fsdp') else 'without'} --fsdp"
             )
-        state = _resume_state(ckpts[-1], loss_model, optimizer, cfg.fsdp, steps)
+        state = resume_state(ckpts[-1], loss_model, optimizer, cfg.fsdp, steps)
         start_step, tokens_seen, flops = state["step"], state["tokens"], state["flops"]
         kd_counts = state.get("kd_counts", kd_counts)
         if d.main:
@@ -573,93 +597,33 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         if bf16_compute(cfg.precision, device)
         else contextlib.nullcontext()
     )
-    loader = StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda", tokens_kept=tokens_kept)
+    trainer = Trainer(
+        cfg,
+        d,
+        device,
+        out,
+        store,
+        loss_model,
+        wrapped,
+        optimizer,
+        StepLoader(store, order, cfg, d, local_batch, micro, pin=device.type == "cuda", tokens_kept=tokens_kept),
+        kd,
+        saver,
+        autocast,
+        steps,
+        fpt,
+        student_fpt,
+        tokens_seen,
+        flops,
+        kd_counts,
+    )
     bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not d.main, dynamic_ncols=True)
     val_loss = None
     wrapped.train()
     try:  # the bar ends its line before an error is printed
         for step in range(start_step, steps):
-            t0 = time.perf_counter()
-            lr = lr_at(
-                cfg.lr_schedule,
-                step,
-                steps,
-                cfg.lr,
-                warmup=cfg.warmup,
-                min_ratio=cfg.min_lr_ratio,
-                warmup_ratio=cfg.warmup_ratio,
-                decay_ratio=cfg.decay_ratio,
-            )
-            alpha = (
-                alpha_at(
-                    cfg.alpha_schedule,
-                    step,
-                    steps,
-                    cfg.alpha,
-                    warmup_ratio=cfg.warmup_ratio,
-                    decay_ratio=cfg.decay_ratio,
-                )
-                if kd is not None
-                else 0.0
-            )
-            step_kd = kd if alpha > 0 else None  # α = 0 (e.g. 3 of 4 `period` steps): no teacher, no cost
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            global_targets, global_positions, micro_ids, cpu_batches = loader.get(step, steps)
-            lm_total = kd_total = 0.0
-            n_micro = len(micro_ids)
-            for m, (ids, batch) in enumerate(zip(micro_ids, cpu_batches)):
-                inputs, targets, mask, *reference = (t.to(device, non_blocking=True) for t in batch)
-                kd_batch = step_kd.batch(ids, inputs) if step_kd is not None else None
-                with _grad_sync(wrapped, cfg.fsdp, enabled=m == n_micro - 1), autocast:
-                    lm_sum, kd_sum, _, hidden = wrapped(inputs, targets, mask, kd_batch, step_kd, alpha, *reference)
-                    # × world: DDP/FSDP average gradients over ranks, but each rank's share is a sum
-                    loss = ((1 - alpha) * lm_sum + alpha * kd_sum) * (d.world / global_targets)
-                loss.backward()
-                if saver is not None:
-                    _save_logits(saver, store, ids, hidden, loss_model.lm, d)
-                lm_total += lm_sum.item()
-                kd_total += kd_sum.item()
-            # max_norm = inf measures the norm without clipping (the grads are scaled by exactly 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                loss_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            )
-            lm_total, kd_total = d.all_sum([lm_total, kd_total], device)
-            # across tokenizers: this step's aligned positions and mapped teacher mass, over all ranks
-            step_counts = step_kd.take_counts() if step_kd is not None else None
-            if step_counts is not None:
-                step_counts = d.all_sum(step_counts, device)
-                kd_counts = [a + b for a, b in zip(kd_counts, step_counts)]
-            if not (math.isfinite(lm_total) and math.isfinite(kd_total) and math.isfinite(float(grad_norm))):
-                # every rank sees the same global sums and norm, so all stop here together
-                raise PredistillError(
-                    f"step {step + 1}: non-finite loss or gradient norm (loss sums {lm_total}, "
-                    f"{kd_total}; grad norm {float(grad_norm)}); stopped before the update — the last "
-                    f"checkpoint in {out} is the last good state (check the data, or rerun into a "
-                    "new --out with a lower --lr)"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # compute counts every position of the batch, trained on or not (a mask or a selection
-            # changes what the loss averages over, not what runs forward and backward)
-            tokens_seen += global_positions
-            flops += (fpt if step_kd is not None else student_fpt) * global_positions
+            row = trainer.train_step(step)
             done = step + 1
-            elapsed = time.perf_counter() - t0
-            row = {
-                "step": done,
-                "loss": ((1 - alpha) * lm_total + alpha * kd_total) / global_targets,
-                "lm_loss": lm_total / global_targets,
-                "kd_loss": kd_total / global_targets if step_kd else None,
-                "lr": lr,
-                "alpha": alpha,
-                "tokens": tokens_seen,
-                "flops": flops,
-                "tokens_per_s": global_positions / elapsed,
-                "grad_norm": float(grad_norm),
-            }
-            if step_counts is not None:
-                row |= {f"kd_{k}": v for k, v in MappingStats(*step_counts).summary().items()}
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == steps:
                 val_loss = evaluate(wrapped, val_store, cfg, d, device, autocast) if val_store else None
                 row["val_loss"] = val_loss
@@ -671,34 +635,22 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
                     for k, v in row.items():
                         if v is not None and k != "step":
                             writer.add_scalar(k, v, done)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
+            progress = {"step": done, "tokens": trainer.tokens, "flops": trainer.flops}
             if cfg.export_every and done % cfg.export_every == 0 and done < steps:
                 # before the checkpoint of the same step: a resumed run has every export up to its checkpoint
+                export_info = progress | {"val_loss": row.get("val_loss")}
                 _export(
-                    out,
-                    model,
-                    loss_model,
-                    tokenizer,
-                    cfg,
-                    d,
-                    rundir.step_dir(Path(rundir.EXPORTS), done),
-                    {"step": done, "tokens": tokens_seen, "flops": flops, "val_loss": row.get("val_loss")},
+                    out, model, loss_model, tokenizer, cfg, d, rundir.step_dir(Path(rundir.EXPORTS), done), export_info
                 )
             if cfg.save_every and done % cfg.save_every == 0 and done < steps:
-                save_checkpoint(
-                    out,
-                    done,
-                    loss_model,
-                    optimizer,
-                    {"step": done, "tokens": tokens_seen, "flops": flops, "kd_counts": kd_counts},
-                    d,
-                    cfg.fsdp,
-                    cfg.keep_checkpoints,
-                )
+                state = progress | {"kd_counts": trainer.kd_counts}
+                save_checkpoint(out, done, loss_model, optimizer, state, d, cfg.fsdp, cfg.keep_checkpoints)
     finally:
         bar.close()
-        loader.close()
+        trainer.loader.close()
+    tokens_seen, flops, kd_counts = trainer.tokens, trainer.flops, trainer.kd_counts
     heldout_losses = {
         name: evaluate(wrapped, held, cfg, d, device, autocast, n=len(held)) for name, held in heldout_stores.items()
     }
