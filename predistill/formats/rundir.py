@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from predistill.core.artifacts import COUNT, NUMBER, PredistillError, check_fields
+from predistill.core.artifacts import COUNT, NUMBER, PredistillError, check_fields, parse_json
 
 FORMAT = "run"
 CONFIG = "config.json"
@@ -35,6 +35,7 @@ EXPORTS = "exports"
 EXPORT_INFO = "export.json"
 EXPORT = "hf"
 EVAL = "eval.json"
+RUN_CONFIG_KEYS = ("store", "lr_schedule", "seq_len")  # in every run's config.json, in no HF model's
 
 SCHEMA = {
     "config": dict,
@@ -93,6 +94,16 @@ def run_exports(run: Path) -> list[Path]:
     return step_dirs(Path(run) / EXPORTS)
 
 
+def holds_run_config(path: Path) -> bool:
+    """Does `path` hold a config.json that `train` wrote (a run's settings, not an HF model's
+    config.json)? What `train` resumes in place, and nothing else."""
+    try:
+        saved = parse_json((Path(path) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(RUN_CONFIG_KEYS) <= set(saved)
+
+
 def is_unfinished_run(path: Path) -> bool:
-    """A directory `train` has started writing and not finished (no complete manifest yet)."""
-    return (Path(path) / METRICS).is_file() or (Path(path) / CHECKPOINTS).is_dir()
+    """Does `path` look like a run `train` started and did not finish (so: no model to load yet)?"""
+    return holds_run_config(path) or (Path(path) / METRICS).is_file() or (Path(path) / CHECKPOINTS).is_dir()

@@ -485,7 +485,7 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
         result_identity(cfg),
         read=lambda m: result_identity(from_flat(TrainConfig, m["config"])),
     )
-    if run_output.complete(resumable=_holds_unfinished_run, announce=d.main):
+    if run_output.complete(resumable=rundir.holds_run_config, announce=d.main):
         return out
     if out.exists():  # an unfinished run of this config: resumed in place, never through a planted link
         refuse_links(out)
@@ -853,16 +853,6 @@ def _export(
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
-
-
-def _holds_unfinished_run(out: Path) -> bool:
-    """Is `out` a run directory this command wrote and did not finish (not some other directory
-    that happens to hold a config.json, e.g. an HF model)?"""
-    try:
-        saved = parse_json((out / rundir.CONFIG).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and {"store", "lr_schedule", "seq_len"} <= set(saved)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
