@@ -51,6 +51,12 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def reason_of(error: BaseException, limit: int = 300) -> str:
+    """An exception's first non-blank line (its type's name when it has none), cut at `limit`
+    characters: what a one-line error says of a library's failure (transformers lists every model type)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)[:limit]
+
+
 def read_json_object(path: Path, damaged: str) -> dict:
     """A JSON object file that a stage wrote into `damaged` (a run directory…); anything else is a
     one-line error saying the directory is damaged."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from predistill.core.artifacts import PredistillError
+from predistill.core.artifacts import PredistillError, reason_of
 
 
 def ready(tokenizer, spec: str):
@@ -38,9 +38,7 @@ def load_dir(directory: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # noqa: BLE001 — a damaged directory fails in many ways (a JSON error, an ImportError)
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        reason = reason if len(reason) <= 300 else reason[:300] + " …"
         raise PredistillError(
-            f"cannot load tokenizer '{directory}': {reason} (is the directory damaged, or not a tokenizer?)"
+            f"cannot load tokenizer '{directory}': {reason_of(e)} (is the directory damaged, or not a tokenizer?)"
         ) from None
     return ready(tokenizer, str(directory))

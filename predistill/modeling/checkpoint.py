@@ -32,7 +32,15 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from predistill.core.artifacts import COUNT, NUMBER, PredistillError, check_fields, read_json_object, write_json_atomic
+from predistill.core.artifacts import (
+    COUNT,
+    NUMBER,
+    PredistillError,
+    check_fields,
+    read_json_object,
+    reason_of,
+    write_json_atomic,
+)
 from predistill.core.sharding import Dist
 from predistill.formats import rundir
 
@@ -108,9 +116,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except Exception as e:  # noqa: BLE001 — an UnpicklingError names the global a crafted payload needed
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise PredistillError(
-                f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({reason}); "
+                f"checkpoint item {read_item.dest_index.fqn!r} is not plain data ({reason_of(e, 200)}); "
                 "refusing to load it (the file may have been crafted to run code)"
             ) from None
         if self.flatten_state_dict:
@@ -194,9 +201,8 @@ def resume_state(path: Path, model, optimizer, fsdp: bool, steps: int) -> dict:
     except PredistillError:
         raise
     except Exception as e:  # noqa: BLE001 — torch, safetensors and pickle raise many types for a damaged file
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise PredistillError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); remove it to resume "
+            f"{path}: unreadable checkpoint ({type(e).__name__}: {reason_of(e, 200)}); remove it to resume "
             "from an earlier one, or the run directory to start over"
         ) from None
     return state

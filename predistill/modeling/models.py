@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
-from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, read_manifest, staged_dir, write_manifest
+from predistill.core.artifacts import (
+    MANIFEST,
+    PredistillError,
+    parse_json,
+    read_manifest,
+    reason_of,
+    staged_dir,
+    write_manifest,
+)
 from predistill.core.sharding import local_rank
 from predistill.formats import rundir
 from predistill.formats import tokenizer as saved_tokenizer
@@ -232,8 +240,7 @@ def _from_pretrained(cls, spec: str, path: str, what: str, **kwargs):
                 f"cannot load {what} '{spec}': not a local directory, not in the Hugging Face cache, and the hub "
                 f"is unreachable (offline); use {SMOLLM2}, a local HF directory, or a cached hub id"
             ) from None
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        reason = reason if len(reason) <= 300 else reason[:300] + " …"  # transformers lists every model type
+        reason = reason_of(e)
         damaged = f" (is the directory damaged, or not a {what}?)" if local else ""
         raise PredistillError(f"cannot load {what} '{spec}': {reason}{damaged}") from None
 
@@ -402,8 +409,7 @@ def load_model(
             try:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attn)
             except ValueError as e:  # a released config of a model that is no causal LM (bert, t5, …)
-                reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)[:300]
-                raise PredistillError(f"'{spec}' is not a causal LM architecture: {reason}") from None
+                raise PredistillError(f"'{spec}' is not a causal LM architecture: {reason_of(e)}") from None
         return model, tokenizer
     path = resolve_model(spec).hf
     if tokenizer is None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, write_json_atomic
+from predistill.core.artifacts import MANIFEST, PredistillError, parse_json, reason_of, write_json_atomic
 from predistill.core.config import Effect, add_config_arguments, config_from_args, flat_identity, option, to_flat
 from predistill.core.sharding import Dist, Shard, Work, init_distributed, plan_shards, run_sharded
 from predistill.formats import rundir
@@ -389,8 +389,7 @@ def reachable_tasks(manager, tasks: list[str]) -> tuple[list[str], dict[str, str
             manager.load([task])
             ok.append(task)
         except Exception as e:  # noqa: BLE001 — lm-eval/datasets raise many types; the reason is what matters
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            skipped[task] = f"data not reachable offline ({type(e).__name__}: {reason[:200]})"
+            skipped[task] = f"data not reachable offline ({type(e).__name__}: {reason_of(e, 200)})"
     return ok, skipped
 
 

