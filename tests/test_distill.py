@@ -494,3 +494,56 @@ def test_in_step_choices_on_two_gloo_ranks_match_one_rank(tiny_store, logits_dir
     for key in ("lm_loss", "kd_loss"):
         np.testing.assert_allclose([r[key] for r in rows["two"]], [r[key] for r in rows["one"]], rtol=1e-5)
     assert manifest(tmp_path / "two")["flops"] == manifest(tmp_path / "one")["flops"]
+
+
+def test_a_new_kd_source_is_one_subclass_and_one_branch(tiny_store, tmp_path, monkeypatch):
+    # docs/architecture.md's recipe, followed: a KDSource subclass (flops_per_token, batch, losses) that
+    # build_kd_source returns (here patched in for its new branch); train does the rest
+    from predistill.formats.logits import TeacherTargets
+    from predistill.stages import train as train_stage
+    from predistill.training import distill
+
+    class UnigramTeacher(distill.KDSource):
+        """A 'teacher' that predicts the store's 8 most frequent tokens, by frequency, at every position."""
+
+        flops_per_token = 3  # what the run's FLOPs must count per trained token
+
+        def __init__(self, store: TokenStore, kd_cfg: KDConfig):
+            counts = np.bincount(np.concatenate([store[i] for i in range(len(store))]), minlength=store.vocab_size)
+            top = np.argsort(-counts, kind="stable")[:8]
+            self.ids = torch.from_numpy(top.astype(np.int64))
+            self.logprobs = torch.log(torch.from_numpy(counts[top] / counts[top].sum()).float())
+            self.kd_cfg, self.batches = kd_cfg, 0
+
+        def batch(self, ids, inputs):
+            self.batches += 1
+            shape = (*inputs.shape, len(self.ids))
+            ones = torch.ones(shape, dtype=torch.bool, device=inputs.device)
+            return TeacherTargets(self.ids.expand(shape).to(inputs.device), self.logprobs.expand(shape), ones)
+
+        def losses(self, hidden, weight, inputs, targets, mask, kd_batch, alpha):
+            return distill.offline_losses(hidden, weight, targets, kd_batch, self.kd_cfg, mask, alpha)
+
+    sources: list[UnigramTeacher] = []
+
+    def build(cfg, store, model, device):
+        sources.append(UnigramTeacher(store, cfg.kd))
+        return sources[-1]
+
+    monkeypatch.setattr(train_stage, "build_kd_source", build)
+    cfg = TrainConfig(
+        store=str(tiny_store),
+        out=str(tmp_path / "unigram"),
+        kd_teacher="preset:tiny",  # selects a KD source; the patched branch decides which
+        alpha=1.0,
+        alpha_schedule="constant",
+        kd=KDConfig(loss="kld"),
+        **{**FAST, "steps": 12},
+    )
+    out = run(cfg)
+    rows, m = metrics(out), manifest(out)
+    assert sources[0].batches == 12  # one micro-batch a step
+    # the student moves towards the unigram: its KL to it falls
+    assert rows[-1]["kd_loss"] < 0.6 * rows[0]["kd_loss"]
+    assert m["flops_per_token"] == m["student_flops_per_token"] + 3
+    assert m["teacher_flops"] == pytest.approx(3 * m["tokens"])
