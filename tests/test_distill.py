@@ -494,6 +494,11 @@ def test_in_step_choices_on_two_gloo_ranks_match_one_rank(tiny_store, logits_dir
     for key in ("lm_loss", "kd_loss"):
         np.testing.assert_allclose([r[key] for r in rows["two"]], [r[key] for r in rows["one"]], rtol=1e-5)
     assert manifest(tmp_path / "two")["flops"] == manifest(tmp_path / "one")["flops"]
+    # one no-grad head pass serves both choices: counted once, in the student's FLOPs
+    m, student = manifest(tmp_path / "one"), load_model("preset:tiny", TokenStore(tiny_store).tokenizer())[0]
+    head = 2 * student.get_output_embeddings().weight[: TokenStore(tiny_store).vocab_size].numel()
+    assert m["student_flops_per_token"] == flops_per_token(student, TokenStore(tiny_store).vocab_size) + head
+    assert m["flops_per_token"] == m["student_flops_per_token"]  # offline: no teacher at training time
 
 
 def test_a_new_kd_source_is_one_subclass_and_one_branch(tiny_store, tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ from predistill.modeling.models import (
 from predistill.text.crosstok import MappingStats
 from predistill.training import distill
 from predistill.training.config import TrainConfig, result_identity, same_result
-from predistill.training.losses import fused_lm_loss, token_entropies, token_logprobs
+from predistill.training.losses import fused_lm_loss, logprobs_and_entropies
 from predistill.training.positions import TokenSelection, excess_mask, top_per_row
 from predistill.training.schedules import alpha_at, lr_at
 
@@ -224,14 +224,23 @@ class LossModel(torch.nn.Module):
         with the reference's log-probs [B, L] (RHO-1), over the positions of highest excess loss."""
         hidden = final_hidden(model_body(self.lm), inputs)
         weight = head_weight(self.lm, self.vocab_size)  # padded rows are not tokens
-        if reference is not None:
-            with torch.no_grad():  # the student's loss before this step's update: one more head pass, no body
-                nll = -token_logprobs(hidden.detach(), weight.detach(), targets, self.chunk_size)
-            mask = excess_mask(nll, reference, mask, self.excess_fraction)
-        if kd is not None and self.kd_position_fraction is not None:
-            # SE-KD: the KD term where the student is least sure (its entropy, before this step's update)
-            entropy = token_entropies(hidden.detach(), weight.detach(), self.chunk_size)
-            kd_batch = kd.only_at(kd_batch, top_per_row(entropy, mask, self.kd_position_fraction), targets)
+        se_kd = kd is not None and self.kd_position_fraction is not None
+        if reference is not None or se_kd:
+            # the student before this step's update, from one no-grad pass over the head (no body): its
+            # loss for RHO-1, its entropy for SE-KD — both from the same pass when both are on
+            logp, entropy = logprobs_and_entropies(
+                hidden.detach().flatten(0, -2),
+                weight.detach(),
+                targets.flatten() if reference is not None else None,
+                self.chunk_size,
+                entropies=se_kd,
+            )
+            if logp is not None:
+                mask = excess_mask(-logp.view(targets.shape), reference, mask, self.excess_fraction)
+            if entropy is not None:  # SE-KD: the KD term where the student is least sure
+                assert kd is not None and self.kd_position_fraction is not None  # (se_kd)
+                chosen = top_per_row(entropy.view(targets.shape), mask, self.kd_position_fraction)
+                kd_batch = kd.only_at(kd_batch, chosen, targets)
         if kd is not None:
             lm_sum, kd_sum, nll, _ = kd.losses(hidden, weight, inputs, targets, mask, kd_batch, alpha)
             return lm_sum, kd_sum, nll, hidden
@@ -510,11 +519,14 @@ def _train(cfg: TrainConfig, command: str | None, held: contextlib.ExitStack) ->
     student_fpt = flops_per_token(model, store.vocab_size)
     # RHO-1's and SE-KD's no-grad passes over the student's head, at every position
     head_pass = 2 * head_weight(model, store.vocab_size).numel()
-    if tokens_kept is not None and tokens_kept.during_step:
+    rho1 = tokens_kept is not None and tokens_kept.during_step
+    if rho1:
         student_fpt += head_pass
     kd = build_kd_source(cfg, store, model, device)
-    # FLOPs per token when KD runs (α > 0); steps with α = 0 skip the teacher and cost student_fpt
-    fpt = student_fpt + (kd.flops_per_token + (head_pass if cfg.kd_positions else 0) if kd is not None else 0)
+    # FLOPs per token when KD runs (α > 0); steps with α = 0 skip the teacher and cost student_fpt.
+    # SE-KD's entropies come from RHO-1's head pass when both are on, else from a pass of their own.
+    se_kd_pass = head_pass if cfg.kd_positions and not rho1 else 0
+    fpt = student_fpt + (kd.flops_per_token + se_kd_pass if kd is not None else 0)
     saver = _logits_saver(cfg, store, model, d) if cfg.save_logits else None
 
     mean_targets = float(np.mean(np.maximum(np.minimum(store.lengths[train_ids], cfg.seq_len + 1) - 1, 0)))

@@ -216,7 +216,7 @@ def token_logprobs_and_entropies(batch: ForwardBatch, chunk_size: int = 256) -> 
             assert batch.hidden is not None  # a batch without logits has hidden states
             source, weight = batch.hidden[:, :-1][predicted], batch.lm_head_weight
         logp, entropy = logprobs_and_entropies(source, weight, tokens[:, 1:][predicted], chunk_size)
-        assert logp is not None  # targets were given
+        assert logp is not None and entropy is not None  # targets were given, entropies asked for
         out = torch.stack([logp, entropy], dim=1).cpu()
         batch.memo[key] = [part.numpy() for part in torch.split(out, n_pred.tolist())]
     return batch.memo[key]

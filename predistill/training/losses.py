@@ -74,28 +74,28 @@ def token_logprobs(
 
 @torch.no_grad()
 def logprobs_and_entropies(
-    rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor | None, chunk_size: int = DEFAULT_CHUNK
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+    rows: torch.Tensor,
+    weight: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    chunk_size: int = DEFAULT_CHUNK,
+    entropies: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(log p(target), entropy in nats) per row of the full-vocabulary distribution, fp32, `chunk_size`
     rows of logits at a time: rows [N, H] are hidden states (logits = rows @ weightᵀ) or, with
-    `weight` None, logits [N, V]; no `targets`: no log-probs. No gradient: these choose and record
-    positions, they are not a loss (the token record, position choices, SE-KD)."""
+    `weight` None, logits [N, V]; no `targets`: no log-probs; no `entropies`: no entropies. No
+    gradient: these choose and record positions, they are not a loss (the token record, position
+    choices, RHO-1, SE-KD)."""
     out_lp = None if targets is None else torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    out_h = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    out_h = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device) if entropies else None
     w = None if weight is None else weight.float().t()
     for start in range(0, rows.shape[0], chunk_size):
         chunk = rows[start : start + chunk_size].float()
         logp = torch.log_softmax(chunk if w is None else chunk @ w, dim=-1)
         if out_lp is not None and targets is not None:
             out_lp[start : start + chunk_size] = logp.gather(1, targets[start : start + chunk_size, None]).squeeze(1)
-        out_h[start : start + chunk_size] = torch.special.entr(logp.exp()).sum(dim=-1)  # −Σ p ln p, 0 ln 0 = 0
+        if out_h is not None:
+            out_h[start : start + chunk_size] = torch.special.entr(logp.exp()).sum(dim=-1)  # −Σ p ln p, 0 ln 0 = 0
     return out_lp, out_h
-
-
-def token_entropies(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """The entropy of softmax(hidden @ weightᵀ) per position: hidden [..., H] → [...] fp32, no gradient."""
-    _, entropy = logprobs_and_entropies(hidden.reshape(-1, hidden.shape[-1]), weight, None, chunk_size)
-    return entropy.view(hidden.shape[:-1])
 
 
 def inference_token_logprobs(
