@@ -190,6 +190,14 @@ def incomplete_run(t: Path, a) -> str:
     return str(run)
 
 
+def just_started_run(t: Path, a) -> str:
+    """A run killed right after writing its config.json: no metrics, no checkpoint, no model."""
+    run = t / "run"
+    run.mkdir()
+    (run / "config.json").write_bytes((a["run"] / "config.json").read_bytes())
+    return str(run)
+
+
 CASES = [
     # --- outputs that cannot be written ---
     (
@@ -395,6 +403,19 @@ CASES = [
     (
         "an unfinished run given to eval",
         lambda t, a: ["eval", "--model", incomplete_run(t, a), "--store", str(a["store"]), "--out", str(t / "e.json")],
+        "unfinished run directory",
+    ),
+    (
+        "a run killed right after its config.json, given to eval",
+        lambda t, a: [
+            "eval",
+            "--model",
+            just_started_run(t, a),
+            "--store",
+            str(a["store"]),
+            "--out",
+            str(t / "e.json"),
+        ],
         "unfinished run directory",
     ),
     (
